@@ -1,0 +1,187 @@
+"""The ``fedmedbench`` command line.
+
+Exit codes: 0 every cell ok or skipped; 1 some cell failed or diverged (the
+rest still ran and were saved); 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError, DataError, SchemaError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedmedbench",
+        description="Federated learning in healthcare: utility, privacy and cost side by side.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a matrix (default: the built-in quickstart)")
+    r.add_argument("matrix", nargs="?", help="matrix TOML file; omit for the quickstart")
+    r.add_argument("--out", default="results", help="results directory (default: results)")
+    r.add_argument("--select", action="append", default=[], metavar="AXIS=NAME",
+                   help="keep only these values of an axis (repeatable; NAME may be a "
+                        "comma-separated list; AXIS may be `seed`)")
+    r.add_argument("--executor", default="local", choices=["local", "process"])
+    r.add_argument("--workers", type=int, default=1, help="processes for --executor process")
+    r.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --executor process: stop a cell after this many seconds")
+    r.add_argument("--force", action="store_true", help="rerun cells that already have an ok record")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-report", action="store_true", help="do not print the table afterwards")
+
+    rep = sub.add_parser("report", help="tables from one or more results directories")
+    rep.add_argument("results", nargs="*", default=["results"])
+    rep.add_argument("--out", default=None, help="write reports here (default: print only)")
+    rep.add_argument("--format", action="append", default=None, metavar="REPORTER",
+                     help="reporter plugin(s) to run with --out (default: all installed)")
+    rep.add_argument("--skip-invalid", action="store_true",
+                     help="skip malformed or other-schema records and list them")
+
+    sub.add_parser("plugins", help="list every component: family, name, distribution, version")
+    ds = sub.add_parser("datasets", help="dataset cards: sites, sizes, task, licence")
+    ds.add_argument("--json", action="store_true")
+    ck = sub.add_parser("check", help="run the conformance kit against a plugin or component")
+    ck.add_argument("plugin", help="entry-point (plugin) name or component name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "report": cmd_report, "plugins": cmd_plugins,
+                "datasets": cmd_datasets, "check": cmd_check}[args.command](args)
+    except (ConfigError, SchemaError, DataError) as exc:
+        print(f"fedmedbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedmedbench: interrupted; finished cells are saved, run again to resume",
+              file=sys.stderr)
+        return 130
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.executors import execute
+    from harness.matrix import load_matrix
+    from harness.report import comparison_tables, summary_counts
+    from harness.results import load_records
+
+    m = load_matrix(args.matrix, select=args.select)
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    if args.dry_run:
+        for c in m.cells:
+            lab = c["labels"]
+            print(c["cell_id"], " ".join(f"{k}={v}" for k, v in lab.items()),
+                  f"seed={c['config']['seed']}")
+        return 0
+    out = Path(args.out)
+    print(f"matrix {m.name!r}: {len(m.cells)} cells -> {out}/", file=sys.stderr)
+    execute(m.cells, out, executor=args.executor, workers=args.workers,
+            cell_timeout=args.cell_timeout, force=args.force, progress=not args.no_progress)
+    ids = {c["cell_id"] for c in m.cells}
+    records, _ = load_records([out], skip_invalid=True)
+    mine = [r for r in records if r["cell_id"] in ids]
+    if not args.no_report:
+        print(comparison_tables(mine))
+    counts = summary_counts(mine)
+    print("cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
+    return 1 if counts["failed"] or counts["diverged"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.registry import get_registry
+    from harness.report import comparison_tables
+    from harness.results import load_records
+
+    records, skipped = load_records([Path(d) for d in args.results],
+                                    skip_invalid=args.skip_invalid)
+    for s in skipped:
+        print(f"skipped: {s}", file=sys.stderr)
+    print(comparison_tables(records))
+    if args.out:
+        reg = get_registry()
+        names = args.format or reg.names("reporter")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for n in names:
+            rep = reg.build("reporter", {"name": n})
+            for p in rep.write(records, out):
+                print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from harness.registry import get_registry
+
+    reg = get_registry()
+    rows = [[i.family, i.name, i.plugin, i.distribution, i.version, i.doc[:70]]
+            for i in reg.all()]
+    print(tabulate(rows, headers=["family", "name", "plugin", "distribution", "version",
+                                  "description"]))
+    return 0
+
+
+def dataset_cards() -> list[dict[str, Any]]:
+    from harness.datafiles import load_card
+    from harness.registry import get_registry
+
+    out = []
+    for info in get_registry().all("dataset"):
+        cls = info.cls
+        card: dict[str, Any] = {}
+        if cls.card:
+            try:
+                card = load_card(cls.card)
+            except DataError as exc:
+                card = {"error": str(exc)}
+        entry = {"name": info.name, "plugin": info.plugin,
+                 "needs_user_files": cls.needs_user_files, **card}
+        try:
+            entry.update(cls().describe())
+        except Exception as exc:  # a card must still print when describe fails
+            entry["describe_error"] = f"{type(exc).__name__}: {exc}"
+        out.append(entry)
+    return out
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    cards = dataset_cards()
+    if args.json:
+        print(json.dumps(cards, indent=1, default=str))
+        return 0
+    for c in cards:
+        flag = "  (needs files you supply)" if c.get("needs_user_files") else ""
+        print(f"{c['name']}{flag}")
+        for key in ("title", "task", "metric", "sites", "licence", "source", "citation",
+                    "partition", "preprocessing", "access"):
+            if key in c:
+                v = c[key]
+                if isinstance(v, dict):
+                    v = ", ".join(f"{k}: {x}" for k, x in v.items())
+                elif isinstance(v, list):
+                    v = ", ".join(map(str, v))
+                print(f"  {key:<13} {v}")
+        if "error" in c:
+            print(f"  error         {c['error']}")
+        print()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from harness.testing import run_checks
+
+    failures = run_checks(args.plugin)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

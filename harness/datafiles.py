@@ -1,0 +1,131 @@
+"""Shipped data files, dataset cards, checksums and the derived-array cache.
+
+Shipped files live in ``datasets/<card>/`` next to a ``card.toml``. From a
+source checkout (editable install) that is the repository's ``datasets/``;
+from a wheel it is ``harness/_datasets`` (the build copies it there).
+``FEDMEDBENCH_DATASETS_DIR`` overrides both.
+
+Derived arrays (after preprocessing) are cached as ``.npz`` (never pickle)
+under ``FEDMEDBENCH_CACHE_DIR`` (default ``~/.cache/fedmedbench``), keyed by
+the source file's sha256 and the loader's preprocessing version; a cache file
+that fails to load is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+
+from harness.errors import DataError
+
+
+def datasets_dir() -> Path:
+    """The folder holding the shipped dataset folders and their cards."""
+    env = os.environ.get("FEDMEDBENCH_DATASETS_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_datasets", here.parent / "datasets"):
+        if cand.is_dir():
+            return cand
+    raise DataError(
+        "cannot find the shipped datasets folder (looked for harness/_datasets and "
+        "./datasets next to the harness package); reinstall fedmedbench or set "
+        "FEDMEDBENCH_DATASETS_DIR"
+    )
+
+
+def card_path(card: str) -> Path:
+    return datasets_dir() / card / "card.toml"
+
+
+def load_card(card: str) -> dict[str, Any]:
+    """Parse ``datasets/<card>/card.toml``."""
+    p = card_path(card)
+    if not p.is_file():
+        raise DataError(f"dataset card {p} is missing; every shipped dataset needs one")
+    with p.open("rb") as f:
+        return tomllib.load(f)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shipped_file(card: str, filename: str, *, verify: bool = True) -> Path:
+    """Path of a shipped file, verified against the sha256 on its card."""
+    path = datasets_dir() / card / filename
+    if not path.is_file():
+        raise DataError(
+            f"shipped data file {path} is missing; reinstall fedmedbench or restore it from "
+            f"the repository (see datasets/{card}/card.toml for its source)"
+        )
+    if verify:
+        expected = (load_card(card).get("files") or {}).get(filename, {}).get("sha256")
+        if expected:
+            actual = _sha256_cached(path)
+            if actual != expected:
+                raise DataError(
+                    f"{path} is corrupt: sha256 {actual[:16]}… does not match the card's "
+                    f"{expected[:16]}…; restore the file from the repository"
+                )
+    return path
+
+
+_SHA_MEMO: dict[tuple[str, float, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_mtime, st.st_size)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = sha256_file(path)
+    return _SHA_MEMO[key]
+
+
+def verify_checksum(path: Path, expected: str, *, what: str) -> None:
+    """Raise :class:`DataError` when ``path``'s sha256 is not ``expected``."""
+    actual = _sha256_cached(Path(path))
+    if actual != expected:
+        raise DataError(
+            f"{what}: {path} has sha256 {actual} but {expected} was expected; the file is "
+            f"corrupt or a different version: download it again"
+        )
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDMEDBENCH_CACHE_DIR", Path.home() / ".cache" / "fedmedbench"))
+
+
+def cached_arrays(key_parts: list[str], build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Return ``build()``'s arrays, cached on disk under a hash of ``key_parts``
+    (include the source checksum and a preprocessing version)."""
+    key = hashlib.sha256("\x1f".join(key_parts).encode()).hexdigest()[:24]
+    path = cache_dir() / f"{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception:  # corrupt or truncated cache: rebuild below
+            path.unlink(missing_ok=True)
+    arrays = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir only costs speed
+    return arrays

@@ -1,0 +1,337 @@
+"""Matrix files: parse, validate (before anything trains), expand into cells.
+
+A matrix is TOML::
+
+    name = "quickstart"
+    rounds = 20
+    seeds = [0, 1, 2]
+
+    [axes]
+    dataset   = ["heart-disease"]
+    algorithm = ["centralized", "local", "fedavg", { name = "fedprox", mu = 0.01 }]
+    privacy   = ["none", { name = "dp-sgd", epsilon = 3.0 }, ["dp-fedavg", "secagg"]]
+
+    [run]                 # run settings over the dataset's defaults
+    local_steps = 10
+    [run.fedprox]         # overrides for cells using one component
+    lr = 0.05
+
+    [[exclude]]           # drop cells matching every key given
+    algorithm = "local"
+    privacy = "secagg"
+
+    [evaluate]
+    attacks = ["mia-loss"]
+
+A cell id is a stable hash of the resolved config (component names with all
+parameters, run settings, rounds, seed and the schema version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from harness.engine import SCHEMA, cell_info, combination_problem
+from harness.errors import ConfigError
+from harness.registry import NONE, Registry, get_registry
+from harness.training import RunSettings
+
+AXES = ("dataset", "partitioner", "algorithm", "aggregator", "privacy", "compressor", "adversary")
+FAMILY_OF_AXIS = {a: a for a in AXES}
+OPTIONAL_AXES = ("privacy", "compressor", "adversary")
+AXIS_DEFAULTS: dict[str, list[Any]] = {
+    "partitioner": ["default"],
+    "aggregator": ["weighted-mean"],
+    "privacy": [NONE],
+    "compressor": [NONE],
+    "adversary": [NONE],
+}
+TOP_KEYS = {"name", "description", "rounds", "seeds", "axes", "run", "exclude", "evaluate"}
+EVALUATE_KEYS = {"attacks"}
+
+
+@dataclass
+class Matrix:
+    name: str
+    rounds: int
+    seeds: list[int]
+    axes: dict[str, list[Any]]
+    run: dict[str, Any]
+    run_overrides: dict[str, dict[str, Any]]
+    exclude: list[dict[str, Any]]
+    attacks: list[dict[str, Any]]
+    source: str = "<memory>"
+    cells: list[dict[str, Any]] = field(default_factory=list)
+
+
+def quickstart_path() -> Path:
+    return Path(str(resources.files("harness") / "quickstart.toml"))
+
+
+def load_matrix(path: str | Path | None = None, *, registry: Registry | None = None,
+                select: list[str] | None = None) -> Matrix:
+    """Parse and validate a matrix file (``None``: the built-in quickstart),
+    apply ``select`` slices (``AXIS=NAME``), and expand its cells."""
+    p = Path(path) if path is not None else quickstart_path()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"matrix file {p} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read matrix file {p}: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
+    return parse_matrix(raw, registry=registry, select=select, source=str(p))
+
+
+def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
+                 select: list[str] | None = None, source: str = "<memory>") -> Matrix:
+    reg = registry or get_registry()
+    where = source
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level key(s) {sorted(unknown)}; allowed: "
+                          f"{sorted(TOP_KEYS)}")
+    name = _typed(raw.get("name", Path(source).stem), str, f"{where}: name")
+    rounds = _typed(raw.get("rounds", 10), int, f"{where}: rounds")
+    if rounds < 1:
+        raise ConfigError(f"{where}: rounds = {rounds}; it must be at least 1")
+    seeds = raw.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not (isinstance(seeds, list) and seeds and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"{where}: seeds = {seeds!r}; expected a non-empty list of integers")
+
+    axes_raw = raw.get("axes")
+    if not isinstance(axes_raw, dict) or "dataset" not in axes_raw or "algorithm" not in axes_raw:
+        raise ConfigError(f"{where}: an [axes] table with at least `dataset` and `algorithm` "
+                          f"lists is required")
+    bad = set(axes_raw) - set(AXES)
+    if bad:
+        raise ConfigError(f"{where}: unknown axis {sorted(bad)}; axes are {list(AXES)}")
+    axes: dict[str, list[Any]] = {}
+    for axis in AXES:
+        vals = axes_raw.get(axis, AXIS_DEFAULTS.get(axis))
+        if not isinstance(vals, list) or not vals:
+            raise ConfigError(f"{where}: axes.{axis} must be a non-empty list, got {vals!r}")
+        axes[axis] = [_normalize(axis, v, reg, f"{where}: axes.{axis}[{i}]")
+                      for i, v in enumerate(vals)]
+
+    run_raw = raw.get("run", {})
+    if not isinstance(run_raw, dict):
+        raise ConfigError(f"{where}: [run] must be a table")
+    fields = RunSettings.fields()
+    run: dict[str, Any] = {}
+    overrides: dict[str, dict[str, Any]] = {}
+    axis_names = {spec["name"] for vals in axes.values() for v in vals
+                  for spec in (v if isinstance(v, list) else [v]) if isinstance(spec, dict)}
+    for k, v in run_raw.items():
+        if isinstance(v, dict):
+            if k not in axis_names:
+                raise ConfigError(f"{where}: [run.{k}] overrides run settings for component "
+                                  f"{k!r}, which no axis uses")
+            for kk, vv in v.items():
+                _check_run_key(kk, vv, fields, f"{where}: run.{k}.{kk}")
+            overrides[k] = dict(v)
+        else:
+            _check_run_key(k, v, fields, f"{where}: run.{k}")
+            run[k] = v
+
+    exclude = raw.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
+        raise ConfigError(f"{where}: exclude must be an array of tables ([[exclude]])")
+    for e in exclude:
+        for k in e:
+            if k not in AXES:
+                raise ConfigError(f"{where}: exclude key {k!r} is not an axis; axes are {list(AXES)}")
+
+    ev = raw.get("evaluate", {})
+    if not isinstance(ev, dict) or set(ev) - EVALUATE_KEYS:
+        raise ConfigError(f"{where}: [evaluate] accepts only {sorted(EVALUATE_KEYS)}")
+    attacks = [_normalize("attack", a, reg, f"{where}: evaluate.attacks[{i}]")
+               for i, a in enumerate(ev.get("attacks", []))]
+    attacks = [a for a in attacks if a is not None]
+
+    m = Matrix(name=name, rounds=rounds, seeds=list(seeds), axes=axes, run=run,
+               run_overrides=overrides, exclude=exclude, attacks=attacks, source=source)
+    if select:
+        _apply_select(m, select)
+    m.cells = expand(m, reg)
+    return m
+
+
+def _check_run_key(k: str, v: Any, fields: dict[str, Any], where: str) -> None:
+    if k not in fields:
+        import difflib
+
+        close = difflib.get_close_matches(k, list(fields), n=1)
+        hint = f" did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}: unknown run setting;{hint} run settings are: "
+                          f"{', '.join(fields)}")
+    d = fields[k]
+    ok = (isinstance(v, str) if isinstance(d, str) else
+          isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not ok:
+        raise ConfigError(f"{where} = {v!r}: expected {type(d).__name__} like the default {d!r}")
+
+
+def _typed(v: Any, t: type, where: str) -> Any:
+    if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+        raise ConfigError(f"{where} = {v!r}: expected {t.__name__}")
+    return v
+
+
+def _normalize(axis: str, v: Any, reg: Registry, where: str) -> Any:
+    """A matrix entry → ``{"name", **params}`` (privacy: a list of those,
+    ``[]`` for none; other optional axes: ``None`` for none)."""
+    if axis == "privacy":
+        if v == NONE or v == []:
+            return []
+        stack = v if isinstance(v, list) else [v]
+        out = [_normalize("privacy-one", s, reg, f"{where}[{j}]") for j, s in enumerate(stack)]
+        names = [s["name"] for s in out]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: privacy stack {names} names a mechanism twice")
+        return out
+    family = {"privacy-one": "privacy"}.get(axis, axis)
+    if isinstance(v, str):
+        spec: dict[str, Any] = {"name": v}
+    elif isinstance(v, dict):
+        if "name" not in v or not isinstance(v["name"], str):
+            raise ConfigError(f"{where}: a component table needs a string `name`, got {v!r}")
+        spec = dict(v)
+    else:
+        raise ConfigError(f"{where}: expected a component name or a table with `name`, "
+                          f"got {v!r}")
+    if spec["name"] == NONE and axis in (*OPTIONAL_AXES, "attack"):
+        return None
+    if axis == "partitioner" and spec["name"] == "default":
+        return {"name": "default"}
+    info = reg.get(family, spec["name"], key=where)
+    # validate parameters now (and their types) by building once
+    reg.build(family, spec, key=where)
+    return {"name": info.name, **{k: v for k, v in spec.items() if k != "name"}}
+
+
+def _apply_select(m: Matrix, select: list[str]) -> None:
+    for s in select:
+        if "=" not in s:
+            raise ConfigError(f"--select {s!r}: expected AXIS=NAME (e.g. algorithm=fedavg)")
+        axis, name = s.split("=", 1)
+        axis = axis.strip()
+        names = [n.strip() for n in name.split(",")]
+        if axis == "seed":
+            try:
+                wanted = {int(n) for n in names}
+            except ValueError:
+                raise ConfigError(f"--select {s!r}: seeds are integers") from None
+            m.seeds = [x for x in m.seeds if x in wanted]
+            if not m.seeds:
+                raise ConfigError(f"--select {s!r}: the matrix has no such seed")
+            continue
+        if axis not in m.axes:
+            raise ConfigError(f"--select {s!r}: unknown axis {axis!r}; axes are "
+                              f"{[*AXES, 'seed']}")
+        kept = [v for v in m.axes[axis] if _label(v, params=False) in names
+                or _label(v) in names]
+        if not kept:
+            raise ConfigError(f"--select {s!r}: axis {axis} has "
+                              f"{[_label(v) for v in m.axes[axis]]}")
+        m.axes[axis] = kept
+
+
+def _label(v: Any, *, params: bool = True) -> str:
+    """The display name of an axis value: ``fedprox(mu=0.01)``,
+    ``dp-fedavg+secagg``, ``none`` (parameters given in the matrix only)."""
+    if v is None or v == []:
+        return NONE
+    if isinstance(v, list):
+        return "+".join(_label(s, params=params) for s in v)
+    extra = {k: x for k, x in v.items() if k != "name"}
+    if not params or not extra:
+        return v["name"]
+    return f"{v['name']}({','.join(f'{k}={x}' for k, x in sorted(extra.items()))})"
+
+
+def _matches(value: Any, wanted: Any) -> bool:
+    wanted = wanted if isinstance(wanted, list) else [wanted]
+    return _label(value) in wanted or _label(value, params=False) in wanted
+
+
+def expand(m: Matrix, reg: Registry) -> list[dict[str, Any]]:
+    """The cells of the product, in a stable order, with resolved configs."""
+    cells = []
+    seen: set[str] = set()
+    for combo in itertools.product(*(m.axes[a] for a in AXES), m.seeds):
+        point = dict(zip(AXES, combo[:-1]))
+        seed = combo[-1]
+        if any(all(_matches(point[k], v) for k, v in e.items()) for e in m.exclude):
+            continue
+        cfg = resolve(point, seed, m, reg)
+        cid = cell_id(cfg)
+        if cid in seen:
+            continue
+        seen.add(cid)
+        cells.append({"cell_id": cid, "matrix": m.name, "config": cfg,
+                      "labels": {a: _label(point[a]) for a in AXES}})
+    return cells
+
+
+def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[str, Any]:
+    ds_info = reg.get("dataset", point["dataset"]["name"])
+    ds = reg.build("dataset", point["dataset"])
+    part = point["partitioner"]
+    if part["name"] == "default":
+        part = dict(ds_info.cls.default_partitioner)
+    comps = {
+        "dataset": ds.config(),
+        "partitioner": reg.build("partitioner", part).config(),
+        "algorithm": reg.build("algorithm", point["algorithm"]).config(),
+        "aggregator": reg.build("aggregator", point["aggregator"]).config(),
+        "privacy": [reg.build("privacy", p).config() for p in point["privacy"]],
+        "compressor": reg.build("compressor", point["compressor"]).config()
+        if point["compressor"] else None,
+        "adversary": reg.build("adversary", point["adversary"]).config()
+        if point["adversary"] else None,
+        "attacks": [reg.build("attack", a).config() for a in m.attacks],
+    }
+    run = {**RunSettings.fields(), **ds_info.cls.run_defaults, **m.run}
+    names = [comps["dataset"]["name"], comps["algorithm"]["name"], comps["aggregator"]["name"],
+             *(p["name"] for p in comps["privacy"])]
+    for n in names:
+        run.update(m.run_overrides.get(n, {}))
+    return {**comps, "run": run, "rounds": m.rounds, "seed": seed}
+
+
+def cell_id(cfg: dict[str, Any]) -> str:
+    """A stable 16-hex-digit hash of the resolved config and the schema."""
+    blob = json.dumps({"schema": SCHEMA, **cfg}, sort_keys=True, separators=(",", ":"),
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def precheck(cell: dict[str, Any], reg: Registry) -> str | None:
+    """A reason to skip the cell before training (combination rules), or ``None``."""
+    info = cell_info(cell["config"], reg)
+    reason = combination_problem(info)
+    if reason:
+        return reason
+    for fam, spec in [("algorithm", cell["config"]["algorithm"]),
+                      *(("privacy", p) for p in cell["config"]["privacy"])]:
+        comp = reg.build(fam, spec)
+        r = comp.validate(info)
+        if r:
+            return f"{comp.name}: {r}"
+    return None
+

@@ -1,0 +1,208 @@
+"""Plugin discovery and the component registry.
+
+Plugins are found through the ``fedmedbench`` entry-point group (built-ins
+included, from this project's own ``pyproject.toml``). Set
+``FEDMEDBENCH_DISABLE_PLUGINS`` to a comma-separated list of entry-point names
+to block plugins.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from harness import hookspecs
+from harness.components import FAMILIES, Component
+from harness.errors import ConfigError, PluginConflictError
+
+hookimpl = pluggy.HookimplMarker("fedmedbench")
+
+#: matrix words meaning "no component" on optional axes
+NONE = "none"
+
+_HOOK_OF_FAMILY = {
+    "dataset": "register_datasets",
+    "partitioner": "register_partitioners",
+    "algorithm": "register_algorithms",
+    "aggregator": "register_aggregators",
+    "privacy": "register_privacy",
+    "compressor": "register_compressors",
+    "adversary": "register_adversaries",
+    "attack": "register_attacks",
+    "reporter": "register_reporters",
+}
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    family: str
+    name: str
+    cls: type[Component]
+    plugin: str
+    distribution: str
+    version: str
+
+    @property
+    def doc(self) -> str:
+        return (self.cls.__doc__ or "").strip().splitlines()[0] if self.cls.__doc__ else ""
+
+
+class Registry:
+    """All components of all plugins, by family and name."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._by_name: dict[str, ComponentInfo] = {}
+        dists = {id(p): (d.metadata["name"], d.version) for p, d in pm.list_plugin_distinfo()}
+        for family, hook in _HOOK_OF_FAMILY.items():
+            for impl in getattr(pm.hook, hook).get_hookimpls():
+                pname = impl.plugin_name
+                dist, version = dists.get(id(impl.plugin), ("(not installed)", ""))
+
+                def register(cls: type[Component], _f: str = family, _p: str = pname,
+                             _d: str = dist, _v: str = version) -> type[Component]:
+                    self._add(_f, cls, _p, _d, _v)
+                    return cls
+
+                try:
+                    impl.function(register=register)
+                except (PluginConflictError, ConfigError):
+                    raise
+                except Exception as exc:
+                    raise ConfigError(
+                        f"plugin {pname!r} ({dist}) raised in {hook}: {type(exc).__name__}: {exc}"
+                    ) from exc
+
+    def _add(self, family: str, cls: type[Component], pname: str, dist: str, version: str) -> None:
+        base = FAMILIES[family]
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise ConfigError(
+                f"plugin {pname!r} ({dist}) registered {cls!r} as a {family}, but it is not a "
+                f"subclass of harness.{base.__name__}"
+            )
+        name = getattr(cls, "name", "")
+        if not name or not isinstance(name, str):
+            raise ConfigError(f"plugin {pname!r} ({dist}) registered {cls.__name__} without a `name`")
+        if name == NONE:
+            raise ConfigError(f"plugin {pname!r} ({dist}): 'none' is reserved, pick another name")
+        if name in self._by_name:
+            other = self._by_name[name]
+            raise PluginConflictError(
+                f"component name {name!r} is registered twice: by plugin {other.plugin!r} "
+                f"(distribution {other.distribution}) as a {other.family}, and by plugin "
+                f"{pname!r} (distribution {dist}) as a {family}. Names are unique across all "
+                f"plugins: rename one, or block a plugin with FEDMEDBENCH_DISABLE_PLUGINS={pname}"
+            )
+        cls.plugin, cls.distribution, cls.version = pname, dist, version
+        self._by_name[name] = ComponentInfo(family, name, cls, pname, dist, version)
+
+    # -- queries -------------------------------------------------------------
+
+    def all(self, family: str | None = None) -> list[ComponentInfo]:
+        items = sorted(self._by_name.values(), key=lambda i: (i.family, i.name))
+        return [i for i in items if family is None or i.family == family]
+
+    def names(self, family: str) -> list[str]:
+        return [i.name for i in self.all(family)]
+
+    def get(self, family: str, name: str, *, key: str | None = None) -> ComponentInfo:
+        info = self._by_name.get(name)
+        if info is not None and info.family == family:
+            return info
+        where = f"{key}: " if key else ""
+        if info is not None:
+            raise ConfigError(
+                f"{where}{name!r} is a {info.family}, not a {family}. "
+                f"{family}s: {', '.join(self.names(family)) or '(none installed)'}"
+            )
+        choices = self.names(family)
+        close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"{where}no {family} {name!r}; {hint}known {family}s: "
+            f"{', '.join(choices) or '(none installed)'}. `fedmedbench plugins` lists them all"
+        )
+
+    def build(self, family: str, spec: dict[str, Any], *, key: str | None = None) -> Component:
+        """Instantiate ``spec`` (``{"name": ..., **params}``) after checking the
+        parameters against the constructor's keyword-only signature."""
+        info = self.get(family, spec["name"], key=key)
+        params = {k: v for k, v in spec.items() if k != "name"}
+        check_params(info.cls, params, key=key)
+        try:
+            return info.cls(**params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key + ': ' if key else ''}{info.name}: {exc}") from exc
+
+    def hooks(self) -> Any:
+        return self.pm.hook
+
+
+def check_params(cls: type[Component], params: dict[str, Any], *, key: str | None = None) -> None:
+    spec = cls.param_spec()
+    where = f"{key}: " if key else ""
+    for k, v in params.items():
+        if k not in spec:
+            close = difflib.get_close_matches(k, list(spec), n=1, cutoff=0.5)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{where}{cls.name} has no parameter {k!r};{hint} its parameters are: "
+                f"{', '.join(spec) or '(none)'}"
+            )
+        default = spec[k].default
+        if default is not None and default is not spec[k].empty and not _type_ok(v, default):
+            raise ConfigError(
+                f"{where}{cls.name}.{k} = {v!r} has type {type(v).__name__}; "
+                f"expected {type(default).__name__} like its default {default!r}"
+            )
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    if isinstance(default, dict):
+        return isinstance(value, dict)
+    return True
+
+
+def plugin_manager(*, extra: list[Any] | None = None) -> pluggy.PluginManager:
+    """A plugin manager with every ``fedmedbench`` entry point loaded, minus
+    the names in ``FEDMEDBENCH_DISABLE_PLUGINS``; ``extra`` objects are
+    registered too (tests, embedding)."""
+    pm = pluggy.PluginManager("fedmedbench")
+    pm.add_hookspecs(hookspecs)
+    for name in disabled_plugins():
+        pm.set_blocked(name)
+    pm.load_setuptools_entrypoints("fedmedbench")
+    for obj in extra or []:
+        name = getattr(obj, "__name__", None) or type(obj).__name__
+        if not pm.is_blocked(name):
+            pm.register(obj, name=name)
+    pm.check_pending()
+    return pm
+
+
+def disabled_plugins() -> list[str]:
+    raw = os.environ.get("FEDMEDBENCH_DISABLE_PLUGINS", "")
+    return [n.strip() for n in raw.split(",") if n.strip()]
+
+
+_CACHE: dict[tuple, Registry] = {}
+
+
+def get_registry(*, extra: list[Any] | None = None, refresh: bool = False) -> Registry:
+    """The registry of installed plugins (cached per disable list)."""
+    key = (tuple(disabled_plugins()), tuple(id(e) for e in extra or []))
+    if refresh or key not in _CACHE:
+        _CACHE[key] = Registry(plugin_manager(extra=extra))
+    return _CACHE[key]

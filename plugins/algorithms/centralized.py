@@ -1,0 +1,25 @@
+"""Centralized training on the pooled data of every site: the upper baseline
+that federated learning tries to approach without moving patient records.
+
+One "round" is one block of local steps on the pooled training set (the same
+number of steps a client would take on it), so curves align with FL rounds.
+"""
+
+from __future__ import annotations
+
+from harness import Algorithm, hookimpl
+
+
+class Centralized(Algorithm):
+    """Pooled-data training (the upper baseline)."""
+
+    name = "centralized"
+    topology = "centralized"
+
+    def __init__(self) -> None:
+        pass
+
+
+@hookimpl
+def register_algorithms(register):
+    register(Centralized)

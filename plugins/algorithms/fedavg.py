@@ -1,0 +1,30 @@
+"""FedAvg: local SGD on each sampled client, then the server adds the
+(weighted) mean of the client deltas, scaled by the server learning rate.
+
+McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient
+Learning of Deep Networks from Decentralized Data". AISTATS 2017.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness import Algorithm, ClientUpdate, RoundContext, hookimpl
+
+
+class FedAvg(Algorithm):
+    """Federated averaging (McMahan et al. 2017)."""
+
+    name = "fedavg"
+
+    def __init__(self) -> None:
+        pass
+
+    def server_update(self, ctx: RoundContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+        return global_params + ctx.settings.server_lr * aggregate
+
+
+@hookimpl
+def register_algorithms(register):
+    register(FedAvg)
