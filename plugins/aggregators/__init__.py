@@ -1,1 +1,19 @@
-"""Built-in fedmedbench components."""
+"""Built-in aggregators of fedmedbench, registered through the ``aggregators`` entry point.
+
+Each module lists its classes in ``COMPONENTS``; add a module to ``MODULES``
+to register it.
+"""
+
+from __future__ import annotations
+
+from harness import hookimpl
+from plugins.aggregators import weighted_mean
+
+MODULES: tuple = (weighted_mean,)
+
+
+@hookimpl
+def register_aggregators(register):
+    for module in MODULES:
+        for component in module.COMPONENTS:
+            register(component)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import Aggregator, ClientUpdate, hookimpl
+from harness import Aggregator, ClientUpdate
 
 WEIGHTINGS = ("examples", "uniform")
 
@@ -33,6 +33,4 @@ class WeightedMean(Aggregator):
         return raw / raw.sum()
 
 
-@hookimpl
-def register_aggregators(register):
-    register(WeightedMean)
+COMPONENTS = (WeightedMean,)

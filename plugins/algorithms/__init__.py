@@ -1,1 +1,19 @@
-"""Built-in fedmedbench components."""
+"""Built-in algorithms of fedmedbench, registered through the ``algorithms`` entry point.
+
+Each module lists its classes in ``COMPONENTS``; add a module to ``MODULES``
+to register it.
+"""
+
+from __future__ import annotations
+
+from harness import hookimpl
+from plugins.algorithms import centralized, fedavg, local
+
+MODULES: tuple = (fedavg, centralized, local,)
+
+
+@hookimpl
+def register_algorithms(register):
+    for module in MODULES:
+        for component in module.COMPONENTS:
+            register(component)

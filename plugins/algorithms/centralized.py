@@ -7,7 +7,7 @@ number of steps a client would take on it), so curves align with FL rounds.
 
 from __future__ import annotations
 
-from harness import Algorithm, hookimpl
+from harness import Algorithm
 
 
 class Centralized(Algorithm):
@@ -20,6 +20,4 @@ class Centralized(Algorithm):
         pass
 
 
-@hookimpl
-def register_algorithms(register):
-    register(Centralized)
+COMPONENTS = (Centralized,)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from harness import Algorithm, ClientUpdate, RoundContext, hookimpl
+from harness import Algorithm, ClientUpdate, RoundContext
 
 
 class FedAvg(Algorithm):
@@ -25,6 +25,4 @@ class FedAvg(Algorithm):
         return global_params + ctx.settings.server_lr * aggregate
 
 
-@hookimpl
-def register_algorithms(register):
-    register(FedAvg)
+COMPONENTS = (FedAvg,)

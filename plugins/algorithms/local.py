@@ -8,7 +8,7 @@ figure is the mean, over sites, of each site's model on the pooled test set
 
 from __future__ import annotations
 
-from harness import Algorithm, hookimpl
+from harness import Algorithm
 
 
 class Local(Algorithm):
@@ -21,6 +21,4 @@ class Local(Algorithm):
         pass
 
 
-@hookimpl
-def register_algorithms(register):
-    register(Local)
+COMPONENTS = (Local,)

@@ -1,1 +1,18 @@
-"""Built-in fedmedbench components."""
+"""Built-in compressors of fedmedbench, registered through the ``compressors`` entry point.
+
+Each module lists its classes in ``COMPONENTS``; add a module to ``MODULES``
+to register it.
+"""
+
+from __future__ import annotations
+
+from harness import hookimpl
+
+MODULES: tuple = ()
+
+
+@hookimpl
+def register_compressors(register):
+    for module in MODULES:
+        for component in module.COMPONENTS:
+            register(component)

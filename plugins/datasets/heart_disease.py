@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from harness import Dataset, FederatedData, Site, Split, Task, cached_arrays, hookimpl, shipped_file
+from harness import Dataset, FederatedData, Site, Split, Task, cached_arrays, shipped_file
 from harness.datafiles import sha256_file
 
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
@@ -105,6 +105,4 @@ def _preprocess(df: pd.DataFrame) -> dict[str, np.ndarray]:
     }
 
 
-@hookimpl
-def register_datasets(register):
-    register(HeartDisease)
+COMPONENTS = (HeartDisease,)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import Dataset, FederatedData, Site, Split, Task, hookimpl
+from harness import Dataset, FederatedData, Site, Split, Task
 
 
 class SyntheticTabular(Dataset):
@@ -60,6 +60,4 @@ class SyntheticTabular(Dataset):
                 "sites": {s.name: len(s.train) + len(s.test) for s in data.sites}}
 
 
-@hookimpl
-def register_datasets(register):
-    register(SyntheticTabular)
+COMPONENTS = (SyntheticTabular,)

@@ -1,1 +1,19 @@
-"""Built-in fedmedbench components."""
+"""Built-in partitioners of fedmedbench, registered through the ``partitioners`` entry point.
+
+Each module lists its classes in ``COMPONENTS``; add a module to ``MODULES``
+to register it.
+"""
+
+from __future__ import annotations
+
+from harness import hookimpl
+from plugins.partitioners import basic
+
+MODULES: tuple = (basic,)
+
+
+@hookimpl
+def register_partitioners(register):
+    for module in MODULES:
+        for component in module.COMPONENTS:
+            register(component)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import FederatedData, Partitioner, Site, Split, hookimpl
+from harness import FederatedData, Partitioner, Site, Split
 
 
 class Natural(Partitioner):
@@ -94,8 +94,4 @@ def _split_by(y: np.ndarray, props: dict, rng: np.random.Generator, k: int) -> l
     return [np.concatenate(p) if p else np.zeros(0, dtype=int) for p in parts]
 
 
-@hookimpl
-def register_partitioners(register):
-    register(Natural)
-    register(IID)
-    register(Dirichlet)
+COMPONENTS = (Natural, IID, Dirichlet,)

@@ -1,1 +1,19 @@
-"""Built-in fedmedbench components."""
+"""Built-in reporters of fedmedbench, registered through the ``reporters`` entry point.
+
+Each module lists its classes in ``COMPONENTS``; add a module to ``MODULES``
+to register it.
+"""
+
+from __future__ import annotations
+
+from harness import hookimpl
+from plugins.reporters import markdown
+
+MODULES: tuple = (markdown,)
+
+
+@hookimpl
+def register_reporters(register):
+    for module in MODULES:
+        for component in module.COMPONENTS:
+            register(component)

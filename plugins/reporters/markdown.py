@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import Reporter, hookimpl
+from harness import Reporter
 from harness.report import comparison_tables
 
 
@@ -22,6 +22,4 @@ class Markdown(Reporter):
         return [path]
 
 
-@hookimpl
-def register_reporters(register):
-    register(Markdown)
+COMPONENTS = (Markdown,)
