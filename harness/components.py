@@ -308,7 +308,12 @@ class Algorithm(Component):
     - ``"federated"``: every sampled site trains from the global model; the
       server aggregates updates (FedAvg and friends);
     - ``"centralized"``: one party trains on the pooled data (upper baseline);
-    - ``"local"``: each site trains alone and is evaluated with its own model.
+    - ``"local"``: each site trains alone and is evaluated with its own model;
+    - ``"personalized"``: each site keeps its own model (evaluated like
+      ``local``, possibly of its own architecture, :meth:`client_model`) and
+      the server combines what the clients send in ``ClientUpdate.extra``
+      (FedMD's soft labels); :meth:`server_update` is called once per client
+      with that client's parameters and delta and *every* update.
 
     The default :meth:`client_update` runs local SGD through
     ``ctx.train(...)`` and returns the parameter delta; the default
@@ -342,6 +347,18 @@ class Algorithm(Component):
         """Return a reason string if this algorithm cannot run the cell."""
         return None
 
+    def client_model(self, ctx: RoundContext, client: int) -> dict[str, Any] | None:
+        """(``local``/``personalized`` topologies) The architecture of
+        ``client``'s model as ``{"model": name, **kwargs}`` for
+        :func:`harness.build_model`, or ``None`` for the task's default."""
+        return None
+
+    def bytes_down(self, ctx: RoundContext, model_bytes: int) -> int:
+        """Bytes the server sends each participating client per round
+        (default: the global model, ``model_bytes``; ``0`` under the
+        ``personalized`` topology, where no global model exists)."""
+        return model_bytes
+
 
 class Aggregator(Component):
     """How the server combines client updates.
@@ -362,6 +379,18 @@ class Aggregator(Component):
     def aggregate(self, updates: list[ClientUpdate]) -> torch.Tensor:
         w = torch.as_tensor(self.weights(updates), dtype=torch.float32)
         return torch.stack([u.delta for u in updates]).T @ w
+
+    def holdout_fraction(self) -> float:
+        """Fraction of each client's training rows the engine holds out (seeded)
+        for :meth:`client_metrics` to score on; those rows are not trained on."""
+        return 0.0
+
+    def client_metrics(self, ctx: ClientContext, global_params: torch.Tensor,
+                       update: ClientUpdate) -> dict[str, float]:
+        """Runs **on the client** after local training: numbers the rule needs
+        (a quality score, accuracy on ``ctx.holdout``), merged into
+        ``update.metrics`` and sent in plaintext with the update's metadata."""
+        return {}
 
 
 STAGES = ("local", "update", "transport", "server")

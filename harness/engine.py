@@ -147,6 +147,19 @@ class ClientContext:
         return self._run.train_client(self, params, steps=steps, extra_loss=extra_loss,
                                       grad_hook=grad_hook)
 
+    @property
+    def holdout(self) -> Split | None:
+        """Training rows held out from this client's training for the
+        aggregator's :meth:`~harness.Aggregator.client_metrics` (else ``None``)."""
+        return self._run.holdout.get(self.client)
+
+    def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
+        """A fresh instance of this client's architecture, loaded with ``params``."""
+        m = self._run.factory_for(self.client)()
+        if params is not None:
+            set_flat_params(m, params)
+        return m
+
     def update(self, delta: torch.Tensor, **extra: Any) -> ClientUpdate:
         return ClientUpdate(client=self.client, delta=delta, num_examples=self.num_examples,
                             metrics={"loss": self._run.last_loss.get(self.client, float("nan"))},
@@ -258,6 +271,10 @@ class CellRun:
         if self.algorithm.needs_public and data.public is None:
             raise Skip(f"{self.algorithm.name} needs a public split and dataset "
                        f"{self.dataset.name} has none")
+        if self.settings.pretrain_steps > 0 and data.public is None:
+            raise Skip(f"pretrain_steps={self.settings.pretrain_steps} pretrains on the public "
+                       f"split and dataset {self.dataset.name} has none (give the partitioner "
+                       f"a public_fraction)")
         self.data = data
         task = data.task
         torch.manual_seed(self.seed)
@@ -281,11 +298,27 @@ class CellRun:
         k = n if self.topology != "federated" else (
             max(1, min(n, int(round(cpr)))) if cpr >= 1 else max(1, int(math.ceil(cpr * n))))
         self.k = k
+        self.holdout: dict[int, Split] = {}
+        self.client_factories: dict[int, Callable[[], torch.nn.Module]] = {}
         self.ctx = RoundContext(
             cell=self.cell, data=data, settings=self.settings, rounds=self.rounds,
             seed=self.seed, layout=layout, model_factory=factory, num_clients=n,
             sample_rate=k / n, topology=self.topology, clients=clients, _run=self,
         )
+        frac = float(self.call(self.aggregator, "holdout_fraction"))
+        if frac > 0 and self.topology == "federated":
+            for i, site in enumerate(clients):
+                perm = self.ctx.rng("holdout", i).permutation(len(site.train))
+                kh = min(len(perm) - 1, int(round(frac * len(perm))))
+                if kh >= 1:
+                    self.holdout[i] = site.train.subset(np.sort(perm[:kh]))
+                    clients[i] = Site(site.name, site.train.subset(np.sort(perm[kh:])),
+                                      site.test, site.quality)
+        if self.topology in ("local", "personalized"):
+            for i in range(n):
+                spec = self.call(self.algorithm, "client_model", self.ctx, i)
+                if spec is not None:
+                    self.client_factories[i] = self._arch_factory(dict(spec))
         # adversaries poison their data once
         self.malicious: set[int] = set()
         if self.adversary is not None and self.topology == "federated":
@@ -304,6 +337,35 @@ class CellRun:
             self.call(m, "setup", self.ctx)
             self.cost["privacy_s"] += time.perf_counter() - t0
 
+    def _arch_factory(self, spec: dict[str, Any]) -> Callable[[], torch.nn.Module]:
+        """A factory for architecture ``spec``; one seeded initialisation per spec."""
+        task = self.data.task
+        name = spec.pop("model")
+        torch.manual_seed(self.seed)
+        init = build_model(name, task.input_shape, task.num_classes, **spec).state_dict()
+
+        def factory() -> torch.nn.Module:
+            m = build_model(name, task.input_shape, task.num_classes, **spec)
+            m.load_state_dict(init)
+            return m
+
+        return factory
+
+    def factory_for(self, client: int) -> Callable[[], torch.nn.Module]:
+        return self.client_factories.get(client, self.model_factory)
+
+    def pretrain(self, factory: Callable[[], torch.nn.Module], params: torch.Tensor
+                 ) -> torch.Tensor:
+        """Transfer learning: supervised steps on the public split (``pretrain_steps``)."""
+        assert self.data.public is not None
+        tr = make_trainer(factory(), self.data.public, self.settings,
+                          seed=int(self.ctx.rng("pretrain").integers(2**62)), wrap=None)
+        t0 = time.perf_counter()
+        params, loss = train_steps(tr, params, int(self.settings.pretrain_steps))
+        self.cost["train_s"] += time.perf_counter() - t0
+        self.pretrain_loss = loss
+        return params
+
     # -- training ------------------------------------------------------------
 
     def train_client(self, cctx: ClientContext, params: torch.Tensor, *, steps: int | None,
@@ -320,7 +382,7 @@ class CellRun:
                         self.cost["privacy_s"] += time.perf_counter() - t0
                     return model, opt, loader
             self.trainers[i] = make_trainer(
-                self.model_factory(), cctx.site.train, self.settings,
+                self.factory_for(i)(), cctx.site.train, self.settings,
                 seed=int(self.ctx.rng("batches", i).integers(2**62)), wrap=wrap)
         steps = self.ctx.steps_for(i) if steps is None else steps
         t0 = time.perf_counter()
@@ -353,18 +415,22 @@ class CellRun:
                                       upd.delta, [upd])
                 losses.append(upd.metrics.get("loss", float("nan")))
             return {"loss": float(np.nanmean(losses)), "clients": list(range(ctx.num_clients))}
+        if self.topology == "personalized":
+            return self._personalized_round(params)
 
         w = params[0]
         sampled = self.sample(rnd)
         if not sampled:
             return {"loss": float("nan"), "clients": []}
         nbytes_model = w.numel() * 4
-        self.cost["bytes_down"] += nbytes_model * len(sampled)
+        self.cost["bytes_down"] += int(self.call(self.algorithm, "bytes_down", ctx,
+                                                 nbytes_model)) * len(sampled)
         updates: list[ClientUpdate] = []
         for i in sampled:
             cctx = ClientContext(ctx, i, ctx.clients[i], self)
             upd = self.call(self.algorithm, "client_update", cctx, w)
             self._check_update(upd)
+            upd.metrics.update(self.call(self.aggregator, "client_metrics", cctx, w, upd))
             if i in self.malicious and self.adversary is not None:
                 upd = self.call(self.adversary, "corrupt_update", ctx, upd,
                                 ctx.rng("adversary-update", rnd, i))
@@ -395,6 +461,8 @@ class CellRun:
             meta = [ClientUpdate(u.client, torch.empty(0), u.num_examples, u.metrics, u.extra)
                     for u in updates]
         else:
+            weights = (self.call(self.aggregator, "weights", updates)
+                       if self.aggregator.linear else None)
             agg = self.call(self.aggregator, "aggregate", updates)
             self.cost["bytes_up"] += sum(int(u.metrics.get("bytes", u.delta.numel() * 4))
                                          for u in updates)
@@ -413,8 +481,34 @@ class CellRun:
             raise Diverged(f"round {rnd}: the aggregated update is not finite")
         params[0] = self.call(self.algorithm, "server_update", ctx, w, agg, meta)
         losses = [u.metrics.get("loss", float("nan")) for u in updates]
-        return {"loss": float(np.nanmean(losses)) if losses else float("nan"),
-                "clients": list(sampled)}
+        out = {"loss": float(np.nanmean(losses)) if losses else float("nan"),
+               "clients": list(sampled)}
+        if weights is not None:  # the aggregator's weights, recorded in the history
+            out["weights"] = {ctx.clients[u.client].name: round(float(wt), 6)
+                              for u, wt in zip(updates, weights)}
+        return out
+
+    def _personalized_round(self, params: dict[int, torch.Tensor]) -> dict[str, Any]:
+        """Every client trains its own model; the server combines what they send
+        (``extra``) and each client's next model comes from ``server_update``."""
+        ctx = self.ctx
+        clients = list(range(ctx.num_clients))
+        self.cost["bytes_down"] += sum(int(self.call(self.algorithm, "bytes_down", ctx, 0))
+                                       for _ in clients)
+        updates = []
+        for i in clients:
+            cctx = ClientContext(ctx, i, ctx.clients[i], self)
+            upd = self.call(self.algorithm, "client_update", cctx, params[i])
+            self._check_update(upd)
+            updates.append(self._privacy_update(upd))
+        # what crosses the network is the algorithm's to say (FedMD: soft labels)
+        self.cost["bytes_up"] += sum(int(u.metrics.get("bytes", u.delta.numel() * 4))
+                                     for u in updates)
+        for u in updates:
+            params[u.client] = self.call(self.algorithm, "server_update", ctx,
+                                         params[u.client], u.delta, updates)
+        losses = [u.metrics.get("loss", float("nan")) for u in updates]
+        return {"loss": float(np.nanmean(losses)), "clients": clients}
 
     def _privacy_update(self, upd: ClientUpdate) -> ClientUpdate:
         for m in self.privacy:
@@ -436,13 +530,15 @@ class CellRun:
     def evaluate(self, params: dict[int, torch.Tensor]) -> dict[str, Any]:
         data, metric = self.data, self.data.task.metric
         per_site: dict[str, float] = {}
-        if self.topology == "local":
+        if self.topology in ("local", "personalized"):
             pooled_scores = []
             pooled = data.pooled_test()
             for i, site in enumerate(data.sites):
-                set_flat_params(self.eval_model, params[i])
-                per_site[site.name] = _score(metric, self.eval_model, site.test)
-                pooled_scores.append(_score(metric, self.eval_model, pooled))
+                model = self.eval_model if i not in self.client_factories else \
+                    self.client_factories[i]()
+                set_flat_params(model, params[i])
+                per_site[site.name] = _score(metric, model, site.test)
+                pooled_scores.append(_score(metric, model, pooled))
             glob = float(np.nanmean(pooled_scores))
         else:
             set_flat_params(self.eval_model, params[0])
@@ -472,8 +568,14 @@ class CellRun:
             hooks: Any = None) -> dict[str, Any]:
         self.views: dict[int, ServerView] = {}
         w0 = get_flat_params(self.model_factory())
-        n_models = self.ctx.num_clients if self.topology == "local" else 1
+        if self.settings.pretrain_steps > 0:
+            w0 = self.pretrain(self.model_factory, w0)
+        n_models = self.ctx.num_clients if self.topology in ("local", "personalized") else 1
         params = {i: w0.clone() for i in range(n_models)}
+        for i, f in self.client_factories.items():  # clients with their own architecture
+            params[i] = get_flat_params(f())
+            if self.settings.pretrain_steps > 0:
+                params[i] = self.pretrain(f, params[i])
         every = max(1, int(self.settings.eval_every))
         utility = None
         for rnd in range(1, self.rounds + 1):
@@ -483,6 +585,8 @@ class CellRun:
                     raise Diverged(f"round {rnd}: model {i} has non-finite parameters")
             entry: dict[str, Any] = {"round": rnd, "loss": info["loss"],
                                      "clients": len(info["clients"])}
+            if "weights" in info:
+                entry["weights"] = info["weights"]
             if rnd % every == 0 or rnd == self.rounds:
                 utility = self.evaluate(params)
                 entry["utility"] = utility["global"]
@@ -513,7 +617,7 @@ class CellRun:
             return p
 
         actx = AttackContext(
-            cell=self.cell, data=self.data, model_factory=self.model_factory,
+            cell=self.cell, data=self.data, model_factory=self.factory_for(0),
             final_params=final, server_views=self.views, privacy=privacy,
             settings=self.settings, rounds=self.rounds, seed=self.seed,
             topology=self.topology, train_shadow=train_shadow,

@@ -45,6 +45,11 @@ class RunSettings:
         Passes over the client's data per round when ``local_steps`` is 0.
     batch_size, lr, optimizer, momentum, weight_decay, server_lr, eval_every
         As named; ``optimizer`` is ``"sgd"`` or ``"adam"``.
+    pretrain_steps : int
+        Transfer learning: optimizer steps of supervised pretraining of the
+        initial model on the dataset's public split before round 1 (every
+        algorithm; 0, the default, turns it off; a cell whose data has no
+        public split is skipped).
     """
 
     clients_per_round: float = 1.0
@@ -58,6 +63,7 @@ class RunSettings:
     weight_decay: float = 0.0
     server_lr: float = 1.0
     eval_every: int = 1
+    pretrain_steps: int = 0
 
     @classmethod
     def fields(cls) -> dict[str, Any]:

@@ -1,35 +1,113 @@
-"""Weighted mean of client updates (FedAvg's aggregation rule).
+"""Weighted mean of client updates (FedAvg's aggregation rule) with a choice of
+weights. Linear, so it also runs over secure aggregation and homomorphic
+encryption (the engine pre-scales each update by its weight).
 
-Weights are proportional to each client's number of training examples
-(``by="examples"``, McMahan et al. 2017) or equal (``by="uniform"``). Linear,
-so it also runs over secure aggregation and homomorphic encryption.
+Weightings (``by``):
+
+- ``examples``: proportional to each client's number of training examples
+  (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
+  from Decentralized Data", AISTATS);
+- ``uniform``: equal weights;
+- ``quality``: proportional to a per-site data-quality score in [0, 1]: the
+  ``scores`` parameter (site name → score) if given, else the dataset's
+  ``Site.quality``, else computed on the client as 1 − the fraction of
+  missing (NaN) feature values in its training split;
+- ``performance``: proportional to each client's *trained* model's metric on
+  a held-out part of its own training data (``holdout``, carved out with the
+  cell seed and not trained on). The client computes the score and sends it
+  with the update's metadata: the server never sees the held-out rows.
+
+Quality and performance weights are raised to ``power`` (sharpening) before
+normalising; a round where every score is 0 falls back to uniform. The
+weights of every round are recorded in the result's history
+(``history[r].weights``, by site).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
 
-from harness import Aggregator, ClientUpdate
+from harness import Aggregator, ClientContext, ClientUpdate, score
+from harness import predict_proba as _predict
 
-WEIGHTINGS = ("examples", "uniform")
+WEIGHTINGS = ("examples", "uniform", "quality", "performance")
 
 
 class WeightedMean(Aggregator):
-    """Weighted mean of updates (by examples or uniform)."""
+    """Weighted mean of updates, by examples, uniform, data quality or client performance.
+
+    Parameters
+    ----------
+    by : str, default "examples"
+        ``"examples"``, ``"uniform"``, ``"quality"`` or ``"performance"``.
+    scores : dict, default {}
+        ``by="quality"`` only: site name → quality score in [0, 1], overriding
+        the dataset's ``Site.quality`` for the sites named.
+    holdout : float, default 0.2
+        ``by="performance"`` only: fraction of each client's training rows
+        held out to score its model, in (0, 1).
+    power : float, default 1.0
+        Exponent (>= 0) applied to quality or performance scores; 0 gives
+        uniform weights, larger values favour the best clients more.
+    """
 
     name = "weighted-mean"
     linear = True
 
-    def __init__(self, *, by: str = "examples") -> None:
+    def __init__(self, *, by: str = "examples", scores: dict = {},  # noqa: B006
+                 holdout: float = 0.2, power: float = 1.0) -> None:
         if by not in WEIGHTINGS:
-            raise ValueError(f"by={by!r}; choose one of {', '.join(WEIGHTINGS)}")
-        self.by = by
+            raise ValueError(f"weighted-mean: by = {by!r}; choose one of {', '.join(WEIGHTINGS)}")
+        for site, s in scores.items():
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s <= 1:
+                raise ValueError(f"weighted-mean: scores[{site!r}] = {s!r}; quality scores "
+                                 f"must be numbers in [0, 1]")
+        if not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
+            raise ValueError(f"weighted-mean: holdout = {holdout!r}; must be in (0, 1)")
+        if not isinstance(power, (int, float)) or not math.isfinite(power) or power < 0:
+            raise ValueError(f"weighted-mean: power = {power!r}; must be a number >= 0")
+        self.by, self.scores = by, dict(scores)
+        self.holdout, self.power = float(holdout), float(power)
+
+    def holdout_fraction(self) -> float:
+        return self.holdout if self.by == "performance" else 0.0
+
+    def client_metrics(self, ctx: ClientContext, global_params: torch.Tensor,
+                       update: ClientUpdate) -> dict[str, float]:
+        if self.by == "quality":
+            return {"quality": self._quality(ctx)}
+        if self.by == "performance":
+            hold = ctx.holdout
+            if hold is None or len(hold) == 0:
+                return {"holdout_score": float("nan")}
+            model = ctx.model(global_params + update.delta)
+            metric = ctx.round_ctx.data.task.metric
+            return {"holdout_score": float(score(metric, hold.y, _predict(model, hold.X)))}
+        return {}
+
+    def _quality(self, ctx: ClientContext) -> float:
+        if ctx.site.name in self.scores:
+            return float(self.scores[ctx.site.name])
+        if ctx.site.quality is not None:
+            return float(ctx.site.quality)
+        X = np.asarray(ctx.site.train.X, dtype=float)
+        return float(1.0 - np.isnan(X).mean()) if X.size else 0.0
 
     def weights(self, updates: list[ClientUpdate]) -> np.ndarray:
         if self.by == "uniform":
             raw = np.ones(len(updates))
-        else:
+        elif self.by == "examples":
             raw = np.array([u.num_examples for u in updates], dtype=float)
+        else:
+            key = "quality" if self.by == "quality" else "holdout_score"
+            s = np.array([u.metrics.get(key, float("nan")) for u in updates], dtype=float)
+            s = np.nan_to_num(np.clip(s, 0.0, None), nan=0.0)  # a missing score counts 0
+            raw = s ** self.power if self.power else np.ones(len(updates))
+        if raw.sum() <= 0:
+            raw = np.ones(len(updates))
         return raw / raw.sum()
 
 

@@ -7,9 +7,9 @@ to register it.
 from __future__ import annotations
 
 from harness import hookimpl
-from plugins.algorithms import centralized, fedavg, local
+from plugins.algorithms import centralized, fedavg, feddf, fedmd, fedopt, fedprox, local, scaffold
 
-MODULES: tuple = (fedavg, centralized, local,)
+MODULES: tuple = (fedavg, centralized, local, fedprox, scaffold, fedopt, feddf, fedmd,)
 
 
 @hookimpl

@@ -1,0 +1,93 @@
+"""FedDF: ensemble distillation for model fusion. After averaging, the server
+distils the ensemble of the received client models into the averaged global
+model on public *unlabelled* data (the public split's labels are never read).
+
+Lin, Kong, Stich, Jaggi. "Ensemble Distillation for Robust Model Fusion in
+Federated Learning". NeurIPS 2020.
+
+Server step of round t::
+
+    w_avg   = w_t + aggregate                        # FedAvg initialisation
+    teacher = mean_i logits(w_t + delta_i, x)        # averaged logits of the client models
+    student = w_avg; `steps` Adam steps on public batches x minimising
+              T² · KL(softmax(teacher / T) || softmax(student(x) / T))
+
+The server needs every client's model (``needs_individual_updates``), so
+FedDF is skipped under secure aggregation or HE, and it needs a public split
+(``needs_public``): a cell whose data has none is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from harness import Algorithm, ClientUpdate, RoundContext, set_flat_params
+
+
+class FedDF(Algorithm):
+    """Server-side ensemble distillation on public unlabelled data (Lin et al. 2020).
+
+    Parameters
+    ----------
+    steps : int, default 100
+        Distillation steps per round (>= 1); the paper uses up to 500 with early stopping.
+    lr : float, default 1e-3
+        Adam learning rate of the server's distillation (> 0), as in the paper.
+    batch_size : int, default 64
+        Public rows per distillation step (>= 1).
+    temperature : float, default 1.0
+        Softmax temperature T (> 0) of teacher and student.
+    """
+
+    name = "feddf"
+    needs_public = True
+    needs_individual_updates = True
+
+    def __init__(self, *, steps: int = 100, lr: float = 1e-3, batch_size: int = 64,
+                 temperature: float = 1.0) -> None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"feddf: steps = {steps!r}; steps must be an integer >= 1")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"feddf: batch_size = {batch_size!r}; must be an integer >= 1")
+        for n, v in (("lr", lr), ("temperature", temperature)):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"feddf: {n} = {v!r}; {n} must be a number > 0")
+        self.steps, self.lr, self.batch_size = steps, float(lr), batch_size
+        self.temperature = float(temperature)
+
+    def server_update(self, ctx: RoundContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+        w_avg = global_params + ctx.settings.server_lr * aggregate
+        public = ctx.data.public
+        if public is None or not updates or any(u.delta.numel() == 0 for u in updates):
+            return w_avg
+        X = torch.as_tensor(public.X, dtype=torch.float32)
+        T = self.temperature
+        teacher_model = ctx.model_factory()
+        with torch.no_grad():
+            logits = []
+            for u in updates:
+                set_flat_params(teacher_model, global_params + u.delta)
+                teacher_model.eval()
+                logits.append(teacher_model(X))
+            teacher = torch.softmax(torch.stack(logits).mean(0) / T, dim=1)
+        student = ctx.model_factory()
+        set_flat_params(student, w_avg)
+        student.train()
+        opt = torch.optim.Adam(student.parameters(), lr=self.lr)
+        gen = ctx.torch_generator("feddf", ctx.round)
+        bs = min(self.batch_size, len(X))
+        for _ in range(self.steps):
+            idx = torch.randint(len(X), (bs,), generator=gen)
+            opt.zero_grad(set_to_none=True)
+            log_p = torch.log_softmax(student(X[idx]) / T, dim=1)
+            loss = nn.functional.kl_div(log_p, teacher[idx], reduction="batchmean") * T * T
+            loss.backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in student.parameters()]).clone()
+
+
+COMPONENTS = (FedDF,)

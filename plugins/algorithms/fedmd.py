@@ -1,0 +1,164 @@
+"""FedMD: federated learning by model distillation. Clients never share
+weights: each round every client publishes its class scores on a public set,
+the server averages them into a consensus, and each client distils the
+consensus into its own model ("digest") before training on its private data
+again ("revisit"). Because only predictions travel, every client may run its
+own architecture.
+
+Li & Wang. "FedMD: Heterogenous Federated Learning via Model Distillation".
+NeurIPS 2019 Workshop on Federated Learning for Data Privacy and
+Confidentiality (arXiv:1910.03581).
+
+Round t of client i (the paper's communicate → aggregate → distribute →
+digest → revisit, pipelined so that one engine round holds one client step)::
+
+    digest:  if a consensus from round t-1 exists, `digest_steps` Adam steps
+             on its public rows minimising KL(consensus || softmax(f_i(x) / T))
+    revisit: local training on the private split (run settings)
+    publish: scores_i = softmax(f_i(x_pub_t) / T) on this round's public rows
+    server:  consensus_t = mean_i scores_i
+
+Bytes up per client and round are the scores (rows × classes × 4 bytes);
+bytes down the consensus. Utility is measured like ``local`` (each client's
+own model). The paper's optional transfer-learning phase on labelled public
+data is the run setting ``pretrain_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from harness import Algorithm, ClientContext, ClientUpdate, ConfigError, RoundContext, build_model
+
+
+class FedMD(Algorithm):
+    """Soft-label sharing on a public set; clients may differ in architecture.
+
+    Parameters
+    ----------
+    architectures : list, default []
+        Client architectures, assigned round-robin (client i gets entry
+        ``i % len``): model names of :func:`harness.build_model`
+        (``"logistic"``, ``"mlp"``, ``"cnn"``) or tables
+        ``{model = "mlp", hidden = [32]}``. Empty: the dataset's model for all.
+    public_samples : int, default 0
+        Public rows drawn (seeded) each round for the consensus; 0 uses all.
+    digest_steps : int, default 20
+        Adam steps of distillation towards the consensus per round (>= 0).
+    digest_lr : float, default 1e-3
+        Adam learning rate of the digest phase (> 0).
+    digest_batch : int, default 64
+        Public rows per digest step (>= 1).
+    temperature : float, default 1.0
+        Softmax temperature T (> 0) of the shared scores and the digest loss.
+    """
+
+    name = "fedmd"
+    topology = "personalized"
+    needs_public = True
+
+    def __init__(self, *, architectures: list = [], public_samples: int = 0,  # noqa: B006
+                 digest_steps: int = 20, digest_lr: float = 1e-3, digest_batch: int = 64,
+                 temperature: float = 1.0) -> None:
+        archs = []
+        for j, a in enumerate(architectures):
+            spec = {"model": a} if isinstance(a, str) else dict(a) if isinstance(a, dict) \
+                else None
+            if spec is None or not isinstance(spec.get("model"), str):
+                raise ValueError(f"fedmd: architectures[{j}] = {a!r}; expected a model name or "
+                                 f"a table with a string `model`")
+            try:
+                build_model(spec["model"], (1, 28, 28), 2,
+                            **{k: v for k, v in spec.items() if k != "model"})
+            except ConfigError as exc:
+                raise ValueError(f"fedmd: architectures[{j}]: {exc}") from None
+            except TypeError as exc:
+                raise ValueError(f"fedmd: architectures[{j}] = {a!r}: {exc}") from None
+            archs.append(a)
+        for n, v in (("public_samples", public_samples), ("digest_steps", digest_steps)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"fedmd: {n} = {v!r}; {n} must be an integer >= 0")
+        if not isinstance(digest_batch, int) or isinstance(digest_batch, bool) or digest_batch < 1:
+            raise ValueError(f"fedmd: digest_batch = {digest_batch!r}; must be an integer >= 1")
+        for n, v in (("digest_lr", digest_lr), ("temperature", temperature)):
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"fedmd: {n} = {v!r}; {n} must be a number > 0")
+        self.architectures = archs
+        self.public_samples, self.digest_steps = public_samples, digest_steps
+        self.digest_lr, self.digest_batch = float(digest_lr), digest_batch
+        self.temperature = float(temperature)
+
+    def validate(self, cell: Mapping[str, Any]) -> str | None:
+        if cell.get("compressor"):
+            return "FedMD shares soft labels, not model updates: there is nothing to compress"
+        return None
+
+    def client_model(self, ctx: RoundContext, client: int) -> dict[str, Any] | None:
+        if not self.architectures:
+            return None
+        a = self.architectures[client % len(self.architectures)]
+        return {"model": a} if isinstance(a, str) else dict(a)
+
+    def _round_rows(self, ctx: RoundContext) -> np.ndarray:
+        assert ctx.data.public is not None
+        n = len(ctx.data.public)
+        if self.public_samples == 0 or self.public_samples >= n:
+            return np.arange(n)
+        return np.sort(ctx.rng("fedmd-public", ctx.round).choice(n, self.public_samples,
+                                                                 replace=False))
+
+    def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> ClientUpdate:
+        rctx, T = ctx.round_ctx, self.temperature
+        pub = rctx.data.public
+        assert pub is not None
+        X = torch.as_tensor(pub.X, dtype=torch.float32)
+        params = global_params  # under "personalized", the client's own model
+        consensus = rctx.state.get("fedmd_consensus")
+        if consensus is not None and self.digest_steps:
+            rows, target = consensus
+            model = ctx.model(params)
+            model.train()
+            opt = torch.optim.Adam(model.parameters(), lr=self.digest_lr)
+            gen = rctx.torch_generator("fedmd-digest", ctx.round, ctx.client)
+            xs = X[torch.as_tensor(rows)]
+            bs = min(self.digest_batch, len(xs))
+            for _ in range(self.digest_steps):
+                idx = torch.randint(len(xs), (bs,), generator=gen)
+                opt.zero_grad(set_to_none=True)
+                log_p = torch.log_softmax(model(xs[idx]) / T, dim=1)
+                loss = nn.functional.kl_div(log_p, target[idx], reduction="batchmean") * T * T
+                loss.backward()
+                opt.step()
+            params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+        new = ctx.train(params)  # revisit: private data
+        rows = self._round_rows(rctx)
+        model = ctx.model(new)
+        model.eval()
+        with torch.no_grad():
+            scores = torch.softmax(model(X[torch.as_tensor(rows)]) / T, dim=1)
+        upd = ctx.update(new - global_params, scores=scores, rows=rows)
+        upd.metrics["bytes"] = scores.numel() * 4  # the model itself never leaves the client
+        return upd
+
+    def server_update(self, ctx: RoundContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+        if ctx.state.get("fedmd_round") != ctx.round:
+            scores = [u.extra["scores"] for u in updates if "scores" in u.extra]
+            if scores:
+                ctx.state["fedmd_consensus"] = (updates[0].extra["rows"],
+                                                torch.stack(scores).mean(0))
+            ctx.state["fedmd_round"] = ctx.round
+        return global_params + aggregate  # each client keeps its own (digested, revisited) model
+
+    def bytes_down(self, ctx: RoundContext, model_bytes: int) -> int:
+        consensus = ctx.state.get("fedmd_consensus")
+        return 0 if consensus is None else int(consensus[1].numel() * 4)
+
+
+COMPONENTS = (FedMD,)

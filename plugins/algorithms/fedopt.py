@@ -1,0 +1,120 @@
+"""Adaptive federated optimisation: the server treats the aggregated client
+update as a pseudo-gradient and applies Adagrad, Adam or Yogi to it.
+
+Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan. "Adaptive
+Federated Optimization". ICLR 2021 (Algorithm 2).
+
+With ``Δ_t`` the aggregated delta (weighted mean of ``w_i - w_t``)::
+
+    m_t = beta1 * m_{t-1} + (1 - beta1) * Δ_t
+    v_t = v_{t-1} + Δ_t²                                          (FedAdagrad)
+    v_t = beta2 * v_{t-1} + (1 - beta2) * Δ_t²                    (FedAdam)
+    v_t = v_{t-1} - (1 - beta2) * Δ_t² * sign(v_{t-1} - Δ_t²)     (FedYogi)
+    w_{t+1} = w_t + eta * m_t / (sqrt(v_t) + tau)
+
+as in the paper: no bias correction, ``m_0 = 0`` and ``v_0 = tau²``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness import Algorithm, ClientUpdate, RoundContext
+
+OPTIMIZERS = ("adagrad", "adam", "yogi")
+
+
+class FedOpt(Algorithm):
+    """Server-side adaptive optimiser on the aggregated update (Reddi et al. 2021).
+
+    Parameters
+    ----------
+    optimizer : str, default "adam"
+        ``"adam"``, ``"yogi"`` or ``"adagrad"``.
+    eta : float, default 0.03
+        Server learning rate η (> 0). Replaces the run setting ``server_lr``.
+    beta1 : float, default 0.9
+        Momentum of the first moment, in [0, 1).
+    beta2 : float, default 0.99
+        Decay of the second moment, in [0, 1) (unused by adagrad).
+    tau : float, default 1e-3
+        Adaptivity ε (> 0); the paper's best values lie in 1e-3..1e-1 and
+        ``v_0 = tau²``.
+    """
+
+    name = "fedopt"
+
+    def __init__(self, *, optimizer: str = "adam", eta: float = 0.03, beta1: float = 0.9,
+                 beta2: float = 0.99, tau: float = 1e-3) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"{self.name}: optimizer = {optimizer!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        _check(self.name, "eta", eta, lo=0.0, lo_open=True)
+        _check(self.name, "beta1", beta1, lo=0.0, hi=1.0)
+        _check(self.name, "beta2", beta2, lo=0.0, hi=1.0)
+        _check(self.name, "tau", tau, lo=0.0, lo_open=True)
+        self.optimizer, self.eta, self.beta1, self.beta2, self.tau = (
+            optimizer, float(eta), float(beta1), float(beta2), float(tau))
+
+    def setup(self, ctx: RoundContext) -> None:
+        n = ctx.layout.numel
+        ctx.state["fedopt_m"] = torch.zeros(n, dtype=torch.float64)
+        ctx.state["fedopt_v"] = torch.full((n,), self.tau ** 2, dtype=torch.float64)
+
+    def server_update(self, ctx: RoundContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+        d = aggregate.to(torch.float64)
+        m = self.beta1 * ctx.state["fedopt_m"] + (1 - self.beta1) * d
+        v, d2 = ctx.state["fedopt_v"], d * d
+        if self.optimizer == "adagrad":
+            v = v + d2
+        elif self.optimizer == "adam":
+            v = self.beta2 * v + (1 - self.beta2) * d2
+        else:  # yogi
+            v = v - (1 - self.beta2) * d2 * torch.sign(v - d2)
+        ctx.state["fedopt_m"], ctx.state["fedopt_v"] = m, v
+        step = self.eta * m / (torch.sqrt(v) + self.tau)
+        return (global_params.to(torch.float64) + step).to(global_params.dtype)
+
+
+class FedAdam(FedOpt):
+    """FedAdam: :class:`FedOpt` with ``optimizer="adam"`` (parameters as FedOpt's)."""
+
+    name = "fedadam"
+
+    def __init__(self, *, eta: float = 0.03, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3) -> None:
+        super().__init__(optimizer="adam", eta=eta, beta1=beta1, beta2=beta2, tau=tau)
+
+
+class FedYogi(FedOpt):
+    """FedYogi: :class:`FedOpt` with ``optimizer="yogi"`` (parameters as FedOpt's)."""
+
+    name = "fedyogi"
+
+    def __init__(self, *, eta: float = 0.03, beta1: float = 0.9, beta2: float = 0.99,
+                 tau: float = 1e-3) -> None:
+        super().__init__(optimizer="yogi", eta=eta, beta1=beta1, beta2=beta2, tau=tau)
+
+
+class FedAdagrad(FedOpt):
+    """FedAdagrad: :class:`FedOpt` with ``optimizer="adagrad"`` (``beta2`` unused)."""
+
+    name = "fedadagrad"
+
+    def __init__(self, *, eta: float = 0.03, beta1: float = 0.9, tau: float = 1e-3) -> None:
+        super().__init__(optimizer="adagrad", eta=eta, beta1=beta1, tau=tau)
+
+
+def _check(comp: str, name: str, v: float, *, lo: float, hi: float | None = None,
+           lo_open: bool = False) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
+        v > lo if lo_open else v >= lo) and (hi is None or v < hi)
+    if not ok:
+        allowed = f"{'>' if lo_open else '>='} {lo}" + (f" and < {hi}" if hi is not None else "")
+        raise ValueError(f"{comp}: {name} = {v!r}; {name} must be a number {allowed}")
+
+
+COMPONENTS = (FedOpt, FedAdam, FedYogi, FedAdagrad)
