@@ -1,0 +1,77 @@
+"""Weighted-mean aggregation on the real engine: weights by examples, quality
+and client performance, recorded per round in the result's history."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import run_cell
+from harness.matrix import parse_matrix
+from harness.registry import get_registry
+from plugins.aggregators.weighted_mean import WeightedMean
+from tests.test_algorithms import _PLUGINS, run_one
+
+
+@pytest.fixture(scope="module")
+def reg():
+    return get_registry(extra=[_PLUGINS])
+
+
+def _cells(reg, aggregators, rounds=2):
+    raw = {"name": "agg", "rounds": rounds, "seeds": [0],
+           "axes": {"dataset": ["test-public-toy"], "algorithm": ["fedavg"],
+                    "aggregator": aggregators},
+           "run": {"clients_per_round": 3}}
+    return parse_matrix(raw, registry=reg).cells
+
+
+def test_weights_by_examples_quality_and_supplied_scores_are_recorded(reg):
+    cs = _cells(reg, ["weighted-mean", {"name": "weighted-mean", "by": "quality"},
+                      {"name": "weighted-mean", "by": "quality", "power": 2.0,
+                       "scores": {"s0": 1.0}}])
+    recs = [run_cell(c, registry=reg) for c in cs]
+    assert all(r["status"] == "ok" for r in recs)
+    w = [r["history"][-1]["weights"] for r in recs]
+    assert w[0] == pytest.approx({"s0": 1 / 3, "s1": 1 / 3, "s2": 1 / 3})  # equal sizes
+    q = np.array([0.2, 0.5, 1.0])  # PublicToy's Site.quality
+    assert list(w[1].values()) == pytest.approx(list(q / q.sum()), abs=1e-6)
+    q2 = np.array([1.0, 0.5, 1.0]) ** 2  # s0 overridden by `scores`, then sharpened
+    assert list(w[2].values()) == pytest.approx(list(q2 / q2.sum()), abs=1e-6)
+    # different weights, different models
+    assert recs[0]["history"][1]["loss"] != recs[1]["history"][1]["loss"]
+
+
+def test_performance_weights_come_from_client_holdout_scores(reg):
+    cell = _cells(reg, [{"name": "weighted-mean", "by": "performance", "holdout": 0.25}],
+                  rounds=3)[0]
+    run = run_one(reg, cell)
+    # each client trained on 75% of its rows; the other 25% stayed on the client
+    for i, site in enumerate(run.ctx.clients):
+        assert len(run.holdout[i]) == 30 and len(site.train) == 90
+    ws = [h["weights"] for h in run.history]
+    for w in ws:
+        assert sum(w.values()) == pytest.approx(1.0)
+    # the weights are the clients' reported holdout accuracies, normalised
+    assert any(abs(v - 1 / 3) > 1e-3 for w in ws for v in w.values())
+
+
+def test_quality_fallback_computes_missing_value_rate():
+    from types import SimpleNamespace
+
+    from harness import Site, Split
+
+    X = np.ones((10, 4), dtype=np.float32)
+    X[:5, 0] = np.nan  # 5 of 40 values missing
+    site = Site("a", Split(X, np.zeros(10, dtype=np.int64)), Split(X[:1], np.zeros(1, np.int64)))
+    agg = WeightedMean(by="quality")
+    assert agg._quality(SimpleNamespace(site=site)) == pytest.approx(1 - 5 / 40)
+
+
+@pytest.mark.parametrize("kw, word", [({"by": "accuracy"}, "by"), ({"holdout": 1.0}, "holdout"),
+                                      ({"power": -1.0}, "power"),
+                                      ({"scores": {"s0": 2.0}}, "scores")])
+def test_bad_weighting_parameters(kw, word):
+    with pytest.raises(ValueError, match=word):
+        WeightedMean(**kw)
+
