@@ -7,8 +7,9 @@ to register it.
 from __future__ import annotations
 
 from harness import hookimpl
+from plugins.privacy import dp_fedavg, dp_sgd, he_ckks, secagg
 
-MODULES: tuple = ()
+MODULES: tuple = (dp_sgd, dp_fedavg, secagg, he_ckks)
 
 
 @hookimpl

@@ -1,0 +1,230 @@
+"""Homomorphically encrypted aggregation with CKKS (TenSEAL).
+
+Cheon, Kim, Kim, Song. "Homomorphic Encryption for Arithmetic of Approximate
+Numbers". ASIACRYPT 2017; implemented with TenSEAL (Benaissa et al.,
+"TenSEAL: A Library for Encrypted Tensor Operations Using Homomorphic
+Encryption", 2021) over Microsoft SEAL.
+
+Three parties: a :class:`KeyHolder` makes the CKKS context and keeps the
+secret key; clients get only the public context (deserialized from bytes
+without the secret key) and encrypt their update in chunks of
+``poly_modulus_degree / 2`` slots; the :class:`HEServer` holds the same public
+context, adds ciphertexts with ``+=`` (a ciphertext ``copy()`` costs seconds)
+and hands the encrypted sum to the key holder, who decrypts it. No Galois keys
+are generated (a sum needs no rotations; they make the context ~19x larger),
+and relinearization keys are not shipped (there are no multiplications).
+
+``layers`` encrypts only the named parameter tensors (the review's "partial"
+encryption); the rest travels in plaintext, or under secure aggregation with
+``rest = "secagg"`` (the hybrid he-ckks + secagg stack).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness import Message, PrivacyMechanism, RoundContext
+
+from .secagg import SecAgg
+
+#: SEAL's largest total coefficient modulus (bits) at 128-bit security, by degree
+MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+RESTS = ("plaintext", "secagg")
+
+
+class KeyHolder:
+    """The party that owns the secret key: it makes the context and decrypts sums."""
+
+    def __init__(self, poly_modulus_degree: int, coeff_mod_bit_sizes: list[int],
+                 scale: float) -> None:
+        import tenseal as ts
+
+        self._context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=poly_modulus_degree,
+                                   coeff_mod_bit_sizes=list(coeff_mod_bit_sizes))
+        self._context.global_scale = scale
+        #: what everyone else receives: the public key only
+        self.public_context = self._context.serialize(
+            save_public_key=True, save_secret_key=False, save_galois_keys=False,
+            save_relin_keys=False)
+
+    def decrypt(self, chunks: list[bytes], numel: int) -> np.ndarray:
+        import tenseal as ts
+
+        out = np.concatenate([np.asarray(ts.ckks_vector_from(self._context, c).decrypt())
+                              for c in chunks]) if chunks else np.zeros(0)
+        return out[:numel]
+
+
+class HEServer:
+    """The aggregating server: a public context and ciphertexts, nothing else."""
+
+    def __init__(self, public_context: bytes) -> None:
+        import tenseal as ts
+
+        self.context = ts.context_from(public_context)
+        if self.context.is_private():
+            raise ValueError("the server was handed a context holding a secret key")
+        self.ciphertexts: list[list[bytes]] = []
+
+    def add_all(self, messages: list[list[bytes]]) -> list[bytes]:
+        """The encrypted sum, chunk by chunk, accumulated with ``+=``."""
+        import tenseal as ts
+
+        self.ciphertexts = messages
+        if not messages:
+            return []
+        sums = [ts.ckks_vector_from(self.context, c) for c in messages[0]]
+        for msg in messages[1:]:
+            for j, c in enumerate(msg):
+                sums[j] += ts.ckks_vector_from(self.context, c)
+        return [s.serialize() for s in sums]
+
+
+class HECKKS(PrivacyMechanism):
+    """CKKS-encrypted aggregation (TenSEAL); a separate key holder decrypts the sum.
+
+    Parameters
+    ----------
+    poly_modulus_degree : int, default 8192
+        N; a ciphertext holds N/2 values.
+    coeff_mod_bit_sizes : list of int, default [60, 40, 60]
+        Bit sizes of the coefficient modulus primes (sum within SEAL's
+        128-bit-security bound for N).
+    scale : float, default 2**40
+        CKKS scale (precision of the encoding).
+    layers : list of str, default [] (all parameters)
+        Parameter-name prefixes to encrypt; the others go as ``rest``.
+    rest : {"plaintext", "secagg"}, default "plaintext"
+        How the parameters outside ``layers`` travel.
+    """
+
+    name = "he-ckks"
+    stages = frozenset({"transport"})
+    server_view = "ciphertext"
+
+    def __init__(self, *, poly_modulus_degree: int = 8192,
+                 coeff_mod_bit_sizes: list = (60, 40, 60), scale: float = 2.0**40,
+                 layers: list = (), rest: str = "plaintext") -> None:
+        if poly_modulus_degree not in MAX_COEFF_BITS:
+            raise ValueError(f"poly_modulus_degree={poly_modulus_degree!r}; choose one of "
+                             f"{sorted(MAX_COEFF_BITS)}")
+        bits = list(coeff_mod_bit_sizes)
+        if len(bits) < 2 or not all(isinstance(b, int) and 10 <= b <= 60 for b in bits):
+            raise ValueError(f"coeff_mod_bit_sizes={bits!r}; give at least two integer prime "
+                             f"sizes in [10, 60]")
+        if sum(bits) > MAX_COEFF_BITS[poly_modulus_degree]:
+            raise ValueError(f"coeff_mod_bit_sizes={bits!r} sum to {sum(bits)} bits, above the "
+                             f"{MAX_COEFF_BITS[poly_modulus_degree]} bits allowed at 128-bit "
+                             f"security for poly_modulus_degree={poly_modulus_degree}")
+        if not scale > 1 or math.log2(scale) >= max(bits):
+            raise ValueError(f"scale={scale!r}; it must be > 1 and below 2**{max(bits)} (the "
+                             f"largest coefficient prime)")
+        if not all(isinstance(x, str) and x for x in layers):
+            raise ValueError(f"layers={list(layers)!r}; give parameter-name prefixes such as "
+                             f"['fc']")
+        if rest not in RESTS:
+            raise ValueError(f"rest={rest!r}; choose one of {', '.join(RESTS)}")
+        self.poly_modulus_degree = int(poly_modulus_degree)
+        self.coeff_mod_bit_sizes = bits
+        self.scale = float(scale)
+        self.layers = list(layers)
+        self.rest = rest
+        if self.layers:  # what the server can read of the parameters left unencrypted
+            self.server_view = "aggregate" if rest == "secagg" else "plaintext"
+        self.stats: dict[str, Any] = {"ciphertext_bytes": 0, "encrypted_values": 0,
+                                      "plaintext_bytes": 0, "rounds": 0}
+
+    def validate(self, cell: Any) -> str | None:
+        if not self.layers and self.rest != "plaintext":
+            return "rest applies only when layers selects some parameters to encrypt"
+        return None
+
+    def setup(self, ctx: RoundContext) -> None:
+        if self.layers:
+            mask = ctx.layout.select(self.layers)
+            if not mask.any():
+                raise ValueError(f"layers={self.layers!r} select no parameter; the model has "
+                                 f"{', '.join(ctx.layout.names)}")
+        else:
+            mask = np.ones(ctx.layout.numel, dtype=bool)
+        self._enc_idx = torch.as_tensor(np.flatnonzero(mask))
+        self._rest_idx = torch.as_tensor(np.flatnonzero(~mask))
+        self.key_holder = KeyHolder(self.poly_modulus_degree, self.coeff_mod_bit_sizes,
+                                    self.scale)
+        self.server = HEServer(self.key_holder.public_context)
+        import tenseal as ts
+
+        self._client_context = ts.context_from(self.key_holder.public_context)
+        self._slots = self.poly_modulus_degree // 2
+        self._has_context: set[int] = set()
+        self._secagg = SecAgg() if self.rest == "secagg" and len(self._rest_idx) else None
+
+    def encode(self, ctx: RoundContext, client: int, vector: torch.Tensor) -> Message:
+        import tenseal as ts
+
+        v = vector.detach().to(torch.float64)
+        enc = v[self._enc_idx].numpy()
+        chunks = [ts.ckks_vector(self._client_context, enc[i:i + self._slots].tolist())
+                  .serialize() for i in range(0, len(enc), self._slots)]
+        nbytes = sum(len(c) for c in chunks)
+        self.stats["ciphertext_bytes"] += nbytes
+        self.stats["encrypted_values"] += len(enc)
+        rest: Any = None
+        if len(self._rest_idx):
+            plain = vector.detach()[self._rest_idx].to(torch.float32)
+            if self._secagg is not None:
+                msg = self._secagg.encode(ctx, client, plain)
+                rest = msg
+                nbytes += msg.nbytes
+            else:
+                rest = plain
+                nbytes += len(plain.numpy().tobytes())
+                self.stats["plaintext_bytes"] += len(plain.numpy().tobytes())
+        return Message(client, {"ciphertexts": chunks, "rest": rest}, nbytes)
+
+    def aggregate(self, ctx: RoundContext, messages: list[Message]) -> torch.Tensor:
+        enc_sum = self.server.add_all([m.payload["ciphertexts"] for m in messages])
+        out = torch.zeros(ctx.layout.numel, dtype=torch.float32)
+        dec = self.key_holder.decrypt(enc_sum, len(self._enc_idx))
+        out[self._enc_idx] = torch.as_tensor(dec, dtype=torch.float32)
+        if len(self._rest_idx):
+            if self._secagg is not None:
+                sub = [m.payload["rest"] for m in messages]
+                before = [s.nbytes for s in sub]
+                out[self._rest_idx] = self._secagg.aggregate(ctx, sub)
+                for m, s, b in zip(messages, sub, before):  # + secagg's unmasking shares
+                    m.nbytes += s.nbytes - b
+            else:
+                out[self._rest_idx] = torch.stack([m.payload["rest"] for m in messages]).sum(0)
+        self.stats["rounds"] += 1
+        return out
+
+    def bytes_down(self, ctx: RoundContext) -> int:
+        """Per client: the public context, the first time a client takes part."""
+        new = [c for c in ctx.participants if c not in self._has_context]
+        self._has_context.update(new)
+        per = len(self.key_holder.public_context) * len(new)
+        if self._secagg is not None:
+            per += self._secagg.bytes_down(ctx) * max(1, len(ctx.participants))
+        return int(math.ceil(per / max(1, len(ctx.participants))))
+
+    def accounting(self) -> dict[str, Any]:
+        s = self.stats
+        out: dict[str, Any] = {
+            "scheme": "CKKS", "poly_modulus_degree": self.poly_modulus_degree,
+            "coeff_mod_bit_sizes": self.coeff_mod_bit_sizes, "scale": self.scale,
+            "encrypted": self.layers or "all", "rest": self.rest if self.layers else None,
+            "ciphertext_bytes": s["ciphertext_bytes"], "encrypted_values": s["encrypted_values"],
+            "expansion": (s["ciphertext_bytes"] / (4 * s["encrypted_values"])
+                          if s["encrypted_values"] else None),
+            "public_context_bytes": len(self.key_holder.public_context)
+            if hasattr(self, "key_holder") else None,
+        }
+        return out
+
+
+COMPONENTS = (HECKKS,)
