@@ -7,9 +7,20 @@ to register it.
 from __future__ import annotations
 
 from harness import hookimpl
-from plugins.datasets import heart_disease, synthetic_tabular
+from plugins.datasets import (
+    eicu,
+    genomics,
+    heart_disease,
+    medmnist,
+    support2,
+    synthetic_ehr,
+    synthetic_genomics,
+    synthetic_imaging,
+    synthetic_tabular,
+)
 
-MODULES: tuple = (heart_disease, synthetic_tabular,)
+MODULES: tuple = (heart_disease, support2, eicu, synthetic_ehr, genomics, synthetic_genomics,
+                  medmnist, synthetic_imaging, synthetic_tabular)
 
 
 @hookimpl

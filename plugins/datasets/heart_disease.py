@@ -31,7 +31,7 @@ class HeartDisease(Dataset):
 
     name = "heart-disease"
     card = "heart-disease"
-    run_defaults = {"batch_size": 16, "lr": 0.05, "local_steps": 10}
+    run_defaults = {"batch_size": 16, "lr": 0.05, "local_steps": 10, "clients_per_round": 4}
 
     def __init__(self) -> None:
         pass

@@ -7,9 +7,9 @@ to register it.
 from __future__ import annotations
 
 from harness import hookimpl
-from plugins.partitioners import basic
+from plugins.partitioners import basic, skew
 
-MODULES: tuple = (basic,)
+MODULES: tuple = (basic, skew,)
 
 
 @hookimpl

@@ -5,6 +5,13 @@ Non-Identical Data Distribution for Federated Visual Classification").
 Train and test rows are partitioned separately (a test row never reaches a
 training split); under ``dirichlet`` each client's test split follows the
 same class proportions as its training split.
+
+Every partitioner takes ``public_fraction`` (default 0): that fraction of the
+pooled *training* rows, drawn with the cell seed, is moved into
+:attr:`FederatedData.public` -- data no client holds, for distillation (FedDF,
+FedMD) or pretraining. Public rows come only from training rows, never from
+test rows, and are removed from every client. For ``natural`` the fraction is
+taken from each site's training rows, so the sites stay the real sites.
 """
 
 from __future__ import annotations
@@ -13,64 +20,157 @@ import numpy as np
 
 from harness import FederatedData, Partitioner, Site, Split
 
+_PUBLIC_STREAM = 7  # rng stream of the public carve-out, independent of the split streams
+
+
+def _check_public(public_fraction: float) -> float:
+    if not isinstance(public_fraction, (int, float)) or not 0.0 <= public_fraction < 1.0:
+        raise ValueError(f"public_fraction must be a number in [0, 1), got {public_fraction!r}")
+    return float(public_fraction)
+
+
+def _check_clients(n_clients: int) -> int:
+    if not isinstance(n_clients, int) or n_clients < 1:
+        raise ValueError(f"n_clients must be an integer >= 1, got {n_clients!r}")
+    return n_clients
+
+
+def _merge_public(existing: Split | None, carved: Split | None) -> Split | None:
+    parts = [s for s in (existing, carved) if s is not None and len(s)]
+    return Split.concat(parts) if parts else existing
+
+
+def carve_public(train: Split, fraction: float, rng: np.random.Generator
+                 ) -> tuple[Split, Split | None]:
+    """Move ``round(fraction * len(train))`` random training rows out.
+
+    Returns ``(remaining training rows, public rows or None)``; the remaining
+    rows keep their original order.
+    """
+    k = int(round(fraction * len(train)))
+    if k <= 0:
+        return train, None
+    if k >= len(train):
+        raise ValueError(f"public_fraction={fraction} would leave no training rows "
+                         f"(of {len(train)})")
+    pick = np.zeros(len(train), dtype=bool)
+    pick[rng.choice(len(train), size=k, replace=False)] = True
+    return train.subset(np.flatnonzero(~pick)), train.subset(np.flatnonzero(pick))
+
 
 class Natural(Partitioner):
-    """Keep the dataset's own sites (hospitals, batches)."""
+    """Keep the dataset's own sites (hospitals, batches).
+
+    Parameters
+    ----------
+    public_fraction : float, default 0.0
+        Fraction of each site's training rows moved into the public split.
+    """
 
     name = "natural"
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, *, public_fraction: float = 0.0) -> None:
+        self.public_fraction = _check_public(public_fraction)
 
     def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
+        if self.public_fraction == 0.0:
+            return data
+        rng = np.random.default_rng([seed, _PUBLIC_STREAM])
+        sites, carved = [], []
+        for s in data.sites:
+            tr, pub = carve_public(s.train, self.public_fraction, rng)
+            sites.append(Site(s.name, tr, s.test, s.quality))
+            if pub is not None:
+                carved.append(pub)
+        public = _merge_public(data.public, Split.concat(carved) if carved else None)
+        return FederatedData(task=data.task, sites=sites, public=public, natural=data.natural)
+
+
+class PooledPartitioner(Partitioner):
+    """Base of the partitioners that pool every site, carve out the public
+    split, then deal rows to clients (:meth:`split`)."""
+
+    prefix = "client"
+
+    def split(self, train: Split, test: Split, rng: np.random.Generator
+              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        raise NotImplementedError
+
+    def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
+        train, test = data.pooled_train(), data.pooled_test()
+        train, pub = carve_public(train, self.public_fraction,
+                                  np.random.default_rng([seed, _PUBLIC_STREAM]))
+        tr, te = self.split(train, test, np.random.default_rng([seed, self.stream]))
+        sites = [Site(f"{self.prefix}{i}", train.subset(np.sort(a)), test.subset(np.sort(b)))
+                 for i, (a, b) in enumerate(zip(tr, te))]
+        out = FederatedData(task=data.task, sites=sites, public=_merge_public(data.public, pub),
+                            natural=False)
+        return self.transform(out, seed=seed)
+
+    def transform(self, data: FederatedData, *, seed: int) -> FederatedData:
+        """Hook for partitioners that also change features (``feature-shift``)."""
         return data
 
-
-def _pooled(data: FederatedData) -> tuple[Split, Split]:
-    return data.pooled_train(), data.pooled_test()
+    stream = 0
 
 
-def _build(data: FederatedData, train: Split, test: Split, tr_idx: list[np.ndarray],
-           te_idx: list[np.ndarray], prefix: str) -> FederatedData:
-    sites = [Site(f"{prefix}{i}", train.subset(np.sort(a)), test.subset(np.sort(b)))
-             for i, (a, b) in enumerate(zip(tr_idx, te_idx))]
-    return FederatedData(task=data.task, sites=sites, public=data.public, natural=False)
+class IID(PooledPartitioner):
+    """Shuffle the pooled data and deal it into ``n_clients`` equal parts.
 
-
-class IID(Partitioner):
-    """Shuffle the pooled data and deal it into ``n_clients`` equal parts."""
+    Parameters
+    ----------
+    n_clients : int, default 4
+    public_fraction : float, default 0.0
+        Fraction of the pooled training rows moved into the public split.
+    """
 
     name = "iid"
+    prefix = "iid"
+    stream = 1
 
-    def __init__(self, *, n_clients: int = 4) -> None:
-        if n_clients < 1:
-            raise ValueError(f"n_clients must be >= 1, got {n_clients}")
-        self.n_clients = n_clients
+    def __init__(self, *, n_clients: int = 4, public_fraction: float = 0.0) -> None:
+        self.n_clients = _check_clients(n_clients)
+        self.public_fraction = _check_public(public_fraction)
 
-    def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
-        train, test = _pooled(data)
-        rng = np.random.default_rng([seed, 1])
+    def split(self, train: Split, test: Split, rng: np.random.Generator
+              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if len(train) < self.n_clients:
-            raise ValueError(f"{len(train)} training rows cannot fill {self.n_clients} clients")
-        tr = np.array_split(rng.permutation(len(train)), self.n_clients)
-        te = np.array_split(rng.permutation(len(test)), self.n_clients)
-        return _build(data, train, test, tr, te, "iid")
+            raise ValueError(f"{len(train)} training rows cannot fill n_clients={self.n_clients}")
+        return (np.array_split(rng.permutation(len(train)), self.n_clients),
+                np.array_split(rng.permutation(len(test)), self.n_clients))
 
 
-class Dirichlet(Partitioner):
+class Dirichlet(PooledPartitioner):
     """Label skew: each class is spread over ``n_clients`` with proportions
-    drawn from Dirichlet(``alpha``); small alpha, few classes per client."""
+    drawn from Dirichlet(``alpha``); small alpha, few classes per client.
+
+    Parameters
+    ----------
+    n_clients : int, default 4
+    alpha : float, default 0.5
+        Concentration; large values approach IID.
+    min_size : int, default 2
+        Redraw until every client has at least this many training rows.
+    public_fraction : float, default 0.0
+        Fraction of the pooled training rows moved into the public split.
+    """
 
     name = "dirichlet"
+    prefix = "dir"
+    stream = 2
 
-    def __init__(self, *, n_clients: int = 4, alpha: float = 0.5, min_size: int = 2) -> None:
-        if n_clients < 1 or alpha <= 0 or min_size < 0:
-            raise ValueError("need n_clients >= 1, alpha > 0 and min_size >= 0")
-        self.n_clients, self.alpha, self.min_size = n_clients, alpha, min_size
+    def __init__(self, *, n_clients: int = 4, alpha: float = 0.5, min_size: int = 2,
+                 public_fraction: float = 0.0) -> None:
+        self.n_clients = _check_clients(n_clients)
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        if min_size < 0:
+            raise ValueError(f"min_size must be >= 0, got {min_size!r}")
+        self.alpha, self.min_size = alpha, min_size
+        self.public_fraction = _check_public(public_fraction)
 
-    def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
-        train, test = _pooled(data)
-        rng = np.random.default_rng([seed, 2])
+    def split(self, train: Split, test: Split, rng: np.random.Generator
+              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         classes = np.unique(np.concatenate([train.y, test.y]))
         for _attempt in range(1000):
             props = {c: rng.dirichlet(np.full(self.n_clients, self.alpha)) for c in classes}
@@ -80,8 +180,7 @@ class Dirichlet(Partitioner):
         else:
             raise ValueError(f"could not give every client {self.min_size} rows with "
                              f"alpha={self.alpha}; lower min_size or n_clients")
-        te = _split_by(test.y, props, rng, self.n_clients)
-        return _build(data, train, test, tr, te, "dir")
+        return tr, _split_by(test.y, props, rng, self.n_clients)
 
 
 def _split_by(y: np.ndarray, props: dict, rng: np.random.Generator, k: int) -> list[np.ndarray]:

@@ -1,0 +1,63 @@
+"""Private helpers shared by the dataset modules: seeded per-site splits,
+scalers fitted on training rows only, and site assembly."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from harness import Site, Split
+
+
+def split_indices(y: np.ndarray, test_fraction: float, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/test indices of one site (per class, at least one test
+    row for a class with two or more rows, at least one training row)."""
+    tr, te = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(test_fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        else:
+            k = 0
+        te.append(idx[:k])
+        tr.append(idx[k:])
+    return np.sort(np.concatenate(tr)), np.sort(np.concatenate(te))
+
+
+def fit_scaler(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation of the training rows (NaN-aware;
+    constant or all-missing columns get mean 0, s.d. 1)."""
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(X_train, axis=0)
+            std = np.nanstd(X_train, axis=0)
+    mean = np.where(np.isfinite(mean), mean, 0.0)
+    std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
+    return mean.astype(np.float64), std.astype(np.float64)
+
+
+def apply_scaler(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Standardise with training statistics; a missing value becomes 0 (the
+    training mean)."""
+    Z = (X - mean) / std
+    return np.nan_to_num(Z, nan=0.0).astype(np.float32)
+
+
+def sites_from_arrays(arrays: dict[str, np.ndarray], names: list[str]) -> list[Site]:
+    """Rebuild sites from the cached arrays ``X, y, site, X_test, y_test, site_test``."""
+    sites = []
+    for i, name in enumerate(names):
+        tr, te = arrays["site"] == i, arrays["site_test"] == i
+        sites.append(Site(name, Split(arrays["X"][tr], arrays["y"][tr]),
+                          Split(arrays["X_test"][te], arrays["y_test"][te])))
+    return sites
+
+
+def sizes(sites: list[Site]) -> dict[str, str]:
+    """``{site: "n (train a / test b)"}`` for ``fedmedbench datasets``."""
+    return {s.name: f"{len(s.train) + len(s.test)} (train {len(s.train)} / test {len(s.test)})"
+            for s in sites}

@@ -1,0 +1,119 @@
+"""SUPPORT2: in-hospital death of seriously ill hospitalised adults (Knaus et
+al. 1995, "The SUPPORT prognostic model: objective estimates of survival for
+seriously ill hospitalized adults", Annals of Internal Medicine 122:191-203).
+
+SUPPORT2 has no hospital column, so the sites are pseudo-sites: the disease
+class ``dzclass`` (4 sites) or the finer disease group ``dzgroup`` (8 sites).
+Case mix then differs strongly between sites (in-hospital mortality ranges
+from 9% in Cancer to 61% in Coma): a realistic kind of non-IID data, but not
+hospitals. The shipped file and its card live in ``datasets/support2/``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from harness import Dataset, FederatedData, Task, cached_arrays, sha256_file, shipped_file
+from plugins.datasets._common import (
+    apply_scaler,
+    fit_scaler,
+    sites_from_arrays,
+    sizes,
+    split_indices,
+)
+
+FILE = "support2.csv.gz"
+PREPROCESSING_VERSION = "support2-1"
+SPLIT_SEED = 2024  # the train/test split is fixed, whatever the run seed
+TEST_FRACTION = 0.3
+SITE_COLUMNS = ("dzclass", "dzgroup")
+#: baseline and day-3 predictors; outcome-derived columns (death, slos, d.time,
+#: hday, charges, costs, avtisst, surv*/prg*, dnr*, sfdm2, adl*) are excluded
+NUMERIC = ["age", "num.co", "edu", "scoma", "sps", "aps", "meanbp", "wblc", "hrt", "resp",
+           "temp", "pafi", "alb", "bili", "crea", "sod", "ph", "glucose", "bun", "urine",
+           "diabetes", "dementia"]
+MISSING_FLAGS = ["edu", "wblc", "pafi", "alb", "bili", "crea", "ph", "glucose", "bun", "urine"]
+ONEHOT = {
+    "race": ["white", "black", "asian", "hispanic", "other"],
+    "ca": ["no", "yes", "metastatic"],
+    "dzgroup": ["ARF/MOSF w/Sepsis", "CHF", "COPD", "Lung Cancer", "MOSF w/Malig", "Coma",
+                "Colon Cancer", "Cirrhosis"],
+}
+
+
+class Support2(Dataset):
+    """SUPPORT2 in-hospital mortality, 9,105 patients, disease-class pseudo-sites.
+
+    Parameters
+    ----------
+    site_column : {"dzclass", "dzgroup"}, default "dzclass"
+        Which diagnosis column defines the pseudo-sites (4 or 8 sites).
+    """
+
+    name = "support2"
+    card = "support2"
+    run_defaults = {"batch_size": 64, "lr": 0.1, "local_steps": 20}
+
+    def __init__(self, *, site_column: str = "dzclass") -> None:
+        if site_column not in SITE_COLUMNS:
+            raise ValueError(f"site_column must be one of {SITE_COLUMNS}, got {site_column!r}")
+        self.site_column = site_column
+
+    def load(self, *, seed: int) -> FederatedData:
+        path = shipped_file(self.card, FILE)
+        arrays = cached_arrays(
+            [self.name, sha256_file(path), PREPROCESSING_VERSION, self.site_column],
+            lambda: preprocess(pd.read_csv(path, skipinitialspace=True), self.site_column))
+        names = [str(s) for s in arrays["site_names"]]
+        features = [str(f) for f in arrays["features"]]
+        task = Task(kind="binary", num_classes=2, input_shape=(len(features),), metric="auroc",
+                    model="logistic", feature_names=features)
+        return FederatedData(task=task, sites=sites_from_arrays(arrays, names), natural=False)
+
+    def describe(self) -> dict:
+        return {"sites": sizes(self.load(seed=0).sites)}
+
+
+def features_of(df: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame(index=df.index)
+    for c in NUMERIC:
+        out[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+    for c in MISSING_FLAGS:
+        out[f"{c}_missing"] = df[c].isna().astype(float)
+    out["sex=male"] = (df["sex"] == "male").astype(float)
+    for c, levels in ONEHOT.items():
+        for lv in levels:
+            out[f"{c}={lv}"] = (df[c] == lv).astype(float)
+    return out
+
+
+def preprocess(df: pd.DataFrame, site_column: str) -> dict[str, np.ndarray]:
+    """Fixed per-site stratified 70/30 split, then standardisation with the
+    pooled training rows only (a missing value becomes the training mean)."""
+    missing = [c for c in [*NUMERIC, "hospdead", "sex", site_column, *ONEHOT] if c not in df]
+    if missing:
+        raise ValueError(f"support2 file lacks columns {missing}")
+    df = df[df["hospdead"].notna()].reset_index(drop=True)
+    names = sorted(df[site_column].dropna().unique())
+    feats = features_of(df)
+    X_all = feats.to_numpy(dtype=np.float64)
+    y_all = df["hospdead"].to_numpy().astype(np.int64)
+    rng = np.random.default_rng(SPLIT_SEED)
+    tr_rows, te_rows, tr_site, te_site = [], [], [], []
+    for i, name in enumerate(names):
+        rows = np.flatnonzero((df[site_column] == name).to_numpy())
+        a, b = split_indices(y_all[rows], TEST_FRACTION, rng)
+        tr_rows.append(rows[a]), te_rows.append(rows[b])
+        tr_site.append(np.full(len(a), i)), te_site.append(np.full(len(b), i))
+    tr, te = np.concatenate(tr_rows), np.concatenate(te_rows)
+    mean, std = fit_scaler(X_all[tr])  # training rows only
+    return {
+        "X": apply_scaler(X_all[tr], mean, std), "y": y_all[tr], "site": np.concatenate(tr_site),
+        "X_test": apply_scaler(X_all[te], mean, std), "y_test": y_all[te],
+        "site_test": np.concatenate(te_site),
+        "features": np.array(list(feats.columns)), "site_names": np.array(names),
+    }
+
+
+COMPONENTS = (Support2,)
