@@ -1,0 +1,353 @@
+"""Privacy mechanisms: exact accounting, secure aggregation, CKKS, stacks.
+
+Real paths only: Opacus accountants, X25519/AES from ``cryptography``, a
+TenSEAL context, and matrix runs through the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from harness import ParamLayout
+from harness.accounting import Ledger, epsilon_for, noise_for_epsilon, noise_for_schedule
+
+# --------------------------------------------------------------------------
+# accounting
+# --------------------------------------------------------------------------
+
+
+def test_accounting_matches_opacus_reference_values():
+    from opacus.accountants import RDPAccountant
+
+    hist = [(1.5, 0.04, 2250)]
+    rdp = epsilon_for(hist, 1e-5, "rdp")
+    assert rdp == pytest.approx(7.3291, abs=5e-4)
+    ref = RDPAccountant()
+    ref.history = list(hist)
+    assert rdp == pytest.approx(ref.get_epsilon(1e-5), rel=1e-12)
+    prv = epsilon_for(hist, 1e-5, "prv")
+    assert prv == pytest.approx(6.78, abs=0.02)  # PRV is approximate by design
+    # a Ledger fed step by step composes to the same number
+    led = Ledger("rdp")
+    for _ in range(2250):
+        led.record(1.5, 0.04)
+    assert led.history == [(1.5, 0.04, 2250)] and led.epsilon(1e-5) == pytest.approx(rdp)
+
+
+def test_rounds_of_different_sigma_compose_like_opacus():
+    from opacus.accountants import RDPAccountant
+
+    led = Ledger("rdp")
+    sigmas = [2.0 * 0.9 ** t for t in range(10)]
+    for s in sigmas:
+        led.record(s, 1.0)
+    ref = RDPAccountant()
+    for s in sigmas:
+        ref.step(noise_multiplier=s, sample_rate=1.0)
+    assert led.epsilon(1e-5) == pytest.approx(ref.get_epsilon(1e-5), rel=1e-12)
+    # decaying noise spends more than holding the first sigma
+    assert led.epsilon(1e-5) > epsilon_for([(2.0, 1.0, 10)], 1e-5)
+
+
+@pytest.mark.parametrize("target,q,steps", [(1.0, 0.08, 200), (3.0, 1 / 13, 30), (8.0, 0.25, 20)])
+def test_target_epsilon_never_overshoots(target, q, steps):
+    from opacus.accountants import RDPAccountant
+
+    sigma = noise_for_epsilon(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps)
+    ref = RDPAccountant()
+    ref.history = [(sigma, q, steps)]
+    eps = ref.get_epsilon(1e-5)
+    assert eps <= target
+    assert eps >= 0.95 * target  # and it is not wastefully loose
+
+
+def test_schedule_solver_never_overshoots():
+    sched = lambda z0: [(z0 * 0.8 ** t, 1.0, 1) for t in range(8)]  # noqa: E731
+    z0 = noise_for_schedule(target_epsilon=4.0, delta=1e-5, schedule=sched)
+    eps = epsilon_for(sched(z0), 1e-5)
+    assert 3.9 <= eps <= 4.0
+
+
+# --------------------------------------------------------------------------
+# matrix runs through the engine
+# --------------------------------------------------------------------------
+
+HEART = """
+name = "privacy-test"
+rounds = {rounds}
+seeds = [0]
+[axes]
+dataset = ["heart-disease"]
+algorithm = ["fedavg"]
+aggregator = [{{name = "weighted-mean", by = "uniform"}}]
+privacy = {privacy}
+"""
+
+
+def _by_privacy(records):
+    return {r["labels"]["privacy"]: r for r in records}
+
+
+def test_dp_sgd_per_site_accounting_in_a_real_run(run_matrix):
+    code, recs = run_matrix(HEART.format(
+        rounds=2, privacy='[{name = "dp-sgd", epsilon = 3.0}, '
+                          '{name = "dp-sgd", noise_multiplier = 1.5}]'))
+    assert code == 0, [r["error"] for r in recs]
+    by = _by_privacy(recs)
+    tgt = by["dp-sgd(epsilon=3.0)"]["metrics"]["privacy"]
+    acc = tgt["mechanisms"]["dp-sgd"]
+    assert tgt["epsilon"] == acc["epsilon"] and tgt["delta"] == 1e-5
+    assert tgt["accountant"] == "rdp" and acc["unit"] == "sample" and "Poisson" in acc["sampling"]
+    assert set(acc["per_site"]) == {"Cleveland", "Hungary", "Switzerland", "VA Long Beach"}
+    for site in acc["per_site"].values():
+        # each site trained every planned step (2 rounds x 10 local steps) and stayed in budget
+        assert site["steps"] == site["planned_steps"] == 20
+        assert 2.85 <= site["epsilon"] <= 3.0
+        assert site["epsilon"] == pytest.approx(
+            epsilon_for([(site["noise_multiplier"], site["sample_rate"], 20)], 1e-5))
+    assert acc["epsilon"] == max(s["epsilon"] for s in acc["per_site"].values())
+    fixed = by["dp-sgd(noise_multiplier=1.5)"]["metrics"]["privacy"]["mechanisms"]["dp-sgd"]
+    assert {s["noise_multiplier"] for s in fixed["per_site"].values()} == {1.5}
+    # epsilon grows over rounds in the history
+    hist = by["dp-sgd(noise_multiplier=1.5)"]["history"]
+    assert 0 < hist[0]["epsilon"] < hist[1]["epsilon"]
+
+
+def test_dp_fedavg_stacks_and_rejections(run_matrix):
+    code, recs = run_matrix(HEART.format(rounds=3, privacy="""[
+        {name = "dp-fedavg", noise_multiplier = 1.2, noise_decay = 0.8, layerwise = "equal"},
+        {name = "dp-fedavg", epsilon = 6.0, target_quantile = 0.5},
+        ["dp-fedavg", "secagg"],
+        ["he-ckks", "secagg"],
+        ["dp-fedavg", "he-ckks"],
+        ["dp-sgd", "secagg"]]"""))
+    assert code == 0, [r["error"] for r in recs if r["status"] == "failed"]
+    by = _by_privacy(recs)
+    sched = by["dp-fedavg(layerwise=equal,noise_decay=0.8,noise_multiplier=1.2)"]
+    acc = sched["metrics"]["privacy"]["mechanisms"]["dp-fedavg"]
+    assert acc["noise_multipliers"] == pytest.approx([1.2, 0.96, 0.768])
+    assert acc["unit"] == "client" and acc["noise"] == "central" and acc["sample_rate"] == 1.0
+    assert acc["epsilon"] == pytest.approx(epsilon_for([(z, 1.0, 1) for z in
+                                                        acc["noise_multipliers"]], 1e-5))
+    adapt = by["dp-fedavg(epsilon=6.0,target_quantile=0.5)"]["metrics"]["privacy"]
+    assert adapt["epsilon"] <= 6.0 and adapt["epsilon"] >= 5.8
+    clips = adapt["mechanisms"]["dp-fedavg"]["clip_history"]
+    assert len(clips) == 3 and clips[0] == 1.0 and clips[1] != clips[0]  # C moves
+    dist = by["dp-fedavg+secagg"]["metrics"]["privacy"]
+    assert dist["mechanisms"]["dp-fedavg"]["noise"] == "distributed"
+    assert dist["level"] == "dp+crypto" and dist["epsilon"] > 0
+    assert by["dp-sgd+secagg"]["status"] == "ok"
+    # impossible stacks are skipped with the reason
+    assert by["he-ckks+secagg"]["status"] == "skipped"
+    assert "two transport mechanisms" in by["he-ckks+secagg"]["error"]["message"]
+    assert by["dp-fedavg+he-ckks"]["status"] == "skipped"
+    assert "never sees the aggregate" in by["dp-fedavg+he-ckks"]["error"]["message"]
+
+
+def test_dp_fedavg_needs_an_unweighted_mean(run_matrix):
+    text = HEART.format(rounds=1, privacy='["dp-fedavg"]').replace(
+        'by = "uniform"', 'by = "examples"')
+    code, recs = run_matrix(text)
+    assert code == 0 and recs[0]["status"] == "skipped"
+    assert 'by = "uniform"' in recs[0]["error"]["message"]
+
+
+# --------------------------------------------------------------------------
+# secure aggregation
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    """The slice of RoundContext a transport mechanism reads."""
+
+    numel: int
+    n: int
+    round: int = 1
+    seed: int = 0
+    participants: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.participants = self.participants or list(range(self.n))
+        self.layout = ParamLayout(("fc.weight", "fc.bias"), ((self.numel - 10,), (10,)))
+
+    def rng(self, purpose: str, *extra: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, len(purpose), *extra])
+
+
+def _vectors(n: int, numel: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(numel, generator=g) * 0.05 for _ in range(n)]
+
+
+def _secagg_round(mech, vecs, rnd=1):
+    ctx = _Ctx(numel=vecs[0].numel(), n=len(vecs), round=rnd)
+    msgs = [mech.encode(ctx, i, v) for i, v in enumerate(vecs)]
+    return msgs, mech.aggregate(ctx, msgs)
+
+
+def test_secagg_sum_within_quantisation_error_and_masks_look_uniform():
+    from plugins.privacy.secagg import SecAgg
+
+    n, numel = 10, 20_000
+    mech = SecAgg(field_bits=32, clip_range=1.0)
+    vecs = _vectors(n, numel)
+    msgs, agg = _secagg_round(mech, vecs)
+    plain = torch.stack(vecs).double().sum(0)
+    bound = n * 0.5 / mech.scale_for(n) + 1e-6  # rounding of n inputs + float32 output
+    assert float((agg.double() - plain).abs().max()) <= bound
+    server = mech.server
+    assert set(server.masked) == set(range(n))
+    # every masked vector the server holds is indistinguishable from uniform on Z_2^32
+    for u, y in server.masked.items():
+        assert y.dtype == np.uint32
+        counts = np.bincount((y >> np.uint32(24)).astype(np.int64), minlength=256)
+        assert stats.chisquare(counts).pvalue > 1e-4, u
+        assert stats.kstest(y / 2.0**32, "uniform").pvalue > 1e-4, u
+    # the test has power: the unmasked fixed-point encoding is nowhere near uniform
+    x = np.rint((vecs[0].double().numpy() + 1.0) * mech.scale_for(n)).astype(np.uint32)
+    assert stats.kstest(x / 2.0**32, "uniform").pvalue < 1e-12
+    # the server holds no client secret: only public keys, ciphertexts and masked inputs
+    for keys in server.public_keys.values():
+        assert all(isinstance(k, bytes) and len(k) == 32 for k in keys)
+    assert not hasattr(server, "_clients") and mech._clients == {}
+    # bytes come from serialized sizes: masked vector + keys + encrypted shares + unmask shares
+    assert all(m.nbytes > 4 * numel for m in msgs)
+
+
+@pytest.mark.parametrize("phase", ["masking", "unmasking"])
+def test_secagg_recovers_up_to_n_minus_t_dropouts(phase):
+    from plugins.privacy.secagg import SecAgg, SecAggAborted
+
+    n, numel, t = 10, 2_000, 6
+    vecs = _vectors(n, numel, seed=1)
+    mech = SecAgg(threshold=t, dropout_rate=0.4, dropout_phase=phase)  # 4 = n - t drop
+    msgs, agg = _secagg_round(mech, vecs)
+    dropped = mech._dropped
+    assert len(dropped) == n - t
+    if phase == "masking":  # their inputs never arrive: the mean of the survivors, rescaled
+        kept = [v for i, v in enumerate(vecs) if i not in dropped]
+        expected = torch.stack(kept).double().sum(0) * n / len(kept)
+        assert all(m.payload is None for m in msgs if m.client in dropped)
+    else:  # they sent masked inputs, then vanished: their inputs still count
+        expected = torch.stack(vecs).double().sum(0)
+    assert float((agg.double() - expected).abs().max()) < 1e-5
+    # one more dropout than n - t: a clear error
+    mech = SecAgg(threshold=t, dropout_rate=0.5, dropout_phase=phase)
+    with pytest.raises(SecAggAborted, match=r"at most n - t = 4 dropouts"):
+        _secagg_round(mech, vecs)
+
+
+def test_secagg_abort_leaves_the_global_model_unchanged():
+    from harness.engine import CellRun
+    from harness.errors import PluginError
+    from harness.matrix import parse_matrix
+    from harness.models import get_flat_params
+    from harness.registry import get_registry
+    import tomllib
+
+    raw = tomllib.loads(HEART.format(
+        rounds=2, privacy='[{name = "secagg", dropout_rate = 0.5, dropout_phase = "unmasking"}]'))
+    reg = get_registry()
+    cell = parse_matrix(raw, registry=reg).cells[0]
+    run = CellRun(cell, reg)
+    run.build()
+    run.validate()
+    run.prepare()
+    w0 = get_flat_params(run.model_factory())
+    params = {0: w0.clone()}
+    with pytest.raises(PluginError, match="n - t = 1 dropouts"):
+        run.run_round(1, params)  # 4 clients, t = 3, 2 drop
+    assert torch.equal(params[0], w0)
+
+
+# --------------------------------------------------------------------------
+# CKKS
+# --------------------------------------------------------------------------
+
+
+def _he_ctx(numel: int, n: int):
+    return _Ctx(numel=numel, n=n)
+
+
+def test_he_ckks_sum_is_accurate_and_the_server_holds_no_secret_key():
+    from plugins.privacy.he_ckks import HECKKS, HEServer
+
+    n, numel = 5, 9_000  # three chunks of 4096 slots
+    mech = HECKKS()
+    ctx = _he_ctx(numel, n)
+    mech.setup(ctx)
+    vecs = _vectors(n, numel, seed=2)
+    msgs = [mech.encode(ctx, i, v) for i, v in enumerate(vecs)]
+    assert all(len(m.payload["ciphertexts"]) == 3 for m in msgs)
+    agg = mech.aggregate(ctx, msgs).double()
+    plain = torch.stack(vecs).double().sum(0)
+    assert float((agg - plain).norm() / plain.norm()) < 1e-4
+    assert float((agg - plain).abs().max() / plain.abs().max()) < 1e-4
+    # the server: a public context and ciphertexts, never a secret key
+    server = mech.server
+    assert isinstance(server, HEServer)
+    assert not server.context.is_private() and not server.context.has_secret_key()
+    seen, stack = set(), [server]
+    while stack:  # walk everything the server object references
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if type(obj).__module__.startswith("tenseal") and hasattr(obj, "is_private"):
+            assert not obj.is_private()
+        stack.extend(vars(obj).values() if hasattr(obj, "__dict__") else
+                     obj if isinstance(obj, (list, tuple)) else
+                     obj.values() if isinstance(obj, dict) else [])
+    import tenseal as ts
+
+    ct = ts.ckks_vector_from(server.context, msgs[0].payload["ciphertexts"][0])
+    with pytest.raises(Exception):
+        ct.decrypt()
+    assert mech.key_holder._context.is_private()  # the key holder is the one that can decrypt
+    acc = mech.accounting()
+    assert acc["expansion"] > 5 and acc["encrypted_values"] == n * numel
+
+
+def test_he_ckks_partial_layers_with_secagg_rest():
+    from plugins.privacy.he_ckks import HECKKS
+
+    n, numel = 4, 3_000
+    mech = HECKKS(layers=["fc.bias"], rest="secagg")
+    ctx = _he_ctx(numel, n)
+    mech.setup(ctx)
+    vecs = _vectors(n, numel, seed=3)
+    msgs = [mech.encode(ctx, i, v) for i, v in enumerate(vecs)]
+    assert all(len(m.payload["ciphertexts"]) == 1 for m in msgs)  # 10 bias values
+    assert mech.accounting()["encrypted_values"] == n * 10
+    agg = mech.aggregate(ctx, msgs).double()
+    plain = torch.stack(vecs).double().sum(0)
+    assert float((agg - plain).abs().max()) < 1e-5
+    assert mech.server_view == "aggregate"
+    with pytest.raises(ValueError, match="select no parameter"):
+        HECKKS(layers=["conv"]).setup(ctx)
+
+
+def test_parameter_errors_name_the_parameter():
+    from plugins.privacy.dp_fedavg import DPFedAvg
+    from plugins.privacy.dp_sgd import DPSGD
+    from plugins.privacy.he_ckks import HECKKS
+    from plugins.privacy.secagg import SecAgg
+
+    for make, msg in [(lambda: DPSGD(accountant="gdp"), "accountant='gdp'"),
+                      (lambda: DPSGD(epsilon=-1.0), "epsilon=-1.0"),
+                      (lambda: DPFedAvg(target_quantile=1.5), "target_quantile=1.5"),
+                      (lambda: DPFedAvg(noise="local"), "noise='local'"),
+                      (lambda: SecAgg(field_bits=100), "field_bits=100"),
+                      (lambda: HECKKS(poly_modulus_degree=4096,
+                                      coeff_mod_bit_sizes=[60, 60, 60]), "128-bit")]:
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+            make()
+    assert math.isclose(copy.deepcopy(DPSGD(epsilon=3)).params()["epsilon"], 3.0)
