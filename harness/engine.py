@@ -51,6 +51,8 @@ from harness.registry import Registry, get_registry
 from harness.training import (
     ClientTrainer,
     RunSettings,
+    _Batches,
+    to_tensors,
     make_trainer,
     predict_proba,
     train_steps,
@@ -192,6 +194,12 @@ class AttackContext:
     topology: str
     train_shadow: Callable[[Split, int], torch.Tensor]
     mechanisms: list[str] = field(default_factory=list)
+    #: where attacks may write files for the report (PNGs); ``None``: write nothing
+    artifacts_dir: str | None = None
+    #: ``client_batches(client, steps)``: ground truth for scoring only, the
+    #: minibatches (X, y) that client trained on in round 1; ``None`` when they
+    #: cannot be replayed (a local-stage mechanism samples its own batches)
+    client_batches: Callable[[int, int], list[tuple[np.ndarray, np.ndarray]] | None] | None = None
 
     def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
         m = self.model_factory()
@@ -602,6 +610,17 @@ class CellRun:
         assert utility is not None
         return utility
 
+    def round1_batches(self, client: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        """Replay the first ``steps`` minibatches of ``client``'s round-1 stream
+        (the seed ``train_client`` gives its trainer); ``None`` under a
+        local-stage mechanism, whose loader samples its own batches."""
+        if any("local" in m.stages for m in self.privacy) or not 0 <= client < len(self.ctx.clients):
+            return None
+        X, y = to_tensors(self.ctx.clients[client].train)
+        stream = _Batches(X, y, self.settings.batch_size,
+                          int(self.ctx.rng("batches", client).integers(2**62)))
+        return [tuple(t.numpy() for t in stream.next()) for _ in range(steps)]  # type: ignore[misc]
+
     def run_attacks(self) -> dict[str, Any]:
         if not self.attacks:
             return {}
@@ -622,6 +641,7 @@ class CellRun:
             settings=self.settings, rounds=self.rounds, seed=self.seed,
             topology=self.topology, train_shadow=train_shadow,
             mechanisms=[m.name for m in self.privacy],
+            artifacts_dir=self.cell.get("artifacts_dir"), client_batches=self.round1_batches,
         )
         out = {}
         for a in self.attacks:

@@ -38,7 +38,8 @@ def execute(cells: list[dict[str, Any]], results_dir: Path, *, executor: str = "
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     done = set() if force else completed_ids(results_dir)
-    todo = [c for c in cells if c["cell_id"] not in done]
+    todo = [{**c, "artifacts_dir": str(results_dir / "artifacts" / c["cell_id"])}
+            for c in cells if c["cell_id"] not in done]
     bar = _bar(len(cells), initial=len(cells) - len(todo), enabled=progress)
     out: list[dict[str, Any]] = []
 

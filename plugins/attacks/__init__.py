@@ -7,8 +7,9 @@ to register it.
 from __future__ import annotations
 
 from harness import hookimpl
+from plugins.attacks import gradinv, mia
 
-MODULES: tuple = ()
+MODULES: tuple = (mia, gradinv)
 
 
 @hookimpl

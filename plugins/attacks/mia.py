@@ -1,0 +1,355 @@
+"""Membership inference: was a patient's record in the training data?
+
+- ``mia-loss``: the loss-threshold attack of Yeom, Giacomelli, Fredrikson,
+  Jha, "Privacy Risk in Machine Learning: Analyzing the Connection to
+  Overfitting", IEEE CSF 2018 (score = −loss).
+- ``mia-shadow``: shadow models and a learned attack classifier, Shokri,
+  Stronati, Song, Shmatikov, "Membership Inference Attacks Against Machine
+  Learning Models", IEEE S&P 2017.
+- ``mia-lira``: the likelihood-ratio attack of Carlini, Chien, Nasr, Song,
+  Terzis, Tramèr, "Membership Inference Attacks From First Principles",
+  IEEE S&P 2022, online (IN and OUT shadow models) and offline (OUT only),
+  with Gaussian fits of the logit-scaled confidence and, by default, a
+  global variance (their recommendation for few shadow models).
+
+Every attack reports the metrics of :func:`plugins.attacks._metrics.roc_summary`
+and an empirical privacy audit (:func:`~plugins.attacks._metrics.audit_epsilon`)
+beside the cell's claimed ε and δ.
+
+Threat models. ``target = "global"``: an outside party with the final global
+model (members: every site's training rows, non-members: the test rows).
+``target = "client"``: the honest-but-curious server, attacking what it saw
+of one client in the last round: that client's local model
+(global + its update) in plaintext, the aggregated model under secure
+aggregation (members: still that client's rows), nothing under HE.
+Shadow-model attacks assume the attacker holds the population (the members
+and non-members being scored, not which is which) and trains k shadow models
+on random halves of it with the cell's own recipe (``train_shadow``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness import Attack, AttackContext, Split
+
+from ._metrics import audit_epsilon, roc_summary
+
+TARGETS = ("global", "client")
+
+
+# --------------------------------------------------------------------------
+# per-example statistics
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, X: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """The model's logits on ``X`` (float64)."""
+    model.eval()
+    out = [model(torch.as_tensor(X[i:i + batch_size], dtype=torch.float32)).double().numpy()
+           for i in range(0, len(X), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def loss_scores(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """−cross-entropy per example (higher: more likely a member; Yeom et al.)."""
+    z = logits - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return logp[np.arange(len(y)), y]
+
+
+def logit_confidence(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``log p_y − log(1 − p_y)`` computed stably as ``z_y − logsumexp(z_{≠y})``
+    (the statistic LiRA fits Gaussians to)."""
+    zy = logits[np.arange(len(y)), y]
+    other = logits.copy()
+    other[np.arange(len(y)), y] = -np.inf
+    m = other.max(1)
+    return zy - (m + np.log(np.exp(other - m[:, None]).sum(1)))
+
+
+def lira_scores(target_conf: np.ndarray, shadow_conf: np.ndarray, in_mask: np.ndarray, *,
+                online: bool = True, fixed_variance: bool = True) -> np.ndarray:
+    """LiRA membership scores (Carlini et al. 2022).
+
+    Parameters
+    ----------
+    target_conf : (n,)
+        The target model's logit confidence on each example.
+    shadow_conf : (k, n)
+        Each shadow model's logit confidence on each example.
+    in_mask : (k, n) bool
+        Whether each example was in each shadow model's training set.
+    online : bool
+        Likelihood ratio of the IN and OUT Gaussians; otherwise the one-sided
+        OUT z-score (offline LiRA).
+    fixed_variance : bool
+        One variance per side across all examples (for few shadow models).
+    """
+    sc = np.asarray(shadow_conf, dtype=np.float64)
+    mask = np.asarray(in_mask, dtype=bool)
+
+    def fit(sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cnt = sel.sum(0)
+        mu = np.where(cnt > 0, (sc * sel).sum(0) / np.maximum(cnt, 1), np.nan)
+        dev = np.where(sel, sc - np.nan_to_num(mu), 0.0)
+        if fixed_variance:
+            pooled = (dev ** 2).sum() / max(1, cnt.sum() - (cnt > 0).sum())
+            sd = np.full(sc.shape[1], math.sqrt(pooled))
+        else:
+            sd = np.sqrt((dev ** 2).sum(0) / np.maximum(cnt - 1, 1))
+        return mu, np.maximum(sd, 1e-3), cnt
+
+    mu_out, sd_out, c_out = fit(~mask)
+    # examples without OUT shadows borrow the mean over the others
+    mu_out = np.where(c_out > 0, mu_out, np.nanmean(mu_out))
+    if not online:
+        return (target_conf - mu_out) / sd_out
+    mu_in, sd_in, c_in = fit(mask)
+    shift = np.nanmean(mu_in - mu_out)
+    mu_in = np.where(c_in > 0, mu_in, mu_out + shift)
+    x = target_conf
+    return (-0.5 * ((x - mu_in) / sd_in) ** 2 - np.log(sd_in)) - (
+        -0.5 * ((x - mu_out) / sd_out) ** 2 - np.log(sd_out))
+
+
+def shadow_features(logits: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Shokri-style attack features: the sorted probability vector (top 10),
+    the logit confidence and the one-hot label."""
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    top = -np.sort(-p, axis=1)[:, :min(num_classes, 10)]
+    onehot = np.eye(num_classes)[y]
+    return np.column_stack([top, logit_confidence(logits, y), onehot])
+
+
+# --------------------------------------------------------------------------
+# targets
+# --------------------------------------------------------------------------
+
+
+def _subsample(split: Split, k: int, rng: np.random.Generator) -> Split:
+    if k <= 0 or len(split) <= k:
+        return split
+    return split.subset(np.sort(rng.choice(len(split), size=k, replace=False)))
+
+
+def resolve_target(ctx: AttackContext, target: str, client: int
+                   ) -> tuple[torch.Tensor, Split, Split, dict[str, Any]] | dict[str, str]:
+    """(params, members, non-members, description) of the model attacked, or
+    ``{"not_applicable": reason}``."""
+    data = ctx.data
+    if target == "global":
+        if ctx.topology in ("local", "personalized"):
+            site = data.sites[0]
+            return ctx.final_params, site.train, site.test, {
+                "model": f"site {site.name}'s own final model (topology {ctx.topology}: no "
+                         f"global model exists)", "attacker": "outside party with the model"}
+        return ctx.final_params, data.pooled_train(), data.pooled_test(), {
+            "model": "final global model", "attacker": "outside party with the final model",
+            "members": "every site's training rows", "nonmembers": "every site's test rows"}
+    if not ctx.server_views:
+        return {"not_applicable": f"topology {ctx.topology}: no server sees client updates"}
+    rnd = max(ctx.server_views)
+    view = ctx.server_views[rnd]
+    if view.kind == "ciphertext":
+        return {"not_applicable": f"under {'+'.join(ctx.mechanisms) or 'HE'} the server reads "
+                                  f"only ciphertexts (the key holder is a separate party)"}
+    centralized = ctx.topology == "centralized"
+    c = client if client in view.clients else (view.clients[0] if view.clients else None)
+    if c is None:
+        return {"not_applicable": f"no client took part in round {rnd}"}
+    members = data.pooled_train() if centralized else data.sites[c].train
+    nonmembers = data.pooled_test() if centralized else data.sites[c].test
+    name = "pooled" if centralized else data.sites[c].name
+    if view.kind == "aggregate":
+        assert view.aggregate is not None
+        return view.global_params + view.aggregate, members, nonmembers, {
+            "model": f"round-{rnd} global model plus the securely aggregated update of "
+                     f"{len(view.clients)} clients (the server sees only their sum)",
+            "attacker": "honest-but-curious server", "client": name}
+    return view.global_params + view.updates[c], members, nonmembers, {
+        "model": f"client {name}'s local model of round {rnd} (global + its plaintext update)",
+        "attacker": "honest-but-curious server", "client": name}
+
+
+def _claim(ctx: AttackContext, audit_delta: float) -> tuple[float | None, float]:
+    eps = ctx.privacy.get("epsilon")
+    delta = ctx.privacy.get("delta")
+    return (float(eps) if eps is not None else None,
+            float(delta) if delta is not None else audit_delta)
+
+
+def _finish(ctx: AttackContext, scores_in: np.ndarray, scores_out: np.ndarray,
+            audit_delta: float, extra: dict[str, Any]) -> dict[str, Any]:
+    eps, delta = _claim(ctx, audit_delta)
+    res = roc_summary(scores_in, scores_out)
+    res["audit"] = audit_epsilon(scores_in, scores_out, delta=delta, claimed_epsilon=eps,
+                                 seed=ctx.seed)
+    res["audit"]["accountant"] = ctx.privacy.get("accountant")
+    res["audit"]["note"] = ("one training run: each scored example is one trial "
+                            "(Steinke, Nasr, Jagielski 2023); a lower bound, never a proof of "
+                            "privacy")
+    res.update(extra)
+    return res
+
+
+def _check_common(max_examples: int, audit_delta: float) -> None:
+    if not isinstance(max_examples, int) or max_examples < 0:
+        raise ValueError(f"max_examples = {max_examples!r}; use an integer >= 0 (0: all)")
+    if not 0 <= audit_delta < 1:
+        raise ValueError(f"audit_delta = {audit_delta!r}; it must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------
+# attacks
+# --------------------------------------------------------------------------
+
+
+class MiaLoss(Attack):
+    """Loss-threshold membership inference (Yeom et al. 2018)."""
+
+    name = "mia-loss"
+
+    def __init__(self, *, target: str = "global", client: int = 0, max_examples: int = 5000,
+                 audit_delta: float = 1e-5) -> None:
+        if target not in TARGETS:
+            raise ValueError(f"target = {target!r}; choose one of {TARGETS}")
+        if not isinstance(client, int) or client < 0:
+            raise ValueError(f"client = {client!r}; use a client index >= 0")
+        _check_common(max_examples, audit_delta)
+        self.target, self.client = target, client
+        self.max_examples, self.audit_delta = max_examples, audit_delta
+
+    def evaluate(self, ctx: AttackContext) -> dict[str, Any]:
+        t = resolve_target(ctx, self.target, self.client)
+        if isinstance(t, dict):
+            return t
+        params, members, nonmembers, desc = t
+        rng = np.random.default_rng([ctx.seed, 11])
+        members = _subsample(members, self.max_examples, rng)
+        nonmembers = _subsample(nonmembers, self.max_examples, rng)
+        model = ctx.model(params)
+        s_in = loss_scores(logits_of(model, members.X), members.y)
+        s_out = loss_scores(logits_of(model, nonmembers.X), nonmembers.y)
+        return _finish(ctx, s_in, s_out, self.audit_delta, {
+            "target": self.target,
+            "assumptions": {**desc, "knowledge": "the example and its label; the model's loss",
+                            "shadow_models": 0}})
+
+
+class _ShadowAttack(Attack):
+    """Shared machinery: k shadow models on random halves of the population."""
+
+    def __init__(self, *, n_shadows: int = 8, max_examples: int = 1000,
+                 audit_delta: float = 1e-5) -> None:
+        if not isinstance(n_shadows, int) or n_shadows < 2:
+            raise ValueError(f"n_shadows = {n_shadows!r}; use an integer >= 2")
+        _check_common(max_examples, audit_delta)
+        self.n_shadows, self.max_examples, self.audit_delta = n_shadows, max_examples, audit_delta
+
+    def population(self, ctx: AttackContext) -> tuple[torch.Tensor, Split, np.ndarray,
+                                                        dict[str, Any]] | dict[str, str]:
+        t = resolve_target(ctx, "global", 0)
+        if isinstance(t, dict):
+            return t
+        params, members, nonmembers, desc = t
+        rng = np.random.default_rng([ctx.seed, 12])
+        members = _subsample(members, self.max_examples, rng)
+        nonmembers = _subsample(nonmembers, self.max_examples, rng)
+        pop = Split.concat([members, nonmembers])
+        is_member = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
+        return params, pop, is_member, desc
+
+    def shadows(self, ctx: AttackContext, pop: Split) -> tuple[np.ndarray, np.ndarray]:
+        """(k, n, C) shadow logits and the (k, n) IN mask; cached per context
+        so that mia-shadow and mia-lira of one cell share their shadows."""
+        cache = ctx.__dict__.setdefault("_fedmedbench_shadow_cache", {})
+        key = (self.n_shadows, self.max_examples, len(pop))
+        if key in cache:
+            return cache[key]
+        rng = np.random.default_rng([ctx.seed, 13])
+        n = len(pop)
+        masks = np.zeros((self.n_shadows, n), dtype=bool)
+        logits = []
+        for j in range(self.n_shadows):
+            masks[j, rng.permutation(n)[: n // 2]] = True
+            p = ctx.train_shadow(pop.subset(np.flatnonzero(masks[j])), ctx.seed * 1000 + 17 + j)
+            logits.append(logits_of(ctx.model(p), pop.X))
+        cache[key] = (np.stack(logits), masks)
+        return cache[key]
+
+    def _assumptions(self, desc: dict[str, Any], ctx: AttackContext) -> dict[str, Any]:
+        return {**desc, "knowledge": "the population (members and non-members, not which is "
+                                     "which), the architecture and training recipe",
+                "shadow_models": self.n_shadows,
+                "shadow_training": f"{ctx.settings.optimizer} lr={ctx.settings.lr} "
+                                   f"batch={ctx.settings.batch_size}, centralized on a random "
+                                   f"half of the population, {ctx.rounds} rounds' worth of steps"}
+
+
+class MiaLira(_ShadowAttack):
+    """Likelihood-ratio membership inference with shadow models (Carlini et al. 2022)."""
+
+    name = "mia-lira"
+
+    def __init__(self, *, n_shadows: int = 8, mode: str = "online", fixed_variance: bool = True,
+                 max_examples: int = 1000, audit_delta: float = 1e-5) -> None:
+        super().__init__(n_shadows=n_shadows, max_examples=max_examples, audit_delta=audit_delta)
+        if mode not in ("online", "offline"):
+            raise ValueError(f"mode = {mode!r}; choose 'online' or 'offline'")
+        self.mode, self.fixed_variance = mode, fixed_variance
+
+    def evaluate(self, ctx: AttackContext) -> dict[str, Any]:
+        t = self.population(ctx)
+        if isinstance(t, dict):
+            return t
+        params, pop, is_member, desc = t
+        sh_logits, masks = self.shadows(ctx, pop)
+        conf_t = logit_confidence(logits_of(ctx.model(params), pop.X), pop.y)
+        conf_s = np.stack([logit_confidence(lg, pop.y) for lg in sh_logits])
+        scores = {m: lira_scores(conf_t, conf_s, masks, online=m == "online",
+                                 fixed_variance=self.fixed_variance)
+                  for m in ("online", "offline")}
+        s = scores[self.mode]
+        other = "offline" if self.mode == "online" else "online"
+        o = roc_summary(scores[other][is_member], scores[other][~is_member])
+        o.pop("roc")
+        return _finish(ctx, s[is_member], s[~is_member], self.audit_delta, {
+            "target": "global", "mode": self.mode, other: o,
+            "assumptions": {**self._assumptions(desc, ctx),
+                            "variance": "global" if self.fixed_variance else "per-example"}})
+
+
+class MiaShadow(_ShadowAttack):
+    """Shadow-model membership inference with a learned attack model (Shokri et al. 2017)."""
+
+    name = "mia-shadow"
+
+    def evaluate(self, ctx: AttackContext) -> dict[str, Any]:
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        t = self.population(ctx)
+        if isinstance(t, dict):
+            return t
+        params, pop, is_member, desc = t
+        C = ctx.data.task.num_classes
+        sh_logits, masks = self.shadows(ctx, pop)
+        Xa = np.concatenate([shadow_features(lg, pop.y, C) for lg in sh_logits])
+        ya = masks.reshape(-1).astype(int)
+        clf = HistGradientBoostingClassifier(max_iter=100, random_state=ctx.seed % 2**32)
+        clf.fit(Xa, ya)
+        s = clf.predict_proba(shadow_features(logits_of(ctx.model(params), pop.X), pop.y, C))[:, 1]
+        return _finish(ctx, s[is_member], s[~is_member], self.audit_delta, {
+            "target": "global",
+            "assumptions": {**self._assumptions(desc, ctx),
+                            "attack_model": "gradient-boosted trees on sorted probabilities, "
+                                            "logit confidence and label"}})
+
+
+COMPONENTS = (MiaLoss, MiaShadow, MiaLira)

@@ -1,0 +1,375 @@
+"""Attack evaluations: membership inference, privacy audit, gradient inversion.
+
+End-to-end tests run real cells through :func:`harness.engine.run_cell` with
+small test-only plugins registered through ``get_registry(extra=[...])``: an
+image dataset of 28×28 grayscale images in [0, 1] for a sigmoid SmallCNN, an
+over-fittable tabular dataset, and three test-only privacy stand-ins that
+reproduce exactly what the engine shows the server (a clipped and noised
+update; only the sum of the updates; only ciphertexts), so the attacks'
+handling of each view is tested without depending on the privacy plugins.
+The DP audit trains with a real Opacus DP-SGD and its RDP accountant.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness import (
+    Dataset,
+    FederatedData,
+    Message,
+    PrivacyMechanism,
+    Site,
+    Split,
+    Task,
+    build_model,
+    hookimpl,
+    run_cell,
+)
+from harness.matrix import parse_matrix
+from harness.registry import get_registry
+from plugins.attacks._metrics import (
+    audit_epsilon,
+    clopper_pearson,
+    dp_bound_check,
+    label_accuracy,
+    match_images,
+    roc_summary,
+)
+from plugins.attacks.gradinv import recover_labels
+from plugins.attacks.mia import loss_scores, logits_of
+
+# --------------------------------------------------------------------------
+# test-only plugins
+# --------------------------------------------------------------------------
+
+
+def make_images(n: int, seed: int, size: int = 28, classes: int = 10
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Structured grayscale images: a class-placed blob, class-oriented
+    stripes and random discs, in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    y = rng.integers(0, classes, n)
+    X = np.zeros((n, 1, size, size), np.float32)
+    for i in range(n):
+        c = y[i]
+        cx, cy = 0.2 + 0.6 * (c % 5) / 4, 0.3 + 0.4 * (c // 5)
+        img = np.exp(-((xx - cx - rng.normal(0, .05)) ** 2
+                       + (yy - cy - rng.normal(0, .05)) ** 2) / 0.02)
+        for _ in range(3):
+            bx, by, r = rng.random(), rng.random(), rng.uniform(0.05, 0.15)
+            img += rng.uniform(0.3, 0.8) * (((xx - bx) ** 2 + (yy - by) ** 2) < r ** 2)
+        ang = np.pi * c / classes
+        img += 0.3 * (0.5 + 0.5 * np.sin(20 * (xx * np.cos(ang) + yy * np.sin(ang))))
+        X[i, 0] = np.clip(img / img.max(), 0, 1)
+    return X, y.astype(np.int64)
+
+
+class ToyImages(Dataset):
+    """Test-only: small structured 28×28 images, a sigmoid SmallCNN."""
+
+    name = "test-images"
+    run_defaults = {"batch_size": 1, "lr": 0.1, "local_steps": 1}
+
+    def __init__(self, *, n_sites: int = 4, per_site: int = 6) -> None:
+        self.n_sites, self.per_site = n_sites, per_site
+
+    def load(self, *, seed: int) -> FederatedData:
+        X, y = make_images(self.n_sites * self.per_site * 2, 1234)
+        sites = []
+        for s in range(self.n_sites):
+            a = 2 * s * self.per_site
+            sites.append(Site(f"s{s}", Split(X[a:a + self.per_site], y[a:a + self.per_site]),
+                              Split(X[a + self.per_site:a + 2 * self.per_site],
+                                    y[a + self.per_site:a + 2 * self.per_site])))
+        task = Task(kind="multiclass", num_classes=10, input_shape=(1, 28, 28),
+                    model="cnn", model_kwargs={"act": "sigmoid"})
+        return FederatedData(task=task, sites=sites)
+
+
+def overfit_data(n: int = 1000, d: int = 40, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Few noisy rows in many dimensions: a model memorises them."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    w = rng.normal(size=d)
+    y = (X @ w / np.sqrt(d) + rng.normal(scale=1.0, size=n) > 0).astype(np.int64)
+    return X, y
+
+
+class ToyOverfit(Dataset):
+    """Test-only: 500 training rows, 500 held-out rows, an MLP that memorises."""
+
+    name = "test-overfit"
+    run_defaults = {"batch_size": 50, "lr": 0.2, "local_steps": 50}
+
+    def __init__(self) -> None:
+        pass
+
+    def load(self, *, seed: int) -> FederatedData:
+        X, y = overfit_data()
+        task = Task(kind="binary", num_classes=2, input_shape=(X.shape[1],), model="mlp",
+                    model_kwargs={"hidden": [128]})
+        return FederatedData(task=task, sites=[
+            Site("a", Split(X[:250], y[:250]), Split(X[500:750], y[500:750])),
+            Site("b", Split(X[250:500], y[250:500]), Split(X[750:], y[750:]))])
+
+
+class NoisyUpdate(PrivacyMechanism):
+    """Test-only: clip each update to ``clip`` and add N(0, (sigma·clip)²) noise."""
+
+    name = "test-noisy-update"
+    stages = frozenset({"update"})
+
+    def __init__(self, *, clip: float = 0.1, sigma: float = 1.0) -> None:
+        self.clip, self.sigma = clip, sigma
+
+    def process_update(self, ctx, update):
+        d = update.delta
+        d = d * min(1.0, self.clip / (float(d.norm()) + 1e-12))
+        g = ctx.torch_generator("test-noise", ctx.round, update.client)
+        update.delta = d + torch.randn(d.shape, generator=g) * self.sigma * self.clip
+        return update
+
+
+class SumOnly(PrivacyMechanism):
+    """Test-only transport: the server learns only the sum (secure aggregation's view)."""
+
+    name = "test-sum-only"
+    stages = frozenset({"transport"})
+    server_view = "aggregate"
+
+    def __init__(self) -> None:
+        pass
+
+    def encode(self, ctx, client, vector):
+        return Message(client, vector.clone(), vector.numel() * 4)
+
+    def aggregate(self, ctx, messages):
+        return torch.stack([m.payload for m in messages]).sum(0)
+
+
+class Sealed(SumOnly):
+    """Test-only transport: the server reads only ciphertexts (HE's view)."""
+
+    name = "test-sealed"
+    server_view = "ciphertext"
+
+
+class _TestPlugin:
+    @hookimpl
+    def register_datasets(self, register):
+        register(ToyImages)
+        register(ToyOverfit)
+
+    @hookimpl
+    def register_privacy(self, register):
+        register(NoisyUpdate)
+        register(SumOnly)
+        register(Sealed)
+
+
+_PLUGIN = _TestPlugin()
+
+
+@pytest.fixture(scope="module")
+def reg():
+    return get_registry(extra=[_PLUGIN])
+
+
+def run_cells(reg, text_axes: dict, attacks: list, *, rounds: int, run: dict,
+              tmp: Path) -> list[dict]:
+    raw = {"name": "t", "rounds": rounds, "seeds": [0], "axes": text_axes, "run": run,
+           "evaluate": {"attacks": attacks}}
+    m = parse_matrix(raw, registry=reg)
+    out = []
+    for cell in m.cells:
+        rec = run_cell({**cell, "artifacts_dir": str(tmp / cell["cell_id"])}, registry=reg)
+        assert rec["status"] == "ok", rec["error"]
+        out.append(rec)
+    return out
+
+
+# --------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------
+
+
+def test_roc_metrics_and_audit_on_known_scores():
+    rng = np.random.default_rng(0)
+    m, n = rng.normal(1.0, 1, 4000), rng.normal(0.0, 1, 4000)
+    r = roc_summary(m, n)
+    # Gaussians one sd apart: AUC = Φ(1/√2) = 0.760
+    assert abs(r["auc"] - 0.760) < 0.02
+    assert abs(r["advantage"] - 0.383) < 0.03  # 2Φ(0.5) − 1
+    assert r["balanced_accuracy"] == pytest.approx(0.5 + r["advantage"] / 2)
+    assert 0 < r["tpr_at_0.1pct_fpr"] <= r["tpr_at_1pct_fpr"] < 0.2
+    # thresholds use <=: exactly 1 % FPR counts
+    r2 = roc_summary([5.0, 5.0, 0.5], [1.0] + [0.0] * 99)
+    assert r2["tpr_at_1pct_fpr"] == 1.0 and r2["tpr_at_0.1pct_fpr"] == pytest.approx(2 / 3)
+    lo, hi = clopper_pearson(np.array([0, 5, 10]), 10, 0.05)
+    assert lo[0] == 0 and hi[2] == 1 and 0.18 < lo[1] < 0.19 and 0.81 < hi[1] < 0.82
+    # a perfect separator of 2×2000 examples proves ε > 5 (log(1000·ln 40 ...))
+    a = audit_epsilon(np.ones(2000), np.zeros(2000), delta=0.0, claimed_epsilon=1.0)
+    assert a["epsilon_lower_bound"] > 5 and a["within_claim"] is False
+    # no signal: no ε
+    assert audit_epsilon(rng.normal(size=2000), rng.normal(size=2000),
+                         delta=1e-5)["epsilon_lower_bound"] < 0.25
+
+
+def test_image_metrics_match_before_scoring():
+    X, _ = make_images(4, 0)
+    recon = X[[2, 0]] + 0.01
+    s = match_images(recon, X)
+    assert s["assignment"] == [2, 0]
+    assert s["psnr"] == pytest.approx(40.0, abs=0.1) and s["ssim"] > 0.95
+    assert label_accuracy([3, 1, 1], [1, 3, 2]) == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------
+# gradient inversion
+# --------------------------------------------------------------------------
+
+
+def test_idlg_recovers_single_labels_every_time():
+    X, y = make_images(60, 7)
+    hits = 0
+    for t in range(60):
+        torch.manual_seed(t)
+        act = ("sigmoid", "relu")[t % 2]
+        m = build_model("cnn", (1, 28, 28), 10, act=act)
+        loss = torch.nn.functional.cross_entropy(m(torch.tensor(X[t:t + 1])),
+                                                 torch.tensor(y[t:t + 1]))
+        g = torch.cat([p.reshape(-1) for p in torch.autograd.grad(loss, list(m.parameters()))])
+        hits += recover_labels(m, g, 10, 1) == [int(y[t])]
+    assert hits == 60
+
+
+@pytest.mark.slow
+def test_gradient_inversion_across_threat_models(reg, tmp_path):
+    axes = {"dataset": [{"name": "test-images", "n_sites": 4, "per_site": 6}],
+            "algorithm": ["fedavg"],
+            "privacy": ["none", {"name": "test-noisy-update", "clip": 0.05, "sigma": 1.0},
+                        "test-sum-only", "test-sealed"]}
+    attacks = [{"name": "gradinv-ig", "iterations": 300}, {"name": "gradinv-idlg",
+                                                           "iterations": 100}]
+    recs = {r["labels"]["privacy"]: r["metrics"]["attacks"] for r in run_cells(
+        reg, axes, attacks, rounds=1, run={"batch_size": 1, "local_steps": 1, "lr": 0.1},
+        tmp=tmp_path)}
+    plain = recs["none"]["gradinv-ig"]
+    # undefended FedSGD, one image: near-exact reconstruction, label recovered
+    assert plain["psnr"] >= 25, plain
+    assert plain["ssim"] > 0.8 and plain["label_accuracy"] == 1.0
+    assert plain["assumptions"]["labels"].startswith("inferred analytically")
+    assert Path(plain["images"]).is_file()
+    assert recs["none"]["gradinv-idlg"]["label_accuracy"] == 1.0
+    # strong noise: PSNR collapses
+    noisy = recs["test-noisy-update(clip=0.05,sigma=1.0)"]["gradinv-ig"]
+    assert noisy["psnr"] < plain["psnr"] - 12, (noisy["psnr"], plain["psnr"])
+    # secure aggregation of 4 clients: the sum of 4 images' gradients
+    agg = recs["test-sum-only"]["gradinv-ig"]
+    assert agg["view"] == "aggregate" and agg["clients_in_view"] == 4
+    assert agg["psnr"] < plain["psnr"] - 8, (agg["psnr"], plain["psnr"])
+    # HE: nothing to attack
+    for a in ("gradinv-ig", "gradinv-idlg"):
+        assert "ciphertexts" in recs["test-sealed"][a]["not_applicable"]
+
+
+# --------------------------------------------------------------------------
+# membership inference
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_mia_against_overfit_model_lira_wins_at_low_fpr(reg, tmp_path):
+    axes = {"dataset": ["test-overfit"], "algorithm": ["fedavg"],
+            "privacy": ["none", "test-sealed"]}
+    attacks = ["mia-loss", {"name": "mia-lira", "n_shadows": 8}, {"name": "mia-shadow",
+                                                                   "n_shadows": 8},
+               {"name": "mia-loss", "target": "client"}]
+    # two attacks of one name: the record keeps the last; run the client target apart
+    recs = {r["labels"]["privacy"]: r for r in run_cells(
+        reg, axes, attacks[:3], rounds=8, run={}, tmp=tmp_path)}
+    plain = recs["none"]
+    assert plain["metrics"]["utility"]["global"] > 0.6
+    att = plain["metrics"]["attacks"]
+    for name in ("mia-loss", "mia-lira", "mia-shadow"):
+        assert att[name]["auc"] > 0.6, (name, att[name]["auc"])
+        assert att[name]["audit"]["claimed_epsilon"] is None
+    assert att["mia-lira"]["tpr_at_1pct_fpr"] > att["mia-loss"]["tpr_at_1pct_fpr"]
+    assert att["mia-lira"]["n_nonmembers"] == 500 and len(att["mia-lira"]["roc"]["fpr"]) > 20
+    # the outside attacker is unaffected by HE (it holds the final model) ...
+    assert recs["test-sealed"]["metrics"]["attacks"]["mia-loss"]["auc"] > 0.6
+    # ... while the server's view of a client is not readable
+    client = run_cells(reg, axes, attacks[3:], rounds=8, run={}, tmp=tmp_path)
+    by = {r["labels"]["privacy"]: r["metrics"]["attacks"]["mia-loss"] for r in client}
+    assert by["none"]["auc"] > 0.6 and "client a" in by["none"]["assumptions"]["model"]
+    assert "not_applicable" in by["test-sealed"]
+
+
+def _train_dp(X: np.ndarray, y: np.ndarray, *, epsilon: float, delta: float, epochs: int
+              ) -> tuple[torch.nn.Module, float]:
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (X.shape[1],), 2, hidden=[128])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loader = DataLoader(TensorDataset(torch.tensor(X), torch.tensor(y)), batch_size=50,
+                        generator=torch.Generator().manual_seed(0))
+    pe = PrivacyEngine(accountant="rdp")
+    model, opt, loader = pe.make_private_with_epsilon(
+        module=model, optimizer=opt, data_loader=loader, target_epsilon=epsilon,
+        target_delta=delta, epochs=epochs, max_grad_norm=1.0)
+    for _ in range(epochs):
+        for xb, yb in loader:
+            if len(yb) == 0:
+                continue
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    return model._module, pe.get_epsilon(delta)
+
+
+def test_dp_bounds_every_threshold_and_audit_stays_below_claim():
+    X, y = overfit_data()
+    tr, te = slice(0, 500), slice(500, 1000)
+    delta = 1e-5
+    model, spent = _train_dp(X[tr], y[tr], epsilon=1.0, delta=delta, epochs=20)
+    assert spent <= 1.0 + 1e-6
+    s_in = loss_scores(logits_of(model, X[tr]), y[tr])
+    s_out = loss_scores(logits_of(model, X[te]), y[te])
+    check = dp_bound_check(s_in, s_out, epsilon=spent, delta=delta)
+    assert check["violations"] == 0 and check["worst_margin"] <= 0
+    audit = audit_epsilon(s_in, s_out, delta=delta, claimed_epsilon=spent)
+    assert audit["within_claim"] and audit["epsilon_lower_bound"] < spent
+    # the check has teeth: a memorising model without DP breaks a small claimed ε
+    torch.manual_seed(0)
+    m = build_model("mlp", (X.shape[1],), 2, hidden=[256])
+    opt = torch.optim.Adam(m.parameters(), lr=0.01)
+    xt, yt = torch.tensor(X[tr]), torch.tensor(y[tr])
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(xt), yt).backward()
+        opt.step()
+    o_in = loss_scores(logits_of(m, X[tr]), y[tr])
+    o_out = loss_scores(logits_of(m, X[te]), y[te])
+    assert dp_bound_check(o_in, o_out, epsilon=0.1, delta=delta)["violations"] > 0
+    assert audit_epsilon(o_in, o_out, delta=delta)["epsilon_lower_bound"] > 0.1
+    assert math.isfinite(check["max_raw_excess"])
+
+
+def test_bad_parameters_are_config_errors(reg):
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mia-lira.*mode"):
+        reg.build("attack", {"name": "mia-lira", "mode": "both"})
+    with pytest.raises(ConfigError, match="labels"):
+        reg.build("attack", {"name": "gradinv-ig", "labels": "guess"})
+    with pytest.raises(ConfigError, match="n_shadows"):
+        reg.build("attack", {"name": "mia-shadow", "n_shadows": 1})
