@@ -75,3 +75,39 @@ def test_bad_weighting_parameters(kw, word):
     with pytest.raises(ValueError, match=word):
         WeightedMean(**kw)
 
+
+
+# --------------------------------------------------------------------------
+# robust (non-linear) rules
+# --------------------------------------------------------------------------
+
+
+def test_robust_rules_resist_an_outlier_and_need_plaintext(reg):
+    import torch
+
+    from harness import ClientUpdate
+    from plugins.aggregators.robust import Krum, Median, TrimmedMean
+
+    honest = [torch.tensor([1.0, 2.0, 3.0]) + 0.01 * k for k in range(4)]
+    ups = [ClientUpdate(i, d, 10) for i, d in enumerate([*honest, torch.full((3,), 1e3)])]
+    mean = WeightedMean().aggregate(ups)
+    assert float(mean.max()) > 100  # the mean is dragged off by one attacker
+    for agg in (Median(), TrimmedMean(trim=0.2), Krum(f=1), Krum(f=1, multi=3)):
+        out = agg.aggregate(ups)
+        torch.testing.assert_close(out, torch.tensor([1.015, 2.015, 3.015]), atol=0.02, rtol=0)
+    torch.testing.assert_close(Median().aggregate(ups[:4]), torch.tensor([1.015, 2.015, 3.015]))
+    assert TrimmedMean(trim=0.0).aggregate(ups[:4]).tolist() == pytest.approx([1.015, 2.015, 3.015])
+
+    # on the engine: runs in plaintext, records no weights (the rule has none)
+    raw = {"name": "rob", "rounds": 2, "seeds": [0],
+           "axes": {"dataset": ["test-public-toy"], "algorithm": ["fedavg"],
+                    "aggregator": ["median", {"name": "krum", "f": 0}]},
+           "run": {"clients_per_round": 3}}
+    for c in parse_matrix(raw, registry=reg).cells:
+        rec = run_cell(c, registry=reg)
+        assert rec["status"] == "ok" and "weights" not in rec["history"][-1]
+    if "secagg" in reg.names("privacy"):
+        raw["axes"]["privacy"] = [["secagg"]]
+        for c in parse_matrix(raw, registry=reg).cells:
+            rec = run_cell(c, registry=reg)
+            assert rec["status"] == "skipped" and "non-linear" in rec["error"]["message"]

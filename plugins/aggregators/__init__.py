@@ -7,9 +7,9 @@ to register it.
 from __future__ import annotations
 
 from harness import hookimpl
-from plugins.aggregators import weighted_mean
+from plugins.aggregators import robust, weighted_mean
 
-MODULES: tuple = (weighted_mean,)
+MODULES: tuple = (weighted_mean, robust,)
 
 
 @hookimpl
