@@ -36,13 +36,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-report", action="store_true", help="do not print the table afterwards")
 
-    rep = sub.add_parser("report", help="tables from one or more results directories")
-    rep.add_argument("results", nargs="*", default=["results"])
+    rep = sub.add_parser(
+        "report", help="tables, leaderboard, figures and an HTML page from results directories",
+        description="Merge one or more results directories (shards) by cell id and write "
+                    "every installed reporter's output (markdown, csv, json, figures, html).")
+    rep.add_argument("results", nargs="*", default=["results"],
+                     help="results directories, merged by cell id (an ok record wins)")
     rep.add_argument("--out", default=None, help="write reports here (default: print only)")
     rep.add_argument("--format", action="append", default=None, metavar="REPORTER",
-                     help="reporter plugin(s) to run with --out (default: all installed)")
+                     help="reporter plugin(s) to run with --out (repeatable or "
+                          "comma-separated; default: all installed)")
     rep.add_argument("--skip-invalid", action="store_true",
                      help="skip malformed or other-schema records and list them")
+    rep.add_argument("--no-timings", action="store_true",
+                     help="leave out wall-clock seconds, so reports of the same cells from "
+                          "different runs compare byte for byte")
+    rep.add_argument("--quiet", action="store_true", help="do not print the tables")
 
     sub.add_parser("plugins", help="list every component: family, name, distribution, version")
     ds = sub.add_parser("datasets", help="dataset cards: sites, sizes, task, licence")
@@ -97,17 +106,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.registry import get_registry
-    from harness.report import comparison_tables
-    from harness.results import load_records
+    from harness.report import comparison_tables, strip_timings
+    from harness.results import iter_record_paths, load_records
 
-    records, skipped = load_records([Path(d) for d in args.results],
-                                    skip_invalid=args.skip_invalid)
+    dirs = [Path(d) for d in args.results]
+    records, skipped = load_records(dirs, skip_invalid=args.skip_invalid)
     for s in skipped:
         print(f"skipped: {s}", file=sys.stderr)
-    print(comparison_tables(records))
+    if skipped:
+        print(f"skipped {len(skipped)} invalid record file(s) of "
+              f"{len(skipped) + len(records)} read; the report covers the other "
+              f"{len(records)}", file=sys.stderr)
+    if not records:
+        raise ConfigError(f"no result records in {', '.join(map(str, dirs))}; run "
+                          f"`fedmedbench run MATRIX --out DIR` first")
+    # where each cell's files live (attacks may store images beside the records)
+    where: dict[str, list[str]] = {}
+    for d in dirs:
+        for p in iter_record_paths(d):
+            where.setdefault(p.stem, []).append(str(d))
+    records = [{**r, "_dirs": where.get(r["cell_id"], [])} for r in records]
+    if args.no_timings:
+        records = strip_timings(records)
+    if not args.quiet:
+        print(comparison_tables(records))
     if args.out:
         reg = get_registry()
-        names = args.format or reg.names("reporter")
+        names = ([n for f in args.format for n in f.split(",") if n] if args.format
+                 else reg.names("reporter"))
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for n in names:
@@ -162,7 +188,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         flag = "  (needs files you supply)" if c.get("needs_user_files") else ""
         print(f"{c['name']}{flag}")
         for key in ("title", "task", "metric", "sites", "licence", "source", "citation",
-                    "partition", "preprocessing", "access"):
+                    "partition", "preprocessing", "access", "note"):
             if key in c:
                 v = c[key]
                 if isinstance(v, dict):

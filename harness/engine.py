@@ -52,9 +52,9 @@ from harness.training import (
     ClientTrainer,
     RunSettings,
     _Batches,
-    to_tensors,
     make_trainer,
     predict_proba,
+    to_tensors,
     train_steps,
 )
 
@@ -110,6 +110,8 @@ class RoundContext:
     clients: list[Site]
     round: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    #: clients sampled in the current round (transport protocols set up keys among them)
+    participants: list[int] = field(default_factory=list)
     _run: CellRun | None = None
 
     def rng(self, purpose: str, *extra: int) -> np.random.Generator:
@@ -163,9 +165,9 @@ class ClientContext:
         return m
 
     def update(self, delta: torch.Tensor, **extra: Any) -> ClientUpdate:
+        loss = self._run.last_loss.get(self.client)
         return ClientUpdate(client=self.client, delta=delta, num_examples=self.num_examples,
-                            metrics={"loss": self._run.last_loss.get(self.client, float("nan"))},
-                            extra=extra)
+                            metrics={} if loss is None else {"loss": loss}, extra=extra)
 
 
 @dataclass
@@ -304,7 +306,7 @@ class CellRun:
         n = len(clients)
         cpr = self.settings.clients_per_round
         k = n if self.topology != "federated" else (
-            max(1, min(n, int(round(cpr)))) if cpr >= 1 else max(1, int(math.ceil(cpr * n))))
+            max(1, min(n, cpr)) if isinstance(cpr, int) else max(1, int(math.ceil(cpr * n))))
         self.k = k
         self.holdout: dict[int, Split] = {}
         self.client_factories: dict[int, Callable[[], torch.nn.Module]] = {}
@@ -428,6 +430,7 @@ class CellRun:
 
         w = params[0]
         sampled = self.sample(rnd)
+        ctx.participants = list(sampled)
         if not sampled:
             return {"loss": float("nan"), "clients": []}
         nbytes_model = w.numel() * 4
@@ -526,8 +529,18 @@ class CellRun:
                 self.cost["privacy_s"] += time.perf_counter() - t0
         return upd
 
-    @staticmethod
-    def _check_update(upd: ClientUpdate) -> None:
+    def _check_update(self, upd: ClientUpdate) -> None:
+        if not isinstance(upd, ClientUpdate):
+            raise PluginError(f"client_update returned {type(upd).__name__}, not a "
+                              f"harness.ClientUpdate (use ctx.update(delta))",
+                              plugin=self.algorithm.plugin, component=self.algorithm.name,
+                              hook="client_update", exc_type="TypeError")
+        if self.topology in ("federated", "centralized") and (
+                upd.delta.numel() != self.ctx.layout.numel):
+            raise PluginError(f"client {upd.client} sent an update of {upd.delta.numel()} "
+                              f"values; the model has {self.ctx.layout.numel} parameters",
+                              plugin=self.algorithm.plugin, component=self.algorithm.name,
+                              hook="client_update", exc_type="ValueError")
         if not torch.isfinite(upd.delta).all():
             raise Diverged(f"client {upd.client} sent a non-finite update")
         if not math.isfinite(upd.metrics.get("loss", 0.0)):

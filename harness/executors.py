@@ -95,6 +95,9 @@ def _bar(total: int, *, initial: int = 0, enabled: bool = True, leave: bool = Tr
 # --------------------------------------------------------------------------
 
 
+_STARTED = "started"
+
+
 def _worker(conn: Connection) -> None:
     """Worker loop: receive a cell as JSON, send back its record as JSON."""
     import torch
@@ -109,6 +112,7 @@ def _worker(conn: Connection) -> None:
         if msg is None:
             return
         cell = json.loads(msg)
+        conn.send(_STARTED)  # the timeout counts from here, not from process start-up
         rec = run_cell(cell, registry=reg)
         conn.send(json.dumps(rec, default=str))
 
@@ -152,11 +156,11 @@ def _run_pool(cells: list[dict[str, Any]], *, workers: int, timeout: float | Non
             for s in slots:
                 if s.cell is None and queue:
                     s.cell = queue.pop(0)
-                    s.started = time.monotonic()
+                    s.started = float("inf")  # until the worker says it started
                     s.parent.send(json.dumps(s.cell))
             busy = [s for s in slots if s.cell is not None]
             wait_for = None
-            if timeout:
+            if timeout and any(s.started != float("inf") for s in busy):
                 wait_for = max(0.0, min(s.started + timeout for s in busy) - time.monotonic())
             ready = wait([x for s in busy for x in (s.parent, s.proc.sentinel)],
                          timeout=wait_for)
@@ -166,7 +170,11 @@ def _run_pool(cells: list[dict[str, Any]], *, workers: int, timeout: float | Non
                 cell = s.cell
                 if s.parent in ready:
                     try:
-                        rec = json.loads(s.parent.recv())
+                        msg = s.parent.recv()
+                        if msg == _STARTED:
+                            s.started = time.monotonic()
+                            continue
+                        rec = json.loads(msg)
                     except (EOFError, OSError):
                         rec = None
                     if rec is not None:

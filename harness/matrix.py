@@ -311,6 +311,10 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
              *(p["name"] for p in comps["privacy"])]
     for n in names:
         run.update(m.run_overrides.get(n, {}))
+    problems = RunSettings(**run).problems()
+    if problems:
+        raise ConfigError(f"{m.source}: run settings for {comps['dataset']['name']} / "
+                          f"{comps['algorithm']['name']}: {'; '.join(problems)}")
     return {**comps, "run": run, "rounds": m.rounds, "seed": seed}
 
 

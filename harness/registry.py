@@ -1,14 +1,16 @@
 """Plugin discovery and the component registry.
 
 Plugins are found through the ``fedmedbench`` entry-point group (built-ins
-included, from this project's own ``pyproject.toml``). Set
-``FEDMEDBENCH_DISABLE_PLUGINS`` to a comma-separated list of entry-point names
-to block plugins.
+included, from this project's own ``pyproject.toml``), then in the modules
+named by ``FEDMEDBENCH_PLUGINS`` (comma-separated import paths, for a plugin
+not packaged yet). ``FEDMEDBENCH_DISABLE_PLUGINS`` (comma-separated plugin
+names) blocks plugins.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -184,12 +186,28 @@ def plugin_manager(*, extra: list[Any] | None = None) -> pluggy.PluginManager:
     for name in disabled_plugins():
         pm.set_blocked(name)
     pm.load_setuptools_entrypoints("fedmedbench")
+    for modname in env_plugins():
+        if pm.is_blocked(modname):
+            continue
+        try:
+            module = importlib.import_module(modname)
+        except ImportError as exc:
+            raise ConfigError(f"FEDMEDBENCH_PLUGINS names {modname!r}, which cannot be "
+                              f"imported: {exc}") from None
+        pm.register(module, name=modname)
     for obj in extra or []:
         name = getattr(obj, "__name__", None) or type(obj).__name__
         if not pm.is_blocked(name):
             pm.register(obj, name=name)
     pm.check_pending()
     return pm
+
+
+def env_plugins() -> list[str]:
+    """Modules named in ``FEDMEDBENCH_PLUGINS`` (comma-separated import paths):
+    plugins used without packaging them, like pytest's ``-p``."""
+    raw = os.environ.get("FEDMEDBENCH_PLUGINS", "")
+    return [n.strip() for n in raw.split(",") if n.strip()]
 
 
 def disabled_plugins() -> list[str]:
@@ -202,7 +220,7 @@ _CACHE: dict[tuple, Registry] = {}
 
 def get_registry(*, extra: list[Any] | None = None, refresh: bool = False) -> Registry:
     """The registry of installed plugins (cached per disable list)."""
-    key = (tuple(disabled_plugins()), tuple(id(e) for e in extra or []))
+    key = (tuple(disabled_plugins()), tuple(env_plugins()), tuple(id(e) for e in extra or []))
     if refresh or key not in _CACHE:
         _CACHE[key] = Registry(plugin_manager(extra=extra))
     return _CACHE[key]

@@ -73,6 +73,10 @@ def read_record(path: Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in rec]
     if missing or rec.get("status") not in STATUSES:
         raise SchemaError(f"{path}: malformed record (missing {missing or 'a valid status'})")
+    bad = [k for k in ("config", "metrics") if not isinstance(rec[k], dict)]
+    if bad or not isinstance(rec["cell_id"], str):
+        raise SchemaError(f"{path}: malformed record ({', '.join(bad) or 'cell_id'} has the "
+                          f"wrong type)")
     return rec
 
 

@@ -34,8 +34,9 @@ class RunSettings:
 
     Attributes
     ----------
-    clients_per_round : float
-        A count (>= 1) or a fraction (< 1) of clients sampled per round.
+    clients_per_round : int or float
+        An integer is a count of clients per round (``3``); a float is a
+        fraction of all clients (``0.5``; the default ``1.0`` is every client).
     client_sampling : str
         ``"fixed"`` (exactly that many, without replacement) or ``"poisson"``
         (each client independently with rate q; what DP accountants assume).
@@ -64,6 +65,27 @@ class RunSettings:
     server_lr: float = 1.0
     eval_every: int = 1
     pretrain_steps: int = 0
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (empty when they are fine)."""
+        out = []
+        c = self.clients_per_round
+        if isinstance(c, bool) or not (isinstance(c, int) and c >= 1
+                                       or isinstance(c, float) and 0 < c <= 1):
+            out.append(f"clients_per_round = {c!r}: an integer count >= 1, or a float "
+                       f"fraction in (0, 1]")
+        if self.client_sampling not in ("fixed", "poisson"):
+            out.append(f"client_sampling = {self.client_sampling!r}: 'fixed' or 'poisson'")
+        if self.optimizer not in ("sgd", "adam"):
+            out.append(f"optimizer = {self.optimizer!r}: 'sgd' or 'adam'")
+        for k in ("batch_size", "eval_every"):
+            if int(getattr(self, k)) < 1:
+                out.append(f"{k} = {getattr(self, k)!r}: at least 1")
+        if self.local_steps < 0 or self.local_epochs <= 0:
+            out.append("local_steps must be >= 0 and local_epochs > 0")
+        if not self.lr > 0:
+            out.append(f"lr = {self.lr!r}: must be > 0")
+        return out
 
     @classmethod
     def fields(cls) -> dict[str, Any]:

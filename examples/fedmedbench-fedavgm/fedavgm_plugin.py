@@ -1,0 +1,44 @@
+"""FedAvgM: FedAvg with server momentum, as a third-party fedmedbench plugin.
+
+Hsu, Qi, Brown. "Measuring the Effects of Non-Identical Data Distribution for
+Federated Visual Classification". arXiv:1909.06335, 2019.
+
+The server keeps a momentum buffer ``v <- beta * v + aggregate`` and moves the
+global model by ``server_lr * v``. Clients run plain local SGD (the default
+``Algorithm.client_update``).
+"""
+
+from __future__ import annotations
+
+from harness import Algorithm, hookimpl
+
+
+class FedAvgM(Algorithm):
+    """FedAvg with server momentum (Hsu et al. 2019).
+
+    Parameters
+    ----------
+    beta : float, default 0.9
+        Server momentum in [0, 1); 0 is plain FedAvg.
+    """
+
+    name = "fedavgm"
+
+    def __init__(self, *, beta: float = 0.9) -> None:
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta = {beta!r}: the momentum must be in [0, 1)")
+        self.beta = beta
+
+    def setup(self, ctx):
+        ctx.state["momentum"] = None
+
+    def server_update(self, ctx, global_params, aggregate, updates):
+        v = ctx.state["momentum"]
+        v = aggregate.clone() if v is None else self.beta * v + aggregate
+        ctx.state["momentum"] = v
+        return global_params + ctx.settings.server_lr * v
+
+
+@hookimpl
+def register_algorithms(register):
+    register(FedAvgM)

@@ -1,0 +1,253 @@
+"""The harness end to end: quickstart, resume, determinism, failures, executors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness import engine, executors
+from harness.cli import main
+from harness.errors import ConfigError, PluginConflictError
+from harness.matrix import load_matrix, parse_matrix
+from harness.registry import get_registry, hookimpl
+from harness.results import load_records, read_record, write_record
+
+SMALL = """
+name = "small"
+rounds = 3
+seeds = [0, 1]
+[axes]
+dataset = [{ name = "synthetic-tabular", n_samples = 400 }]
+algorithm = ["centralized", "local", "fedavg"]
+"""
+
+
+@pytest.fixture
+def test_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load tests/fmb_test_plugins.py (misbehaving algorithms) as a plugin."""
+    monkeypatch.setenv("FEDMEDBENCH_PLUGINS", "fmb_test_plugins")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+
+def test_quickstart_prints_table_with_every_hospital(tmp_path, capsys):
+    code = main(["run", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for word in ("fedavg", "centralized", "local", "Cleveland", "Hungary", "Switzerland",
+                 "VA Long Beach", "accuracy"):
+        assert word in out
+    m = load_matrix(None)
+    records, _ = load_records([tmp_path])
+    assert {r["cell_id"] for r in records} == {c["cell_id"] for c in m.cells}
+    assert all(r["status"] == "ok" for r in records)
+    by_alg = {}
+    for r in records:
+        by_alg.setdefault(r["config"]["algorithm"]["name"], []).append(
+            r["metrics"]["utility"]["global"])
+    # real learning on real data: every method beats the majority class (~0.55)
+    assert min(min(v) for v in by_alg.values()) > 0.6
+    assert sorted(records[0]["metrics"]["utility"]["per_site"]) == [
+        "Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+
+
+def test_interrupted_run_resumes_only_missing_cells(tmp_path, run_matrix, monkeypatch):
+    calls: list[str] = []
+    real = executors.run_cell
+
+    def flaky(cell, **kw):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(cell["cell_id"])
+        return real(cell, **kw)
+
+    monkeypatch.setattr(executors, "run_cell", flaky)
+    code, records = run_matrix(SMALL)
+    assert code == 130 and len(records) == 3  # three finished cells saved
+    before = {r["cell_id"]: json.dumps(r, sort_keys=True) for r in records}
+
+    calls.clear()
+    monkeypatch.setattr(executors, "run_cell", lambda cell, **kw: (calls.append(
+        cell["cell_id"]), real(cell, **kw))[1])
+    code, records = run_matrix(SMALL)
+    assert code == 0 and len(records) == 6
+    assert len(calls) == 3 and not set(calls) & set(before)  # only the missing cells ran
+    kept = {r["cell_id"]: json.dumps(r, sort_keys=True) for r in records if r["cell_id"] in before}
+    assert kept == before  # records written before are untouched
+
+    calls.clear()
+    code, _ = run_matrix(SMALL, "--force")
+    assert code == 0 and len(calls) == 6
+
+
+def test_same_cell_twice_gives_identical_metrics():
+    m = parse_matrix({"rounds": 3, "axes": {"dataset": ["heart-disease"],
+                                            "algorithm": ["fedavg"]},
+                      "run": {"clients_per_round": 2}})
+    a, b = engine.run_cell(m.cells[0]), engine.run_cell(m.cells[0])
+    assert a["status"] == "ok"
+    assert a["metrics"]["utility"] == b["metrics"]["utility"]
+    assert a["history"] == b["history"]
+    other = parse_matrix({"rounds": 3, "seeds": [1], "axes": {"dataset": ["heart-disease"],
+                                                              "algorithm": ["fedavg"]},
+                          "run": {"clients_per_round": 2}})
+    c = engine.run_cell(other.cells[0])
+    assert c["history"] != a["history"]  # the seed matters (client sampling, init, batches)
+
+
+def test_cell_ids_are_stable_and_sensitive():
+    raw = {"rounds": 2, "axes": {"dataset": ["heart-disease"],
+                                 "algorithm": ["fedavg", "local"]}}
+    a, b = parse_matrix(raw), parse_matrix(raw)
+    assert [c["cell_id"] for c in a.cells] == [c["cell_id"] for c in b.cells]
+    raw2 = {**raw, "run": {"lr": 0.01}}
+    assert not {c["cell_id"] for c in a.cells} & {c["cell_id"] for c in parse_matrix(raw2).cells}
+    # defaults written out or left implicit resolve to the same cell
+    raw3 = {"rounds": 2, "axes": {"dataset": ["heart-disease"], "algorithm": ["fedavg", "local"],
+                                  "aggregator": [{"name": "weighted-mean", "by": "examples"}]}}
+    assert [c["cell_id"] for c in parse_matrix(raw3).cells] == [c["cell_id"] for c in a.cells]
+
+
+def test_select_and_exclude_slice_the_matrix():
+    raw = {"rounds": 2, "seeds": [0, 1],
+           "axes": {"dataset": ["heart-disease", "synthetic-tabular"],
+                    "algorithm": ["fedavg", "local", "centralized"]},
+           "exclude": [{"dataset": "synthetic-tabular", "algorithm": "local"}]}
+    assert len(parse_matrix(raw).cells) == 2 * 3 * 2 - 2
+    m = parse_matrix(raw, select=["algorithm=fedavg,local", "seed=1"])
+    assert {c["labels"]["algorithm"] for c in m.cells} == {"fedavg", "local"}
+    assert {c["config"]["seed"] for c in m.cells} == {1}
+    with pytest.raises(ConfigError, match="axis algorithm has"):
+        parse_matrix(raw, select=["algorithm=fedsgd"])
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("rounds = [", "not valid TOML"),
+    ("rounds = 2\n[axes]\ndataset = ['heart-disease']\nalgorithm = ['fedavgg']",
+     "no algorithm 'fedavgg'; did you mean 'fedavg'?"),
+    ("rounds = 2\n[axes]\ndataset = ['heart-disease']\nalgorithm = [{name='fedavg'}]\n"
+     "aggregator = [{name='weighted-mean', byy='examples'}]",
+     "weighted-mean has no parameter 'byy'; did you mean 'by'?"),
+    ("rounds = 2\n[axes]\ndataset = [{name='synthetic-tabular', n_sites='four'}]\n"
+     "algorithm = ['fedavg']", "n_sites = 'four' has type str; expected int"),
+    ("rounds = 2\n[axes]\ndataset = ['heart-disease']\nalgorithm = ['fedavg']\n[run]\nlrr = 1",
+     "unknown run setting; did you mean 'lr'?"),
+    ("rounds = 2\nseed = 3\n[axes]\ndataset = ['heart-disease']\nalgorithm = ['fedavg']",
+     "unknown top-level key(s) ['seed']"),
+    ("rounds = 0\n[axes]\ndataset = ['heart-disease']\nalgorithm = ['fedavg']",
+     "rounds = 0; it must be at least 1"),
+    ("rounds = 2\n[axes]\ndataset = ['fedavg']\nalgorithm = ['fedavg']",
+     "'fedavg' is a algorithm, not a dataset"),
+])
+def test_bad_matrix_exits_2_with_a_clear_message(tmp_path, capsys, text, fragment):
+    f = tmp_path / "m.toml"
+    f.write_text(text)
+    assert main(["run", str(f), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and str(f) in err or fragment in err
+    assert not (tmp_path / "r").exists()  # nothing trained
+
+
+def test_plugin_error_nan_and_other_cells(test_plugins, run_matrix, capsys):
+    code, records = run_matrix("""
+        rounds = 3
+        [axes]
+        dataset = [{ name = "synthetic-tabular", n_samples = 400 }]
+        algorithm = ["test-boom", "test-nan", "fedavg"]
+    """)
+    assert code == 1
+    by = {r["config"]["algorithm"]["name"]: r for r in records}
+    boom = by["test-boom"]
+    assert boom["status"] == "failed"
+    assert boom["error"]["plugin"] == "fmb_test_plugins"
+    assert boom["error"]["hook"] == "client_update"
+    assert boom["error"]["type"] == "RuntimeError"
+    assert "simulated bug" in boom["error"]["message"]
+    nan = by["test-nan"]
+    assert nan["status"] == "diverged" and "non-finite" in nan["error"]["message"]
+    assert len(nan["history"]) == 1  # round 1 kept, round 2 diverged
+    assert by["fedavg"]["status"] == "ok"
+
+
+def test_process_executor_survives_crash_and_timeout(test_plugins, run_matrix, tmp_path):
+    text = """
+        rounds = 2
+        [axes]
+        dataset = [{ name = "synthetic-tabular", n_samples = 200 }]
+        algorithm = ["test-crash", "fedavg", "test-sleepy", "local"]
+    """
+    code, records = run_matrix(text, "--executor", "process", "--workers", "2",
+                               "--cell-timeout", "20")
+    assert code == 1
+    by = {r["config"]["algorithm"]["name"]: r for r in records}
+    assert by["test-crash"]["status"] == "failed"
+    assert by["test-crash"]["error"]["type"] == "WorkerDied"
+    assert by["test-sleepy"]["status"] == "failed"
+    assert by["test-sleepy"]["error"]["type"] == "Timeout"
+    assert by["fedavg"]["status"] == "ok" and by["local"]["status"] == "ok"
+    # the pool gives the same metrics as the in-process executor
+    _, local = run_matrix(text, "--select", "algorithm=fedavg,local", out=tmp_path / "local")
+    assert sorted((r["cell_id"], json.dumps(r["metrics"]["utility"])) for r in local) == sorted(
+        (r["cell_id"], json.dumps(r["metrics"]["utility"])) for r in records
+        if r["status"] == "ok")
+
+
+def test_other_schema_record_is_refused_and_kept(tmp_path, capsys):
+    m = load_matrix(None, select=["algorithm=fedavg", "seed=0"])
+    rec = engine.run_cell(m.cells[0])
+    rec["schema"] = "fedmedbench.result/0"
+    path = write_record(tmp_path, rec)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "fedmedbench.result/0" in err and "--force" in err
+    assert main(["run", "--out", str(tmp_path), "--no-progress", "--select",
+                 "algorithm=fedavg", "--select", "seed=0"]) == 2
+    assert json.loads(path.read_text())["schema"] == "fedmedbench.result/0"  # not lost
+    write_record(tmp_path, {**rec, "schema": engine.SCHEMA, "cell_id": "0" * 16})
+    assert main(["report", str(tmp_path), "--skip-invalid"]) == 0
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_records_are_json_and_atomic(tmp_path):
+    m = load_matrix(None, select=["algorithm=local", "seed=0"])
+    rec = engine.run_cell(m.cells[0])
+    path = write_record(tmp_path, rec)
+    assert read_record(path)["cell_id"] == rec["cell_id"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left
+    for key in ("schema", "cell_id", "status", "error", "config", "metrics", "history",
+                "provenance"):
+        assert key in rec
+    assert set(rec["metrics"]["cost"]) >= {"bytes_up", "bytes_down", "wall_s", "train_s",
+                                           "privacy_s"}
+    assert rec["provenance"]["torch"] and rec["provenance"]["python"]
+
+
+class _Dupe:
+    __name__ = "dupe-plugin"
+
+    @hookimpl
+    def register_algorithms(self, register):
+        from harness import Algorithm
+
+        class Again(Algorithm):
+            """A second fedavg."""
+
+            name = "fedavg"
+
+            def __init__(self) -> None:
+                pass
+
+        register(Again)
+
+
+def test_duplicate_names_and_disabling(monkeypatch):
+    with pytest.raises(PluginConflictError) as e:
+        get_registry(extra=[_Dupe()], refresh=True)
+    msg = str(e.value)
+    assert "'fedavg' is registered twice" in msg and "algorithms" in msg
+    assert "dupe-plugin" in msg and "fedmedbench" in msg
+    monkeypatch.setenv("FEDMEDBENCH_DISABLE_PLUGINS", "algorithms")
+    reg = get_registry(extra=[_Dupe()], refresh=True)  # no clash once built-ins are blocked
+    assert reg.get("algorithm", "fedavg").plugin == "dupe-plugin"
+    assert "centralized" not in reg.names("algorithm")
