@@ -348,12 +348,13 @@ def baseline_comparison(summ: pd.DataFrame) -> pd.DataFrame:
     rows = []
     if summ.empty:
         return pd.DataFrame(columns=cols)
+    def ref(g: pd.DataFrame, topo: str, col: str = "utility_mean") -> float:
+        v = g[(g["topology"] == topo) & (g["privacy"] == "none")][col].dropna()
+        return float(v.max()) if len(v) else math.nan
+
     for ds, g in summ.groupby("dataset", sort=True):
-        def ref(topo: str, col: str = "utility_mean") -> float:
-            b = g[(g["topology"] == topo) & (g["privacy"] == "none")]
-            v = b[col].dropna()
-            return float(v.max()) if len(v) else math.nan
-        cen, loc, loc_w = ref("centralized"), ref("local"), ref("local", "worst_site_mean")
+        cen, loc = ref(g, "centralized"), ref(g, "local")
+        loc_w = ref(g, "local", "worst_site_mean")
         for r in g[g["topology"] == "federated"].itertuples():
             u = r.utility_mean
             gap = (u - loc) / (cen - loc) if abs(cen - loc) > 1e-12 else math.nan
@@ -550,14 +551,9 @@ def text_tables(data: ReportData) -> dict[str, list[tuple[str, list[str], list[l
             continue
         privs = sorted(ok["privacy"].unique(), key=lambda p: (p != "none", p))
         methods = list(dict.fromkeys(ok["method"]))
-        grid = []
-        for m in methods:
-            row = [m]
-            for p in privs:
-                e = ok[(ok["method"] == m) & (ok["privacy"] == p)]
-                row.append(fmt_utility(e["utility_mean"].iloc[0], e["utility_std"].iloc[0],
-                                       int(e["n"].iloc[0])) if len(e) else "—")
-            grid.append(row)
+        cell = {(r.method, r.privacy): fmt_utility(r.utility_mean, r.utility_std, int(r.n))
+                for r in ok.itertuples()}
+        grid = [[m, *(cell.get((m, p), "—") for p in privs)] for m in methods]
         tabs.append((f"{metric} on the pooled test set (mean ± std over seeds, n seeds)",
                      ["method \\ privacy", *privs], grid))
         lb = data.leaderboard[data.leaderboard["dataset"] == ds]

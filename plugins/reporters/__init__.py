@@ -7,9 +7,9 @@ to register it.
 from __future__ import annotations
 
 from harness import hookimpl
-from plugins.reporters import markdown
+from plugins.reporters import figures, html, tables
 
-MODULES: tuple = (markdown,)
+MODULES: tuple = (tables, figures, html)
 
 
 @hookimpl

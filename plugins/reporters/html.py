@@ -1,0 +1,184 @@
+"""The leaderboard as one self-contained static HTML page, ``index.html``.
+
+Nothing is fetched: figures are embedded as SVG data URIs, the style and the
+small sorting script are inline, and a Content-Security-Policy forbids every
+other source (``default-src 'none'``; the one script is admitted by its
+SHA-256 hash, so even a string that slipped through unescaped could not run).
+Every string from a record or a plugin goes through :func:`html.escape`.
+
+Tables sort by clicking a header (numbers, byte sizes and ``∞`` sort as
+values; ``—`` last); ``#sort=<table id>:<column>:<asc|desc>`` in the URL
+sorts one table on load.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+from pathlib import Path
+
+from harness import Reporter
+from harness.report import RANKING_RULE, ReportData, build, text_tables
+from plugins.reporters.figures import figures, render, slug
+
+SCRIPT = r"""
+(function () {
+  var errors = [];
+  window.addEventListener('error', function (e) {
+    errors.push(String(e.message));
+    document.body.setAttribute('data-errors', errors.join(' | '));
+  });
+  var UNITS = {GB: 1e9, MB: 1e6, kB: 1e3, B: 1};
+  function key(td) {
+    var t = td.textContent.trim();
+    if (t === '' || t === '\u2014') return null;
+    if (t.charAt(0) === '\u221e') return Infinity;
+    var m = /^([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(GB|MB|kB|B)?(?=\s|$|\()/.exec(t);
+    if (m) return parseFloat(m[1]) * (m[2] ? UNITS[m[2]] : 1);
+    return t.toLowerCase();
+  }
+  function sortTable(table, col, dir) {
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    var keyed = rows.map(function (r, i) { return {r: r, i: i, k: key(r.cells[col])}; });
+    keyed.sort(function (a, b) {
+      var x = a.k, y = b.k;
+      if (x === y) return a.i - b.i;
+      if (x === null) return 1;
+      if (y === null) return -1;
+      var c;
+      if (typeof x === typeof y) c = x < y ? -1 : 1;
+      else c = typeof x === 'number' ? -1 : 1;
+      return dir * c;
+    });
+    keyed.forEach(function (e) { body.appendChild(e.r); });
+    var ths = table.tHead.rows[0].cells;
+    for (var j = 0; j < ths.length; j++) {
+      ths[j].setAttribute('aria-sort', j === col ? (dir > 0 ? 'ascending' : 'descending')
+                                                 : 'none');
+    }
+  }
+  var tables = document.querySelectorAll('table.sortable');
+  Array.prototype.forEach.call(tables, function (table) {
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
+      th.tabIndex = 0;
+      function go() {
+        var dir = th.getAttribute('aria-sort') === 'ascending' ? -1 : 1;
+        sortTable(table, col, dir);
+      }
+      th.addEventListener('click', go);
+      th.addEventListener('keydown', function (e) { if (e.key === 'Enter') go(); });
+    });
+  });
+  var m = /[#&]sort=([^:&]+):(\d+):(asc|desc)/.exec(decodeURIComponent(location.hash));
+  if (m) {
+    var t = document.getElementById(m[1]);
+    if (t) sortTable(t, parseInt(m[2], 10), m[3] === 'asc' ? 1 : -1);
+  }
+  document.body.setAttribute('data-ready', '1');
+})();
+"""
+
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;
+max-width:1200px;padding:0 1.2em 3em;color:#1d2330}
+h1{margin:.8em 0 .2em}h2{border-bottom:2px solid #dde3ee;padding-bottom:.2em;margin-top:2em}
+h3{margin:1.4em 0 .4em;font-size:1.05em}
+nav a{margin-right:1em}.meta{color:#556}.rule{background:#f4f6fa;border-left:4px solid #7b8fb8;
+padding:.6em .9em;font-size:.92em}
+table{border-collapse:collapse;margin:.3em 0 1em;font-size:.9em;display:block;overflow-x:auto}
+th,td{border-bottom:1px solid #e4e8ef;padding:.28em .6em;text-align:left;white-space:nowrap}
+th{background:#eef2f8;cursor:pointer;user-select:none;position:sticky;top:0}
+th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
+tbody tr:nth-child(odd){background:#fafbfd}td.wrap{white-space:normal;min-width:18em}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{color:#556;font-size:.85em}
+.counts span{display:inline-block;margin-right:1em;padding:.1em .5em;border-radius:3px;
+background:#eef2f8}
+"""
+
+WRAP_HEADERS = {"provenance", "reason", "value"}
+
+
+def _e(s: object) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _table(tid: str, headers: list[str], rows: list[list[str]]) -> str:
+    wrap = [h in WRAP_HEADERS for h in headers]
+    out = [f'<table class="sortable" id="{_e(tid)}"><thead><tr>']
+    out += [f'<th scope="col" aria-sort="none">{_e(h)}</th>' for h in headers]
+    out.append("</tr></thead><tbody>")
+    for r in rows:
+        out.append("<tr>" + "".join(
+            f'<td class="wrap">{_e(c)}</td>' if w else f"<td>{_e(c)}</td>"
+            for c, w in zip(r, wrap)) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def page(data: ReportData, *, title: str = "fedmedbench leaderboard") -> str:
+    """The whole page as a string."""
+    figs = figures(data)
+    by_ds: dict[str, list[tuple[str, str, str]]] = {}
+    for stem, (ds, kind, _) in figs.items():
+        svg = base64.b64encode(render(data, stem, "svg")).decode("ascii")
+        by_ds.setdefault(ds, []).append((stem, kind, svg))
+    script_hash = base64.b64encode(hashlib.sha256(SCRIPT.encode("utf-8")).digest()).decode()
+    csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+           f"script-src 'sha256-{script_hash}'; base-uri 'none'; form-action 'none'")
+    body: list[str] = []
+    c = data.counts
+    body.append(f"<header><h1>{_e(title)}</h1>")
+    body.append('<p class="counts">' + "".join(
+        f"<span>{v} {_e(k)}</span>" for k, v in c.items()) + "</p>")
+    tabs = text_tables(data)
+    body.append("<nav>" + "".join(
+        f'<a href="#ds-{_e(slug(ds))}">{_e(ds)}</a>' for ds in tabs if ds)
+        + ('<a href="#failures">cells that did not finish</a>' if "" in tabs else "")
+        + "</nav>")
+    body.append(f'<p class="rule"><strong>Ranking rule.</strong> {_e(RANKING_RULE)}</p>')
+    body.append("</header>")
+    for ds, tables in tabs.items():
+        sid = f"ds-{slug(ds)}" if ds else "failures"
+        body.append(f'<section id="{_e(sid)}">')
+        if ds:
+            body.append(f"<h2>{_e(ds)}</h2>")
+        for i, (ttl, headers, rows) in enumerate(tables):
+            body.append(f"<h3>{_e(ttl)}</h3>" if ds else f"<h2>{_e(ttl)}</h2>")
+            if headers:
+                body.append(_table(f"t-{slug(ds) if ds else 'failures'}-{i}", headers, rows))
+        for stem, kind, svg in by_ds.get(ds, []):
+            body.append(f'<figure id="f-{_e(stem)}"><img alt="{_e(ds)}: {_e(kind)}" '
+                        f'src="data:image/svg+xml;base64,{svg}">'
+                        f"<figcaption>{_e(ds)}: {_e(kind)}</figcaption></figure>")
+        body.append("</section>")
+    if not tabs:
+        body.append("<p>no result records</p>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{_e(csp)}">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{STYLE}</style></head>\n"
+            '<body data-ready="0">\n' + "\n".join(body)
+            + f"\n<script>{SCRIPT}</script>\n</body></html>\n")
+
+
+class Html(Reporter):
+    """One self-contained static page (``index.html``): leaderboard, tables
+    and figures, sortable, nothing fetched."""
+
+    name = "html"
+
+    def __init__(self, *, title: str = "fedmedbench leaderboard") -> None:
+        if not isinstance(title, str) or not title.strip():
+            raise ValueError(f"title={title!r}: must be a non-empty string")
+        self.title = title
+
+    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
+        path = Path(out_dir) / "index.html"
+        path.write_text(page(build(records), title=self.title), encoding="utf-8")
+        return [path]
+
+
+COMPONENTS = (Html,)

@@ -1,0 +1,98 @@
+"""Markdown, CSV and JSON reports: the tables of :mod:`harness.report`.
+
+- ``markdown`` writes ``report.md``: the leaderboard tiers with their ranking
+  rule, FL against centralized and local training, privacy, cost, per-site
+  utility and attacks, per dataset.
+- ``csv`` writes one file per table under ``tables/`` (``leaderboard.csv``,
+  ``summary.csv``, ``baselines.csv``, ``sites.csv``, ``attacks.csv``,
+  ``convergence.csv``, ``failures.csv``, ``cells.csv``).
+- ``json`` writes ``report.json``: the same tables as lists of objects
+  (schema ``fedmedbench.report/1``), NaN as ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from harness import Reporter
+from harness.report import RANKING_RULE, ReportData, build, render_text
+
+REPORT_SCHEMA = "fedmedbench.report/1"
+
+
+def _header(data: ReportData) -> str:
+    c = data.counts
+    return (f"{len(data.records)} cells: " + ", ".join(f"{v} {k}" for k, v in c.items())
+            + f"; datasets: {', '.join(data.datasets) or 'none'}")
+
+
+class Markdown(Reporter):
+    """Comparison tables and the leaderboard as ``report.md``."""
+
+    name = "markdown"
+
+    def __init__(self) -> None:
+        pass
+
+    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
+        data = build(records)
+        path = Path(out_dir) / "report.md"
+        text = (f"# fedmedbench report\n\n{_header(data)}\n\n"
+                f"**Ranking rule.** {RANKING_RULE}\n\n" + render_text(data))
+        path.write_text(text, encoding="utf-8")
+        return [path]
+
+
+class Csv(Reporter):
+    """Every report table as a CSV file under ``tables/``."""
+
+    name = "csv"
+
+    def __init__(self) -> None:
+        pass
+
+    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
+        data = build(records)
+        d = Path(out_dir) / "tables"
+        d.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for stem, df in data.tables().items():
+            p = d / f"{stem}.csv"
+            df.to_csv(p, index=False, float_format="%.6g", lineterminator="\n")
+            paths.append(p)
+        return paths
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # numpy scalars
+        return _clean(v.item())
+    return v
+
+
+class Json(Reporter):
+    """Every report table as lists of objects in ``report.json``."""
+
+    name = "json"
+
+    def __init__(self) -> None:
+        pass
+
+    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
+        data = build(records)
+        doc: dict[str, Any] = {"schema": REPORT_SCHEMA, "counts": data.counts,
+                               "datasets": data.datasets, "ranking_rule": RANKING_RULE}
+        for stem, df in data.tables().items():
+            doc[stem] = [{k: _clean(v) for k, v in row.items()}
+                         for row in df.to_dict(orient="records")]
+        path = Path(out_dir) / "report.json"
+        path.write_text(json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
+                        + "\n", encoding="utf-8")
+        return [path]
+
+
+COMPONENTS = (Markdown, Csv, Json)

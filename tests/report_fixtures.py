@@ -1,0 +1,127 @@
+"""Realistic result records for the report tests: a small real matrix run,
+and copies of its records altered to carry DP accounting, attack results,
+reconstruction images, odd strings, or to reach benchmark scale."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MATRIX = """
+name = "report-test"
+rounds = 3
+seeds = [0, 1]
+
+[axes]
+dataset = [{ name = "synthetic-tabular", n_samples = 400 }]
+algorithm = ["centralized", "local", "fedavg"]
+"""
+
+
+def run(out: Path, *select: str, matrix: str = MATRIX) -> int:
+    """``fedmedbench run`` of ``matrix`` into ``out`` (in-process)."""
+    from harness.cli import main
+
+    mfile = out.parent / f"{out.name}.toml"
+    mfile.write_text(textwrap.dedent(matrix))
+    args = ["run", str(mfile), "--out", str(out), "--no-progress", "--no-report"]
+    for s in select:
+        args += ["--select", s]
+    return main(args)
+
+
+def _cid(*parts: Any) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _png(path: Path, seed: int, noise: float, rel: Path | None) -> str:
+    from matplotlib.image import imsave
+
+    rng = np.random.default_rng(seed)
+    img = np.clip(np.kron(rng.random((4, 4)), np.ones((4, 4))) + noise * rng.normal(size=(16, 16)),
+                  0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imsave(path, img, cmap="gray", vmin=0, vmax=1)
+    return str(path.relative_to(rel)) if rel is not None else str(path)
+
+
+def with_privacy_and_attacks(records: list[dict[str, Any]], img_dir: Path | None = None,
+                             rel: Path | None = None) -> list[dict[str, Any]]:
+    """The ok records, plus for every federated one copies under DP at ε = 0.5,
+    3 and 20 (utility lowered as ε shrinks), and membership-inference and
+    gradient-inversion results on all of them (gradient inversion not applicable
+    to centralized training). Reconstruction PNGs go under ``img_dir``, named
+    relative to ``rel`` when given (as an attack storing them beside its
+    records would)."""
+    out = []
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        alg = r["config"]["algorithm"]["name"]
+        variants: list[float | None] = [None] + ([0.5, 3.0, 20.0] if alg == "fedavg" else [])
+        for eps in variants:
+            c = copy.deepcopy(r)
+            u = c["metrics"]["utility"]
+            if eps is not None:
+                c["cell_id"] = _cid(r["cell_id"], eps)
+                c["labels"]["privacy"] = f"dp-fedavg(epsilon={eps:g})"
+                c["config"]["privacy"] = [{"name": "dp-fedavg", "epsilon": eps}]
+                drop = 0.2 / (1 + eps)
+                u["global"] -= drop
+                u["per_site"] = {k: v - drop for k, v in u["per_site"].items()}
+                u["worst_site"] = min(u["per_site"].values())
+                c["metrics"]["privacy"] = {
+                    "level": "dp", "epsilon": eps, "delta": 1e-5, "accountant": "rdp",
+                    "noise_multiplier": 1.0 / eps, "unit": "client",
+                    "mechanisms": {"dp-fedavg": {"epsilon": eps, "delta": 1e-5}}}
+                for h in c["history"]:
+                    h["epsilon"] = eps * h["round"] / len(c["history"])
+            e = 1.0 if eps is None else eps / (1 + eps)
+            seed = c["config"]["seed"]
+            att: dict[str, Any] = {
+                "mia-loss": {"auc": 0.5 + 0.1 * e + 0.01 * seed, "advantage": 0.12 * e,
+                             "tpr_at_1pct_fpr": 0.02 * e, "tpr_at_0.1pct_fpr": 0.002 * e,
+                             "audited_epsilon": 0.4 * e, "roc": [[0, 0], [1, 1]],
+                             "seconds": 0.5}}
+            if alg == "centralized":
+                att["gradinv-idlg"] = {"not_applicable": "centralized training sends no "
+                                                          "updates to a server"}
+            else:
+                g = {"mse": 0.05 / e, "psnr": 13 + 5 * e, "ssim": 0.3 * e,
+                     "label_accuracy": e}
+                if img_dir is not None and seed == 0:
+                    base = img_dir / c["cell_id"]
+                    g["originals"] = [_png(base / f"orig{i}.png", i, 0, rel) for i in range(2)]
+                    g["reconstructions"] = [_png(base / f"recon{i}.png", i, 0.6 * (1 - e), rel)
+                                            for i in range(2)]
+                att["gradinv-idlg"] = g
+            c["metrics"]["attacks"] = att
+            out.append(c)
+    return out
+
+
+def scaled(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` records made from copies of ``records`` spread over 5 datasets,
+    extra seeds and methods, with distinct cell ids."""
+    out = []
+    i = 0
+    while len(out) < n:
+        for r in records:
+            if len(out) >= n:
+                break
+            c = copy.deepcopy(r)
+            k = i // len(records)
+            c["cell_id"] = _cid(r["cell_id"], k)
+            c["labels"]["dataset"] = f"dataset-{k % 5}"
+            c["config"]["seed"] = 100 + k // 5 % 4
+            c["labels"]["algorithm"] = f"{c['labels']['algorithm']}-v{k // 20 % 5}"
+            u = c["metrics"]["utility"]
+            u["global"] = float(u["global"]) * (1 - 0.01 * (k % 7))
+            out.append(c)
+            i += 1
+    return out
