@@ -205,7 +205,8 @@ def preprocess(files: dict[str, Path], min_stays: int) -> dict[str, np.ndarray]:
         "X": apply_scaler(X_all[tr_rows], mean, std), "y": y_all[tr_rows],
         "site": np.concatenate(tr_site),
         "X_test": apply_scaler(X_all[te_rows], mean, std), "y_test": y_all[te_rows],
-        "site_test": np.concatenate(te_site), "site_names": np.array(hospitals),
+        "site_test": np.concatenate(te_site), "row": tr_rows, "row_test": te_rows,
+        "site_names": np.array(hospitals),
     }
 
 

@@ -94,7 +94,7 @@ class BladderBatch(Dataset):
             "X": apply_scaler(X_all[tr_rows], mean, std), "y": y_all[tr_rows],
             "site": np.concatenate(tr_site),
             "X_test": apply_scaler(X_all[te_rows], mean, std), "y_test": y_all[te_rows],
-            "site_test": np.concatenate(te_site),
+            "site_test": np.concatenate(te_site), "row": tr_rows, "row_test": te_rows,
             "features": np.array(genes)[keep], "site_names": np.array([f"batch{b}" for b in batches]),
         }
 
@@ -153,6 +153,7 @@ class GSE7390(Dataset):
             "X": apply_scaler(X_all[tr], mean, std), "y": y_all[tr], "site": np.zeros(len(tr)),
             "X_test": apply_scaler(X_all[te], mean, std), "y_test": y_all[te],
             "site_test": np.zeros(len(te)), "features": np.array(list(feats.columns)),
+            "row": tr, "row_test": te,
         }
 
     def describe(self) -> dict:

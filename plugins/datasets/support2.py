@@ -111,7 +111,7 @@ def preprocess(df: pd.DataFrame, site_column: str) -> dict[str, np.ndarray]:
     return {
         "X": apply_scaler(X_all[tr], mean, std), "y": y_all[tr], "site": np.concatenate(tr_site),
         "X_test": apply_scaler(X_all[te], mean, std), "y_test": y_all[te],
-        "site_test": np.concatenate(te_site),
+        "site_test": np.concatenate(te_site), "row": tr, "row_test": te,
         "features": np.array(list(feats.columns)), "site_names": np.array(names),
     }
 
