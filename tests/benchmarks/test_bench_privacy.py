@@ -44,7 +44,8 @@ def _timed(fn, *args):
 def test_bench_dp_sgd_cell(benchmark):
     base_cell = _cell("none")
     dp_cell = _cell({"name": "dp-sgd", "noise_multiplier": 1.0})
-    run_cell(base_cell)  # warm imports and caches for both
+    run_cell(base_cell)  # warm imports (Opacus's take seconds) and caches for both
+    run_cell(dp_cell)
     base, t_base = _timed(run_cell, base_cell)
     rec = benchmark.pedantic(run_cell, args=(dp_cell,), rounds=1, iterations=1)
     t_dp = rec["metrics"]["cost"]["wall_s"]
@@ -52,7 +53,7 @@ def test_bench_dp_sgd_cell(benchmark):
     ratio = t_dp / t_base
     benchmark.extra_info.update(baseline_s=t_base, dp_sgd_s=t_dp, ratio=ratio)
     print(f"\nDP-SGD cell {t_dp:.3f}s vs plain {t_base:.3f}s: {ratio:.2f}x")
-    assert ratio < 20
+    assert ratio < 8
 
 
 # --------------------------------------------------------------------------
