@@ -12,7 +12,8 @@ Per dataset:
 - ``<dataset>-reconstructions``: gradient-inversion reconstructions next to
   the originals, where attack records name PNG files (keys containing
   ``orig`` and ``recon``, as lists of paths or a list of
-  ``{original, reconstruction}`` objects).
+  ``{original, reconstruction}`` objects, or one ready grid under ``images``
+  with the originals on top, as the built-in gradient-inversion attacks save).
 
 Output is deterministic for the same records (SVG ids are salted with a
 constant and no dates are written), so reports of shards and of a whole run
@@ -218,6 +219,9 @@ def _sites(data: ReportData, ds: str) -> Figure | None:
 
 
 def _png_pairs(res: dict[str, Any]) -> list[tuple[str, str]]:
+    """(original, reconstruction) PNG paths named by an attack result: lists
+    under keys containing ``orig`` and ``recon``, or a list of objects with
+    such keys."""
     orig: list[str] = []
     recon: list[str] = []
     for k, v in res.items():
@@ -229,71 +233,104 @@ def _png_pairs(res: dict[str, Any]) -> list[tuple[str, str]]:
                 if isinstance(o, str) and isinstance(r, str):
                     orig.append(o)
                     recon.append(r)
-        elif isinstance(v, (list, str)):
-            paths = [v] if isinstance(v, str) else v
-            if not all(isinstance(p, str) and p.lower().endswith(".png") for p in paths):
-                continue
+        elif isinstance(v, list) and v and all(isinstance(p, str) and p.lower().endswith(".png")
+                                               for p in v):
             if "orig" in kl:
-                orig += paths
+                orig += v
             elif "recon" in kl:
-                recon += paths
+                recon += v
     return list(zip(orig, recon))
 
 
 def _resolve(p: str, rec: dict[str, Any]) -> Path | None:
+    """An image path of a record: absolute, relative to a results directory
+    the record was read from, in that directory's ``artifacts/<cell_id>/``
+    (results moved or merged from shards), or relative to the working
+    directory."""
     path = Path(p)
-    cands = [path] if path.is_absolute() else [Path(d) / path for d in rec.get("_dirs", [])] \
-        + [path]
+    cands = [path] if path.is_absolute() else []
+    for d in rec.get("_dirs", []):
+        cands += [Path(d) / path, Path(d) / "artifacts" / str(rec.get("cell_id")) / path.name]
+    cands.append(path)
     return next((c for c in cands if c.is_file()), None)
 
 
-def _reconstructions(data: ReportData, ds: str) -> Figure | None:
+def _rgb(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=float)
+    if a.max() > 1.0:
+        a = a / 255.0
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    return a[..., :3]
+
+
+def _image_grid(res: dict[str, Any], rec: dict[str, Any]) -> np.ndarray | None:
+    """Originals over reconstructions as one RGB array: the attack's own grid
+    (key ``images``: one PNG, ground truth on top) or composed from pairs."""
     from matplotlib.image import imread
 
+    ready = res.get("images")
+    if isinstance(ready, str) and ready.lower().endswith(".png"):
+        p = _resolve(ready, rec)
+        return _rgb(imread(str(p))) if p is not None else None
+    tops, bottoms = [], []
+    for o, r in _png_pairs(res)[:6]:
+        po, pr = _resolve(o, rec), _resolve(r, rec)
+        if po is None or pr is None:
+            continue
+        a, b = _rgb(imread(str(po))), _rgb(imread(str(pr)))
+        if a.shape != b.shape or (tops and a.shape != tops[0].shape):
+            continue
+        tops.append(a)
+        bottoms.append(b)
+    if not tops:
+        return None
+    h, w, _ = tops[0].shape
+    pad = max(1, h // 16)
+    grid = np.ones((2 * h + 3 * pad, len(tops) * (w + pad) + pad, 3))
+    for i, (a, b) in enumerate(zip(tops, bottoms)):
+        x = pad + i * (w + pad)
+        grid[pad:pad + h, x:x + w] = a
+        grid[2 * pad + h:2 * pad + 2 * h, x:x + w] = b
+    return grid
+
+
+def _reconstructions(data: ReportData, ds: str) -> Figure | None:
+    if "meta" not in data.cache:
+        c = data.cells
+        data.cache["meta"] = {k: (a, m, p, sd) for k, a, m, p, sd in zip(
+            c["cell_id"], c["dataset"], c["method"], c["privacy"], c["seed"])}
     rows = []
     for r in data.records:
-        if r.get("status") != "ok":
+        meta = data.cache["meta"].get(str(r.get("cell_id")))
+        if r.get("status") != "ok" or meta is None or meta[0] != ds:
             continue
         for name, res in sorted(((r.get("metrics") or {}).get("attacks") or {}).items()):
-            if not isinstance(res, dict):
+            if not isinstance(res, dict) or "not_applicable" in res:
                 continue
-            pairs = _png_pairs(res)
-            if not pairs:
+            grid = _image_grid(res, r)
+            if grid is None:
                 continue
-            if "meta" not in data.cache:
-                c = data.cells
-                data.cache["meta"] = {k: (a, m, p, sd) for k, a, m, p, sd in zip(
-                    c["cell_id"], c["dataset"], c["method"], c["privacy"], c["seed"])}
-            meta = data.cache["meta"].get(str(r.get("cell_id")))
-            if meta is None or meta[0] != ds:
-                continue
-            pairs = [(_resolve(o, r), _resolve(x, r)) for o, x in pairs][:4]
-            pairs = [(o, x) for o, x in pairs if o is not None and x is not None]
-            if pairs:
-                psnr = res.get("psnr")
-                lab = (f"{_entry(meta[1], meta[2])}\n{name}, seed {meta[3]}"
-                       + (f", PSNR {psnr:.1f}" if isinstance(psnr, (int, float)) else ""))
-                rows.append((lab, pairs))
+            psnr = res.get("psnr")
+            lab = (f"{_entry(meta[1], meta[2])}\n{name}, seed {meta[3]}"
+                   + (f"\nPSNR {psnr:.1f} dB" if isinstance(psnr, (int, float)) else ""))
+            rows.append((lab, grid))
+            if len(rows) == 8:
+                break
     if not rows:
         return None
-    rows = rows[:8]
-    ncol = 2 * max(len(p) for _, p in rows)
-    fig = Figure(figsize=(1.3 * ncol + 1.6, 1.45 * len(rows) + 0.6))
-    for i, (lab, pairs) in enumerate(rows):
-        for j, (o, x) in enumerate(pairs):
-            for k, (img, t) in enumerate(((o, "original"), (x, "reconstruction"))):
-                ax = fig.add_subplot(len(rows), ncol, i * ncol + 2 * j + k + 1)
-                a = imread(str(img))
-                ax.imshow(a, cmap="gray" if a.ndim == 2 else None, vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if i == 0:
-                    ax.set_title(t, fontsize=7)
-                if j == 0 and k == 0:
-                    ax.set_ylabel(lab, fontsize=6, rotation=0, ha="right", va="center")
-    fig.suptitle(f"{ds}: gradient inversion, originals and reconstructions")
-    fig.subplots_adjust(left=1.6 / (1.3 * ncol + 1.6), right=0.98, bottom=0.02, top=0.86,
-                        wspace=0.1, hspace=0.35)
+    aspect = max(g.shape[1] / g.shape[0] for _, g in rows)
+    fig = Figure(figsize=(min(12.0, 2.2 + 1.6 * aspect), 1.7 * len(rows) + 0.6))
+    for i, (lab, grid) in enumerate(rows):
+        ax = fig.add_subplot(len(rows), 1, i + 1)
+        ax.imshow(grid, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(lab, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(f"{ds}: gradient inversion, originals (top) over reconstructions (bottom)",
+                 fontsize=9)
+    fig.subplots_adjust(left=0.3, right=0.98, bottom=0.02, top=1 - 0.5 / fig.get_figheight(),
+                        hspace=0.25)
     return fig
 
 
