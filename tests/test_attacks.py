@@ -42,7 +42,7 @@ from plugins.attacks._metrics import (
     roc_summary,
 )
 from plugins.attacks.gradinv import recover_labels
-from plugins.attacks.mia import loss_scores, logits_of
+from plugins.attacks.mia import logits_of, loss_scores
 
 # --------------------------------------------------------------------------
 # test-only plugins

@@ -177,7 +177,7 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
             opt_vars = [x]
 
         def match() -> torch.Tensor:
-            d = sim.delta(x, y)
+            d = sim.delta(x, y)  # noqa: B023 (used within this iteration)
             if method == "dlg":
                 return (d - target).pow(2).sum() / tnorm2
             cos = (d * target).sum() / (d.norm() * target.norm() + 1e-30)
@@ -189,7 +189,7 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
                                     line_search_fn="strong_wolfe")
 
             def closure() -> torch.Tensor:
-                opt.zero_grad()
+                opt.zero_grad()  # noqa: B023
                 loss = match()
                 loss.backward()
                 return loss
@@ -230,7 +230,7 @@ class _GradInv(Attack):
     default_labels: ClassVar[str] = "optimize"
 
     def __init__(self, *, client: int = 0, iterations: int = 300, labels: str = "",
-                 max_images: int = 8, local_steps_mode: str = "average", restarts: int = 1,
+                 max_images: int = 4, local_steps_mode: str = "average", restarts: int = 1,
                  tv: float = 1e-4, step_size: float = 0.1, save_images: bool = True) -> None:
         if not isinstance(client, int) or client < 0:
             raise ValueError(f"client = {client!r}; use a client index >= 0")
@@ -269,6 +269,9 @@ class _GradInv(Attack):
         s = ctx.settings
         c = self.client if self.client in view.clients else view.clients[0]
         if view.kind == "plaintext":
+            if c not in view.updates:
+                return {"not_applicable": f"the round-1 view holds no readable update of client "
+                                          f"{c} (its update was partly encrypted)"}
             observed, participants = view.updates[c], [c]
         else:
             assert view.aggregate is not None
@@ -385,8 +388,8 @@ class GradInvIG(_GradInv):
     method = "ig"
     default_labels = "idlg"
 
-    def __init__(self, *, client: int = 0, iterations: int = 1000, labels: str = "",
-                 max_images: int = 8, local_steps_mode: str = "average", restarts: int = 1,
+    def __init__(self, *, client: int = 0, iterations: int = 500, labels: str = "",
+                 max_images: int = 4, local_steps_mode: str = "average", restarts: int = 1,
                  tv: float = 1e-4, step_size: float = 0.1, save_images: bool = True) -> None:
         super().__init__(client=client, iterations=iterations, labels=labels,
                          max_images=max_images, local_steps_mode=local_steps_mode,

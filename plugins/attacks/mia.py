@@ -173,6 +173,9 @@ def resolve_target(ctx: AttackContext, target: str, client: int
             "model": f"round-{rnd} global model plus the securely aggregated update of "
                      f"{len(view.clients)} clients (the server sees only their sum)",
             "attacker": "honest-but-curious server", "client": name}
+    if c not in view.updates:
+        return {"not_applicable": f"the round-{rnd} view holds no readable update of client "
+                                  f"{name} (its update was partly encrypted)"}
     return view.global_params + view.updates[c], members, nonmembers, {
         "model": f"client {name}'s local model of round {rnd} (global + its plaintext update)",
         "attacker": "honest-but-curious server", "client": name}
