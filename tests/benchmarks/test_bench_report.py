@@ -1,0 +1,55 @@
+"""A full report (markdown, csv, json, figures, html) over 1,000 records,
+against the same report over 100 records in the same run.
+
+Records are copies of a real run's records (with DP and attack results)
+spread over 5 datasets, 15 methods and 4 privacy settings, so both reports
+draw the same 20 figures and the ratio shows what the tables cost as records
+grow. Run with
+``pytest tests/benchmarks/test_bench_report.py --benchmark-enable -s``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from report_fixtures import run, scaled, with_privacy_and_attacks  # noqa: E402
+
+from harness.registry import get_registry  # noqa: E402
+from harness.results import load_records  # noqa: E402
+
+REPORTERS = ("markdown", "csv", "json", "figures", "html")
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    base = tmp_path_factory.mktemp("bench-report")
+    assert run(base / "whole") == 0
+    recs, _ = load_records([base / "whole"])
+    return scaled(with_privacy_and_attacks(recs), 1000)
+
+
+def _report(records: list[dict], out: Path) -> int:
+    reg = get_registry()
+    recs = list(records)  # a new list: nothing is reused from an earlier report
+    out.mkdir(parents=True, exist_ok=True)
+    return sum(len(reg.build("reporter", {"name": n}).write(recs, out)) for n in REPORTERS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [100, 1000])
+def test_bench_report(benchmark, records: list[dict], tmp_path: Path, n: int) -> None:
+    sub = records[:n]
+    t0 = time.perf_counter()
+    files = benchmark.pedantic(_report, args=(sub, tmp_path / "out"), rounds=1, iterations=1)
+    seconds = time.perf_counter() - t0
+    benchmark.extra_info.update(records=n, files=files, seconds=round(seconds, 2))
+    print(f"\nreport over {n} records: {files} files in {seconds:.2f} s")
+    assert files == 8 + 5 * 4 * 2 + 3  # tables, 20 figures as PNG and SVG, html/json/md
+    assert seconds < 60, f"a report over {n} records took {seconds:.1f} s"
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert page.count("<tr>") > 100
