@@ -123,6 +123,11 @@ class RoundContext:
         return torch.Generator().manual_seed(int(self.rng(purpose, *extra).integers(2**62)))
 
     def steps_for(self, client: int) -> int:
+        """Local steps of ``client`` this round. ``centralized`` gets the budget
+        of every site together (``local_steps`` × sites), so that pooled
+        training sees as many examples per round as a full FedAvg round."""
+        if self.topology == "centralized" and self.settings.local_steps > 0:
+            return int(self.settings.local_steps) * len(self.data.sites)
         return self.settings.steps_for(len(self.clients[client].train))
 
 

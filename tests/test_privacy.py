@@ -120,6 +120,25 @@ def test_dp_sgd_per_site_accounting_in_a_real_run(run_matrix):
     assert 0 < hist[0]["epsilon"] < hist[1]["epsilon"]
 
 
+def test_dp_sgd_empty_poisson_batches_are_noise_only_steps(run_matrix):
+    """batch_size=1 makes Poisson sampling draw many empty batches: each one is
+    still a noised, accounted step (stock Opacus would skip it silently)."""
+    code, recs = run_matrix("""
+        rounds = 2
+        [axes]
+        dataset = [{ name = "synthetic-tabular", n_samples = 120 }]
+        algorithm = ["fedavg"]
+        privacy = [{ name = "dp-sgd", noise_multiplier = 1.0 }]
+        [run]
+        batch_size = 1
+        local_steps = 30
+    """)
+    assert code == 0, [r["error"] for r in recs]
+    acc = recs[0]["metrics"]["privacy"]["mechanisms"]["dp-sgd"]
+    for site in acc["per_site"].values():
+        assert site["steps"] == site["planned_steps"] == 60
+
+
 def test_dp_fedavg_stacks_and_rejections(run_matrix):
     code, recs = run_matrix(HEART.format(rounds=3, privacy="""[
         {name = "dp-fedavg", noise_multiplier = 1.2, noise_decay = 0.8, layerwise = "equal"},

@@ -1,8 +1,8 @@
 """Centralized training on the pooled data of every site: the upper baseline
 that federated learning tries to approach without moving patient records.
 
-One "round" is one block of local steps on the pooled training set (the same
-number of steps a client would take on it), so curves align with FL rounds.
+One "round" is as many steps on the pooled training set as all sites take
+together in a FedAvg round (local_steps × sites), so curves align with FL rounds.
 """
 
 from __future__ import annotations

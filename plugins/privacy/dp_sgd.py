@@ -138,14 +138,10 @@ def _noise_on_empty_batches(optimizer: Any) -> None:
 
     def pre_step(self: Any, closure: Any = None) -> Any:
         if self.params and all(getattr(p, "grad_sample", None) is None for p in self.params):
+            # one all-zero per-sample gradient: clipping and summing give zero,
+            # then Opacus adds the noise, scales and counts the step as usual
             for p in self.params:
-                p.summed_grad = torch.zeros_like(p)
-            self.add_noise()
-            self.scale_grad()
-            if self.step_hook:
-                self.step_hook(self)
-            self._is_last_step_skipped = False
-            return True
+                p.grad_sample = torch.zeros((1, *p.shape), dtype=p.dtype, device=p.device)
         return original(closure)
 
     optimizer.pre_step = types.MethodType(pre_step, optimizer)
