@@ -609,7 +609,7 @@ def text_tables(data: ReportData) -> dict[str, list[tuple[str, list[str], list[l
                          [[r.method, r.privacy, fmt_eps(r.epsilon),
                            r.attack, r.metric,
                            short(r.note, 100) if r.metric == "not_applicable"
-                           else fmt_utility(r.mean, r.std, r.n)] for r in at.itertuples()]))
+                           else _attack_value(r.mean, r.std, r.n)] for r in at.itertuples()]))
         out[ds] = tabs
     if not data.failures.empty:
         out[""] = [("cells that did not finish ok",
@@ -617,6 +617,13 @@ def text_tables(data: ReportData) -> dict[str, list[tuple[str, list[str], list[l
                     [[r.status, r.dataset, r.method, r.privacy, fmt(r.seed), short(r.reason)]
                      for r in data.failures.itertuples()])]
     return out
+
+
+def _attack_value(mean: float, sd: float, n: int) -> str:
+    """Counts (members, images) as integers, rates and scores with 3 decimals."""
+    if n and float(mean).is_integer() and (math.isnan(sd) or sd == 0) and abs(mean) >= 2:
+        return f"{int(mean)} (n={n})"
+    return fmt_utility(mean, sd, n)
 
 
 def _signed(v: float) -> str:
