@@ -7,8 +7,9 @@ to register it.
 from __future__ import annotations
 
 from harness import hookimpl
+from plugins.adversaries import label_flip, model_poisoning
 
-MODULES: tuple = ()
+MODULES: tuple = (model_poisoning, label_flip)
 
 
 @hookimpl

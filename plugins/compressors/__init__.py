@@ -7,8 +7,9 @@ to register it.
 from __future__ import annotations
 
 from harness import hookimpl
+from plugins.compressors import quantize, topk
 
-MODULES: tuple = ()
+MODULES: tuple = (quantize, topk)
 
 
 @hookimpl
