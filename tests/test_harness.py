@@ -35,8 +35,8 @@ def test_quickstart_prints_table_with_every_hospital(tmp_path, capsys):
     code = main(["run", "--out", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
-    for word in ("fedavg", "centralized", "local", "Cleveland", "Hungary", "Switzerland",
-                 "VA Long Beach", "accuracy"):
+    for word in ("fedavg", "centralized", "local", "fedprox", "dp-sgd", "secagg", "Cleveland",
+                 "Hungary", "Switzerland", "VA Long Beach", "accuracy"):
         assert word in out
     m = load_matrix(None)
     records, _ = load_records([tmp_path])
@@ -48,6 +48,11 @@ def test_quickstart_prints_table_with_every_hospital(tmp_path, capsys):
             r["metrics"]["utility"]["global"])
     # real learning on real data: every method beats the majority class (~0.55)
     assert min(min(v) for v in by_alg.values()) > 0.6
+    dp = [r for r in records if r["labels"]["privacy"] != "none"
+          and "dp-sgd" in r["labels"]["privacy"]]
+    assert len(dp) == 3 and all(2.8 <= r["metrics"]["privacy"]["epsilon"] <= 3.0
+                                and r["metrics"]["privacy"]["delta"] == 1e-5 for r in dp)
+    assert all("mia-loss" in r["metrics"]["attacks"] for r in records)
     assert sorted(records[0]["metrics"]["utility"]["per_site"]) == [
         "Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
 
