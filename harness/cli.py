@@ -53,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                           "different runs compare byte for byte")
     rep.add_argument("--quiet", action="store_true", help="do not print the tables")
 
-    sub.add_parser("plugins", help="list every component: family, name, distribution, version")
+    pl = sub.add_parser("plugins", help="list every component: family, name, distribution, version")
+    pl.add_argument("--markdown", action="store_true",
+                    help="a markdown table with each component's parameters and defaults "
+                         "(the README's table of built-ins is this output)")
     ds = sub.add_parser("datasets", help="dataset cards: sites, sizes, task, licence")
     ds.add_argument("--json", action="store_true")
     ck = sub.add_parser("check", help="run the conformance kit against a plugin or component")
@@ -149,11 +152,24 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from harness.registry import get_registry
 
     reg = get_registry()
+    if args.markdown:
+        print(plugins_markdown(reg.all()))
+        return 0
     rows = [[i.family, i.name, i.plugin, i.distribution, i.version, i.doc[:70]]
             for i in reg.all()]
     print(tabulate(rows, headers=["family", "name", "plugin", "distribution", "version",
                                   "description"]))
     return 0
+
+
+def plugins_markdown(infos: list[Any]) -> str:
+    """A markdown table: family, name, description, parameters with defaults."""
+    lines = ["| family | name | what it is | parameters (defaults) |", "|---|---|---|---|"]
+    for i in infos:
+        params = ", ".join(f"`{n}={p.default!r}`" for n, p in i.cls.param_spec().items())
+        doc = i.doc.replace("|", "\\|").replace("``", "`")
+        lines.append(f"| {i.family} | `{i.name}` | {doc} | {params or '—'} |")
+    return "\n".join(lines)
 
 
 def dataset_cards() -> list[dict[str, Any]]:

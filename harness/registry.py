@@ -50,7 +50,9 @@ class ComponentInfo:
 
     @property
     def doc(self) -> str:
-        return (self.cls.__doc__ or "").strip().splitlines()[0] if self.cls.__doc__ else ""
+        """The first paragraph of the class docstring, on one line."""
+        text = (self.cls.__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(text.split()).replace(":class:", "")
 
 
 class Registry:
