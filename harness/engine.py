@@ -764,6 +764,7 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     torch_threads = torch.get_num_threads()
     try:
         run.build()
+        record["topology"] = run.topology
         hooks.on_cell_start(cell=cell)
         run.validate()
         run.prepare()
@@ -793,8 +794,13 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     record["metrics"]["cost"] = {**{k: (round(v, 4) if isinstance(v, float) else v)
                                     for k, v in run.cost.items()},
                                  "wall_s": round(time.perf_counter() - t_start, 4)}
-    with contextlib.suppress(Exception):
+    try:
         hooks.on_cell_end(cell=cell, record=record)
+    except Exception as exc:  # an observer must not lose the record: warn and go on
+        import warnings
+
+        warnings.warn(f"an on_cell_end observer raised {type(exc).__name__}: {exc}; the "
+                      f"record of cell {cell['cell_id']} is kept", RuntimeWarning, stacklevel=2)
     return record
 
 
@@ -806,23 +812,24 @@ _PROVENANCE: dict[str, Any] | None = None
 
 
 def provenance(reg: Registry) -> dict[str, Any]:
-    """Versions of fedmedbench, plugins, python, torch; git commit where known."""
+    """Versions of fedmedbench, of the plugins of ``reg`` with their
+    distributions, python, torch and platform; the git commit where known."""
     global _PROVENANCE
-    if _PROVENANCE is None:
+    if _PROVENANCE is None:  # the parts that do not depend on the registry
         from importlib import metadata
 
         try:
             version = metadata.version("fedmedbench")
         except metadata.PackageNotFoundError:
             version = "unknown"
-        plugins = {i.plugin: {"distribution": i.distribution, "version": i.version}
-                   for i in reg.all()}
         _PROVENANCE = {
-            "fedmedbench": version, "plugins": plugins, "python": platform.python_version(),
+            "fedmedbench": version, "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform(),
             "git_commit": _git_commit(),
         }
-    return _PROVENANCE
+    plugins = {i.plugin: {"distribution": i.distribution, "version": i.version}
+               for i in reg.all()}
+    return {**_PROVENANCE, "plugins": plugins}
 
 
 def _git_commit() -> str | None:

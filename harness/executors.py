@@ -25,7 +25,7 @@ from typing import Any
 
 from harness.engine import SCHEMA, provenance, run_cell
 from harness.registry import get_registry
-from harness.results import completed_ids, write_record
+from harness.results import clean_json, completed_ids, write_record
 
 EXECUTORS = ("local", "process")
 
@@ -114,7 +114,7 @@ def _worker(conn: Connection) -> None:
         cell = json.loads(msg)
         conn.send(_STARTED)  # the timeout counts from here, not from process start-up
         rec = run_cell(cell, registry=reg)
-        conn.send(json.dumps(rec, default=str))
+        conn.send(json.dumps(clean_json(rec), allow_nan=False))
 
 
 class _Slot:

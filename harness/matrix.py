@@ -39,7 +39,7 @@ from typing import Any
 
 import tomllib
 
-from harness.engine import SCHEMA, cell_info, combination_problem
+from harness.engine import SCHEMA
 from harness.errors import ConfigError
 from harness.registry import NONE, Registry, get_registry
 from harness.training import RunSettings
@@ -180,8 +180,12 @@ def _check_run_key(k: str, v: Any, fields: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: unknown run setting;{hint} run settings are: "
                           f"{', '.join(fields)}")
     d = fields[k]
-    ok = (isinstance(v, str) if isinstance(d, str) else
-          isinstance(v, (int, float)) and not isinstance(v, bool))
+    if isinstance(d, str):
+        ok = isinstance(v, str)
+    elif isinstance(d, int) and not isinstance(d, bool):
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    else:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
     if not ok:
         raise ConfigError(f"{where} = {v!r}: expected {type(d).__name__} like the default {d!r}")
 
@@ -307,8 +311,9 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
         "attacks": [reg.build("attack", a).config() for a in m.attacks],
     }
     run = {**RunSettings.fields(), **ds_info.cls.run_defaults, **m.run}
-    names = [comps["dataset"]["name"], comps["algorithm"]["name"], comps["aggregator"]["name"],
-             *(p["name"] for p in comps["privacy"])]
+    names = [comps["dataset"]["name"], comps["partitioner"]["name"], comps["algorithm"]["name"],
+             comps["aggregator"]["name"], *(p["name"] for p in comps["privacy"]),
+             *(comps[a]["name"] for a in ("compressor", "adversary") if comps[a])]
     for n in names:
         run.update(m.run_overrides.get(n, {}))
     problems = RunSettings(**run).problems()
@@ -323,19 +328,3 @@ def cell_id(cfg: dict[str, Any]) -> str:
     blob = json.dumps({"schema": SCHEMA, **cfg}, sort_keys=True, separators=(",", ":"),
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def precheck(cell: dict[str, Any], reg: Registry) -> str | None:
-    """A reason to skip the cell before training (combination rules), or ``None``."""
-    info = cell_info(cell["config"], reg)
-    reason = combination_problem(info)
-    if reason:
-        return reason
-    for fam, spec in [("algorithm", cell["config"]["algorithm"]),
-                      *(("privacy", p) for p in cell["config"]["privacy"])]:
-        comp = reg.build(fam, spec)
-        r = comp.validate(info)
-        if r:
-            return f"{comp.name}: {r}"
-    return None
-

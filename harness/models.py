@@ -49,18 +49,47 @@ class MLP(nn.Module):
 class SmallCNN(nn.Module):
     """Two conv blocks with GroupNorm (Opacus-compatible), then a linear head.
 
-    ``act="sigmoid"`` gives the smooth network that gradient-inversion papers
-    attack (Zhu et al. 2019)."""
+    Parameters
+    ----------
+    in_channels, num_classes : int
+    image_size : int, default 28
+        Side of the square input (a multiple of 4).
+    width : int, default 16
+        Channels of the first block (the second has ``2 * width``); a
+        multiple of 4 (GroupNorm uses 4 groups).
+    act : {"relu", "sigmoid", "tanh"}, default "relu"
+        ``"sigmoid"`` gives the smooth network that gradient-inversion papers
+        attack (Zhu et al. 2019).
+    pool : {"max", "avg", "none"}, default "max"
+        How each block halves the side: 2×2 max-pooling, 2×2 average pooling,
+        or (``"none"``) a stride-2 convolution without pooling, as in the
+        LeNet variant of Zhu et al. 2019. All three have the same head size.
+    """
+
+    ACTS = ("relu", "sigmoid", "tanh")
+    POOLS = ("max", "avg", "none")
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int = 28,
-                 width: int = 16, act: str = "relu") -> None:
+                 width: int = 16, act: str = "relu", pool: str = "max") -> None:
         super().__init__()
+        if act not in self.ACTS:
+            raise ValueError(f"act = {act!r}; choose one of {self.ACTS}")
+        if pool not in self.POOLS:
+            raise ValueError(f"pool = {pool!r}; choose one of {self.POOLS}")
+        if not isinstance(width, int) or width < 4 or width % 4:
+            raise ValueError(f"width = {width!r}; use a positive multiple of 4 (GroupNorm "
+                             f"has 4 groups)")
         a: type[nn.Module] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[act]
+        stride = 2 if pool == "none" else 1
+
+        def down() -> list[nn.Module]:
+            return {"max": [nn.MaxPool2d(2)], "avg": [nn.AvgPool2d(2)], "none": []}[pool]
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.GroupNorm(4, width), a(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.GroupNorm(4, 2 * width), a(),
-            nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, width, 3, stride=stride, padding=1), nn.GroupNorm(4, width),
+            a(), *down(),
+            nn.Conv2d(width, 2 * width, 3, stride=stride, padding=1),
+            nn.GroupNorm(4, 2 * width), a(), *down(),
         )
         side = image_size // 4
         self.fc = nn.Linear(2 * width * side * side, num_classes)

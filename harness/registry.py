@@ -222,7 +222,9 @@ _CACHE: dict[tuple, Registry] = {}
 
 def get_registry(*, extra: list[Any] | None = None, refresh: bool = False) -> Registry:
     """The registry of installed plugins (cached per disable list)."""
-    key = (tuple(disabled_plugins()), tuple(env_plugins()), tuple(id(e) for e in extra or []))
+    # the extra objects themselves are part of the key (kept alive by it, so an
+    # id can never be reused for another plugin set)
+    key = (tuple(disabled_plugins()), tuple(env_plugins()), tuple(extra or []))
     if refresh or key not in _CACHE:
         _CACHE[key] = Registry(plugin_manager(extra=extra))
     return _CACHE[key]

@@ -36,7 +36,9 @@ RANKING_RULE = (
     "protection only). Within a tier entries are ranked by mean utility on the pooled test "
     "set (higher is better); ties are broken by the mean worst-site utility, then by fewer "
     "bytes communicated, then by name. The centralized (pooled data) and local-only "
-    "baselines are ranked like any other entry.")
+    "baselines are ranked like any other entry. Sample-level ε (dp-sgd: one patient record) "
+    "and client-level ε (dp-fedavg: a whole hospital) protect different units; the "
+    "accountant column says which, and entries of both kinds share a tier.")
 # attack metrics shown first, in this order; other numeric keys follow by name
 ATTACK_METRICS = ("auc", "advantage", "balanced_accuracy", "tpr_at_1pct_fpr",
                   "tpr_at_0.1pct_fpr", "audited_epsilon", "mse", "psnr", "ssim",
@@ -141,12 +143,16 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         row: dict[str, Any] = {
             "cell_id": str(r.get("cell_id")), "status": r.get("status"),
             **{axis: _label(r, axis) for axis in AXES},
-            "algorithm_name": str(alg), "topology": topology_of(str(alg)),
+            "algorithm_name": str(alg),
+            "topology": str(r.get("topology") or topology_of(str(alg))),
             "seed": cfg.get("seed"), "rounds": cfg.get("rounds"),
             "metric": u.get("metric"), "utility": _num(u.get("global")),
             "worst_site": _num(u.get("worst_site")),
             "privacy_level": p.get("level"), "epsilon": _num(p.get("epsilon")),
-            "delta": _num(p.get("delta")), "accountant": p.get("accountant"),
+            "delta": _num(p.get("delta")),
+            # sample-level and client-level ε protect different units: say which
+            "accountant": (f"{p.get('accountant')} ({p.get('unit')}-level)"
+                           if p.get("accountant") and p.get("unit") else p.get("accountant")),
             "bytes_up": _num(c.get("bytes_up")), "bytes_down": _num(c.get("bytes_down")),
             "error": _d(r.get("error")).get("message"),
             "provenance": _provenance(r),
@@ -165,6 +171,11 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             for k, v in res.items():
                 if k != "seconds" and not isinstance(v, bool) and isinstance(v, (int, float)):
                     row[f"attack:{name}:{k}"] = float(v)
+            # the empirical privacy audit (Clopper-Pearson lower bound on ε) sits beside
+            # the claimed ε in every attack table
+            low = _d(res.get("audit")).get("epsilon_lower_bound")
+            if isinstance(low, (int, float)) and not isinstance(low, bool):
+                row[f"attack:{name}:audited_epsilon"] = float(low)
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
@@ -197,15 +208,6 @@ def _stats(v: pd.Series) -> tuple[float, float, float, int]:
         return float(x[0]), math.nan, math.nan, 1
     sd = float(x.std(ddof=1))
     return float(x.mean()), sd, float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)), n
-
-
-def mean_std(values: pd.Series) -> str:
-    mean, sd, _, n = _stats(values)
-    if n == 0:
-        return "—"
-    if n == 1:
-        return f"{mean:.3f} (n=1)"
-    return f"{mean:.3f} ± {sd:.3f} (n={n})"
 
 
 def _sort_entries(df: pd.DataFrame) -> pd.DataFrame:
@@ -471,10 +473,11 @@ def build(records: list[dict[str, Any]]) -> ReportData:
 
     Reporters run one after another on the same list: the last result is
     reused while the very same list object comes again."""
-    if _LAST[0] is records:
+    key = (len(records), tuple(id(r) for r in records))
+    if _LAST[0] is not None and _LAST[0][0] is records and _LAST[0][1] == key:
         return _LAST[1]
     data = _build(records)
-    _LAST[:] = [records, data]
+    _LAST[:] = [(records, key), data]
     return data
 
 

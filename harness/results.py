@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from harness.engine import SCHEMA
 from harness.errors import SchemaError
 
@@ -22,14 +24,19 @@ STATUSES = ("ok", "failed", "skipped", "diverged")
 REQUIRED = ("schema", "cell_id", "status", "config", "metrics")
 
 
-def _clean(v: Any) -> Any:
-    """NaN and infinities are not JSON: store them as null."""
+def clean_json(v: Any) -> Any:
+    """A JSON-ready copy: numpy scalars and arrays become Python numbers and
+    lists; NaN and infinities (not JSON) become null."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    elif isinstance(v, np.ndarray):
+        v = v.tolist()
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: clean_json(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [clean_json(x) for x in v]
     return v
 
 
@@ -39,7 +46,7 @@ def write_record(results_dir: Path, record: dict[str, Any]) -> Path:
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{record['cell_id']}.json"
-    data = json.dumps(_clean(record), indent=1, sort_keys=True, allow_nan=False)
+    data = json.dumps(clean_json(record), indent=1, sort_keys=True, allow_nan=False)
     fd, tmp = tempfile.mkstemp(dir=results_dir, prefix=f".{record['cell_id']}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

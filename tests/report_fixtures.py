@@ -86,7 +86,8 @@ def with_privacy_and_attacks(records: list[dict[str, Any]], img_dir: Path | None
             att: dict[str, Any] = {
                 "mia-loss": {"auc": 0.5 + 0.1 * e + 0.01 * seed, "advantage": 0.12 * e,
                              "tpr_at_1pct_fpr": 0.02 * e, "tpr_at_0.1pct_fpr": 0.002 * e,
-                             "audited_epsilon": 0.4 * e, "roc": [[0, 0], [1, 1]],
+                             "audit": {"epsilon_lower_bound": 0.4 * e},
+                             "roc": [[0, 0], [1, 1]],
                              "seconds": 0.5}}
             if alg == "centralized":
                 att["gradinv-idlg"] = {"not_applicable": "centralized training sends no "

@@ -139,7 +139,7 @@ def test_leaderboard_tiers_ranking_attacks_and_baselines(rich: tuple[Path, list[
         assert list(g["rank"]) == list(range(1, len(g) + 1))
         assert g["utility_mean"].is_monotonic_decreasing
     e = tiers["ε ≤ 1"].iloc[0]
-    assert e["epsilon"] == 0.5 and e["delta"] == 1e-5 and e["accountant"] == "rdp"
+    assert e["epsilon"] == 0.5 and e["delta"] == 1e-5 and e["accountant"] == "rdp (client-level)"
     assert e["n"] == 2 and "fedmedbench" in e["provenance"]
     # FL against centralized and local training, without privacy
     b = data.baselines.set_index("privacy")

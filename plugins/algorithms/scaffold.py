@@ -58,6 +58,10 @@ class Scaffold(FedAvg):
         if any("local" in st for st in cell.get("privacy_stages", [])):
             return ("a local-stage mechanism (DP-SGD) recomputes each gradient from "
                     "per-sample gradients and would drop SCAFFOLD's correction")
+        if any(("update" in st or "server" in st) for st in cell.get("privacy_stages", [])):
+            return ("the control-variate deltas travel to the server in plaintext beside the "
+                    "privatised update and reveal the raw update, so a client-level DP claim "
+                    "would not hold")
         if cell.get("transport_view") is not None:
             return ("the control-variate deltas would reach the server in plaintext beside "
                     "the protected update")

@@ -131,7 +131,26 @@ class DPFedAvg(PrivacyMechanism):
             return (f"noise is calibrated to one client's share 1/m of an unweighted mean, but "
                     f"the aggregator is {agg.get('name')}({_kv(agg)}); use "
                     f"{{name = \"weighted-mean\", by = \"uniform\"}}")
+        if cell.get("needs_individual_updates"):
+            return (f"{cell['algorithm']['name']} uses every client's model at the server, and "
+                    f"those individual updates are not covered by noise on the aggregate")
+        if cell.get("compressor"):
+            return ("a compressor runs after clipping and may send a vector of norm above the "
+                    "clip (top-k error feedback adds earlier residuals), which breaks the "
+                    "sensitivity bound the noise is calibrated to")
+        if (cell.get("run") or {}).get("client_sampling") == "poisson":
+            return ("the unweighted mean divides by the number of sampled clients, which Poisson "
+                    "sampling makes data-dependent (and can leave a round empty, which skipping "
+                    "would reveal); use client_sampling = \"fixed\" (the record states the "
+                    "accounting approximation for fixed-size sampling)")
         has_transport = any("transport" in st for st in cell.get("privacy_stages", []))
+        mode = self.noise if self.noise != "auto" else (
+            "distributed" if has_transport else "central")
+        if mode == "distributed" and any(
+                float(p.get("dropout_rate", 0) or 0) > 0 for p in cell.get("privacy", [])):
+            return ("distributed noise needs every sampled client's noise share in the sum, and "
+                    "the stack drops clients (dropout_rate > 0): the achieved noise would be "
+                    "below what is accounted")
         if self.noise == "auto":
             self._mode = "distributed" if has_transport else "central"
         return None
@@ -206,7 +225,7 @@ class DPFedAvg(PrivacyMechanism):
             std = self._z_update(ctx.round) * C / math.sqrt(self._k)
             delta += torch.randn(delta.shape, generator=g) * std
         return ClientUpdate(update.client, delta, update.num_examples,
-                            {**update.metrics, "update_norm": norm}, update.extra)
+                            update.metrics, update.extra)
 
     def process_aggregate(self, ctx: RoundContext, aggregate: torch.Tensor,
                           n_clients: int) -> torch.Tensor:

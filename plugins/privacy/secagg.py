@@ -22,8 +22,9 @@ Dropouts are injected with ``dropout_rate`` at ``dropout_phase`` ("masking":
 after sharing keys, before sending the masked input, so the client's input is
 left out and its pairwise masks are reconstructed away; "unmasking": after
 sending it, so the input counts and its self mask is reconstructed). With more
-than n − t dropouts the round aborts with :class:`SecAggAborted` and the
-global model is not updated.
+than n − t dropouts the protocol aborts with :class:`SecAggAborted`: no sum
+is released, the global model of that round is never updated, and the cell is
+recorded as ``failed`` with the reason.
 
 The :class:`SecAggServer` object is the only thing the aggregating party
 holds: public keys, encrypted shares it routes, masked vectors and the shares
@@ -216,8 +217,9 @@ class SecAggServer:
             raise SecAggAborted(
                 f"round {self.rnd}: only {len(self.unmask_shares)} of {len(u1)} clients sent "
                 f"unmasking shares, below the threshold t={self.threshold}; secagg recovers at "
-                f"most n - t = {len(u1) - self.threshold} dropouts, so the round is aborted "
-                f"and the global model is not updated")
+                f"most n - t = {len(u1) - self.threshold} dropouts, so the protocol aborts: "
+                f"no sum is released and the cell is recorded as failed (the global model "
+                f"of the aborted round is never updated)")
         total = np.zeros(n_numel, dtype=np.uint32 if self.bits <= 32 else np.uint64)
         for u in survivors:
             total = total + self.masked[u]
@@ -296,6 +298,14 @@ class SecAgg(PrivacyMechanism):
 
     # -- helpers ---------------------------------------------------------------
 
+    def validate(self, cell: Any) -> str | None:
+        agg = cell.get("aggregator") or {}
+        if self.dropout_rate > 0 and agg.get("by", "uniform") != "uniform":
+            return ("with dropouts the survivors' sum is rescaled by n/k, which is the mean "
+                    "only for uniform weights; use {name = \"weighted-mean\", by = \"uniform\"} "
+                    "with dropout_rate > 0")
+        return None
+
     def t_for(self, n: int) -> int:
         t = self.threshold or n // 2 + 1
         if t > n:
@@ -365,8 +375,9 @@ class SecAgg(PrivacyMechanism):
             raise SecAggAborted(
                 f"round {ctx.round}: only {len(server.masked)} of {self._n} clients sent masked "
                 f"inputs, below the threshold t={self._t}; secagg recovers at most n - t = "
-                f"{self._n - self._t} dropouts, so the round is aborted and the global model "
-                f"is not updated")
+                f"{self._n - self._t} dropouts, so the protocol aborts: no sum is released and "
+                f"the cell is recorded as failed (the global model of the aborted round is "
+                f"never updated)")
         survivors = set(server.masked)
         dropped_before = set(server.public_keys) - survivors
         responders = [u for u in sorted(survivors)
@@ -380,6 +391,7 @@ class SecAgg(PrivacyMechanism):
         k = len(included)
         signed = total.astype(np.float64) / self._scale - k * self.clip_range
         if k < len(messages):  # inputs left out by dropouts: a mean over the survivors
+            # (exact for uniform weights, the only weighting validate() allows with dropouts)
             signed *= len(messages) / k
         self.stats["rounds"] += 1
         self._clients = {}  # client secrets of this round are discarded
