@@ -14,6 +14,12 @@ blur and noise (``acquisition_shift`` scales them), and its own class prior
 (Dirichlet(``label_alpha``), label skew). Images are ``1 × size × size``
 float32 in [0, 1]; 2,000 images take a fraction of a second, and their small
 size suits gradient-inversion attacks.
+
+The default model is the SmallCNN (``"cnn"``, GroupNorm) with ReLU and
+max-pooling; ``model_act = "sigmoid"`` with ``model_pool = "none"`` (stride-2
+convolutions) gives the smooth network of the classic gradient-inversion
+setting (Zhu, Liu, Han, "Deep Leakage from Gradients", NeurIPS 2019, attack a
+sigmoid LeNet that downsamples by stride, not pooling).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from harness import Dataset, FederatedData, Site, Split, Task
 from plugins.datasets._common import split_indices
 
 HARMONICS = np.arange(2, 10)
+MODEL_ACTS = ("relu", "sigmoid", "tanh")
+MODEL_POOLS = ("max", "avg", "none")
+_MODEL_DEFAULTS = {"model_act": "relu", "model_width": 8, "model_pool": "max"}
 
 
 class SyntheticImaging(Dataset):
@@ -45,6 +54,18 @@ class SyntheticImaging(Dataset):
     test_fraction : float, default 0.25
     data_seed : int, default 0
         Seed of the generated images (the run seed does not change the data).
+    model_act : {"relu", "sigmoid", "tanh"}, default "relu"
+        Activation of the default SmallCNN.
+    model_width : int, default 8
+        Channels of the SmallCNN's first block (a multiple of 4).
+    model_pool : {"max", "avg", "none"}, default "max"
+        How the SmallCNN downsamples: 2×2 max-pooling, 2×2 average pooling, or
+        stride-2 convolutions (``"none"``). ``model_act="sigmoid"``,
+        ``model_pool="none"`` is the smooth network gradient-inversion attacks
+        are evaluated on (matrices/attacks.toml).
+
+    The defaults keep the task's ``model_kwargs`` at ``{"width": 8}``, so
+    cells and results from before these parameters existed stay valid.
     """
 
     name = "synthetic-imaging"
@@ -53,7 +74,8 @@ class SyntheticImaging(Dataset):
 
     def __init__(self, *, n_sites: int = 4, n_per_site: int = 400, num_classes: int = 2,
                  image_size: int = 28, acquisition_shift: float = 1.0, label_alpha: float = 2.0,
-                 test_fraction: float = 0.25, data_seed: int = 0) -> None:
+                 test_fraction: float = 0.25, data_seed: int = 0, model_act: str = "relu",
+                 model_width: int = 8, model_pool: str = "max") -> None:
         if not isinstance(n_sites, int) or n_sites < 1:
             raise ValueError(f"n_sites must be an integer >= 1, got {n_sites!r}")
         if not isinstance(n_per_site, int) or n_per_site < 8:
@@ -68,6 +90,15 @@ class SyntheticImaging(Dataset):
             raise ValueError(f"label_alpha must be > 0, got {label_alpha!r}")
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        if model_act not in MODEL_ACTS:
+            raise ValueError(f"model_act must be one of {MODEL_ACTS}, got {model_act!r}")
+        if (not isinstance(model_width, int) or isinstance(model_width, bool)
+                or model_width < 4 or model_width % 4):
+            raise ValueError(f"model_width must be a positive multiple of 4 (GroupNorm has 4 "
+                             f"groups), got {model_width!r}")
+        if model_pool not in MODEL_POOLS:
+            raise ValueError(f"model_pool must be one of {MODEL_POOLS}, got {model_pool!r}")
+        self.model_act, self.model_width, self.model_pool = model_act, model_width, model_pool
         self.n_sites, self.n_per_site, self.num_classes = n_sites, n_per_site, num_classes
         self.image_size, self.acquisition_shift = image_size, acquisition_shift
         self.label_alpha, self.test_fraction, self.data_seed = label_alpha, test_fraction, data_seed
@@ -126,8 +157,29 @@ class SyntheticImaging(Dataset):
             sites.append(Site(f"site{s}", Split(X[tr], y[tr]), Split(X[te], y[te])))
         task = Task(kind="binary" if C == 2 else "multiclass", num_classes=C,
                     input_shape=(1, self.image_size, self.image_size),
-                    metric="balanced_accuracy", model="cnn", model_kwargs={"width": 8})
+                    metric="balanced_accuracy", model="cnn", model_kwargs=self.model_kwargs())
         return FederatedData(task=task, sites=sites, natural=True)
+
+    def params(self) -> dict:
+        """Every parameter, except the ``model_*`` ones left at their defaults:
+        the resolved config (and so the cell id) of a default dataset is the
+        same as before those parameters existed, and building from it gives
+        the same dataset."""
+        out = super().params()
+        for k, v in _MODEL_DEFAULTS.items():
+            if out.get(k) == v:
+                del out[k]
+        return out
+
+    def model_kwargs(self) -> dict:
+        """The SmallCNN's keyword arguments; only non-default choices are added,
+        so the default task is unchanged (``{"width": 8}``)."""
+        kw: dict = {"width": self.model_width}
+        if self.model_act != "relu":
+            kw["act"] = self.model_act
+        if self.model_pool != "max":
+            kw["pool"] = self.model_pool
+        return kw
 
     def describe(self) -> dict:
         return {"title": "synthetic lesion images (procedural, per-site acquisition shifts)",
@@ -137,7 +189,9 @@ class SyntheticImaging(Dataset):
                 "partition": "natural: generated sites, each with its own acquisition and "
                              "class prior",
                 "sites": f"{self.n_sites} sites x {self.n_per_site} images "
-                         f"(1x{self.image_size}x{self.image_size})"}
+                         f"(1x{self.image_size}x{self.image_size})",
+                "model": f"SmallCNN (GroupNorm) width {self.model_width}, {self.model_act}, "
+                         f"pool {self.model_pool}"}
 
 
 COMPONENTS = (SyntheticImaging,)
