@@ -49,9 +49,9 @@ from harness.metrics import score
 from harness.models import build_model, get_flat_params, set_flat_params
 from harness.registry import Registry, get_registry
 from harness.training import (
+    BatchStream,
     ClientTrainer,
     RunSettings,
-    _Batches,
     make_trainer,
     predict_proba,
     to_tensors,
@@ -398,7 +398,7 @@ class CellRun:
                     return model, opt, loader
             self.trainers[i] = make_trainer(
                 self.factory_for(i)(), cctx.site.train, self.settings,
-                seed=int(self.ctx.rng("batches", i).integers(2**62)), wrap=wrap)
+                seed=self.batch_seed(i), wrap=wrap)
         steps = self.ctx.steps_for(i) if steps is None else steps
         t0 = time.perf_counter()
         new, loss = train_steps(self.trainers[i], params, steps, extra_loss=extra_loss,
@@ -628,6 +628,10 @@ class CellRun:
         assert utility is not None
         return utility
 
+    def batch_seed(self, client: int) -> int:
+        """The seed of ``client``'s minibatch stream (training and its replay)."""
+        return int(self.ctx.rng("batches", client).integers(2**62))
+
     def round1_batches(self, client: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
         """Replay the first ``steps`` minibatches of ``client``'s round-1 stream
         (the seed ``train_client`` gives its trainer); ``None`` under a
@@ -635,8 +639,7 @@ class CellRun:
         if any("local" in m.stages for m in self.privacy) or not 0 <= client < len(self.ctx.clients):
             return None
         X, y = to_tensors(self.ctx.clients[client].train)
-        stream = _Batches(X, y, self.settings.batch_size,
-                          int(self.ctx.rng("batches", client).integers(2**62)))
+        stream = BatchStream(X, y, self.settings.batch_size, self.batch_seed(client))
         return [tuple(t.numpy() for t in stream.next()) for _ in range(steps)]  # type: ignore[misc]
 
     def run_attacks(self) -> dict[str, Any]:

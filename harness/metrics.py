@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn import metrics as skm
 
@@ -21,7 +23,11 @@ def score(metric: str, y_true: np.ndarray, proba: np.ndarray) -> float:
     if metric == "accuracy":
         return float(skm.accuracy_score(y_true, pred))
     if metric == "balanced_accuracy":
-        return float(skm.balanced_accuracy_score(y_true, pred))
+        with warnings.catch_warnings():
+            # a single-class test split (a batch holding one class) is scored as the
+            # recall of that class; sklearn warns about it on every call
+            warnings.simplefilter("ignore", UserWarning)
+            return float(skm.balanced_accuracy_score(y_true, pred))
     if metric == "auroc":
         if len(np.unique(y_true)) < 2:
             return float("nan")  # undefined on a single-class split

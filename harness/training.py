@@ -109,7 +109,7 @@ def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(split.X, dtype=torch.float32), torch.as_tensor(split.y, dtype=torch.long)
 
 
-class _Batches:
+class BatchStream:
     """An endless stream of shuffled minibatches over in-memory tensors."""
 
     def __init__(self, X: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
@@ -169,7 +169,7 @@ def make_trainer(model: nn.Module, split: Split, settings: RunSettings, *, seed:
     X, y = to_tensors(split)
     opt = settings.make_optimizer(model.parameters())
     if wrap is None:
-        return ClientTrainer(model, opt, _Batches(X, y, settings.batch_size, seed), len(y))
+        return ClientTrainer(model, opt, BatchStream(X, y, settings.batch_size, seed), len(y))
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(X, y), batch_size=settings.batch_size, shuffle=True,
                         generator=gen)

@@ -171,10 +171,6 @@ def test_partitioners_run_end_to_end(run_matrix):
 def test_public_split_reaches_the_engine(run_matrix):
     """The engine's transfer-learning option pretrains on FederatedData.public:
     it runs with public_fraction > 0 and is skipped without a public split."""
-    from harness import RunSettings
-
-    if "pretrain_steps" not in RunSettings.fields():
-        pytest.skip("this harness has no pretrain_steps run setting")
     code, records = run_matrix("""
         name = "public"
         rounds = 1

@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from harness import Algorithm, ClientUpdate, RoundContext, set_flat_params
+from plugins.algorithms._distill import distill
 
 
 class FedDF(Algorithm):
@@ -76,18 +76,8 @@ class FedDF(Algorithm):
             teacher = torch.softmax(torch.stack(logits).mean(0) / T, dim=1)
         student = ctx.model_factory()
         set_flat_params(student, w_avg)
-        student.train()
-        opt = torch.optim.Adam(student.parameters(), lr=self.lr)
-        gen = ctx.torch_generator("feddf", ctx.round)
-        bs = min(self.batch_size, len(X))
-        for _ in range(self.steps):
-            idx = torch.randint(len(X), (bs,), generator=gen)
-            opt.zero_grad(set_to_none=True)
-            log_p = torch.log_softmax(student(X[idx]) / T, dim=1)
-            loss = nn.functional.kl_div(log_p, teacher[idx], reduction="batchmean") * T * T
-            loss.backward()
-            opt.step()
-        return torch.cat([p.detach().reshape(-1) for p in student.parameters()]).clone()
-
+        return distill(student, X, teacher, steps=self.steps, lr=self.lr,
+                       batch_size=self.batch_size, temperature=T,
+                       generator=ctx.torch_generator("feddf", ctx.round))
 
 COMPONENTS = (FedDF,)

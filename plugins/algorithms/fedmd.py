@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from harness import Algorithm, ClientContext, ClientUpdate, ConfigError, RoundContext, build_model
+from plugins.algorithms._distill import distill
 
 
 class FedMD(Algorithm):
@@ -122,20 +122,11 @@ class FedMD(Algorithm):
         consensus = rctx.state.get("fedmd_consensus")
         if consensus is not None and self.digest_steps:
             rows, target = consensus
-            model = ctx.model(params)
-            model.train()
-            opt = torch.optim.Adam(model.parameters(), lr=self.digest_lr)
-            gen = rctx.torch_generator("fedmd-digest", ctx.round, ctx.client)
-            xs = X[torch.as_tensor(rows)]
-            bs = min(self.digest_batch, len(xs))
-            for _ in range(self.digest_steps):
-                idx = torch.randint(len(xs), (bs,), generator=gen)
-                opt.zero_grad(set_to_none=True)
-                log_p = torch.log_softmax(model(xs[idx]) / T, dim=1)
-                loss = nn.functional.kl_div(log_p, target[idx], reduction="batchmean") * T * T
-                loss.backward()
-                opt.step()
-            params = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+            params = distill(ctx.model(params), X[torch.as_tensor(rows)], target,
+                             steps=self.digest_steps, lr=self.digest_lr,
+                             batch_size=self.digest_batch, temperature=T,
+                             generator=rctx.torch_generator("fedmd-digest", ctx.round,
+                                                            ctx.client))
         new = ctx.train(params)  # revisit: private data
         rows = self._round_rows(rctx)
         model = ctx.model(new)

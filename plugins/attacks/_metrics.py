@@ -10,12 +10,16 @@ TPR over thresholds whose FPR is ``<=`` the target (Carlini et al. 2022,
 Privacy audit: an (ε, δ)-DP mechanism bounds every membership test by
 ``TPR <= e^ε·FPR + δ`` and ``1 − FPR <= e^ε·(1 − TPR) + δ`` (Kairouz et al.
 2015). With Clopper–Pearson intervals on the measured rates this gives a
-statistically valid lower bound on ε (Jagielski, Ullman, Oprea, "Auditing
+lower bound on ε (Jagielski, Ullman, Oprea, "Auditing
 Differentially Private Machine Learning: How Private is Private SGD?",
 NeurIPS 2020; Nasr, Song, Thakurta, Papernot, Carlini, "Adversary
 Instantiation: Lower Bounds for Differentially Private Machine Learning",
 IEEE S&P 2021). The threshold is chosen on one half of the scores and the
 bound computed on the other half, so the choice does not bias the bound.
+The bound is statistically valid when membership is randomised per example
+before training (Steinke, Nasr, Jagielski 2023); here members are a fixed
+train/test split, so it is an empirical estimate of leakage, not a proof of a
+violation.
 
 Images: MSE, PSNR and SSIM on images in [0, 1] from scikit-image
 (``skimage.metrics``), after matching reconstructions to ground truth with

@@ -66,7 +66,6 @@ class DPSGD(PrivacyMechanism):
 
     def setup(self, ctx: RoundContext) -> None:
         self._sites = {}
-        self._ctx = ctx
 
     def make_private(self, ctx: ClientContext, model: torch.nn.Module,
                      optimizer: torch.optim.Optimizer, loader: Any) -> tuple[Any, Any, Any]:

@@ -223,6 +223,10 @@ class HECKKS(PrivacyMechanism):
                           if s["encrypted_values"] else None),
             "public_context_bytes": len(self.key_holder.public_context)
             if hasattr(self, "key_holder") else None,
+            "determinism": ("CKKS encryption draws its own randomness (TenSEAL cannot be "
+                            "seeded), so the decrypted sum carries approximation noise of about "
+                            "1e-7 relative that differs between runs; metrics of he-ckks cells "
+                            "agree between runs only to that precision"),
         }
         return out
 
