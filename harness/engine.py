@@ -548,7 +548,9 @@ class CellRun:
                               hook="client_update", exc_type="ValueError")
         if not torch.isfinite(upd.delta).all():
             raise Diverged(f"client {upd.client} sent a non-finite update")
-        if not math.isfinite(upd.metrics.get("loss", 0.0)):
+        # a NaN loss means no loss was measured (every Poisson batch of the round
+        # was empty, DP-SGD); local training raises Diverged on a measured one
+        if math.isinf(upd.metrics.get("loss", 0.0)):
             raise Diverged(f"client {upd.client} training loss is {upd.metrics['loss']}")
 
     # -- evaluation ----------------------------------------------------------
