@@ -26,6 +26,16 @@ gradient of all the images used) or ``"simulate"`` (unroll K SGD steps on
 K batches of dummy images and match the simulated update, Geiping et al.
 2020, Sec. 5).
 
+The architecture decides what these attacks can do. On synthetic-imaging
+(one image, FedSGD, round 1) with the smooth SmallCNN (``act="sigmoid"``,
+``pool="none"``: stride-2 convolutions, as in Zhu et al. 2019) iDLG reaches
+about 47-51 dB and IG about 31-35 dB; with average pooling 25-33 dB; with
+the default ReLU + max-pooling only 10-16 dB (ReLU has zero second
+derivative, so the gradient-matching landscape is piecewise and L-BFGS
+stalls; max-pooling passes the gradient of only one pixel in four). Under
+clipping (dp-fedavg with central noise, the server sees the clipped update)
+IG's cosine loss is scale-free and still succeeds; DLG's L2 loss does not.
+
 Scoring uses ground truth the attacker does not have: the images the client
 trained on in round 1 (replayed by the engine), matched to reconstructions
 with the Hungarian algorithm; MSE, PSNR, SSIM (scikit-image) and label
