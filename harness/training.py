@@ -191,26 +191,28 @@ def train_steps(trainer: ClientTrainer, params: torch.Tensor, steps: int, *,
     if reset_optimizer:
         opt.state.clear()
     model.train()
-    total, count = 0.0, 0
+    inner = _inner(model)
+    total = torch.zeros(())
+    count = 0
     for _ in range(steps):
         xb, yb = trainer.batches.next()
+        opt.zero_grad(set_to_none=True)
         if len(yb) == 0:  # Poisson sampling can draw an empty batch
-            opt.zero_grad(set_to_none=True)
             opt.step()
             continue
-        opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(xb), yb)
-        if not torch.isfinite(loss):
-            raise Diverged(f"local training loss became {loss.item()}")
-        full = loss + extra_loss(_inner(model)) if extra_loss is not None else loss
+        full = loss + extra_loss(inner) if extra_loss is not None else loss
         full.backward()
         if grad_hook is not None:
-            grad_hook(_inner(model))
+            grad_hook(inner)
         opt.step()
-        total += float(loss.detach())
+        total += loss.detach()
         count += 1
-    new = torch.cat([p.detach().reshape(-1) for p in _inner(model).parameters()]).clone()
-    return new, (total / count if count else float("nan"))
+    mean = float(total) / count if count else float("nan")
+    if count and not math.isfinite(mean):  # checked once per round: no sync per step
+        raise Diverged(f"local training loss became {mean}")
+    new = torch.cat([p.detach().reshape(-1) for p in inner.parameters()]).clone()
+    return new, mean
 
 
 def _inner(model: nn.Module) -> nn.Module:

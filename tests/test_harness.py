@@ -175,6 +175,22 @@ def test_plugin_error_nan_and_other_cells(test_plugins, run_matrix, capsys):
     assert by["fedavg"]["status"] == "ok"
 
 
+def test_real_training_that_overflows_is_diverged(run_matrix):
+    code, records = run_matrix("""
+        rounds = 3
+        [axes]
+        dataset = [{ name = "synthetic-tabular", n_samples = 400 }]
+        algorithm = ["fedavg", "centralized"]
+        [run.fedavg]
+        lr = 3e38
+    """)
+    assert code == 1
+    by = {r["config"]["algorithm"]["name"]: r for r in records}
+    assert by["fedavg"]["status"] == "diverged"
+    assert "loss became nan" in by["fedavg"]["error"]["message"]
+    assert by["centralized"]["status"] == "ok"  # the other cell is unaffected
+
+
 def test_process_executor_survives_crash_and_timeout(test_plugins, run_matrix, tmp_path):
     text = """
         rounds = 2
