@@ -351,9 +351,9 @@ def test_bad_parameters_are_config_errors(reg):
                      ({"model_pool": "min"}, "model_pool")]:
         with pytest.raises(ConfigError, match=key):
             reg.build("dataset", {"name": "synthetic-imaging", **bad})
-    # the default dataset's config (so its cell ids) and model are as before
+    # the default dataset's model is as before; the model choice is part of the config
     ds = reg.build("dataset", {"name": "synthetic-imaging"})
-    assert not any(k.startswith("model_") for k in ds.config())
+    assert ds.config()["model_act"] == "relu"
     assert ds.load(seed=0).task.model_kwargs == {"width": 8}
     smooth = reg.build("dataset", SMOOTH_IMAGING)
     assert reg.build("dataset", smooth.config()).params() == smooth.params()

@@ -33,7 +33,6 @@ from plugins.datasets._common import split_indices
 HARMONICS = np.arange(2, 10)
 MODEL_ACTS = ("relu", "sigmoid", "tanh")
 MODEL_POOLS = ("max", "avg", "none")
-_MODEL_DEFAULTS = {"model_act": "relu", "model_width": 8, "model_pool": "max"}
 
 
 class SyntheticImaging(Dataset):
@@ -159,17 +158,6 @@ class SyntheticImaging(Dataset):
                     input_shape=(1, self.image_size, self.image_size),
                     metric="balanced_accuracy", model="cnn", model_kwargs=self.model_kwargs())
         return FederatedData(task=task, sites=sites, natural=True)
-
-    def params(self) -> dict:
-        """Every parameter, except the ``model_*`` ones left at their defaults:
-        the resolved config (and so the cell id) of a default dataset is the
-        same as before those parameters existed, and building from it gives
-        the same dataset."""
-        out = super().params()
-        for k, v in _MODEL_DEFAULTS.items():
-            if out.get(k) == v:
-                del out[k]
-        return out
 
     def model_kwargs(self) -> dict:
         """The SmallCNN's keyword arguments; only non-default choices are added,
