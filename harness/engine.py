@@ -439,8 +439,9 @@ class CellRun:
         if not sampled:
             return {"loss": float("nan"), "clients": []}
         nbytes_model = w.numel() * 4
-        self.cost["bytes_down"] += int(self.call(self.algorithm, "bytes_down", ctx,
-                                                 nbytes_model)) * len(sampled)
+        if self.topology == "federated":
+            self.cost["bytes_down"] += int(self.call(self.algorithm, "bytes_down", ctx,
+                                                     nbytes_model)) * len(sampled)
         updates: list[ClientUpdate] = []
         for i in sampled:
             cctx = ClientContext(ctx, i, ctx.clients[i], self)
@@ -480,8 +481,9 @@ class CellRun:
             weights = (self.call(self.aggregator, "weights", updates)
                        if self.aggregator.linear else None)
             agg = self.call(self.aggregator, "aggregate", updates)
-            self.cost["bytes_up"] += sum(int(u.metrics.get("bytes", u.delta.numel() * 4))
-                                         for u in updates)
+            if self.topology == "federated":  # pooled training sends nothing
+                self.cost["bytes_up"] += sum(int(u.metrics.get("bytes", u.delta.numel() * 4))
+                                             for u in updates)
             if keep_view:
                 self.views[rnd] = ServerView(
                     rnd, "plaintext", [u.client for u in updates], w.clone(),

@@ -11,17 +11,28 @@ Each client is made private **once per cell** (the engine calls
 across rounds. With ``epsilon`` set, σ is solved per site over the whole
 planned training (``rounds × local steps`` at that site's sample rate) with
 Opacus's ``get_noise_multiplier``, so the planned ε never exceeds the target.
+
+Noise and Poisson sampling draw from seeded torch generators so that a cell is
+reproducible; that is Opacus's ``secure_mode=False`` (not a cryptographically
+secure RNG), which is right for a benchmark and wrong for a deployment: the
+record says so under ``noise_rng``.
 """
 
 from __future__ import annotations
 
 import types
+import warnings
 from typing import Any
 
 import torch
 
 from harness import ClientContext, PrivacyMechanism, RoundContext
 from harness.accounting import check_accountant, epsilon_for, noise_for_epsilon
+
+# stated in every record instead (noise_rng); and Opacus's backward hooks warn on
+# every step that the input needs no gradient, which is expected here
+warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
 
 
 class DPSGD(PrivacyMechanism):
@@ -118,6 +129,8 @@ class DPSGD(PrivacyMechanism):
             "sample_rate": max((s["sample_rate"] for s in per_site.values()), default=None),
             "steps": max((s["steps"] for s in per_site.values()), default=0),
             "per_site": per_site,
+            "noise_rng": ("seeded torch generator for reproducibility (Opacus secure_mode off: "
+                          "not a cryptographically secure RNG)"),
             "sampling": ("record-level Poisson sampling inside each site (Opacus DPDataLoader, "
                          "q_i = 1/ceil(n_i/batch_size)); epsilon is per site over that site's "
                          "records and counts only the steps the site took; no amplification "
