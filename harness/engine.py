@@ -713,7 +713,9 @@ def cell_info(cfg: dict[str, Any], reg: Registry) -> dict[str, Any]:
     about the other components (topology, linearity, transport)."""
     alg = reg.get("algorithm", cfg["algorithm"]["name"]).cls
     agg = reg.get("aggregator", cfg["aggregator"]["name"]).cls
-    privs = [reg.get("privacy", p["name"]).cls for p in cfg["privacy"]]
+    # instances, not classes: a mechanism's view may depend on its parameters
+    # (he-ckks encrypting only some layers shows the server the rest)
+    privs = [reg.build("privacy", p) for p in cfg["privacy"]]
     return {
         **cfg,
         "topology": alg.topology,
