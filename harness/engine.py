@@ -842,12 +842,15 @@ def provenance(reg: Registry) -> dict[str, Any]:
 
 
 def _git_commit() -> str | None:
+    """The source checkout's HEAD; for an installed wheel (tox, CI), the commit
+    named by ``FEDMEDBENCH_GIT_COMMIT`` or GitHub's ``GITHUB_SHA``."""
+    import os
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
-        return None
+        return os.environ.get("FEDMEDBENCH_GIT_COMMIT") or os.environ.get("GITHUB_SHA") or None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5)
