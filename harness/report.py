@@ -84,11 +84,12 @@ def topology_of(algorithm: str) -> str:
     (reports from CI artifacts read on another machine)."""
     if algorithm not in _TOPOLOGY_CACHE:
         topo = "federated"
-        try:
-            from harness.registry import get_registry
+        from harness.errors import ConfigError
+        from harness.registry import get_registry
 
+        try:
             topo = str(get_registry().get("algorithm", algorithm).cls.topology)
-        except Exception:  # unknown here: treat as federated, say so in no table
+        except ConfigError:  # not installed here: records older than the topology field
             pass
         _TOPOLOGY_CACHE[algorithm] = topo
     return _TOPOLOGY_CACHE[algorithm]
