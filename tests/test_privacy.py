@@ -178,6 +178,52 @@ def test_dp_fedavg_needs_an_unweighted_mean(run_matrix):
     assert 'by = "uniform"' in recs[0]["error"]["message"]
 
 
+def test_stacks_whose_claim_would_not_hold_are_skipped_with_the_reason(run_matrix):
+    """Client-level DP refuses what would leak around its noise or break its
+    sensitivity bound; nothing of these cells trains."""
+    code, recs = run_matrix("""
+        rounds = 1
+        [axes]
+        dataset = ["heart-disease"]
+        partitioner = [{ name = "natural", public_fraction = 0.1 }]
+        algorithm = ["fedavg", "scaffold", "feddf"]
+        aggregator = [{ name = "weighted-mean", by = "uniform" }]
+        privacy = ["dp-fedavg", { name = "secagg", dropout_rate = 0.25 },
+                   ["dp-fedavg", { name = "secagg", dropout_rate = 0.25 }]]
+        compressor = ["none", "top-k"]
+        [run.secagg]
+        client_sampling = "poisson"
+    """)
+    assert code == 0
+    by = {(r["labels"]["algorithm"], r["labels"]["privacy"], r["labels"]["compressor"]): r
+          for r in recs}
+
+    def reason(alg, priv, comp="none"):
+        r = by[(alg, priv, comp)]
+        return r["error"]["message"] if r["status"] == "skipped" else r["status"]
+
+    assert "sensitivity bound" in reason("fedavg", "dp-fedavg", "top-k")
+    assert "control-variate deltas" in reason("scaffold", "dp-fedavg")
+    assert "every client's model" in reason("feddf", "dp-fedavg")
+    both = "dp-fedavg+secagg(dropout_rate=0.25)"
+    assert "Poisson sampling makes data-dependent" in reason("fedavg", both)
+    assert by[("fedavg", "dp-fedavg", "none")]["status"] == "ok"
+    assert by[("fedavg", "secagg(dropout_rate=0.25)", "none")]["status"] == "ok"
+
+
+def test_dropouts_need_uniform_weights_and_cannot_carry_distributed_noise(run_matrix, tmp_path):
+    text = HEART.format(rounds=1, privacy='[{name = "secagg", dropout_rate = 0.25}]').replace(
+        'by = "uniform"', 'by = "examples"')
+    code, recs = run_matrix(text)
+    assert code == 0 and recs[0]["status"] == "skipped"
+    assert "uniform weights" in recs[0]["error"]["message"]
+    code, recs = run_matrix(HEART.format(
+        rounds=1, privacy='[["dp-fedavg", {name = "secagg", dropout_rate = 0.25}]]'),
+        out=tmp_path / "distributed")
+    assert code == 0 and len(recs) == 1 and recs[0]["status"] == "skipped"
+    assert "drops clients" in recs[0]["error"]["message"]
+
+
 # --------------------------------------------------------------------------
 # secure aggregation
 # --------------------------------------------------------------------------
