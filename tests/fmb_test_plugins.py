@@ -67,6 +67,25 @@ class Sleepy(Algorithm):
         time.sleep(120)
 
 
+#: what the observer hooks below saw, in order (a tracker would log these)
+OBSERVED: list[tuple] = []
+
+
+@hookimpl
+def on_cell_start(cell):
+    OBSERVED.append(("start", cell["cell_id"]))
+
+
+@hookimpl
+def on_round_end(cell, round, metrics):
+    OBSERVED.append(("round", cell["cell_id"], round, metrics["loss"]))
+
+
+@hookimpl
+def on_cell_end(cell, record):
+    OBSERVED.append(("end", cell["cell_id"], record["status"]))
+
+
 @hookimpl
 def register_algorithms(register):
     for cls in (Boom, NaNTraining, Crash, Sleepy):

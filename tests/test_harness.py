@@ -272,3 +272,23 @@ def test_duplicate_names_and_disabling(monkeypatch):
     reg = get_registry(extra=[_Dupe()], refresh=True)  # no clash once built-ins are blocked
     assert reg.get("algorithm", "fedavg").plugin == "dupe-plugin"
     assert "centralized" not in reg.names("algorithm")
+
+
+def test_observer_hooks_see_every_round(test_plugins, run_matrix):
+    import fmb_test_plugins
+
+    fmb_test_plugins.OBSERVED.clear()
+    text = """
+        rounds = 3
+        [axes]
+        dataset = [{ name = "synthetic-tabular", n_samples = 400 }]
+        algorithm = ["fedavg"]
+    """
+    code, records = run_matrix(text)
+    assert code == 0
+    cid = records[0]["cell_id"]
+    seen = fmb_test_plugins.OBSERVED
+    assert seen[0] == ("start", cid) and seen[-1] == ("end", cid, "ok")
+    rounds = [e for e in seen if e[0] == "round"]
+    assert [e[2] for e in rounds] == [1, 2, 3]
+    assert [e[3] for e in rounds] == [h["loss"] for h in records[0]["history"]]
