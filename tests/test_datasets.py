@@ -458,3 +458,20 @@ def test_shipped_matrix_fl_between_local_and_centralized(run_matrix):
     for ds in ("heart-disease", "bladderbatch"):
         assert util[(ds, "fedavg")] > util[(ds, "local")] + 0.05, util
         assert util[(ds, "centralized")] > util[(ds, "local")], util
+
+
+def test_support2_long_stay_target_thresholds_the_real_length_of_stay():
+    from harness import shipped_file
+    from harness.errors import ConfigError
+    from harness.registry import get_registry
+
+    reg = get_registry()
+    data = reg.build("dataset", {"name": "support2", "target": "long-stay",
+                                 "long_stay_days": 10}).load(seed=0)
+    y = np.concatenate([np.concatenate([s.train.y, s.test.y]) for s in data.sites])
+    slos = pd.read_csv(shipped_file("support2", "support2.csv.gz"),
+                       skipinitialspace=True)["slos"].dropna()
+    assert len(y) == len(slos) and y.sum() == int((slos > 10).sum())
+    assert data.task.metric == "auroc"
+    with pytest.raises(ConfigError, match="target must be one of"):
+        reg.build("dataset", {"name": "support2", "target": "los"})

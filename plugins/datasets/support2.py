@@ -7,6 +7,12 @@ class ``dzclass`` (4 sites) or the finer disease group ``dzgroup`` (8 sites).
 Case mix then differs strongly between sites (in-hospital mortality ranges
 from 9% in Cancer to 61% in Coma): a realistic kind of non-IID data, but not
 hospitals. The shipped file and its card live in ``datasets/support2/``.
+
+The primary task is in-hospital death (``hospdead``). ``target="long-stay"``
+predicts instead a length of stay (``slos``, days from study entry to
+discharge or death) above ``long_stay_days`` — a prolonged-stay task, since a
+record's label must be a class. Predictors are the same baseline and day-3
+values in both tasks.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from plugins.datasets._common import (
 )
 
 FILE = "support2.csv.gz"
-PREPROCESSING_VERSION = "support2-1"
+PREPROCESSING_VERSION = "support2-2"
+TARGETS = ("hospdead", "long-stay")
 SPLIT_SEED = 2024  # the train/test split is fixed, whatever the run seed
 TEST_FRACTION = 0.3
 SITE_COLUMNS = ("dzclass", "dzgroup")
@@ -49,22 +56,35 @@ class Support2(Dataset):
     ----------
     site_column : {"dzclass", "dzgroup"}, default "dzclass"
         Which diagnosis column defines the pseudo-sites (4 or 8 sites).
+    target : {"hospdead", "long-stay"}, default "hospdead"
+        In-hospital death, or a length of stay above ``long_stay_days``.
+    long_stay_days : int, default 14
+        Threshold of the ``long-stay`` task (days of ``slos``).
     """
 
     name = "support2"
     card = "support2"
     run_defaults = {"batch_size": 64, "lr": 0.1, "local_steps": 20}
 
-    def __init__(self, *, site_column: str = "dzclass") -> None:
+    def __init__(self, *, site_column: str = "dzclass", target: str = "hospdead",
+                 long_stay_days: int = 14) -> None:
         if site_column not in SITE_COLUMNS:
             raise ValueError(f"site_column must be one of {SITE_COLUMNS}, got {site_column!r}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        if not isinstance(long_stay_days, int) or long_stay_days < 1:
+            raise ValueError(f"long_stay_days must be an integer >= 1, got {long_stay_days!r}")
         self.site_column = site_column
+        self.target = target
+        self.long_stay_days = long_stay_days
 
     def load(self, *, seed: int) -> FederatedData:
         path = shipped_file(self.card, FILE)
         arrays = cached_arrays(
-            [self.name, sha256_file(path), PREPROCESSING_VERSION, self.site_column],
-            lambda: preprocess(pd.read_csv(path, skipinitialspace=True), self.site_column))
+            [self.name, sha256_file(path), PREPROCESSING_VERSION, self.site_column, self.target,
+             str(self.long_stay_days)],
+            lambda: preprocess(pd.read_csv(path, skipinitialspace=True), self.site_column,
+                               self.target, self.long_stay_days))
         names = [str(s) for s in arrays["site_names"]]
         features = [str(f) for f in arrays["features"]]
         task = Task(kind="binary", num_classes=2, input_shape=(len(features),), metric="auroc",
@@ -88,17 +108,22 @@ def features_of(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def preprocess(df: pd.DataFrame, site_column: str) -> dict[str, np.ndarray]:
+def preprocess(df: pd.DataFrame, site_column: str, target: str = "hospdead",
+               long_stay_days: int = 14) -> dict[str, np.ndarray]:
     """Fixed per-site stratified 70/30 split, then standardisation with the
     pooled training rows only (a missing value becomes the training mean)."""
-    missing = [c for c in [*NUMERIC, "hospdead", "sex", site_column, *ONEHOT] if c not in df]
+    label = "hospdead" if target == "hospdead" else "slos"
+    missing = [c for c in [*NUMERIC, label, "sex", site_column, *ONEHOT] if c not in df]
     if missing:
         raise ValueError(f"support2 file lacks columns {missing}")
-    df = df[df["hospdead"].notna()].reset_index(drop=True)
+    df = df[df[label].notna()].reset_index(drop=True)
     names = sorted(df[site_column].dropna().unique())
     feats = features_of(df)
     X_all = feats.to_numpy(dtype=np.float64)
-    y_all = df["hospdead"].to_numpy().astype(np.int64)
+    if target == "hospdead":
+        y_all = df["hospdead"].to_numpy().astype(np.int64)
+    else:
+        y_all = (pd.to_numeric(df["slos"]) > long_stay_days).to_numpy().astype(np.int64)
     rng = np.random.default_rng(SPLIT_SEED)
     tr_rows, te_rows, tr_site, te_site = [], [], [], []
     for i, name in enumerate(names):
