@@ -192,6 +192,8 @@ def train_steps(trainer: ClientTrainer, params: torch.Tensor, steps: int, *,
         opt.state.clear()
     model.train()
     inner = _inner(model)
+    params = [p for p in inner.parameters() if p.requires_grad]
+    private = hasattr(opt, "pre_step") and hasattr(opt, "original_optimizer")  # Opacus
     total = torch.zeros(())
     count = 0
     for _ in range(steps):
@@ -201,6 +203,22 @@ def train_steps(trainer: ClientTrainer, params: torch.Tensor, steps: int, *,
             opt.step()
             continue
         loss = nn.functional.cross_entropy(model(xb), yb)
+        if extra_loss is not None and private:
+            # Opacus rebuilds p.grad from the clipped, noised per-sample gradients and
+            # would drop a regulariser's gradient. A data-independent term (FedProx's
+            # proximal term) is added after privatisation: post-processing, no ε cost.
+            loss.backward()
+            if opt.pre_step():
+                extra = torch.autograd.grad(extra_loss(inner), params, allow_unused=True)
+                for p, g in zip(params, extra):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+                if grad_hook is not None:
+                    grad_hook(inner)
+                opt.original_optimizer.step()
+            total += loss.detach()
+            count += 1
+            continue
         full = loss + extra_loss(inner) if extra_loss is not None else loss
         full.backward()
         if grad_hook is not None:
