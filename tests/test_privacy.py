@@ -211,6 +211,14 @@ def test_stacks_whose_claim_would_not_hold_are_skipped_with_the_reason(run_matri
     assert by[("fedavg", "secagg(dropout_rate=0.25)", "none")]["status"] == "ok"
 
 
+def test_dp_sgd_refuses_performance_weights(run_matrix):
+    text = HEART.format(rounds=1, privacy='["dp-sgd"]').replace(
+        'by = "uniform"', 'by = "performance"')
+    code, recs = run_matrix(text)
+    assert code == 0 and recs[0]["status"] == "skipped"
+    assert "outside the DP-SGD guarantee" in recs[0]["error"]["message"]
+
+
 def test_dropouts_need_uniform_weights_and_cannot_carry_distributed_noise(run_matrix, tmp_path):
     text = HEART.format(rounds=1, privacy='[{name = "secagg", dropout_rate = 0.25}]').replace(
         'by = "uniform"', 'by = "examples"')

@@ -75,6 +75,14 @@ class DPSGD(PrivacyMechanism):
         self.accountant = accountant
         self._sites: dict[int, dict[str, Any]] = {}
 
+    def validate(self, cell: Any) -> str | None:
+        agg = cell.get("aggregator") or {}
+        if agg.get("by") == "performance":
+            return ("weighting by performance sends each client's accuracy on its own held-out "
+                    "records to the server every round without noise, outside the DP-SGD "
+                    "guarantee; weight by examples or uniformly")
+        return None
+
     def setup(self, ctx: RoundContext) -> None:
         self._sites = {}
 
