@@ -46,6 +46,8 @@ directory.
 from __future__ import annotations
 
 import copy
+import itertools
+from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -112,6 +114,33 @@ def recover_labels(model: nn.Module, grad: torch.Tensor, num_classes: int, batch
     while counts.sum() > batch:
         counts[int(np.argmax(counts))] -= 1
     return [c for c in range(num_classes) for _ in range(counts[c])]
+
+
+def step_label_orders(labels: list[int] | None, steps: int, limit: int = 24
+                      ) -> list[list[int]]:
+    """The distinct ways to deal a label multiset over ``steps`` equal batches
+    (order within a batch ignored), at most ``limit`` of them; ``[]`` for one
+    step or no labels. Label counts (iDLG) do not say which step saw which."""
+    if labels is None or steps <= 1 or len(labels) % steps:
+        return []
+    per = len(labels) // steps
+    out: list[list[int]] = []
+    seen: set[tuple[tuple[int, ...], ...]] = set()
+
+    def deal(rest: Counter, acc: list[tuple[int, ...]]) -> None:
+        if len(out) >= limit:
+            return
+        if not rest:
+            key = tuple(acc)
+            if key not in seen:
+                seen.add(key)
+                out.append([v for b in acc for v in b])
+            return
+        for combo in sorted(set(itertools.combinations(sorted(rest.elements()), per))):
+            deal(rest - Counter(combo), [*acc, combo])
+
+    deal(Counter(int(v) for v in labels), [])
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -326,12 +355,21 @@ class _GradInv(Attack):
             labels = [int(v) for v in truth_y[participants.index(c)][:n_img]]
         else:
             labels = None
+        common = dict(shape=tuple(task.input_shape), n_images=n_img,
+                      num_classes=task.num_classes, lr=lr_eff, steps=k, method=self.method,
+                      tv=self.tv, step_size=self.step_size, seed=ctx.seed)
+        orders = step_label_orders(labels, k) if (simulate and label_mode == "idlg") else []
+        if len(orders) > 1:
+            # iDLG gives the label counts of all K steps, not which step saw which
+            # label: a short probe of each assignment, keep the best-matching one
+            probe = max(10, self.iterations // 10)
+            losses = [invert(model, observed, labels=o, iterations=probe, restarts=1,
+                             **common)[2] for o in orders]
+            labels = orders[int(np.argmin(losses))]
         torch.manual_seed(ctx.seed)
-        recon, rec_labels, final = invert(
-            model, observed, shape=tuple(task.input_shape), n_images=n_img,
-            num_classes=task.num_classes, lr=lr_eff, steps=k, method=self.method,
-            labels=labels, iterations=self.iterations, tv=self.tv, step_size=self.step_size,
-            restarts=self.restarts, seed=ctx.seed)
+        recon, rec_labels, final = invert(model, observed, labels=labels,
+                                          iterations=self.iterations, restarts=self.restarts,
+                                          **common)
         scores = match_images(recon, tx)
         matched = tx[scores["assignment"]]
         out: dict[str, Any] = {
@@ -356,10 +394,14 @@ class _GradInv(Attack):
                            "idlg": "inferred analytically from the output-layer gradient",
                            "known": "known to the attacker"}[label_mode],
                 "local_steps": steps,
-                "gradient": (f"{steps} local SGD steps simulated on dummy batches" if simulate
+                "gradient": (f"{steps} local SGD steps simulated on dummy batches of "
+                             f"{n_img // steps} (the client's: {bsz})" if simulate
                              else "-delta / lr (exact for one SGD step)" if steps == 1 else
                              f"-delta / (lr*{steps}): {steps} local steps read as one gradient "
                              f"of all images used"),
+                "step_labels": (f"the label counts' assignment to the {steps} steps chosen "
+                                f"among {len(orders)} by a short matching probe each"
+                                if len(orders) > 1 else None),
                 "model_state": "the round-1 global model (sent by the server) and the "
                                "architecture; client optimizer assumed plain SGD with "
                                f"lr={s.lr}, batch size {s.batch_size}",
