@@ -259,9 +259,10 @@ def test_gradient_inversion_batches_and_multi_step_updates(reg, tmp_path):
     """Real cells, undefended, smooth SmallCNN: IG (300 iterations, TV 1e-2,
     labels by iDLG) against a FedSGD update of batch 1, 2, 4 and a 3-step
     FedAvg update (batch 1) read as one gradient ("average") or unrolled
-    ("simulate"). Measured (seed 0): FedSGD B=1 22.9 dB, B=2 ~20 dB, B=4
-    ~17 dB, labels always recovered; 3 steps: simulate 14.7 dB with every
-    image's label right, average 8.3 dB."""
+    ("simulate"). Measured (seed 0): FedSGD B=1 22.6 dB (SSIM 0.78), B=2
+    18.1 dB (0.72), B=4 15.2 dB (0.54), labels always recovered; 3 steps:
+    simulate 14.7 dB (0.41) with every image's label on its step, average
+    8.1 dB (0.01). Thresholds leave ~2 dB of margin."""
     axes = {"dataset": [SMOOTH_IMAGING], "algorithm": ["fedavg"],
             "aggregator": [{"name": "weighted-mean", "by": "uniform"}], "privacy": ["none"]}
     ig = {"name": "gradinv-ig", "iterations": 300, "tv": 1e-2, "max_images": 4}
@@ -281,7 +282,7 @@ def test_gradient_inversion_batches_and_multi_step_updates(reg, tmp_path):
         assert r["assumptions"]["gradient"].startswith("-delta / lr")
     assert fedsgd[1]["psnr"] >= 20, fedsgd[1]["psnr"]
     # batches: each matched image still far above noise (random images: ~6-8 dB)
-    assert fedsgd[2]["psnr"] >= 16 and fedsgd[4]["psnr"] >= 14, \
+    assert fedsgd[2]["psnr"] >= 15 and fedsgd[4]["psnr"] >= 13, \
         (fedsgd[2]["psnr"], fedsgd[4]["psnr"])
     assert fedsgd[4]["psnr"] < fedsgd[1]["psnr"] and fedsgd[4]["ssim"] < fedsgd[1]["ssim"]
 
@@ -337,8 +338,8 @@ def test_dp_sgd_cell_audit_stays_within_its_claimed_epsilon(reg, tmp_path):
     per site by its RDP accountant) against the cell without DP, both
     attacked by mia-loss on the final global model and on client a's last
     local model. Measured (seed 0, 8 rounds): no DP AUC 0.705, advantage
-    0.43, audited ε >= 2.3; dp-sgd AUC 0.52, advantage 0.06, audited ε 0
-    against the claimed 0.998."""
+    0.43, audited ε 2.3 (client target: 0.734, 0.54, 2.6); dp-sgd AUC
+    0.52, advantage 0.06, audited ε 0 against the claimed 0.998 (both targets)."""
     axes = {"dataset": ["test-overfit"], "algorithm": ["fedavg"],
             "privacy": ["none", {"name": "dp-sgd", "epsilon": 1.0}]}
     for target in ("global", "client"):
