@@ -16,6 +16,8 @@ taken from each site's training rows, so the sites stay the real sites.
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from harness import FederatedData, Partitioner, Site, Split
@@ -86,15 +88,16 @@ class Natural(Partitioner):
         return FederatedData(task=data.task, sites=sites, public=public, natural=data.natural)
 
 
-class PooledPartitioner(Partitioner):
+class PooledPartitioner(Partitioner, abc.ABC):
     """Base of the partitioners that pool every site, carve out the public
     split, then deal rows to clients (:meth:`split`)."""
 
     prefix = "client"
 
+    @abc.abstractmethod
     def split(self, train: Split, test: Split, rng: np.random.Generator
               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        raise NotImplementedError
+        """Row indices of each client's train and test split."""
 
     def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
         train, test = data.pooled_train(), data.pooled_test()
