@@ -47,6 +47,18 @@ def apply_scaler(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray
     return np.nan_to_num(Z, nan=0.0).astype(np.float32)
 
 
+def scaled_arrays(X_all: np.ndarray, y_all: np.ndarray, tr: np.ndarray, te: np.ndarray,
+                  site: np.ndarray, site_test: np.ndarray, **extra: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """The cached arrays of a loader: rows ``tr``/``te`` of ``X_all``
+    standardised with the training rows' statistics only, their labels and
+    sites, the source row numbers, and ``extra`` (features, site names)."""
+    mean, std = fit_scaler(X_all[tr])  # training rows only
+    return {"X": apply_scaler(X_all[tr], mean, std), "y": y_all[tr], "site": site,
+            "X_test": apply_scaler(X_all[te], mean, std), "y_test": y_all[te],
+            "site_test": site_test, "row": tr, "row_test": te, **extra}
+
+
 def sites_from_arrays(arrays: dict[str, np.ndarray], names: list[str]) -> list[Site]:
     """Rebuild sites from the cached arrays ``X, y, site, X_test, y_test, site_test``."""
     sites = []

@@ -32,8 +32,7 @@ from harness import (
     verify_checksum,
 )
 from plugins.datasets._common import (
-    apply_scaler,
-    fit_scaler,
+    scaled_arrays,
     sites_from_arrays,
     split_indices,
 )
@@ -200,14 +199,8 @@ def preprocess(files: dict[str, Path], min_stays: int) -> dict[str, np.ndarray]:
         tr.append(rows[a]), te.append(rows[b])
         tr_site.append(np.full(len(a), i)), te_site.append(np.full(len(b), i))
     tr_rows, te_rows = np.concatenate(tr), np.concatenate(te)
-    mean, std = fit_scaler(X_all[tr_rows])
-    return {
-        "X": apply_scaler(X_all[tr_rows], mean, std), "y": y_all[tr_rows],
-        "site": np.concatenate(tr_site),
-        "X_test": apply_scaler(X_all[te_rows], mean, std), "y_test": y_all[te_rows],
-        "site_test": np.concatenate(te_site), "row": tr_rows, "row_test": te_rows,
-        "site_names": np.array(hospitals),
-    }
+    return scaled_arrays(X_all, y_all, tr_rows, te_rows, np.concatenate(tr_site),
+                         np.concatenate(te_site), site_names=np.array(hospitals))
 
 
 COMPONENTS = (EICU,)

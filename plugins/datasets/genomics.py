@@ -25,8 +25,7 @@ from scipy.io import arff
 
 from harness import Dataset, FederatedData, Task, cached_arrays, sha256_file, shipped_file
 from plugins.datasets._common import (
-    apply_scaler,
-    fit_scaler,
+    scaled_arrays,
     sites_from_arrays,
     sizes,
     split_indices,
@@ -89,14 +88,9 @@ class BladderBatch(Dataset):
             var = X_all[tr_rows].var(axis=0)
             keep = np.sort(np.argsort(-var, kind="stable")[:self.n_genes])
         X_all = X_all[:, keep]
-        mean, std = fit_scaler(X_all[tr_rows])
-        return {
-            "X": apply_scaler(X_all[tr_rows], mean, std), "y": y_all[tr_rows],
-            "site": np.concatenate(tr_site),
-            "X_test": apply_scaler(X_all[te_rows], mean, std), "y_test": y_all[te_rows],
-            "site_test": np.concatenate(te_site), "row": tr_rows, "row_test": te_rows,
-            "features": np.array(genes)[keep], "site_names": np.array([f"batch{b}" for b in batches]),
-        }
+        return scaled_arrays(X_all, y_all, tr_rows, te_rows, np.concatenate(tr_site),
+                             np.concatenate(te_site), features=np.array(genes)[keep],
+                             site_names=np.array([f"batch{b}" for b in batches]))
 
     def describe(self) -> dict:
         return {"sites": sizes(self.load(seed=0).sites)}
@@ -148,13 +142,8 @@ class GSE7390(Dataset):
         X_all = feats.to_numpy(dtype=np.float64)
         y_all = (df["e.tdm"] == "1").to_numpy().astype(np.int64)
         tr, te = split_indices(y_all, TEST_FRACTION, np.random.default_rng(self.SPLIT_SEED))
-        mean, std = fit_scaler(X_all[tr])
-        return {
-            "X": apply_scaler(X_all[tr], mean, std), "y": y_all[tr], "site": np.zeros(len(tr)),
-            "X_test": apply_scaler(X_all[te], mean, std), "y_test": y_all[te],
-            "site_test": np.zeros(len(te)), "features": np.array(list(feats.columns)),
-            "row": tr, "row_test": te,
-        }
+        return scaled_arrays(X_all, y_all, tr, te, np.zeros(len(tr)), np.zeros(len(te)),
+                             features=np.array(list(feats.columns)))
 
     def describe(self) -> dict:
         return {"sites": sizes(self.load(seed=0).sites)}

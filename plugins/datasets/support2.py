@@ -22,8 +22,7 @@ import pandas as pd
 
 from harness import Dataset, FederatedData, Task, cached_arrays, sha256_file, shipped_file
 from plugins.datasets._common import (
-    apply_scaler,
-    fit_scaler,
+    scaled_arrays,
     sites_from_arrays,
     sizes,
     split_indices,
@@ -132,13 +131,8 @@ def preprocess(df: pd.DataFrame, site_column: str, target: str = "hospdead",
         tr_rows.append(rows[a]), te_rows.append(rows[b])
         tr_site.append(np.full(len(a), i)), te_site.append(np.full(len(b), i))
     tr, te = np.concatenate(tr_rows), np.concatenate(te_rows)
-    mean, std = fit_scaler(X_all[tr])  # training rows only
-    return {
-        "X": apply_scaler(X_all[tr], mean, std), "y": y_all[tr], "site": np.concatenate(tr_site),
-        "X_test": apply_scaler(X_all[te], mean, std), "y_test": y_all[te],
-        "site_test": np.concatenate(te_site), "row": tr, "row_test": te,
-        "features": np.array(list(feats.columns)), "site_names": np.array(names),
-    }
+    return scaled_arrays(X_all, y_all, tr, te, np.concatenate(tr_site), np.concatenate(te_site),
+                         features=np.array(list(feats.columns)), site_names=np.array(names))
 
 
 COMPONENTS = (Support2,)
