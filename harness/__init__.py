@@ -5,7 +5,7 @@ Plugins import only what this module exports (and libraries).
 
 from __future__ import annotations
 
-from harness.components import (
+from fedmedbench.components import (
     FAMILIES,
     STAGES,
     Adversary,
@@ -26,9 +26,22 @@ from harness.components import (
     Split,
     Task,
 )
-from harness.datafiles import cached_arrays, load_card, sha256_file, shipped_file, verify_checksum
-from harness.engine import SCHEMA, AttackContext, ClientContext, RoundContext, ServerView, run_cell
-from harness.errors import (
+from fedmedbench.datafiles import (
+    cached_arrays,
+    load_card,
+    sha256_file,
+    shipped_file,
+    verify_checksum,
+)
+from fedmedbench.engine import (
+    SCHEMA,
+    AttackContext,
+    ClientContext,
+    RoundContext,
+    ServerView,
+    run_cell,
+)
+from fedmedbench.errors import (
     ConfigError,
     DataError,
     Diverged,
@@ -36,10 +49,10 @@ from harness.errors import (
     PluginConflictError,
     SchemaError,
 )
-from harness.metrics import score
-from harness.models import build_model, get_flat_params, set_flat_params
-from harness.registry import hookimpl
-from harness.training import RunSettings, per_example_loss, predict_proba
+from fedmedbench.metrics import score
+from fedmedbench.models import build_model, get_flat_params, set_flat_params
+from fedmedbench.registry import hookimpl
+from fedmedbench.training import RunSettings, per_example_loss, predict_proba
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness.errors import ConfigError, DataError, SchemaError
+from fedmedbench.errors import ConfigError, DataError, SchemaError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.executors import execute
-    from harness.matrix import load_matrix
-    from harness.report import comparison_tables, summary_counts
-    from harness.results import load_records
+    from fedmedbench.executors import execute
+    from fedmedbench.matrix import load_matrix
+    from fedmedbench.report import comparison_tables, summary_counts
+    from fedmedbench.results import load_records
 
     m = load_matrix(args.matrix, select=args.select)
     if args.workers < 1:
@@ -108,9 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.registry import get_registry
-    from harness.report import comparison_tables, strip_timings
-    from harness.results import iter_record_paths, load_records
+    from fedmedbench.registry import get_registry
+    from fedmedbench.report import comparison_tables, strip_timings
+    from fedmedbench.results import iter_record_paths, load_records
 
     dirs = [Path(d) for d in args.results]
     records, skipped = load_records(dirs, skip_invalid=args.skip_invalid)
@@ -149,7 +149,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from harness.registry import get_registry
+    from fedmedbench.registry import get_registry
 
     reg = get_registry()
     if args.markdown:
@@ -173,8 +173,8 @@ def plugins_markdown(infos: list[Any]) -> str:
 
 
 def dataset_cards() -> list[dict[str, Any]]:
-    from harness.datafiles import load_card
-    from harness.registry import get_registry
+    from fedmedbench.datafiles import load_card
+    from fedmedbench.registry import get_registry
 
     out = []
     for info in get_registry().all("dataset"):
@@ -219,7 +219,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from harness.testing import run_checks
+    from fedmedbench.testing import run_checks
 
     failures = run_checks(args.plugin)
     return 1 if failures else 0

@@ -23,7 +23,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
 
-    from harness.engine import AttackContext, ClientContext, RoundContext
+    from fedmedbench.engine import AttackContext, ClientContext, RoundContext
 
 __all__ = [
     "Component",
@@ -156,8 +156,8 @@ class Task:
     """What is predicted and how it is scored.
 
     ``metric`` is one of ``accuracy``, ``balanced_accuracy``, ``auroc``
-    (:mod:`harness.metrics`). ``model`` names a default architecture in
-    :mod:`harness.models` and ``model_kwargs`` configures it.
+    (:mod:`fedmedbench.metrics`). ``model`` names a default architecture in
+    :mod:`fedmedbench.models` and ``model_kwargs`` configures it.
     """
 
     kind: str  # "binary" | "multiclass"
@@ -350,7 +350,7 @@ class Algorithm(Component):
     def client_model(self, ctx: RoundContext, client: int) -> dict[str, Any] | None:
         """(``local``/``personalized`` topologies) The architecture of
         ``client``'s model as ``{"model": name, **kwargs}`` for
-        :func:`harness.build_model`, or ``None`` for the task's default."""
+        :func:`fedmedbench.build_model`, or ``None`` for the task's default."""
         return None
 
     def bytes_down(self, ctx: RoundContext, model_bytes: int) -> int:
@@ -485,7 +485,7 @@ class Adversary(Component):
 
 class Attack(Component):
     """An evaluation of what leaks, run after training on what the threat
-    model exposes (:class:`harness.engine.AttackContext`).
+    model exposes (:class:`fedmedbench.engine.AttackContext`).
 
     :meth:`evaluate` returns a dict of metrics, or
     ``{"not_applicable": reason}`` when the attacker's view gives it nothing.

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from harness.errors import DataError
+from fedmedbench.errors import DataError
 
 
 def datasets_dir() -> Path:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.components import (
+from fedmedbench.components import (
     Algorithm,
     ClientUpdate,
     Component,
@@ -44,11 +44,11 @@ from harness.components import (
     Site,
     Split,
 )
-from harness.errors import ConfigError, DataError, Diverged, PluginError, Skip
-from harness.metrics import score
-from harness.models import build_model, get_flat_params, set_flat_params
-from harness.registry import Registry, get_registry
-from harness.training import (
+from fedmedbench.errors import ConfigError, DataError, Diverged, PluginError, Skip
+from fedmedbench.metrics import score
+from fedmedbench.models import build_model, get_flat_params, set_flat_params
+from fedmedbench.registry import Registry, get_registry
+from fedmedbench.training import (
     BatchStream,
     ClientTrainer,
     RunSettings,
@@ -159,7 +159,7 @@ class ClientContext:
     @property
     def holdout(self) -> Split | None:
         """Training rows held out from this client's training for the
-        aggregator's :meth:`~harness.Aggregator.client_metrics` (else ``None``)."""
+        aggregator's :meth:`~fedmedbench.Aggregator.client_metrics` (else ``None``)."""
         return self._run.holdout.get(self.client)
 
     def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
@@ -539,7 +539,7 @@ class CellRun:
     def _check_update(self, upd: ClientUpdate) -> None:
         if not isinstance(upd, ClientUpdate):
             raise PluginError(f"client_update returned {type(upd).__name__}, not a "
-                              f"harness.ClientUpdate (use ctx.update(delta))",
+                              f"fedmedbench.ClientUpdate (use ctx.update(delta))",
                               plugin=self.algorithm.plugin, component=self.algorithm.name,
                               hook="client_update", exc_type="TypeError")
         if self.topology in ("federated", "centralized") and (

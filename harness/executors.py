@@ -1,4 +1,4 @@
-"""Executors map :func:`harness.engine.run_cell` over cells and write records.
+"""Executors map :func:`fedmedbench.engine.run_cell` over cells and write records.
 
 - ``local``: in-process, one cell after another (the default).
 - ``process``: a pool of ``workers`` processes. A cell that raises, kills its
@@ -23,9 +23,9 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from harness.engine import SCHEMA, provenance, run_cell
-from harness.registry import get_registry
-from harness.results import clean_json, completed_ids, write_record
+from fedmedbench.engine import SCHEMA, provenance, run_cell
+from fedmedbench.registry import get_registry
+from fedmedbench.results import clean_json, completed_ids, write_record
 
 EXECUTORS = ("local", "process")
 
@@ -66,7 +66,7 @@ def execute(cells: list[dict[str, Any]], results_dir: Path, *, executor: str = "
         elif executor == "process":
             _run_pool(todo, workers=max(1, workers), timeout=cell_timeout, finish=finish)
         else:
-            from harness.errors import ConfigError
+            from fedmedbench.errors import ConfigError
 
             raise ConfigError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
     finally:

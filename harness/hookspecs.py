@@ -2,7 +2,7 @@
 
 A plugin is a module (or object) listed under the ``fedmedbench`` entry-point
 group. It implements any of the hooks below, decorated with
-:data:`harness.hookimpl`. Built-in components are registered exactly the same
+:data:`fedmedbench.hookimpl`. Built-in components are registered exactly the same
 way, from ``pyproject.toml``.
 
 Registration hooks each receive a ``register`` callable. Call it once per
@@ -29,7 +29,7 @@ hookspec = pluggy.HookspecMarker("fedmedbench")
 
 @hookspec
 def register_datasets(register: Any) -> None:
-    """Register :class:`harness.Dataset` subclasses.
+    """Register :class:`fedmedbench.Dataset` subclasses.
 
     A dataset's ``load(seed=...)`` returns per-site train/test splits, an
     optional public split, the task, the primary metric and the default model.
@@ -40,7 +40,7 @@ def register_datasets(register: Any) -> None:
 
 @hookspec
 def register_partitioners(register: Any) -> None:
-    """Register :class:`harness.Partitioner` subclasses: rules that split
+    """Register :class:`fedmedbench.Partitioner` subclasses: rules that split
     pooled data into clients (natural sites, iid, Dirichlet label skew, ...).
     A partitioner must be deterministic for a seed and must never move a test
     row into a training split."""
@@ -48,14 +48,14 @@ def register_partitioners(register: Any) -> None:
 
 @hookspec
 def register_algorithms(register: Any) -> None:
-    """Register :class:`harness.Algorithm` subclasses (client update + server
+    """Register :class:`fedmedbench.Algorithm` subclasses (client update + server
     update). ``centralized`` and ``local`` baselines are algorithms too, told
     apart by their ``topology``."""
 
 
 @hookspec
 def register_aggregators(register: Any) -> None:
-    """Register :class:`harness.Aggregator` subclasses. A ``linear``
+    """Register :class:`fedmedbench.Aggregator` subclasses. A ``linear``
     aggregator (weighted mean) works over secure aggregation; a non-linear one
     (median, Krum) needs plaintext updates and is rejected with transport
     privacy before training."""
@@ -63,7 +63,7 @@ def register_aggregators(register: Any) -> None:
 
 @hookspec
 def register_privacy(register: Any) -> None:
-    """Register :class:`harness.PrivacyMechanism` subclasses.
+    """Register :class:`fedmedbench.PrivacyMechanism` subclasses.
 
     Each mechanism declares the stages it acts at (``local``, ``update``,
     ``transport``, ``server``) and reports what it spent through
@@ -77,19 +77,19 @@ def register_privacy(register: Any) -> None:
 
 @hookspec
 def register_compressors(register: Any) -> None:
-    """Register :class:`harness.Compressor` subclasses (lossy update encoding;
+    """Register :class:`fedmedbench.Compressor` subclasses (lossy update encoding;
     bytes are the encoded size per client per round)."""
 
 
 @hookspec
 def register_adversaries(register: Any) -> None:
-    """Register :class:`harness.Adversary` subclasses (malicious client
+    """Register :class:`fedmedbench.Adversary` subclasses (malicious client
     behaviour: poisoned data or corrupted updates)."""
 
 
 @hookspec
 def register_attacks(register: Any) -> None:
-    """Register :class:`harness.Attack` subclasses. An attack evaluates only
+    """Register :class:`fedmedbench.Attack` subclasses. An attack evaluates only
     what the cell's threat model exposes (``AttackContext.server_view`` and the
     final global model) and returns ``{"not_applicable": reason}`` when that
     view gives it nothing."""
@@ -97,7 +97,7 @@ def register_attacks(register: Any) -> None:
 
 @hookspec
 def register_reporters(register: Any) -> None:
-    """Register :class:`harness.Reporter` subclasses that write reports
+    """Register :class:`fedmedbench.Reporter` subclasses that write reports
     (markdown, HTML, CSV, figures) from result records."""
 
 

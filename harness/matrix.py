@@ -39,10 +39,10 @@ from typing import Any
 
 import tomllib
 
-from harness.engine import SCHEMA
-from harness.errors import ConfigError
-from harness.registry import NONE, Registry, get_registry
-from harness.training import RunSettings
+from fedmedbench.engine import SCHEMA
+from fedmedbench.errors import ConfigError
+from fedmedbench.registry import NONE, Registry, get_registry
+from fedmedbench.training import RunSettings
 
 AXES = ("dataset", "partitioner", "algorithm", "aggregator", "privacy", "compressor", "adversary")
 FAMILY_OF_AXIS = {a: a for a in AXES}
@@ -73,7 +73,7 @@ class Matrix:
 
 
 def quickstart_path() -> Path:
-    return Path(str(resources.files("harness") / "quickstart.toml"))
+    return Path(str(resources.files("fedmedbench") / "quickstart.toml"))
 
 
 def load_matrix(path: str | Path | None = None, *, registry: Registry | None = None,

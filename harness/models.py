@@ -1,4 +1,4 @@
-"""Default model architectures that datasets name in :class:`harness.Task`.
+"""Default model architectures that datasets name in :class:`fedmedbench.Task`.
 
 All are Opacus-compatible (no BatchNorm: the CNN uses GroupNorm), small
 enough to train on CPU, and built deterministically from the torch seed.
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.errors import ConfigError
+from fedmedbench.errors import ConfigError
 
 
 class Logistic(nn.Module):

@@ -17,9 +17,9 @@ from typing import Any
 
 import pluggy
 
-from harness import hookspecs
-from harness.components import FAMILIES, Component
-from harness.errors import ConfigError, PluginConflictError
+from fedmedbench import hookspecs
+from fedmedbench.components import FAMILIES, Component
+from fedmedbench.errors import ConfigError, PluginConflictError
 
 hookimpl = pluggy.HookimplMarker("fedmedbench")
 

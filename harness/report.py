@@ -84,8 +84,8 @@ def topology_of(algorithm: str) -> str:
     (reports from CI artifacts read on another machine)."""
     if algorithm not in _TOPOLOGY_CACHE:
         topo = "federated"
-        from harness.errors import ConfigError
-        from harness.registry import get_registry
+        from fedmedbench.errors import ConfigError
+        from fedmedbench.registry import get_registry
 
         try:
             topo = str(get_registry().get("algorithm", algorithm).cls.topology)

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.engine import SCHEMA
-from harness.errors import SchemaError
+from fedmedbench.engine import SCHEMA
+from fedmedbench.errors import SchemaError
 
 STATUSES = ("ok", "failed", "skipped", "diverged")
 REQUIRED = ("schema", "cell_id", "status", "config", "metrics")

@@ -6,7 +6,7 @@ the fix (the pattern of scikit-learn's ``check_estimator``).
 :func:`checks_for` picks the checks that apply to a class;
 :func:`parametrize_with_checks` turns them into pytest parameters::
 
-    from harness.testing import parametrize_with_checks
+    from fedmedbench.testing import parametrize_with_checks
     from my_plugin import MyAlgorithm
 
     @parametrize_with_checks([MyAlgorithm])
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.components import (
+from fedmedbench.components import (
     FAMILIES,
     STAGES,
     Adversary,
@@ -50,9 +50,9 @@ from harness.components import (
     Split,
     Task,
 )
-from harness.metrics import METRICS
-from harness.models import MODELS, build_model
-from harness.registry import Registry, get_registry, hookimpl
+from fedmedbench.metrics import METRICS
+from fedmedbench.models import MODELS, build_model
+from fedmedbench.registry import Registry, get_registry, hookimpl
 
 KIT_DATASET = "fmb-kit-tabular"
 KIT_ALGORITHM = "fmb-kit-fedavg"
@@ -128,7 +128,7 @@ def kit_registry(extra: list[Any] | None = None) -> Registry:
 def kit_cell(registry: Registry, **axes: Any) -> dict[str, Any]:
     """A tiny resolved cell on the kit dataset; ``axes`` override entries of
     the matrix ``[axes]`` table (e.g. ``privacy=[{"name": "dp-sgd"}]``)."""
-    from harness.matrix import parse_matrix
+    from fedmedbench.matrix import parse_matrix
 
     raw = {"name": "kit", "rounds": 2, "seeds": [0],
            "axes": {"dataset": [KIT_DATASET], "algorithm": [KIT_ALGORITHM],
@@ -141,7 +141,7 @@ def kit_cell(registry: Registry, **axes: Any) -> dict[str, Any]:
 
 
 def _run(registry: Registry, **axes: Any) -> dict[str, Any]:
-    from harness.engine import run_cell
+    from fedmedbench.engine import run_cell
 
     return run_cell(kit_cell(registry, **axes), registry=registry)
 
@@ -210,7 +210,7 @@ def check_dataset_loads(cls: type[Component], registry: Registry) -> None:
     data = cls().load(seed=0)  # type: ignore[attr-defined]
     if not isinstance(data, FederatedData) or not data.sites:
         raise _fail(cls, "check_dataset_loads", "load() did not return FederatedData with sites",
-                    "return harness.FederatedData(task=..., sites=[Site(...), ...])")
+                    "return fedmedbench.FederatedData(task=..., sites=[Site(...), ...])")
     t = data.task
     if t.metric not in METRICS:
         raise _fail(cls, "check_dataset_loads", f"metric {t.metric!r} is unknown",
@@ -462,7 +462,7 @@ def run_checks(target: str, *, registry: Registry | None = None,
     infos = [i for i in reg.all() if target in (i.plugin, i.name)
              and i.plugin != KIT_PLUGIN.__name__]
     if not infos:
-        from harness.errors import ConfigError
+        from fedmedbench.errors import ConfigError
 
         raise ConfigError(f"no plugin or component named {target!r}; `fedmedbench plugins` "
                           f"lists plugins (column plugin) and components (column name)")

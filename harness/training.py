@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from harness.components import Split
-from harness.errors import Diverged
-from harness.models import set_flat_params
+from fedmedbench.components import Split
+from fedmedbench.errors import Diverged
+from fedmedbench.models import set_flat_params
 
 
 @dataclass

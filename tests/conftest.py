@@ -21,8 +21,8 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def run_matrix(tmp_path: Path):
     """``run_matrix(toml_text, *cli_args) -> (exit_code, records)``: write the
     matrix, run ``fedmedbench run`` on it in-process, return the records."""
-    from harness.cli import main
-    from harness.results import load_records
+    from fedmedbench.cli import main
+    from fedmedbench.results import load_records
 
     def _run(text: str, *args: str, out: Path | None = None):
         mfile = tmp_path / "matrix.toml"

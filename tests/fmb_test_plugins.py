@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from harness import Algorithm, hookimpl
+from fedmedbench import Algorithm, hookimpl
 
 
 class Boom(Algorithm):

@@ -25,7 +25,7 @@ algorithm = ["centralized", "local", "fedavg"]
 
 def run(out: Path, *select: str, matrix: str = MATRIX) -> int:
     """``fedmedbench run`` of ``matrix`` into ``out`` (in-process)."""
-    from harness.cli import main
+    from fedmedbench.cli import main
 
     mfile = out.parent / f"{out.name}.toml"
     mfile.write_text(textwrap.dedent(matrix))

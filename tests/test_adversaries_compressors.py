@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from harness import ClientUpdate, Split, run_cell
-from harness.engine import CellRun
-from harness.matrix import parse_matrix
-from harness.registry import get_registry
-from plugins.adversaries.label_flip import LabelFlip
-from plugins.adversaries.model_poisoning import Gaussian, Scaling, SignFlip
-from plugins.compressors.quantize import Quantize
-from plugins.compressors.topk import TopK
+from fedmedbench import ClientUpdate, Split, run_cell
+from fedmedbench.engine import CellRun
+from fedmedbench.matrix import parse_matrix
+from fedmedbench.plugins.adversaries.label_flip import LabelFlip
+from fedmedbench.plugins.adversaries.model_poisoning import Gaussian, Scaling, SignFlip
+from fedmedbench.plugins.compressors.quantize import Quantize
+from fedmedbench.plugins.compressors.topk import TopK
+from fedmedbench.registry import get_registry
 
 # 10 sites, mildly heterogeneous: 3 of them malicious at fraction 0.3
 TEN_SITES = {"name": "synthetic-tabular", "n_sites": 10, "heterogeneity": 0.2}

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import run_cell
-from harness.matrix import parse_matrix
-from harness.registry import get_registry
-from plugins.aggregators.weighted_mean import WeightedMean
+from fedmedbench import run_cell
+from fedmedbench.matrix import parse_matrix
+from fedmedbench.plugins.aggregators.weighted_mean import WeightedMean
+from fedmedbench.registry import get_registry
 from tests.test_algorithms import _PLUGINS, run_one
 
 
@@ -59,7 +59,7 @@ def test_performance_weights_come_from_client_holdout_scores(reg):
 def test_quality_fallback_computes_missing_value_rate():
     from types import SimpleNamespace
 
-    from harness import Site, Split
+    from fedmedbench import Site, Split
 
     X = np.ones((10, 4), dtype=np.float32)
     X[:5, 0] = np.nan  # 5 of 40 values missing
@@ -85,8 +85,8 @@ def test_bad_weighting_parameters(kw, word):
 def test_robust_rules_resist_an_outlier_and_need_plaintext(reg):
     import torch
 
-    from harness import ClientUpdate
-    from plugins.aggregators.robust import Krum, Median, TrimmedMean
+    from fedmedbench import ClientUpdate
+    from fedmedbench.plugins.aggregators.robust import Krum, Median, TrimmedMean
 
     honest = [torch.tensor([1.0, 2.0, 3.0]) + 0.01 * k for k in range(4)]
     ups = [ClientUpdate(i, d, 10) for i, d in enumerate([*honest, torch.full((3,), 1e3)])]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness import Dataset, FederatedData, Site, Split, Task, hookimpl
-from harness.engine import CellRun
-from harness.matrix import parse_matrix
-from harness.registry import get_registry
+from fedmedbench import Dataset, FederatedData, Site, Split, Task, hookimpl
+from fedmedbench.engine import CellRun
+from fedmedbench.matrix import parse_matrix
+from fedmedbench.registry import get_registry
 
 # --------------------------------------------------------------------------
 # a test-only dataset with a public split, and (optionally) identical sites
@@ -149,7 +149,7 @@ def test_fedadam_server_step_equals_hand_computed_adam(reg):
     torch.testing.assert_close(adam.final_params[0].double(), expect, rtol=0, atol=1e-6)
 
     # two server steps in isolation, Adam, Yogi and Adagrad against numpy
-    from plugins.algorithms.fedopt import FedOpt
+    from fedmedbench.plugins.algorithms.fedopt import FedOpt
 
     d1, d2 = np.array([0.3, -0.2, 0.0]), np.array([0.1, 0.4, -0.5])
     for opt in ("adam", "yogi", "adagrad"):
@@ -177,7 +177,7 @@ def test_fedadam_server_step_equals_hand_computed_adam(reg):
 
 
 def test_fedmd_two_architectures_and_feddf_run_end_to_end(reg):
-    from harness import run_cell
+    from fedmedbench import run_cell
 
     cs = cells(reg, {"dataset": ["test-public-toy"],
                      "algorithm": [{"name": "fedmd", "architectures": ["logistic", "mlp"],
@@ -206,7 +206,7 @@ def test_pretraining_on_public_split(reg):
     base = cells(reg, {"dataset": ["test-public-toy"], "algorithm": ["fedavg"]}, rounds=1)
     pre, plain = run_one(reg, cs[0]), run_one(reg, base[0])
     assert pre.history[0]["loss"] < plain.history[0]["loss"] - 0.1
-    from harness import run_cell
+    from fedmedbench import run_cell
 
     rec = run_cell(cs[1], registry=reg)  # heart-disease has no public split: skipped, with why
     assert rec["status"] == "skipped"
@@ -256,8 +256,8 @@ def test_distillation_without_public_split_is_a_skipped_cell(run_matrix):
 def test_fedprox_proximal_term_survives_dp_sgd():
     """Opacus rebuilds gradients from clipped per-sample gradients; the proximal
     term (data-independent) must still act, and with mu=0 nothing changes."""
-    from harness.engine import run_cell
-    from harness.matrix import parse_matrix
+    from fedmedbench.engine import run_cell
+    from fedmedbench.matrix import parse_matrix
 
     m = parse_matrix({"rounds": 2, "axes": {
         "dataset": ["heart-disease"],

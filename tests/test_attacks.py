@@ -1,6 +1,6 @@
 """Attack evaluations: membership inference, privacy audit, gradient inversion.
 
-End-to-end tests run real cells through :func:`harness.engine.run_cell`.
+End-to-end tests run real cells through :func:`fedmedbench.engine.run_cell`.
 Gradient inversion runs on the shipped ``synthetic-imaging`` dataset with
 its smooth SmallCNN (sigmoid, stride-2 convolutions) under the real privacy
 mechanisms (dp-fedavg, secagg, he-ckks). Membership inference uses an
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import (
+from fedmedbench import (
     Dataset,
     FederatedData,
     Message,
@@ -31,9 +31,8 @@ from harness import (
     hookimpl,
     run_cell,
 )
-from harness.matrix import parse_matrix
-from harness.registry import get_registry
-from plugins.attacks._metrics import (
+from fedmedbench.matrix import parse_matrix
+from fedmedbench.plugins.attacks._metrics import (
     audit_epsilon,
     clopper_pearson,
     dp_bound_check,
@@ -41,8 +40,9 @@ from plugins.attacks._metrics import (
     match_images,
     roc_summary,
 )
-from plugins.attacks.gradinv import recover_labels
-from plugins.attacks.mia import logits_of, loss_scores
+from fedmedbench.plugins.attacks.gradinv import recover_labels
+from fedmedbench.plugins.attacks.mia import logits_of, loss_scores
+from fedmedbench.registry import get_registry
 
 # --------------------------------------------------------------------------
 # test-only plugins
@@ -420,7 +420,7 @@ def test_dp_bounds_every_threshold_and_audit_stays_below_claim():
 
 
 def test_bad_parameters_are_config_errors(reg):
-    from harness.errors import ConfigError
+    from fedmedbench.errors import ConfigError
 
     with pytest.raises(ConfigError, match="mia-lira.*mode"):
         reg.build("attack", {"name": "mia-lira", "mode": "both"})

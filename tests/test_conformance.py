@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import harness.testing as kit
-from harness import (
+import fedmedbench.testing as kit
+from fedmedbench import (
     Adversary,
     Aggregator,
     Algorithm,
@@ -20,7 +20,7 @@ from harness import (
     Reporter,
     Split,
 )
-from harness.registry import get_registry
+from fedmedbench.registry import get_registry
 
 BUILTINS = [i.cls for i in get_registry().all() if i.distribution == "fedmedbench"]
 

@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from harness import DataError
-from harness.datafiles import cache_dir, shipped_file
-from plugins.datasets import genomics, heart_disease, support2
-from plugins.datasets.eicu import EICU
-from plugins.datasets.medmnist import MedMNIST
-from plugins.datasets.synthetic_ehr import SyntheticEHR
-from plugins.datasets.synthetic_genomics import SyntheticGenomics
-from plugins.datasets.synthetic_imaging import SyntheticImaging
+from fedmedbench import DataError
+from fedmedbench.datafiles import cache_dir, shipped_file
+from fedmedbench.plugins.datasets import genomics, heart_disease, support2
+from fedmedbench.plugins.datasets.eicu import EICU
+from fedmedbench.plugins.datasets.medmnist import MedMNIST
+from fedmedbench.plugins.datasets.synthetic_ehr import SyntheticEHR
+from fedmedbench.plugins.datasets.synthetic_genomics import SyntheticGenomics
+from fedmedbench.plugins.datasets.synthetic_imaging import SyntheticImaging
 
 SHIPPED = [heart_disease.HeartDisease, support2.Support2, genomics.BladderBatch,
            genomics.GSE7390]
@@ -424,7 +424,7 @@ def test_synthetic_imaging_morphology_and_sites():
 
 
 def test_cli_lists_every_dataset_with_sites(monkeypatch, capsys):
-    from harness.cli import main
+    from fedmedbench.cli import main
 
     monkeypatch.delenv("FEDMEDBENCH_EICU_DIR", raising=False)
     monkeypatch.delenv("FEDMEDBENCH_MEDMNIST_DIR", raising=False)
@@ -461,9 +461,9 @@ def test_shipped_matrix_fl_between_local_and_centralized(run_matrix):
 
 
 def test_support2_long_stay_target_thresholds_the_real_length_of_stay():
-    from harness import shipped_file
-    from harness.errors import ConfigError
-    from harness.registry import get_registry
+    from fedmedbench import shipped_file
+    from fedmedbench.errors import ConfigError
+    from fedmedbench.registry import get_registry
 
     reg = get_registry()
     data = reg.build("dataset", {"name": "support2", "target": "long-stay",

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import engine, executors
-from harness.cli import main
-from harness.errors import ConfigError, PluginConflictError
-from harness.matrix import load_matrix, parse_matrix
-from harness.registry import get_registry, hookimpl
-from harness.results import load_records, read_record, write_record
+from fedmedbench import engine, executors
+from fedmedbench.cli import main
+from fedmedbench.errors import ConfigError, PluginConflictError
+from fedmedbench.matrix import load_matrix, parse_matrix
+from fedmedbench.registry import get_registry, hookimpl
+from fedmedbench.results import load_records, read_record, write_record
 
 SMALL = """
 name = "small"
@@ -249,7 +249,7 @@ class _Dupe:
 
     @hookimpl
     def register_algorithms(self, register):
-        from harness import Algorithm
+        from fedmedbench import Algorithm
 
         class Again(Algorithm):
             """A second fedavg."""

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from report_fixtures import run, with_privacy_and_attacks
 
-from harness.cli import main
-from harness.results import load_records, write_record
+from fedmedbench.cli import main
+from fedmedbench.results import load_records, write_record
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)

@@ -33,11 +33,11 @@ def test_example_plugin_is_discovered_and_runs(tmp_path):
     site = tmp_path / "site"
     _pip("--no-build-isolation", "--target", str(site), str(ROOT / "examples/fedmedbench-fedavgm"))
     env = _env(site)
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "plugins"], env=env, cwd=tmp_path,
+    out = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "plugins"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in out.splitlines() if " fedavgm " in ln)
     assert "fedmedbench-fedavgm" in line and "0.1.0" in line
-    res = subprocess.run([sys.executable, "-m", "harness.cli", "run",
+    res = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "run",
                           str(ROOT / "examples/fedmedbench-fedavgm/matrix.toml"),
                           "--out", str(tmp_path / "r"), "--no-progress"],
                          env=env, cwd=tmp_path, capture_output=True, text=True)
@@ -47,32 +47,58 @@ def test_example_plugin_is_discovered_and_runs(tmp_path):
     fedavgm = next(r for r in recs if r["config"]["algorithm"]["name"] == "fedavgm")
     assert fedavgm["status"] == "ok"
     assert fedavgm["provenance"]["plugins"]["fedavgm"]["distribution"] == "fedmedbench-fedavgm"
-    res = subprocess.run([sys.executable, "-m", "harness.cli", "check", "fedavgm"], env=env,
+    res = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "check", "fedavgm"], env=env,
                          cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0 and "all checks passed" in res.stdout
 
 
 @pytest.mark.slow
-def test_wheel_finds_shipped_data_without_the_source_tree(tmp_path):
-    """Build the wheel, install it into a separate target, and load heart-disease
-    from a directory where the source checkout is not importable."""
-    if shutil.which("git") is None:  # pragma: no cover
-        pytest.fail("git is needed to copy the tracked tree")
+def test_wheel_installs_one_import_package_and_ignores_shadowing_folders(tmp_path):
+    """Build the wheel, install it into a separate target, and use it from a
+    directory whose own ``plugins/`` and ``harness/`` packages come first on
+    ``sys.path``: discovery, the shipped data and a quickstart run still work,
+    and the wheel holds no top-level ``harness`` or ``plugins``."""
+    import zipfile
+
     dist = tmp_path / "dist"
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                           str(dist), str(ROOT)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     wheel = next(dist.glob("fedmedbench-*.whl"))
+    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"fedmedbench"}, tops
     site = tmp_path / "site"
     _pip("--target", str(site), str(wheel))
-    assert (site / "harness/_datasets/heart-disease/heart_disease_uci.csv").is_file()
+    assert (site / "fedmedbench/_datasets/heart-disease/heart_disease_uci.csv").is_file()
     assert not (site / "datasets").exists() and not (site / "reports").exists()
-    code = ("import harness, json; from harness.datafiles import datasets_dir; "
-            "from harness.registry import get_registry; "
-            "d = get_registry().build('dataset', {'name': 'heart-disease'}).load(seed=0); "
-            "print(json.dumps([harness.__file__, str(datasets_dir()), len(d.sites)]))")
-    out = subprocess.run([sys.executable, "-c", code], env=_env(site), cwd=tmp_path,
+    assert not (site / "harness").exists() and not (site / "plugins").exists()
+    # a project directory with packages named like our repository folders
+    proj = tmp_path / "project"
+    for pkg in ("plugins", "harness"):
+        (proj / pkg).mkdir(parents=True)
+        (proj / pkg / "__init__.py").write_text(
+            f"raise ImportError('the project\'s own {pkg} package was imported')\n")
+    env = _env(site)
+    env["PYTHONPATH"] = os.pathsep.join([str(proj), str(site)])
+    code = ("import fedmedbench, json; from fedmedbench.datafiles import datasets_dir; "
+            "from fedmedbench.registry import get_registry; reg = get_registry(); "
+            "d = reg.build('dataset', {'name': 'heart-disease'}).load(seed=0); "
+            "print(json.dumps([fedmedbench.__file__, str(datasets_dir()), len(d.sites), "
+            "len(reg.all())]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=proj,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    path, ddir, n = json.loads(out.stdout)
+    path, ddir, n, n_components = json.loads(out.stdout)
     assert path.startswith(str(site)) and ddir.startswith(str(site)) and n == 4
+    listed = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "plugins"], env=env,
+                            cwd=proj, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    for name in ("heart-disease", "fedavg", "dp-sgd", "secagg", "mia-loss", "html"):
+        assert f" {name} " in listed.stdout
+    assert n_components == sum(1 for ln in listed.stdout.splitlines()[2:] if ln.strip())
+    run = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "run", "--select", "seed=0",
+                          "--out", str(tmp_path / "r"), "--no-progress"], env=env, cwd=proj,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    assert len(recs) == 6 and all(r["status"] == "ok" for r in recs)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from harness import FederatedData, Site, Split, Task
-from plugins.partitioners.basic import IID, Dirichlet, Natural
-from plugins.partitioners.skew import FeatureShift, Quantity
+from fedmedbench import FederatedData, Site, Split, Task
+from fedmedbench.plugins.partitioners.basic import IID, Dirichlet, Natural
+from fedmedbench.plugins.partitioners.skew import FeatureShift, Quantity
 
 
 def _tagged(n_train=(300, 200, 100), n_test=(60, 50, 40)) -> FederatedData:

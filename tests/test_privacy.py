@@ -15,8 +15,8 @@ import pytest
 import torch
 from scipy import stats
 
-from harness import ParamLayout
-from harness.accounting import Ledger, epsilon_for, noise_for_epsilon, noise_for_schedule
+from fedmedbench import ParamLayout
+from fedmedbench.accounting import Ledger, epsilon_for, noise_for_epsilon, noise_for_schedule
 
 # --------------------------------------------------------------------------
 # accounting
@@ -267,7 +267,7 @@ def _secagg_round(mech, vecs, rnd=1):
 
 
 def test_secagg_sum_within_quantisation_error_and_masks_look_uniform():
-    from plugins.privacy.secagg import SecAgg
+    from fedmedbench.plugins.privacy.secagg import SecAgg
 
     n, numel = 10, 20_000
     mech = SecAgg(field_bits=32, clip_range=1.0)
@@ -297,7 +297,7 @@ def test_secagg_sum_within_quantisation_error_and_masks_look_uniform():
 
 @pytest.mark.parametrize("phase", ["masking", "unmasking"])
 def test_secagg_recovers_up_to_n_minus_t_dropouts(phase):
-    from plugins.privacy.secagg import SecAgg, SecAggAborted
+    from fedmedbench.plugins.privacy.secagg import SecAgg, SecAggAborted
 
     n, numel, t = 10, 2_000, 6
     vecs = _vectors(n, numel, seed=1)
@@ -321,11 +321,11 @@ def test_secagg_recovers_up_to_n_minus_t_dropouts(phase):
 def test_secagg_abort_leaves_the_global_model_unchanged():
     import tomllib
 
-    from harness.engine import CellRun
-    from harness.errors import PluginError
-    from harness.matrix import parse_matrix
-    from harness.models import get_flat_params
-    from harness.registry import get_registry
+    from fedmedbench.engine import CellRun
+    from fedmedbench.errors import PluginError
+    from fedmedbench.matrix import parse_matrix
+    from fedmedbench.models import get_flat_params
+    from fedmedbench.registry import get_registry
 
     raw = tomllib.loads(HEART.format(
         rounds=2, privacy='[{name = "secagg", dropout_rate = 0.5, dropout_phase = "unmasking"}]'))
@@ -352,7 +352,7 @@ def _he_ctx(numel: int, n: int):
 
 
 def test_he_ckks_sum_is_accurate_and_the_server_holds_no_secret_key():
-    from plugins.privacy.he_ckks import HECKKS, HEServer
+    from fedmedbench.plugins.privacy.he_ckks import HECKKS, HEServer
 
     n, numel = 5, 9_000  # three chunks of 4096 slots
     mech = HECKKS()
@@ -391,7 +391,7 @@ def test_he_ckks_sum_is_accurate_and_the_server_holds_no_secret_key():
 
 
 def test_he_ckks_partial_layers_with_secagg_rest():
-    from plugins.privacy.he_ckks import HECKKS
+    from fedmedbench.plugins.privacy.he_ckks import HECKKS
 
     n, numel = 4, 3_000
     mech = HECKKS(layers=["fc.bias"], rest="secagg")
@@ -410,10 +410,10 @@ def test_he_ckks_partial_layers_with_secagg_rest():
 
 
 def test_parameter_errors_name_the_parameter():
-    from plugins.privacy.dp_fedavg import DPFedAvg
-    from plugins.privacy.dp_sgd import DPSGD
-    from plugins.privacy.he_ckks import HECKKS
-    from plugins.privacy.secagg import SecAgg
+    from fedmedbench.plugins.privacy.dp_fedavg import DPFedAvg
+    from fedmedbench.plugins.privacy.dp_sgd import DPSGD
+    from fedmedbench.plugins.privacy.he_ckks import HECKKS
+    from fedmedbench.plugins.privacy.secagg import SecAgg
 
     for make, msg in [(lambda: DPSGD(accountant="gdp"), "accountant='gdp'"),
                       (lambda: DPSGD(epsilon=-1.0), "epsilon=-1.0"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from harness.cli import plugins_markdown
-from harness.registry import get_registry
+from fedmedbench.cli import plugins_markdown
+from fedmedbench.registry import get_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

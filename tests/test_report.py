@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from report_fixtures import run, with_privacy_and_attacks
 
-from harness.cli import main
-from harness.report import build, comparison_tables
-from harness.results import load_records, write_record
+from fedmedbench.cli import main
+from fedmedbench.report import build, comparison_tables
+from fedmedbench.results import load_records, write_record
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -163,7 +163,7 @@ def test_leaderboard_tiers_ranking_attacks_and_baselines(rich: tuple[Path, list[
     assert list(data.failures["status"]) == ["failed"]
     assert data.counts == {"ok": 12, "failed": 1, "skipped": 0, "diverged": 0}
     # figures: frontier, attacks, convergence, sites and the reconstruction grid
-    from plugins.reporters.figures import figures
+    from fedmedbench.plugins.reporters.figures import figures
 
     kinds = {k for _, k, _ in figures(data).values()}
     assert kinds == {"frontier", "attacks", "convergence", "sites", "reconstructions"}

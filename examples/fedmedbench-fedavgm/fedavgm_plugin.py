@@ -10,7 +10,7 @@ global model by ``server_lr * v``. Clients run plain local SGD (the default
 
 from __future__ import annotations
 
-from harness import Algorithm, hookimpl
+from fedmedbench import Algorithm, hookimpl
 
 
 class FedAvgM(Algorithm):

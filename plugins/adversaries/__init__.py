@@ -6,8 +6,8 @@ to register it.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from plugins.adversaries import label_flip, model_poisoning
+from fedmedbench import hookimpl
+from fedmedbench.plugins.adversaries import label_flip, model_poisoning
 
 MODULES: tuple = (model_poisoning, label_flip)
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from harness import ClientUpdate
+from fedmedbench import ClientUpdate
 
 
 def check_fraction(name: str, fraction: object) -> float:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import Adversary, Split
-from plugins.adversaries._common import check_fraction
+from fedmedbench import Adversary, Split
+from fedmedbench.plugins.adversaries._common import check_fraction
 
 
 class LabelFlip(Adversary):

@@ -33,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness import Adversary, ClientUpdate, RoundContext
-from plugins.adversaries._common import check_fraction, check_positive, with_delta
+from fedmedbench import Adversary, ClientUpdate, RoundContext
+from fedmedbench.plugins.adversaries._common import check_fraction, check_positive, with_delta
 
 
 class SignFlip(Adversary):

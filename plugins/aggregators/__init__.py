@@ -6,8 +6,8 @@ to register it.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from plugins.aggregators import robust, weighted_mean
+from fedmedbench import hookimpl
+from fedmedbench.plugins.aggregators import robust, weighted_mean
 
 MODULES: tuple = (weighted_mean, robust,)
 

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from harness import Aggregator, ClientUpdate
+from fedmedbench import Aggregator, ClientUpdate
 
 
 class Median(Aggregator):

@@ -30,8 +30,8 @@ import math
 import numpy as np
 import torch
 
-from harness import Aggregator, ClientContext, ClientUpdate, score
-from harness import predict_proba as _predict
+from fedmedbench import Aggregator, ClientContext, ClientUpdate, score
+from fedmedbench import predict_proba as _predict
 
 WEIGHTINGS = ("examples", "uniform", "quality", "performance")
 

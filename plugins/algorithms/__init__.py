@@ -6,8 +6,17 @@ to register it.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from plugins.algorithms import centralized, fedavg, feddf, fedmd, fedopt, fedprox, local, scaffold
+from fedmedbench import hookimpl
+from fedmedbench.plugins.algorithms import (
+    centralized,
+    fedavg,
+    feddf,
+    fedmd,
+    fedopt,
+    fedprox,
+    local,
+    scaffold,
+)
 
 MODULES: tuple = (fedavg, centralized, local, fedprox, scaffold, fedopt, feddf, fedmd,)
 

@@ -7,7 +7,7 @@ together in a FedAvg round (local_steps × sites), so curves align with FL round
 
 from __future__ import annotations
 
-from harness import Algorithm
+from fedmedbench import Algorithm
 
 
 class Centralized(Algorithm):

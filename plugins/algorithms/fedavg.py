@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from harness import Algorithm, ClientUpdate, RoundContext
+from fedmedbench import Algorithm, ClientUpdate, RoundContext
 
 
 class FedAvg(Algorithm):

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from harness import Algorithm, ClientUpdate, RoundContext, set_flat_params
-from plugins.algorithms._distill import distill
+from fedmedbench import Algorithm, ClientUpdate, RoundContext, set_flat_params
+from fedmedbench.plugins.algorithms._distill import distill
 
 
 class FedDF(Algorithm):

@@ -33,8 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness import Algorithm, ClientContext, ClientUpdate, ConfigError, RoundContext, build_model
-from plugins.algorithms._distill import distill
+from fedmedbench import (
+    Algorithm,
+    ClientContext,
+    ClientUpdate,
+    ConfigError,
+    RoundContext,
+    build_model,
+)
+from fedmedbench.plugins.algorithms._distill import distill
 
 
 class FedMD(Algorithm):
@@ -44,7 +51,7 @@ class FedMD(Algorithm):
     ----------
     architectures : list, default []
         Client architectures, assigned round-robin (client i gets entry
-        ``i % len``): model names of :func:`harness.build_model`
+        ``i % len``): model names of :func:`fedmedbench.build_model`
         (``"logistic"``, ``"mlp"``, ``"cnn"``) or tables
         ``{model = "mlp", hidden = [32]}``. Empty: the dataset's model for all.
     public_samples : int, default 0

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from harness import Algorithm, ClientUpdate, RoundContext
+from fedmedbench import Algorithm, ClientUpdate, RoundContext
 
 OPTIMIZERS = ("adagrad", "adam", "yogi")
 

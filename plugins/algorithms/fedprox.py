@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from harness import ClientContext, ClientUpdate
-from plugins.algorithms.fedavg import FedAvg
+from fedmedbench import ClientContext, ClientUpdate
+from fedmedbench.plugins.algorithms.fedavg import FedAvg
 
 
 class FedProx(FedAvg):

@@ -8,7 +8,7 @@ figure is the mean, over sites, of each site's model on the pooled test set
 
 from __future__ import annotations
 
-from harness import Algorithm
+from fedmedbench import Algorithm
 
 
 class Local(Algorithm):

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from harness import ClientContext, ClientUpdate, RoundContext
-from plugins.algorithms.fedavg import FedAvg
+from fedmedbench import ClientContext, ClientUpdate, RoundContext
+from fedmedbench.plugins.algorithms.fedavg import FedAvg
 
 
 class Scaffold(FedAvg):

@@ -6,8 +6,8 @@ to register it.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from plugins.attacks import gradinv, mia
+from fedmedbench import hookimpl
+from fedmedbench.plugins.attacks import gradinv, mia
 
 MODULES: tuple = (mia, gradinv)
 

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from harness import Attack, AttackContext
+from fedmedbench import Attack, AttackContext
 
 from ._metrics import label_accuracy, match_images, save_image_grid
 

@@ -12,8 +12,8 @@
   with Gaussian fits of the logit-scaled confidence and, by default, a
   global variance (their recommendation for few shadow models).
 
-Every attack reports the metrics of :func:`plugins.attacks._metrics.roc_summary`
-and an empirical privacy audit (:func:`~plugins.attacks._metrics.audit_epsilon`)
+Every attack reports the metrics of :func:`fedmedbench.plugins.attacks._metrics.roc_summary`
+and an empirical privacy audit (:func:`~fedmedbench.plugins.attacks._metrics.audit_epsilon`)
 beside the cell's claimed ε and δ.
 
 Threat models. ``target = "global"``: an outside party with the final global
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness import Attack, AttackContext, Split
+from fedmedbench import Attack, AttackContext, Split
 
 from ._metrics import audit_epsilon, roc_summary
 

@@ -6,8 +6,8 @@ to register it.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from plugins.compressors import quantize, topk
+from fedmedbench import hookimpl
+from fedmedbench.plugins.compressors import quantize, topk
 
 MODULES: tuple = (quantize, topk)
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from harness import ClientUpdate, Compressor, RoundContext
+from fedmedbench import ClientUpdate, Compressor, RoundContext
 
 #: header floats sent with every vector: the minimum and the step (float32 each)
 HEADER_BYTES = 2 * 4

@@ -10,7 +10,7 @@ SignSGD and other Gradient Compression Schemes", ICML 2019).
 
 What crosses the network is ``k`` pairs of a float32 value and a uint32
 index: ``8 k`` bytes. The residuals live on the compressor instance, one per
-client, and are reset when a new cell (a new :class:`harness.RoundContext`)
+client, and are reset when a new cell (a new :class:`fedmedbench.RoundContext`)
 starts; a client that is not sampled keeps its residual until it is.
 Only ``ClientUpdate.delta`` is compressed (algorithm state in ``extra``,
 such as SCAFFOLD's control variates, travels as is).
@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from harness import ClientUpdate, Compressor, RoundContext
+from fedmedbench import ClientUpdate, Compressor, RoundContext
 
 #: bytes per sent entry: a float32 value and a uint32 index
 ENTRY_BYTES = 4 + 4

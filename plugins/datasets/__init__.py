@@ -6,8 +6,8 @@ to register it.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from plugins.datasets import (
+from fedmedbench import hookimpl
+from fedmedbench.plugins.datasets import (
     eicu,
     genomics,
     heart_disease,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import Site, Split
+from fedmedbench import Site, Split
 
 
 def split_indices(y: np.ndarray, test_fraction: float, rng: np.random.Generator

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness import (
+from fedmedbench import (
     DataError,
     Dataset,
     FederatedData,
@@ -31,7 +31,7 @@ from harness import (
     sha256_file,
     verify_checksum,
 )
-from plugins.datasets._common import (
+from fedmedbench.plugins.datasets._common import (
     scaled_arrays,
     sites_from_arrays,
     split_indices,

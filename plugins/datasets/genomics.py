@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from scipy.io import arff
 
-from harness import Dataset, FederatedData, Task, cached_arrays, sha256_file, shipped_file
-from plugins.datasets._common import (
+from fedmedbench import Dataset, FederatedData, Task, cached_arrays, sha256_file, shipped_file
+from fedmedbench.plugins.datasets._common import (
     scaled_arrays,
     sites_from_arrays,
     sizes,

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from harness import Dataset, FederatedData, Site, Split, Task, cached_arrays, shipped_file
-from harness.datafiles import sha256_file
+from fedmedbench import Dataset, FederatedData, Site, Split, Task, cached_arrays, shipped_file
+from fedmedbench.datafiles import sha256_file
 
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 NUMERIC = ["age", "trestbps", "chol", "thalch", "oldpeak"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import DataError, Dataset, FederatedData, Site, Split, Task, verify_checksum
+from fedmedbench import DataError, Dataset, FederatedData, Site, Split, Task, verify_checksum
 
 ENV = "FEDMEDBENCH_MEDMNIST_DIR"
 SPLITS = ("train", "val", "test")

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from harness import Dataset, FederatedData, Task, cached_arrays, sha256_file, shipped_file
-from plugins.datasets._common import (
+from fedmedbench import Dataset, FederatedData, Task, cached_arrays, sha256_file, shipped_file
+from fedmedbench.plugins.datasets._common import (
     scaled_arrays,
     sites_from_arrays,
     sizes,

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import Dataset, FederatedData, Site, Split, Task
-from plugins.datasets._common import apply_scaler, fit_scaler, split_indices
+from fedmedbench import Dataset, FederatedData, Site, Split, Task
+from fedmedbench.plugins.datasets._common import apply_scaler, fit_scaler, split_indices
 
 VITALS = ["heart_rate", "mean_bp", "resp_rate", "temperature", "spo2", "gcs"]
 LABS = ["lactate", "creatinine", "wbc", "bilirubin", "platelets", "sodium"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import Dataset, FederatedData, Site, Split, Task
+from fedmedbench import Dataset, FederatedData, Site, Split, Task
 
 CHUNK = 1024
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from harness import Dataset, FederatedData, Site, Split, Task
-from plugins.datasets._common import split_indices
+from fedmedbench import Dataset, FederatedData, Site, Split, Task
+from fedmedbench.plugins.datasets._common import split_indices
 
 HARMONICS = np.arange(2, 10)
 MODEL_ACTS = ("relu", "sigmoid", "tanh")

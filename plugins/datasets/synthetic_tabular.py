@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import Dataset, FederatedData, Site, Split, Task
+from fedmedbench import Dataset, FederatedData, Site, Split, Task
 
 
 class SyntheticTabular(Dataset):

@@ -6,8 +6,8 @@ to register it.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from plugins.partitioners import basic, skew
+from fedmedbench import hookimpl
+from fedmedbench.plugins.partitioners import basic, skew
 
 MODULES: tuple = (basic, skew,)
 

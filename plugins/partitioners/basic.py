@@ -20,7 +20,7 @@ import abc
 
 import numpy as np
 
-from harness import FederatedData, Partitioner, Site, Split
+from fedmedbench import FederatedData, Partitioner, Site, Split
 
 _PUBLIC_STREAM = 7  # rng stream of the public carve-out, independent of the split streams
 

@@ -5,7 +5,7 @@ per-client transformations of the inputs (``feature-shift``, the "feature
 distribution skew" that FedBN targets: Li et al. 2021, ICLR).
 
 Both pool the dataset's sites, carve out ``public_fraction`` of the training
-rows (see :mod:`plugins.partitioners.basic`) and deal train and test rows
+rows (see :mod:`fedmedbench.plugins.partitioners.basic`) and deal train and test rows
 separately, so no test row reaches training.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness import FederatedData, Site, Split
-from plugins.partitioners.basic import PooledPartitioner, _check_clients, _check_public
+from fedmedbench import FederatedData, Site, Split
+from fedmedbench.plugins.partitioners.basic import PooledPartitioner, _check_clients, _check_public
 
 
 def _dirichlet_sizes(n: int, k: int, alpha: float, min_size: int,

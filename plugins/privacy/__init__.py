@@ -6,8 +6,8 @@ to register it.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from plugins.privacy import dp_fedavg, dp_sgd, he_ckks, secagg
+from fedmedbench import hookimpl
+from fedmedbench.plugins.privacy import dp_fedavg, dp_sgd, he_ckks, secagg
 
 MODULES: tuple = (dp_sgd, dp_fedavg, secagg, he_ckks)
 

@@ -16,7 +16,7 @@ The review's adaptive noise: a schedule ``σ_t = max(σ_min, σ_0 · decay^(t−
 and a layer-wise split of the clipping budget (per-layer bounds C_l with
 Σ C_l² = C², so the whole update still has norm at most C). Rounds of
 different σ are composed exactly by the Opacus accountant
-(:class:`harness.accounting.Ledger`).
+(:class:`fedmedbench.accounting.Ledger`).
 
 Noise is ``central`` (added once to the aggregate by a trusted server) or
 ``distributed`` (each of the k clients adds N(0, σ²C²/k), so the sum carries
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness import ClientUpdate, PrivacyMechanism, RoundContext
-from harness.accounting import Ledger, check_accountant, noise_for_epsilon, noise_for_schedule
+from fedmedbench import ClientUpdate, PrivacyMechanism, RoundContext
+from fedmedbench.accounting import Ledger, check_accountant, noise_for_epsilon, noise_for_schedule
 
 NOISE = ("auto", "central", "distributed")
 LAYERWISE = ("none", "equal", "size")

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from harness import ClientContext, PrivacyMechanism, RoundContext
-from harness.accounting import check_accountant, epsilon_for, noise_for_epsilon
+from fedmedbench import ClientContext, PrivacyMechanism, RoundContext
+from fedmedbench.accounting import check_accountant, epsilon_for, noise_for_epsilon
 
 # stated in every record instead (noise_rng); and Opacus's backward hooks warn on
 # every step that the input needs no gradient, which is expected here

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness import Message, PrivacyMechanism, RoundContext
+from fedmedbench import Message, PrivacyMechanism, RoundContext
 
 from .secagg import SecAgg
 

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from harness import Message, PrivacyMechanism, RoundContext
+from fedmedbench import Message, PrivacyMechanism, RoundContext
 
 PHASES = ("masking", "unmasking")
 #: Shamir's field: the Mersenne prime 2^521 - 1 (holds a 32-byte secret)

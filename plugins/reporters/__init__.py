@@ -6,8 +6,8 @@ to register it.
 
 from __future__ import annotations
 
-from harness import hookimpl
-from plugins.reporters import figures, html, tables
+from fedmedbench import hookimpl
+from fedmedbench.plugins.reporters import figures, html, tables
 
 MODULES: tuple = (tables, figures, html)
 

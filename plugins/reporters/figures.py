@@ -5,7 +5,7 @@ Per dataset:
 - ``<dataset>-frontier``: the privacy–utility frontier, ε (log scale) against
   utility per method, entries without a DP guarantee at "no DP";
 - ``<dataset>-attacks``: attack success (AUC for membership inference, PSNR
-  for gradient inversion, the first of :data:`harness.report.ATTACK_HEADLINE`
+  for gradient inversion, the first of :data:`fedmedbench.report.ATTACK_HEADLINE`
   an attack reports) against ε;
 - ``<dataset>-convergence``: utility and training loss per round;
 - ``<dataset>-sites``: per-site utility bars with the worst site marked;
@@ -34,8 +34,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness import Reporter
-from harness.report import ATTACK_HEADLINE, ReportData, build
+from fedmedbench import Reporter
+from fedmedbench.report import ATTACK_HEADLINE, ReportData, build
 
 RC = {"svg.hashsalt": "fedmedbench", "svg.fonttype": "path", "font.size": 9,
       "axes.spines.top": False, "axes.spines.right": False}

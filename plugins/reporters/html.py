@@ -18,9 +18,9 @@ import hashlib
 import html
 from pathlib import Path
 
-from harness import Reporter
-from harness.report import RANKING_RULE, ReportData, build, text_tables
-from plugins.reporters.figures import figures, render, slug
+from fedmedbench import Reporter
+from fedmedbench.plugins.reporters.figures import figures, render, slug
+from fedmedbench.report import RANKING_RULE, ReportData, build, text_tables
 
 SCRIPT = r"""
 (function () {

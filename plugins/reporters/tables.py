@@ -1,4 +1,4 @@
-"""Markdown, CSV and JSON reports: the tables of :mod:`harness.report`.
+"""Markdown, CSV and JSON reports: the tables of :mod:`fedmedbench.report`.
 
 - ``markdown`` writes ``report.md``: the leaderboard tiers with their ranking
   rule, FL against centralized and local training, privacy, cost, per-site
@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from harness import Reporter
-from harness.report import RANKING_RULE, ReportData, build, render_text
+from fedmedbench import Reporter
+from fedmedbench.report import RANKING_RULE, ReportData, build, render_text
 
 REPORT_SCHEMA = "fedmedbench.report/1"
 

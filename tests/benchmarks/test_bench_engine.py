@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness.engine import run_cell
-from harness.matrix import parse_matrix
-from harness.models import build_model
-from harness.registry import get_registry
+from fedmedbench.engine import run_cell
+from fedmedbench.matrix import parse_matrix
+from fedmedbench.models import build_model
+from fedmedbench.registry import get_registry
 
 ROUNDS, STEPS, BATCH, LR = 30, 10, 16, 0.05
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness import ParamLayout
-from harness.engine import run_cell
-from harness.matrix import parse_matrix
+from fedmedbench import ParamLayout
+from fedmedbench.engine import run_cell
+from fedmedbench.matrix import parse_matrix
 
 N_CLIENTS, N_PER_CLIENT, IN, HIDDEN, STEPS, BATCH = 10, 64, 1000, 100, 10, 32
 
@@ -130,7 +130,7 @@ def _compare(benchmark, round_setup, mech, label):
 
 
 def test_bench_secagg_round(benchmark, round_setup):
-    from plugins.privacy.secagg import SecAgg
+    from fedmedbench.plugins.privacy.secagg import SecAgg
 
     ratio, err = _compare(benchmark, round_setup, SecAgg(), "secagg 10 clients x 100k")
     assert err < 1e-6
@@ -138,7 +138,7 @@ def test_bench_secagg_round(benchmark, round_setup):
 
 
 def test_bench_he_round(benchmark, round_setup):
-    from plugins.privacy.he_ckks import HECKKS
+    from fedmedbench.plugins.privacy.he_ckks import HECKKS
 
     mech = HECKKS()
     mech.setup(round_setup[2])

@@ -19,8 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from report_fixtures import run, scaled, with_privacy_and_attacks  # noqa: E402
 
-from harness.registry import get_registry  # noqa: E402
-from harness.results import load_records  # noqa: E402
+from fedmedbench.registry import get_registry  # noqa: E402
+from fedmedbench.results import load_records  # noqa: E402
 
 REPORTERS = ("markdown", "csv", "json", "figures", "html")
 
