@@ -1,70 +1,61 @@
-"""fedmedbench's engine: plugin host, matrix, round engine, results, reports.
+"""fedmedbench: a plugin-based benchmark harness for federated learning in healthcare.
 
-Plugins import only what this module exports (and libraries).
+Plugins import only what this package exports (and libraries)::
+
+    import fedmedbench as fmb
+    from fedmedbench import Algorithm, hookimpl
+
+Names are resolved lazily (PEP 562), so ``import fedmedbench`` and the
+command line start without importing torch.
 """
 
 from __future__ import annotations
 
-from fedmedbench.components import (
-    FAMILIES,
-    STAGES,
-    Adversary,
-    Aggregator,
-    Algorithm,
-    Attack,
-    ClientUpdate,
-    Component,
-    Compressor,
-    Dataset,
-    FederatedData,
-    Message,
-    ParamLayout,
-    Partitioner,
-    PrivacyMechanism,
-    Reporter,
-    Site,
-    Split,
-    Task,
-)
-from fedmedbench.datafiles import (
-    cached_arrays,
-    load_card,
-    sha256_file,
-    shipped_file,
-    verify_checksum,
-)
-from fedmedbench.engine import (
-    SCHEMA,
-    AttackContext,
-    ClientContext,
-    RoundContext,
-    ServerView,
-    run_cell,
-)
-from fedmedbench.errors import (
-    ConfigError,
-    DataError,
-    Diverged,
-    FedmedbenchError,
-    PluginConflictError,
-    SchemaError,
-)
-from fedmedbench.metrics import score
-from fedmedbench.models import build_model, get_flat_params, set_flat_params
-from fedmedbench.registry import hookimpl
-from fedmedbench.training import RunSettings, per_example_loss, predict_proba
+import importlib
+from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
-__all__ = [
-    "FAMILIES", "STAGES", "SCHEMA", "__version__",
-    "Adversary", "Aggregator", "Algorithm", "Attack", "ClientUpdate", "Component", "Compressor",
-    "Dataset", "FederatedData", "Message", "ParamLayout", "Partitioner", "PrivacyMechanism",
-    "Reporter", "Site", "Split", "Task",
-    "AttackContext", "ClientContext", "RoundContext", "ServerView", "RunSettings", "run_cell",
-    "ConfigError", "DataError", "Diverged", "FedmedbenchError", "PluginConflictError",
-    "SchemaError",
-    "cached_arrays", "load_card", "sha256_file", "shipped_file", "verify_checksum",
-    "score", "build_model", "get_flat_params", "set_flat_params", "per_example_loss",
-    "predict_proba", "hookimpl",
-]
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    # families and the data they exchange
+    **{n: "fedmedbench.components" for n in (
+        "FAMILIES", "STAGES", "PROTOCOLS", "WEIGHTINGS", "Component", "Dataset", "Partitioner",
+        "Model", "Algorithm", "Aggregator", "PrivacyMechanism", "LocalStage", "UpdateStage",
+        "TransportStage", "ServerStage", "Compressor", "Adversary", "Attack", "Reporter",
+        "Split", "Site", "Task", "FederatedData", "ParamLayout", "Updates", "Message")},
+    # what components see of a running cell
+    **{n: "fedmedbench.context" for n in (
+        "CellContext", "ClientContext", "ServerView", "AttackContext")},
+    **{n: "fedmedbench.facts" for n in (
+        "CellFacts", "AlgorithmFacts", "AggregatorFacts", "PrivacyFacts", "CompressorFacts")},
+    **{n: "fedmedbench.accounting" for n in ("Accounting", "Ledger")},
+    **{n: "fedmedbench.training" for n in (
+        "RunSettings", "LocalTrainer", "SGDTrainer", "BatchStream", "predict_proba",
+        "per_example_loss")},
+    **{n: "fedmedbench.errors" for n in (
+        "ConfigError", "DataError", "Diverged", "FedmedbenchError", "PluginConflictError",
+        "PluginError", "SchemaError")},
+    **{n: "fedmedbench.datafiles" for n in (
+        "cached_arrays", "load_card", "sha256_file", "shipped_file", "verify_checksum")},
+    **{n: "fedmedbench.models" for n in ("build_model", "get_flat_params", "set_flat_params")},
+    "score": "fedmedbench.metrics",
+    "hookimpl": "fedmedbench.registry",
+    "SCHEMA": "fedmedbench.engine",
+    "run_cell": "fedmedbench.engine",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'fedmedbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

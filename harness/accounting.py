@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 ACCOUNTANTS = ("rdp", "prv")
 MAX_SIGMA = 1e6
 
-__all__ = ["ACCOUNTANTS", "Ledger", "make_accountant", "epsilon_for", "noise_for_epsilon",
-           "noise_for_schedule", "check_accountant"]
+__all__ = ["ACCOUNTANTS", "Accounting", "Ledger", "make_accountant", "epsilon_for",
+           "noise_for_epsilon", "noise_for_schedule", "check_accountant", "headline",
+           "UNITS"]
 
 
 def check_accountant(name: str) -> str:
@@ -188,3 +190,114 @@ class Ledger:
         eps = epsilon_for(self.history, delta, self.accountant)
         self._cache = (key, delta, eps)
         return eps
+
+
+# --------------------------------------------------------------------------
+# typed accounting and the cell's headline guarantee
+# --------------------------------------------------------------------------
+
+#: units of a DP guarantee, from the weakest to the strongest: a guarantee for a
+#: whole client (every record of one hospital) implies the same (ε, δ) for one
+#: of its records, never the other way round
+UNITS = ("record", "client")
+
+
+@dataclass
+class Accounting:
+    """What one DP mechanism spent, as one consistent set of numbers.
+
+    Every field describes the same guarantee: ``epsilon`` at ``delta`` for one
+    ``unit`` ("record" or "client"), by ``accountant`` (an Opacus accountant:
+    "rdp" or "prv") over ``steps`` compositions of a Gaussian mechanism with
+    noise multiplier ``noise_multiplier`` and sample rate ``sample_rate``
+    (``sampling`` says, in words, what sampling the accountant assumes and
+    what the run did). ``per_site`` holds the same fields per site when the
+    guarantee differs by site (DP-SGD: each site's records); the top-level
+    fields are then those of the site with the largest ε. ``details`` keeps
+    mechanism-specific numbers (a noise schedule, clipping history).
+    """
+
+    unit: str
+    accountant: str
+    epsilon: float
+    delta: float
+    noise_multiplier: float | None
+    sample_rate: float | None
+    steps: int
+    sampling: str
+    clip: float | None = None
+    target_epsilon: float | None = None
+    per_site: dict[str, dict[str, Any]] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"Accounting unit {self.unit!r}; use one of {UNITS}")
+        if not (isinstance(self.delta, (int, float)) and 0 <= self.delta < 1):
+            raise ValueError(f"Accounting delta {self.delta!r}: an ε needs its δ in [0, 1)")
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "unit": self.unit, "accountant": self.accountant, "epsilon": self.epsilon,
+            "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate, "steps": self.steps, "sampling": self.sampling,
+            "clip": self.clip, "target_epsilon": self.target_epsilon}
+        if self.per_site is not None:
+            out["per_site"] = self.per_site
+        return {**self.details, **out}
+
+
+HEADLINE_RULE = (
+    "The cell's headline guarantee is the one for the strongest unit any mechanism "
+    "protects (client over record). Two mechanisms of that unit compose: their ε and δ "
+    "add (basic composition). A client-level guarantee is also a record-level one, so the "
+    "record-level guarantee is the smallest ε among all mechanisms (each holds for the "
+    "whole run by post-processing).")
+
+_FIELDS = ("epsilon", "delta", "unit", "accountant", "noise_multiplier", "sample_rate", "steps",
+           "sampling")
+
+
+def headline(accountings: Mapping[str, Accounting]) -> dict[str, Any]:
+    """The cell's top-level privacy fields from its mechanisms' accountings.
+
+    Returns ``{"epsilon", "delta", "unit", "accountant", "noise_multiplier",
+    "sample_rate", "steps", "sampling", "mechanism", "by_unit", "rule"}``
+    (``epsilon`` and ``delta`` ``None`` without DP). The result does not
+    depend on the order of the stack (see :data:`HEADLINE_RULE`).
+    """
+    accs = {k: v for k, v in sorted(accountings.items()) if v is not None}
+    empty = {k: None for k in _FIELDS}
+    if not accs:
+        return {**empty, "mechanism": None, "by_unit": {}, "rule": HEADLINE_RULE}
+    by_unit: dict[str, dict[str, Any]] = {}
+    for unit in UNITS:
+        same = {k: a for k, a in accs.items() if a.unit == unit}
+        if unit == "record":  # every stronger guarantee also protects one record
+            best = min(accs.items(), key=lambda kv: (kv[1].epsilon, kv[1].delta, kv[0]))
+            by_unit[unit] = {**_one(best[1]), "unit": unit, "mechanism": best[0]}
+            continue
+        if not same:
+            continue
+        by_unit[unit] = _compose(same) if len(same) > 1 else {
+            **_one(next(iter(same.values()))), "mechanism": next(iter(same))}
+    top = max((u for u in UNITS if any(a.unit == u for a in accs.values())),
+              key=UNITS.index)
+    return {**by_unit[top], "by_unit": by_unit, "rule": HEADLINE_RULE}
+
+
+def _one(a: Accounting) -> dict[str, Any]:
+    return {k: getattr(a, k) for k in _FIELDS}
+
+
+def _compose(same: Mapping[str, Accounting]) -> dict[str, Any]:
+    eps = sum(a.epsilon for a in same.values())
+    delta = sum(a.delta for a in same.values())
+    unit = next(iter(same.values())).unit
+    return {"epsilon": eps, "delta": delta, "unit": unit,
+            "accountant": "basic composition of " + " + ".join(
+                f"{k} ({a.accountant})" for k, a in same.items()),
+            "noise_multiplier": None, "sample_rate": None,
+            "steps": max(a.steps for a in same.values()),
+            "sampling": "; ".join(f"{k}: {a.sampling}" for k, a in same.items()),
+            "mechanism": "+".join(same)}

@@ -5,46 +5,44 @@ arguments with defaults: its configuration *is* its signature, so a matrix
 entry such as ``{name = "fedprox", mu = 0.01}`` validates against
 ``FedProx.__init__`` and round-trips through JSON (:meth:`Component.params`).
 
-Updates travel through the round as flat ``float32`` vectors over the model's
-parameters (:class:`ParamLayout` maps names and shapes to slices), so clipping,
-noise, masking, encryption and robust aggregation all work on one shape.
+Components state facts about themselves as typed attributes (an aggregator's
+weighting, a privacy mechanism's server view, what an algorithm's clients
+send); the engine collects them into :class:`fedmedbench.facts.CellFacts`, and
+every combination rule reads those facts, never another component's
+parameter names.
+
+Updates travel through the round as one :class:`Updates` batch: a
+``(clients, parameters)`` float32 matrix of deltas over the model's flat
+parameter vector (:class:`ParamLayout` maps names and shapes to slices), so
+clipping, noise, masking, encryption and robust aggregation all work on one
+shape, for one client or a whole round at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
 
-    from fedmedbench.engine import AttackContext, ClientContext, RoundContext
+    import torch
+
+    from fedmedbench.accounting import Accounting
+    from fedmedbench.context import AttackContext, CellContext, ClientContext
+    from fedmedbench.facts import CellFacts
+    from fedmedbench.training import LocalTrainer
 
 __all__ = [
-    "Component",
-    "Split",
-    "Site",
-    "Task",
-    "FederatedData",
-    "ParamLayout",
-    "ClientUpdate",
-    "Message",
-    "Dataset",
-    "Partitioner",
-    "Algorithm",
-    "Aggregator",
-    "PrivacyMechanism",
-    "Compressor",
-    "Adversary",
-    "Attack",
-    "Reporter",
-    "FAMILIES",
-    "STAGES",
+    "Component", "Split", "Site", "Task", "FederatedData", "ParamLayout", "Updates", "Message",
+    "Dataset", "Partitioner", "Model", "Algorithm", "Aggregator", "PrivacyMechanism",
+    "LocalStage", "UpdateStage", "TransportStage", "ServerStage", "Compressor", "Adversary",
+    "Attack", "Reporter", "FAMILIES", "STAGES", "PROTOCOLS", "WEIGHTINGS",
 ]
 
 
@@ -58,7 +56,12 @@ class Component:
 
     Subclasses set ``name`` (unique across all plugins, lower-case with dashes)
     and take only keyword-only constructor arguments with defaults. The
-    harness fills ``plugin`` and ``distribution`` at registration.
+    harness fills ``plugin``, ``distribution`` and ``version`` at registration.
+
+    Lifecycle: the engine builds a fresh instance per cell, calls
+    :meth:`setup` once before round 1 and :meth:`begin_round` at the start of
+    every round (after the round's clients are sampled), so no component has
+    to detect a new cell or round by itself.
     """
 
     family: ClassVar[str] = ""
@@ -90,21 +93,32 @@ class Component:
         """``{"name": ..., **params}``: what a matrix cell records."""
         return {"name": self.name, **self.params()}
 
+    def validate(self, facts: CellFacts) -> str | None:
+        """Return a reason string if this component cannot run the cell
+        described by ``facts`` (the cell is then recorded ``skipped``)."""
+        return None
+
+    def setup(self, ctx: CellContext) -> None:
+        """Called once per cell, before round 1 (allocate per-cell state)."""
+
+    def begin_round(self, round: int) -> None:
+        """Called at the start of every round (1-based), after the round's
+        clients are sampled (``ctx.participants`` of the context given to
+        :meth:`setup`)."""
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, list):
+    if isinstance(v, (tuple, list)):
         return [_jsonable(x) for x in v]
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (np.integer,)):
+    if isinstance(v, np.integer):
         return int(v)
-    if isinstance(v, (np.floating,)):
+    if isinstance(v, np.floating):
         return float(v)
     return v
 
@@ -156,8 +170,9 @@ class Task:
     """What is predicted and how it is scored.
 
     ``metric`` is one of ``accuracy``, ``balanced_accuracy``, ``auroc``
-    (:mod:`fedmedbench.metrics`). ``model`` names a default architecture in
-    :mod:`fedmedbench.models` and ``model_kwargs`` configures it.
+    (:mod:`fedmedbench.metrics`). ``model`` names a default architecture (a
+    registered :class:`Model`) and ``model_kwargs`` configures it; a matrix
+    may choose another with its ``model`` axis.
     """
 
     kind: str  # "binary" | "multiclass"
@@ -192,7 +207,7 @@ class FederatedData:
 
 
 # --------------------------------------------------------------------------
-# updates
+# what travels
 # --------------------------------------------------------------------------
 
 
@@ -223,7 +238,7 @@ class ParamLayout:
             off += k
         return out
 
-    def select(self, prefixes: list[str] | tuple[str, ...]) -> np.ndarray:
+    def select(self, prefixes: Sequence[str]) -> np.ndarray:
         """Boolean mask over the flat vector for parameters whose name starts
         with any of ``prefixes`` (e.g. ``["fc"]`` selects ``fc.weight``, ``fc.bias``)."""
         mask = np.zeros(self.numel, dtype=bool)
@@ -234,30 +249,144 @@ class ParamLayout:
 
 
 @dataclass
-class ClientUpdate:
-    """What one client sends for one round, before transport encoding.
+class Updates:
+    """What the sampled clients of a round send, one row per client, before
+    transport encoding.
 
-    ``delta`` is the flat float32 vector ``w_local - w_global``;
-    ``num_examples`` the client's training set size; ``metrics`` the client's
-    own numbers (``loss``, ...); ``extra`` algorithm state that travels with
-    the update (SCAFFOLD's control-variate delta, FedMD's soft labels).
+    Attributes
+    ----------
+    clients : list of int
+        Client indices, one per row.
+    delta : torch.Tensor, shape (k, D)
+        ``w_local - w_global`` of each client, float32, over the flat
+        parameter vector.
+    num_examples : list of int
+        Each client's training-set size. Sent in the clear (public metadata:
+        the record names it as such).
+    metrics : dict of str to numpy.ndarray, shape (k,)
+        Client-side numbers (``loss``; an aggregator's ``quality`` or
+        ``holdout_score``). Only those an aggregator reads are sent.
+    extra : dict
+        Algorithm state with a leading client axis that may travel with the
+        update (SCAFFOLD's ``control_delta`` of shape (k, D), FedMD's
+        ``scores``). What is sent is the algorithm's :attr:`Algorithm.sends`.
+    delta_bytes : list of int or None
+        The encoded size of each row's delta when a compressor encoded it
+        (``None``: float32, ``4 * D`` bytes a row).
+    per_client : dict of int to torch.Tensor or None
+        Clients of different architectures (FedMD) cannot share one (k, D)
+        matrix: their deltas are kept here by client, and ``delta`` is (k, 0).
     """
 
-    client: int
+    clients: list[int]
     delta: torch.Tensor
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
+    num_examples: list[int]
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    delta_bytes: list[int] | None = None
+    per_client: dict[int, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        k = len(self.clients)
+        if self.delta.dim() != 2 or self.delta.shape[0] != k:
+            raise ValueError(f"Updates of {k} clients need a ({k}, D) delta, got shape "
+                             f"{tuple(self.delta.shape)}")
+        if len(self.num_examples) != k:
+            raise ValueError(f"Updates of {k} clients got {len(self.num_examples)} example counts")
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def replace(self, **changes: Any) -> Updates:
+        """A copy with ``changes`` (metrics and extra copied, not shared)."""
+        base = {"metrics": dict(self.metrics), "extra": dict(self.extra)}
+        return dataclasses.replace(self, **{**base, **changes})
+
+    def rows(self, idx: Sequence[int]) -> Updates:
+        """The updates of rows ``idx`` (positions, not client ids)."""
+        idx = list(idx)
+        sel = np.asarray(idx, dtype=np.int64)
+        return Updates(
+            clients=[self.clients[i] for i in idx], delta=self.delta[list(idx)],
+            num_examples=[self.num_examples[i] for i in idx],
+            metrics={k: np.asarray(v)[sel] for k, v in self.metrics.items()},
+            extra={k: _take(v, idx) for k, v in self.extra.items()},
+            delta_bytes=None if self.delta_bytes is None else [self.delta_bytes[i] for i in idx])
+
+    @staticmethod
+    def concat(parts: Sequence[Updates]) -> Updates:
+        """One batch from per-client (or per-bucket) batches, rows in order."""
+        import torch
+
+        parts = list(parts)
+        if len(parts) == 1:
+            return parts[0]
+        keys = set(parts[0].metrics)
+        return Updates(
+            clients=[c for p in parts for c in p.clients],
+            delta=torch.cat([p.delta for p in parts]),
+            num_examples=[n for p in parts for n in p.num_examples],
+            metrics={k: np.concatenate([np.asarray(p.metrics[k]) for p in parts])
+                     for k in keys if all(k in p.metrics for p in parts)},
+            extra={k: _cat([p.extra[k] for p in parts]) for k in parts[0].extra
+                   if all(k in p.extra for p in parts)},
+            delta_bytes=None if any(p.delta_bytes is None for p in parts)
+            else [b for p in parts for b in p.delta_bytes])  # type: ignore[union-attr]
+
+    def row_bytes(self, sends: Sequence[str]) -> list[int]:
+        """Bytes each client sends of the fields in ``sends`` (``"delta"`` and
+        keys of :attr:`extra`): a field's serialized size, from its encoding."""
+        k, d = len(self), int(self.delta.shape[1])
+        out = [0] * k
+        for name in sends:
+            if name == "delta":
+                sizes = self.delta_bytes or [4 * d] * k
+            else:
+                sizes = [_nbytes(x) for x in _per_row(self.extra[name], k)]
+            out = [a + int(b) for a, b in zip(out, sizes)]
+        return out
+
+
+def _take(v: Any, idx: list[int]) -> Any:
+    if isinstance(v, list):
+        return [v[i] for i in idx]
+    return v[idx]
+
+
+def _cat(vs: list[Any]) -> Any:
+    import torch
+
+    if isinstance(vs[0], torch.Tensor):
+        return torch.cat(vs)
+    if isinstance(vs[0], np.ndarray):
+        return np.concatenate(vs)
+    return [x for v in vs for x in v]
+
+
+def _per_row(v: Any, k: int) -> list[Any]:
+    return list(v) if isinstance(v, list) else [v[i] for i in range(k)]
+
+
+def _nbytes(x: Any) -> int:
+    if hasattr(x, "element_size") and hasattr(x, "numel"):
+        return int(x.numel() * x.element_size())
+    return int(np.asarray(x).nbytes)
 
 
 @dataclass
 class Message:
     """A transport-encoded update: the opaque ``payload`` and its serialized
-    size in bytes (what crosses the network)."""
+    size in bytes (what crosses the network).
+
+    ``readable`` is what the server can read of it without any key:
+    ``(mask, values)`` over the flat parameter vector (partial HE sends the
+    unencrypted layers in plaintext), or ``None`` when nothing is readable.
+    """
 
     client: int
     payload: Any
     nbytes: int
+    readable: tuple[np.ndarray, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------
@@ -284,7 +413,7 @@ class Dataset(Component):
 
     def load(self, *, seed: int) -> FederatedData:
         """Return the data for ``seed`` (the same data for the same seed)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"dataset {self.name!r} does not implement load(seed=...)")
 
     def describe(self) -> dict[str, Any]:
         """A summary for ``fedmedbench datasets`` (card fields are added by the harness)."""
@@ -297,88 +426,126 @@ class Partitioner(Component):
     family: ClassVar[str] = "partitioner"
 
     def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
-        raise NotImplementedError
+        raise NotImplementedError(f"partitioner {self.name!r} does not implement partition()")
+
+
+class Model(Component):
+    """A model architecture: a factory of ``torch.nn.Module``.
+
+    :meth:`build` returns a fresh module for an input shape (after the batch
+    axis) and a number of classes; it must output one logit per class and be
+    deterministic for the torch seed (the engine seeds it). ``vectorized``
+    says the module runs under ``torch.func.functional_call`` + ``vmap``
+    (no BatchNorm running statistics updated in place, no dropout).
+    """
+
+    family: ClassVar[str] = "model"
+    vectorized: bool = True
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+        raise NotImplementedError(f"model {self.name!r} does not implement build()")
+
+
+#: round protocols an algorithm may declare (:mod:`fedmedbench.protocols`)
+PROTOCOLS = ("federated", "pooled", "isolated", "personalized")
 
 
 class Algorithm(Component):
     """Client update + server update.
 
-    ``topology`` tells the engine who trains what:
+    Declared facts:
 
-    - ``"federated"``: every sampled site trains from the global model; the
-      server aggregates updates (FedAvg and friends);
-    - ``"centralized"``: one party trains on the pooled data (upper baseline);
-    - ``"local"``: each site trains alone and is evaluated with its own model;
-    - ``"personalized"``: each site keeps its own model (evaluated like
-      ``local``, possibly of its own architecture, :meth:`client_model`) and
-      the server combines what the clients send in ``ClientUpdate.extra``
-      (FedMD's soft labels); :meth:`server_update` is called once per client
-      with that client's parameters and delta and *every* update.
+    - ``protocol``: which round protocol runs it (:mod:`fedmedbench.protocols`):
+      ``"federated"`` (sampled clients train from the global model, the server
+      aggregates their updates), ``"pooled"`` (one party trains on the pooled
+      data: the upper baseline), ``"isolated"`` (each site alone: the lower
+      baseline), ``"personalized"`` (each client keeps a model of its own,
+      evaluated on its own test split, and the server combines what the
+      clients send);
+    - ``sends``: what each client sends the server every round: ``"delta"``
+      and/or keys of :attr:`Updates.extra` (SCAFFOLD: ``("delta",
+      "control_delta")``; FedMD: ``("scores",)``). Bytes up and the server's
+      view are computed from exactly these fields;
+    - ``needs_public``: the algorithm needs :attr:`FederatedData.public`;
+    - ``needs_individual_updates``: the server uses each client's model
+      (distillation), which rules out transport privacy;
+    - ``vectorized``: :meth:`client_update` is written for a batch of clients
+      (every tensor has a leading client axis), so the vectorized backend may
+      run all sampled clients in one call.
 
-    The default :meth:`client_update` runs local SGD through
-    ``ctx.train(...)`` and returns the parameter delta; the default
-    :meth:`server_update` adds the aggregate to the global model.
+    :meth:`client_update` receives a :class:`~fedmedbench.context.ClientContext`
+    for one or more clients; the default runs local SGD through ``ctx.train``
+    and returns the deltas. :meth:`server_update` returns the next global
+    model from the aggregated delta.
     """
 
     family: ClassVar[str] = "algorithm"
-    topology: ClassVar[str] = "federated"
-    #: the algorithm needs ``FederatedData.public`` (distillation)
+    protocol: ClassVar[str] = "federated"
+    sends: ClassVar[tuple[str, ...]] = ("delta",)
     needs_public: ClassVar[bool] = False
-    #: the server must see each client's model (distillation): rules out transport privacy
     needs_individual_updates: ClassVar[bool] = False
+    vectorized: ClassVar[bool] = False
 
-    def setup(self, ctx: RoundContext) -> None:
-        """Called once per cell before round 1 (allocate server/client state)."""
-
-    def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> ClientUpdate:
+    def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
+        """Train the clients of ``ctx`` from ``global_params`` — the global model,
+        shape (D,), or each client's own model, shape (k, D), under the
+        isolated and personalized protocols — and return their updates."""
         new = ctx.train(global_params)
         return ctx.update(new - global_params)
 
-    def server_update(
-        self, ctx: RoundContext, global_params: torch.Tensor, aggregate: torch.Tensor,
-        updates: list[ClientUpdate],
-    ) -> torch.Tensor:
+    def server_update(self, ctx: CellContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
         """Return the next global model. ``aggregate`` is the aggregated delta;
-        ``updates`` carry only metadata and ``extra`` when a transport mechanism
-        hides the deltas (their ``delta`` is then empty)."""
+        ``updates`` carries metadata and the sent ``extra`` fields (its
+        ``delta`` rows are zero when a transport mechanism hides them)."""
         return global_params + aggregate
 
-    def validate(self, cell: Mapping[str, Any]) -> str | None:
-        """Return a reason string if this algorithm cannot run the cell."""
+    def client_model(self, ctx: CellContext, client: int) -> dict[str, Any] | None:
+        """(isolated/personalized protocols) The architecture of ``client``'s
+        model as ``{"model": name, **params}``, or ``None`` for the cell's."""
         return None
 
-    def client_model(self, ctx: RoundContext, client: int) -> dict[str, Any] | None:
-        """(``local``/``personalized`` topologies) The architecture of
-        ``client``'s model as ``{"model": name, **kwargs}`` for
-        :func:`fedmedbench.build_model`, or ``None`` for the task's default."""
-        return None
-
-    def bytes_down(self, ctx: RoundContext, model_bytes: int) -> int:
+    def bytes_down(self, ctx: CellContext, model_bytes: int) -> int:
         """Bytes the server sends each participating client per round
-        (default: the global model, ``model_bytes``; ``0`` under the
-        ``personalized`` topology, where no global model exists)."""
+        (default: the global model, ``model_bytes``)."""
         return model_bytes
+
+
+#: how a linear aggregator weights clients (:attr:`Aggregator.weighting`)
+WEIGHTINGS = ("uniform", "examples", "data-dependent")
 
 
 class Aggregator(Component):
     """How the server combines client updates.
 
-    A ``linear`` aggregator is a weighted mean with weights from update
-    metadata (:meth:`weights`): it also works over a secure sum, where the
-    engine pre-scales each update by its weight. A non-linear rule (median,
-    Krum) needs plaintext updates and overrides :meth:`aggregate`.
+    Declared facts: ``linear`` (a weighted mean with weights from update
+    metadata, :meth:`weights`, which also works over a secure sum where each
+    update is pre-scaled by its weight; a non-linear rule such as the median
+    needs plaintext updates and overrides :meth:`aggregate`); ``weighting``
+    (``"uniform"``, ``"examples"`` — proportional to training-set sizes — or
+    ``"data-dependent"``, from numbers the clients compute); and
+    ``sends_private_scores`` (clients send numbers computed on their private
+    records in the clear, such as accuracy on a held-out part);
+    ``client_metric_keys`` (the names of the numbers :meth:`client_metrics`
+    returns: what the clients send beside their updates).
     """
 
     family: ClassVar[str] = "aggregator"
     linear: ClassVar[bool] = True
+    weighting: str = "data-dependent"
+    sends_private_scores: bool = False
+    client_metric_keys: tuple[str, ...] = ()
 
-    def weights(self, updates: list[ClientUpdate]) -> np.ndarray:
-        """Non-negative weights summing to 1, one per update."""
-        raise NotImplementedError
+    def weights(self, updates: Updates) -> np.ndarray:
+        """Non-negative weights summing to 1, one per row."""
+        raise NotImplementedError(f"aggregator {self.name!r} is linear but implements no "
+                                  f"weights()")
 
-    def aggregate(self, updates: list[ClientUpdate]) -> torch.Tensor:
+    def aggregate(self, updates: Updates) -> torch.Tensor:
+        import torch
+
         w = torch.as_tensor(self.weights(updates), dtype=torch.float32)
-        return torch.stack([u.delta for u in updates]).T @ w
+        return w @ updates.delta
 
     def holdout_fraction(self) -> float:
         """Fraction of each client's training rows the engine holds out (seeded)
@@ -386,89 +553,164 @@ class Aggregator(Component):
         return 0.0
 
     def client_metrics(self, ctx: ClientContext, global_params: torch.Tensor,
-                       update: ClientUpdate) -> dict[str, float]:
-        """Runs **on the client** after local training: numbers the rule needs
-        (a quality score, accuracy on ``ctx.holdout``), merged into
-        ``update.metrics`` and sent in plaintext with the update's metadata."""
+                       updates: Updates) -> dict[str, np.ndarray]:
+        """Runs **on the clients** after local training: numbers the rule needs,
+        one per row (a quality score, accuracy on ``ctx.holdout(i)``), merged
+        into ``updates.metrics`` and sent in the clear with the update."""
         return {}
 
 
+# -- privacy: one interface per stage ------------------------------------------
+
+
+class LocalStage:
+    """Privacy at the **local** stage: the mechanism owns how a client's local
+    optimiser steps run (DP-SGD). The engine asks it for one trainer per
+    client, once per cell."""
+
+    def local_trainer(self, ctx: CellContext, client: int, model: torch.nn.Module,
+                      data: Split) -> LocalTrainer:
+        """A :class:`~fedmedbench.training.LocalTrainer` for ``client``, training
+        ``model`` on ``data`` with the run settings ``ctx.settings``."""
+        raise NotImplementedError
+
+    def vector_steps(self, ctx: CellContext) -> Any:
+        """The mechanism's form for the vectorized backend (an object with
+        ``batches`` and ``privatize``, see :mod:`fedmedbench.vectorized`), or
+        ``None`` when it runs only on the loop backend."""
+        return None
+
+
+class UpdateStage:
+    """Privacy at the **update** stage: transforms what the clients send
+    (clipping, client-side noise) before any transport encoding."""
+
+    def process_update(self, ctx: CellContext, updates: Updates) -> Updates:
+        raise NotImplementedError
+
+
+class TransportStage:
+    """Privacy at the **transport** stage: encodes each client's
+    (weight-scaled) vector so that the server reads only :class:`Message`s,
+    and returns only their **sum** (secure aggregation, HE).
+
+    ``server_view`` says what an honest-but-curious server reads:
+    ``"aggregate"`` (the sum) or ``"ciphertext"`` (nothing; the key holder is
+    another party). ``drops_clients`` says the protocol may leave clients'
+    inputs out of a round (dropouts).
+    """
+
+    server_view: str = "aggregate"
+    drops_clients: bool = False
+
+    def encode(self, ctx: CellContext, client: int, vector: torch.Tensor) -> Message:
+        raise NotImplementedError
+
+    def aggregate(self, ctx: CellContext, messages: list[Message]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def bytes_down(self, ctx: CellContext) -> int:
+        """Extra bytes sent to each participating client per round (keys)."""
+        return 0
+
+
+class ServerStage:
+    """Privacy at the **server** stage: transforms the aggregate (central DP)."""
+
+    def process_aggregate(self, ctx: CellContext, aggregate: torch.Tensor,
+                          updates: Updates) -> torch.Tensor:
+        raise NotImplementedError
+
+
+#: the stages of the round, and the interface (and its method) of each
 STAGES = ("local", "update", "transport", "server")
+STAGE_INTERFACES: dict[str, tuple[type, tuple[str, ...]]] = {
+    "local": (LocalStage, ("local_trainer",)),
+    "update": (UpdateStage, ("process_update",)),
+    "transport": (TransportStage, ("encode", "aggregate")),
+    "server": (ServerStage, ("process_aggregate",)),
+}
 
 
 class PrivacyMechanism(Component):
     """A protection at one or more stages of the round (DESIGN, "One round").
 
-    ``stages`` is a subset of ``STAGES``:
+    A mechanism inherits the interface of each stage it acts at —
+    :class:`LocalStage`, :class:`UpdateStage`, :class:`TransportStage`,
+    :class:`ServerStage` — and implements its method(s); its :attr:`stages`
+    follow from that (the conformance kit fails a class that inherits an
+    interface without implementing it).
 
-    - ``local``: wraps a client's local training (:meth:`make_private`, DP-SGD);
-    - ``update``: transforms a client's update (:meth:`process_update`, clipping, noise);
-    - ``transport``: encodes updates so the server sees only ``Message``s and
-      :meth:`aggregate` returns only their **sum** (secure aggregation, HE);
-    - ``server``: transforms the aggregate (:meth:`process_aggregate`, central DP).
+    Declared facts: ``dp_unit`` (``"record"`` or ``"client"``: what one unit
+    of its differential-privacy guarantee is; ``None`` without DP);
+    ``drops_clients``; ``needs_uniform_weights``; ``aggregate_as_sum`` (its
+    update stage scales each client's contribution itself — a
+    fixed-denominator estimator — so the server sums the rows instead of
+    taking the aggregator's weighted mean); ``run_defaults`` (run settings
+    the mechanism's guarantee assumes, e.g. Poisson client sampling, applied
+    unless the matrix sets them).
 
-    ``server_view`` (transport mechanisms) says what an honest-but-curious
-    server reads: ``"aggregate"`` or ``"ciphertext"``.
+    :meth:`accounting` returns what was spent as one typed
+    :class:`~fedmedbench.accounting.Accounting` (DP mechanisms) and
+    :meth:`report` the mechanism's other numbers (bytes, quantisation,
+    dropouts).
     """
 
     family: ClassVar[str] = "privacy"
-    stages: ClassVar[frozenset[str]] = frozenset()
-    server_view: ClassVar[str] = "plaintext"
+    dp_unit: ClassVar[str | None] = None
+    drops_clients: bool = False
+    needs_uniform_weights: bool = False
+    aggregate_as_sum: ClassVar[bool] = False
+    run_defaults: ClassVar[dict[str, Any]] = {}
 
-    def validate(self, cell: Mapping[str, Any]) -> str | None:
-        """Return a reason string if the mechanism cannot run this cell."""
+    @property
+    def stages(self) -> frozenset[str]:
+        """The stages this mechanism acts at (from the interfaces it inherits)."""
+        return stages_of(type(self))
+
+    def accounting(self) -> Accounting | None:
+        """What was spent so far (DP: ε with its δ, the accountant, σ, q, steps);
+        ``None`` for a mechanism without a DP guarantee."""
         return None
 
-    def setup(self, ctx: RoundContext) -> None:
-        """Called once per cell before round 1."""
-
-    def make_private(self, ctx: ClientContext, model: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer, loader: Any) -> tuple[Any, Any, Any]:
-        """(``local``) Wrap a client's model, optimizer and data loader, once per
-        client per cell; return the wrapped triple."""
-        return model, optimizer, loader
-
-    def process_update(self, ctx: RoundContext, update: ClientUpdate) -> ClientUpdate:
-        """(``update``) Return the update to send."""
-        return update
-
-    def encode(self, ctx: RoundContext, client: int, vector: torch.Tensor) -> Message:
-        """(``transport``) Encode a (weight-scaled) client vector."""
-        raise NotImplementedError
-
-    def aggregate(self, ctx: RoundContext, messages: list[Message]) -> torch.Tensor:
-        """(``transport``) Return the plaintext sum of the encoded vectors."""
-        raise NotImplementedError
-
-    def bytes_down(self, ctx: RoundContext) -> int:
-        """(``transport``) Extra bytes sent to each client per round (keys, masks)."""
-        return 0
-
-    def process_aggregate(self, ctx: RoundContext, aggregate: torch.Tensor,
-                          n_clients: int) -> torch.Tensor:
-        """(``server``) Return the aggregate the server update uses."""
-        return aggregate
-
-    def accounting(self) -> dict[str, Any]:
-        """What was spent so far: for DP ``{"epsilon", "delta", "accountant",
-        "noise_multiplier", ...}`` (ε always with its δ), else ``{}``."""
+    def report(self) -> dict[str, Any]:
+        """The mechanism's own numbers for the record (JSON values)."""
         return {}
 
 
+def stages_of(cls: type) -> frozenset[str]:
+    """The stages whose interface ``cls`` inherits."""
+    return frozenset(s for s, (iface, _) in STAGE_INTERFACES.items() if issubclass(cls, iface))
+
+
+def unimplemented_stage_methods(cls: type) -> list[str]:
+    """``stage.method`` names that ``cls`` inherits from a stage interface but
+    does not override (a declared stage without an implementation)."""
+    out = []
+    for stage, (iface, methods) in STAGE_INTERFACES.items():
+        if issubclass(cls, iface):
+            out += [f"{stage}: {m}" for m in methods
+                    if getattr(cls, m, None) is getattr(iface, m)]
+    return out
+
+
 class Compressor(Component):
-    """Lossy encoding of client updates. :meth:`compress` returns the decoded
-    update the server will use and the encoded size in bytes."""
+    """Lossy encoding of client updates. :meth:`compress` returns the updates
+    the server will use (decoded) with ``delta_bytes``, the encoded size of
+    each row. ``preserves_norm_bound``: the decoded update never has a larger
+    L2 norm than the input (what client-level DP's clipping needs)."""
 
     family: ClassVar[str] = "compressor"
+    preserves_norm_bound: ClassVar[bool] = False
 
-    def compress(self, ctx: RoundContext, update: ClientUpdate) -> tuple[ClientUpdate, int]:
-        raise NotImplementedError
+    def compress(self, ctx: CellContext, updates: Updates) -> Updates:
+        raise NotImplementedError(f"compressor {self.name!r} does not implement compress()")
 
 
 class Adversary(Component):
     """Malicious client behaviour during training. A ``fraction`` of clients
     (chosen with the cell seed) are malicious; :meth:`corrupt_data` changes
-    their training data once, :meth:`corrupt_update` each update they send."""
+    their training data once, :meth:`corrupt_update` the rows they send."""
 
     family: ClassVar[str] = "adversary"
 
@@ -478,23 +720,25 @@ class Adversary(Component):
     def corrupt_data(self, split: Split, *, num_classes: int, rng: np.random.Generator) -> Split:
         return split
 
-    def corrupt_update(self, ctx: RoundContext, update: ClientUpdate,
-                       rng: np.random.Generator) -> ClientUpdate:
-        return update
+    def corrupt_update(self, ctx: CellContext, updates: Updates,
+                       rng: np.random.Generator) -> Updates:
+        """``updates`` holds one malicious client's row (``rng`` is that
+        client's seeded stream for this round); return what it sends."""
+        return updates
 
 
 class Attack(Component):
     """An evaluation of what leaks, run after training on what the threat
-    model exposes (:class:`fedmedbench.engine.AttackContext`).
+    model exposes (:class:`fedmedbench.context.AttackContext`).
 
-    :meth:`evaluate` returns a dict of metrics, or
+    :meth:`evaluate` returns a dict of metrics (JSON values), or
     ``{"not_applicable": reason}`` when the attacker's view gives it nothing.
     """
 
     family: ClassVar[str] = "attack"
 
     def evaluate(self, ctx: AttackContext) -> dict[str, Any]:
-        raise NotImplementedError
+        raise NotImplementedError(f"attack {self.name!r} does not implement evaluate()")
 
 
 class Reporter(Component):
@@ -503,12 +747,13 @@ class Reporter(Component):
     family: ClassVar[str] = "reporter"
 
     def write(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-        raise NotImplementedError
+        raise NotImplementedError(f"reporter {self.name!r} does not implement write()")
 
 
 FAMILIES: dict[str, type[Component]] = {
     "dataset": Dataset,
     "partitioner": Partitioner,
+    "model": Model,
     "algorithm": Algorithm,
     "aggregator": Aggregator,
     "privacy": PrivacyMechanism,
@@ -518,4 +763,4 @@ FAMILIES: dict[str, type[Component]] = {
     "reporter": Reporter,
 }
 
-ModelFactory = Callable[[], torch.nn.Module]
+ModelFactory = Callable[[], "torch.nn.Module"]

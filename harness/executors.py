@@ -23,9 +23,10 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from fedmedbench.engine import SCHEMA, provenance, run_cell
+from fedmedbench.engine import provenance, run_cell
 from fedmedbench.registry import get_registry
 from fedmedbench.results import clean_json, completed_ids, write_record
+from fedmedbench.schema import SCHEMA
 
 EXECUTORS = ("local", "process")
 

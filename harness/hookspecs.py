@@ -47,6 +47,14 @@ def register_partitioners(register: Any) -> None:
 
 
 @hookspec
+def register_models(register: Any) -> None:
+    """Register :class:`fedmedbench.Model` subclasses: architectures, each a
+    factory of ``torch.nn.Module`` (``build(input_shape, num_classes)``) whose
+    keyword-only constructor parameters configure it. A dataset's task names a
+    default model; a matrix chooses another with its ``model`` axis."""
+
+
+@hookspec
 def register_algorithms(register: Any) -> None:
     """Register :class:`fedmedbench.Algorithm` subclasses (client update + server
     update). ``centralized`` and ``local`` baselines are algorithms too, told

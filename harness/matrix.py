@@ -39,16 +39,20 @@ from typing import Any
 
 import tomllib
 
-from fedmedbench.engine import SCHEMA
 from fedmedbench.errors import ConfigError
 from fedmedbench.registry import NONE, Registry, get_registry
+from fedmedbench.schema import SCHEMA
 from fedmedbench.training import RunSettings
 
-AXES = ("dataset", "partitioner", "algorithm", "aggregator", "privacy", "compressor", "adversary")
+AXES = ("dataset", "partitioner", "model", "algorithm", "aggregator", "privacy", "compressor",
+        "adversary")
 FAMILY_OF_AXIS = {a: a for a in AXES}
 OPTIONAL_AXES = ("privacy", "compressor", "adversary")
+#: execution options in [run]: how a cell runs, not what it computes (not in the cell id)
+EXECUTION_KEYS = {"backend": ("auto", "loop", "vectorized")}
 AXIS_DEFAULTS: dict[str, list[Any]] = {
     "partitioner": ["default"],
+    "model": ["default"],
     "aggregator": ["weighted-mean"],
     "privacy": [NONE],
     "compressor": [NONE],
@@ -69,6 +73,7 @@ class Matrix:
     exclude: list[dict[str, Any]]
     attacks: list[dict[str, Any]]
     source: str = "<memory>"
+    execution: dict[str, Any] = field(default_factory=dict)
     cells: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -137,6 +142,11 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
     axis_names = {spec["name"] for vals in axes.values() for v in vals
                   for spec in (v if isinstance(v, list) else [v]) if isinstance(spec, dict)}
     for k, v in run_raw.items():
+        if k in EXECUTION_KEYS:
+            if v not in EXECUTION_KEYS[k]:
+                raise ConfigError(f"{where}: run.{k} = {v!r}; choose one of "
+                                  f"{', '.join(EXECUTION_KEYS[k])}")
+            continue
         if isinstance(v, dict):
             if k not in axis_names:
                 raise ConfigError(f"{where}: [run.{k}] overrides run settings for component "
@@ -164,7 +174,8 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
     attacks = [a for a in attacks if a is not None]
 
     m = Matrix(name=name, rounds=rounds, seeds=list(seeds), axes=axes, run=run,
-               run_overrides=overrides, exclude=exclude, attacks=attacks, source=source)
+               run_overrides=overrides, exclude=exclude, attacks=attacks, source=source,
+               execution={k: v for k, v in run_raw.items() if k in EXECUTION_KEYS})
     if select:
         _apply_select(m, select)
     m.cells = expand(m, reg)
@@ -220,8 +231,8 @@ def _normalize(axis: str, v: Any, reg: Registry, where: str) -> Any:
                           f"got {v!r}")
     if spec["name"] == NONE and axis in (*OPTIONAL_AXES, "attack"):
         return None
-    if axis == "partitioner" and spec["name"] == "default":
-        return {"name": "default"}
+    if axis in ("partitioner", "model") and spec["name"] == "default":
+        return {"name": "default"} if axis == "partitioner" else None
     info = reg.get(family, spec["name"], key=where)
     # validate parameters now (and their types) by building once
     reg.build(family, spec, key=where)
@@ -287,8 +298,9 @@ def expand(m: Matrix, reg: Registry) -> list[dict[str, Any]]:
         if cid in seen:
             continue
         seen.add(cid)
-        cells.append({"cell_id": cid, "matrix": m.name, "config": cfg,
-                      "labels": {a: _label(point[a]) for a in AXES}})
+        cells.append({"cell_id": cid, "matrix": m.name, "config": cfg, **m.execution,
+                      "labels": {a: "default" if a == "model" and point[a] is None
+                                 else _label(point[a]) for a in AXES}})
     return cells
 
 
@@ -301,6 +313,7 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
     comps = {
         "dataset": ds.config(),
         "partitioner": reg.build("partitioner", part).config(),
+        "model": reg.build("model", point["model"]).config() if point["model"] else None,
         "algorithm": reg.build("algorithm", point["algorithm"]).config(),
         "aggregator": reg.build("aggregator", point["aggregator"]).config(),
         "privacy": [reg.build("privacy", p).config() for p in point["privacy"]],
@@ -310,7 +323,13 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
         if point["adversary"] else None,
         "attacks": [reg.build("attack", a).config() for a in m.attacks],
     }
-    run = {**RunSettings.fields(), **ds_info.cls.run_defaults, **m.run}
+    # run settings: defaults < the dataset's < what the cell's other components' guarantees
+    # assume (dp-fedavg: Poisson client sampling) < the matrix [run] < [run.<component>]
+    comp_defaults: dict[str, Any] = {}
+    for fam, spec in (("algorithm", point["algorithm"]), ("aggregator", point["aggregator"]),
+                      *(("privacy", p) for p in point["privacy"])):
+        comp_defaults.update(getattr(reg.get(fam, spec["name"]).cls, "run_defaults", {}))
+    run = {**RunSettings.fields(), **ds_info.cls.run_defaults, **comp_defaults, **m.run}
     names = [comps["dataset"]["name"], comps["partitioner"]["name"], comps["algorithm"]["name"],
              comps["aggregator"]["name"], *(p["name"] for p in comps["privacy"]),
              *(comps[a]["name"] for a in ("compressor", "adversary") if comps[a])]

@@ -29,6 +29,7 @@ NONE = "none"
 _HOOK_OF_FAMILY = {
     "dataset": "register_datasets",
     "partitioner": "register_partitioners",
+    "model": "register_models",
     "algorithm": "register_algorithms",
     "aggregator": "register_aggregators",
     "privacy": "register_privacy",

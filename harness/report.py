@@ -47,6 +47,9 @@ ATTACK_METRICS = ("auc", "advantage", "balanced_accuracy", "tpr_at_1pct_fpr",
 ATTACK_HEADLINE = ("auc", "advantage", "psnr", "ssim", "label_accuracy", "mse")
 TIMING_KEYS = ("wall_s", "train_s", "privacy_s")
 TOPOLOGY_ORDER = {"centralized": 0, "local": 1, "federated": 2}
+#: a record's round protocol, as the report's topology column names it
+TOPOLOGY_OF_PROTOCOL = {"pooled": "centralized", "isolated": "local", "federated": "federated",
+                        "personalized": "personalized"}
 
 
 # --------------------------------------------------------------------------
@@ -79,17 +82,19 @@ _TOPOLOGY_CACHE: dict[str, str] = {}
 
 
 def topology_of(algorithm: str) -> str:
-    """An algorithm's topology (``centralized``, ``local`` or ``federated``)
-    from the installed plugin; ``federated`` when the plugin is not installed
-    (reports from CI artifacts read on another machine)."""
+    """An algorithm's topology (``centralized``, ``local``, ``federated`` or
+    ``personalized``, from its round protocol) from the installed plugin;
+    ``federated`` when the plugin is not installed (reports from CI artifacts
+    read on another machine)."""
     if algorithm not in _TOPOLOGY_CACHE:
         topo = "federated"
         from fedmedbench.errors import ConfigError
         from fedmedbench.registry import get_registry
 
         try:
-            topo = str(get_registry().get("algorithm", algorithm).cls.topology)
-        except ConfigError:  # not installed here: records older than the topology field
+            proto = str(get_registry().get("algorithm", algorithm).cls.protocol)
+            topo = TOPOLOGY_OF_PROTOCOL.get(proto, "federated")
+        except ConfigError:  # not installed here: records older than the protocol field
             pass
         _TOPOLOGY_CACHE[algorithm] = topo
     return _TOPOLOGY_CACHE[algorithm]
@@ -145,7 +150,8 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "cell_id": str(r.get("cell_id")), "status": r.get("status"),
             **{axis: _label(r, axis) for axis in AXES},
             "algorithm_name": str(alg),
-            "topology": str(r.get("topology") or topology_of(str(alg))),
+            "topology": str(TOPOLOGY_OF_PROTOCOL.get(str(r.get("protocol")))
+                            or r.get("topology") or topology_of(str(alg))),
             "seed": cfg.get("seed"), "rounds": cfg.get("rounds"),
             "metric": u.get("metric"), "utility": _num(u.get("global")),
             "worst_site": _num(u.get("worst_site")),

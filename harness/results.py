@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from fedmedbench.engine import SCHEMA
 from fedmedbench.errors import SchemaError
+from fedmedbench.schema import SCHEMA
 
 STATUSES = ("ok", "failed", "skipped", "diverged")
 REQUIRED = ("schema", "cell_id", "status", "config", "metrics")

@@ -38,20 +38,25 @@ from fedmedbench.components import (
     Aggregator,
     Algorithm,
     Attack,
-    ClientUpdate,
     Component,
     Compressor,
     Dataset,
     FederatedData,
+    Model,
     Partitioner,
     PrivacyMechanism,
     Reporter,
     Site,
     Split,
     Task,
+    TransportStage,
+    Updates,
+    stages_of,
+    unimplemented_stage_methods,
 )
+from fedmedbench.errors import ConfigError
 from fedmedbench.metrics import METRICS
-from fedmedbench.models import MODELS, build_model
+from fedmedbench.models import build_model
 from fedmedbench.registry import Registry, get_registry, hookimpl
 
 KIT_DATASET = "fmb-kit-tabular"
@@ -215,9 +220,9 @@ def check_dataset_loads(cls: type[Component], registry: Registry) -> None:
     if t.metric not in METRICS:
         raise _fail(cls, "check_dataset_loads", f"metric {t.metric!r} is unknown",
                     f"use one of {METRICS}")
-    if t.model not in MODELS:
+    if t.model not in registry.names("model"):
         raise _fail(cls, "check_dataset_loads", f"model {t.model!r} is unknown",
-                    f"use one of {list(MODELS)}")
+                    f"use one of {registry.names('model')} or register it with register_models")
     for s in data.sites:
         for part, sp in (("train", s.train), ("test", s.test)):
             if tuple(sp.X.shape[1:]) != tuple(t.input_shape):
@@ -237,7 +242,12 @@ def check_dataset_loads(cls: type[Component], registry: Registry) -> None:
         if len(s.train) == 0:
             raise _fail(cls, "check_dataset_loads", f"site {s.name} has no training rows",
                         "drop empty sites")
-    model = build_model(t.model, t.input_shape, t.num_classes, **t.model_kwargs)
+    try:
+        model = build_model(t.model, t.input_shape, t.num_classes, registry=registry,
+                            **t.model_kwargs)
+    except ConfigError as exc:
+        raise _fail(cls, "check_dataset_loads", f"the task's model does not build: {exc}",
+                    "give Task.model_kwargs the model's own parameters") from exc
     out = model(torch.as_tensor(data.sites[0].train.X[:2]))
     if tuple(out.shape) != (min(2, len(data.sites[0].train)), t.num_classes):
         raise _fail(cls, "check_dataset_loads", f"default model output shape {tuple(out.shape)}",
@@ -303,19 +313,30 @@ def check_algorithm_runs(cls: type[Component], registry: Registry) -> None:
 def check_aggregator(cls: type[Component], registry: Registry) -> None:
     """The aggregate has the update's shape, does not depend on client order,
     and equal updates aggregate to themselves; linear weights sum to 1."""
+    from fedmedbench.components import WEIGHTINGS
+
     agg = cls()
+    if getattr(agg, "weighting", None) not in WEIGHTINGS:
+        raise _fail(cls, "check_aggregator", f"weighting is {getattr(agg, 'weighting', None)!r}",
+                    f"declare `weighting` as one of {WEIGHTINGS}")
     g = torch.Generator().manual_seed(0)
-    ups = [ClientUpdate(i, torch.randn(12, generator=g), 10 + i, {"loss": 0.5}) for i in range(5)]
+
+    def batch(delta: torch.Tensor, order: list[int]) -> Updates:
+        return Updates(clients=order, delta=delta[order], num_examples=[10 + i for i in order],
+                       metrics={"loss": np.full(len(order), 0.5)})
+
+    delta = torch.randn(5, 12, generator=g)
+    ups = batch(delta, [0, 1, 2, 3, 4])
     a = agg.aggregate(ups)  # type: ignore[attr-defined]
     if tuple(a.shape) != (12,):
         raise _fail(cls, "check_aggregator", f"aggregate shape {tuple(a.shape)} != (12,)",
                     "return one flat vector")
-    b = agg.aggregate(list(reversed(ups)))  # type: ignore[attr-defined]
+    b = agg.aggregate(batch(delta, [4, 3, 2, 1, 0]))  # type: ignore[attr-defined]
     if not torch.allclose(a, b, atol=1e-5):
         raise _fail(cls, "check_aggregator", "the result depends on the order of clients",
                     "aggregate as a function of the set of updates")
-    same = [ClientUpdate(i, ups[0].delta.clone(), 10 + i, {"loss": 0.5}) for i in range(5)]
-    if not torch.allclose(agg.aggregate(same), ups[0].delta, atol=1e-5):  # type: ignore[attr-defined]
+    same = batch(delta[:1].expand(5, -1), [0, 1, 2, 3, 4])
+    if not torch.allclose(agg.aggregate(same), delta[0], atol=1e-5):  # type: ignore[attr-defined]
         raise _fail(cls, "check_aggregator", "five identical updates do not aggregate to that "
                     "update", "a mean-like rule must preserve agreement")
     if cls.linear:  # type: ignore[attr-defined]
@@ -326,15 +347,28 @@ def check_aggregator(cls: type[Component], registry: Registry) -> None:
 
 
 def check_privacy(cls: type[Component], registry: Registry) -> None:
-    """Stages are declared; a kit cell runs (or is skipped with a reason);
-    DP accounting gives ε with δ and the accountant."""
-    stages = set(cls.stages)  # type: ignore[attr-defined]
-    if not stages or not stages <= set(STAGES):
-        raise _fail(cls, "check_privacy", f"stages {sorted(stages)} are not a non-empty subset "
-                    f"of {STAGES}", "declare `stages = frozenset({...})`")
-    if "transport" in stages and cls.server_view not in ("aggregate", "ciphertext"):  # type: ignore[attr-defined]
-        raise _fail(cls, "check_privacy", f"server_view is {cls.server_view!r}",  # type: ignore[attr-defined]
+    """The mechanism implements the interface of every stage it inherits (its
+    stages follow from them); a kit cell runs (or is skipped with a reason);
+    DP accounting is a typed Accounting with ε, δ and the accountant."""
+    stages = set(stages_of(cls))
+    if not stages:
+        raise _fail(cls, "check_privacy", "the class inherits no stage interface",
+                    "inherit LocalStage, UpdateStage, TransportStage and/or ServerStage and "
+                    "implement their methods")
+    missing = unimplemented_stage_methods(cls)
+    if missing:
+        raise _fail(cls, "check_privacy", f"it inherits a stage but does not implement "
+                    f"{', '.join(missing)} (a misspelt method name?)",
+                    "implement the stage's method with exactly that name, or drop the interface")
+    declared = cls.__dict__.get("stages")
+    if isinstance(declared, (set, frozenset, tuple, list)) and set(declared) != stages:
+        raise _fail(cls, "check_privacy", f"it declares stages {sorted(declared)} but implements "
+                    f"{sorted(stages)}", "remove the `stages` attribute: stages follow from the "
+                    "interfaces a mechanism inherits")
+    if issubclass(cls, TransportStage) and cls.server_view not in ("aggregate", "ciphertext"):
+        raise _fail(cls, "check_privacy", f"server_view is {cls.server_view!r}",
                     "a transport mechanism shows the server 'aggregate' or 'ciphertext'")
+    assert stages <= set(STAGES)
     rec = _run(registry, privacy=[{"name": cls.name}])
     if rec["status"] == "skipped":
         # e.g. client-level DP needs an unweighted mean: try the kit cell that way
@@ -350,7 +384,54 @@ def check_privacy(cls: type[Component], registry: Registry) -> None:
     acc = rec["metrics"]["privacy"]["mechanisms"].get(cls.name, {})
     if acc.get("epsilon") is not None and (acc.get("delta") is None or not acc.get("accountant")):
         raise _fail(cls, "check_privacy", f"accounting {acc} gives ε without δ or accountant",
-                    "report epsilon with its delta and the accountant's name")
+                    "return fedmedbench.Accounting(epsilon=..., delta=..., accountant=...)")
+    if cls.dp_unit is not None and acc.get("epsilon") is None:  # type: ignore[attr-defined]
+        raise _fail(cls, "check_privacy", f"it declares dp_unit={cls.dp_unit!r} but its "  # type: ignore[attr-defined]
+                    f"accounting() reported no ε", "return an Accounting from accounting()")
+
+
+def check_model(cls: type[Component], registry: Registry) -> None:
+    """build() gives a module with one logit per class, deterministic for the
+    torch seed; a model that declares ``vectorized`` runs under vmap."""
+    comp = cls()
+    shapes = [(5,), (1, 8, 8)]
+    out = None
+    for shape in shapes:
+        try:
+            torch.manual_seed(0)
+            m1 = comp.build(shape, 3)  # type: ignore[attr-defined]
+        except (ValueError, TypeError):
+            continue  # e.g. a CNN asked for tabular input: another shape is tried
+        torch.manual_seed(0)
+        m2 = comp.build(shape, 3)  # type: ignore[attr-defined]
+        x = torch.zeros((2, *shape))
+        out = m1(x)
+        if tuple(out.shape) != (2, 3):
+            raise _fail(cls, "check_model", f"output shape {tuple(out.shape)} for input "
+                        f"{tuple(x.shape)} and 3 classes", "return one logit per class")
+        if any(not torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters())):
+            raise _fail(cls, "check_model", "two builds under the same torch seed differ",
+                        "draw the initialisation from torch's global generator")
+        if comp.vectorized:
+            from torch.func import functional_call, grad, vmap
+
+            names = [n for n, _ in m1.named_parameters()]
+            stacked = [torch.stack([p.detach(), p.detach()]) for p in m1.parameters()]
+
+            def loss(ps: list, xb: torch.Tensor, m: torch.nn.Module = m1,
+                     names: list = names) -> torch.Tensor:
+                return functional_call(m, dict(zip(names, ps)), (xb,)).sum()
+
+            try:
+                vmap(grad(loss))(stacked, torch.zeros((2, 2, *shape)))
+            except Exception as exc:
+                raise _fail(cls, "check_model", f"it declares vectorized = True but vmap failed: "
+                            f"{type(exc).__name__}: {exc}", "set vectorized = False (it then "
+                            "runs on the loop backend) or avoid in-place buffer updates") from exc
+        break
+    if out is None:
+        raise _fail(cls, "check_model", f"build() failed for every input shape {shapes}",
+                    "accept tabular (d,) or image (C, H, W) inputs")
 
 
 def check_compressor(cls: type[Component], registry: Registry) -> None:
@@ -408,6 +489,7 @@ def check_reporter(cls: type[Component], registry: Registry) -> None:
 _COMMON = [check_name, check_keyword_only_params, check_config_roundtrip]
 _FAMILY_CHECKS: dict[type[Component], list[Callable[..., None]]] = {
     Dataset: [check_dataset_loads, check_dataset_deterministic],
+    Model: [check_model],
     Partitioner: [check_partitioner],
     Algorithm: [check_algorithm_runs],
     Aggregator: [check_aggregator],

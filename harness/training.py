@@ -1,31 +1,40 @@
-"""Local training: one persistent model, optimizer and batch stream per client.
+"""Local training: run settings, minibatch streams, and the loop trainer.
 
-Each client keeps its model object, optimizer and data stream for the whole
-cell, so a ``local``-stage privacy mechanism (DP-SGD) wraps them exactly once
-and keeps its accountant across rounds (re-wrapping every round is a known
-Opacus pitfall). Each round the global parameters are copied in, the
-optimizer state is reset, and ``steps`` optimizer steps run.
+A :class:`LocalTrainer` runs one client's local optimiser steps. The harness's
+own :class:`SGDTrainer` keeps one model, optimizer and batch stream per client
+for the whole cell; each round the parameters are loaded, the optimizer
+state is reset and ``steps`` optimizer steps run. A ``local``-stage privacy
+mechanism (DP-SGD) supplies its own trainer instead
+(:meth:`fedmedbench.LocalStage.local_trainer`): the harness knows nothing of
+how it privatises its steps.
 
-Without a local-stage mechanism batches come from a seeded permutation of
-in-memory tensors (no DataLoader overhead); with one, a ``torch`` DataLoader
-is built and handed to the mechanism (Opacus replaces it with Poisson sampling).
+Batches come from :class:`BatchStream`: a seeded permutation of the client's
+rows per epoch, endless across rounds. The vectorized backend
+(:mod:`fedmedbench.vectorized`) draws the same batches from the same streams,
+so both backends see the same data in the same order.
+
+Two hooks shape a client's objective, identically on both backends:
+``extra_loss(w)`` — a data-independent function of the client's flat
+parameter vector added to the batch loss (FedProx's proximal term) — and
+``grad_offset`` — a flat vector added to every step's gradient (SCAFFOLD's
+correction ``c - c_i``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from fedmedbench.components import Split
 from fedmedbench.errors import Diverged
-from fedmedbench.models import set_flat_params
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -97,6 +106,8 @@ class RunSettings:
         return max(1, math.ceil(self.local_epochs * math.ceil(n / self.batch_size)))
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        import torch
+
         if self.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
                                    weight_decay=self.weight_decay)
@@ -106,155 +117,145 @@ class RunSettings:
 
 
 def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     return torch.as_tensor(split.X, dtype=torch.float32), torch.as_tensor(split.y, dtype=torch.long)
 
 
 class BatchStream:
-    """An endless stream of shuffled minibatches over in-memory tensors."""
+    """An endless stream of shuffled minibatch indices over ``n`` rows: a
+    fresh seeded permutation per epoch, the last batch of an epoch smaller."""
 
-    def __init__(self, X: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.X, self.y, self.bs = X, y, batch_size
-        self.gen = torch.Generator().manual_seed(seed)
-        self._it: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        import torch
 
-    def _epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = torch.randperm(len(self.y), generator=self.gen)
-        for i in range(0, len(perm), self.bs):
-            idx = perm[i:i + self.bs]
-            yield self.X[idx], self.y[idx]
+        self.n, self.bs = int(n), int(batch_size)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self._perm: torch.Tensor | None = None
+        self._pos = 0
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            return next(self._it)
-        except StopIteration:
-            self._it = self._epoch()
-            return next(self._it)
+    def next_indices(self) -> torch.Tensor:
+        import torch
 
-
-class _LoaderBatches:
-    """An endless stream over a (possibly Opacus-wrapped) DataLoader."""
-
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
-        self._it: Iterator[Any] = iter(())
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        try:
-            return next(self._it)
-        except StopIteration:
-            self._it = iter(self.loader)
-            return next(self._it)
+        if self._perm is None or self._pos >= self.n:
+            self._perm = torch.randperm(self.n, generator=self.gen)
+            self._pos = 0
+        idx = self._perm[self._pos:self._pos + self.bs]
+        self._pos += self.bs
+        return idx
 
 
-@dataclass
-class ClientTrainer:
-    """Persistent training state of one client."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    batches: Any
-    n: int
-    extra: dict[str, Any] = field(default_factory=dict)
+ExtraLoss = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
-LossHook = Callable[[nn.Module], torch.Tensor]
-GradHook = Callable[[nn.Module], None]
+class LocalTrainer(Protocol):
+    """One client's local training (what a ``local``-stage mechanism supplies)."""
+
+    def train(self, params: torch.Tensor, steps: int, *, extra_loss: ExtraLoss | None = None,
+              grad_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """Load the flat ``params``, run ``steps`` optimizer steps, return the
+        new flat parameters and the mean training loss (NaN if no step saw a
+        record). ``extra_loss`` and ``grad_offset`` as in the module docstring."""
+        ...  # pragma: no cover
 
 
-def make_trainer(model: nn.Module, split: Split, settings: RunSettings, *, seed: int,
-                 wrap: Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple] | None
-                 ) -> ClientTrainer:
-    """Build a client's trainer; ``wrap`` (local-stage privacy) receives a real
-    DataLoader once and returns the wrapped (model, optimizer, loader)."""
-    X, y = to_tensors(split)
-    opt = settings.make_optimizer(model.parameters())
-    if wrap is None:
-        return ClientTrainer(model, opt, BatchStream(X, y, settings.batch_size, seed), len(y))
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(TensorDataset(X, y), batch_size=settings.batch_size, shuffle=True,
-                        generator=gen)
-    model, opt, loader = wrap(model, opt, loader)
-    return ClientTrainer(model, opt, _LoaderBatches(loader), len(y))
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """The model's parameters as one differentiable flat vector."""
+    import torch
+
+    return torch.cat([p.reshape(-1) for p in model.parameters()])
 
 
-def train_steps(trainer: ClientTrainer, params: torch.Tensor, steps: int, *,
-                extra_loss: LossHook | None = None, grad_hook: GradHook | None = None,
-                reset_optimizer: bool = True) -> tuple[torch.Tensor, float]:
-    """Load ``params``, run ``steps`` optimizer steps, return (new params, mean loss).
+def add_grad_offset(model: nn.Module, offset: torch.Tensor) -> None:
+    """Add the flat ``offset`` to the parameters' ``.grad`` in place."""
+    off = 0
+    for p in model.parameters():
+        k = p.numel()
+        if p.grad is not None:
+            p.grad.add_(offset[off:off + k].view_as(p))
+        off += k
 
-    ``extra_loss(model)`` is added to the batch loss (FedProx's proximal term);
-    ``grad_hook(model)`` runs after ``backward`` and before the step (SCAFFOLD's
-    correction). Raises :class:`Diverged` on a non-finite loss.
-    """
-    model, opt = trainer.model, trainer.optimizer
-    set_flat_params(_inner(model), params)
-    if reset_optimizer:
+
+class SGDTrainer:
+    """The harness's local trainer: one persistent model, optimizer and
+    :class:`BatchStream` per client (cross-entropy, the run's optimizer)."""
+
+    def __init__(self, model: nn.Module, data: Split, settings: RunSettings, *, seed: int) -> None:
+        self.model = model
+        self.X, self.y = to_tensors(data)
+        self.stream = BatchStream(len(data), settings.batch_size, seed)
+        self.optimizer = settings.make_optimizer(model.parameters())
+
+    def train(self, params: torch.Tensor, steps: int, *, extra_loss: ExtraLoss | None = None,
+              grad_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        import torch
+        from torch import nn
+
+        from fedmedbench.models import set_flat_params
+
+        model, opt = self.model, self.optimizer
+        set_flat_params(model, params)
         opt.state.clear()
-    model.train()
-    inner = _inner(model)
-    params = [p for p in inner.parameters() if p.requires_grad]
-    private = hasattr(opt, "pre_step") and hasattr(opt, "original_optimizer")  # Opacus
-    total = torch.zeros(())
-    count = 0
-    for _ in range(steps):
-        xb, yb = trainer.batches.next()
-        opt.zero_grad(set_to_none=True)
-        if len(yb) == 0:  # Poisson sampling can draw an empty batch
+        model.train()
+        total, count = torch.zeros(()), 0
+        for _ in range(steps):
+            idx = self.stream.next_indices()
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(self.X[idx]), self.y[idx])
+            full = loss + extra_loss(flat_params(model)) if extra_loss is not None else loss
+            full.backward()
+            if grad_offset is not None:
+                add_grad_offset(model, grad_offset)
             opt.step()
-            continue
-        loss = nn.functional.cross_entropy(model(xb), yb)
-        if extra_loss is not None and private:
-            # Opacus rebuilds p.grad from the clipped, noised per-sample gradients and
-            # would drop a regulariser's gradient. A data-independent term (FedProx's
-            # proximal term) is added after privatisation: post-processing, no ε cost.
-            loss.backward()
-            if opt.pre_step():
-                extra = torch.autograd.grad(extra_loss(inner), params, allow_unused=True)
-                for p, g in zip(params, extra):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad + g
-                if grad_hook is not None:
-                    grad_hook(inner)
-                opt.original_optimizer.step()
             total += loss.detach()
             count += 1
-            continue
-        full = loss + extra_loss(inner) if extra_loss is not None else loss
-        full.backward()
-        if grad_hook is not None:
-            grad_hook(inner)
-        opt.step()
-        total += loss.detach()
-        count += 1
+        return finish_local(model, total, count)
+
+
+def finish_local(model: nn.Module, total: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+    """(new flat parameters, mean loss) after local steps; raises
+    :class:`Diverged` on a non-finite measured loss (checked once per round)."""
+    import torch
+
     mean = float(total) / count if count else float("nan")
-    if count and not math.isfinite(mean):  # checked once per round: no sync per step
+    if count and not math.isfinite(mean):
         raise Diverged(f"local training loss became {mean}")
-    new = torch.cat([p.detach().reshape(-1) for p in inner.parameters()]).clone()
-    return new, mean
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone(), mean
 
 
-def _inner(model: nn.Module) -> nn.Module:
-    """The plain module inside an Opacus GradSampleModule (or the model itself)."""
-    return getattr(model, "_module", model)
+def train_pooled(model: nn.Module, data: Split, settings: RunSettings, steps: int, *,
+                 seed: int) -> torch.Tensor:
+    """Plain SGD steps on ``data`` from the model's current parameters (shadow
+    models, pretraining); returns the new flat parameters."""
+    from fedmedbench.models import get_flat_params
+
+    tr = SGDTrainer(model, data, settings, seed=seed)
+    new, _ = tr.train(get_flat_params(model), steps)
+    return new
 
 
-@torch.no_grad()
 def predict_proba(model: nn.Module, X: np.ndarray, *, batch_size: int = 2048) -> np.ndarray:
+    import torch
+
     model.eval()
     out = []
-    for i in range(0, len(X), batch_size):
-        xb = torch.as_tensor(X[i:i + batch_size], dtype=torch.float32)
-        out.append(torch.softmax(model(xb), dim=1).numpy())
+    with torch.no_grad():
+        for i in range(0, len(X), batch_size):
+            xb = torch.as_tensor(X[i:i + batch_size], dtype=torch.float32)
+            out.append(torch.softmax(model(xb), dim=1).numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
-@torch.no_grad()
 def per_example_loss(model: nn.Module, split: Split, *, batch_size: int = 2048) -> np.ndarray:
     """Cross-entropy of each example (for membership inference)."""
+    import torch
+    from torch import nn
+
     model.eval()
     out = []
-    for i in range(0, len(split), batch_size):
-        xb = torch.as_tensor(split.X[i:i + batch_size], dtype=torch.float32)
-        yb = torch.as_tensor(split.y[i:i + batch_size], dtype=torch.long)
-        out.append(nn.functional.cross_entropy(model(xb), yb, reduction="none").numpy())
+    with torch.no_grad():
+        for i in range(0, len(split), batch_size):
+            xb = torch.as_tensor(split.X[i:i + batch_size], dtype=torch.float32)
+            yb = torch.as_tensor(split.y[i:i + batch_size], dtype=torch.long)
+            out.append(nn.functional.cross_entropy(model(xb), yb, reduction="none").numpy())
     return np.concatenate(out) if out else np.zeros(0)

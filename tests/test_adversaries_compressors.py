@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmedbench import ClientUpdate, Split, run_cell
+from fedmedbench import Split, Updates, run_cell
 from fedmedbench.engine import CellRun
 from fedmedbench.matrix import parse_matrix
 from fedmedbench.plugins.adversaries.label_flip import LabelFlip
@@ -48,13 +48,17 @@ class _ctx:  # noqa: N801 - reads like the function it stands in for
         return np.random.default_rng([self.seed, zlib.crc32(purpose.encode()), *extra])
 
 
-def _run(run: CellRun) -> CellRun:
+def _run(cell: dict, reg) -> CellRun:
     """Run a cell on the real engine, keeping the CellRun (server views, malicious set)."""
-    run.build()
-    run.validate()
-    run.prepare()
-    run.run()
+    rec, run = run_cell(cell, registry=reg, keep_run=True)
+    assert rec["status"] == "ok", rec["error"]
     return run
+
+
+def _one(client: int, delta: torch.Tensor, n: int = 10, **metrics: float) -> Updates:
+    """One client's Updates row."""
+    return Updates(clients=[client], delta=delta.reshape(1, -1), num_examples=[n],
+                   metrics={k: np.array([v]) for k, v in metrics.items()})
 
 
 # --------------------------------------------------------------------------
@@ -92,14 +96,14 @@ def test_update_attacks_transform_the_sent_update_on_the_engine(reg):
     """Which clients are malicious comes from the cell seed; what they send is
     exactly -scale*u, factor*u, or N(0, sigma^2) noise (seen in the server view)."""
     honest = _cells(reg, {"dataset": [TEN_SITES]}, rounds=1, clients=10)[0]
-    base = _run(CellRun(honest, reg))
+    base = _run(honest, reg)
     sent = {}
     for adv in ({"name": "sign-flip", "fraction": 0.3, "scale": 2.0},
                 {"name": "scaling", "fraction": 0.3, "factor": 5.0},
                 {"name": "gaussian", "fraction": 0.3, "sigma": 0.5}):
         cell = _cells(reg, {"dataset": [TEN_SITES], "adversary": [adv]}, rounds=1,
                       clients=10)[0]
-        run = _run(CellRun(cell, reg))
+        run = _run(cell, reg)
         assert len(run.malicious) == 3  # round(0.3 * 10)
         view, clean = run.views[1].updates, base.views[1].updates
         for i in range(10):
@@ -131,9 +135,8 @@ def test_label_flip_changes_only_the_malicious_clients_training_labels(reg):
                         "adversary": [{"name": "label-flip", "fraction": 0.3}]},
                   rounds=1, clients=10)[0]
     run = CellRun(cell, reg)
-    run.build()
     run.prepare()
-    raw = run.dataset.load(seed=0)
+    raw = run.components.dataset.load(seed=0)
     assert len(run.malicious) == 3
     for i, (site, orig) in enumerate(zip(run.ctx.clients, raw.sites)):
         assert np.array_equal(site.train.X, orig.train.X)  # features untouched
@@ -177,15 +180,15 @@ def test_bad_parameter_in_a_matrix_is_a_config_error(run_matrix, capsys):
 
 def test_quantize_is_unbiased_and_its_error_shrinks_with_bits():
     x = torch.from_numpy(np.random.default_rng(3).normal(scale=0.01, size=64)).float()
-    upd = ClientUpdate(client=2, delta=x, num_examples=10, metrics={"loss": 1.0})
+    upd = _one(2, x, 10, loss=1.0)
     mse = {}
     for bits in (1, 2, 4, 8):
         q = Quantize(bits=bits)
         dec = []
         for r in range(1, 1001):
-            out, nbytes = q.compress(_ctx(r), upd)
-            assert nbytes == math.ceil(64 * bits / 8) + 8
-            dec.append(out.delta.double())
+            out = q.compress(_ctx(r), upd)
+            assert out.delta_bytes == [math.ceil(64 * bits / 8) + 8]
+            dec.append(out.delta[0].double())
         dec = torch.stack(dec)
         assert len(torch.unique(dec[0])) <= 2**bits  # values lie on the 2**bits grid
         step = float((x.max() - x.min()) / (2**bits - 1))
@@ -195,13 +198,13 @@ def test_quantize_is_unbiased_and_its_error_shrinks_with_bits():
         assert mse[bits] <= step**2 / 4
     assert mse[1] > 4 * mse[2] > 16 * mse[4] > 256 * mse[8] > 0
     # the input update is not modified, its metadata travels, and a seed fixes the draw
-    out1, _ = Quantize(bits=2).compress(_ctx(5), upd)
-    out2, _ = Quantize(bits=2).compress(_ctx(5), upd)
-    assert torch.equal(out1.delta, out2.delta) and out1.metrics == {"loss": 1.0}
-    assert out1.client == 2 and out1.num_examples == 10 and out1.delta is not x
+    out1 = Quantize(bits=2).compress(_ctx(5), upd)
+    out2 = Quantize(bits=2).compress(_ctx(5), upd)
+    assert torch.equal(out1.delta, out2.delta) and out1.metrics == {"loss": np.array([1.0])}
+    assert out1.clients == [2] and out1.num_examples == [10] and out1.delta is not upd.delta
     # a constant vector is sent exactly
-    const, _ = Quantize(bits=1).compress(_ctx(1), ClientUpdate(0, torch.full((5,), 0.3), 1))
-    torch.testing.assert_close(const.delta, torch.full((5,), 0.3))
+    const = Quantize(bits=1).compress(_ctx(1), _one(0, torch.full((5,), 0.3), 1))
+    torch.testing.assert_close(const.delta[0], torch.full((5,), 0.3))
 
 
 def test_topk_error_feedback_delays_but_never_loses_mass():
@@ -209,19 +212,22 @@ def test_topk_error_feedback_delays_but_never_loses_mass():
     rng = np.random.default_rng(0)
     deltas = [torch.from_numpy(rng.normal(size=12)).float() for _ in range(6)]
     ctx, total_sent = _ctx(1), torch.zeros(12)
+    topk.setup(ctx)
     for r, d in enumerate(deltas, start=1):
         ctx.round = r
-        out, nbytes = topk.compress(ctx, ClientUpdate(7, d, 5))
-        assert nbytes == 3 * 8 and int((out.delta != 0).sum()) == 3  # k = ceil(0.25 * 12)
-        total_sent += out.delta
+        out = topk.compress(ctx, _one(7, d, 5))
+        assert out.delta_bytes == [3 * 8] and int((out.delta != 0).sum()) == 3  # k = ceil(.25*12)
+        total_sent += out.delta[0]
     torch.testing.assert_close(total_sent + topk.residual(7), torch.stack(deltas).sum(0))
-    # a new cell (a new context object) starts from empty residuals
-    out, _ = topk.compress(_ctx(1), ClientUpdate(7, deltas[0], 5))
+    # a new cell (setup) starts from empty residuals
+    topk.setup(_ctx(1))
+    out = topk.compress(_ctx(1), _one(7, deltas[0], 5))
     kept = torch.topk(deltas[0].abs(), 3).indices
-    torch.testing.assert_close(out.delta[kept], deltas[0][kept])
+    torch.testing.assert_close(out.delta[0][kept], deltas[0][kept])
     # without error feedback nothing is kept
     plain = TopK(fraction=0.25, error_feedback=False)
-    plain.compress(_ctx(1), ClientUpdate(7, deltas[0], 5))
+    plain.setup(_ctx(1))
+    plain.compress(_ctx(1), _one(7, deltas[0], 5))
     assert plain.residual(7) is None
 
 
@@ -248,3 +254,19 @@ def test_compressed_fedavg_keeps_utility_at_the_expected_bytes(reg):
     assert recs["top-k(fraction=0.1)"]["history"][1]["loss"] != recs["none"]["history"][1]["loss"]
     again = run_cell(cells[1], registry=reg)
     assert again["history"] == recs["quantize(bits=8)"]["history"]
+
+
+def test_bytes_count_every_sent_field_under_compression(reg):
+    """Bytes are a field of what is sent: SCAFFOLD under top-k sends its
+    compressed delta plus its full control-variate delta (0.1 lost the latter)."""
+    rounds, clients, n = 2, 4, 40
+    cells = _cells(reg, {"dataset": [FORTY_PARAMS], "algorithm": ["fedavg", "scaffold"],
+                         "compressor": ["none", {"name": "top-k", "fraction": 0.1}]},
+                   rounds=rounds, clients=clients)
+    up = {(c["labels"]["algorithm"], c["labels"]["compressor"]):
+          run_cell(c, registry=reg)["metrics"]["cost"]["bytes_up"] for c in cells}
+    updates = rounds * clients
+    assert up["fedavg", "none"] == updates * n * 4
+    assert up["scaffold", "none"] == updates * 2 * n * 4
+    assert up["fedavg", "top-k(fraction=0.1)"] == updates * 4 * 8
+    assert up["scaffold", "top-k(fraction=0.1)"] == updates * (4 * 8 + n * 4)

@@ -57,15 +57,13 @@ def test_performance_weights_come_from_client_holdout_scores(reg):
 
 
 def test_quality_fallback_computes_missing_value_rate():
-    from types import SimpleNamespace
-
     from fedmedbench import Site, Split
 
     X = np.ones((10, 4), dtype=np.float32)
     X[:5, 0] = np.nan  # 5 of 40 values missing
     site = Site("a", Split(X, np.zeros(10, dtype=np.int64)), Split(X[:1], np.zeros(1, np.int64)))
     agg = WeightedMean(by="quality")
-    assert agg._quality(SimpleNamespace(site=site)) == pytest.approx(1 - 5 / 40)
+    assert agg._quality(site) == pytest.approx(1 - 5 / 40)
 
 
 @pytest.mark.parametrize("kw, word", [({"by": "accuracy"}, "by"), ({"holdout": 1.0}, "holdout"),
@@ -85,18 +83,20 @@ def test_bad_weighting_parameters(kw, word):
 def test_robust_rules_resist_an_outlier_and_need_plaintext(reg):
     import torch
 
-    from fedmedbench import ClientUpdate
+    from fedmedbench import Updates
     from fedmedbench.plugins.aggregators.robust import Krum, Median, TrimmedMean
 
     honest = [torch.tensor([1.0, 2.0, 3.0]) + 0.01 * k for k in range(4)]
-    ups = [ClientUpdate(i, d, 10) for i, d in enumerate([*honest, torch.full((3,), 1e3)])]
+    rows = torch.stack([*honest, torch.full((3,), 1e3)])
+    ups = Updates(clients=list(range(5)), delta=rows, num_examples=[10] * 5)
     mean = WeightedMean().aggregate(ups)
     assert float(mean.max()) > 100  # the mean is dragged off by one attacker
     for agg in (Median(), TrimmedMean(trim=0.2), Krum(f=1), Krum(f=1, multi=3)):
         out = agg.aggregate(ups)
         torch.testing.assert_close(out, torch.tensor([1.015, 2.015, 3.015]), atol=0.02, rtol=0)
-    torch.testing.assert_close(Median().aggregate(ups[:4]), torch.tensor([1.015, 2.015, 3.015]))
-    assert TrimmedMean(trim=0.0).aggregate(ups[:4]).tolist() == pytest.approx([1.015, 2.015, 3.015])
+    first4 = ups.rows(range(4))
+    torch.testing.assert_close(Median().aggregate(first4), torch.tensor([1.015, 2.015, 3.015]))
+    assert TrimmedMean(trim=0.0).aggregate(first4).tolist() == pytest.approx([1.015, 2.015, 3.015])
 
     # on the engine: runs in plaintext, records no weights (the rule has none)
     raw = {"name": "rob", "rounds": 2, "seeds": [0],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmedbench import Dataset, FederatedData, Site, Split, Task, hookimpl
+from fedmedbench import Dataset, FederatedData, Site, Split, Task, hookimpl, run_cell
 from fedmedbench.engine import CellRun
 from fedmedbench.matrix import parse_matrix
 from fedmedbench.registry import get_registry
@@ -76,12 +76,9 @@ def cells(reg, axes: dict, *, rounds: int = 3, run: dict | None = None) -> list[
 
 def run_one(reg, cell: dict) -> CellRun:
     """Run a cell on the real engine and keep the CellRun (final parameters)."""
-    r = CellRun(cell, reg)
-    r.build()
-    r.validate()
-    r.prepare()
-    r.run()
-    return r
+    rec, run = run_cell(cell, registry=reg, keep_run=True)
+    assert rec["status"] == "ok", rec["error"]
+    return run
 
 
 # --------------------------------------------------------------------------
@@ -253,19 +250,24 @@ def test_distillation_without_public_split_is_a_skipped_cell(run_matrix):
         assert "needs a public split" in st[name]["error"]["message"]
 
 
-def test_fedprox_proximal_term_survives_dp_sgd():
-    """Opacus rebuilds gradients from clipped per-sample gradients; the proximal
-    term (data-independent) must still act, and with mu=0 nothing changes."""
-    from fedmedbench.engine import run_cell
-    from fedmedbench.matrix import parse_matrix
-
+@pytest.mark.parametrize("backend", ["loop", "vectorized"])
+def test_fedprox_proximal_term_survives_dp_sgd(backend):
+    """DP-SGD builds each step's gradient from clipped per-sample gradients; the
+    proximal term (data-independent) must still act, and with mu=0 nothing
+    changes, on both backends."""
     m = parse_matrix({"rounds": 2, "axes": {
         "dataset": ["heart-disease"],
         "algorithm": ["fedavg", {"name": "fedprox", "mu": 0.0}, {"name": "fedprox", "mu": 1.0}],
-        "privacy": [[{"name": "dp-sgd", "noise_multiplier": 0.5}]]}})
-    recs = {c["labels"]["algorithm"]: run_cell(c) for c in m.cells}
-    assert all(r["status"] == "ok" for r in recs.values())
-    u = {k: r["metrics"]["utility"]["global"] for k, r in recs.items()}
-    h = {k: [e["loss"] for e in r["history"]] for k, r in recs.items()}
-    assert h["fedprox(mu=0.0)"] == h["fedavg"] and u["fedprox(mu=0.0)"] == u["fedavg"]
-    assert h["fedprox(mu=1.0)"] != h["fedavg"]
+        "privacy": [[{"name": "dp-sgd", "noise_multiplier": 0.5}]]},
+        "run": {"backend": backend}})
+    out = {c["labels"]["algorithm"]: run_cell(c, keep_run=True) for c in m.cells}
+    assert all(rec["status"] == "ok" and rec["backend"]["name"] == backend
+               for rec, _ in out.values())
+    w = {k: run.final_params[0] for k, (_, run) in out.items()}
+    u = {k: rec["metrics"]["utility"]["global"] for k, (rec, _) in out.items()}
+    assert torch.equal(w["fedprox(mu=0.0)"], w["fedavg"]) and u["fedprox(mu=0.0)"] == u["fedavg"]
+    assert not torch.allclose(w["fedprox(mu=1.0)"], w["fedavg"])
+    # mu pulls the clients towards the round's global model: a smaller step away from it
+    w0 = out["fedavg"][1].model_factory()
+    w0 = torch.cat([p.detach().reshape(-1) for p in w0.parameters()])
+    assert (w["fedprox(mu=1.0)"] - w0).norm() < (w["fedavg"] - w0).norm()

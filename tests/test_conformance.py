@@ -15,10 +15,13 @@ from fedmedbench import (
     Compressor,
     Dataset,
     FederatedData,
+    Model,
     Partitioner,
     PrivacyMechanism,
     Reporter,
+    ServerStage,
     Split,
+    UpdateStage,
 )
 from fedmedbench.registry import get_registry
 
@@ -32,7 +35,8 @@ def test_builtin_conforms(component, check):
 
 def test_every_family_has_builtins_checked():
     families = {c.family for c in BUILTINS}
-    assert {"dataset", "partitioner", "algorithm", "aggregator", "reporter"} <= families
+    assert {"dataset", "partitioner", "model", "algorithm", "aggregator", "privacy",
+            "compressor", "adversary", "attack", "reporter"} <= families
 
 
 # -- deliberately broken components, one per check ----------------------------
@@ -129,11 +133,11 @@ class FirstWins(Aggregator):
         pass
 
     def aggregate(self, updates):
-        return updates[0].delta
+        return updates.delta[0]
 
 
 class NoStages(PrivacyMechanism):
-    """Declares no stage."""
+    """Inherits no stage interface."""
 
     name = "broken-no-stages"
 
@@ -141,17 +145,57 @@ class NoStages(PrivacyMechanism):
         pass
 
 
-class EpsilonOnly(PrivacyMechanism):
-    """Reports epsilon without delta."""
+class Misspelt(PrivacyMechanism, UpdateStage):
+    """Inherits the update stage but misspells its method."""
 
-    name = "broken-epsilon-only"
-    stages = frozenset({"update"})
+    name = "broken-misspelt"
 
     def __init__(self) -> None:
         pass
 
+    def process_updates(self, ctx, updates):  # the stage's method is process_update
+        return updates
+
+
+class StagesDisagree(PrivacyMechanism, UpdateStage):
+    """Declares the server stage, implements the update stage."""
+
+    name = "broken-stages-disagree"
+    stages = frozenset({"server"})
+
+    def __init__(self) -> None:
+        pass
+
+    def process_update(self, ctx, updates):
+        return updates
+
+
+class EpsilonOnly(PrivacyMechanism, ServerStage):
+    """Reports a bare dict instead of a typed Accounting (ε without δ)."""
+
+    name = "broken-epsilon-only"
+    dp_unit = "client"
+
+    def __init__(self) -> None:
+        pass
+
+    def process_aggregate(self, ctx, aggregate, updates):
+        return aggregate
+
     def accounting(self):
         return {"epsilon": 1.0}
+
+
+class OneLogit(Model):
+    """Outputs one logit whatever the number of classes."""
+
+    name = "broken-one-logit"
+
+    def __init__(self) -> None:
+        pass
+
+    def build(self, input_shape, num_classes):
+        return torch.nn.Linear(int(np.prod(input_shape)), 1)
 
 
 class ZeroBytes(Compressor):
@@ -162,8 +206,8 @@ class ZeroBytes(Compressor):
     def __init__(self) -> None:
         pass
 
-    def compress(self, ctx, update):
-        return update, 0
+    def compress(self, ctx, updates):
+        return updates.replace(delta_bytes=[0] * len(updates))
 
 
 class Dropper(Adversary):
@@ -222,8 +266,12 @@ class _Broken:
 
     @kit.hookimpl
     def register_privacy(self, register):
-        register(NoStages)
-        register(EpsilonOnly)
+        for c in (NoStages, Misspelt, StagesDisagree, EpsilonOnly):
+            register(c)
+
+    @kit.hookimpl
+    def register_models(self, register):
+        register(OneLogit)
 
     @kit.hookimpl
     def register_compressors(self, register):
@@ -255,8 +303,11 @@ BROKEN = _Broken()
     (Duplicating, kit.check_partitioner, "training rows were lost, duplicated or invented"),
     (WrongSize, kit.check_algorithm_runs, "the kit cell ended failed"),
     (FirstWins, kit.check_aggregator, "depends on the order of clients"),
-    (NoStages, kit.check_privacy, "are not a non-empty subset"),
-    (EpsilonOnly, kit.check_privacy, "gives ε without δ or accountant"),
+    (NoStages, kit.check_privacy, "the class inherits no stage interface"),
+    (Misspelt, kit.check_privacy, "does not implement update: process_update"),
+    (StagesDisagree, kit.check_privacy, "declares stages ['server'] but implements ['update']"),
+    (EpsilonOnly, kit.check_privacy, "not fedmedbench.Accounting"),
+    (OneLogit, kit.check_model, "output shape (2, 1)"),
     (ZeroBytes, kit.check_compressor, "no bytes were counted"),
     (Dropper, kit.check_adversary, "changed the split's size"),
     (SilentNA, kit.check_attack, "not_applicable has no reason"),

@@ -104,7 +104,11 @@ def test_dp_sgd_per_site_accounting_in_a_real_run(run_matrix):
     tgt = by["dp-sgd(epsilon=3.0)"]["metrics"]["privacy"]
     acc = tgt["mechanisms"]["dp-sgd"]
     assert tgt["epsilon"] == acc["epsilon"] and tgt["delta"] == 1e-5
-    assert tgt["accountant"] == "rdp" and acc["unit"] == "sample" and "Poisson" in acc["sampling"]
+    assert tgt["accountant"] == "rdp" and acc["unit"] == "record" and "Poisson" in acc["sampling"]
+    # the top-level block is one consistent guarantee: the worst site's ε with its own σ
+    worst = max(acc["per_site"].values(), key=lambda s: s["epsilon"])
+    assert (tgt["noise_multiplier"], tgt["sample_rate"], tgt["steps"]) == (
+        worst["noise_multiplier"], worst["sample_rate"], worst["steps"])
     assert set(acc["per_site"]) == {"Cleveland", "Hungary", "Switzerland", "VA Long Beach"}
     for site in acc["per_site"].values():
         # each site trained every planned step (2 rounds x 10 local steps) and stayed in budget
@@ -166,16 +170,50 @@ def test_dp_fedavg_stacks_and_rejections(run_matrix):
     # impossible stacks are skipped with the reason
     assert by["he-ckks+secagg"]["status"] == "skipped"
     assert "two transport mechanisms" in by["he-ckks+secagg"]["error"]["message"]
-    assert by["dp-fedavg+he-ckks"]["status"] == "skipped"
-    assert "never sees the aggregate" in by["dp-fedavg+he-ckks"]["error"]["message"]
+    # under HE the server applies the decrypted sum, as under secure aggregation
+    he = by["dp-fedavg+he-ckks"]
+    assert he["status"] == "ok" and he["metrics"]["privacy"]["mechanisms"]["dp-fedavg"][
+        "noise"] == "distributed"
 
 
-def test_dp_fedavg_needs_an_unweighted_mean(run_matrix):
-    text = HEART.format(rounds=1, privacy='["dp-fedavg"]').replace(
-        'by = "uniform"', 'by = "examples"')
+def test_dp_fedavg_with_the_default_aggregator_runs_and_its_epsilon_recomputes(run_matrix,
+                                                                              tmp_path):
+    """Example weights with McMahan et al.'s bounded weights and fixed denominator
+    run under client-level DP; the recorded ε is the RDP accountant's for the
+    recorded σ, q and rounds (recomputed here with Opacus directly)."""
+    from opacus.accountants import RDPAccountant
+
+    text = HEART.format(rounds=4, privacy='[{name = "dp-fedavg", noise_multiplier = 1.1}]')
+    text = text.replace('aggregator = [{name = "weighted-mean", by = "uniform"}]\n', "")
+    text += '[run]\nclients_per_round = 0.5\n'
     code, recs = run_matrix(text)
-    assert code == 0 and recs[0]["status"] == "skipped"
-    assert 'by = "uniform"' in recs[0]["error"]["message"]
+    assert code == 0 and recs[0]["status"] == "ok", recs[0]["error"]
+    rec = recs[0]
+    assert rec["config"]["aggregator"]["by"] == "examples"
+    assert rec["config"]["run"]["client_sampling"] == "poisson"  # dp-fedavg's default
+    p = rec["metrics"]["privacy"]
+    acc = p["mechanisms"]["dp-fedavg"]
+    assert acc["weighting"] == "examples" and acc["sample_rate"] == 0.5
+    assert "Poisson sampling of clients with rate q = 0.5" in p["sampling"]
+    ref = RDPAccountant()
+    for _ in range(4):
+        ref.step(noise_multiplier=acc["noise_multiplier"], sample_rate=acc["sample_rate"])
+    assert p["epsilon"] == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
+    assert p["unit"] == "client" and p["mechanism"] == "dp-fedavg"
+    # the rounds' weights are the fixed-denominator ones: w_k / (q W), w_k = n_k / max n
+    sizes = {"Cleveland": 199, "Hungary": 172, "Switzerland": 30, "VA Long Beach": 85}
+    W = sum(n / 199 for n in sizes.values())
+    for h in rec["history"]:
+        for site, w in h.get("weights", {}).items():
+            assert w == pytest.approx(sizes[site] / 199 / (0.5 * W), rel=1e-5)
+    assert rec["history"][0]["loss"] is None  # client losses are not sent under DP
+    # a data-dependent weighting has no bounded sensitivity: refused with the reason
+    code, recs = run_matrix(text.replace('privacy = [{name = "dp-fedavg", noise_multiplier = 1.1}]',
+                                         'privacy = ["dp-fedavg"]\naggregator = [{name = '
+                                         '"weighted-mean", by = "quality"}]'),
+                              out=tmp_path / "quality")
+    assert recs[0]["status"] == "skipped"
+    assert "uniform or example weights" in recs[0]["error"]["message"]
 
 
 def test_stacks_whose_claim_would_not_hold_are_skipped_with_the_reason(run_matrix):
@@ -203,10 +241,10 @@ def test_stacks_whose_claim_would_not_hold_are_skipped_with_the_reason(run_matri
         return r["error"]["message"] if r["status"] == "skipped" else r["status"]
 
     assert "sensitivity bound" in reason("fedavg", "dp-fedavg", "top-k")
-    assert "control-variate deltas" in reason("scaffold", "dp-fedavg")
+    assert "also sends ['control_delta']" in reason("scaffold", "dp-fedavg")
     assert "every client's model" in reason("feddf", "dp-fedavg")
     both = "dp-fedavg+secagg(dropout_rate=0.25)"
-    assert "Poisson sampling makes data-dependent" in reason("fedavg", both)
+    assert "drops clients" in reason("fedavg", both)
     assert by[("fedavg", "dp-fedavg", "none")]["status"] == "ok"
     assert by[("fedavg", "secagg(dropout_rate=0.25)", "none")]["status"] == "ok"
 
@@ -216,7 +254,7 @@ def test_dp_sgd_refuses_performance_weights(run_matrix):
         'by = "uniform"', 'by = "performance"')
     code, recs = run_matrix(text)
     assert code == 0 and recs[0]["status"] == "skipped"
-    assert "outside the DP-SGD guarantee" in recs[0]["error"]["message"]
+    assert "outside the guarantee of dp-sgd" in recs[0]["error"]["message"]
 
 
 def test_dropouts_need_uniform_weights_and_cannot_carry_distributed_noise(run_matrix, tmp_path):
@@ -262,6 +300,8 @@ def _vectors(n: int, numel: int, seed: int = 0) -> list[torch.Tensor]:
 
 def _secagg_round(mech, vecs, rnd=1):
     ctx = _Ctx(numel=vecs[0].numel(), n=len(vecs), round=rnd)
+    mech.setup(ctx)
+    mech.begin_round(rnd)
     msgs = [mech.encode(ctx, i, v) for i, v in enumerate(vecs)]
     return msgs, mech.aggregate(ctx, msgs)
 
@@ -321,25 +361,17 @@ def test_secagg_recovers_up_to_n_minus_t_dropouts(phase):
 def test_secagg_abort_leaves_the_global_model_unchanged():
     import tomllib
 
-    from fedmedbench.engine import CellRun
-    from fedmedbench.errors import PluginError
+    from fedmedbench import run_cell
     from fedmedbench.matrix import parse_matrix
     from fedmedbench.models import get_flat_params
-    from fedmedbench.registry import get_registry
 
     raw = tomllib.loads(HEART.format(
         rounds=2, privacy='[{name = "secagg", dropout_rate = 0.5, dropout_phase = "unmasking"}]'))
-    reg = get_registry()
-    cell = parse_matrix(raw, registry=reg).cells[0]
-    run = CellRun(cell, reg)
-    run.build()
-    run.validate()
-    run.prepare()
-    w0 = get_flat_params(run.model_factory())
-    params = {0: w0.clone()}
-    with pytest.raises(PluginError, match="n - t = 1 dropouts"):
-        run.run_round(1, params)  # 4 clients, t = 3, 2 drop
-    assert torch.equal(params[0], w0)
+    rec, run = run_cell(parse_matrix(raw).cells[0], keep_run=True)
+    assert rec["status"] == "failed" and "n - t = 1 dropouts" in rec["error"]["message"]
+    assert rec["error"]["component"] == "secagg" and rec["error"]["hook"] == "aggregate"
+    assert len(rec["history"]) == 0  # round 1 (4 clients, t = 3, 2 drop) aborted
+    assert torch.equal(run.final_params[0], get_flat_params(run.model_factory()))
 
 
 # --------------------------------------------------------------------------
@@ -358,6 +390,7 @@ def test_he_ckks_sum_is_accurate_and_the_server_holds_no_secret_key():
     mech = HECKKS()
     ctx = _he_ctx(numel, n)
     mech.setup(ctx)
+    mech.begin_round(1)
     vecs = _vectors(n, numel, seed=2)
     msgs = [mech.encode(ctx, i, v) for i, v in enumerate(vecs)]
     assert all(len(m.payload["ciphertexts"]) == 3 for m in msgs)
@@ -386,7 +419,7 @@ def test_he_ckks_sum_is_accurate_and_the_server_holds_no_secret_key():
     with pytest.raises(ValueError, match="doesn't hold a secret_key"):
         ct.decrypt()
     assert mech.key_holder._context.is_private()  # the key holder is the one that can decrypt
-    acc = mech.accounting()
+    acc = mech.report()
     assert acc["expansion"] > 5 and acc["encrypted_values"] == n * numel
 
 
@@ -397,14 +430,15 @@ def test_he_ckks_partial_layers_with_secagg_rest():
     mech = HECKKS(layers=["fc.bias"], rest="secagg")
     ctx = _he_ctx(numel, n)
     mech.setup(ctx)
+    mech.begin_round(1)
     vecs = _vectors(n, numel, seed=3)
     msgs = [mech.encode(ctx, i, v) for i, v in enumerate(vecs)]
     assert all(len(m.payload["ciphertexts"]) == 1 for m in msgs)  # 10 bias values
-    assert mech.accounting()["encrypted_values"] == n * 10
+    assert all(m.readable is None for m in msgs)  # the rest is masked, not readable
+    assert mech.report()["encrypted_values"] == n * 10
     agg = mech.aggregate(ctx, msgs).double()
     plain = torch.stack(vecs).double().sum(0)
     assert float((agg - plain).abs().max()) < 1e-5
-    assert mech.server_view == "aggregate"
     with pytest.raises(ValueError, match="select no parameter"):
         HECKKS(layers=["conv"]).setup(ctx)
 

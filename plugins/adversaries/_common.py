@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
-from fedmedbench import ClientUpdate
+from fedmedbench import Updates
 
 
 def check_fraction(name: str, fraction: object) -> float:
@@ -27,7 +26,7 @@ def check_positive(name: str, param: str, value: object) -> float:
     return float(value)
 
 
-def with_delta(update: ClientUpdate, delta: torch.Tensor) -> ClientUpdate:
-    """A copy of ``update`` carrying ``delta`` (metadata copied, not shared)."""
-    return dataclasses.replace(update, delta=delta.to(torch.float32).contiguous(),
-                               metrics=dict(update.metrics))
+def with_delta(updates: Updates, delta: torch.Tensor) -> Updates:
+    """A copy of ``updates`` carrying ``delta`` (metadata copied, not shared)."""
+    return updates.replace(delta=delta.to(torch.float32).reshape(updates.delta.shape)
+                           .contiguous())

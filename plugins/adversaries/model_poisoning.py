@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedmedbench import Adversary, ClientUpdate, RoundContext
+from fedmedbench import Adversary, CellContext, Updates
 from fedmedbench.plugins.adversaries._common import check_fraction, check_positive, with_delta
 
 
@@ -57,8 +57,8 @@ class SignFlip(Adversary):
         super().__init__(fraction=check_fraction(self.name, fraction))
         self.scale = check_positive(self.name, "scale", scale)
 
-    def corrupt_update(self, ctx: RoundContext, update: ClientUpdate,
-                       rng: np.random.Generator) -> ClientUpdate:
+    def corrupt_update(self, ctx: CellContext, update: Updates,
+                       rng: np.random.Generator) -> Updates:
         return with_delta(update, -self.scale * update.delta)
 
 
@@ -80,8 +80,8 @@ class Scaling(Adversary):
         super().__init__(fraction=check_fraction(self.name, fraction))
         self.factor = check_positive(self.name, "factor", factor)
 
-    def corrupt_update(self, ctx: RoundContext, update: ClientUpdate,
-                       rng: np.random.Generator) -> ClientUpdate:
+    def corrupt_update(self, ctx: CellContext, update: Updates,
+                       rng: np.random.Generator) -> Updates:
         return with_delta(update, self.factor * update.delta)
 
 
@@ -102,8 +102,8 @@ class Gaussian(Adversary):
         super().__init__(fraction=check_fraction(self.name, fraction))
         self.sigma = check_positive(self.name, "sigma", sigma)
 
-    def corrupt_update(self, ctx: RoundContext, update: ClientUpdate,
-                       rng: np.random.Generator) -> ClientUpdate:
+    def corrupt_update(self, ctx: CellContext, update: Updates,
+                       rng: np.random.Generator) -> Updates:
         noise = rng.normal(0.0, self.sigma, size=update.delta.numel())
         return with_delta(update, torch.from_numpy(noise).reshape(update.delta.shape))
 

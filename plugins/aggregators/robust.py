@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from fedmedbench import Aggregator, ClientUpdate
+from fedmedbench import Aggregator, Updates
 
 
 class Median(Aggregator):
@@ -27,12 +27,13 @@ class Median(Aggregator):
 
     name = "median"
     linear = False
+    weighting = "uniform"
 
     def __init__(self) -> None:
         pass
 
-    def aggregate(self, updates: list[ClientUpdate]) -> torch.Tensor:
-        stacked = torch.stack([u.delta for u in updates])
+    def aggregate(self, updates: Updates) -> torch.Tensor:
+        stacked = updates.delta
         # torch.median returns the lower middle value for even counts; average both middles
         return torch.quantile(stacked, 0.5, dim=0) if len(updates) > 1 else stacked[0]
 
@@ -49,14 +50,15 @@ class TrimmedMean(Aggregator):
 
     name = "trimmed-mean"
     linear = False
+    weighting = "uniform"
 
     def __init__(self, *, trim: float = 0.1) -> None:
         if not isinstance(trim, (int, float)) or isinstance(trim, bool) or not 0 <= trim < 0.5:
             raise ValueError(f"trimmed-mean: trim = {trim!r}; trim must be in [0, 0.5)")
         self.trim = float(trim)
 
-    def aggregate(self, updates: list[ClientUpdate]) -> torch.Tensor:
-        stacked = torch.stack([u.delta for u in updates])
+    def aggregate(self, updates: Updates) -> torch.Tensor:
+        stacked = updates.delta
         n = len(updates)
         k = int(math.floor(self.trim * n))
         if k == 0:
@@ -79,6 +81,7 @@ class Krum(Aggregator):
 
     name = "krum"
     linear = False
+    weighting = "data-dependent"
 
     def __init__(self, *, f: int = 1, multi: int = 1) -> None:
         if not isinstance(f, int) or isinstance(f, bool) or f < 0:
@@ -87,8 +90,8 @@ class Krum(Aggregator):
             raise ValueError(f"krum: multi = {multi!r}; multi must be an integer >= 1")
         self.f, self.multi = f, multi
 
-    def aggregate(self, updates: list[ClientUpdate]) -> torch.Tensor:
-        X = torch.stack([u.delta for u in updates]).double()
+    def aggregate(self, updates: Updates) -> torch.Tensor:
+        X = updates.delta.double()
         n = len(updates)
         if n == 1:
             return X[0].float()

@@ -26,11 +26,12 @@ weights of every round are recorded in the result's history
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedmedbench import Aggregator, ClientContext, ClientUpdate, score
+from fedmedbench import Aggregator, ClientContext, Updates, score
 from fedmedbench import predict_proba as _predict
 
 WEIGHTINGS = ("examples", "uniform", "quality", "performance")
@@ -72,38 +73,53 @@ class WeightedMean(Aggregator):
         self.by, self.scores = by, dict(scores)
         self.holdout, self.power = float(holdout), float(power)
 
+    @property
+    def weighting(self) -> str:  # type: ignore[override]
+        """Declared weighting: ``examples``, ``uniform`` or ``data-dependent``."""
+        return {"examples": "examples", "uniform": "uniform"}.get(self.by, "data-dependent")
+
+    @property
+    def sends_private_scores(self) -> bool:  # type: ignore[override]
+        """Performance weights are accuracies on each client's private rows."""
+        return self.by == "performance"
+
+    @property
+    def client_metric_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        return {"quality": ("quality",), "performance": ("holdout_score",)}.get(self.by, ())
+
     def holdout_fraction(self) -> float:
         return self.holdout if self.by == "performance" else 0.0
 
     def client_metrics(self, ctx: ClientContext, global_params: torch.Tensor,
-                       update: ClientUpdate) -> dict[str, float]:
+                       updates: Updates) -> dict[str, np.ndarray]:
+        """One client's number (``ctx`` holds one client, ``updates`` its row)."""
         if self.by == "quality":
-            return {"quality": self._quality(ctx)}
+            return {"quality": np.array([self._quality(ctx.sites[0])])}
         if self.by == "performance":
-            hold = ctx.holdout
+            hold = ctx.holdout(0)
             if hold is None or len(hold) == 0:
-                return {"holdout_score": float("nan")}
-            model = ctx.model(global_params + update.delta)
-            metric = ctx.round_ctx.data.task.metric
-            return {"holdout_score": float(score(metric, hold.y, _predict(model, hold.X)))}
+                return {"holdout_score": np.array([float("nan")])}
+            model = ctx.model(global_params + updates.delta[0])
+            metric = ctx.cell.data.task.metric
+            return {"holdout_score": np.array([score(metric, hold.y, _predict(model, hold.X))])}
         return {}
 
-    def _quality(self, ctx: ClientContext) -> float:
-        if ctx.site.name in self.scores:
-            return float(self.scores[ctx.site.name])
-        if ctx.site.quality is not None:
-            return float(ctx.site.quality)
-        X = np.asarray(ctx.site.train.X, dtype=float)
+    def _quality(self, site: Any) -> float:
+        if site.name in self.scores:
+            return float(self.scores[site.name])
+        if site.quality is not None:
+            return float(site.quality)
+        X = np.asarray(site.train.X, dtype=float)
         return float(1.0 - np.isnan(X).mean()) if X.size else 0.0
 
-    def weights(self, updates: list[ClientUpdate]) -> np.ndarray:
+    def weights(self, updates: Updates) -> np.ndarray:
         if self.by == "uniform":
             raw = np.ones(len(updates))
         elif self.by == "examples":
-            raw = np.array([u.num_examples for u in updates], dtype=float)
+            raw = np.array(updates.num_examples, dtype=float)
         else:
             key = "quality" if self.by == "quality" else "holdout_score"
-            s = np.array([u.metrics.get(key, float("nan")) for u in updates], dtype=float)
+            s = np.asarray(updates.metrics.get(key, np.full(len(updates), np.nan)), dtype=float)
             s = np.nan_to_num(np.clip(s, 0.0, None), nan=0.0)  # a missing score counts 0
             raw = s ** self.power if self.power else np.ones(len(updates))
         if raw.sum() <= 0:

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from fedmedbench import Algorithm, ClientUpdate, RoundContext
+from fedmedbench import Algorithm, CellContext, Updates
 
 
 class FedAvg(Algorithm):
     """Federated averaging (McMahan et al. 2017)."""
 
     name = "fedavg"
+    vectorized = True
 
     def __init__(self) -> None:
         pass
 
-    def server_update(self, ctx: RoundContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+    def server_update(self, ctx: CellContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
         return global_params + ctx.settings.server_lr * aggregate
 
 

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from fedmedbench import Algorithm, ClientUpdate, RoundContext, set_flat_params
+from fedmedbench import Algorithm, CellContext, Updates, set_flat_params
 from fedmedbench.plugins.algorithms._distill import distill
 
 
@@ -58,19 +58,19 @@ class FedDF(Algorithm):
         self.steps, self.lr, self.batch_size = steps, float(lr), batch_size
         self.temperature = float(temperature)
 
-    def server_update(self, ctx: RoundContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+    def server_update(self, ctx: CellContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
         w_avg = global_params + ctx.settings.server_lr * aggregate
         public = ctx.data.public
-        if public is None or not updates or any(u.delta.numel() == 0 for u in updates):
+        if public is None or not len(updates):
             return w_avg
         X = torch.as_tensor(public.X, dtype=torch.float32)
         T = self.temperature
         teacher_model = ctx.model_factory()
         with torch.no_grad():
             logits = []
-            for u in updates:
-                set_flat_params(teacher_model, global_params + u.delta)
+            for delta in updates.delta:
+                set_flat_params(teacher_model, global_params + delta)
                 teacher_model.eval()
                 logits.append(teacher_model(X))
             teacher = torch.softmax(torch.stack(logits).mean(0) / T, dim=1)

@@ -27,21 +27,23 @@ data is the run setting ``pretrain_steps``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fedmedbench import (
     Algorithm,
+    CellContext,
     ClientContext,
-    ClientUpdate,
     ConfigError,
-    RoundContext,
+    Updates,
     build_model,
 )
 from fedmedbench.plugins.algorithms._distill import distill
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedmedbench import CellFacts
 
 
 class FedMD(Algorithm):
@@ -67,7 +69,8 @@ class FedMD(Algorithm):
     """
 
     name = "fedmd"
-    topology = "personalized"
+    protocol = "personalized"
+    sends = ("scores",)
     needs_public = True
 
     def __init__(self, *, architectures: list = [], public_samples: int = 0,  # noqa: B006
@@ -101,18 +104,18 @@ class FedMD(Algorithm):
         self.digest_lr, self.digest_batch = float(digest_lr), digest_batch
         self.temperature = float(temperature)
 
-    def validate(self, cell: Mapping[str, Any]) -> str | None:
-        if cell.get("compressor"):
+    def validate(self, facts: CellFacts) -> str | None:
+        if facts.compressor is not None:
             return "FedMD shares soft labels, not model updates: there is nothing to compress"
         return None
 
-    def client_model(self, ctx: RoundContext, client: int) -> dict[str, Any] | None:
+    def client_model(self, ctx: CellContext, client: int) -> dict[str, Any] | None:
         if not self.architectures:
             return None
         a = self.architectures[client % len(self.architectures)]
         return {"model": a} if isinstance(a, str) else dict(a)
 
-    def _round_rows(self, ctx: RoundContext) -> np.ndarray:
+    def _round_rows(self, ctx: CellContext) -> np.ndarray:
         assert ctx.data.public is not None
         n = len(ctx.data.public)
         if self.public_samples == 0 or self.public_samples >= n:
@@ -120,41 +123,39 @@ class FedMD(Algorithm):
         return np.sort(ctx.rng("fedmd-public", ctx.round).choice(n, self.public_samples,
                                                                  replace=False))
 
-    def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> ClientUpdate:
-        rctx, T = ctx.round_ctx, self.temperature
-        pub = rctx.data.public
+    def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
+        cell, T = ctx.cell, self.temperature
+        pub = cell.data.public
         assert pub is not None
         X = torch.as_tensor(pub.X, dtype=torch.float32)
-        params = global_params  # under "personalized", the client's own model
-        consensus = rctx.state.get("fedmd_consensus")
+        params = global_params[0]  # under the personalized protocol: the client's own model
+        consensus = cell.state.get("fedmd_consensus")
         if consensus is not None and self.digest_steps:
             rows, target = consensus
             params = distill(ctx.model(params), X[torch.as_tensor(rows)], target,
                              steps=self.digest_steps, lr=self.digest_lr,
                              batch_size=self.digest_batch, temperature=T,
-                             generator=rctx.torch_generator("fedmd-digest", ctx.round,
+                             generator=cell.torch_generator("fedmd-digest", ctx.round,
                                                             ctx.client))
         new = ctx.train(params)  # revisit: private data
-        rows = self._round_rows(rctx)
-        model = ctx.model(new)
+        rows = self._round_rows(cell)
+        model = ctx.model(new[0])
         model.eval()
         with torch.no_grad():
             scores = torch.softmax(model(X[torch.as_tensor(rows)]) / T, dim=1)
-        upd = ctx.update(new - global_params, scores=scores, rows=rows)
-        upd.metrics["bytes"] = scores.numel() * 4  # the model itself never leaves the client
-        return upd
+        # only the scores leave the client (``sends``); the row ids are the server's own draw
+        return ctx.update(new - global_params, scores=scores.unsqueeze(0), rows=[rows])
 
-    def server_update(self, ctx: RoundContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+    def server_update(self, ctx: CellContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
         if ctx.state.get("fedmd_round") != ctx.round:
-            scores = [u.extra["scores"] for u in updates if "scores" in u.extra]
-            if scores:
-                ctx.state["fedmd_consensus"] = (updates[0].extra["rows"],
-                                                torch.stack(scores).mean(0))
+            scores = updates.extra.get("scores")
+            if scores is not None and len(scores):
+                ctx.state["fedmd_consensus"] = (updates.extra["rows"][0], scores.mean(0))
             ctx.state["fedmd_round"] = ctx.round
         return global_params + aggregate  # each client keeps its own (digested, revisited) model
 
-    def bytes_down(self, ctx: RoundContext, model_bytes: int) -> int:
+    def bytes_down(self, ctx: CellContext, model_bytes: int) -> int:
         consensus = ctx.state.get("fedmd_consensus")
         return 0 if consensus is None else int(consensus[1].numel() * 4)
 

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from fedmedbench import Algorithm, ClientUpdate, RoundContext
+from fedmedbench import Algorithm, CellContext, Updates
 
 OPTIMIZERS = ("adagrad", "adam", "yogi")
 
@@ -45,6 +45,7 @@ class FedOpt(Algorithm):
     """
 
     name = "fedopt"
+    vectorized = True
 
     def __init__(self, *, optimizer: str = "adam", eta: float = 0.03, beta1: float = 0.9,
                  beta2: float = 0.99, tau: float = 1e-3) -> None:
@@ -58,13 +59,13 @@ class FedOpt(Algorithm):
         self.optimizer, self.eta, self.beta1, self.beta2, self.tau = (
             optimizer, float(eta), float(beta1), float(beta2), float(tau))
 
-    def setup(self, ctx: RoundContext) -> None:
+    def setup(self, ctx: CellContext) -> None:
         n = ctx.layout.numel
         ctx.state["fedopt_m"] = torch.zeros(n, dtype=torch.float64)
         ctx.state["fedopt_v"] = torch.full((n,), self.tau ** 2, dtype=torch.float64)
 
-    def server_update(self, ctx: RoundContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
+    def server_update(self, ctx: CellContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
         d = aggregate.to(torch.float64)
         m = self.beta1 * ctx.state["fedopt_m"] + (1 - self.beta1) * d
         v, d2 = ctx.state["fedopt_v"], d * d

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from fedmedbench import ClientContext, ClientUpdate
+from fedmedbench import ClientContext, Updates
 from fedmedbench.plugins.algorithms.fedavg import FedAvg
 
 
@@ -40,12 +40,11 @@ class FedProx(FedAvg):
                              f"(0 gives FedAvg)")
         self.mu = float(mu)
 
-    def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> ClientUpdate:
+    def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
         anchor = global_params.detach()
         mu = self.mu
 
-        def proximal(model: torch.nn.Module) -> torch.Tensor:
-            w = torch.cat([p.reshape(-1) for p in model.parameters()])
+        def proximal(w: torch.Tensor) -> torch.Tensor:  # w: one client's flat parameters
             return 0.5 * mu * torch.sum((w - anchor) ** 2)
 
         new = ctx.train(global_params, extra_loss=proximal)

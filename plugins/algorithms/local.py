@@ -15,7 +15,8 @@ class Local(Algorithm):
     """Each site alone (the lower baseline)."""
 
     name = "local"
-    topology = "local"
+    protocol = "isolated"
+    vectorized = True
 
     def __init__(self) -> None:
         pass

@@ -17,18 +17,20 @@ One round, for a sampled client ``i`` with ``K`` local steps of size ``lr``::
 Client control variates live in the algorithm's state for the whole cell
 (the simulation of what each hospital keeps between rounds). Each round a
 client also uploads ``dc`` and downloads ``c``, so SCAFFOLD's traffic is
-twice FedAvg's (recorded in the cost).
+twice FedAvg's (the cost counts both, from what is sent).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from fedmedbench import ClientContext, ClientUpdate, RoundContext
+from fedmedbench import CellContext, ClientContext, Updates
 from fedmedbench.plugins.algorithms.fedavg import FedAvg
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedmedbench import CellFacts
 
 
 class Scaffold(FedAvg):
@@ -38,73 +40,53 @@ class Scaffold(FedAvg):
     step ``server_lr`` (the paper's ``eta_g``, default 1), the number of local
     steps the run's ``local_steps``/``local_epochs``.
 
-    Skipped (with the reason) where option II's arithmetic does not hold:
-    an optimizer other than plain SGD (``adam``, momentum), a ``local``-stage
-    privacy mechanism (DP-SGD recomputes the gradient after the correction),
-    or a transport mechanism (the control-variate deltas would travel in
-    plaintext beside a masked or encrypted update).
+    Each client sends ``control_delta`` beside its update (declared in
+    ``sends``), so the engine refuses SCAFFOLD with a transport mechanism or
+    client-level DP (the control variates would reach the server in the
+    clear). Skipped where option II's arithmetic does not hold: an optimizer
+    other than plain SGD (``adam``, momentum). Under DP-SGD the correction
+    is added to the privatised gradient (post-processing, no ε cost).
     """
 
     name = "scaffold"
+    sends = ("delta", "control_delta")
 
     def __init__(self) -> None:
         pass
 
-    def validate(self, cell: Mapping[str, Any]) -> str | None:
-        run = cell.get("run", {})
-        if run.get("optimizer", "sgd") != "sgd" or float(run.get("momentum", 0.0)) != 0.0:
+    def validate(self, facts: CellFacts) -> str | None:
+        run = facts.run
+        if run.optimizer != "sgd" or float(run.momentum) != 0.0:
             return (f"option-II control variates assume plain SGD local steps; the run uses "
-                    f"optimizer={run.get('optimizer')!r}, momentum={run.get('momentum')}")
-        if any("local" in st for st in cell.get("privacy_stages", [])):
-            return ("a local-stage mechanism (DP-SGD) recomputes each gradient from "
-                    "per-sample gradients and would drop SCAFFOLD's correction")
-        if any(("update" in st or "server" in st) for st in cell.get("privacy_stages", [])):
-            return ("the control-variate deltas travel to the server in plaintext beside the "
-                    "privatised update and reveal the raw update, so a client-level DP claim "
-                    "would not hold")
-        if cell.get("transport_view") is not None:
-            return ("the control-variate deltas would reach the server in plaintext beside "
-                    "the protected update")
+                    f"optimizer={run.optimizer!r}, momentum={run.momentum}")
         return None
 
-    def setup(self, ctx: RoundContext) -> None:
+    def setup(self, ctx: CellContext) -> None:
         n = ctx.layout.numel
         ctx.state["scaffold_c"] = torch.zeros(n)
         ctx.state["scaffold_ci"] = {}
 
-    def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> ClientUpdate:
-        state = ctx.round_ctx.state
+    def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
+        state = ctx.cell.state
         c: torch.Tensor = state["scaffold_c"]
-        ci: torch.Tensor = state["scaffold_ci"].get(ctx.client, torch.zeros_like(c))
-        correction = c - ci
-        steps = ctx.round_ctx.steps_for(ctx.client)
-        lr = float(ctx.round_ctx.settings.lr)
-
-        def correct(model: torch.nn.Module) -> None:
-            off = 0
-            for p in model.parameters():
-                k = p.numel()
-                if p.grad is not None:
-                    p.grad.add_(correction[off:off + k].view_as(p))
-                off += k
-
-        new = ctx.train(global_params, steps=steps, grad_hook=correct)
-        delta = new - global_params
+        zero = torch.zeros_like(c)
+        ci = torch.stack([state["scaffold_ci"].get(k, zero) for k in ctx.clients])
+        steps = torch.as_tensor(ctx.steps, dtype=torch.float32).unsqueeze(1)
+        lr = float(ctx.cell.settings.lr)
+        new = ctx.train(global_params, grad_offset=c - ci)
         ci_new = ci - c + (global_params - new) / (steps * lr)
-        state["scaffold_ci"][ctx.client] = ci_new
-        upd = ctx.update(delta, control_delta=ci_new - ci)
-        upd.metrics["bytes"] = 2 * delta.numel() * 4  # dy and dc
-        return upd
+        for j, k in enumerate(ctx.clients):
+            state["scaffold_ci"][k] = ci_new[j]
+        return ctx.update(new - global_params, control_delta=ci_new - ci)
 
-    def server_update(self, ctx: RoundContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
-        dc = [u.extra["control_delta"] for u in updates if "control_delta" in u.extra]
-        if dc:
-            ctx.state["scaffold_c"] = ctx.state["scaffold_c"] + torch.stack(dc).sum(0) / \
-                ctx.num_clients
+    def server_update(self, ctx: CellContext, global_params: torch.Tensor,
+                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
+        dc = updates.extra.get("control_delta")
+        if dc is not None and len(dc):
+            ctx.state["scaffold_c"] = ctx.state["scaffold_c"] + dc.sum(0) / ctx.num_clients
         return global_params + ctx.settings.server_lr * aggregate
 
-    def bytes_down(self, ctx: RoundContext, model_bytes: int) -> int:
+    def bytes_down(self, ctx: CellContext, model_bytes: int) -> int:
         return 2 * model_bytes  # x and c
 
 

@@ -297,7 +297,7 @@ class _GradInv(Attack):
                                       f"have shape {tuple(task.input_shape)}"}
         view = ctx.server_views.get(1)
         if view is None:
-            return {"not_applicable": f"topology {ctx.topology}: no server view of round 1 "
+            return {"not_applicable": f"{ctx.protocol} protocol: no server view of round 1 "
                                       f"(no updates are sent)"}
         if view.kind == "ciphertext":
             return {"not_applicable": f"under {'+'.join(ctx.mechanisms) or 'HE'} the server "
@@ -325,8 +325,7 @@ class _GradInv(Attack):
             b = ctx.client_batches(p, steps) if ctx.client_batches else None
             if b is None:
                 exact = False
-                split = ctx.data.pooled_train() if ctx.topology == "centralized" else \
-                    ctx.data.sites[p].train
+                split = ctx.data.sites[p].train
                 truth_x.append(split.X)
                 truth_y.append(split.y)
             else:
@@ -379,7 +378,7 @@ class _GradInv(Attack):
             "labels_true": [int(v) for v in ty[scores["assignment"]]],
             "per_image": scores["per_image"], "num_images": n_img, "batch_size": bsz,
             "local_steps": steps, "view": view.kind, "clients_in_view": len(view.clients),
-            "target": (f"client {ctx.data.site_names[c] if ctx.topology != 'centralized' else 'pooled'}"
+            "target": (f"client {ctx.data.site_names[c]}"
                        f"'s round-1 update" if view.kind == "plaintext" else
                        f"the securely aggregated round-1 update of {len(view.clients)} clients"),
             "matching_loss": final,

@@ -145,28 +145,25 @@ def resolve_target(ctx: AttackContext, target: str, client: int
     ``{"not_applicable": reason}``."""
     data = ctx.data
     if target == "global":
-        if ctx.topology in ("local", "personalized"):
+        if ctx.protocol in ("isolated", "personalized"):
             site = data.sites[0]
-            return ctx.final_params, site.train, site.test, {
-                "model": f"site {site.name}'s own final model (topology {ctx.topology}: no "
+            return ctx.site_params.get(0, ctx.final_params), site.train, site.test, {
+                "model": f"site {site.name}'s own final model ({ctx.protocol} protocol: no "
                          f"global model exists)", "attacker": "outside party with the model"}
         return ctx.final_params, data.pooled_train(), data.pooled_test(), {
             "model": "final global model", "attacker": "outside party with the final model",
             "members": "every site's training rows", "nonmembers": "every site's test rows"}
     if not ctx.server_views:
-        return {"not_applicable": f"topology {ctx.topology}: no server sees client updates"}
+        return {"not_applicable": f"{ctx.protocol} protocol: no server receives client updates"}
     rnd = max(ctx.server_views)
     view = ctx.server_views[rnd]
     if view.kind == "ciphertext":
         return {"not_applicable": f"under {'+'.join(ctx.mechanisms) or 'HE'} the server reads "
                                   f"only ciphertexts (the key holder is a separate party)"}
-    centralized = ctx.topology == "centralized"
     c = client if client in view.clients else (view.clients[0] if view.clients else None)
     if c is None:
         return {"not_applicable": f"no client took part in round {rnd}"}
-    members = data.pooled_train() if centralized else data.sites[c].train
-    nonmembers = data.pooled_test() if centralized else data.sites[c].test
-    name = "pooled" if centralized else data.sites[c].name
+    members, nonmembers, name = data.sites[c].train, data.sites[c].test, data.sites[c].name
     if view.kind == "aggregate":
         assert view.aggregate is not None
         return view.global_params + view.aggregate, members, nonmembers, {

@@ -18,13 +18,12 @@ server uses the decoded vector. The rounding draws come from
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 import torch
 
-from fedmedbench import ClientUpdate, Compressor, RoundContext
+from fedmedbench import CellContext, Compressor, Updates
 
 #: header floats sent with every vector: the minimum and the step (float32 each)
 HEADER_BYTES = 2 * 4
@@ -83,14 +82,14 @@ class Quantize(Compressor):
         """Encoded size of an ``n``-value update in bytes."""
         return math.ceil(n * self.bits / 8) + HEADER_BYTES
 
-    def compress(self, ctx: RoundContext, update: ClientUpdate) -> tuple[ClientUpdate, int]:
-        delta = update.delta
-        rng = ctx.rng("quantize", ctx.round, update.client)
-        levels, lo, step = quantize(delta.detach().cpu().numpy(), self.bits, rng)
-        decoded = torch.from_numpy(dequantize(levels, lo, step)).to(torch.float32)
-        out = dataclasses.replace(update, delta=decoded.reshape(delta.shape),
-                                  metrics=dict(update.metrics))
-        return out, self.nbytes(delta.numel())
+    def compress(self, ctx: CellContext, updates: Updates) -> Updates:
+        rows = []
+        for client, delta in zip(updates.clients, updates.delta):
+            rng = ctx.rng("quantize", ctx.round, client)
+            levels, lo, step = quantize(delta.detach().cpu().numpy(), self.bits, rng)
+            rows.append(torch.from_numpy(dequantize(levels, lo, step)).to(torch.float32))
+        d = int(updates.delta.shape[1])
+        return updates.replace(delta=torch.stack(rows), delta_bytes=[self.nbytes(d)] * len(rows))
 
 
 COMPONENTS = (Quantize,)

@@ -8,26 +8,43 @@ lost, only delayed (Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory",
 NeurIPS 2018; Karimireddy, Rebjock, Stich, Jaggi, "Error Feedback Fixes
 SignSGD and other Gradient Compression Schemes", ICML 2019).
 
+Magnitudes are ranked on a grid of ``2^-12`` of the largest one, ties
+broken by the lower index: entries equal up to float rounding (a two-class
+logistic model's rows are exact negatives of each other) are then chosen
+the same way whatever the rounding noise of the arithmetic that produced
+them, so a cell does not depend on the backend or BLAS (``torch.topk``
+breaks ties arbitrarily).
+
 What crosses the network is ``k`` pairs of a float32 value and a uint32
 index: ``8 k`` bytes. The residuals live on the compressor instance, one per
-client, and are reset when a new cell (a new :class:`fedmedbench.RoundContext`)
-starts; a client that is not sampled keeps its residual until it is.
-Only ``ClientUpdate.delta`` is compressed (algorithm state in ``extra``,
-such as SCAFFOLD's control variates, travels as is).
+client, and are reset by :meth:`TopK.setup` when a cell starts; a client that
+is not sampled keeps its residual until it is. Only ``Updates.delta`` is
+compressed (algorithm state in ``extra``, such as SCAFFOLD's control
+variates, travels as is and is counted at its own size).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import weakref
 
 import torch
 
-from fedmedbench import ClientUpdate, Compressor, RoundContext
+from fedmedbench import CellContext, Compressor, Updates
 
 #: bytes per sent entry: a float32 value and a uint32 index
 ENTRY_BYTES = 4 + 4
+#: magnitudes are compared on a grid of this fraction of the largest one
+GRID = 2.0 ** -12
+
+
+def largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` entries of largest magnitude (on the :data:`GRID`,
+    lower index first among equals)."""
+    mag = values.detach().abs().double()
+    top = float(mag.max()) if mag.numel() else 0.0
+    level = torch.floor(mag / top / GRID) if top > 0 else torch.zeros_like(mag)
+    key = level * (mag.numel() + 1) - torch.arange(mag.numel(), dtype=torch.float64)
+    return torch.topk(key, k, sorted=False).indices
 
 
 class TopK(Compressor):
@@ -56,7 +73,6 @@ class TopK(Compressor):
         self.fraction = float(fraction)
         self.error_feedback = error_feedback
         self._residual: dict[int, torch.Tensor] = {}
-        self._cell: weakref.ref[RoundContext] | None = None
 
     def k_for(self, n: int) -> int:
         """Entries sent for an ``n``-value update."""
@@ -66,23 +82,24 @@ class TopK(Compressor):
         """What ``client`` has not sent yet (``None`` before its first update)."""
         return self._residual.get(client)
 
-    def compress(self, ctx: RoundContext, update: ClientUpdate) -> tuple[ClientUpdate, int]:
-        if self._cell is None or self._cell() is not ctx:  # a new cell: forget old residuals
-            self._residual.clear()
-            self._cell = weakref.ref(ctx)
-        delta = update.delta.detach().reshape(-1).to(torch.float32)
-        acc = delta.clone()
-        if self.error_feedback and update.client in self._residual:
-            acc += self._residual[update.client]
-        k = self.k_for(acc.numel())
-        idx = torch.topk(acc.abs(), k, sorted=False).indices
-        sent = torch.zeros_like(acc)
-        sent[idx] = acc[idx]
-        if self.error_feedback:
-            self._residual[update.client] = acc - sent
-        out = dataclasses.replace(update, delta=sent.reshape(update.delta.shape),
-                                  metrics=dict(update.metrics))
-        return out, k * ENTRY_BYTES
+    def setup(self, ctx: CellContext) -> None:
+        self._residual = {}  # a new cell: forget every client's residual
+
+    def compress(self, ctx: CellContext, updates: Updates) -> Updates:
+        rows, sizes = [], []
+        for client, delta in zip(updates.clients, updates.delta):
+            acc = delta.detach().to(torch.float32).clone()
+            if self.error_feedback and client in self._residual:
+                acc += self._residual[client]
+            k = self.k_for(acc.numel())
+            idx = largest(acc, k)
+            sent = torch.zeros_like(acc)
+            sent[idx] = acc[idx]
+            if self.error_feedback:
+                self._residual[client] = acc - sent
+            rows.append(sent)
+            sizes.append(k * ENTRY_BYTES)
+        return updates.replace(delta=torch.stack(rows), delta_bytes=sizes)
 
 
 COMPONENTS = (TopK,)

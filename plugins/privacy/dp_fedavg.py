@@ -18,28 +18,50 @@ and a layer-wise split of the clipping budget (per-layer bounds C_l with
 different σ are composed exactly by the Opacus accountant
 (:class:`fedmedbench.accounting.Ledger`).
 
+Weighting (McMahan et al. 2018, their estimator f̃_f): client k's
+contribution is ``w_k Δ_k / (q W)`` with bounded weights ``w_k = min(n_k / ŵ, 1)``
+(``weight_cap`` ŵ; example-weighted aggregators) or ``w_k = 1`` (uniform
+ones), ``W = Σ_k w_k`` over all clients and q the client sampling rate. The
+denominator is fixed, so one client changes the sum by at most
+``max_k w_k · C ≤ C`` and the noise is ``σ·C / (q W)`` whatever the round's
+sample: the server **sums** the contributions (``aggregate_as_sum``) instead of
+taking the aggregator's weighted mean. Example counts are public metadata
+(named in the record). Poisson client sampling with rate q is what the
+accountant assumes; it is the default of dp-fedavg cells. With fixed-size
+sampling (k of n, q = k/n) the record says the Poisson bound is used as an
+approximation, and the uniform estimator equals the plain mean.
+
 Noise is ``central`` (added once to the aggregate by a trusted server) or
-``distributed`` (each of the k clients adds N(0, σ²C²/k), so the sum carries
-σ·C: the pairing with secure aggregation, where no one sees an un-noised sum).
+``distributed`` (each of the m clients of the round adds N(0, σ²C²/(qW)²/m), so
+the sum carries the whole noise): distributed noise is only accepted with a
+secure transport (secure aggregation) in the stack, where no one sees an
+un-noised sum; without one, the server would see each update with noise of
+multiplier σ/√m, far weaker than what is accounted.
+
+Noise draws come from seeded torch generators (``ctx.torch_generator``) so
+that a cell is reproducible: right for a benchmark, wrong for a deployment
+(the record says so under ``noise_rng``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from fedmedbench import ClientUpdate, PrivacyMechanism, RoundContext
+from fedmedbench import Accounting, CellContext, PrivacyMechanism, ServerStage, Updates, UpdateStage
 from fedmedbench.accounting import Ledger, check_accountant, noise_for_epsilon, noise_for_schedule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedmedbench import CellFacts
 
 NOISE = ("auto", "central", "distributed")
 LAYERWISE = ("none", "equal", "size")
 
 
-class DPFedAvg(PrivacyMechanism):
+class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
     """Client-level DP (McMahan et al. 2018) with adaptive clipping and noise schedules.
 
     Parameters
@@ -69,16 +91,23 @@ class DPFedAvg(PrivacyMechanism):
     layerwise : {"none", "equal", "size"}, default "none"
         Split of the clipping budget across parameter tensors: equal shares or
         shares proportional to each tensor's size.
+    weight_cap : float, default 0.0
+        ŵ of the bounded example weights ``w_k = min(n_k / ŵ, 1)`` under an
+        example-weighted aggregator; 0 means the largest client's size (every
+        weight proportional to n_k, the largest 1).
     """
 
     name = "dp-fedavg"
-    stages = frozenset({"update", "server"})
+    dp_unit = "client"
+    aggregate_as_sum = True
+    run_defaults = {"client_sampling": "poisson"}
 
     def __init__(self, *, noise_multiplier: float = 1.0, epsilon: float | None = None,
                  clip: float = 1.0, delta: float = 1e-5, accountant: str = "rdp",
                  noise: str = "auto", target_quantile: float | None = None,
                  clip_lr: float = 0.2, count_noise: float = 0.0, noise_decay: float = 1.0,
-                 min_noise_multiplier: float = 0.0, layerwise: str = "none") -> None:
+                 min_noise_multiplier: float = 0.0, layerwise: str = "none",
+                 weight_cap: float = 0.0) -> None:
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be > 0")
         if epsilon is not None and (isinstance(epsilon, bool)
@@ -116,43 +145,50 @@ class DPFedAvg(PrivacyMechanism):
         self.count_noise = float(count_noise)
         self.noise_decay = float(noise_decay)
         self.min_noise_multiplier = float(min_noise_multiplier)
+        if not weight_cap >= 0:
+            raise ValueError(f"weight_cap={weight_cap!r}; it must be >= 0 (0: the largest client)")
         self.layerwise = layerwise
+        self.weight_cap = float(weight_cap)
         self._mode = "distributed" if noise == "distributed" else "central"
         self._ledger = Ledger(accountant)
 
     # -- validation ------------------------------------------------------------
 
-    def validate(self, cell: Mapping[str, Any]) -> str | None:
-        if cell.get("topology") != "federated":
-            return (f"client-level DP protects clients of a federation, and "
-                    f"{cell['algorithm']['name']} ({cell.get('topology')}) has no aggregation")
-        agg = cell.get("aggregator") or {}
-        if not cell.get("aggregator_linear", True) or agg.get("by") != "uniform":
-            return (f"noise is calibrated to one client's share 1/m of an unweighted mean, but "
-                    f"the aggregator is {agg.get('name')}({_kv(agg)}); use "
-                    f"{{name = \"weighted-mean\", by = \"uniform\"}}")
-        if cell.get("needs_individual_updates"):
-            return (f"{cell['algorithm']['name']} uses every client's model at the server, and "
-                    f"those individual updates are not covered by noise on the aggregate")
-        if cell.get("compressor"):
-            return ("a compressor runs after clipping and may send a vector of norm above the "
-                    "clip (top-k error feedback adds earlier residuals), which breaks the "
-                    "sensitivity bound the noise is calibrated to")
-        if (cell.get("run") or {}).get("client_sampling") == "poisson":
-            return ("the unweighted mean divides by the number of sampled clients, which Poisson "
-                    "sampling makes data-dependent (and can leave a round empty, which skipping "
-                    "would reveal); use client_sampling = \"fixed\" (the record states the "
-                    "accounting approximation for fixed-size sampling)")
-        has_transport = any("transport" in st for st in cell.get("privacy_stages", []))
+    def validate(self, facts: CellFacts) -> str | None:
+        alg, agg = facts.algorithm, facts.aggregator
+        if alg.protocol != "federated":
+            return (f"client-level DP protects clients of a federation, and {alg.name} "
+                    f"({alg.protocol} protocol) aggregates no updates")
+        if not agg.linear or agg.weighting == "data-dependent":
+            return (f"the noise is calibrated to one client's bounded contribution w_k/(qW) with "
+                    f"uniform or example weights, and the aggregator is "
+                    f"{facts.describe_aggregator()}; use weighted-mean by examples or uniform")
+        if alg.needs_individual_updates:
+            return (f"{alg.name} uses every client's model at the server, and those individual "
+                    f"updates are not covered by noise on the aggregate")
+        if facts.compressor is not None and not facts.compressor.preserves_norm_bound:
+            return (f"compressor {facts.compressor.name} runs after clipping and may send a "
+                    f"vector of norm above the clip (top-k error feedback adds earlier "
+                    f"residuals), which breaks the sensitivity bound the noise is calibrated to")
+        transport = facts.transport
         mode = self.noise if self.noise != "auto" else (
-            "distributed" if has_transport else "central")
-        if mode == "distributed" and any(
-                float(p.get("dropout_rate", 0) or 0) > 0 for p in cell.get("privacy", [])):
+            "distributed" if transport is not None else "central")
+        if mode == "distributed" and transport is None:
+            return ("distributed noise without a secure transport shows the server every "
+                    "client's update with only its noise share (multiplier σ/√m, far below "
+                    "the σ accounted); add secure aggregation to the stack "
+                    "([\"dp-fedavg\", \"secagg\"]) or use noise = \"central\"")
+        if mode == "distributed" and facts.drops_clients:
             return ("distributed noise needs every sampled client's noise share in the sum, and "
-                    "the stack drops clients (dropout_rate > 0): the achieved noise would be "
-                    "below what is accounted")
-        if self.noise == "auto":
-            self._mode = "distributed" if has_transport else "central"
+                    f"{transport.name if transport else 'the stack'} drops clients: the "
+                    f"achieved noise would be below what is accounted")
+        if mode == "distributed" and self.target_quantile is not None:
+            return ("adaptive clipping needs each client's clipped-or-not bit, and with "
+                    "distributed noise there is no trusted server to count them in private "
+                    "(they would travel in plaintext beside the masked update); use a fixed "
+                    "clip, or noise = \"central\"")
+        self._mode = mode
+        self._weighting = agg.weighting
         return None
 
     # -- the schedule ----------------------------------------------------------
@@ -160,22 +196,33 @@ class DPFedAvg(PrivacyMechanism):
     def _z(self, z0: float, rnd: int) -> float:
         return max(self.min_noise_multiplier, z0 * self.noise_decay ** (rnd - 1))
 
-    def setup(self, ctx: RoundContext) -> None:
+    def setup(self, ctx: CellContext) -> None:
+        self._ctx = ctx
         self._ledger = Ledger(self.accountant)
         self._q = float(ctx.sample_rate)
         self._k = max(1, int(round(ctx.sample_rate * ctx.num_clients)))
         self._client_sampling = ctx.settings.client_sampling
+        # bounded weights over the whole population (example counts are public)
+        n = np.array([len(c.train) for c in ctx.clients], dtype=float)
+        if getattr(self, "_weighting", "uniform") == "examples":
+            cap = self.weight_cap or float(n.max())
+            w = np.minimum(n / cap, 1.0)
+        else:
+            w = np.ones(len(n))
+        self._w = w
+        self._W = float(w.sum())
+        self._denom = self._q * self._W
         if self.epsilon is None:
             self._z0 = self.noise_multiplier
-        elif self.noise_decay == 1.0 or self.min_noise_multiplier >= self.noise_multiplier:
+        elif self.noise_decay == 1.0:
             self._z0 = noise_for_epsilon(target_epsilon=self.epsilon, delta=self.delta,
                                          sample_rate=self._q, steps=ctx.rounds,
                                          accountant=self.accountant)
-        else:
-            rounds = ctx.rounds
+        else:  # solve σ_0 for the schedule that is applied: decay and floor included
+            rounds, q = ctx.rounds, self._q
             self._z0 = noise_for_schedule(
                 target_epsilon=self.epsilon, delta=self.delta, accountant=self.accountant,
-                schedule=lambda z0: [(self._z(z0, t), self._q, 1) for t in range(1, rounds + 1)])
+                schedule=lambda z0: [(self._z(z0, t), q, 1) for t in range(1, rounds + 1)])
         # σ_b: given, or the paper's k/20 raised to z (then z_Δ = 1.15 z) when that is too small
         self._sigma_b = (self.count_noise or max(self._k / 20.0, self._z(self._z0, 1))
                          ) if self.target_quantile else 0.0
@@ -186,7 +233,6 @@ class DPFedAvg(PrivacyMechanism):
                 f"noise_multiplier={self._z(self._z0, 1):g}; raise count_noise")
         self._C = self.clip
         self._bits: list[float] = []
-        self._norms: list[float] = []
         self._clip_history: list[float] = []
         # per-tensor shares of the clipping budget (sum of squares = 1)
         sizes = np.asarray(ctx.layout.sizes, dtype=float)
@@ -208,79 +254,84 @@ class DPFedAvg(PrivacyMechanism):
 
     # -- stages ----------------------------------------------------------------
 
-    def process_update(self, ctx: RoundContext, update: ClientUpdate) -> ClientUpdate:
-        delta = update.delta.detach().to(torch.float32).clone()
-        norm = float(delta.norm())
+    def process_update(self, ctx: CellContext, updates: Updates) -> Updates:
+        """Each client clips its delta to C, scales it by its fixed-denominator
+        weight w_k/(qW) and, with distributed noise, adds its noise share."""
+        delta = updates.delta.detach().to(torch.float32).clone()
         C = self._C
+        norms = delta.norm(dim=1)
         if self._share is None:
-            delta *= min(1.0, C / (norm + 1e-12))
+            delta *= (C / (norms + 1e-12)).clamp(max=1.0).unsqueeze(1)
         else:
             for sl, s in zip(self._slices, self._share):
-                part = delta[sl]
-                delta[sl] = part * min(1.0, C * s / (float(part.norm()) + 1e-12))
-        self._norms.append(norm)
-        self._bits.append(1.0 if norm <= C else 0.0)
+                part = delta[:, sl]
+                delta[:, sl] = part * (C * s / (part.norm(dim=1) + 1e-12)).clamp(max=1.0) \
+                    .unsqueeze(1)
+        self._bits += [1.0 if float(v) <= C else 0.0 for v in norms]
+        weight = torch.as_tensor(self._w[updates.clients] / self._denom, dtype=torch.float32)
+        delta *= weight.unsqueeze(1)
         if self._mode == "distributed":
-            g = ctx.torch_generator("dp-fedavg-noise", ctx.round, update.client)
-            std = self._z_update(ctx.round) * C / math.sqrt(self._k)
-            delta += torch.randn(delta.shape, generator=g) * std
-        return ClientUpdate(update.client, delta, update.num_examples,
-                            update.metrics, update.extra)
+            m = max(1, len(ctx.participants))
+            std = self._z_update(ctx.round) * C / self._denom / math.sqrt(m)
+            for i, client in enumerate(updates.clients):
+                g = ctx.torch_generator("dp-fedavg-noise", ctx.round, client)
+                delta[i] += torch.randn(delta.shape[1], generator=g) * std
+        return updates.replace(delta=delta, metrics={
+            **updates.metrics, "contribution_weight": weight.numpy().astype(float)})
 
-    def process_aggregate(self, ctx: RoundContext, aggregate: torch.Tensor,
-                          n_clients: int) -> torch.Tensor:
+    def process_aggregate(self, ctx: CellContext, aggregate: torch.Tensor,
+                          updates: Updates) -> torch.Tensor:
         rnd, C = ctx.round, self._C
         out = aggregate
-        if self._mode == "central" and n_clients > 0:
+        if self._mode == "central":
             g = ctx.torch_generator("dp-fedavg-central-noise", rnd)
             out = aggregate + torch.randn(aggregate.shape, generator=g) * (
-                self._z_update(rnd) * C / n_clients)
+                self._z_update(rnd) * C / self._denom)
         self._ledger.record(self._z(self._z0, rnd), self._q)
         self._clip_history.append(C)
-        if self.target_quantile and self._bits:
+        if self.target_quantile:
             g = ctx.rng("dp-fedavg-count", rnd)
-            b = (sum(self._bits) + g.normal(0.0, self._sigma_b)) / max(1, len(self._bits))
+            b = (sum(self._bits) + g.normal(0.0, self._sigma_b)) / max(1.0, self._q * ctx.num_clients)
             self._C = C * math.exp(-self.clip_lr * (b - self.target_quantile))
-        self._bits, self._norms = [], []
+        self._bits = []
         return out
 
     # -- accounting ------------------------------------------------------------
 
-    def accounting(self) -> dict[str, Any]:
-        q = getattr(self, "_q", None)
-        ctx_sampling = None
-        if q is not None:
-            if q >= 1.0:
-                ctx_sampling = "every client takes part in every round (q = 1, no amplification)"
-            elif self._client_sampling == "poisson":
-                ctx_sampling = (f"Poisson sampling of clients with rate q = {q:g}, as the "
-                                f"accountant assumes")
-            else:
-                ctx_sampling = (f"fixed-size sampling of {self._k} clients per round; composed "
-                                f"with the accountant's Poisson-sampling bound at q = {q:g} "
-                                f"(the usual approximation, not a proof for sampling without "
-                                f"replacement)")
-            if self._mode == "distributed":
-                ctx_sampling += (f"; distributed noise assumes all {self._k} clients' noise "
-                                 f"shares reach the sum")
+    def _sampling(self) -> str:
+        q = self._q
+        if q >= 1.0:
+            text = "every client takes part in every round (q = 1, no amplification)"
+        elif self._client_sampling == "poisson":
+            text = f"Poisson sampling of clients with rate q = {q:g}, as the accountant assumes"
+        else:
+            text = (f"fixed-size sampling of {self._k} clients per round; composed with the "
+                    f"accountant's Poisson-sampling bound at q = {q:g} (the usual "
+                    f"approximation, not a proof for sampling without replacement)")
+        if self._mode == "distributed":
+            text += "; distributed noise assumes every sampled client's noise share reaches the sum"
+        return text
+
+    def accounting(self) -> Accounting | None:
+        if not hasattr(self, "_q"):
+            return None
         steps = self._ledger.steps
-        return {
-            "epsilon": self._ledger.epsilon(self.delta) if steps else 0.0,
-            "delta": self.delta, "accountant": self.accountant, "unit": "client",
-            "noise_multiplier": getattr(self, "_z0", self.noise_multiplier),
-            "noise_multipliers": [z for z, _, _ in self._ledger.history],
-            "clip": self.clip, "clip_history": list(getattr(self, "_clip_history", [])),
-            "adaptive_clipping": self.target_quantile is not None,
-            "count_noise": getattr(self, "_sigma_b", 0.0),
-            "noise": self._mode, "layerwise": self.layerwise,
-            "sample_rate": q, "steps": steps, "target_epsilon": self.epsilon,
-            "history": [list(h) for h in self._ledger.history],
-            "sampling": ctx_sampling,
-        }
-
-
-def _kv(d: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in d.items() if k != "name")
+        return Accounting(
+            unit="client", accountant=self.accountant,
+            epsilon=self._ledger.epsilon(self.delta) if steps else 0.0, delta=self.delta,
+            noise_multiplier=self._z0, sample_rate=self._q, steps=steps,
+            sampling=self._sampling(), clip=self.clip, target_epsilon=self.epsilon,
+            details={
+                "noise_multipliers": [z for z, _, _ in self._ledger.history],
+                "clip_history": list(self._clip_history),
+                "adaptive_clipping": self.target_quantile is not None,
+                "count_noise": self._sigma_b, "noise": self._mode, "layerwise": self.layerwise,
+                "weighting": getattr(self, "_weighting", "uniform"),
+                "estimator": "fixed denominator Σ_k w_k Δ_k / (q W) (McMahan et al. 2018)",
+                "weight_denominator": self._denom,
+                "history": [list(h) for h in self._ledger.history],
+                "noise_rng": ("seeded torch generators for reproducibility (not a "
+                              "cryptographically secure RNG)")})
 
 
 COMPONENTS = (DPFedAvg,)

@@ -26,22 +26,28 @@ from typing import Any
 
 import torch
 
-from fedmedbench import ClientContext, PrivacyMechanism, RoundContext
-from fedmedbench.accounting import check_accountant, epsilon_for, noise_for_epsilon
+from fedmedbench import Accounting, CellContext, LocalStage, PrivacyMechanism, Split
+from fedmedbench.accounting import Ledger, check_accountant, epsilon_for, noise_for_epsilon
+from fedmedbench.training import add_grad_offset, finish_local, flat_params, to_tensors
 
 # stated in every record instead (noise_rng); and Opacus's backward hooks warn on
 # every step that the input needs no gradient, which is expected here
 warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
 
+NOISE_RNG = ("seeded torch generator for reproducibility (Opacus secure_mode off: not a "
+             "cryptographically secure RNG)")
 
-class DPSGD(PrivacyMechanism):
-    """Sample-level DP-SGD with Opacus; ε per site (the max is the cell's ε).
+
+class DPSGD(PrivacyMechanism, LocalStage):
+    """Sample-level DP-SGD with Opacus; ε per site (the largest is the cell's ε).
 
     Parameters
     ----------
     noise_multiplier : float, default 1.0
-        σ, noise std relative to ``max_grad_norm``; ignored when ``epsilon`` is set.
+        σ, noise std relative to ``max_grad_norm``; ignored when ``epsilon`` is
+        set. 0 clips per-example gradients without noise: no DP guarantee (the
+        record then reports none), for ablations.
     epsilon : float or None, default None
         Target ε per site over the planned training; σ is solved for it.
     max_grad_norm : float, default 1.0
@@ -53,13 +59,13 @@ class DPSGD(PrivacyMechanism):
     """
 
     name = "dp-sgd"
-    stages = frozenset({"local"})
+    dp_unit = "record"
 
     def __init__(self, *, noise_multiplier: float = 1.0, epsilon: float | None = None,
                  max_grad_norm: float = 1.0, delta: float = 1e-5,
                  accountant: str = "rdp") -> None:
-        if not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be > 0")
+        if not noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be >= 0")
         if epsilon is not None and (isinstance(epsilon, bool)
                                     or not isinstance(epsilon, (int, float)) or epsilon <= 0):
             raise ValueError(f"epsilon={epsilon!r}; it must be a number > 0 (or left out)")
@@ -75,49 +81,59 @@ class DPSGD(PrivacyMechanism):
         self.accountant = accountant
         self._sites: dict[int, dict[str, Any]] = {}
 
-    def validate(self, cell: Any) -> str | None:
-        agg = cell.get("aggregator") or {}
-        if agg.get("by") == "performance":
-            return ("weighting by performance sends each client's accuracy on its own held-out "
-                    "records to the server every round without noise, outside the DP-SGD "
-                    "guarantee; weight by examples or uniformly")
-        return None
+    # -- per-site calibration ---------------------------------------------------
 
-    def setup(self, ctx: RoundContext) -> None:
+    def setup(self, ctx: CellContext) -> None:
+        self._ctx = ctx
         self._sites = {}
 
-    def make_private(self, ctx: ClientContext, model: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer, loader: Any) -> tuple[Any, Any, Any]:
-        from opacus import PrivacyEngine
-        from opacus.validators import ModuleValidator
+    def _site(self, client: int, n: int) -> dict[str, Any]:
+        """σ, q and the planned steps of ``client`` (solved once per cell)."""
+        if client not in self._sites:
+            ctx = self._ctx
+            B = int(ctx.settings.batch_size)
+            q = 1.0 / -(-n // B)  # Opacus's Poisson rate: 1 / len(DataLoader)
+            planned = ctx.rounds * ctx.steps_for(client)
+            if self.epsilon is not None:
+                sigma = noise_for_epsilon(target_epsilon=self.epsilon, delta=self.delta,
+                                          sample_rate=q, steps=planned,
+                                          accountant=self.accountant)
+            else:
+                sigma = self.noise_multiplier
+            self._sites[client] = {"site": ctx.clients[client].name, "noise_multiplier": sigma,
+                                   "sample_rate": q, "planned_steps": planned, "n": n,
+                                   "expected_batch": int(n * q), "ledger": None,
+                                   "engine": None}
+        return self._sites[client]
 
-        errors = ModuleValidator.validate(model, strict=False)
-        if errors:
-            raise ValueError(f"dp-sgd cannot wrap this model: {errors[0]} (use a model without "
-                             f"BatchNorm, e.g. GroupNorm)")
-        rctx = ctx.round_ctx
-        q = 1.0 / len(loader)  # Opacus's Poisson rate for this loader
-        planned = rctx.rounds * rctx.steps_for(ctx.client)
-        if self.epsilon is not None:
-            sigma = noise_for_epsilon(target_epsilon=self.epsilon, delta=self.delta,
-                                      sample_rate=q, steps=planned, accountant=self.accountant)
-        else:
-            sigma = self.noise_multiplier
-        engine = PrivacyEngine(accountant=self.accountant)
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=self.max_grad_norm, poisson_sampling=True,
-            noise_generator=rctx.torch_generator("dp-sgd-noise", ctx.client))
-        _noise_on_empty_batches(optimizer)
-        self._sites[ctx.client] = {"site": ctx.site.name, "engine": engine,
-                                   "noise_multiplier": sigma, "sample_rate": q,
-                                   "planned_steps": planned, "n": ctx.num_examples}
-        return model, optimizer, loader
+    # -- the local stage: loop (Opacus hooks) and vectorized forms ----------------
 
-    def accounting(self) -> dict[str, Any]:
+    def local_trainer(self, ctx: CellContext, client: int, model: torch.nn.Module,
+                      data: Split) -> OpacusTrainer:
+        info = self._site(client, len(data))
+        tr = OpacusTrainer(model, data, ctx.settings, seed=ctx.batch_seed(client),
+                           noise_multiplier=info["noise_multiplier"],
+                           max_grad_norm=self.max_grad_norm, accountant=self.accountant,
+                           noise_generator=ctx.torch_generator("dp-sgd-noise", client))
+        info["engine"] = tr.engine
+        return tr
+
+    def vector_steps(self, ctx: CellContext) -> VectorDPSGD:
+        return VectorDPSGD(self, ctx)
+
+    # -- accounting ------------------------------------------------------------
+
+    def _history(self, info: dict[str, Any]) -> list[tuple[float, float, int]]:
+        if info["engine"] is not None:
+            return list(info["engine"].accountant.history)
+        return list(info["ledger"].history) if info["ledger"] is not None else []
+
+    def accounting(self) -> Accounting | None:
+        if self.epsilon is None and self.noise_multiplier == 0:
+            return None  # clipping only: no guarantee to report
         per_site: dict[str, Any] = {}
         for info in self._sites.values():
-            hist = list(info["engine"].accountant.history)
+            hist = self._history(info)
             key = tuple(hist)
             if info.get("_key") != key:
                 info["_key"], info["_eps"] = key, epsilon_for(hist, self.delta, self.accountant)
@@ -125,25 +141,156 @@ class DPSGD(PrivacyMechanism):
                 "epsilon": info["_eps"], "noise_multiplier": info["noise_multiplier"],
                 "sample_rate": info["sample_rate"], "steps": sum(n for _, _, n in hist),
                 "planned_steps": info["planned_steps"], "records": info["n"]}
-        eps = max((s["epsilon"] for s in per_site.values()), default=0.0)
-        sigmas = sorted({s["noise_multiplier"] for s in per_site.values()})
-        return {
-            "epsilon": eps, "delta": self.delta, "accountant": self.accountant,
-            "unit": "sample",
-            "noise_multiplier": sigmas[0] if len(sigmas) == 1 else (
-                min(sigmas) if sigmas else self.noise_multiplier),
-            "max_grad_norm": self.max_grad_norm,
-            "target_epsilon": self.epsilon,
-            "sample_rate": max((s["sample_rate"] for s in per_site.values()), default=None),
-            "steps": max((s["steps"] for s in per_site.values()), default=0),
-            "per_site": per_site,
-            "noise_rng": ("seeded torch generator for reproducibility (Opacus secure_mode off: "
-                          "not a cryptographically secure RNG)"),
-            "sampling": ("record-level Poisson sampling inside each site (Opacus DPDataLoader, "
-                         "q_i = 1/ceil(n_i/batch_size)); epsilon is per site over that site's "
-                         "records and counts only the steps the site took; no amplification "
-                         "by client sampling is claimed; the cell's epsilon is the maximum"),
-        }
+        worst = max(per_site.items(), key=lambda kv: (kv[1]["epsilon"], kv[0]), default=None)
+        top = worst[1] if worst else {"epsilon": 0.0, "noise_multiplier": self.noise_multiplier,
+                                      "sample_rate": None, "steps": 0}
+        return Accounting(
+            unit="record", accountant=self.accountant, epsilon=float(top["epsilon"]),
+            delta=self.delta, noise_multiplier=top["noise_multiplier"],
+            sample_rate=top["sample_rate"], steps=int(top["steps"]),
+            sampling=("record-level Poisson sampling inside each site (q_i = "
+                      "1/ceil(n_i/batch_size), as Opacus's DPDataLoader); ε is per site over "
+                      "that site's records and counts only the steps the site took; no "
+                      "amplification by client sampling is claimed; the cell's ε is the largest "
+                      "over sites" + (f" (site {worst[0]})" if worst else "")),
+            clip=self.max_grad_norm, target_epsilon=self.epsilon, per_site=per_site,
+            details={"noise_rng": NOISE_RNG, "max_grad_norm": self.max_grad_norm})
+
+
+class OpacusTrainer:
+    """DP-SGD local steps through Opacus's hooks (GradSampleModule, DPOptimizer,
+    DPDataLoader with Poisson sampling), made private once per client per cell
+    so that its accountant persists across rounds.
+
+    ``extra_loss`` and ``grad_offset`` are added after privatisation:
+    post-processing of the privatised gradient, with no ε cost (Opacus would
+    otherwise rebuild ``.grad`` from per-example gradients and drop them).
+    An empty Poisson batch is a noise-only step, as DP-SGD's analysis assumes.
+    """
+
+    def __init__(self, model: torch.nn.Module, data: Split, settings: Any, *, seed: int,
+                 noise_multiplier: float, max_grad_norm: float, accountant: str,
+                 noise_generator: torch.Generator) -> None:
+        from opacus import PrivacyEngine
+        from opacus.validators import ModuleValidator
+        from torch.utils.data import DataLoader, TensorDataset
+
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ValueError(f"dp-sgd cannot wrap this model: {errors[0]} (use a model without "
+                             f"BatchNorm, e.g. GroupNorm)")
+        X, y = to_tensors(data)
+        loader = DataLoader(TensorDataset(X, y), batch_size=settings.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        self.engine = PrivacyEngine(accountant=accountant)
+        self.model, self.optimizer, loader = self.engine.make_private(
+            module=model, optimizer=settings.make_optimizer(model.parameters()),
+            data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, poisson_sampling=True,
+            noise_generator=noise_generator)
+        _noise_on_empty_batches(self.optimizer)
+        self.loader = loader
+        self._it: Any = iter(())
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._it = iter(self.loader)
+            return next(self._it)
+
+    def train(self, params: torch.Tensor, steps: int, *, extra_loss: Any = None,
+              grad_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        from torch import nn
+
+        from fedmedbench.models import set_flat_params
+
+        model, opt = self.model, self.optimizer
+        inner = model._module
+        set_flat_params(inner, params)
+        opt.state.clear()
+        model.train()
+        plist = [p for p in inner.parameters() if p.requires_grad]
+        total, count = torch.zeros(()), 0
+        for _ in range(steps):
+            xb, yb = self._next()
+            opt.zero_grad(set_to_none=True)
+            if len(yb):
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                total += loss.detach()
+                count += 1
+            if opt.pre_step():  # clip, noise, scale; the accountant counts the step
+                if extra_loss is not None:
+                    extra = torch.autograd.grad(extra_loss(flat_params(inner)), plist,
+                                                allow_unused=True)
+                    for p, g in zip(plist, extra):
+                        if g is not None:
+                            p.grad = g if p.grad is None else p.grad + g
+                if grad_offset is not None:
+                    add_grad_offset(inner, grad_offset)
+                opt.original_optimizer.step()
+        return finish_local(inner, total, count)
+
+
+class _PoissonStream:
+    """The Poisson batches Opacus's DPDataLoader draws for one client, draw for
+    draw: per pass of ``int(1/q)`` batches, one int64 for the DataLoader
+    iterator's base seed, then ``rand(n) < q`` per batch, from one generator."""
+
+    def __init__(self, n: int, q: float, seed: int) -> None:
+        self.n, self.q = n, q
+        self.per_pass = int(1 / q)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.left = 0
+
+    def next_indices(self) -> torch.Tensor:
+        if self.left == 0:
+            torch.empty((), dtype=torch.int64).random_(generator=self.gen)
+            self.left = self.per_pass
+        self.left -= 1
+        mask = torch.rand(self.n, generator=self.gen) < self.q
+        return mask.nonzero(as_tuple=False).reshape(-1)
+
+
+class VectorDPSGD:
+    """DP-SGD on the vectorized backend: each client's Poisson batches (the same
+    draws as the loop's DPDataLoader), per-example gradients clipped to C and
+    summed, Gaussian noise σ·C added, divided by the expected batch size —
+    Opacus's arithmetic, inside the vmapped step — and every step counted in
+    each site's ledger for the same accountant."""
+
+    def __init__(self, mech: DPSGD, ctx: CellContext) -> None:
+        self.mech, self.ctx = mech, ctx
+        self.step = 0
+
+    def stream(self, client: int, n: int) -> _PoissonStream:
+        info = self.mech._site(client, n)
+        if info["ledger"] is None:
+            info["ledger"] = Ledger(self.mech.accountant)
+        return _PoissonStream(n, info["sample_rate"], self.ctx.batch_seed(client))
+
+    def privatize(self, per_example: torch.Tensor, mask: torch.Tensor, clients: list[int],
+                  active: list[bool]) -> torch.Tensor:
+        """``per_example`` (k, B, D) gradients and ``mask`` (k, B) of the step's
+        k rows; ``clients`` are the ids of the active rows, in row order."""
+        C = self.mech.max_grad_norm
+        ids = iter(clients)
+        infos = [self.mech._sites[next(ids)] if a else None for a in active]
+        norms = per_example.norm(dim=2)
+        factor = (C / (norms + 1e-6)).clamp(max=1.0) * mask
+        summed = torch.einsum("kb,kbd->kd", factor, per_example)
+        sigma = torch.tensor([i["noise_multiplier"] if i else 0.0 for i in infos],
+                             dtype=summed.dtype)
+        expected = torch.tensor([max(1, i["expected_batch"]) if i else 1 for i in infos],
+                                dtype=summed.dtype)
+        self.step += 1
+        g = self.ctx.torch_generator("dp-sgd-vector-noise", self.ctx.round, self.step)
+        noise = torch.randn(summed.shape, generator=g, dtype=summed.dtype) * (sigma * C)[:, None]
+        for i in infos:
+            if i is not None:
+                i["ledger"].record(i["noise_multiplier"], i["sample_rate"])
+        return (summed + noise) / expected[:, None]
 
 
 def _noise_on_empty_batches(optimizer: Any) -> None:

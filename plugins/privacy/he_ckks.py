@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmedbench import Message, PrivacyMechanism, RoundContext
+from fedmedbench import CellContext, Message, PrivacyMechanism, TransportStage
 
 from .secagg import SecAgg
 
@@ -84,7 +84,7 @@ class HEServer:
         return [s.serialize() for s in sums]
 
 
-class HECKKS(PrivacyMechanism):
+class HECKKS(PrivacyMechanism, TransportStage):
     """CKKS-encrypted aggregation (TenSEAL); a separate key holder decrypts the sum.
 
     Parameters
@@ -103,7 +103,6 @@ class HECKKS(PrivacyMechanism):
     """
 
     name = "he-ckks"
-    stages = frozenset({"transport"})
     server_view = "ciphertext"
 
     def __init__(self, *, poly_modulus_degree: int = 8192,
@@ -133,17 +132,15 @@ class HECKKS(PrivacyMechanism):
         self.scale = float(scale)
         self.layers = list(layers)
         self.rest = rest
-        if self.layers:  # what the server can read of the parameters left unencrypted
-            self.server_view = "aggregate" if rest == "secagg" else "plaintext"
         self.stats: dict[str, Any] = {"ciphertext_bytes": 0, "encrypted_values": 0,
                                       "plaintext_bytes": 0, "rounds": 0}
 
-    def validate(self, cell: Any) -> str | None:
+    def validate(self, facts: Any) -> str | None:
         if not self.layers and self.rest != "plaintext":
             return "rest applies only when layers selects some parameters to encrypt"
         return None
 
-    def setup(self, ctx: RoundContext) -> None:
+    def setup(self, ctx: CellContext) -> None:
         if self.layers:
             mask = ctx.layout.select(self.layers)
             if not mask.any():
@@ -153,6 +150,7 @@ class HECKKS(PrivacyMechanism):
             mask = np.ones(ctx.layout.numel, dtype=bool)
         self._enc_idx = torch.as_tensor(np.flatnonzero(mask))
         self._rest_idx = torch.as_tensor(np.flatnonzero(~mask))
+        self._rest_mask = ~mask
         self.key_holder = KeyHolder(self.poly_modulus_degree, self.coeff_mod_bit_sizes,
                                     self.scale)
         self.server = HEServer(self.key_holder.public_context)
@@ -162,8 +160,15 @@ class HECKKS(PrivacyMechanism):
         self._slots = self.poly_modulus_degree // 2
         self._has_context: set[int] = set()
         self._secagg = SecAgg() if self.rest == "secagg" and len(self._rest_idx) else None
+        if self._secagg is not None:
+            self._secagg.setup(ctx)
+        self._ctx = ctx
 
-    def encode(self, ctx: RoundContext, client: int, vector: torch.Tensor) -> Message:
+    def begin_round(self, round: int) -> None:
+        if self._secagg is not None:
+            self._secagg.begin_round(round)
+
+    def encode(self, ctx: CellContext, client: int, vector: torch.Tensor) -> Message:
         import tenseal as ts
 
         v = vector.detach().to(torch.float64)
@@ -184,9 +189,11 @@ class HECKKS(PrivacyMechanism):
                 rest = plain
                 nbytes += len(plain.numpy().tobytes())
                 self.stats["plaintext_bytes"] += len(plain.numpy().tobytes())
-        return Message(client, {"ciphertexts": chunks, "rest": rest}, nbytes)
+        # the layers left unencrypted in plaintext are readable by the server as sent
+        readable = (self._rest_mask, rest) if rest is not None and self._secagg is None else None
+        return Message(client, {"ciphertexts": chunks, "rest": rest}, nbytes, readable=readable)
 
-    def aggregate(self, ctx: RoundContext, messages: list[Message]) -> torch.Tensor:
+    def aggregate(self, ctx: CellContext, messages: list[Message]) -> torch.Tensor:
         enc_sum = self.server.add_all([m.payload["ciphertexts"] for m in messages])
         out = torch.zeros(ctx.layout.numel, dtype=torch.float32)
         dec = self.key_holder.decrypt(enc_sum, len(self._enc_idx))
@@ -203,7 +210,7 @@ class HECKKS(PrivacyMechanism):
         self.stats["rounds"] += 1
         return out
 
-    def bytes_down(self, ctx: RoundContext) -> int:
+    def bytes_down(self, ctx: CellContext) -> int:
         """Per client: the public context, the first time a client takes part."""
         new = [c for c in ctx.participants if c not in self._has_context]
         self._has_context.update(new)
@@ -212,7 +219,7 @@ class HECKKS(PrivacyMechanism):
             per += self._secagg.bytes_down(ctx) * max(1, len(ctx.participants))
         return int(math.ceil(per / max(1, len(ctx.participants))))
 
-    def accounting(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         s = self.stats
         out: dict[str, Any] = {
             "scheme": "CKKS", "poly_modulus_degree": self.poly_modulus_degree,

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedmedbench import Message, PrivacyMechanism, RoundContext
+from fedmedbench import CellContext, Message, PrivacyMechanism, TransportStage
 
 PHASES = ("masking", "unmasking")
 #: Shamir's field: the Mersenne prime 2^521 - 1 (holds a 32-byte secret)
@@ -249,7 +249,7 @@ def _reduce(y: np.ndarray, bits: int) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-class SecAgg(PrivacyMechanism):
+class SecAgg(PrivacyMechanism, TransportStage):
     """Secure aggregation (Bonawitz et al. 2017): the server learns only the sum.
 
     Parameters
@@ -269,7 +269,6 @@ class SecAgg(PrivacyMechanism):
     """
 
     name = "secagg"
-    stages = frozenset({"transport"})
     server_view = "aggregate"
 
     def __init__(self, *, threshold: int = 0, field_bits: int = 32, clip_range: float = 1.0,
@@ -298,13 +297,18 @@ class SecAgg(PrivacyMechanism):
 
     # -- helpers ---------------------------------------------------------------
 
-    def validate(self, cell: Any) -> str | None:
-        agg = cell.get("aggregator") or {}
-        if self.dropout_rate > 0 and agg.get("by", "uniform") != "uniform":
-            return ("with dropouts the survivors' sum is rescaled by n/k, which is the mean "
-                    "only for uniform weights; use {name = \"weighted-mean\", by = \"uniform\"} "
-                    "with dropout_rate > 0")
-        return None
+    @property
+    def drops_clients(self) -> bool:  # type: ignore[override]
+        return self.dropout_rate > 0
+
+    def setup(self, ctx: CellContext) -> None:
+        self._ctx = ctx
+        self._round = -1
+
+    def begin_round(self, round: int) -> None:
+        """AdvertiseKeys and ShareKeys among the round's participants."""
+        if self._ctx.participants:
+            self._start(self._ctx)
 
     def t_for(self, n: int) -> int:
         t = self.threshold or n // 2 + 1
@@ -317,10 +321,10 @@ class SecAgg(PrivacyMechanism):
         """Fixed-point scale: a sum of n values in [-R, R] fits in Z_{2^b}."""
         return math.floor((2**self.field_bits - 1) / (2 * self.clip_range * n))
 
-    def _start(self, ctx: RoundContext) -> None:
+    def _start(self, ctx: CellContext) -> None:
         parts = sorted(ctx.participants)
         if not parts:
-            raise RuntimeError("secagg needs RoundContext.participants (the round's clients)")
+            raise RuntimeError("secagg needs CellContext.participants (the round's clients)")
         n, rnd = len(parts), ctx.round
         t = self.t_for(n)
         self._round, self._n, self._t = rnd, n, t
@@ -350,9 +354,10 @@ class SecAgg(PrivacyMechanism):
 
     # -- transport stage ---------------------------------------------------------
 
-    def encode(self, ctx: RoundContext, client: int, vector: torch.Tensor) -> Message:
+    def encode(self, ctx: CellContext, client: int, vector: torch.Tensor) -> Message:
         if ctx.round != self._round:
-            self._start(ctx)
+            raise RuntimeError(f"secagg: round {ctx.round} was not started (the engine calls "
+                               f"setup(ctx) once and begin_round(round) every round)")
         if client not in self._clients:
             raise ValueError(f"client {client} is not a participant of round {ctx.round}")
         if client in self._dropped and self.dropout_phase == "masking":
@@ -365,7 +370,7 @@ class SecAgg(PrivacyMechanism):
         y = self._clients[client].masked_input(x, self.field_bits)
         return Message(client, y, self._up[client] + len(y.tobytes()))
 
-    def aggregate(self, ctx: RoundContext, messages: list[Message]) -> torch.Tensor:
+    def aggregate(self, ctx: CellContext, messages: list[Message]) -> torch.Tensor:
         server = self.server
         assert server is not None
         server.masked = {m.client: m.payload for m in messages if m.payload is not None}
@@ -397,11 +402,11 @@ class SecAgg(PrivacyMechanism):
         self._clients = {}  # client secrets of this round are discarded
         return torch.as_tensor(signed, dtype=torch.float32)
 
-    def bytes_down(self, ctx: RoundContext) -> int:
+    def bytes_down(self, ctx: CellContext) -> int:
         n = max(1, getattr(self, "_n", 1))
         return int(math.ceil(getattr(self, "_down", 0) / n))
 
-    def accounting(self) -> dict[str, Any]:
+    def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"field_bits": self.field_bits, "clip_range": self.clip_range,
                                **self.stats}
         if getattr(self, "_n", None):

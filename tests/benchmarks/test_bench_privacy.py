@@ -105,6 +105,9 @@ def _round(model, data, w, transport=None, ctx=None) -> torch.Tensor:
     wt = 1.0 / len(deltas)
     if transport is None:
         return torch.stack(deltas).T @ torch.full((len(deltas),), wt)
+    if getattr(transport, "_ctx", None) is not ctx:
+        transport.setup(ctx)
+    transport.begin_round(ctx.round)
     msgs = [transport.encode(ctx, i, d * wt) for i, d in enumerate(deltas)]
     return transport.aggregate(ctx, msgs)
 
@@ -134,7 +137,8 @@ def test_bench_secagg_round(benchmark, round_setup):
 
     ratio, err = _compare(benchmark, round_setup, SecAgg(), "secagg 10 clients x 100k")
     assert err < 1e-6
-    assert ratio <= 3.0
+    if benchmark.enabled:  # a ratio target: asserted only when benchmarks are enabled
+        assert ratio <= 3.0
 
 
 def test_bench_he_round(benchmark, round_setup):
@@ -143,7 +147,7 @@ def test_bench_he_round(benchmark, round_setup):
     mech = HECKKS()
     mech.setup(round_setup[2])
     ratio, err = _compare(benchmark, round_setup, mech, "he-ckks 10 clients x 100k")
-    acc = mech.accounting()
+    acc = mech.report()
     benchmark.extra_info.update(expansion=acc["expansion"],
                                 public_context_bytes=acc["public_context_bytes"])
     per_client = acc["ciphertext_bytes"] * round_setup[3].numel() / acc["encrypted_values"]

@@ -1,0 +1,290 @@
+"""What components see of a running cell: narrow contexts, no back-reference
+to the engine.
+
+- :class:`CellContext` — the cell every component's ``setup`` receives and
+  every stage call gets: data, settings, layout, seeded random streams, the
+  current round and its participants, the algorithm's server state.
+- :class:`ClientContext` — the clients one ``Algorithm.client_update`` call
+  trains (one on the loop backend, all sampled clients on the vectorized
+  one): their sizes and steps, and the training service.
+- :class:`ServerView` — what an honest-but-curious server read in a round.
+- :class:`AttackContext` — what an attack may use, by threat model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedmedbench.components import FederatedData, ParamLayout, Site, Split, Updates
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from fedmedbench.facts import CellFacts
+    from fedmedbench.training import ExtraLoss, RunSettings
+
+__all__ = ["CellContext", "ClientContext", "ServerView", "AttackContext", "stable_int"]
+
+
+def stable_int(s: str) -> int:
+    """A 32-bit integer from a string, stable across processes and versions."""
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:4], "little")
+
+
+@dataclass
+class CellContext:
+    """The running cell, as every component sees it.
+
+    Attributes
+    ----------
+    cell_id, seed, rounds
+        The cell's id, seed and planned rounds.
+    settings : RunSettings
+        The resolved run settings.
+    data : FederatedData
+        The partitioned data (every site's train and test split).
+    clients : list of Site
+        The training parties: the sites (the pooled protocol has one, "pooled").
+        A client's ``train`` split excludes rows held out for the aggregator.
+    layout : ParamLayout
+        Names, shapes and offsets of the model's parameters in the flat vector.
+    protocol : str
+        The round protocol (``federated``, ``pooled``, ``isolated``, ``personalized``).
+    sample_rate : float
+        q, the expected fraction of clients per round.
+    facts : CellFacts
+        The declared facts of the cell's components.
+    round : int
+        The current round (1-based; 0 before round 1).
+    participants : list of int
+        The clients sampled in the current round.
+    state : dict
+        Server-side state an algorithm keeps between rounds.
+    """
+
+    cell_id: str
+    seed: int
+    rounds: int
+    settings: RunSettings
+    data: FederatedData
+    clients: list[Site]
+    layout: ParamLayout
+    protocol: str
+    sample_rate: float
+    facts: CellFacts
+    model_factory: Callable[[], torch.nn.Module]
+    round: int = 0
+    participants: list[int] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+    #: per-client local steps of a round (set by the protocol)
+    _steps: Callable[[int], int] | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    def rng(self, purpose: str, *extra: int) -> np.random.Generator:
+        """A generator derived from the cell seed, a purpose and extra ints
+        (so that sampling, noise and masking draw independent streams)."""
+        return np.random.default_rng([self.seed, stable_int(purpose), *extra])
+
+    def torch_generator(self, purpose: str, *extra: int) -> torch.Generator:
+        import torch
+
+        return torch.Generator().manual_seed(int(self.rng(purpose, *extra).integers(2**62)))
+
+    def batch_seed(self, client: int) -> int:
+        """The seed of ``client``'s minibatch stream (both backends, local-stage
+        mechanisms and the replay for attack scoring draw from it)."""
+        return int(self.rng("batches", client).integers(2**62))
+
+    def steps_for(self, client: int) -> int:
+        """Local optimizer steps of ``client`` in a round."""
+        if self._steps is not None:
+            return self._steps(client)
+        return self.settings.steps_for(len(self.clients[client].train))
+
+    def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
+        """A fresh instance of the cell's architecture, loaded with ``params``."""
+        from fedmedbench.models import set_flat_params
+
+        m = self.model_factory()
+        if params is not None:
+            set_flat_params(m, params)
+        return m
+
+
+class ClientContext:
+    """The clients one :meth:`Algorithm.client_update` call trains.
+
+    On the loop backend a call holds one client; on the vectorized backend all
+    sampled clients of the round. Every tensor an algorithm builds has a
+    leading client axis in :attr:`clients` order.
+    """
+
+    def __init__(self, cell: CellContext, clients: list[int], service: Any) -> None:
+        self.cell = cell
+        self.clients = list(clients)
+        self._service = service
+        self._loss: np.ndarray | None = None
+
+    # -- what the clients know about themselves --------------------------------
+
+    @property
+    def round(self) -> int:
+        return self.cell.round
+
+    @property
+    def client(self) -> int:
+        """The one client of this call (loop backend)."""
+        if len(self.clients) != 1:
+            raise RuntimeError(
+                f"this ClientContext trains {len(self.clients)} clients at once (vectorized "
+                f"backend); use ctx.clients, or declare `vectorized = False` on the algorithm")
+        return self.clients[0]
+
+    @property
+    def sites(self) -> list[Site]:
+        return [self.cell.clients[c] for c in self.clients]
+
+    @property
+    def num_examples(self) -> list[int]:
+        return [len(self.cell.clients[c].train) for c in self.clients]
+
+    @property
+    def steps(self) -> list[int]:
+        """Each client's local steps this round."""
+        return [self.cell.steps_for(c) for c in self.clients]
+
+    def holdout(self, i: int = 0) -> Split | None:
+        """Training rows of the ``i``-th client of this call held out from its
+        training for the aggregator's ``client_metrics`` (else ``None``)."""
+        return self._service.holdout(self.clients[i])
+
+    # -- services --------------------------------------------------------------
+
+    def train(self, params: torch.Tensor, *, steps: list[int] | int | None = None,
+              extra_loss: ExtraLoss | None = None,
+              grad_offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Run local training from ``params`` ((D,) for every client, or
+        (k, D)) and return the new parameters, shape (k, D).
+
+        ``steps`` (default: :attr:`steps`), ``extra_loss(w)`` — a
+        data-independent function of one client's flat parameters added to
+        its loss — and ``grad_offset`` ((D,) or (k, D), added to every
+        step's gradient) apply on every backend. A local-stage privacy
+        mechanism runs the steps.
+        """
+        import torch
+
+        k = len(self.clients)
+        if steps is None:
+            steps = self.steps
+        elif isinstance(steps, int):
+            steps = [steps] * k
+        p = params if params.dim() == 2 else params.unsqueeze(0).expand(k, -1)
+        off = None
+        if grad_offset is not None:
+            off = grad_offset if grad_offset.dim() == 2 else grad_offset.unsqueeze(0).expand(k, -1)
+        new, loss = self._service.train(self.clients, p, list(steps), extra_loss=extra_loss,
+                                        grad_offset=off)
+        self._loss = loss
+        return new if isinstance(new, torch.Tensor) else torch.stack(new)
+
+    def model(self, params: torch.Tensor | None = None, i: int = 0) -> torch.nn.Module:
+        """A fresh instance of the ``i``-th client's architecture, loaded with ``params``."""
+        from fedmedbench.models import set_flat_params
+
+        m = self._service.factory_for(self.clients[i])()
+        if params is not None:
+            set_flat_params(m, params)
+        return m
+
+    def update(self, delta: torch.Tensor, **extra: Any) -> Updates:
+        """The clients' :class:`Updates`: ``delta`` of shape (k, D) and ``extra``
+        fields with a leading client axis; the last training loss is kept as
+        the client-side metric ``loss``."""
+        if delta.dim() == 1:
+            delta = delta.unsqueeze(0)
+        metrics = {} if self._loss is None else {"loss": np.asarray(self._loss, dtype=float)}
+        return Updates(clients=list(self.clients), delta=delta, num_examples=self.num_examples,
+                       metrics=metrics, extra=extra)
+
+
+@dataclass
+class ServerView:
+    """What an honest-but-curious server could read in one round.
+
+    ``kind`` is ``"plaintext"`` (``updates`` holds each client's delta as
+    sent), ``"aggregate"`` (only ``aggregate``, the sum of ``len(clients)``
+    weight-scaled updates, as under secure aggregation, or under HE once the
+    server applies the decrypted sum) or ``"ciphertext"`` (nothing readable).
+    ``readable`` (partial encryption) maps each client to a boolean mask over
+    the flat parameters: the coordinates of its update the server read in
+    the clear (``updates`` then holds those values and zeros elsewhere).
+    ``global_params`` is the model the clients started from; ``metrics`` the
+    client-side numbers sent with the updates; ``extra`` the other sent fields.
+    """
+
+    round: int
+    kind: str
+    clients: list[int]
+    global_params: torch.Tensor
+    updates: dict[int, torch.Tensor] = field(default_factory=dict)
+    num_examples: dict[int, int] = field(default_factory=dict)
+    aggregate: torch.Tensor | None = None
+    readable: dict[int, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, dict[int, float]] = field(default_factory=dict)
+    extra: dict[str, dict[int, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class AttackContext:
+    """What an attack may use, by threat model.
+
+    - outside attacker: ``final_params`` (the final global model; under the
+      isolated and personalized protocols, site 0's own model) through
+      :meth:`model`, and ``site_params`` (each site's own final model there);
+    - server: ``server_views`` (round → :class:`ServerView`), whose ``kind``
+      says what was readable;
+    - ground truth for scoring: ``data`` (members are a client's training
+      rows, non-members its test rows).
+
+    ``train_shadow(split, seed)`` trains a fresh model with the cell's own
+    training recipe (for shadow-model attacks).
+    """
+
+    cell: dict[str, Any]
+    data: FederatedData
+    model_factory: Callable[[], torch.nn.Module]
+    final_params: torch.Tensor
+    server_views: dict[int, ServerView]
+    privacy: dict[str, Any]
+    settings: RunSettings
+    rounds: int
+    seed: int
+    protocol: str
+    train_shadow: Callable[[Split, int], torch.Tensor]
+    mechanisms: list[str] = field(default_factory=list)
+    site_params: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: where attacks may write files for the report (PNGs); ``None``: write nothing
+    artifacts_dir: str | None = None
+    #: ``client_batches(client, steps)``: ground truth for scoring only, the
+    #: minibatches (X, y) that client trained on in round 1; ``None`` when they
+    #: cannot be replayed (a local-stage mechanism samples its own batches)
+    client_batches: Callable[[int, int], list[tuple[np.ndarray, np.ndarray]] | None] | None = None
+    #: the final model did not beat the majority-class baseline (see the record)
+    chance_level: bool = False
+
+    def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
+        from fedmedbench.models import set_flat_params
+
+        m = self.model_factory()
+        set_flat_params(m, self.final_params if params is None else params)
+        m.eval()
+        return m
