@@ -26,8 +26,11 @@ from fedmedbench.components import (
     Split,
     Task,
 )
+from fedmedbench.constraints import Range, Seed
 from fedmedbench.datafiles import (
     cached_arrays,
+    check_card_files,
+    check_gzip,
     load_card,
     sha256_file,
     shipped_file,
@@ -64,6 +67,7 @@ __all__ = [
     "AttackContext", "ClientContext", "RoundContext", "ServerView", "RunSettings", "run_cell",
     "ConfigError", "DataError", "Diverged", "FedmedbenchError", "PluginConflictError",
     "SchemaError",
+    "Range", "Seed", "check_card_files", "check_gzip",
     "cached_arrays", "load_card", "sha256_file", "shipped_file", "verify_checksum",
     "score", "build_model", "get_flat_params", "set_flat_params", "per_example_loss",
     "predict_proba", "hookimpl",

@@ -16,10 +16,11 @@ aggregation or HE, with the reason.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
-from fedmedbench import Aggregator, ClientUpdate
+from fedmedbench import Aggregator, ClientUpdate, Range
 
 
 class Median(Aggregator):
@@ -50,7 +51,7 @@ class TrimmedMean(Aggregator):
     name = "trimmed-mean"
     linear = False
 
-    def __init__(self, *, trim: float = 0.1) -> None:
+    def __init__(self, *, trim: Annotated[float, Range(ge=0, lt=0.5)] = 0.1) -> None:
         if not isinstance(trim, (int, float)) or isinstance(trim, bool) or not 0 <= trim < 0.5:
             raise ValueError(f"trimmed-mean: trim = {trim!r}; trim must be in [0, 0.5)")
         self.trim = float(trim)
@@ -80,7 +81,8 @@ class Krum(Aggregator):
     name = "krum"
     linear = False
 
-    def __init__(self, *, f: int = 1, multi: int = 1) -> None:
+    def __init__(self, *, f: Annotated[int, Range(ge=0)] = 1,
+                 multi: Annotated[int, Range(ge=1)] = 1) -> None:
         if not isinstance(f, int) or isinstance(f, bool) or f < 0:
             raise ValueError(f"krum: f = {f!r}; f must be an integer >= 0")
         if not isinstance(multi, int) or isinstance(multi, bool) or multi < 1:

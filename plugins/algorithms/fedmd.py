@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from fedmedbench import (
     ClientContext,
     ClientUpdate,
     ConfigError,
+    Range,
     RoundContext,
     build_model,
 )
@@ -70,9 +71,12 @@ class FedMD(Algorithm):
     topology = "personalized"
     needs_public = True
 
-    def __init__(self, *, architectures: list = [], public_samples: int = 0,  # noqa: B006
-                 digest_steps: int = 20, digest_lr: float = 1e-3, digest_batch: int = 64,
-                 temperature: float = 1.0) -> None:
+    def __init__(self, *, architectures: list = [],  # noqa: B006
+                 public_samples: Annotated[int, Range(ge=0)] = 0,
+                 digest_steps: Annotated[int, Range(ge=0)] = 20,
+                 digest_lr: Annotated[float, Range(gt=0)] = 1e-3,
+                 digest_batch: Annotated[int, Range(ge=1)] = 64,
+                 temperature: Annotated[float, Range(gt=0)] = 1.0) -> None:
         archs = []
         for j, a in enumerate(architectures):
             spec = {"model": a} if isinstance(a, str) else dict(a) if isinstance(a, dict) \

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
 
-from fedmedbench import ClientUpdate, Compressor, RoundContext
+from fedmedbench import ClientUpdate, Compressor, Range, RoundContext
 
 #: header floats sent with every vector: the minimum and the step (float32 each)
 HEADER_BYTES = 2 * 4
@@ -74,7 +75,7 @@ class Quantize(Compressor):
 
     name = "quantize"
 
-    def __init__(self, *, bits: int = 8) -> None:
+    def __init__(self, *, bits: Annotated[int, Range(ge=1, le=16)] = 8) -> None:
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
             raise ValueError(f"quantize: bits = {bits!r}; bits must be an integer from 1 to 16")
         self.bits = bits

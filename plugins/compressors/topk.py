@@ -21,10 +21,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
+from typing import Annotated
 
 import torch
 
-from fedmedbench import ClientUpdate, Compressor, RoundContext
+from fedmedbench import ClientUpdate, Compressor, Range, RoundContext
 
 #: bytes per sent entry: a float32 value and a uint32 index
 ENTRY_BYTES = 4 + 4
@@ -45,7 +46,8 @@ class TopK(Compressor):
 
     name = "top-k"
 
-    def __init__(self, *, fraction: float = 0.1, error_feedback: bool = True) -> None:
+    def __init__(self, *, fraction: Annotated[float, Range(gt=0, le=1)] = 0.1,
+                 error_feedback: bool = True) -> None:
         if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
                 or not math.isfinite(fraction) or not 0 < fraction <= 1):
             raise ValueError(f"top-k: fraction = {fraction!r}; fraction (the share of entries "

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from fedmedbench import ClientUpdate, PrivacyMechanism, RoundContext
+from fedmedbench import ClientUpdate, PrivacyMechanism, Range, RoundContext
 from fedmedbench.accounting import Ledger, check_accountant, noise_for_epsilon, noise_for_schedule
 
 NOISE = ("auto", "central", "distributed")
@@ -74,11 +74,17 @@ class DPFedAvg(PrivacyMechanism):
     name = "dp-fedavg"
     stages = frozenset({"update", "server"})
 
-    def __init__(self, *, noise_multiplier: float = 1.0, epsilon: float | None = None,
-                 clip: float = 1.0, delta: float = 1e-5, accountant: str = "rdp",
-                 noise: str = "auto", target_quantile: float | None = None,
-                 clip_lr: float = 0.2, count_noise: float = 0.0, noise_decay: float = 1.0,
-                 min_noise_multiplier: float = 0.0, layerwise: str = "none") -> None:
+    def __init__(self, *, noise_multiplier: Annotated[float, Range(gt=0)] = 1.0,
+                 epsilon: Annotated[float | None, Range(gt=0)] = None,
+                 clip: Annotated[float, Range(gt=0)] = 1.0,
+                 delta: Annotated[float, Range(gt=0, lt=1)] = 1e-5, accountant: str = "rdp",
+                 noise: str = "auto",
+                 target_quantile: Annotated[float | None, Range(gt=0, lt=1)] = None,
+                 clip_lr: Annotated[float, Range(gt=0)] = 0.2,
+                 count_noise: Annotated[float, Range(ge=0)] = 0.0,
+                 noise_decay: Annotated[float, Range(gt=0, le=1)] = 1.0,
+                 min_noise_multiplier: Annotated[float, Range(ge=0)] = 0.0,
+                 layerwise: str = "none") -> None:
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be > 0")
         if epsilon is not None and (isinstance(epsilon, bool)

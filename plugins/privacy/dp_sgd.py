@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
-from fedmedbench import ClientContext, PrivacyMechanism, RoundContext
+from fedmedbench import ClientContext, PrivacyMechanism, Range, RoundContext
 from fedmedbench.accounting import check_accountant, epsilon_for, noise_for_epsilon
 
 # stated in every record instead (noise_rng); and Opacus's backward hooks warn on
@@ -55,8 +55,10 @@ class DPSGD(PrivacyMechanism):
     name = "dp-sgd"
     stages = frozenset({"local"})
 
-    def __init__(self, *, noise_multiplier: float = 1.0, epsilon: float | None = None,
-                 max_grad_norm: float = 1.0, delta: float = 1e-5,
+    def __init__(self, *, noise_multiplier: Annotated[float, Range(gt=0)] = 1.0,
+                 epsilon: Annotated[float | None, Range(gt=0)] = None,
+                 max_grad_norm: Annotated[float, Range(gt=0)] = 1.0,
+                 delta: Annotated[float, Range(gt=0, lt=1)] = 1e-5,
                  accountant: str = "rdp") -> None:
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be > 0")
