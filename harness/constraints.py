@@ -119,9 +119,9 @@ class Range:
             text = (f"in {'[' if self.ge is not None else '('}{_fmt(lo)}, {_fmt(hi)}"
                     f"{']' if self.le is not None else ')'}")
         elif lo is not None:
-            text = f"{'≥' if self.ge is not None else '>'} {_fmt(lo)}"
+            text = f"{'>=' if self.ge is not None else '>'} {_fmt(lo)}"
         elif hi is not None:
-            text = f"{'≤' if self.le is not None else '<'} {_fmt(hi)}"
+            text = f"{'<=' if self.le is not None else '<'} {_fmt(hi)}"
         else:
             text = "any"
         return text + (", inf allowed" if self.allow_inf else "")
@@ -329,7 +329,7 @@ def _show(v: Any) -> str:
 
 def short_text(rule: Rule) -> str:
     """The constraint as the plugin table shows it next to the default
-    (``≥ 0``, ``in (0, 1)``, ``integer in [1, 16]``); empty when none."""
+    (``>= 0``, ``in (0, 1)``, ``integer in [1, 16]``); empty when none."""
     if rule.range is None:
         return ""
     return f"{'integer ' if rule.kind == 'int' else ''}{rule.range}"

@@ -262,12 +262,13 @@ def _depth_over(v: Any, limit: int) -> str | None:
         x, depth, path = stack.pop()
         if isinstance(x, (dict, list)):
             if depth > limit:
-                return path or "the top"
+                return (path[:60] + "...") if len(path) > 60 else (path or "the top")
             items = x.items() if isinstance(x, dict) else enumerate(x)
             for k, y in items:
                 if isinstance(y, (dict, list)):
-                    stack.append((y, depth + 1, f"{path}.{k}" if isinstance(x, dict)
-                                  else f"{path}[{k}]"))
+                    sub = (f"{path}.{k}" if path else str(k)) if isinstance(x, dict) \
+                        else f"{path}[{k}]"
+                    stack.append((y, depth + 1, sub))
     return None
 
 
@@ -339,19 +340,23 @@ RECORD_TYPES: dict[str, Any] = {
 _NAMES = {str: "a string", int: "an integer", dict: "an object", list: "an array"}
 
 
+def _wrong(path: str, v: Any, want: str) -> str:
+    return f"{path} has the wrong type: {_short(v)}, expected {want}"
+
+
 def _type_error(v: Any, spec: Any, path: str) -> str | None:
     """The first field of ``v`` that does not match ``spec``, as a message."""
     if isinstance(spec, Opt):
         return None if v is None else _type_error(v, spec.spec, path)
     if spec is NUMBER:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        return None if ok else f"{path} = {_short(v)}: expected a number"
+        return None if ok else _wrong(path, v, "a number")
     if spec in (str, int, list):
         ok = isinstance(v, spec) and not isinstance(v, bool)
-        return None if ok else f"{path} = {_short(v)}: expected {_NAMES[spec]}"
+        return None if ok else _wrong(path, v, _NAMES[spec])
     if spec is dict or isinstance(spec, (dict, DictOf)):
         if not isinstance(v, dict):
-            return f"{path or 'the record'} = {_short(v)}: expected an object"
+            return _wrong(path or "the record", v, "an object")
         if isinstance(spec, DictOf):
             for k, x in v.items():
                 bad = _type_error(x, spec.spec, f"{path}.{k}" if path else k)
@@ -366,7 +371,7 @@ def _type_error(v: Any, spec: Any, path: str) -> str | None:
         return None
     if isinstance(spec, ListOf):
         if not isinstance(v, list):
-            return f"{path} = {_short(v)}: expected an array"
+            return _wrong(path, v, "an array")
         for i, x in enumerate(v):
             bad = _type_error(x, spec.spec, f"{path}[{i}]")
             if bad:
