@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       on_wait=lambda msg: print(f"fedmedbench: {msg}", file=sys.stderr)) as lock:
         remove_stale_temp_files(out, before=lock.acquired_at)
         other, untrusted = scan(out)
-        if other and not args.skip_invalid:
+        if other and not (args.skip_invalid or args.force):
             more = f" ({len(other)} such files)" if len(other) > 1 else ""
             raise SchemaError(f"{other[0]}{more}. Or pass --skip-invalid: their cells then run "
                               f"again and the old files are kept as <name>.invalid-<n>")

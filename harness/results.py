@@ -193,12 +193,9 @@ def completed_ids(results_dir: Path) -> set[str]:
     records of another schema unless ``--skip-invalid``: :func:`scan`.)"""
     done = set()
     for p in iter_record_paths(results_dir):
-        try:
-            rec = read_record(p)
-        except SchemaError:
-            continue
-        if rec["status"] == "ok" and trust_problem(p, rec) is None:
-            done.add(rec["cell_id"])
+        v = _verdict(p)
+        if v.problem is None and v.status == "ok":
+            done.add(v.cell_id)
     return done
 
 
@@ -210,15 +207,46 @@ def scan(results_dir: Path) -> tuple[list[str], list[str]]:
     :func:`trust_problem`) are recomputed when their cell runs."""
     other, untrusted = [], []
     for p in iter_record_paths(results_dir):
-        try:
-            rec = read_record(p)
-        except SchemaError as exc:
-            (other if _schema_of(p) not in (SCHEMA, None) else untrusted).append(str(exc))
-            continue
-        why = trust_problem(p, rec)
-        if why:
-            untrusted.append(f"{p}: {why}")
+        v = _verdict(p)
+        if v.problem is not None:
+            (other if v.other_schema else untrusted).append(v.problem)
     return other, untrusted
+
+
+class _Verdict:
+    __slots__ = ("status", "cell_id", "problem", "other_schema")
+
+    def __init__(self, status: str | None, cell_id: str | None, problem: str | None,
+                 other_schema: bool = False) -> None:
+        self.status, self.cell_id = status, cell_id
+        self.problem, self.other_schema = problem, other_schema
+
+
+#: what resume concluded about a record file, by (path, inode, size, mtime):
+#: ``run`` scans before resuming and the executor asks again, one read each
+_VERDICTS: dict[tuple[str, int, int, int], _Verdict] = {}
+
+
+def _verdict(p: Path) -> _Verdict:
+    try:
+        st = p.stat()
+        key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError as exc:
+        return _Verdict(None, None, f"{p}: cannot read it ({exc.strerror})")
+    hit = _VERDICTS.get(key)
+    if hit is not None:
+        return hit
+    try:
+        rec = read_record(p)
+    except SchemaError as exc:
+        v = _Verdict(None, None, str(exc), other_schema=_schema_of(p) not in (SCHEMA, None))
+    else:
+        why = trust_problem(p, rec)
+        v = _Verdict(rec["status"], rec["cell_id"], f"{p}: {why}" if why else None)
+    if len(_VERDICTS) > 1_000_000:
+        _VERDICTS.clear()
+    _VERDICTS[key] = v
+    return v
 
 
 def remove_stale_temp_files(results_dir: Path, *, before: float) -> list[Path]:
@@ -257,19 +285,34 @@ def _short(v: Any) -> str:
 
 def _depth_over(v: Any, limit: int) -> str | None:
     """The path of the first container nested deeper than ``limit``, or ``None``."""
-    stack: list[tuple[Any, int, str]] = [(v, 1, "")]
-    while stack:
-        x, depth, path = stack.pop()
-        if isinstance(x, (dict, list)):
-            if depth > limit:
-                return (path[:60] + "...") if len(path) > 60 else (path or "the top")
-            items = x.items() if isinstance(x, dict) else enumerate(x)
-            for k, y in items:
-                if isinstance(y, (dict, list)):
-                    sub = (f"{path}.{k}" if path else str(k)) if isinstance(x, dict) \
-                        else f"{path}[{k}]"
-                    stack.append((y, depth + 1, sub))
-    return None
+    stack: list[tuple[Any, int]] = [(v, 1)]
+    deepest = 1
+    while stack:  # a quick pass without paths: records are almost always fine
+        x, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > limit:
+            break
+        for y in (x.values() if isinstance(x, dict) else x):
+            if isinstance(y, (dict, list)):
+                stack.append((y, depth + 1))
+    if deepest <= limit:
+        return None
+    return _deep_path(v, limit)
+
+
+def _deep_path(v: Any, limit: int) -> str:
+    stack2: list[tuple[Any, int, str]] = [(v, 1, "")]
+    while stack2:
+        x, depth, path = stack2.pop()
+        if depth > limit:
+            return (path[:60] + "...") if len(path) > 60 else (path or "the top")
+        items = x.items() if isinstance(x, dict) else enumerate(x)
+        for k, y in items:
+            if isinstance(y, (dict, list)):
+                sub = (f"{path}.{k}" if path else str(k)) if isinstance(x, dict) \
+                    else f"{path}[{k}]"
+                stack2.append((y, depth + 1, sub))
+    return "the top"  # pragma: no cover
 
 
 # --------------------------------------------------------------------------

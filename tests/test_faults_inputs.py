@@ -585,6 +585,11 @@ def test_other_schema_is_skipped_by_run_with_skip_invalid(results, capsys):
     assert read_record(bad)["schema"] != "fedmedbench.result/0"
     assert json.loads((d / f"{bad.name}.invalid-1").read_text())["schema"] == \
         "fedmedbench.result/0"
+    # --force, the upgrade path the refusal names, rewrites it too, keeping the old file
+    _edit(bad, lambda r: r.update(schema="fedmedbench.result/0"))
+    assert _run(f, d, "--force", "--select", "algorithm=fedavg") == 0
+    assert read_record(bad)["schema"] != "fedmedbench.result/0"
+    assert (d / f"{bad.name}.invalid-2").is_file()
 
 
 def test_stale_temp_files_are_removed_by_the_next_run(results):
