@@ -86,12 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedmedbench.executors import execute
-    from fedmedbench.fileio import OutputError, os_error_message, probe_writable
-    from fedmedbench.lock import results_lock
+    from fedmedbench.fileio import OutputError, probe_writable
     from fedmedbench.matrix import load_matrix
-    from fedmedbench.report import comparison_tables, summary_counts
-    from fedmedbench.results import load_records, remove_stale_temp_files, scan
 
     m = load_matrix(args.matrix, select=args.select)
     if args.workers < 1:
@@ -107,6 +103,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         probe_writable(out)  # before any cell trains
     except OutputError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        return _run_locked(args, m, out)
+    except OutputError as exc:  # the lock file could not be written
+        raise ConfigError(str(exc)) from None
+
+
+def _run_locked(args: argparse.Namespace, m: Any, out: Path) -> int:
+    from fedmedbench.executors import execute
+    from fedmedbench.fileio import os_error_message
+    from fedmedbench.lock import results_lock
+    from fedmedbench.report import comparison_tables, summary_counts
+    from fedmedbench.results import load_records, remove_stale_temp_files, scan
+
     with results_lock(out, wait=args.wait,
                       on_wait=lambda msg: print(f"fedmedbench: {msg}", file=sys.stderr)) as lock:
         remove_stale_temp_files(out, before=lock.acquired_at)
@@ -127,9 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 execute(m.cells, out, executor=args.executor, workers=args.workers,
                         cell_timeout=args.cell_timeout, force=args.force,
                         progress=not args.no_progress)
-        except OSError as exc:
-            where = exc.filename or out
-            print(f"fedmedbench: error: {os_error_message(exc, where)}", file=sys.stderr)
+        except OSError as exc:  # the driver writes only into `out`: name the folder
+            print(f"fedmedbench: error: {os_error_message(exc, out)}", file=sys.stderr)
             return 1
         ids = {c["cell_id"] for c in m.cells}
         records, _ = load_records([out], skip_invalid=True)

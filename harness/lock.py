@@ -14,18 +14,21 @@ are not serialised (give each shard its own ``--out``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from fedmedbench.errors import ConfigError
+from fedmedbench.fileio import OutputError, os_error_message
 
 __all__ = ["LOCK_NAME", "RunLock", "results_lock", "holder_of"]
 
@@ -86,7 +89,10 @@ def results_lock(results_dir: Path, *, wait: bool = False,
     import fcntl
 
     path = Path(results_dir) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise OutputError(os_error_message(exc, results_dir), errno_=exc.errno) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,13 +106,22 @@ def results_lock(results_dir: Path, *, wait: bool = False,
             if on_wait:
                 on_wait(f"{results_dir} is in use by {who}; waiting for it to finish")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks (some NFS mounts)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            warnings.warn(f"cannot lock {path} ({exc.strerror}); running without the run "
+                          f"lock: do not start a second run on {results_dir}", RuntimeWarning,
+                          stacklevel=3)
         acquired = time.time()
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
                 "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
                 if sys.argv and sys.argv[0] else ""}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        except OSError as exc:
+            raise OutputError(os_error_message(exc, results_dir), errno_=exc.errno) from None
         lock = RunLock(path, fd, acquired)
     except BaseException:
         os.close(fd)
