@@ -37,7 +37,9 @@ _EXPORTS: dict[str, str] = {
         "ConfigError", "DataError", "Diverged", "FedmedbenchError", "PluginConflictError",
         "PluginError", "SchemaError")},
     **{n: "fedmedbench.datafiles" for n in (
-        "cached_arrays", "load_card", "sha256_file", "shipped_file", "verify_checksum")},
+        "cached_arrays", "check_card_files", "check_gzip", "load_card", "sha256_file",
+        "shipped_file", "verify_checksum")},
+    **{n: "fedmedbench.constraints" for n in ("Range", "Seed")},
     **{n: "fedmedbench.models" for n in ("build_model", "get_flat_params", "set_flat_params")},
     "score": "fedmedbench.metrics",
     "hookimpl": "fedmedbench.registry",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --executor process: stop a cell after this many seconds")
     r.add_argument("--force", action="store_true", help="rerun cells that already have an ok record")
+    r.add_argument("--wait", action="store_true",
+                   help="if another run holds the results folder, wait for it to finish "
+                        "(default: refuse)")
+    r.add_argument("--skip-invalid", action="store_true",
+                   help="run even when the results folder holds records of another schema "
+                        "(their cells run again; the old files are kept as *.invalid-N)")
     r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-report", action="store_true", help="do not print the table afterwards")
@@ -79,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedmedbench.executors import execute
+    from fedmedbench.fileio import OutputError, probe_writable
     from fedmedbench.matrix import load_matrix
-    from fedmedbench.report import comparison_tables, summary_counts
-    from fedmedbench.results import load_records
 
     m = load_matrix(args.matrix, select=args.select)
     if args.workers < 1:
@@ -94,12 +99,49 @@ def cmd_run(args: argparse.Namespace) -> int:
                   f"seed={c['config']['seed']}")
         return 0
     out = Path(args.out)
-    print(f"matrix {m.name!r}: {len(m.cells)} cells -> {out}/", file=sys.stderr)
-    execute(m.cells, out, executor=args.executor, workers=args.workers,
-            cell_timeout=args.cell_timeout, force=args.force, progress=not args.no_progress)
-    ids = {c["cell_id"] for c in m.cells}
-    records, _ = load_records([out], skip_invalid=True)
-    mine = [r for r in records if r["cell_id"] in ids]
+    try:
+        probe_writable(out)  # before any cell trains
+    except OutputError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        return _run_locked(args, m, out)
+    except OutputError as exc:  # the lock file could not be written
+        raise ConfigError(str(exc)) from None
+
+
+def _run_locked(args: argparse.Namespace, m: Any, out: Path) -> int:
+    from fedmedbench.executors import execute
+    from fedmedbench.fileio import os_error_message
+    from fedmedbench.lock import results_lock
+    from fedmedbench.report import comparison_tables, summary_counts
+    from fedmedbench.results import load_records, remove_stale_temp_files, scan
+
+    with results_lock(out, wait=args.wait,
+                      on_wait=lambda msg: print(f"fedmedbench: {msg}", file=sys.stderr)) as lock:
+        remove_stale_temp_files(out, before=lock.acquired_at)
+        other, untrusted = scan(out)
+        if other and not (args.skip_invalid or args.force):
+            more = f" ({len(other)} such files)" if len(other) > 1 else ""
+            raise SchemaError(f"{other[0]}{more}. Or pass --skip-invalid: their cells then run "
+                              f"again and the old files are kept as <name>.invalid-<n>")
+        for msg in [*other, *untrusted]:
+            print(f"fedmedbench: not resuming from {msg.split(';')[0]}; if this matrix has "
+                  f"that cell it runs again, and the file is kept as <name>.invalid-<n>",
+                  file=sys.stderr)
+        print(f"matrix {m.name!r}: {len(m.cells)} cells -> {out}/", file=sys.stderr)
+        try:
+            with warnings.catch_warnings():  # the files kept aside were listed above
+                warnings.filterwarnings("ignore", message=r".*kept it as .*\.invalid-",
+                                        category=RuntimeWarning)
+                execute(m.cells, out, executor=args.executor, workers=args.workers,
+                        cell_timeout=args.cell_timeout, force=args.force,
+                        progress=not args.no_progress)
+        except OSError as exc:  # the driver writes only into `out`: name the folder
+            print(f"fedmedbench: error: {os_error_message(exc, out)}", file=sys.stderr)
+            return 1
+        ids = {c["cell_id"] for c in m.cells}
+        records, _ = load_records([out], skip_invalid=True)
+        mine = [r for r in records if r["cell_id"] in ids]
     if not args.no_report:
         print(comparison_tables(mine))
     counts = summary_counts(mine)
@@ -108,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from fedmedbench.fileio import OutputError, probe_writable
     from fedmedbench.registry import get_registry
     from fedmedbench.report import comparison_tables, strip_timings
     from fedmedbench.results import iter_record_paths, load_records
@@ -138,7 +181,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         names = ([n for f in args.format for n in f.split(",") if n] if args.format
                  else reg.names("reporter"))
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            probe_writable(out)
+        except OutputError as exc:
+            raise ConfigError(str(exc)) from None
         for n in names:
             rep = reg.build("reporter", {"name": n})
             for p in rep.write(records, out):
@@ -163,10 +209,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def plugins_markdown(infos: list[Any]) -> str:
-    """A markdown table: family, name, description, parameters with defaults."""
-    lines = ["| family | name | what it is | parameters (defaults) |", "|---|---|---|---|"]
+    """A markdown table: family, name, description, parameters with defaults
+    and, in parentheses, their declared ranges (:mod:`fedmedbench.constraints`)."""
+    from fedmedbench.constraints import rules_of, short_text
+
+    lines = ["| family | name | what it is | parameters (defaults, allowed range) |",
+             "|---|---|---|---|"]
     for i in infos:
-        params = ", ".join(f"`{n}={p.default!r}`" for n, p in i.cls.param_spec().items())
+        rules = rules_of(i.cls)
+        params = ", ".join(
+            f"`{n}={p.default!r}`" + (f" ({short_text(rules[n])})"
+                                      if n in rules and short_text(rules[n]) else "")
+            for n, p in i.cls.param_spec().items())
         doc = i.doc.replace("|", "\\|").replace("``", "`")
         lines.append(f"| {i.family} | `{i.name}` | {doc} | {params or '—'} |")
     return "\n".join(lines)

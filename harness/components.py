@@ -419,6 +419,19 @@ class Dataset(Component):
         """A summary for ``fedmedbench datasets`` (card fields are added by the harness)."""
         return {}
 
+    def check_files(self) -> None:
+        """Check, before anything trains, that the files :meth:`load` reads are
+        there and intact; raise :class:`~fedmedbench.DataError` naming each
+        file and how to obtain or repair it.
+
+        Matrix validation calls it once per dataset of the matrix, so it should
+        be cheap: existence, headers, checksums (memoised), not a full parse.
+        The default checks nothing (generators have no files). Shipped data:
+        ``fedmedbench.check_card_files(self.card)`` verifies every file the
+        card lists against its sha256.
+        """
+        return None
+
 
 class Partitioner(Component):
     """Splits a dataset into clients. ``natural`` keeps the dataset's sites."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import tomllib
 
 from fedmedbench.errors import DataError
+from fedmedbench.fileio import write_atomic
 
 
 def datasets_dir() -> Path:
@@ -94,6 +94,42 @@ def _sha256_cached(path: Path) -> str:
     return _SHA_MEMO[key]
 
 
+def check_card_files(card: str) -> list[Path]:
+    """Verify every file ``datasets/<card>/card.toml`` lists under ``[files]``
+    against its sha256 (memoised by path, mtime and size); raise
+    :class:`DataError` naming the first file missing or corrupt. The
+    ``Dataset.check_files`` of a shipped dataset calls this."""
+    files = load_card(card).get("files") or {}
+    if not isinstance(files, dict):
+        raise DataError(f"dataset card {card_path(card)}: [files] must be a table of file names")
+    return [shipped_file(card, name) for name in files]
+
+
+def check_gzip(path: Path, *, what: str) -> None:
+    """Read a ``.gz`` file to its end (its CRC and length trailer included) and
+    raise :class:`DataError` naming it when it is truncated or corrupt
+    (memoised by path, mtime and size, like the checksums)."""
+    import gzip
+    import zlib
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path), st.st_mtime, st.st_size)
+    if key in _GZIP_OK:
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise DataError(f"{what}: {path} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+                        f"download it again") from None
+    _GZIP_OK.add(key)
+
+
+_GZIP_OK: set[tuple[str, float, int]] = set()
+
+
 def verify_checksum(path: Path, expected: str, *, what: str) -> None:
     """Raise :class:`DataError` when ``path``'s sha256 is not ``expected``."""
     actual = _sha256_cached(Path(path))
@@ -122,10 +158,27 @@ def cached_arrays(key_parts: list[str], build: Callable[[], dict[str, np.ndarray
     arrays = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        _remove_stale_temp_files(path.parent)
+        # the temp file never outlives a failure (a full disk, an interrupt)
+        write_atomic(path, lambda f: np.savez(f, **arrays))
     except OSError:
-        pass  # a read-only cache dir only costs speed
+        pass  # a read-only or full cache dir only costs speed
     return arrays
+
+
+#: a cache temp file older than this belongs to a writer that died
+STALE_TEMP_S = 3600.0
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Remove temp files that killed writers left in the cache (``.<key>.*.tmp``,
+    and 0.1's ``tmp*.npz.tmp``) once they are older than :data:`STALE_TEMP_S`."""
+    import time
+
+    now = time.time()
+    for p in [*folder.glob(".*.tmp"), *folder.glob("tmp*.npz.tmp")]:
+        try:
+            if now - p.stat().st_mtime > STALE_TEMP_S:
+                p.unlink()
+        except OSError:
+            pass

@@ -39,7 +39,8 @@ from typing import Any
 
 import tomllib
 
-from fedmedbench.errors import ConfigError
+from fedmedbench.constraints import SEED_LIMIT, rules_of
+from fedmedbench.errors import ConfigError, DataError
 from fedmedbench.registry import NONE, Registry, get_registry
 from fedmedbench.schema import SCHEMA
 from fedmedbench.training import RunSettings
@@ -90,8 +91,14 @@ def load_matrix(path: str | Path | None = None, *, registry: Registry | None = N
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"matrix file {p} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"matrix file {p} is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                          f"at offset {exc.start}: {exc.reason}); TOML files are UTF-8: save it "
+                          f"as UTF-8") from None
+    except IsADirectoryError:
+        raise ConfigError(f"matrix file {p} is a folder; give the path of a .toml file") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read matrix file {p}: {exc}") from None
+        raise ConfigError(f"cannot read matrix file {p}: {exc.strerror or exc}") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -116,7 +123,13 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
         seeds = [seeds]
     if not (isinstance(seeds, list) and seeds and all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise ConfigError(f"{where}: seeds = {seeds!r}; expected a non-empty list of integers")
+        what = " (a string, not a list)" if isinstance(seeds, str) else ""
+        raise ConfigError(f"{where}: seeds = {seeds!r}{what}; expected a non-empty list of "
+                          f"integers such as [0, 1, 2]")
+    for i, s in enumerate(seeds):
+        if not 0 <= s < SEED_LIMIT:
+            raise ConfigError(f"{where}: seeds[{i}] = {s}: out of range; seeds are integers in "
+                              f"[0, 2**63)")
 
     axes_raw = raw.get("axes")
     if not isinstance(axes_raw, dict) or "dataset" not in axes_raw or "algorithm" not in axes_raw:
@@ -128,6 +141,9 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
     axes: dict[str, list[Any]] = {}
     for axis in AXES:
         vals = axes_raw.get(axis, AXIS_DEFAULTS.get(axis))
+        if isinstance(vals, str):
+            raise ConfigError(f"{where}: axes.{axis} = {json.dumps(vals)} is a string, but an "
+                              f"axis is a list: write {axis} = [{json.dumps(vals)}]")
         if not isinstance(vals, list) or not vals:
             raise ConfigError(f"{where}: axes.{axis} must be a non-empty list, got {vals!r}")
         axes[axis] = [_normalize(axis, v, reg, f"{where}: axes.{axis}[{i}]")
@@ -169,8 +185,15 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
     ev = raw.get("evaluate", {})
     if not isinstance(ev, dict) or set(ev) - EVALUATE_KEYS:
         raise ConfigError(f"{where}: [evaluate] accepts only {sorted(EVALUATE_KEYS)}")
+    attacks_raw = ev.get("attacks", [])
+    if isinstance(attacks_raw, str):
+        raise ConfigError(f"{where}: evaluate.attacks = {json.dumps(attacks_raw)} is a string, "
+                          f"but attacks is a list: write attacks = [{json.dumps(attacks_raw)}]")
+    if not isinstance(attacks_raw, list):
+        raise ConfigError(f"{where}: evaluate.attacks = {attacks_raw!r}; expected a list of "
+                          f"attack names or tables")
     attacks = [_normalize("attack", a, reg, f"{where}: evaluate.attacks[{i}]")
-               for i, a in enumerate(ev.get("attacks", []))]
+               for i, a in enumerate(attacks_raw)]
     attacks = [a for a in attacks if a is not None]
 
     m = Matrix(name=name, rounds=rounds, seeds=list(seeds), axes=axes, run=run,
@@ -179,6 +202,12 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
     if select:
         _apply_select(m, select)
     m.cells = expand(m, reg)
+    if not m.cells:
+        how = [f"{len(exclude)} [[exclude]] table(s)"] if exclude else []
+        how += [f"--select {' '.join(select)}"] if select else []
+        raise ConfigError(f"{where}: the matrix selects no cells (every cell is removed by "
+                          f"{' and '.join(how) or 'its settings'}); loosen an [[exclude]] or a "
+                          f"--select so that at least one cell remains")
     return m
 
 
@@ -190,15 +219,10 @@ def _check_run_key(k: str, v: Any, fields: dict[str, Any], where: str) -> None:
         hint = f" did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{where}: unknown run setting;{hint} run settings are: "
                           f"{', '.join(fields)}")
-    d = fields[k]
-    if isinstance(d, str):
-        ok = isinstance(v, str)
-    elif isinstance(d, int) and not isinstance(d, bool):
-        ok = isinstance(v, int) and not isinstance(v, bool)
-    else:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if not ok:
-        raise ConfigError(f"{where} = {v!r}: expected {type(d).__name__} like the default {d!r}")
+    rule = rules_of(RunSettings)[k]
+    why = rule.problem(v)
+    if why:
+        raise ConfigError(f"{where} = {v!r} {why}; allowed: {k} is {rule.allowed()}")
 
 
 def _typed(v: Any, t: type, where: str) -> Any:
@@ -235,35 +259,54 @@ def _normalize(axis: str, v: Any, reg: Registry, where: str) -> Any:
         return {"name": "default"} if axis == "partitioner" else None
     info = reg.get(family, spec["name"], key=where)
     # validate parameters now (and their types) by building once
-    reg.build(family, spec, key=where)
+    comp = reg.build(family, spec, key=where)
+    if family == "dataset":
+        try:
+            comp.check_files()
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
     return {"name": info.name, **{k: v for k, v in spec.items() if k != "name"}}
 
 
 def _apply_select(m: Matrix, select: list[str]) -> None:
+    """Keep the axis values (or seeds) each ``AXIS=NAME[,NAME...]`` names;
+    every name must be one of the matrix's, or the slice is refused."""
+    import difflib
+
     for s in select:
         if "=" not in s:
             raise ConfigError(f"--select {s!r}: expected AXIS=NAME (e.g. algorithm=fedavg)")
         axis, name = s.split("=", 1)
         axis = axis.strip()
-        names = [n.strip() for n in name.split(",")]
+        names = [n.strip() for n in name.split(",") if n.strip()]
+        if not names:
+            raise ConfigError(f"--select {s!r}: no name after '='; expected AXIS=NAME")
         if axis == "seed":
             try:
-                wanted = {int(n) for n in names}
+                wanted = [int(n) for n in names]
             except ValueError:
                 raise ConfigError(f"--select {s!r}: seeds are integers") from None
+            unknown = [w for w in wanted if w not in m.seeds]
+            if unknown:
+                raise ConfigError(f"--select {s!r}: the matrix has no seed "
+                                  f"{', '.join(map(str, unknown))}; its seeds are {m.seeds}")
             m.seeds = [x for x in m.seeds if x in wanted]
-            if not m.seeds:
-                raise ConfigError(f"--select {s!r}: the matrix has no such seed")
             continue
         if axis not in m.axes:
-            raise ConfigError(f"--select {s!r}: unknown axis {axis!r}; axes are "
+            close = difflib.get_close_matches(axis, [*AXES, "seed"], n=1)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"--select {s!r}: unknown axis {axis!r};{hint} axes are "
                               f"{[*AXES, 'seed']}")
-        kept = [v for v in m.axes[axis] if _label(v, params=False) in names
-                or _label(v) in names]
-        if not kept:
-            raise ConfigError(f"--select {s!r}: axis {axis} has "
-                              f"{[_label(v) for v in m.axes[axis]]}")
-        m.axes[axis] = kept
+        labels = [_label(v) for v in m.axes[axis]]
+        known = sorted({*labels, *(_label(v, params=False) for v in m.axes[axis])})
+        for n in names:
+            if n not in known:
+                close = difflib.get_close_matches(n, known, n=1, cutoff=0.5)
+                hint = f" did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"--select {s!r}: axis {axis} has no {n!r};{hint} axis "
+                                  f"{axis} has {labels}")
+        m.axes[axis] = [v for v in m.axes[axis] if _label(v, params=False) in names
+                        or _label(v) in names]
 
 
 def _label(v: Any, *, params: bool = True) -> str:

@@ -19,6 +19,7 @@ import pluggy
 
 from fedmedbench import hookspecs
 from fedmedbench.components import FAMILIES, Component
+from fedmedbench.constraints import check_values, rules_of
 from fedmedbench.errors import ConfigError, PluginConflictError
 
 hookimpl = pluggy.HookimplMarker("fedmedbench")
@@ -148,9 +149,13 @@ class Registry:
 
 
 def check_params(cls: type[Component], params: dict[str, Any], *, key: str | None = None) -> None:
+    """Refuse unknown parameter names (with a did-you-mean), values of the wrong
+    type, non-finite numbers and values outside a parameter's declared
+    :class:`~fedmedbench.constraints.Range`, with a :class:`ConfigError`
+    naming the key, the value and what is allowed."""
     spec = cls.param_spec()
     where = f"{key}: " if key else ""
-    for k, v in params.items():
+    for k in params:
         if k not in spec:
             close = difflib.get_close_matches(k, list(spec), n=1, cutoff=0.5)
             hint = f" did you mean {close[0]!r}?" if close else ""
@@ -158,26 +163,7 @@ def check_params(cls: type[Component], params: dict[str, Any], *, key: str | Non
                 f"{where}{cls.name} has no parameter {k!r};{hint} its parameters are: "
                 f"{', '.join(spec) or '(none)'}"
             )
-        default = spec[k].default
-        if default is not None and default is not spec[k].empty and not _type_ok(v, default):
-            raise ConfigError(
-                f"{where}{cls.name}.{k} = {v!r} has type {type(v).__name__}; "
-                f"expected {type(default).__name__} like its default {default!r}"
-            )
-
-
-def _type_ok(value: Any, default: Any) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, str):
-        return isinstance(value, str)
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    if isinstance(default, dict):
-        return isinstance(value, dict)
-    return True
+    check_values(cls.name, rules_of(cls), params, where=where)
 
 
 def plugin_manager(*, extra: list[Any] | None = None) -> pluggy.PluginManager:
@@ -189,7 +175,13 @@ def plugin_manager(*, extra: list[Any] | None = None) -> pluggy.PluginManager:
     for name in disabled_plugins():
         pm.set_blocked(name)
     pm.load_setuptools_entrypoints("fedmedbench")
-    for modname in env_plugins():
+    names = env_plugins()
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"FEDMEDBENCH_PLUGINS={os.environ.get('FEDMEDBENCH_PLUGINS', '')!r} "
+                          f"lists {', '.join(map(repr, twice))} more than once; list each "
+                          f"module once")
+    for modname in names:
         if pm.is_blocked(modname):
             continue
         try:
@@ -197,13 +189,36 @@ def plugin_manager(*, extra: list[Any] | None = None) -> pluggy.PluginManager:
         except ImportError as exc:
             raise ConfigError(f"FEDMEDBENCH_PLUGINS names {modname!r}, which cannot be "
                               f"imported: {exc}") from None
-        pm.register(module, name=modname)
+        except Exception as exc:  # the module itself raised while importing
+            raise ConfigError(f"FEDMEDBENCH_PLUGINS names {modname!r}, which raised "
+                              f"{type(exc).__name__} while importing{_origin(exc)}: {exc}; fix "
+                              f"the module or remove it from FEDMEDBENCH_PLUGINS") from None
+        other = pm.get_name(module)
+        if other is not None:
+            raise ConfigError(f"FEDMEDBENCH_PLUGINS names {modname!r}, which is already "
+                              f"registered as plugin {other!r} (an installed entry point); "
+                              f"remove it from FEDMEDBENCH_PLUGINS")
+        try:
+            pm.register(module, name=modname)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            raise ConfigError(f"FEDMEDBENCH_PLUGINS names {modname!r}, which cannot be "
+                              f"registered: {exc}") from None
     for obj in extra or []:
         name = getattr(obj, "__name__", None) or type(obj).__name__
         if not pm.is_blocked(name):
             pm.register(obj, name=name)
     pm.check_pending()
     return pm
+
+
+def _origin(exc: BaseException) -> str:
+    """`` at FILE:LINE`` of the innermost frame of ``exc``'s traceback."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
 
 
 def env_plugins() -> list[str]:

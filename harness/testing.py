@@ -304,7 +304,7 @@ def check_algorithm_runs(cls: type[Component], registry: Registry) -> None:
     if rec["status"] != "ok":
         raise _fail(cls, "check_algorithm_runs", f"the kit cell ended {rec['status']}: "
                     f"{(rec['error'] or {}).get('message')}", "make client_update/server_update "
-                    "return ClientUpdate / a parameter vector of the model's size")
+                    "return ctx.update(delta) / a parameter vector of the model's size")
     g = rec["metrics"]["utility"]["global"]
     if not (isinstance(g, float) and math.isfinite(g)):
         raise _fail(cls, "check_algorithm_runs", f"utility is {g}", "train a finite model")
@@ -440,7 +440,7 @@ def check_compressor(cls: type[Component], registry: Registry) -> None:
     if rec["status"] != "ok":
         raise _fail(cls, "check_compressor", f"the kit cell ended {rec['status']}: "
                     f"{(rec['error'] or {}).get('message')}",
-                    "return (ClientUpdate with a same-size delta, encoded bytes)")
+                    "return Updates with same-size deltas and delta_bytes")
     if not rec["metrics"]["cost"]["bytes_up"] > 0:
         raise _fail(cls, "check_compressor", "no bytes were counted", "return the encoded size")
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import numpy as np
 
 from fedmedbench.components import Split
+from fedmedbench.constraints import Range
 from fedmedbench.errors import Diverged
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,18 +63,19 @@ class RunSettings:
         public split is skipped).
     """
 
-    clients_per_round: float = 1.0
+    # the Range annotations are checked before anything trains (fedmedbench.constraints)
+    clients_per_round: Annotated[float, Range(gt=0)] = 1.0
     client_sampling: str = "fixed"
-    local_steps: int = 0
-    local_epochs: float = 1.0
-    batch_size: int = 32
-    lr: float = 0.1
+    local_steps: Annotated[int, Range(ge=0)] = 0
+    local_epochs: Annotated[float, Range(gt=0)] = 1.0
+    batch_size: Annotated[int, Range(ge=1)] = 32
+    lr: Annotated[float, Range(gt=0)] = 0.1
     optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    server_lr: float = 1.0
-    eval_every: int = 1
-    pretrain_steps: int = 0
+    momentum: Annotated[float, Range(ge=0)] = 0.0
+    weight_decay: Annotated[float, Range(ge=0)] = 0.0
+    server_lr: Annotated[float, Range(gt=0)] = 1.0
+    eval_every: Annotated[int, Range(ge=1)] = 1
+    pretrain_steps: Annotated[int, Range(ge=0)] = 0
 
     def problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are fine)."""

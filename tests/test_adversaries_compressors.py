@@ -38,7 +38,7 @@ def _cells(reg, axes: dict, *, rounds: int, clients: int) -> list[dict]:
 
 
 class _ctx:  # noqa: N801 - reads like the function it stands in for
-    """The slice of RoundContext a compressor uses: ``round`` and seeded ``rng``
+    """The slice of CellContext a compressor uses: ``round`` and seeded ``rng``
     streams. A new instance is a new cell."""
 
     def __init__(self, round_: int, seed: int = 0) -> None:

@@ -277,7 +277,7 @@ def test_dropouts_need_uniform_weights_and_cannot_carry_distributed_noise(run_ma
 
 @dataclass
 class _Ctx:
-    """The slice of RoundContext a transport mechanism reads."""
+    """The slice of CellContext a transport mechanism reads."""
 
     numel: int
     n: int

@@ -13,9 +13,11 @@ classes.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
-from fedmedbench import Adversary, Split
+from fedmedbench import Adversary, Range, Split
 from fedmedbench.plugins.adversaries._common import check_fraction
 
 
@@ -32,7 +34,7 @@ class LabelFlip(Adversary):
 
     name = "label-flip"
 
-    def __init__(self, *, fraction: float = 0.2) -> None:
+    def __init__(self, *, fraction: Annotated[float, Range(ge=0, lt=1)] = 0.2) -> None:
         super().__init__(fraction=check_fraction(self.name, fraction))
 
     def corrupt_data(self, split: Split, *, num_classes: int, rng: np.random.Generator) -> Split:

@@ -30,10 +30,12 @@ deterministic for a seed.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import torch
 
-from fedmedbench import Adversary, CellContext, Updates
+from fedmedbench import Adversary, CellContext, Range, Updates
 from fedmedbench.plugins.adversaries._common import check_fraction, check_positive, with_delta
 
 
@@ -53,7 +55,8 @@ class SignFlip(Adversary):
 
     name = "sign-flip"
 
-    def __init__(self, *, fraction: float = 0.2, scale: float = 4.0) -> None:
+    def __init__(self, *, fraction: Annotated[float, Range(ge=0, lt=1)] = 0.2,
+                 scale: Annotated[float, Range(gt=0)] = 4.0) -> None:
         super().__init__(fraction=check_fraction(self.name, fraction))
         self.scale = check_positive(self.name, "scale", scale)
 
@@ -76,7 +79,8 @@ class Scaling(Adversary):
 
     name = "scaling"
 
-    def __init__(self, *, fraction: float = 0.2, factor: float = 10.0) -> None:
+    def __init__(self, *, fraction: Annotated[float, Range(ge=0, lt=1)] = 0.2,
+                 factor: Annotated[float, Range(gt=0)] = 10.0) -> None:
         super().__init__(fraction=check_fraction(self.name, fraction))
         self.factor = check_positive(self.name, "factor", factor)
 
@@ -98,7 +102,8 @@ class Gaussian(Adversary):
 
     name = "gaussian"
 
-    def __init__(self, *, fraction: float = 0.2, sigma: float = 1.0) -> None:
+    def __init__(self, *, fraction: Annotated[float, Range(ge=0, lt=1)] = 0.2,
+                 sigma: Annotated[float, Range(gt=0)] = 1.0) -> None:
         super().__init__(fraction=check_fraction(self.name, fraction))
         self.sigma = check_positive(self.name, "sigma", sigma)
 

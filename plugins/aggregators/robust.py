@@ -16,10 +16,11 @@ aggregation or HE, with the reason.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
-from fedmedbench import Aggregator, Updates
+from fedmedbench import Aggregator, Range, Updates
 
 
 class Median(Aggregator):
@@ -52,7 +53,7 @@ class TrimmedMean(Aggregator):
     linear = False
     weighting = "uniform"
 
-    def __init__(self, *, trim: float = 0.1) -> None:
+    def __init__(self, *, trim: Annotated[float, Range(ge=0, lt=0.5)] = 0.1) -> None:
         if not isinstance(trim, (int, float)) or isinstance(trim, bool) or not 0 <= trim < 0.5:
             raise ValueError(f"trimmed-mean: trim = {trim!r}; trim must be in [0, 0.5)")
         self.trim = float(trim)
@@ -83,7 +84,8 @@ class Krum(Aggregator):
     linear = False
     weighting = "data-dependent"
 
-    def __init__(self, *, f: int = 1, multi: int = 1) -> None:
+    def __init__(self, *, f: Annotated[int, Range(ge=0)] = 1,
+                 multi: Annotated[int, Range(ge=1)] = 1) -> None:
         if not isinstance(f, int) or isinstance(f, bool) or f < 0:
             raise ValueError(f"krum: f = {f!r}; f must be an integer >= 0")
         if not isinstance(multi, int) or isinstance(multi, bool) or multi < 1:

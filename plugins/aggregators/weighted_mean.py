@@ -26,12 +26,12 @@ weights of every round are recorded in the result's history
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from fedmedbench import Aggregator, ClientContext, Updates, score
+from fedmedbench import Aggregator, ClientContext, Range, Updates, score
 from fedmedbench import predict_proba as _predict
 
 WEIGHTINGS = ("examples", "uniform", "quality", "performance")
@@ -59,7 +59,8 @@ class WeightedMean(Aggregator):
     linear = True
 
     def __init__(self, *, by: str = "examples", scores: dict = {},  # noqa: B006
-                 holdout: float = 0.2, power: float = 1.0) -> None:
+                 holdout: Annotated[float, Range(gt=0, lt=1)] = 0.2,
+                 power: Annotated[float, Range(ge=0)] = 1.0) -> None:
         if by not in WEIGHTINGS:
             raise ValueError(f"weighted-mean: by = {by!r}; choose one of {', '.join(WEIGHTINGS)}")
         for site, s in scores.items():

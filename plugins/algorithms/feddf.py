@@ -20,10 +20,11 @@ FedDF is skipped under secure aggregation or HE, and it needs a public split
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
-from fedmedbench import Algorithm, CellContext, Updates, set_flat_params
+from fedmedbench import Algorithm, CellContext, Range, Updates, set_flat_params
 from fedmedbench.plugins.algorithms._distill import distill
 
 
@@ -46,8 +47,10 @@ class FedDF(Algorithm):
     needs_public = True
     needs_individual_updates = True
 
-    def __init__(self, *, steps: int = 100, lr: float = 1e-3, batch_size: int = 64,
-                 temperature: float = 1.0) -> None:
+    def __init__(self, *, steps: Annotated[int, Range(ge=1)] = 100,
+                 lr: Annotated[float, Range(gt=0)] = 1e-3,
+                 batch_size: Annotated[int, Range(ge=1)] = 64,
+                 temperature: Annotated[float, Range(gt=0)] = 1.0) -> None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"feddf: steps = {steps!r}; steps must be an integer >= 1")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

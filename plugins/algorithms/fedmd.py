@@ -27,7 +27,7 @@ data is the run setting ``pretrain_steps``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from fedmedbench import (
     CellContext,
     ClientContext,
     ConfigError,
+    Range,
     Updates,
     build_model,
 )
@@ -73,9 +74,12 @@ class FedMD(Algorithm):
     sends = ("scores",)
     needs_public = True
 
-    def __init__(self, *, architectures: list = [], public_samples: int = 0,  # noqa: B006
-                 digest_steps: int = 20, digest_lr: float = 1e-3, digest_batch: int = 64,
-                 temperature: float = 1.0) -> None:
+    def __init__(self, *, architectures: list = [],  # noqa: B006
+                 public_samples: Annotated[int, Range(ge=0)] = 0,
+                 digest_steps: Annotated[int, Range(ge=0)] = 20,
+                 digest_lr: Annotated[float, Range(gt=0)] = 1e-3,
+                 digest_batch: Annotated[int, Range(ge=1)] = 64,
+                 temperature: Annotated[float, Range(gt=0)] = 1.0) -> None:
         archs = []
         for j, a in enumerate(architectures):
             spec = {"model": a} if isinstance(a, str) else dict(a) if isinstance(a, dict) \

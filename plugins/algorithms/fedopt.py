@@ -18,10 +18,11 @@ as in the paper: no bias correction, ``m_0 = 0`` and ``v_0 = tau²``.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
-from fedmedbench import Algorithm, CellContext, Updates
+from fedmedbench import Algorithm, CellContext, Range, Updates
 
 OPTIMIZERS = ("adagrad", "adam", "yogi")
 
@@ -47,8 +48,10 @@ class FedOpt(Algorithm):
     name = "fedopt"
     vectorized = True
 
-    def __init__(self, *, optimizer: str = "adam", eta: float = 0.03, beta1: float = 0.9,
-                 beta2: float = 0.99, tau: float = 1e-3) -> None:
+    def __init__(self, *, optimizer: str = "adam", eta: Annotated[float, Range(gt=0)] = 0.03,
+                 beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9,
+                 beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99,
+                 tau: Annotated[float, Range(gt=0)] = 1e-3) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"{self.name}: optimizer = {optimizer!r}; choose one of "
                              f"{', '.join(OPTIMIZERS)}")
@@ -85,8 +88,10 @@ class FedAdam(FedOpt):
 
     name = "fedadam"
 
-    def __init__(self, *, eta: float = 0.03, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3) -> None:
+    def __init__(self, *, eta: Annotated[float, Range(gt=0)] = 0.03,
+                 beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9,
+                 beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99,
+                 tau: Annotated[float, Range(gt=0)] = 1e-3) -> None:
         super().__init__(optimizer="adam", eta=eta, beta1=beta1, beta2=beta2, tau=tau)
 
 
@@ -95,8 +100,10 @@ class FedYogi(FedOpt):
 
     name = "fedyogi"
 
-    def __init__(self, *, eta: float = 0.03, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3) -> None:
+    def __init__(self, *, eta: Annotated[float, Range(gt=0)] = 0.03,
+                 beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9,
+                 beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99,
+                 tau: Annotated[float, Range(gt=0)] = 1e-3) -> None:
         super().__init__(optimizer="yogi", eta=eta, beta1=beta1, beta2=beta2, tau=tau)
 
 
@@ -105,7 +112,9 @@ class FedAdagrad(FedOpt):
 
     name = "fedadagrad"
 
-    def __init__(self, *, eta: float = 0.03, beta1: float = 0.9, tau: float = 1e-3) -> None:
+    def __init__(self, *, eta: Annotated[float, Range(gt=0)] = 0.03,
+                 beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9,
+                 tau: Annotated[float, Range(gt=0)] = 1e-3) -> None:
         super().__init__(optimizer="adagrad", eta=eta, beta1=beta1, tau=tau)
 
 

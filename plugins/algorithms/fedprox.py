@@ -12,10 +12,11 @@ FedProx reproduces FedAvg bit for bit (tests/test_algorithms.py checks it).
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
-from fedmedbench import ClientContext, Updates
+from fedmedbench import ClientContext, Range, Updates
 from fedmedbench.plugins.algorithms.fedavg import FedAvg
 
 
@@ -33,7 +34,7 @@ class FedProx(FedAvg):
 
     name = "fedprox"
 
-    def __init__(self, *, mu: float = 0.01) -> None:
+    def __init__(self, *, mu: Annotated[float, Range(ge=0)] = 0.01) -> None:
         if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not math.isfinite(mu) \
                 or mu < 0:
             raise ValueError(f"fedprox: mu = {mu!r}; mu must be a finite number >= 0 "

@@ -49,14 +49,14 @@ import copy
 import itertools
 from collections import Counter
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedmedbench import Attack, AttackContext
+from fedmedbench import Attack, AttackContext, Range
 
 from ._metrics import label_accuracy, match_images, save_image_grid
 
@@ -268,9 +268,13 @@ class _GradInv(Attack):
     method: ClassVar[str] = "dlg"
     default_labels: ClassVar[str] = "optimize"
 
-    def __init__(self, *, client: int = 0, iterations: int = 300, labels: str = "",
-                 max_images: int = 4, local_steps_mode: str = "average", restarts: int = 1,
-                 tv: float = 1e-4, step_size: float = 0.1, save_images: bool = True) -> None:
+    def __init__(self, *, client: Annotated[int, Range(ge=0)] = 0,
+                 iterations: Annotated[int, Range(ge=1)] = 300, labels: str = "",
+                 max_images: Annotated[int, Range(ge=1)] = 4, local_steps_mode: str = "average",
+                 restarts: Annotated[int, Range(ge=1)] = 1,
+                 tv: Annotated[float, Range(ge=0)] = 1e-4,
+                 step_size: Annotated[float, Range(gt=0)] = 0.1,
+                 save_images: bool = True) -> None:
         if not isinstance(client, int) or client < 0:
             raise ValueError(f"client = {client!r}; use a client index >= 0")
         if not isinstance(iterations, int) or iterations < 1:
@@ -439,9 +443,13 @@ class GradInvIG(_GradInv):
     method = "ig"
     default_labels = "idlg"
 
-    def __init__(self, *, client: int = 0, iterations: int = 500, labels: str = "",
-                 max_images: int = 4, local_steps_mode: str = "average", restarts: int = 1,
-                 tv: float = 1e-4, step_size: float = 0.1, save_images: bool = True) -> None:
+    def __init__(self, *, client: Annotated[int, Range(ge=0)] = 0,
+                 iterations: Annotated[int, Range(ge=1)] = 500, labels: str = "",
+                 max_images: Annotated[int, Range(ge=1)] = 4, local_steps_mode: str = "average",
+                 restarts: Annotated[int, Range(ge=1)] = 1,
+                 tv: Annotated[float, Range(ge=0)] = 1e-4,
+                 step_size: Annotated[float, Range(gt=0)] = 0.1,
+                 save_images: bool = True) -> None:
         super().__init__(client=client, iterations=iterations, labels=labels,
                          max_images=max_images, local_steps_mode=local_steps_mode,
                          restarts=restarts, tv=tv, step_size=step_size, save_images=save_images)

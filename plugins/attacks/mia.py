@@ -30,12 +30,12 @@ on random halves of it with the cell's own recipe (``train_shadow``).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from fedmedbench import Attack, AttackContext, Split
+from fedmedbench import Attack, AttackContext, Range, Split
 
 from ._metrics import audit_epsilon, roc_summary
 
@@ -216,8 +216,9 @@ class MiaLoss(Attack):
 
     name = "mia-loss"
 
-    def __init__(self, *, target: str = "global", client: int = 0, max_examples: int = 5000,
-                 audit_delta: float = 1e-5) -> None:
+    def __init__(self, *, target: str = "global", client: Annotated[int, Range(ge=0)] = 0,
+                 max_examples: Annotated[int, Range(ge=0)] = 5000,
+                 audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
         if target not in TARGETS:
             raise ValueError(f"target = {target!r}; choose one of {TARGETS}")
         if not isinstance(client, int) or client < 0:
@@ -246,8 +247,9 @@ class MiaLoss(Attack):
 class _ShadowAttack(Attack):
     """Shared machinery: k shadow models on random halves of the population."""
 
-    def __init__(self, *, n_shadows: int = 8, max_examples: int = 1000,
-                 audit_delta: float = 1e-5) -> None:
+    def __init__(self, *, n_shadows: Annotated[int, Range(ge=2)] = 8,
+                 max_examples: Annotated[int, Range(ge=0)] = 1000,
+                 audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
         if not isinstance(n_shadows, int) or n_shadows < 2:
             raise ValueError(f"n_shadows = {n_shadows!r}; use an integer >= 2")
         _check_common(max_examples, audit_delta)
@@ -298,8 +300,9 @@ class MiaLira(_ShadowAttack):
 
     name = "mia-lira"
 
-    def __init__(self, *, n_shadows: int = 8, mode: str = "online", fixed_variance: bool = True,
-                 max_examples: int = 1000, audit_delta: float = 1e-5) -> None:
+    def __init__(self, *, n_shadows: Annotated[int, Range(ge=2)] = 8, mode: str = "online",
+                 fixed_variance: bool = True, max_examples: Annotated[int, Range(ge=0)] = 1000,
+                 audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
         super().__init__(n_shadows=n_shadows, max_examples=max_examples, audit_delta=audit_delta)
         if mode not in ("online", "offline"):
             raise ValueError(f"mode = {mode!r}; choose 'online' or 'offline'")

@@ -19,11 +19,12 @@ server uses the decoded vector. The rounding draws come from
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import numpy as np
 import torch
 
-from fedmedbench import CellContext, Compressor, Updates
+from fedmedbench import CellContext, Compressor, Range, Updates
 
 #: header floats sent with every vector: the minimum and the step (float32 each)
 HEADER_BYTES = 2 * 4
@@ -73,7 +74,7 @@ class Quantize(Compressor):
 
     name = "quantize"
 
-    def __init__(self, *, bits: int = 8) -> None:
+    def __init__(self, *, bits: Annotated[int, Range(ge=1, le=16)] = 8) -> None:
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
             raise ValueError(f"quantize: bits = {bits!r}; bits must be an integer from 1 to 16")
         self.bits = bits

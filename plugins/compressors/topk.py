@@ -26,10 +26,11 @@ variates, travels as is and is counted at its own size).
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 
-from fedmedbench import CellContext, Compressor, Updates
+from fedmedbench import CellContext, Compressor, Range, Updates
 
 #: bytes per sent entry: a float32 value and a uint32 index
 ENTRY_BYTES = 4 + 4
@@ -62,7 +63,8 @@ class TopK(Compressor):
 
     name = "top-k"
 
-    def __init__(self, *, fraction: float = 0.1, error_feedback: bool = True) -> None:
+    def __init__(self, *, fraction: Annotated[float, Range(gt=0, le=1)] = 0.1,
+                 error_feedback: bool = True) -> None:
         if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
                 or not math.isfinite(fraction) or not 0 < fraction <= 1):
             raise ValueError(f"top-k: fraction = {fraction!r}; fraction (the share of entries "

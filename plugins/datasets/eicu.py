@@ -17,7 +17,9 @@ mortality assessment for today's critically ill patients", Crit Care Med
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
@@ -26,8 +28,10 @@ from fedmedbench import (
     DataError,
     Dataset,
     FederatedData,
+    Range,
     Task,
     cached_arrays,
+    check_gzip,
     sha256_file,
     verify_checksum,
 )
@@ -87,7 +91,7 @@ class EICU(Dataset):
     needs_user_files = True
     run_defaults = {"batch_size": 64, "lr": 0.1, "local_steps": 10, "clients_per_round": 0.5}
 
-    def __init__(self, *, path: str = "", min_stays: int = 100,
+    def __init__(self, *, path: str = "", min_stays: Annotated[int, Range(ge=4)] = 100,
                  checksums: dict | None = None) -> None:
         if not isinstance(path, str):
             raise ValueError(f"path must be a string (a folder), got {path!r}")
@@ -118,7 +122,7 @@ class EICU(Dataset):
                             f"(expected {self.expected()}). {ACCESS}")
         files = {t: p for t, p in found.items() if p is not None}
         for t, p in files.items():
-            cols = set(pd.read_csv(p, nrows=0).columns)
+            cols = set(_read(p, None, nrows=0).columns)
             lacking = [c for c in TABLES[t] if c not in cols]
             if lacking:
                 raise DataError(f"eicu: {p} is not the eICU-CRD 2.0 {t} table: it lacks "
@@ -130,6 +134,13 @@ class EICU(Dataset):
                                 f"{sorted(p.name for p in files.values())}")
             verify_checksum(match[0], sha, what=f"eicu {name}")
         return files
+
+    def check_files(self) -> None:
+        """The three tables are there with their columns, match ``checksums``
+        where given, and each ``.csv.gz`` decompresses to its end."""
+        for t, p in self.files().items():
+            if p.suffix == ".gz":
+                check_gzip(p, what=f"eicu {t} table")
 
     def load(self, *, seed: int) -> FederatedData:
         files = self.files()
@@ -152,8 +163,15 @@ class EICU(Dataset):
                          f"largest {max(ns)})"}
 
 
-def _read(path: Path, cols: list[str]) -> pd.DataFrame:
-    return pd.read_csv(path, usecols=cols, low_memory=False)
+def _read(path: Path, cols: list[str] | None, **kw: object) -> pd.DataFrame:
+    """One table; a truncated, corrupt or non-CSV file is a :class:`DataError`
+    naming it (pandas and gzip would raise a bare ``EOFError``)."""
+    try:
+        return pd.read_csv(path, usecols=cols, low_memory=False, **kw)
+    except (EOFError, OSError, UnicodeDecodeError, zlib.error, pd.errors.ParserError,
+            pd.errors.EmptyDataError) as exc:
+        raise DataError(f"eicu: {path} is truncated, corrupt or not a CSV table "
+                        f"({type(exc).__name__}: {exc}); download it again. {ACCESS}") from None
 
 
 def preprocess(files: dict[str, Path], min_stays: int) -> dict[str, np.ndarray]:

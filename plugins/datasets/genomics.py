@@ -19,11 +19,22 @@ Variance filtering and standardisation are fitted on training rows only.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import pandas as pd
 from scipy.io import arff
 
-from fedmedbench import Dataset, FederatedData, Task, cached_arrays, sha256_file, shipped_file
+from fedmedbench import (
+    Dataset,
+    FederatedData,
+    Range,
+    Task,
+    cached_arrays,
+    check_card_files,
+    sha256_file,
+    shipped_file,
+)
 from fedmedbench.plugins.datasets._common import (
     scaled_arrays,
     sites_from_arrays,
@@ -51,10 +62,14 @@ class BladderBatch(Dataset):
     SPLIT_SEED = 7
     run_defaults = {"batch_size": 8, "lr": 0.05, "local_steps": 5}
 
-    def __init__(self, *, n_genes: int = 1000) -> None:
+    def __init__(self, *, n_genes: Annotated[int, Range(ge=0)] = 1000) -> None:
         if not isinstance(n_genes, int) or n_genes < 0:
             raise ValueError(f"n_genes must be an integer >= 0 (0 = all probes), got {n_genes!r}")
         self.n_genes = n_genes
+
+    def check_files(self) -> None:
+        """Every file on the card is present and matches its sha256."""
+        check_card_files(self.card)
 
     def load(self, *, seed: int) -> FederatedData:
         path = shipped_file(self.card, self.FILE)
@@ -117,6 +132,10 @@ class GSE7390(Dataset):
 
     def __init__(self) -> None:
         pass
+
+    def check_files(self) -> None:
+        """Every file on the card is present and matches its sha256."""
+        check_card_files(self.card)
 
     def load(self, *, seed: int) -> FederatedData:
         path = shipped_file(self.card, self.FILE)

@@ -12,7 +12,16 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from fedmedbench import Dataset, FederatedData, Site, Split, Task, cached_arrays, shipped_file
+from fedmedbench import (
+    Dataset,
+    FederatedData,
+    Site,
+    Split,
+    Task,
+    cached_arrays,
+    check_card_files,
+    shipped_file,
+)
 from fedmedbench.datafiles import sha256_file
 
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
@@ -35,6 +44,10 @@ class HeartDisease(Dataset):
 
     def __init__(self) -> None:
         pass
+
+    def check_files(self) -> None:
+        """Every file on the card is present and matches its sha256."""
+        check_card_files(self.card)
 
     def load(self, *, seed: int) -> FederatedData:
         # FLamby's split is fixed (random_state=43) whatever the run seed.

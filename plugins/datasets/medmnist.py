@@ -88,12 +88,34 @@ class MedMNIST(Dataset):
                     raise DataError(f"medmnist: {p} lacks keys {missing} (found {z.files}); an "
                                     f"official MedMNIST file has {list(KEYS)}")
                 return {k: z[k] for k in KEYS}
-        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"medmnist: {p} is not a readable .npz of numeric arrays "
+                            f"({type(exc).__name__}: {exc}). {HOWTO}") from exc
+
+    def check_files(self) -> None:
+        """The file is there, matches ``sha256`` if given, holds the six
+        official arrays, and its labels are non-negative integers (the labels
+        are small; the images are read only by :meth:`load`)."""
+        p = self.file()
+        if self.sha256:
+            verify_checksum(p, self.sha256, what=f"medmnist {self.subset}")
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                missing = [k for k in KEYS if k not in z.files]
+                if missing:
+                    raise DataError(f"medmnist: {p} lacks keys {missing} (found {z.files}); an "
+                                    f"official MedMNIST file has {list(KEYS)}")
+                for s in SPLITS:
+                    _check_labels(z[f"{s}_labels"], s, p)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(f"medmnist: {p} is not a readable .npz of numeric arrays "
                             f"({type(exc).__name__}: {exc}). {HOWTO}") from exc
 
     def load(self, *, seed: int) -> FederatedData:
         a = self.arrays()
+        p = self.file()
+        for s in SPLITS:
+            _check_labels(a[f"{s}_labels"], s, p)
         splits = {s: _split(a[f"{s}_images"], a[f"{s}_labels"], s) for s in SPLITS}
         shapes = {s: splits[s].X.shape[1:] for s in SPLITS}
         if len(set(shapes.values())) != 1:
@@ -122,6 +144,17 @@ class MedMNIST(Dataset):
         return {"sites": f"{s.name}: train {len(s.train)} / test {len(s.test)}"
                          f"{f' / public {len(data.public)}' if data.public is not None else ''},"
                          f" {data.task.num_classes} classes, images {data.task.input_shape}"}
+
+
+def _check_labels(labels: np.ndarray, name: str, path: Path) -> None:
+    """Class labels are integers from 0 (a negative one would index outside
+    every class table)."""
+    if labels.dtype.kind not in "ui":
+        raise DataError(f"medmnist: {path}: {name}_labels has dtype {labels.dtype}; expected "
+                        f"integer class labels")
+    if labels.size and int(labels.min()) < 0:
+        raise DataError(f"medmnist: {path}: {name}_labels holds negative labels (min "
+                        f"{int(labels.min())}); class labels are integers from 0. {HOWTO}")
 
 
 def _split(images: np.ndarray, labels: np.ndarray, name: str) -> Split:

@@ -17,10 +17,21 @@ values in both tasks.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 import pandas as pd
 
-from fedmedbench import Dataset, FederatedData, Task, cached_arrays, sha256_file, shipped_file
+from fedmedbench import (
+    Dataset,
+    FederatedData,
+    Range,
+    Task,
+    cached_arrays,
+    check_card_files,
+    sha256_file,
+    shipped_file,
+)
 from fedmedbench.plugins.datasets._common import (
     scaled_arrays,
     sites_from_arrays,
@@ -66,7 +77,7 @@ class Support2(Dataset):
     run_defaults = {"batch_size": 64, "lr": 0.1, "local_steps": 20}
 
     def __init__(self, *, site_column: str = "dzclass", target: str = "hospdead",
-                 long_stay_days: int = 14) -> None:
+                 long_stay_days: Annotated[int, Range(ge=1)] = 14) -> None:
         if site_column not in SITE_COLUMNS:
             raise ValueError(f"site_column must be one of {SITE_COLUMNS}, got {site_column!r}")
         if target not in TARGETS:
@@ -76,6 +87,10 @@ class Support2(Dataset):
         self.site_column = site_column
         self.target = target
         self.long_stay_days = long_stay_days
+
+    def check_files(self) -> None:
+        """Every file on the card is present and matches its sha256."""
+        check_card_files(self.card)
 
     def load(self, *, seed: int) -> FederatedData:
         path = shipped_file(self.card, FILE)

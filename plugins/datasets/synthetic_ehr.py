@@ -20,9 +20,11 @@ hospitals and 10^5-10^6 patients take seconds.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
-from fedmedbench import Dataset, FederatedData, Site, Split, Task
+from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
 from fedmedbench.plugins.datasets._common import apply_scaler, fit_scaler, split_indices
 
 VITALS = ["heart_rate", "mean_bp", "resp_rate", "temperature", "spo2", "gcs"]
@@ -61,10 +63,15 @@ class SyntheticEHR(Dataset):
     run_defaults = {"batch_size": 64, "lr": 0.1, "local_steps": 10, "clients_per_round": 0.5,
                     "eval_every": 5}
 
-    def __init__(self, *, n_hospitals: int = 20, n_patients: int = 8000, size_skew: float = 0.6,
-                 case_mix: float = 1.0, measurement_shift: float = 1.0,
-                 missing_rate: float = 0.1, min_stays: int = 20, test_fraction: float = 0.25,
-                 data_seed: int = 0) -> None:
+    def __init__(self, *, n_hospitals: Annotated[int, Range(ge=1, le=1000)] = 20,
+                 n_patients: Annotated[int, Range(ge=4, le=1_000_000)] = 8000,
+                 size_skew: Annotated[float, Range(ge=0)] = 0.6,
+                 case_mix: Annotated[float, Range(ge=0)] = 1.0,
+                 measurement_shift: Annotated[float, Range(ge=0)] = 1.0,
+                 missing_rate: Annotated[float, Range(ge=0, lt=0.9)] = 0.1,
+                 min_stays: Annotated[int, Range(ge=4)] = 20,
+                 test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.25,
+                 data_seed: Seed = 0) -> None:
         if not isinstance(n_hospitals, int) or n_hospitals < 1:
             raise ValueError(f"n_hospitals must be an integer >= 1, got {n_hospitals!r}")
         if not isinstance(min_stays, int) or min_stays < 4:

@@ -15,9 +15,11 @@ array. 20,000 genes x 10,000 samples is 800 MB and takes a few seconds.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
-from fedmedbench import Dataset, FederatedData, Site, Split, Task
+from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
 
 CHUNK = 1024
 
@@ -49,10 +51,16 @@ class SyntheticGenomics(Dataset):
     name = "synthetic-genomics"
     run_defaults = {"batch_size": 32, "lr": 0.01, "local_steps": 10, "clients_per_round": 64}
 
-    def __init__(self, *, n_genes: int = 2000, n_samples: int = 800, n_sites: int = 4,
-                 batch_strength: float = 1.0, n_signal: int = 50, effect_size: float = 0.5,
-                 label_skew: float = 0.5, n_factors: int = 10, test_fraction: float = 0.25,
-                 data_seed: int = 0) -> None:
+    def __init__(self, *, n_genes: Annotated[int, Range(ge=1, le=60_000)] = 2000,
+                 n_samples: Annotated[int, Range(ge=8, le=100_000)] = 800,
+                 n_sites: Annotated[int, Range(ge=1, le=1000)] = 4,
+                 batch_strength: Annotated[float, Range(ge=0)] = 1.0,
+                 n_signal: Annotated[int, Range(ge=0)] = 50,
+                 effect_size: Annotated[float, Range(ge=0)] = 0.5,
+                 label_skew: Annotated[float, Range(ge=0)] = 0.5,
+                 n_factors: Annotated[int, Range(ge=0, le=1000)] = 10,
+                 test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.25,
+                 data_seed: Seed = 0) -> None:
         for k, v, lo in (("n_genes", n_genes, 1), ("n_sites", n_sites, 1),
                          ("n_factors", n_factors, 0), ("n_signal", n_signal, 0)):
             if not isinstance(v, int) or v < lo:

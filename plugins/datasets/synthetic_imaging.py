@@ -24,10 +24,12 @@ sigmoid LeNet that downsamples by stride, not pooling).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from fedmedbench import Dataset, FederatedData, Site, Split, Task
+from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
 from fedmedbench.plugins.datasets._common import split_indices
 
 HARMONICS = np.arange(2, 10)
@@ -71,10 +73,15 @@ class SyntheticImaging(Dataset):
     run_defaults = {"batch_size": 32, "lr": 0.05, "local_steps": 10, "clients_per_round": 64,
                     "eval_every": 5}
 
-    def __init__(self, *, n_sites: int = 4, n_per_site: int = 400, num_classes: int = 2,
-                 image_size: int = 28, acquisition_shift: float = 1.0, label_alpha: float = 2.0,
-                 test_fraction: float = 0.25, data_seed: int = 0, model_act: str = "relu",
-                 model_width: int = 8, model_pool: str = "max") -> None:
+    def __init__(self, *, n_sites: Annotated[int, Range(ge=1, le=1000)] = 4,
+                 n_per_site: Annotated[int, Range(ge=8, le=100_000)] = 400,
+                 num_classes: Annotated[int, Range(ge=2, le=3)] = 2,
+                 image_size: Annotated[int, Range(ge=16, le=256)] = 28,
+                 acquisition_shift: Annotated[float, Range(ge=0)] = 1.0,
+                 label_alpha: Annotated[float, Range(gt=0)] = 2.0,
+                 test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.25, data_seed: Seed = 0,
+                 model_act: str = "relu", model_width: Annotated[int, Range(ge=4, le=1024)] = 8,
+                 model_pool: str = "max") -> None:
         if not isinstance(n_sites, int) or n_sites < 1:
             raise ValueError(f"n_sites must be an integer >= 1, got {n_sites!r}")
         if not isinstance(n_per_site, int) or n_per_site < 8:

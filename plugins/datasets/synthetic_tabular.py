@@ -9,9 +9,11 @@ come from the federation, not from the data.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
-from fedmedbench import Dataset, FederatedData, Site, Split, Task
+from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
 
 
 class SyntheticTabular(Dataset):
@@ -20,9 +22,12 @@ class SyntheticTabular(Dataset):
     name = "synthetic-tabular"
     run_defaults = {"batch_size": 32, "lr": 0.1, "local_steps": 10}
 
-    def __init__(self, *, n_sites: int = 4, n_samples: int = 2000, n_features: int = 10,
-                 heterogeneity: float = 0.5, test_fraction: float = 0.25,
-                 data_seed: int = 0) -> None:
+    def __init__(self, *, n_sites: Annotated[int, Range(ge=1, le=1000)] = 4,
+                 n_samples: Annotated[int, Range(ge=4, le=1_000_000)] = 2000,
+                 n_features: Annotated[int, Range(ge=1, le=10_000)] = 10,
+                 heterogeneity: Annotated[float, Range(ge=0)] = 0.5,
+                 test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.25,
+                 data_seed: Seed = 0) -> None:
         if n_sites < 1 or n_samples < 4 * n_sites or n_features < 1:
             raise ValueError("need n_sites >= 1, n_features >= 1 and n_samples >= 4 * n_sites")
         if heterogeneity < 0 or not 0 < test_fraction < 1:

@@ -7,10 +7,12 @@ enough to train on CPU, and built deterministically from the torch seed.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
-from fedmedbench import Model
+from fedmedbench import Model, Range
 
 
 class Logistic(nn.Module):
@@ -134,7 +136,8 @@ class MLPModel(Model):
 
     name = "mlp"
 
-    def __init__(self, *, hidden: list = (64,), dropout: float = 0.0) -> None:  # noqa: B006
+    def __init__(self, *, hidden: list = (64,),  # noqa: B006
+                 dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
         hidden = list(hidden)
         if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
                                  for h in hidden):
@@ -162,7 +165,8 @@ class CNNModel(Model):
 
     name = "cnn"
 
-    def __init__(self, *, width: int = 16, act: str = "relu", pool: str = "max") -> None:
+    def __init__(self, *, width: Annotated[int, Range(ge=4, le=1024)] = 16, act: str = "relu",
+                 pool: str = "max") -> None:
         SmallCNN(1, 2, image_size=4, width=width, act=act, pool=pool)  # validates
         self.width, self.act, self.pool = width, act, pool
 

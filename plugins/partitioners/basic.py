@@ -17,10 +17,11 @@ taken from each site's training rows, so the sites stay the real sites.
 from __future__ import annotations
 
 import abc
+from typing import Annotated
 
 import numpy as np
 
-from fedmedbench import FederatedData, Partitioner, Site, Split
+from fedmedbench import FederatedData, Partitioner, Range, Site, Split
 
 _PUBLIC_STREAM = 7  # rng stream of the public carve-out, independent of the split streams
 
@@ -71,7 +72,7 @@ class Natural(Partitioner):
 
     name = "natural"
 
-    def __init__(self, *, public_fraction: float = 0.0) -> None:
+    def __init__(self, *, public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
         self.public_fraction = _check_public(public_fraction)
 
     def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
@@ -131,7 +132,8 @@ class IID(PooledPartitioner):
     prefix = "iid"
     stream = 1
 
-    def __init__(self, *, n_clients: int = 4, public_fraction: float = 0.0) -> None:
+    def __init__(self, *, n_clients: Annotated[int, Range(ge=1)] = 4,
+                 public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
         self.n_clients = _check_clients(n_clients)
         self.public_fraction = _check_public(public_fraction)
 
@@ -162,8 +164,10 @@ class Dirichlet(PooledPartitioner):
     prefix = "dir"
     stream = 2
 
-    def __init__(self, *, n_clients: int = 4, alpha: float = 0.5, min_size: int = 2,
-                 public_fraction: float = 0.0) -> None:
+    def __init__(self, *, n_clients: Annotated[int, Range(ge=1)] = 4,
+                 alpha: Annotated[float, Range(gt=0)] = 0.5,
+                 min_size: Annotated[int, Range(ge=0)] = 2,
+                 public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
         self.n_clients = _check_clients(n_clients)
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha!r}")

@@ -11,9 +11,11 @@ separately, so no test row reaches training.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 
-from fedmedbench import FederatedData, Site, Split
+from fedmedbench import FederatedData, Range, Site, Split
 from fedmedbench.plugins.partitioners.basic import PooledPartitioner, _check_clients, _check_public
 
 
@@ -47,8 +49,10 @@ class Quantity(PooledPartitioner):
     prefix = "qty"
     stream = 3
 
-    def __init__(self, *, n_clients: int = 4, alpha: float = 0.5, min_size: int = 8,
-                 public_fraction: float = 0.0) -> None:
+    def __init__(self, *, n_clients: Annotated[int, Range(ge=1)] = 4,
+                 alpha: Annotated[float, Range(gt=0)] = 0.5,
+                 min_size: Annotated[int, Range(ge=1)] = 8,
+                 public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
         self.n_clients = _check_clients(n_clients)
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha!r}")
@@ -95,8 +99,9 @@ class FeatureShift(PooledPartitioner):
     prefix = "fs"
     stream = 4
 
-    def __init__(self, *, n_clients: int = 4, strength: float = 1.0,
-                 public_fraction: float = 0.0) -> None:
+    def __init__(self, *, n_clients: Annotated[int, Range(ge=1)] = 4,
+                 strength: Annotated[float, Range(ge=0)] = 1.0,
+                 public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
         self.n_clients = _check_clients(n_clients)
         if not isinstance(strength, (int, float)) or strength < 0:
             raise ValueError(f"strength must be a number >= 0, got {strength!r}")

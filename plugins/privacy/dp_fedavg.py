@@ -46,12 +46,20 @@ that a cell is reproducible: right for a benchmark, wrong for a deployment
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import torch
 
-from fedmedbench import Accounting, CellContext, PrivacyMechanism, ServerStage, Updates, UpdateStage
+from fedmedbench import (
+    Accounting,
+    CellContext,
+    PrivacyMechanism,
+    Range,
+    ServerStage,
+    Updates,
+    UpdateStage,
+)
 from fedmedbench.accounting import Ledger, check_accountant, noise_for_epsilon, noise_for_schedule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,12 +110,18 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
     aggregate_as_sum = True
     run_defaults = {"client_sampling": "poisson"}
 
-    def __init__(self, *, noise_multiplier: float = 1.0, epsilon: float | None = None,
-                 clip: float = 1.0, delta: float = 1e-5, accountant: str = "rdp",
-                 noise: str = "auto", target_quantile: float | None = None,
-                 clip_lr: float = 0.2, count_noise: float = 0.0, noise_decay: float = 1.0,
-                 min_noise_multiplier: float = 0.0, layerwise: str = "none",
-                 weight_cap: float = 0.0) -> None:
+    def __init__(self, *, noise_multiplier: Annotated[float, Range(gt=0)] = 1.0,
+                 epsilon: Annotated[float | None, Range(gt=0)] = None,
+                 clip: Annotated[float, Range(gt=0)] = 1.0,
+                 delta: Annotated[float, Range(gt=0, lt=1)] = 1e-5, accountant: str = "rdp",
+                 noise: str = "auto",
+                 target_quantile: Annotated[float | None, Range(gt=0, lt=1)] = None,
+                 clip_lr: Annotated[float, Range(gt=0)] = 0.2,
+                 count_noise: Annotated[float, Range(ge=0)] = 0.0,
+                 noise_decay: Annotated[float, Range(gt=0, le=1)] = 1.0,
+                 min_noise_multiplier: Annotated[float, Range(ge=0)] = 0.0,
+                 layerwise: str = "none",
+                 weight_cap: Annotated[float, Range(ge=0)] = 0.0) -> None:
         if not noise_multiplier > 0:
             raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be > 0")
         if epsilon is not None and (isinstance(epsilon, bool)

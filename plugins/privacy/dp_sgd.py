@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
-from fedmedbench import Accounting, CellContext, LocalStage, PrivacyMechanism, Split
+from fedmedbench import Accounting, CellContext, LocalStage, PrivacyMechanism, Range, Split
 from fedmedbench.accounting import Ledger, check_accountant, epsilon_for, noise_for_epsilon
 from fedmedbench.training import add_grad_offset, finish_local, flat_params, to_tensors
 
@@ -61,8 +61,10 @@ class DPSGD(PrivacyMechanism, LocalStage):
     name = "dp-sgd"
     dp_unit = "record"
 
-    def __init__(self, *, noise_multiplier: float = 1.0, epsilon: float | None = None,
-                 max_grad_norm: float = 1.0, delta: float = 1e-5,
+    def __init__(self, *, noise_multiplier: Annotated[float, Range(ge=0)] = 1.0,
+                 epsilon: Annotated[float | None, Range(gt=0)] = None,
+                 max_grad_norm: Annotated[float, Range(gt=0)] = 1.0,
+                 delta: Annotated[float, Range(gt=0, lt=1)] = 1e-5,
                  accountant: str = "rdp") -> None:
         if not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be >= 0")

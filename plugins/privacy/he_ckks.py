@@ -22,12 +22,12 @@ encryption); the rest travels in plaintext, or under secure aggregation with
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 
-from fedmedbench import CellContext, Message, PrivacyMechanism, TransportStage
+from fedmedbench import CellContext, Message, PrivacyMechanism, Range, TransportStage
 
 from .secagg import SecAgg
 
@@ -106,8 +106,9 @@ class HECKKS(PrivacyMechanism, TransportStage):
     server_view = "ciphertext"
 
     def __init__(self, *, poly_modulus_degree: int = 8192,
-                 coeff_mod_bit_sizes: list = (60, 40, 60), scale: float = 2.0**40,
-                 layers: list = (), rest: str = "plaintext") -> None:
+                 coeff_mod_bit_sizes: list = (60, 40, 60),
+                 scale: Annotated[float, Range(gt=1)] = 2.0**40, layers: list = (),
+                 rest: str = "plaintext") -> None:
         if poly_modulus_degree not in MAX_COEFF_BITS:
             raise ValueError(f"poly_modulus_degree={poly_modulus_degree!r}; choose one of "
                              f"{sorted(MAX_COEFF_BITS)}")

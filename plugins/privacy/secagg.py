@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedmedbench import CellContext, Message, PrivacyMechanism, TransportStage
+from fedmedbench import CellContext, Message, PrivacyMechanism, Range, TransportStage
 
 PHASES = ("masking", "unmasking")
 #: Shamir's field: the Mersenne prime 2^521 - 1 (holds a 32-byte secret)
@@ -271,8 +271,11 @@ class SecAgg(PrivacyMechanism, TransportStage):
     name = "secagg"
     server_view = "aggregate"
 
-    def __init__(self, *, threshold: int = 0, field_bits: int = 32, clip_range: float = 1.0,
-                 dropout_rate: float = 0.0, dropout_phase: str = "masking") -> None:
+    def __init__(self, *, threshold: Annotated[int, Range(ge=0)] = 0,
+                 field_bits: Annotated[int, Range(ge=8, le=64)] = 32,
+                 clip_range: Annotated[float, Range(gt=0)] = 1.0,
+                 dropout_rate: Annotated[float, Range(ge=0, lt=1)] = 0.0,
+                 dropout_phase: str = "masking") -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
             raise ValueError(f"threshold={threshold!r}; use an integer t >= 1, or 0 for an "
                              f"honest majority")
