@@ -185,9 +185,10 @@ def _priv(key: X25519PrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _mask_seed(sk: X25519PrivateKey, pk: bytes, rnd: int) -> bytes:
-    return _kdf(sk.exchange(X25519PublicKey.from_public_bytes(pk)),
-                b"fedmedbench secagg mask %d" % rnd)
+def _mask_seed(sk: X25519PrivateKey, pk: bytes | X25519PublicKey, rnd: int) -> bytes:
+    if isinstance(pk, bytes):
+        pk = X25519PublicKey.from_public_bytes(pk)
+    return _kdf(sk.exchange(pk), b"fedmedbench secagg mask %d" % rnd)
 
 
 def field_scale(field_bits: int, clip_range: float, n: int) -> int:
@@ -215,6 +216,7 @@ class _Client:
         self.b = secrets.token_bytes(KEY_BYTES)
         self.received: dict[int, bytes] = {}  # encrypted shares addressed to me, by sender
         self.keys: dict[int, tuple[bytes, bytes]] = {}  # my neighbourhood's keys, mine included
+        self._peers: dict[int, tuple[X25519PublicKey, X25519PublicKey]] = {}  # parsed once
         self._aeads: dict[int, AESGCM] = {}
 
     def advertise(self) -> tuple[bytes, bytes]:
@@ -222,16 +224,16 @@ class _Client:
 
     def _aead(self, other: int) -> AESGCM:
         if other not in self._aeads:  # one key agreement per neighbour and round
-            c_pk = self.keys[other][0]
-            self._aeads[other] = AESGCM(_kdf(
-                self.c_sk.exchange(X25519PublicKey.from_public_bytes(c_pk)),
-                b"fedmedbench secagg shares %d" % self.rnd))
+            self._aeads[other] = AESGCM(_kdf(self.c_sk.exchange(self._peers[other][0]),
+                                             b"fedmedbench secagg shares %d" % self.rnd))
         return self._aeads[other]
 
     def share_keys(self, keys: dict[int, tuple[bytes, bytes]], t: int) -> dict[int, bytes]:
         """Shamir-share s_u^SK and b_u among the holders in ``keys`` (my
         neighbours and me); return each share encrypted for its owner."""
         self.keys = keys
+        self._peers = {v: (X25519PublicKey.from_public_bytes(c), X25519PublicKey.from_public_bytes(s))
+                       for v, (c, s) in keys.items() if v != self.uid}
         ids = sorted(keys)
         s_sh = shamir_split(int.from_bytes(_priv(self.s_sk), "big"), len(ids), t)
         b_sh = shamir_split(int.from_bytes(self.b, "big"), len(ids), t)
@@ -249,10 +251,9 @@ class _Client:
     def masked_input(self, x: np.ndarray, bits: int) -> np.ndarray:
         """``x + PRG(b_u) + Σ_{v>u} PRG(s_uv) − Σ_{v<u} PRG(s_uv)`` over my neighbours."""
         seeds, signs = [self.b], [1]
-        for v, (_, s_pk) in self.keys.items():
-            if v != self.uid:
-                seeds.append(_mask_seed(self.s_sk, s_pk, self.rnd))
-                signs.append(1 if self.uid < v else -1)
+        for v, (_, s_pk) in self._peers.items():
+            seeds.append(_mask_seed(self.s_sk, s_pk, self.rnd))
+            signs.append(1 if self.uid < v else -1)
         return _reduce(x + prg_sum(seeds, signs, x.size, bits), bits)
 
     def unmask(self, survivors: set[int], dropped: set[int]) -> dict[int, tuple[str, int, int]]:
