@@ -470,12 +470,12 @@ class PairwiseMasking(PrivacyMechanism):
             raise ValueError(f"client {client} is not a participant of round {ctx.round}")
         if client in self._dropped and self.dropout_phase == "masking":
             return Message(client, None, self._up[client])
-        v = vector.detach().to(torch.float64).numpy()
+        v = vector.detach().cpu().numpy().astype(np.float64)
         R = self.clip_range
         self.stats["clipped_coordinates"] += int(np.count_nonzero(np.abs(v) > R))
         x = np.rint((np.clip(v, -R, R) + R) * self._scale).astype(_dtype(self.field_bits))
         y = self._clients[client].masked_input(x, self.field_bits)
-        return Message(client, y, self._up[client] + len(y.tobytes()))
+        return Message(client, y, self._up[client] + y.nbytes)
 
     def aggregate(self, ctx: RoundContext, messages: list[Message]) -> torch.Tensor:
         server = self.server
