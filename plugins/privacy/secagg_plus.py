@@ -144,7 +144,7 @@ class SecAggPlus(PairwiseMasking):
       with probability < 2^-40 over the random graph (σ = 40: no client has t
       corrupt neighbours, and the honest survivors' graph stays connected so
       no partial sum can be unmasked). Every masked vector it holds is
-      uniform on Z_{2^b}.
+      indistinguishable from uniform on Z_{2^b} (AES-CTR is a PRG).
     - **Dropouts tolerated:** up to D = ⌊δn⌋ clients (δ =
       ``dropout_fraction``) dropping at any point after sharing keys; the
       round then completes except with probability < 2^-20 (η = 20) over the
@@ -171,8 +171,8 @@ class SecAggPlus(PairwiseMasking):
     Parameters
     ----------
     neighbours : int, default 0
-        k, an even degree; 0 takes it from the rule above. A k >= n − 1 is the
-        complete graph.
+        k, an even degree; 0 takes it from the rule above. A given k is used
+        at any n (no small-round fallback); k >= n − 1 is the complete graph.
     threshold : int, default 0
         t, the shares (of k + 1) that rebuild a secret; 0 takes it from the
         rule (the smallest secure t for k).
@@ -219,7 +219,6 @@ class SecAggPlus(PairwiseMasking):
                           dropout_rate=dropout_rate, dropout_phase=dropout_phase)
         self._graph_kind = ""
         self._k = 0
-        self._rng = secrets.SystemRandom()
 
     # -- parameters -------------------------------------------------------------
 
@@ -278,16 +277,17 @@ class SecAggPlus(PairwiseMasking):
         self._graph_kind, self._k = kind, k
         if kind == "complete":
             return {u: tuple(v for v in parts if v != u) for u in parts}, t
-        return harary_graph(parts, k, self._rng), t
+        return harary_graph(parts, k, secrets.SystemRandom()), t
 
     def check_alive(self, rnd: int, stage: str, alive: int) -> None:
         dropped, bound = self._n - alive, self.max_dropouts(self._n)
         if dropped <= bound:
             return
         raise SecAggAborted(
-            f"round {rnd}: {dropped} of {self._n} clients dropped out by {stage}, more than "
-            f"the ⌊dropout_fraction·n⌋ = {bound} that secagg-plus chose its graph (k={self._k}, "
-            f"t={self._t}) for; beyond that the honest survivors may lose connectivity and the "
+            f"round {rnd}: {dropped} of {self._n} clients dropped out "
+            f"({'before sending masked inputs' if stage == 'masking' else 'by unmasking'}), "
+            f"more than the ⌊dropout_fraction·n⌋ = {bound} that secagg-plus chose its graph "
+            f"(k={self._k}, t={self._t}) for; beyond that the honest survivors may lose connectivity and the "
             f"server could unmask partial sums, so the protocol aborts: no sum is released and "
             f"the cell is recorded as failed (the global model of the aborted round is never "
             f"updated); declare dropout_fraction >= {dropped / self._n:g} to tolerate them")
