@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from fedmedbench import ParamLayout
 from fedmedbench.accounting import Ledger, epsilon_for, noise_for_epsilon, noise_for_schedule
@@ -271,7 +270,7 @@ def test_dropouts_need_uniform_weights_and_cannot_carry_distributed_noise(run_ma
 
 
 # --------------------------------------------------------------------------
-# secure aggregation
+# transport mechanisms (secure aggregation has its own tests/test_secagg.py)
 # --------------------------------------------------------------------------
 
 
@@ -287,6 +286,7 @@ class _Ctx:
 
     def __post_init__(self) -> None:
         self.participants = self.participants or list(range(self.n))
+        self.num_clients = self.n
         self.layout = ParamLayout(("fc.weight", "fc.bias"), ((self.numel - 10,), (10,)))
 
     def rng(self, purpose: str, *extra: int) -> np.random.Generator:
@@ -296,82 +296,6 @@ class _Ctx:
 def _vectors(n: int, numel: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(numel, generator=g) * 0.05 for _ in range(n)]
-
-
-def _secagg_round(mech, vecs, rnd=1):
-    ctx = _Ctx(numel=vecs[0].numel(), n=len(vecs), round=rnd)
-    mech.setup(ctx)
-    mech.begin_round(rnd)
-    msgs = [mech.encode(ctx, i, v) for i, v in enumerate(vecs)]
-    return msgs, mech.aggregate(ctx, msgs)
-
-
-def test_secagg_sum_within_quantisation_error_and_masks_look_uniform():
-    from fedmedbench.plugins.privacy.secagg import SecAgg
-
-    n, numel = 10, 20_000
-    mech = SecAgg(field_bits=32, clip_range=1.0)
-    vecs = _vectors(n, numel)
-    msgs, agg = _secagg_round(mech, vecs)
-    plain = torch.stack(vecs).double().sum(0)
-    bound = n * 0.5 / mech.scale_for(n) + 1e-6  # rounding of n inputs + float32 output
-    assert float((agg.double() - plain).abs().max()) <= bound
-    server = mech.server
-    assert set(server.masked) == set(range(n))
-    # every masked vector the server holds is indistinguishable from uniform on Z_2^32
-    for u, y in server.masked.items():
-        assert y.dtype == np.uint32
-        counts = np.bincount((y >> np.uint32(24)).astype(np.int64), minlength=256)
-        assert stats.chisquare(counts).pvalue > 1e-4, u
-        assert stats.kstest(y / 2.0**32, "uniform").pvalue > 1e-4, u
-    # the test has power: the unmasked fixed-point encoding is nowhere near uniform
-    x = np.rint((vecs[0].double().numpy() + 1.0) * mech.scale_for(n)).astype(np.uint32)
-    assert stats.kstest(x / 2.0**32, "uniform").pvalue < 1e-12
-    # the server holds no client secret: only public keys, ciphertexts and masked inputs
-    for keys in server.public_keys.values():
-        assert all(isinstance(k, bytes) and len(k) == 32 for k in keys)
-    assert not hasattr(server, "_clients") and mech._clients == {}
-    # bytes come from serialized sizes: masked vector + keys + encrypted shares + unmask shares
-    assert all(m.nbytes > 4 * numel for m in msgs)
-
-
-@pytest.mark.parametrize("phase", ["masking", "unmasking"])
-def test_secagg_recovers_up_to_n_minus_t_dropouts(phase):
-    from fedmedbench.plugins.privacy.secagg import SecAgg, SecAggAborted
-
-    n, numel, t = 10, 2_000, 6
-    vecs = _vectors(n, numel, seed=1)
-    mech = SecAgg(threshold=t, dropout_rate=0.4, dropout_phase=phase)  # 4 = n - t drop
-    msgs, agg = _secagg_round(mech, vecs)
-    dropped = mech._dropped
-    assert len(dropped) == n - t
-    if phase == "masking":  # their inputs never arrive: the mean of the survivors, rescaled
-        kept = [v for i, v in enumerate(vecs) if i not in dropped]
-        expected = torch.stack(kept).double().sum(0) * n / len(kept)
-        assert all(m.payload is None for m in msgs if m.client in dropped)
-    else:  # they sent masked inputs, then vanished: their inputs still count
-        expected = torch.stack(vecs).double().sum(0)
-    assert float((agg.double() - expected).abs().max()) < 1e-5
-    # one more dropout than n - t: a clear error
-    mech = SecAgg(threshold=t, dropout_rate=0.5, dropout_phase=phase)
-    with pytest.raises(SecAggAborted, match=r"at most n - t = 4 dropouts"):
-        _secagg_round(mech, vecs)
-
-
-def test_secagg_abort_leaves_the_global_model_unchanged():
-    import tomllib
-
-    from fedmedbench import run_cell
-    from fedmedbench.matrix import parse_matrix
-    from fedmedbench.models import get_flat_params
-
-    raw = tomllib.loads(HEART.format(
-        rounds=2, privacy='[{name = "secagg", dropout_rate = 0.5, dropout_phase = "unmasking"}]'))
-    rec, run = run_cell(parse_matrix(raw).cells[0], keep_run=True)
-    assert rec["status"] == "failed" and "n - t = 1 dropouts" in rec["error"]["message"]
-    assert rec["error"]["component"] == "secagg" and rec["error"]["hook"] == "aggregate"
-    assert len(rec["history"]) == 0  # round 1 (4 clients, t = 3, 2 drop) aborted
-    assert torch.equal(run.final_params[0], get_flat_params(run.model_factory()))
 
 
 # --------------------------------------------------------------------------

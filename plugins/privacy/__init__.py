@@ -7,9 +7,9 @@ to register it.
 from __future__ import annotations
 
 from fedmedbench import hookimpl
-from fedmedbench.plugins.privacy import dp_fedavg, dp_sgd, he_ckks, secagg
+from fedmedbench.plugins.privacy import dp_fedavg, dp_sgd, he_ckks, secagg, secagg_plus
 
-MODULES: tuple = (dp_sgd, dp_fedavg, secagg, he_ckks)
+MODULES: tuple = (dp_sgd, dp_fedavg, secagg, secagg_plus, he_ckks)
 
 
 @hookimpl

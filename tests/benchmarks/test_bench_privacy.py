@@ -67,6 +67,7 @@ class _Ctx:
     round: int = 1
     seed: int = 0
     participants: list[int] = field(default_factory=lambda: list(range(N_CLIENTS)))
+    num_clients: int = N_CLIENTS
 
     def rng(self, purpose: str, *extra: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, len(purpose), *extra])
