@@ -164,7 +164,8 @@ async def _exit_soon() -> bool:
     return True
 
 
-def _processing_on(dask_scheduler: Any, key: str) -> str | None:
+def _processing_on(key: str, dask_scheduler: Any = None) -> str | None:
+    """Run on the scheduler: the address of the worker running task ``key``."""
     ts = dask_scheduler.tasks.get(key)
     return ts.processing_on.address if ts is not None and ts.processing_on else None
 
