@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                         "'fedmedbench[dask]')")
     r.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes for --executor process and a local dask cluster "
-                        "(default: the CPU cores, less one above two cores)")
+                        "(default: the CPU cores less one, at least 1)")
     r.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="--executor dask: a running dask scheduler, e.g. tcp://HOST:8786")
     r.add_argument("--cluster", default=None, metavar="FILE",

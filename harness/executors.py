@@ -152,13 +152,12 @@ def execute(cells: Iterable[dict[str, Any]], results_dir: Path, *, executor: str
 
 
 def default_workers() -> int:
-    """The process executor's default worker count: one per CPU core, less
-    one for the driver and the operating system where there are more than
-    two. Measured on a 2-core machine (README, "The command line"): two
-    single-threaded workers beat the in-process executor there, and a third
-    only competes for the cores."""
-    n = os.cpu_count() or 1
-    return max(1, n - 1) if n > 2 else n
+    """The default worker count of the process executor and of a local dask
+    cluster: one per CPU core, less one core for the driver, at least one.
+    Measured on a 2-core machine (README, "The command line"): the quickstart
+    took 41-42 s with one worker and 50-63 s with two, which compete with the
+    driver and each other for the two cores (in-process: 35-37 s)."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 # --------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shlex
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -203,7 +204,12 @@ def run_dask(cells: Iterator[dict[str, Any]], *, workers: int, scheduler: str | 
                                              silence_logs=logging.CRITICAL)
             client = distributed.Client(owned)
     try:
-        client.wait_for_workers(1)
+        try:
+            client.wait_for_workers(1, timeout=30)
+        except (TimeoutError, distributed.TimeoutError):
+            where = scheduler or "the cluster's queue"
+            print(f"fedmedbench: waiting for a first dask worker ({where})", file=sys.stderr)
+            client.wait_for_workers(1)
         check_workers(client, want)
         _drive(client, distributed, cells, want=want, timeout=timeout, retries=retries,
                finish=finish)
