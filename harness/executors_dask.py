@@ -53,6 +53,15 @@ JOBQUEUE_KEYS = ("cores", "memory", "walltime", "queue", "account", "job_name",
                  "resource_spec")
 CLUSTER_KINDS = ("slurm", "pbs")
 _POLL_S = 0.05
+#: a worker preload (the text of a module) for the local cluster: Ctrl-C in the
+#: terminal reaches the whole process group; the driver alone handles it
+_IGNORE_SIGINT = """
+import signal
+try:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+except ValueError:  # not the main thread
+    pass
+"""
 
 
 def _dask() -> tuple[Any, Any]:
@@ -201,7 +210,8 @@ def run_dask(cells: Iterator[dict[str, Any]], *, workers: int, scheduler: str | 
         else:
             owned = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
                                              processes=True, dashboard_address=None,
-                                             silence_logs=logging.CRITICAL)
+                                             silence_logs=logging.CRITICAL,
+                                             preload=[_IGNORE_SIGINT])
             client = distributed.Client(owned)
     try:
         try:

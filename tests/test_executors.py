@@ -457,6 +457,30 @@ def test_dask_driver_killed_then_rerun_computes_only_missing_cells(faults, tmp_p
     assert all((out / n).read_bytes() == b for n, b in before.items())  # untouched
 
 
+@needs_dask
+@pytest.mark.slow
+def test_dask_ctrl_c_cancels_the_futures_and_keeps_finished_records(faults, tmp_path):
+    faults("hang:2")  # cells 0 and 1 finish, cell 2 would never
+    proc, out = _spawn_driver(tmp_path, FAULTY.format(seeds="0, 1, 2"), "--executor", "dask",
+                              "--workers", "2")
+    try:
+        _wait_for(lambda: len(list(out.glob("*.json"))) >= 2, 120, "two records")
+        import psutil
+
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode()
+    assert "interrupted; finished cells are saved" in err and "Traceback" not in err
+    records, _ = load_records([out])
+    assert sorted(r["config"]["seed"] for r in records) == [0, 1]
+    assert all(r["status"] == "ok" for r in records)
+    _wait_for(lambda: not any(_alive(k.pid) for k in kids), 20, "the workers to exit")
+
+
 def test_jobqueue_slurm_and_pbs_job_scripts(tmp_path):
     pytest.importorskip("dask_jobqueue")
     from fedmedbench.executors_dask import jobqueue_cluster, load_cluster_config
