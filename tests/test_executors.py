@@ -156,6 +156,20 @@ def test_count_and_first_cell_do_not_generate_the_matrix(monkeypatch):
         m.check_size()
 
 
+def test_bad_run_settings_are_found_before_any_cell_is_generated():
+    # a [run.NAME] table that makes one combination invalid, at the end of a
+    # matrix that is no longer expanded up front
+    raw = {"seeds": list(range(50)), "axes": {
+        "dataset": ["heart-disease", {"name": "synthetic-tabular", "n_samples": 200}],
+        "algorithm": ["fedavg", "local", "fedprox"]},
+        "run": {"fedprox": {"lr": -1.0}}}
+    with pytest.raises(ConfigError, match=r"run settings for .* / fedprox: lr = -1.0"):
+        parse_matrix(raw)
+    # ... and none when every cell of that combination is excluded
+    m = parse_matrix({**raw, "exclude": [{"algorithm": "fedprox"}]})
+    assert m.count() == 2 * 2 * 50
+
+
 def test_matrix_over_the_cap_is_refused_unless_raised(tmp_path, capsys):
     f = tmp_path / "big.toml"
     seeds = ", ".join(map(str, range(60)))
