@@ -303,6 +303,13 @@ def test_timeout_counts_from_hand_out_so_a_hang_at_import_is_stopped(faults, run
     assert rec["error"]["type"] == "Timeout" and "start-up included" in rec["error"]["message"]
 
 
+def test_a_huge_finite_timeout_is_accepted(run_matrix):
+    # 0.1: OverflowError from the pool's wait(); a timeout of ~31,700 years holds
+    code, records = run_matrix(FAULTY.format(seeds="0"), "--executor", "process",
+                               "--workers", "1", "--cell-timeout", "1e12")
+    assert code == 0 and [r["status"] for r in records] == ["ok"]
+
+
 @pytest.mark.slow
 def test_pool_retries_a_dead_worker_then_records_why(faults, run_matrix, tmp_path):
     attempts = faults("die:1,die-once:2,exit:3")
