@@ -28,10 +28,33 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--select", action="append", default=[], metavar="AXIS=NAME",
                    help="keep only these values of an axis (repeatable; NAME may be a "
                         "comma-separated list; AXIS may be `seed`)")
-    r.add_argument("--executor", default="local", choices=["local", "process"])
-    r.add_argument("--workers", type=int, default=1, help="processes for --executor process")
+    r.add_argument("--executor", default=None, choices=["local", "process", "dask"],
+                   help="local: in this process (default); process: a pool of worker "
+                        "processes; dask: dask.distributed workers (pip install "
+                        "'fedmedbench[dask]')")
+    r.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes for --executor process and a local dask cluster "
+                        "(default: the CPU cores less one, at least 1)")
+    r.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="--executor dask: a running dask scheduler, e.g. tcp://HOST:8786")
+    r.add_argument("--cluster", default=None, metavar="FILE",
+                   help="--executor dask: a SLURM/PBS cluster file for dask-jobqueue "
+                        "(pip install 'fedmedbench[cluster]')")
+    r.add_argument("--retries", type=int, default=None, metavar="N",
+                   help="times a cell whose worker process died is tried again before it is "
+                        "recorded failed (default 1; not in-process)")
     r.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
-                   help="with --executor process: stop a cell after this many seconds")
+                   help="record a cell failed and kill its process after this many seconds, "
+                        "counted from when it is handed to a worker (every executor; local "
+                        "then runs each cell in a child process)")
+    r.add_argument("--backend", default=None, choices=["auto", "loop", "vectorized"],
+                   help="how clients train: auto (vectorized when every component of a cell "
+                        "can, else loop; the default, or [run] backend), loop, vectorized")
+    r.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only the cells whose id falls in shard I of N "
+                        "(int(cell_id, 16) %% N == I-1); merge shards with `report`")
+    r.add_argument("--max-cells", type=int, default=None, metavar="N",
+                   help="refuse a matrix of more cells than this (default: 100,000)")
     r.add_argument("--force", action="store_true", help="rerun cells that already have an ok record")
     r.add_argument("--wait", action="store_true",
                    help="if another run holds the results folder, wait for it to finish "
@@ -86,30 +109,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from fedmedbench.executors import resolve_settings
     from fedmedbench.fileio import OutputError, probe_writable
-    from fedmedbench.matrix import load_matrix
+    from fedmedbench.matrix import MAX_CELLS, load_matrix
 
     m = load_matrix(args.matrix, select=args.select)
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    settings = resolve_settings(m.executor, executor=args.executor, workers=args.workers,
+                                scheduler=args.scheduler, cluster=args.cluster,
+                                retries=args.retries, cell_timeout=args.cell_timeout)
+    if args.max_cells is not None and args.max_cells < 1:
+        raise ConfigError(f"--max-cells {args.max_cells}: must be at least 1")
+    if args.shard is not None:
+        m.set_shard(args.shard)
+    if args.backend is not None:  # an execution option: not part of the cell ids
+        m.execution["backend"] = args.backend
+    n = m.check_size(args.max_cells or MAX_CELLS)
     if args.dry_run:
-        for c in m.cells:
-            lab = c["labels"]
-            print(c["cell_id"], " ".join(f"{k}={v}" for k, v in lab.items()),
-                  f"seed={c['config']['seed']}")
-        return 0
+        return _dry_run(m)
     out = Path(args.out)
     try:
         probe_writable(out)  # before any cell trains
     except OutputError as exc:
         raise ConfigError(str(exc)) from None
     try:
-        return _run_locked(args, m, out)
+        return _run_locked(args, m, out, n, settings)
     except OutputError as exc:  # the lock file could not be written
         raise ConfigError(str(exc)) from None
 
 
-def _run_locked(args: argparse.Namespace, m: Any, out: Path) -> int:
+def _run_locked(args: argparse.Namespace, m: Any, out: Path, n: int,
+                settings: dict[str, Any]) -> int:
     from fedmedbench.executors import execute
     from fedmedbench.fileio import os_error_message
     from fedmedbench.lock import results_lock
@@ -128,18 +157,20 @@ def _run_locked(args: argparse.Namespace, m: Any, out: Path) -> int:
             print(f"fedmedbench: not resuming from {msg.split(';')[0]}; if this matrix has "
                   f"that cell it runs again, and the file is kept as <name>.invalid-<n>",
                   file=sys.stderr)
-        print(f"matrix {m.name!r}: {len(m.cells)} cells -> {out}/", file=sys.stderr)
+        part = f"shard {m.shard[0]}/{m.shard[1]} of " if m.shard else ""
+        print(f"matrix {m.name!r}: {part}{n} cells -> {out}/ ({settings['executor']} executor)",
+              file=sys.stderr)
         try:
             with warnings.catch_warnings():  # the files kept aside were listed above
                 warnings.filterwarnings("ignore", message=r".*kept it as .*\.invalid-",
                                         category=RuntimeWarning)
-                execute(m.cells, out, executor=args.executor, workers=args.workers,
-                        cell_timeout=args.cell_timeout, force=args.force,
-                        progress=not args.no_progress)
+                ran = execute(m.iter_cells(), out, force=args.force,
+                              progress=not args.no_progress, total=None if m.shard else n,
+                              **settings)
         except OSError as exc:  # the driver writes only into `out`: name the folder
             print(f"fedmedbench: error: {os_error_message(exc, out)}", file=sys.stderr)
             return 1
-        ids = {c["cell_id"] for c in m.cells}
+        ids = ran.cell_ids
         records, _ = load_records([out], skip_invalid=True)
         mine = [r for r in records if r["cell_id"] in ids]
     if not args.no_report:
@@ -147,6 +178,23 @@ def _run_locked(args: argparse.Namespace, m: Any, out: Path) -> int:
     counts = summary_counts(mine)
     print("cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
     return 1 if counts["failed"] or counts["diverged"] else 0
+
+
+def _dry_run(m: Any) -> int:
+    """Print the cells as they are generated (the first at once)."""
+    try:
+        for i, c in enumerate(m.iter_cells()):
+            lab = c["labels"]
+            print(c["cell_id"], " ".join(f"{k}={v}" for k, v in lab.items()),
+                  f"seed={c['config']['seed']}")
+            if i == 0:
+                sys.stdout.flush()
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has all it wants
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

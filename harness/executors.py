@@ -1,52 +1,133 @@
 """Executors map :func:`fedmedbench.engine.run_cell` over cells and write records.
 
-- ``local``: in-process, one cell after another (the default).
-- ``process``: a pool of ``workers`` processes. A cell that raises, kills its
-  worker or runs past ``cell_timeout`` seconds becomes a ``failed`` record
-  with the reason; a dead or timed-out worker is replaced and every other
-  cell completes.
+- ``local``: in-process, one cell after another (the default). With a
+  ``cell_timeout`` each cell runs in one child process instead, so that a
+  cell past its time can be stopped.
+- ``process``: a pool of ``workers`` processes on this machine.
+- ``dask``: dask.distributed (:mod:`fedmedbench.executors_dask`): a
+  ``LocalCluster`` of worker processes, an existing scheduler, or a
+  SLURM/PBS cluster through dask-jobqueue.
 
-Each record is written the moment its cell finishes, so an interrupted run
-keeps everything finished before it, and the next run computes only the
-missing cells (resume; ``force`` reruns everything).
+Whatever the executor, the driver alone writes records, one per cell, the
+moment its cell finishes, so an interrupted run keeps everything finished
+before it, and the next run computes only the missing cells (resume;
+``force`` reruns everything). Outside the in-process executor a cell that
+kills its worker (a crash, the OOM killer, a plugin's ``os._exit``) is
+retried ``retries`` times on a fresh worker and then recorded ``failed``
+with the reason, and a cell past ``cell_timeout`` seconds, counted from when
+it was handed to a worker (the worker's start-up and plugin imports
+included), is recorded ``failed`` and its process killed. Every other cell
+completes. Pool workers exit when their driver dies.
 """
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import json
+import math
 import multiprocessing as mp
 import os
+import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 from fedmedbench.engine import provenance, run_cell
+from fedmedbench.errors import ConfigError
 from fedmedbench.registry import get_registry
 from fedmedbench.results import clean_json, completed_ids, write_record
 from fedmedbench.schema import SCHEMA
 
-EXECUTORS = ("local", "process")
+EXECUTORS = ("local", "process", "dask")
+#: keys of a matrix file's ``[executor]`` table
+EXECUTOR_KEYS = ("name", "workers", "scheduler", "cluster", "retries", "cell_timeout")
+DEFAULT_RETRIES = 1
+#: the longest single wait of the pool's driver loop (bounds huge timeouts)
+_MAX_WAIT_S = 3600.0
 
 
-def execute(cells: list[dict[str, Any]], results_dir: Path, *, executor: str = "local",
-            workers: int = 1, cell_timeout: float | None = None, force: bool = False,
-            progress: bool = True,
-            on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Run the cells not already done in ``results_dir``; return the new records."""
+@dataclass
+class Execution:
+    """What :func:`execute` did: the records it wrote, and the ids of every
+    cell it was given (done before or computed now)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    cell_ids: set[str] = field(default_factory=set)
+
+
+def execute(cells: Iterable[dict[str, Any]], results_dir: Path, *, executor: str = "local",
+            workers: int | None = None, cell_timeout: float | None = None,
+            retries: int = DEFAULT_RETRIES, scheduler: str | None = None,
+            cluster: str | Path | None = None, force: bool = False, progress: bool = True,
+            total: int | None = None,
+            on_record: Callable[[dict[str, Any]], None] | None = None) -> Execution:
+    """Run the cells not already done in ``results_dir`` and write their records.
+
+    Parameters
+    ----------
+    cells
+        Cells (an iterator is consumed lazily, one cell at a time).
+    results_dir
+        Where records go, one ``<cell_id>.json`` per cell.
+    executor
+        ``local``, ``process`` or ``dask``.
+    workers
+        Worker processes for ``process`` and a dask ``LocalCluster``
+        (default: :func:`default_workers`).
+    cell_timeout
+        Seconds a cell may take from being handed to a worker, or ``None``.
+    retries
+        How often a cell whose worker died is tried again before it is
+        recorded ``failed`` (not used in-process).
+    scheduler, cluster
+        ``dask`` only: a scheduler address, or a dask-jobqueue config file.
+    force
+        Rerun cells that already have an ``ok`` record.
+    progress
+        Progress bars on stderr.
+    total
+        The number of cells, for the progress bar, when ``cells`` is an iterator.
+    on_record
+        Called with each record after it is written.
+    """
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    cell_timeout = check_timeout(cell_timeout, "--cell-timeout")
+    workers = default_workers() if workers is None else workers
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     done = set() if force else completed_ids(results_dir)
-    todo = [{**c, "artifacts_dir": str(results_dir / "artifacts" / c["cell_id"])}
-            for c in cells if c["cell_id"] not in done]
-    bar = _bar(len(cells), initial=len(cells) - len(todo), enabled=progress)
-    out: list[dict[str, Any]] = []
+    if total is None and isinstance(cells, (list, tuple)):
+        total = len(cells)
+    bar = _bar(total, enabled=progress)
+    result = Execution()
+
+    def todo() -> Iterator[dict[str, Any]]:
+        for c in cells:
+            result.cell_ids.add(c["cell_id"])
+            if c["cell_id"] in done:
+                if bar is not None:
+                    bar.update(1)
+                continue
+            yield {**c, "artifacts_dir": str(results_dir / "artifacts" / c["cell_id"])}
 
     def finish(rec: dict[str, Any]) -> None:
-        write_record(results_dir, rec)
-        out.append(rec)
+        try:
+            write_record(results_dir, rec)
+        except (TypeError, ValueError) as exc:  # a value that is not JSON: name it, go on
+            rec = failed_record(rec, f"the cell's record cannot be written as JSON "
+                                     f"({type(exc).__name__}: {exc})", "RecordNotJSON")
+            write_record(results_dir, rec)
+        result.records.append(rec)
         if on_record:
             on_record(rec)
         if bar is not None:
@@ -54,26 +135,199 @@ def execute(cells: list[dict[str, Any]], results_dir: Path, *, executor: str = "
             bar.update(1)
 
     try:
-        if executor == "local":
-            reg = get_registry()
-            for cell in todo:
-                rb = _bar(cell["config"]["rounds"], enabled=progress, leave=False,
-                          desc=_desc(cell))
-                rec = run_cell(cell, registry=reg,
-                               progress=(lambda r, rb=rb: rb.update(1)) if rb else None)
-                if rb is not None:
-                    rb.close()
-                finish(rec)
-        elif executor == "process":
-            _run_pool(todo, workers=max(1, workers), timeout=cell_timeout, finish=finish)
+        if executor == "local" and cell_timeout is None:
+            _run_local(todo(), finish=finish, progress=progress)
+        elif executor in ("local", "process"):
+            # a timed cell runs in a child process, so that it can be stopped
+            _run_pool(todo(), workers=1 if executor == "local" else max(1, workers),
+                      timeout=cell_timeout, retries=retries, finish=finish)
         else:
-            from fedmedbench.errors import ConfigError
+            from fedmedbench.executors_dask import run_dask
 
-            raise ConfigError(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+            run_dask(todo(), workers=max(1, workers), scheduler=scheduler, cluster=cluster,
+                     timeout=cell_timeout, retries=retries, finish=finish)
     finally:
         if bar is not None:
             bar.close()
+    return result
+
+
+def default_workers() -> int:
+    """The default worker count of the process executor and of a local dask
+    cluster: one per CPU core, less one core for the driver, at least one.
+    Measured on a 2-core machine (README, "The command line"): the quickstart
+    took 41-42 s with one worker and 50-63 s with two, which compete with the
+    driver and each other for the two cores (in-process: 35-37 s)."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+# --------------------------------------------------------------------------
+# settings: the command line, a matrix file's [executor] table
+# --------------------------------------------------------------------------
+
+
+def check_timeout(value: Any, where: str) -> float | None:
+    """``None`` or a positive, finite number of seconds; else :class:`ConfigError`."""
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{where} = {value!r}: a cell timeout is a positive, finite number "
+                          f"of seconds (e.g. 600); leave it out for no timeout")
+    return float(value)
+
+
+def _check_int(value: Any, where: str, *, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{where} = {value!r}: expected an integer of at least {least}")
+    return value
+
+
+_ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
+
+
+def _check_scheduler(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _ADDRESS.match(value):
+        raise ConfigError(f"{where} = {value!r}: expected a scheduler address such as "
+                          f"tcp://HOST:8786")
+    return value
+
+
+def executor_table(raw: Any, *, where: str, base: Path | None = None) -> dict[str, Any]:
+    """Check a matrix file's ``[executor]`` table and return its settings.
+
+    Keys: ``name`` (``local``, ``process``, ``dask``), ``workers``,
+    ``scheduler`` (a dask address), ``cluster`` (a dask-jobqueue config file,
+    relative to the matrix file), ``retries``, ``cell_timeout``. The command
+    line overrides each. None of them changes a cell or its id.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    bad = sorted(set(raw) - set(EXECUTOR_KEYS))
+    if bad:
+        import difflib
+
+        hints = [f"{b!r} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(
+            b, EXECUTOR_KEYS, n=1)) else repr(b) for b in bad]
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)}; allowed: "
+                          f"{', '.join(EXECUTOR_KEYS)}")
+    out: dict[str, Any] = {}
+    if "name" in raw:
+        if raw["name"] not in EXECUTORS:
+            raise ConfigError(f"{where}: name = {raw['name']!r}; choose one of "
+                              f"{', '.join(EXECUTORS)}")
+        out["name"] = raw["name"]
+    if "workers" in raw:
+        out["workers"] = _check_int(raw["workers"], f"{where}: workers", least=1)
+    if "retries" in raw:
+        out["retries"] = _check_int(raw["retries"], f"{where}: retries", least=0)
+    if "cell_timeout" in raw:
+        out["cell_timeout"] = check_timeout(raw["cell_timeout"], f"{where}: cell_timeout")
+    if "scheduler" in raw:
+        out["scheduler"] = _check_scheduler(raw["scheduler"], f"{where}: scheduler")
+    if "cluster" in raw:
+        if not isinstance(raw["cluster"], str):
+            raise ConfigError(f"{where}: cluster = {raw['cluster']!r}: expected the path of "
+                              f"a dask-jobqueue config file")
+        p = Path(raw["cluster"]).expanduser()
+        out["cluster"] = str(p if p.is_absolute() or base is None else base / p)
     return out
+
+
+def resolve_settings(table: dict[str, Any], *, executor: str | None = None,
+                     workers: int | None = None, scheduler: str | None = None,
+                     cluster: str | None = None, retries: int | None = None,
+                     cell_timeout: float | None = None) -> dict[str, Any]:
+    """The executor settings of a run: the command line's (non-``None``)
+    values over the matrix's ``[executor]`` table over the defaults; the
+    keyword arguments of :func:`execute`."""
+    cli = {"name": executor, "workers": workers, "scheduler": scheduler, "cluster": cluster,
+           "retries": retries, "cell_timeout": cell_timeout}
+    s = {**table, **{k: v for k, v in cli.items() if v is not None}}
+    if scheduler is not None or cluster is not None:  # an address given here replaces the file's
+        s["scheduler"], s["cluster"] = scheduler, cluster
+    if scheduler is not None:
+        _check_scheduler(scheduler, "--scheduler")
+    if workers is not None:
+        _check_int(workers, "--workers", least=1)
+    if retries is not None:
+        _check_int(retries, "--retries", least=0)
+    check_timeout(cell_timeout, "--cell-timeout")
+    name = s.get("name") or ("dask" if s.get("scheduler") or s.get("cluster") else "local")
+    if s.get("scheduler") and s.get("cluster"):
+        raise ConfigError("give a dask scheduler address or a cluster config file, not both "
+                          f"(scheduler {s['scheduler']!r}, cluster {s['cluster']!r})")
+    if name != "dask" and (s.get("scheduler") or s.get("cluster")):
+        what = "--scheduler" if s.get("scheduler") else "--cluster"
+        raise ConfigError(f"{what} needs --executor dask (the executor is {name!r})")
+    if s.get("cluster") and not Path(s["cluster"]).is_file():
+        raise ConfigError(f"cluster config file {s['cluster']} does not exist")
+    return {"executor": name, "workers": s.get("workers"), "scheduler": s.get("scheduler"),
+            "cluster": s.get("cluster"), "retries": s.get("retries", DEFAULT_RETRIES),
+            "cell_timeout": s.get("cell_timeout")}
+
+
+# --------------------------------------------------------------------------
+# records the executor makes itself
+# --------------------------------------------------------------------------
+
+
+def failed_record(cell: dict[str, Any], message: str, kind: str, *,
+                  tb: str | None = None) -> dict[str, Any]:
+    """A ``failed`` record for a cell (or a record) that the executor had to
+    stop or could not get a record for; ``kind`` is the error type."""
+    error: dict[str, Any] = {"type": kind, "message": message, "plugin": None, "hook": None}
+    if tb:
+        error["traceback"] = tb
+    return {
+        "schema": SCHEMA, "cell_id": cell["cell_id"], "status": "failed", "error": error,
+        "labels": cell.get("labels", {}), "matrix": cell.get("matrix"),
+        "config": cell["config"], "metrics": {}, "history": [],
+        "provenance": provenance(get_registry()),
+    }
+
+
+def run_one(cell: dict[str, Any], reg: Any,
+            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """:func:`run_cell`, with a ``sys.exit()`` from plugin code made the
+    cell's ``failed`` record instead of the end of the run (or the worker)."""
+    try:
+        return run_cell(cell, registry=reg, progress=progress)
+    except SystemExit as exc:
+        return failed_record(cell, f"code run by this cell called sys.exit({exc.code!r}); the "
+                                   f"cell was stopped and the other cells went on",
+                             "SystemExit", tb=_tb(exc))
+
+
+def record_json(rec: dict[str, Any], cell: dict[str, Any]) -> str:
+    """A record as JSON for the trip from a worker to the driver; a record
+    that is not JSON becomes a ``failed`` record that says why."""
+    try:
+        return json.dumps(clean_json(rec), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return json.dumps(clean_json(failed_record(
+            cell, f"the cell's record cannot be written as JSON ({type(exc).__name__}: {exc})",
+            "RecordNotJSON")), allow_nan=False)
+
+
+def death_reason(exitcode: int | None) -> str:
+    """How a worker process ended, from its exit code (read after ``join()``)."""
+    if exitcode is None:
+        return "stopped for an unknown reason"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        if -exitcode == signal.SIGKILL:
+            return f"was killed by {name} (likely out of memory, or killed by hand)"
+        return f"was killed by {name}"
+    return (f"exited with code {exitcode} (code in the cell called os._exit() or the "
+            f"interpreter aborted)")
+
+
+def _tb(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)[-8:])[-4000:]
 
 
 def _desc(cell: dict[str, Any]) -> str:
@@ -81,7 +335,7 @@ def _desc(cell: dict[str, Any]) -> str:
     return f"{lab.get('dataset', '')}/{lab.get('algorithm', '')}/{lab.get('privacy', '')}"
 
 
-def _bar(total: int, *, initial: int = 0, enabled: bool = True, leave: bool = True,
+def _bar(total: int | None, *, initial: int = 0, enabled: bool = True, leave: bool = True,
          desc: str = "cells") -> Any:
     if not enabled:
         return None
@@ -92,45 +346,120 @@ def _bar(total: int, *, initial: int = 0, enabled: bool = True, leave: bool = Tr
 
 
 # --------------------------------------------------------------------------
+# in-process
+# --------------------------------------------------------------------------
+
+
+def _run_local(cells: Iterator[dict[str, Any]], *, finish: Callable[[dict[str, Any]], None],
+               progress: bool) -> None:
+    reg = get_registry()
+    for cell in cells:
+        cell = copy.deepcopy(cell)  # cells of one point share sub-dicts; a plugin may mutate
+        rb = _bar(cell["config"]["rounds"], enabled=progress, leave=False, desc=_desc(cell))
+        rec = run_one(cell, reg, progress=(lambda r, rb=rb: rb.update(1)) if rb else None)
+        if rb is not None:
+            rb.close()
+        finish(rec)
+
+
+# --------------------------------------------------------------------------
 # process pool
 # --------------------------------------------------------------------------
 
 
-_STARTED = "started"
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` (its driver) dies: the kernel's
+    parent-death signal on Linux, and a thread watching ``os.getppid()``
+    everywhere (it also ends a process whose main thread hangs)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the driver died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="fedmedbench-parent-watch", daemon=True).start()
 
 
-def _worker(conn: Connection) -> None:
+def _worker(conn: Connection, parent_pid: int) -> None:
     """Worker loop: receive a cell as JSON, send back its record as JSON."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
     import torch
 
     torch.set_num_threads(1)
-    reg = get_registry()
+    try:
+        reg, startup = get_registry(), None
+    except Exception as exc:  # plugins that fail to import here: every cell says so
+        reg, startup = None, exc
     while True:
         try:
             msg = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
         if msg is None:
             return
         cell = json.loads(msg)
-        conn.send(_STARTED)  # the timeout counts from here, not from process start-up
-        rec = run_cell(cell, registry=reg)
-        conn.send(json.dumps(clean_json(rec), allow_nan=False))
+        if startup is not None:
+            rec = failed_record_bare(cell, f"the worker could not load the plugins: "
+                                           f"{type(startup).__name__}: {startup}",
+                                     "WorkerStartup", tb=_tb(startup))
+            out = json.dumps(rec)
+        else:
+            out = record_json(run_one(cell, reg), cell)
+        try:
+            conn.send(out)
+        except OSError:  # the driver is gone
+            os._exit(0)
+
+
+def failed_record_bare(cell: dict[str, Any], message: str, kind: str, *,
+                       tb: str | None = None) -> dict[str, Any]:
+    """:func:`failed_record` without provenance from the registry (for a
+    worker whose plugins did not load)."""
+    return {"schema": SCHEMA, "cell_id": cell["cell_id"], "status": "failed",
+            "error": {"type": kind, "message": message, "plugin": None, "hook": None,
+                      **({"traceback": tb} if tb else {})},
+            "labels": cell.get("labels", {}), "matrix": cell.get("matrix"),
+            "config": cell["config"], "metrics": {}, "history": [], "provenance": {}}
 
 
 class _Slot:
+    """One worker process and the cell it holds (with its try number and
+    the time it was handed out)."""
+
     def __init__(self, ctx: Any) -> None:
         self.parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
         self.cell: dict[str, Any] | None = None
-        self.started = 0.0
+        self.tries = 0
+        self.handed = 0.0
+
+    def give(self, cell: dict[str, Any], tries: int) -> None:
+        self.cell, self.tries, self.handed = cell, tries, time.monotonic()
+        self.parent.send(json.dumps(cell))
+
+    def kill(self) -> int | None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self.parent.close()
+        return self.proc.exitcode
 
     def stop(self) -> None:
         try:
             self.parent.send(None)
-        except (OSError, BrokenPipeError):
+        except OSError:
             pass
         self.proc.join(timeout=2)
         if self.proc.is_alive():
@@ -138,68 +467,65 @@ class _Slot:
             self.proc.join()
 
 
-def _failed(cell: dict[str, Any], message: str, kind: str) -> dict[str, Any]:
-    return {
-        "schema": SCHEMA, "cell_id": cell["cell_id"], "status": "failed",
-        "error": {"type": kind, "message": message, "plugin": None, "hook": None},
-        "labels": cell.get("labels", {}), "matrix": cell.get("matrix"), "config": cell["config"], "metrics": {}, "history": [],
-        "provenance": provenance(get_registry()),
-    }
-
-
-def _run_pool(cells: list[dict[str, Any]], *, workers: int, timeout: float | None,
-              finish: Callable[[dict[str, Any]], None]) -> None:
+def _run_pool(cells: Iterator[dict[str, Any]], *, workers: int, timeout: float | None,
+              retries: int, finish: Callable[[dict[str, Any]], None]) -> None:
     ctx = mp.get_context("spawn")
-    queue = list(cells)
-    slots = [_Slot(ctx) for _ in range(min(workers, len(queue)))]
+    again: deque[tuple[dict[str, Any], int]] = deque()  # cells to try again, with their tries
+    slots: list[_Slot] = []
+
+    def next_job() -> tuple[dict[str, Any], int] | None:
+        if again:
+            return again.popleft()
+        cell = next(cells, None)
+        return None if cell is None else (cell, 0)
+
     try:
-        while queue or any(s.cell for s in slots):
-            for s in slots:
-                if s.cell is None and queue:
-                    s.cell = queue.pop(0)
-                    s.started = float("inf")  # until the worker says it started
-                    s.parent.send(json.dumps(s.cell))
+        while True:
+            for s in slots:  # hand out work; the timeout counts from here
+                if s.cell is None and (job := next_job()):
+                    s.give(*job)
+            while len(slots) < workers and (job := next_job()):
+                slots.append(_Slot(ctx))
+                slots[-1].give(*job)
             busy = [s for s in slots if s.cell is not None]
-            wait_for = None
-            if timeout and any(s.started != float("inf") for s in busy):
-                wait_for = max(0.0, min(s.started + timeout for s in busy) - time.monotonic())
-            ready = wait([x for s in busy for x in (s.parent, s.proc.sentinel)],
-                         timeout=wait_for)
-            for i, s in enumerate(slots):
-                if s.cell is None:
-                    continue
+            if not busy:
+                break
+            wait_for = _MAX_WAIT_S
+            if timeout is not None:
+                wait_for = max(0.0, min(min(s.handed + timeout for s in busy) - time.monotonic(),
+                                        _MAX_WAIT_S))
+            ready = set(wait([x for s in busy for x in (s.parent, s.proc.sentinel)],
+                             timeout=wait_for))
+            for s in busy:
                 cell = s.cell
+                assert cell is not None
+                rec = None
                 if s.parent in ready:
                     try:
-                        msg = s.parent.recv()
-                        if msg == _STARTED:
-                            s.started = time.monotonic()
-                            continue
-                        rec = json.loads(msg)
+                        rec = json.loads(s.parent.recv())
                     except (EOFError, OSError):
                         rec = None
-                    if rec is not None:
-                        s.cell = None
-                        finish(rec)
-                        continue
-                if s.proc.sentinel in ready or not s.proc.is_alive():
-                    code = s.proc.exitcode
-                    finish(_failed(cell, f"the worker process died while running this cell "
-                                         f"(exit code {code}); other cells were not affected",
-                                   "WorkerDied"))
-                    s.proc.join()
-                    slots[i] = _Slot(ctx)
-                elif timeout and time.monotonic() - s.started > timeout:
-                    s.proc.kill()
-                    s.proc.join()
-                    finish(_failed(cell, f"the cell ran past --cell-timeout={timeout:g} s and "
-                                         f"was stopped; raise the timeout or shrink the cell",
-                                   "Timeout"))
-                    slots[i] = _Slot(ctx)
+                if rec is not None:
+                    s.cell = None
+                    finish(rec)
+                elif s.proc.sentinel in ready or not s.proc.is_alive():
+                    reason = death_reason(s.kill())
+                    slots.remove(s)
+                    if s.tries < retries:
+                        again.append((cell, s.tries + 1))
+                    else:
+                        tries = f" on each of {s.tries + 1} tries" if s.tries else ""
+                        finish(failed_record(
+                            cell, f"the worker process {reason} while running this cell"
+                                  f"{tries}; other cells were not affected", "WorkerDied"))
+                elif timeout is not None and time.monotonic() - s.handed > timeout:
+                    s.kill()
+                    slots.remove(s)
+                    finish(failed_record(
+                        cell, f"the cell ran past --cell-timeout={timeout:g} s (counted from "
+                              f"when it was handed to a worker, start-up included) and its "
+                              f"process was killed; raise the timeout or shrink the cell",
+                        "Timeout"))
     finally:
         for s in slots:
             s.stop()
-
-
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))

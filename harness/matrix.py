@@ -25,13 +25,22 @@ A matrix is TOML::
 
 A cell id is a stable hash of the resolved config (component names with all
 parameters, run settings, rounds, seed and the schema version).
+
+Cells are generated lazily (:meth:`Matrix.iter_cells`) and streamed to the
+executor; :meth:`Matrix.count` counts them without generating them, and a
+matrix over :data:`MAX_CELLS` is refused unless the caller raises the cap.
+``--shard I/N`` keeps the cells whose id falls in shard ``I`` of ``N``
+(:func:`in_shard`), so any matrix splits into ``N`` runs with no knowledge of
+its axes.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -59,12 +68,20 @@ AXIS_DEFAULTS: dict[str, list[Any]] = {
     "compressor": [NONE],
     "adversary": [NONE],
 }
-TOP_KEYS = {"name", "description", "rounds", "seeds", "axes", "run", "exclude", "evaluate"}
+TOP_KEYS = {"name", "description", "rounds", "seeds", "axes", "run", "exclude", "evaluate",
+            "executor"}
 EVALUATE_KEYS = {"attacks"}
+
+#: a matrix with more cells is refused unless the cap is raised (``--max-cells``)
+MAX_CELLS = 100_000
 
 
 @dataclass
 class Matrix:
+    """A parsed, validated matrix. Its cells are generated on demand:
+    :meth:`iter_cells` streams them, :attr:`cells` materialises a list (for
+    small matrices and tests), :meth:`count` counts without generating."""
+
     name: str
     rounds: int
     seeds: list[int]
@@ -75,7 +92,69 @@ class Matrix:
     attacks: list[dict[str, Any]]
     source: str = "<memory>"
     execution: dict[str, Any] = field(default_factory=dict)
-    cells: list[dict[str, Any]] = field(default_factory=list)
+    #: the ``[executor]`` table, validated (see :func:`fedmedbench.executors.executor_table`)
+    executor: dict[str, Any] = field(default_factory=dict)
+    #: ``(I, N)``: keep only shard I of N (1-based), or ``None`` for every cell
+    shard: tuple[int, int] | None = None
+    registry: Registry | None = field(default=None, repr=False, compare=False)
+
+    def iter_cells(self) -> Iterator[dict[str, Any]]:
+        """The cells (of the shard, if one is set), generated one by one in a
+        stable order. Cells of one point share their component sub-dicts
+        across seeds: treat them as read-only (:attr:`cells` gives copies)."""
+        return expand(self, self.registry or get_registry())
+
+    @property
+    def cells(self) -> list[dict[str, Any]]:
+        """Every cell as a list of independent dicts (materialised on each access)."""
+        return [copy.deepcopy(c) for c in self.iter_cells()]
+
+    def count(self) -> int:
+        """The number of cells of the whole matrix (the shard is not applied),
+        computed without generating them, except when two values of one axis
+        resolve to the same component (then the duplicates are found by
+        generating the cells)."""
+        seeds = list(dict.fromkeys(self.seeds))
+        reg = self.registry or get_registry()
+        if _may_collide(self, reg):
+            return sum(1 for _ in expand(self, reg, shard=False))
+        return _Points(self).count() * len(seeds)
+
+    def set_shard(self, spec: str | tuple[int, int] | None) -> None:
+        """Keep only shard ``I`` of ``N`` (``"I/N"``, 1-based): the cells whose
+        id ``int(cell_id, 16) % N == I - 1``."""
+        self.shard = parse_shard(spec) if isinstance(spec, str) else spec
+
+    def check_size(self, max_cells: int | None = MAX_CELLS) -> int:
+        """The cell count; :class:`ConfigError` when it is over ``max_cells``."""
+        n = self.count()
+        if max_cells is not None and n > max_cells:
+            raise ConfigError(
+                f"{self.source}: matrix {self.name!r} has {n:,} cells, over the cap of "
+                f"{max_cells:,}; pass --max-cells {n} to run it anyway (the cap applies to "
+                f"the whole matrix, also under --shard), or make it smaller with --select "
+                f"or [[exclude]]")
+        return n
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``1 <= I <= N``."""
+    i_s, sep, n_s = str(spec).partition("/")
+    try:
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        i = n = 0
+    if not sep or n < 1 or not 1 <= i <= n:
+        raise ConfigError(f"--shard {spec!r}: expected I/N with 1 <= I <= N, e.g. --shard 1/4")
+    return i, n
+
+
+def in_shard(cell_id: str, shard: tuple[int, int] | None) -> bool:
+    """Whether a cell id falls in shard ``(I, N)``: ``int(cell_id, 16) % N == I - 1``."""
+    if shard is None:
+        return True
+    i, n = shard
+    return int(cell_id, 16) % n == i - 1
 
 
 def quickstart_path() -> Path:
@@ -196,13 +275,18 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
                for i, a in enumerate(attacks_raw)]
     attacks = [a for a in attacks if a is not None]
 
+    from fedmedbench.executors import executor_table
+
+    execu = executor_table(raw.get("executor", {}), where=f"{where}: [executor]",
+                           base=Path(source).parent if source != "<memory>" else None)
     m = Matrix(name=name, rounds=rounds, seeds=list(seeds), axes=axes, run=run,
                run_overrides=overrides, exclude=exclude, attacks=attacks, source=source,
-               execution={k: v for k, v in run_raw.items() if k in EXECUTION_KEYS})
+               execution={k: v for k, v in run_raw.items() if k in EXECUTION_KEYS},
+               executor=execu, registry=reg)
     if select:
         _apply_select(m, select)
-    m.cells = expand(m, reg)
-    if not m.cells:
+    check_cells_resolve(m, reg)
+    if m.count() == 0:
         how = [f"{len(exclude)} [[exclude]] table(s)"] if exclude else []
         how += [f"--select {' '.join(select)}"] if select else []
         raise ConfigError(f"{where}: the matrix selects no cells (every cell is removed by "
@@ -327,24 +411,158 @@ def _matches(value: Any, wanted: Any) -> bool:
     return _label(value) in wanted or _label(value, params=False) in wanted
 
 
-def expand(m: Matrix, reg: Registry) -> list[dict[str, Any]]:
-    """The cells of the product, in a stable order, with resolved configs."""
-    cells = []
+class _Points:
+    """The points of the product (one value per axis, seeds apart) that no
+    ``[[exclude]]`` rule drops, enumerated and counted without building the
+    product: each value carries the bit mask of the rules it does not escape,
+    and a point is dropped when some rule's bit survives every axis."""
+
+    def __init__(self, m: Matrix, allowed: list[list[int]] | None = None) -> None:
+        self.values = [m.axes[a] for a in AXES]
+        self.allowed = allowed or [list(range(len(v))) for v in self.values]
+        self.full = (1 << len(m.exclude)) - 1
+        self.cover = [[sum(1 << j for j, e in enumerate(m.exclude)
+                           if a not in e or _matches(v, e[a])) for v in vals]
+                      for a, vals in zip(AXES, self.values)]
+        self._memo: dict[tuple[int, int], int] = {}
+
+    def _count(self, depth: int, mask: int) -> int:
+        if depth == len(AXES):
+            return 0 if mask else 1
+        if not mask:  # no rule can match any more: every completion is kept
+            n = 1
+            for ix in self.allowed[depth:]:
+                n *= len(ix)
+            return n
+        key = (depth, mask)
+        if key not in self._memo:
+            cover = self.cover[depth]
+            self._memo[key] = sum(self._count(depth + 1, mask & cover[i])
+                                  for i in self.allowed[depth])
+        return self._memo[key]
+
+    def count(self) -> int:
+        return self._count(0, self.full)
+
+    def indices(self) -> Iterator[tuple[int, ...]]:
+        """Index tuples of the kept points, in product order."""
+        def walk(depth: int, mask: int, prefix: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+            if depth == len(AXES):
+                yield prefix
+                return
+            if not mask:
+                yield from (prefix + rest for rest in itertools.product(*self.allowed[depth:]))
+                return
+            cover = self.cover[depth]
+            for i in self.allowed[depth]:
+                m2 = mask & cover[i]
+                if self._count(depth + 1, m2):
+                    yield from walk(depth + 1, m2, prefix + (i,))
+
+        return walk(0, self.full, ())
+
+
+def _component_key(family: str, v: Any, reg: Registry) -> str:
+    if v is None or v == []:
+        return NONE
+    specs = v if isinstance(v, list) else [v]
+    return json.dumps([reg.build(family, s).config() for s in specs], sort_keys=True,
+                      default=str)
+
+
+def _may_collide(m: Matrix, reg: Registry) -> bool:
+    """Whether two values of one axis resolve to the same component (``fedavg``
+    written out with a default parameter, the dataset's default partitioner
+    also listed by name), so that two points could be the same cell."""
+    for axis in AXES:
+        if axis == "partitioner":
+            continue
+        keys = [_component_key(FAMILY_OF_AXIS[axis], v, reg) for v in m.axes[axis]]
+        if len(set(keys)) != len(keys):
+            return True
+    parts = m.axes["partitioner"]
+    if len(parts) > 1:
+        for ds in m.axes["dataset"]:
+            default = reg.get("dataset", ds["name"]).cls.default_partitioner
+            keys = [_component_key("partitioner", default if p["name"] == "default" else p, reg)
+                    for p in parts]
+            if len(set(keys)) != len(keys):
+                return True
+    return False
+
+
+def _seed_ids(cfg: dict[str, Any], seeds: list[int]) -> list[str]:
+    """:func:`cell_id` of ``cfg`` under each seed, hashing the part of the
+    config that all seeds share once (checked against :func:`cell_id`)."""
+    mark = "\x00seed\x00"
+    blob = json.dumps({"schema": SCHEMA, **cfg, "seed": mark}, sort_keys=True,
+                      separators=(",", ":"), default=str)
+    pre, sep, post = blob.partition(json.dumps(mark))
+    if sep and json.dumps(mark) not in post:
+        head = hashlib.sha256(pre.encode())
+        ids = []
+        for s in seeds:
+            h = head.copy()
+            h.update(f"{json.dumps(s)}{post}".encode())
+            ids.append(h.hexdigest()[:16])
+        if ids[0] == cell_id({**cfg, "seed": seeds[0]}):
+            return ids
+    return [cell_id({**cfg, "seed": s}) for s in seeds]
+
+
+def expand(m: Matrix, reg: Registry, *, shard: bool = True) -> Iterator[dict[str, Any]]:
+    """The cells of the product, generated lazily in a stable order (axes in
+    :data:`AXES` order, seeds innermost), with resolved configs; a point that
+    resolves to a cell already generated is dropped. With ``shard``, only
+    the cells of ``m.shard``."""
+    seeds = list(dict.fromkeys(m.seeds))
+    points = _Points(m)
+    labels = [["default" if a == "model" and v is None else _label(v) for v in m.axes[a]]
+              for a in AXES]
+    dedupe = _may_collide(m, reg)
     seen: set[str] = set()
-    for combo in itertools.product(*(m.axes[a] for a in AXES), m.seeds):
-        point = dict(zip(AXES, combo[:-1]))
-        seed = combo[-1]
-        if any(all(_matches(point[k], v) for k, v in e.items()) for e in m.exclude):
-            continue
-        cfg = resolve(point, seed, m, reg)
-        cid = cell_id(cfg)
-        if cid in seen:
-            continue
-        seen.add(cid)
-        cells.append({"cell_id": cid, "matrix": m.name, "config": cfg, **m.execution,
-                      "labels": {a: "default" if a == "model" and point[a] is None
-                                 else _label(point[a]) for a in AXES}})
-    return cells
+    part = m.shard if shard else None
+    for ix in points.indices():
+        point = {a: m.axes[a][i] for a, i in zip(AXES, ix)}
+        cfg = resolve(point, seeds[0], m, reg)
+        ids = _seed_ids(cfg, seeds)
+        if dedupe:
+            if ids[0] in seen:
+                continue
+            seen.add(ids[0])
+        lab = {a: labels[k][i] for k, (a, i) in enumerate(zip(AXES, ix))}
+        for s, cid in zip(seeds, ids):
+            if part is None or in_shard(cid, part):
+                yield {"cell_id": cid, "matrix": m.name, "config": {**cfg, "seed": s},
+                       **m.execution, "labels": dict(lab)}
+
+
+def check_cells_resolve(m: Matrix, reg: Registry) -> None:
+    """Resolve one cell of every class of cells whose run settings can differ,
+    so that a bad combination is a :class:`ConfigError` before anything
+    trains, without generating every cell. The run settings of a cell depend
+    on its dataset and on which components with a ``[run.NAME]`` table it
+    uses; one kept point per combination of those is resolved."""
+    over = set(m.run_overrides)
+
+    def sig(axis: str, v: Any) -> tuple[str, ...]:
+        if v is None or v == []:
+            return ()
+        if axis == "partitioner" and v["name"] == "default":
+            return ("default",)  # its resolved name follows the dataset, part of the class
+        names = [s["name"] for s in (v if isinstance(v, list) else [v])]
+        return tuple(n for n in names if n in over or axis == "dataset")
+
+    classes = []
+    for axis in AXES:
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, v in enumerate(m.axes[axis]):
+            groups.setdefault(sig(axis, v), []).append(i)
+        classes.append(list(groups.values()))
+    for allowed in itertools.product(*classes):
+        first = next(_Points(m, list(allowed)).indices(), None)
+        if first is not None:
+            resolve({a: m.axes[a][i] for a, i in zip(AXES, first)}, m.seeds[0], m, reg)
 
 
 def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[str, Any]:

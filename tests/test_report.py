@@ -27,19 +27,31 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
+def _quickstart(out: Path, *args: str) -> int:
+    """``fedmedbench run`` of the quickstart's seed 0 (6 cells) into ``out``."""
+    return main(["run", "--out", str(out), "--select", "seed=0", "--no-progress",
+                 "--no-report", *args])
+
+
 @pytest.mark.slow
-def test_report_over_shards_is_identical_to_report_over_one_run(real: Path,
-                                                                 tmp_path: Path) -> None:
-    # the tox way: --select slices run into ONE results directory ...
-    assert run(tmp_path / "one", "algorithm=centralized,local") == 0
-    assert run(tmp_path / "one", "algorithm=fedavg") == 0
-    # ... and the CI way: each shard into its own directory, merged by the report
-    assert run(tmp_path / "s1", "algorithm=centralized") == 0
-    assert run(tmp_path / "s2", "algorithm=local,fedavg") == 0
-    whole = real / "whole"
+def test_report_over_shards_is_identical_to_report_over_one_run(tmp_path: Path) -> None:
+    assert _quickstart(tmp_path / "whole") == 0
+    # the CI way: `--shard I/4` into a directory each, merged by the report ...
+    shards = [tmp_path / f"s{i}" for i in range(1, 5)]
+    for i, d in enumerate(shards, 1):
+        assert _quickstart(d, "--shard", f"{i}/4") == 0
+    ids = [sorted(p.stem for p in d.glob("*.json")) for d in shards]
+    whole_ids = sorted(p.stem for p in (tmp_path / "whole").glob("*.json"))
+    assert sorted(sum(ids, [])) == whole_ids and len(whole_ids) == 6  # each cell once
+    # ... and the tox way: every shard's records in ONE directory (what the
+    # workflow's download of the shard artifacts makes)
+    one = tmp_path / "one"
+    one.mkdir()
+    for d in shards:
+        for p in d.glob("*.json"):
+            shutil.copy(p, one / p.name)
     outs = {}
-    for name, dirs in {"whole": [whole], "one": [tmp_path / "one"],
-                       "merged": [tmp_path / "s1", tmp_path / "s2"]}.items():
+    for name, dirs in {"whole": [tmp_path / "whole"], "one": [one], "merged": shards}.items():
         out = tmp_path / f"rep-{name}"
         # every reporter; wall-clock seconds are the only thing two runs may differ in
         assert main(["report", *map(str, dirs), "--out", str(out), "--no-timings",
@@ -52,12 +64,10 @@ def test_report_over_shards_is_identical_to_report_over_one_run(real: Path,
     for name in ("one", "merged"):
         diff = [k for k in outs["whole"] if outs["whole"][k] != outs[name].get(k)]
         assert set(outs[name]) == set(outs["whole"]) and not diff, (name, diff)
-    # the report is about the right cells: 3 methods x 2 seeds, ranked
+    # the report is about the right cells: the quickstart's 6 methods x privacy, ranked
     lb = json.loads(outs["whole"]["report.json"])["leaderboard"]
-    assert [e["n"] for e in lb] == [2, 2, 2]
-    assert {e["method"] for e in lb} == {"centralized", "local", "fedavg"}
-    assert [e["rank"] for e in lb] == [1, 2, 3]
-    assert lb[0]["utility_mean"] >= lb[1]["utility_mean"] >= lb[2]["utility_mean"]
+    assert {e["method"] for e in lb} == {"centralized", "local", "fedavg", "fedprox(mu=0.01)"}
+    assert sum(e["n"] for e in lb) >= 6 and all(e["n"] == 1 for e in lb)
 
 
 def test_merge_of_split_records_is_byte_identical_with_timings(real: Path,
