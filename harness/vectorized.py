@@ -154,28 +154,45 @@ class VectorBackend(LoopBackend):
         self.streams: dict[int, Any] = {}
 
     def client_updates(self, algorithm: Any, clients: list[int],
-                       params: torch.Tensor | dict[int, torch.Tensor]) -> Updates:
+                       params: torch.Tensor | dict[int, torch.Tensor], *,
+                       personal: torch.Tensor | None = None) -> Updates:
         import torch
 
-        ctx = ClientContext(self.ctx, list(clients), self)
+        ctx = ClientContext(self.ctx, list(clients), self, personal=personal)
         p = torch.stack([params[c] for c in clients]) if isinstance(params, dict) else params
         return _checked(algorithm.client_update(ctx, p), algorithm, list(clients))
 
-    def stream(self, client: int) -> Any:
-        if client not in self.streams:
+    def finalize(self, algorithm: Any, clients: list[int], params: torch.Tensor,
+                 personal: torch.Tensor | None = None) -> torch.Tensor:
+        from fedmedbench.backends import _finalized
+
+        ctx = ClientContext(self.ctx, list(clients), self, personal=personal)
+        return _finalized(algorithm.finalize(ctx, params), algorithm, len(clients))
+
+    def buffers(self, client: int, trainer: str = "main") -> torch.Tensor | None:
+        """None: a model that runs vectorized updates no buffers while training."""
+        return None
+
+    def load_buffers(self, client: int, flat: torch.Tensor, trainer: str = "main") -> None:
+        return None
+
+    def stream(self, client: int, trainer: str = "main") -> Any:
+        key = (client, trainer)
+        if key not in self.streams:
             n = len(self.ctx.clients[client].train)
-            self.streams[client] = (
+            self.streams[key] = (
                 self.vlocal.stream(client, n) if self.vlocal is not None else
                 BatchStream(n, self.ctx.settings.batch_size,
                             self.ctx.batch_seed(client)))
-        return self.streams[client]
+        return self.streams[key]
 
-    def _gather(self, clients: list[int], active: list[bool]
+    def _gather(self, clients: list[int], active: list[bool], trainer: str = "main"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(X, y, mask) of one step: each active client's next batch, padded."""
         import torch
 
-        idx = [self.stream(c).next_indices() if a else None for c, a in zip(clients, active)]
+        idx = [self.stream(c, trainer).next_indices() if a else None
+               for c, a in zip(clients, active)]
         width = max([len(i) for i in idx if i is not None] + [1])
         rows = torch.zeros((len(clients), width), dtype=torch.long)
         mask = torch.zeros((len(clients), width), dtype=torch.float32)
@@ -186,7 +203,8 @@ class VectorBackend(LoopBackend):
         return self.X[rows], self.y[rows], mask
 
     def train(self, clients: list[int], params: torch.Tensor, steps: list[int], *,
-              extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None
+              extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None,
+              trainable: torch.Tensor | None = None, trainer: str = "main"
               ) -> tuple[torch.Tensor, np.ndarray]:
         import torch
         from torch.func import grad, vmap
@@ -216,14 +234,24 @@ class VectorBackend(LoopBackend):
         step_grads = vmap(grad(batch_loss, has_aux=True))
         example_grads = vmap(vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0)))
         extra_grads = vmap(grad(extra_loss)) if extra_loss is not None else None
+        free = None
+        if trainable is not None:  # frozen coordinates keep their values and optimizer state
+            if trainable.numel() != fm.numel:
+                raise ValueError(f"trainable mask has {trainable.numel()} values, the model has "
+                                 f"{fm.numel} parameters")
+            free = trainable.reshape(1, -1).to(torch.bool)
         for s in range(int(max(steps, default=0))):
             active = [s < st for st in steps]
-            X, Y, M = self._gather(clients, active)
+            X, Y, M = self._gather(clients, active, trainer)
             act = (n_steps > s).unsqueeze(1)
+            if free is not None:
+                act = act & free
             if self.vlocal is None:
                 G, L = step_grads(W, X, Y, M)
             else:
                 per, per_loss = example_grads(W, X, Y)
+                if free is not None:  # clip the gradients of the trained parameters only
+                    per = per * free.to(per.dtype)
                 G = self.vlocal.privatize(per.reshape(k, M.shape[1], -1), M,
                                           [c for c, a in zip(clients, active) if a], active)
                 L = (per_loss * M).sum(1) / M.sum(1).clamp(min=1.0)
@@ -232,7 +260,7 @@ class VectorBackend(LoopBackend):
             if grad_offset is not None:
                 G = G + grad_offset
             W = opt.step(W, G.detach(), act)
-            seen = (M.sum(1) > 0) & act.squeeze(1)
+            seen = (M.sum(1) > 0) & (n_steps > s)
             loss_sum += torch.where(seen, L.detach().double(), torch.zeros((), dtype=torch.float64))
             loss_cnt += seen.double()
         mean = torch.where(loss_cnt > 0, loss_sum / loss_cnt.clamp(min=1), torch.nan).numpy()
