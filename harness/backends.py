@@ -263,7 +263,10 @@ def choose_backend(run: CellRun, requested: str) -> tuple[str, str]:
     if not c.algorithm.vectorized:
         blockers.append(f"algorithm {c.algorithm.name} (vectorized = False)")
     if run.model_component is not None and not run.model_component.vectorized:
-        blockers.append(f"model {run.model_component.name} (vectorized = False)")
+        bn = getattr(getattr(run, "protocol", None), "model_facts", None)
+        why = (": BatchNorm updates its running statistics, buffers, in place"
+               if bn is not None and bn.batch_norm else "")
+        blockers.append(f"model {run.model_component.name} (vectorized = False{why})")
     if run.client_factories:
         blockers.append(f"algorithm {c.algorithm.name} gives clients their own architectures")
     if c.local_stage is not None and c.local_stage.vector_steps(run.ctx) is None:

@@ -593,9 +593,14 @@ class Personalized(Federated):
 
     def start(self, clients: list[int], w: torch.Tensor) -> torch.Tensor:
         """Each client's starting model (k, D): the global model on the shared
-        parameters, its own on the rest (all shared: the global model)."""
+        parameters, its own on the rest. When everything is shared, the
+        global model (D,) itself, exactly as :class:`Federated` hands it out
+        (algorithms written for the federated protocol then see what they
+        expect)."""
         import torch
 
+        if not self.sharing.partial:
+            return w
         keep = torch.as_tensor(self.sharing.mask)
         return torch.stack([torch.where(keep, w, self.params[cl]) for cl in clients])
 
@@ -611,11 +616,11 @@ class Personalized(Federated):
         extra = dict(updates.extra)
         mine = extra.pop("personal", None)
         if self.separate:
-            if mine is None or tuple(mine.shape) != tuple(start.shape):
+            if mine is None or tuple(mine.shape) != tuple(updates.delta.shape):
                 raise PluginError(
                     f"declares personal_model = 'separate' and must return each client's "
                     f"personal model as ctx.update(delta, personal=...) of shape "
-                    f"{tuple(start.shape)}; got "
+                    f"{tuple(updates.delta.shape)}; got "
                     f"{None if mine is None else tuple(mine.shape)}", plugin=alg.plugin,
                     component=alg.name, hook="client_update", exc_type="ValueError")
             rows = mine.detach()
