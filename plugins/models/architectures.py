@@ -38,6 +38,18 @@ NORMS_MLP = ("none", "batch", "layer")
 NORMS_CNN = ("group", "batch", "none")
 
 
+class BatchNorm1dAnyBatch(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that accepts a training batch of one example (a
+    client's last batch of an epoch can hold one row), which it normalises
+    with the running statistics and leaves them unchanged; otherwise identical."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1 and self.track_running_stats:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var,
+                                            self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class MLP(nn.Module):
     """A multilayer perceptron with ReLU hidden layers (``norm``: a
     normalisation layer after each hidden linear layer, before the ReLU)."""
@@ -52,7 +64,7 @@ class MLP(nn.Module):
         for h in hidden:
             layers.append(nn.Linear(prev, h))
             if norm == "batch":
-                layers.append(nn.BatchNorm1d(h))
+                layers.append(BatchNorm1dAnyBatch(h))
             elif norm == "layer":
                 layers.append(nn.LayerNorm(h))
             layers.append(nn.ReLU())
