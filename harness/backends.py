@@ -136,18 +136,46 @@ class LoopBackend:
         rows, losses = [], []
         for j, c in enumerate(clients):
             tr = self.trainer(c, trainer)
+            off = None if grad_offset is None else grad_offset[j]
+            if trainable is not None and self.local is not None:
+                new, loss = self._train_frozen(tr, params[j], int(steps[j]), trainable,
+                                               extra_loss=extra_loss, grad_offset=off)
+                rows.append(new)
+                losses.append(loss)
+                continue
             frozen = _freeze(self.modules[(c, trainer)], trainable)
             try:
                 with calling(self.local if self.local is not None else None, "train"):
                     new, loss = tr.train(params[j], int(steps[j]), extra_loss=extra_loss,
-                                         grad_offset=None if grad_offset is None
-                                         else grad_offset[j])
+                                         grad_offset=off)
             finally:
                 for p in frozen:
                     p.requires_grad_(True)
             rows.append(new)
             losses.append(loss)
         return torch.stack(rows), np.asarray(losses, dtype=float)
+
+    def _train_frozen(self, tr: LocalTrainer, w: torch.Tensor, steps: int,
+                      trainable: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, float]:
+        """A local-stage mechanism's trainer owns its module (Opacus's hooks
+        expect every parameter it wrapped to take part): its steps run one at
+        a time and the frozen parameters are put back after each, so they do
+        not move; their per-example gradients still count in DP-SGD's clipping
+        norm (a valid, slightly looser bound), as on the vectorized backend."""
+        import torch
+
+        if trainable.numel() != w.numel():
+            raise ValueError(f"trainable mask has {trainable.numel()} values, the model has "
+                             f"{w.numel()} parameters")
+        keep = trainable.to(torch.bool)
+        seen = []
+        for _ in range(steps):
+            with calling(self.local, "train"):  # type: ignore[arg-type]
+                new, loss = tr.train(w, 1, **kw)
+            w = torch.where(keep, new, w)
+            if np.isfinite(loss):
+                seen.append(loss)
+        return w.clone(), float(np.mean(seen)) if seen else float("nan")
 
     def trainer(self, client: int, name: str = "main") -> LocalTrainer:
         key = (client, name)

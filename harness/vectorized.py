@@ -249,9 +249,8 @@ class VectorBackend(LoopBackend):
             if self.vlocal is None:
                 G, L = step_grads(W, X, Y, M)
             else:
+                # (frozen parameters count in the clipping norm, as on the loop backend)
                 per, per_loss = example_grads(W, X, Y)
-                if free is not None:  # clip the gradients of the trained parameters only
-                    per = per * free.to(per.dtype)
                 G = self.vlocal.privatize(per.reshape(k, M.shape[1], -1), M,
                                           [c for c, a in zip(clients, active) if a], active)
                 L = (per_loss * M).sum(1) / M.sum(1).clamp(min=1.0)

@@ -371,3 +371,24 @@ def test_attacks_run_against_the_sent_parts():
     assert rec["status"] == "ok", rec["error"]
     for key, res in rec["metrics"]["attacks"].items():
         assert "failed" not in res, (key, res)
+
+
+def test_dp_sgd_backends_agree_without_noise_on_the_personalized_methods():
+    """Without noise DP-SGD is deterministic: FedRep's frozen phases (one step at a
+    time under Opacus), Ditto's two trainers and FedBN agree between backends."""
+    cs = cells({"dataset": ["heart-disease"], "model": [{**MLP, "norm": "layer"}],
+                "algorithm": ["fedrep", {"name": "ditto", "lam": 0.5}, "fedbn"],
+                "privacy": [[{"name": "dp-sgd", "noise_multiplier": 0.0,
+                              "max_grad_norm": 0.5}]]}, rounds=2)
+    for c in cs:
+        (_, a), (rb, b) = (run_ok(c, backend=k) for k in ("loop", "vectorized"))
+        assert rb["backend"]["name"] == "vectorized"
+        for i, p in a.final_params.items():
+            assert float((p - b.final_params[i]).abs().max()) <= 1e-5, c["labels"]
+    # with noise, FedRep's frozen head phase never moves the body under Opacus either
+    c = cells({"dataset": ["heart-disease"], "model": [MLP],
+               "algorithm": [{"name": "fedrep", "head_fraction": 1.0}],
+               "privacy": [{"name": "dp-sgd", "noise_multiplier": 1.0}]}, rounds=2)[0]
+    _, run = run_ok(c, backend="loop")
+    w0 = torch.cat([p.detach().reshape(-1) for p in run.model_factory().parameters()])
+    assert torch.equal(run.protocol.global_params(), w0)
