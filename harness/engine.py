@@ -304,19 +304,18 @@ class CellRun:
 
     def _factory(self, comp: Model) -> Callable[[], Any]:
         """A factory for ``comp``'s module; one seeded initialisation per cell."""
+        import copy
+
         import torch
 
         task = self.data.task
         shape, classes = tuple(task.input_shape), int(task.num_classes)
         torch.manual_seed(self.seed)
         with calling(comp, "build"):
-            init = {k: v.clone() for k, v in comp.build(shape, classes).state_dict().items()}
+            template = comp.build(shape, classes)
 
         def factory() -> torch.nn.Module:
-            with calling(comp, "build"):
-                m = comp.build(shape, classes)
-            m.load_state_dict(init)
-            return m
+            return copy.deepcopy(template)  # the seeded initialisation, never trained
 
         return factory
 
@@ -488,7 +487,7 @@ class CellRun:
         stream = BatchStream(len(split), self.settings.batch_size, self.ctx.batch_seed(client))
         out = []
         for _ in range(steps):
-            idx = stream.next_indices().numpy()
+            idx = stream.next_indices()
             out.append((split.X[idx], split.y[idx]))
         return out
 
@@ -628,6 +627,8 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
             run.validate()
             run.prepare()
             record["backend"] = {"name": run.backend_name, "reason": run.backend_reason}
+            if hasattr(run.backend, "kernel"):
+                record["backend"]["kernel"] = run.backend.kernel
             utility = run.run(progress=progress, hooks=hooks)
             record["metrics"] = {"utility": utility, "privacy": run.privacy_block()}
             record["metrics"]["attacks"] = run.run_attacks()

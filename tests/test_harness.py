@@ -199,7 +199,7 @@ def test_process_executor_survives_crash_and_timeout(test_plugins, run_matrix, t
         algorithm = ["test-crash", "fedavg", "test-sleepy", "local"]
     """
     code, records = run_matrix(text, "--executor", "process", "--workers", "2",
-                               "--cell-timeout", "20")
+                               "--cell-timeout", "40")  # worker start-up counts too
     assert code == 1
     by = {r["config"]["algorithm"]["name"]: r for r in records}
     assert by["test-crash"]["status"] == "failed"
