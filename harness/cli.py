@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from fedmedbench.errors import install_interrupt_handler
+
+    install_interrupt_handler()
     try:
         return {"run": cmd_run, "report": cmd_report, "plugins": cmd_plugins,
                 "datasets": cmd_datasets, "check": cmd_check}[args.command](args)

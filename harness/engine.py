@@ -409,6 +409,15 @@ class CellRun:
             if np.isinf(v).any():
                 raise Diverged(f"a client's training loss is {float(v[np.isinf(v)][0])}")
 
+    def check_vector(self, v: Any, comp: Component, hook: str) -> None:
+        """A hook's model-sized vector has the model's size."""
+        n = self.ctx.layout.numel
+        if tuple(v.shape) != (n,):
+            raise PluginError(f"{hook} returned a tensor of shape {tuple(v.shape)}; the model "
+                              f"has {n} parameters, so a flat vector of shape ({n},) is "
+                              f"expected", plugin=comp.plugin or type(comp).__module__,
+                              component=comp.name, hook=hook, exc_type="ValueError")
+
     def run(self, *, progress: Callable[[int], None] | None = None,
             hooks: Any = None) -> dict[str, Any]:
         from fedmedbench.models import get_flat_params
@@ -429,7 +438,7 @@ class CellRun:
             entry = {k: v for k, v in entry.items() if v is not None or k == "loss"}
             self.history.append(entry)
             if hooks is not None:
-                hooks.on_round_end(cell=self.cell, round=rnd, metrics=entry)
+                _observe(hooks.on_round_end, cell=self.cell, round=rnd, metrics=entry)
             if progress:
                 progress(rnd)
         assert utility is not None
@@ -537,6 +546,22 @@ class CellRun:
         return out
 
 
+def _observe(hook: Any, **kwargs: Any) -> None:
+    """Call an observer hook's implementations one by one, so that one that
+    raises (or calls ``sys.exit``) is named: the cell fails with its plugin."""
+    for impl in reversed(hook.get_hookimpls()):  # pluggy's order: last registered first
+        try:
+            impl.function(**kwargs)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            from fedmedbench.errors import INTERRUPTED
+
+            if isinstance(exc, KeyboardInterrupt) and INTERRUPTED.is_set():
+                raise
+            raise PluginError(f"{type(exc).__name__}: {exc}", plugin=impl.plugin_name,
+                              component="(observer)", hook=hook.name,
+                              exc_type=type(exc).__name__) from exc
+
+
 def _aggregator_metric_keys(agg: Aggregator) -> set[str]:
     return {str(k) for k in agg.client_metric_keys}
 
@@ -623,7 +648,7 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
             run = CellRun(cell, reg)
             record["history"] = run.history
             record["protocol"] = run.protocol_cls.name
-            hooks.on_cell_start(cell=cell)
+            _observe(hooks.on_cell_start, cell=cell)
             run.validate()
             run.prepare()
             record["backend"] = {"name": run.backend_name, "reason": run.backend_reason}
@@ -681,7 +706,11 @@ def _warning_summary(caught: list[warnings.WarningMessage]) -> list[dict[str, An
 
 
 def _tb(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)[-8:])[-4000:]
+    """The original exception's traceback (the plugin's own frames: a
+    PluginError is raised *from* what the plugin raised), its last frames."""
+    orig = exc.__cause__ if isinstance(exc, PluginError) and exc.__cause__ else exc
+    lines = traceback.format_exception(type(orig), orig, orig.__traceback__, limit=-12)
+    return "".join(lines)[-4000:]
 
 
 _PROVENANCE: dict[str, Any] | None = None

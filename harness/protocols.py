@@ -143,10 +143,13 @@ class Federated(RoundProtocol):
                               aggregate, sent)
         import torch
 
+        run.check_vector(aggregate, c.aggregator if c.transport is None else c.transport,
+                         "aggregate")
         if not torch.isfinite(aggregate).all():
             raise Diverged(f"round {t}: the aggregated update is not finite")
         self.params[0] = stage("server_update", c.algorithm, "server_update",
                                c.algorithm.server_update, ctx, w, aggregate, sent)
+        run.check_vector(self.params[0], c.algorithm, "server_update")
         out: dict[str, Any] = {"clients": len(clients), "loss": run.reported_loss(updates)}
         shown = updates.metrics.get("contribution_weight") if run.sum_contributions else weights
         if shown is not None:
