@@ -319,10 +319,11 @@ def check_aggregator(cls: type[Component], registry: Registry) -> None:
     if getattr(agg, "weighting", None) not in WEIGHTINGS:
         raise _fail(cls, "check_aggregator", f"weighting is {getattr(agg, 'weighting', None)!r}",
                     f"declare `weighting` as one of {WEIGHTINGS}")
-    if type(agg).client_metrics is not Aggregator.client_metrics and not agg.client_metric_keys:
-        raise _fail(cls, "check_aggregator", "it overrides client_metrics but declares no "
-                    "client_metric_keys, so the engine never calls it",
-                    "name the numbers it returns in `client_metric_keys`")
+    keys = agg.client_metric_keys
+    if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) for k in keys):
+        raise _fail(cls, "check_aggregator", f"client_metric_keys is {keys!r}",
+                    "declare the names client_metrics returns as a tuple of strings (the "
+                    "engine calls client_metrics only when it names some)")
     g = torch.Generator().manual_seed(0)
 
     def batch(delta: torch.Tensor, order: list[int]) -> Updates:
