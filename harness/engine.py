@@ -57,7 +57,7 @@ from fedmedbench.components import (
 from fedmedbench.context import AttackContext, CellContext
 from fedmedbench.errors import ConfigError, Diverged, PluginError, Skip
 from fedmedbench.facts import CellFacts, combination_problem, facts_of
-from fedmedbench.federation import Federation, cell_rng
+from fedmedbench.federation import Federation, cell_rng, clients_per_round
 from fedmedbench.meters import ByteMeter, Clock, Stages, ViewRecorder, calling
 from fedmedbench.protocols import RoundProtocol, protocol_for
 from fedmedbench.registry import Registry, get_registry
@@ -257,9 +257,8 @@ class CellRun:
         n = self.federation.n
         self.per_round = self.federation.per_round(everyone=protocol.name != "federated")
         # the pooled protocol does the work of a federated round at the cell's rate
-        self.federation_sites_rate = (
-            Federation(data, pooled=False, settings=self.settings, seed=self.seed)
-            .per_round(everyone=False) / max(1, len(data.sites)))
+        self.federation_sites_rate = (clients_per_round(len(data.sites), self.settings)
+                                      / max(1, len(data.sites)))
         self.ctx = CellContext(
             cell_id=self.cell["cell_id"], seed=self.seed, rounds=self.rounds,
             settings=self.settings, data=data, clients=self.federation.clients,

@@ -180,7 +180,7 @@ class Federated(RoundProtocol):
         per = int(c.algorithm.bytes_down(self.ctx, model_bytes))
         if c.transport is not None:
             per += int(c.transport.bytes_down(self.ctx))
-        return [per] * len(clients) if run.ctx.participants else []
+        return [per] * len(clients)
 
     def corrupt(self, updates: Updates) -> Updates:
         run = self.run
