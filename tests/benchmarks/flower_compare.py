@@ -99,8 +99,12 @@ def _tensors(n_clients: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 _ACTOR: dict[str, torch.nn.Module] = {}  # one model per ray actor process
 
 
-def client_train(msg: Any, context: Any) -> Any:
-    """The Flower ``ClientApp``'s train function (runs in a ray actor)."""
+def client_train(msg: Any, context: Any, template: torch.nn.Module) -> Any:
+    """The Flower ``ClientApp``'s train function (runs in a ray actor):
+    ``template`` is the cell's initial model, shipped from the driver, so an
+    actor needs neither fedmedbench's registry nor its plugins."""
+    import copy
+
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from torch import nn
 
@@ -110,8 +114,8 @@ def client_train(msg: Any, context: Any) -> Any:
     client = int(context.node_config["partition-id"])
     n_clients = int(context.node_config["num-partitions"])
     rnd = int(msg.content["config"]["server-round"])
-    if "model" not in _ACTOR:
-        _ACTOR["model"] = initial_model()  # the architecture; the parameters come next
+    if "model" not in _ACTOR:  # one model per actor; the parameters come with the message
+        _ACTOR["model"] = copy.deepcopy(template)
     model = _ACTOR["model"]
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     model.train()
@@ -187,8 +191,13 @@ def run_flower(n_clients: int, *, cpus_per_client: float) -> dict[str, Any]:
         out["final"] = _flat(result.arrays.to_torch_state_dict())
         out["round_s"] = np.diff(out["t_eval"]).tolist()
 
+    template = initial_model()
+
+    def train(msg: Any, context: Any) -> Any:  # ray pickles this closure and template by value
+        return client_train(msg, context, template)
+
     client = ClientApp()
-    client.train()(client_train)
+    client.train()(train)
     cpus = os.cpu_count() or 1
     t0 = time.perf_counter()
     run_simulation(server_app=server, client_app=client, num_supernodes=n_clients,
