@@ -17,13 +17,14 @@ validation costs about 4 ms a call, which at 100 sites is most of a round.
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics as skm
 
 METRICS = ("accuracy", "balanced_accuracy", "auroc")
 
 
 def score(metric: str, y_true: np.ndarray, proba: np.ndarray) -> float:
     """Score class probabilities ``proba`` (n × classes) against labels."""
+    from sklearn import metrics as skm
+
     pred = proba.argmax(1)
     y_true = np.asarray(y_true)
     if metric == "accuracy":
