@@ -170,11 +170,14 @@ def _summary_and_reports(results: Any, out: Path, *, verbose: bool) -> int:
 
 
 def _written(paths: list[Path], out: Path) -> str:
-    """One line naming the main report files and counting the others."""
-    main_files = [p for p in paths if p.name in ("index.html", "report.md")]
+    """Where the report is: the page and the markdown, and what else is beside them."""
+    main_files = [p for p in paths if p.name in ("index.html", "report.md")] or paths[:1]
     rest = len(paths) - len(main_files)
-    more = f" (+{rest} tables and figures under {out}/)" if rest else ""
-    return "full report: " + ", ".join(map(str, main_files or paths[:2])) + more
+    lines = [f"full report: {main_files[0]}", *(f"             {p}" for p in main_files[1:])]
+    if rest:
+        lines.append(f"             and {rest} more files (tables/*.csv, figures/, "
+                     f"report.json) in {out}/")
+    return "\n".join(lines)
 
 
 def _dry_run(m: Any, out: Path, *, force: bool = False) -> int:
@@ -237,7 +240,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         except OutputError as exc:
             print(f"fedmedbench: error: {exc}", file=sys.stderr)
             return 1
-        print(f"wrote {len(paths)} files: {_written(paths, Path(args.out))}", file=sys.stderr)
+        print(_written(paths, Path(args.out)), file=sys.stderr)
     return 0
 
 

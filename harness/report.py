@@ -17,6 +17,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
+import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,8 +66,9 @@ TOPOLOGY_OF_PROTOCOL = {"pooled": "centralized", "isolated": "local", "federated
 #: per-site tables list every site up to this many sites, and a distribution past it
 MAX_SITE_COLUMNS = 12
 #: what the headline's columns mean (printed under it in the terminal)
-HEADLINE_KEY = ("worst site: the weakest hospital's score; vs local: its gain over each site "
-                "training alone; bytes/round: sent up + down")
+HEADLINE_KEY = ("worst site: the weakest hospital's score",
+                "vs local: its gain over each site training alone",
+                "bytes/round: sent up + down")
 #: the mark of an entry whose utility does not beat the majority-class baseline
 CHANCE_MARK = "†"
 #: the first characters that make a spreadsheet read a CSV cell as a formula (OWASP)
@@ -317,17 +320,24 @@ def _stats(v: pd.Series) -> tuple[float, float, float, int]:
     return float(x.mean()), sd, float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)), n
 
 
+def natural_key(text: Any) -> tuple[Any, ...]:
+    """A sort key that orders the numbers inside labels by value:
+    ``dp-fedavg[ε=0.5]`` < ``dp-fedavg[ε=3]`` < ``dp-fedavg[ε=20]``."""
+    parts = re.split(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", str(text))
+    return tuple(float(p) if i % 2 else p for i, p in enumerate(parts))
+
+
 def _sort_entries(df: pd.DataFrame) -> pd.DataFrame:
-    """Stable display order: centralized, local, then federated methods by
-    name; privacy ``none`` first, then by name."""
+    """Stable display order: centralized, local, federated, personalized
+    methods, each by name; privacy ``none`` first, then by name (numbers in
+    names by value, :func:`natural_key`)."""
     if df.empty:
         return df
-    key = pd.DataFrame({
-        "d": df["dataset"],
-        "t": df["topology"].map(lambda t: TOPOLOGY_ORDER.get(t, len(TOPOLOGY_ORDER))),
-        "m": df["method"], "p0": df["privacy"] != "none", "p": df["privacy"]})
-    order = key.sort_values(["d", "t", "m", "p0", "p"], kind="mergesort").index
-    return df.loc[order].reset_index(drop=True)
+    keys = [(str(d), TOPOLOGY_ORDER.get(t, len(TOPOLOGY_ORDER)), natural_key(m), p != "none",
+             natural_key(p))
+            for d, t, m, p in zip(df["dataset"], df["topology"], df["method"], df["privacy"])]
+    order = sorted(range(len(df)), key=lambda i: keys[i])
+    return df.iloc[order].reset_index(drop=True)
 
 
 def _first(v: pd.Series) -> Any:
@@ -757,15 +767,14 @@ Table = tuple[str, list[str], list[list[str]]]
 
 
 def headline_metric(data: ReportData, ds: str) -> tuple[str, str] | None:
-    """The one attack metric a dataset's headline shows: ``(attack, metric)``,
-    the first attack by name and its first metric in :data:`ATTACK_HEADLINE`."""
+    """The one attack metric a dataset's headline shows: ``(attack, metric)``
+    for the first metric of :data:`ATTACK_HEADLINE` that an attack reports."""
     a = data.attacks[(data.attacks["dataset"] == ds)
                      & ~data.attacks["metric"].isin(["not_applicable", "failed"])]
-    for name in sorted(set(a["attack"])):
-        present = set(a[a["attack"] == name]["metric"])
-        metric = next((m for m in ATTACK_HEADLINE if m in present), None)
-        if metric:
-            return name, metric
+    for metric in ATTACK_HEADLINE:  # membership inference's AUC first, where there is one
+        names = sorted(set(a[a["metric"] == metric]["attack"]))
+        if names:
+            return names[0], metric
     return None
 
 
@@ -777,7 +786,7 @@ def headline_table(data: ReportData, ds: str, *, width: int | None = None) -> Ta
     s = data.summary[(data.summary["dataset"] == ds) & (data.summary["n"] > 0)]
     metric = _first(s["metric"]) or "utility"
     ns = sorted(set(s["n"]))
-    seeds = f"n={ns[0]} seeds" if len(ns) == 1 else "n seeds per entry in the tables"
+    seeds = f"n={ns[0]} seeds" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]} seeds"
     att = headline_metric(data, ds)
     a = data.attacks
     headers = ["method", "privacy", metric, "worst site", "vs local", "ε (δ, unit)",
@@ -797,6 +806,10 @@ def headline_table(data: ReportData, ds: str, *, width: int | None = None) -> Ta
                   & (a["attack"] == att[0]) & (a["metric"] == att[1])]["mean"]
             row.append(fmt(float(v.iloc[0])) if len(v) else "—")
         rows.append(row)
+    # a column with nothing to say (no local baseline, no attack) is left out
+    keep = [j for j in range(len(headers)) if j < 3 or any(r[j] != "—" for r in rows)]
+    headers = [headers[j] for j in keep]
+    rows = [[r[j] for j in keep] for r in rows]
     return (f"{ds}: {metric} on the pooled test set (mean ± std over seeds, {seeds})",
             headers, rows)
 
@@ -1031,14 +1044,16 @@ def terminal_summary(data: ReportData, *, verbose: bool = False, width: int = 12
         return render_text(data)
     out: list[str] = []
     for ds in data.datasets:
-        title, headers, rows = headline_table(data, ds, width=24)
+        title, headers, rows = headline_table(data, ds)
         if not rows:
             out += [f"{ds}: no successful cells", ""]
             continue
-        out += [short(title, width), *_columns(headers, rows), short(HEADLINE_KEY, width)]
+        key = [k for k in HEADLINE_KEY if k.split(":")[0] in headers]
+        out += [*textwrap.wrap(title, width), *_columns(headers, rows),
+                *textwrap.wrap("; ".join(key), width)]
         note = chance_note(data, ds)
         if note:
-            out.append(short(note, width))
+            out += textwrap.wrap(note, width)
         out.append("")
     warn = warning_summary(data.records)
     if warn:

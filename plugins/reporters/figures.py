@@ -39,6 +39,7 @@ so reports of shards and of a whole run compare byte for byte.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import math
 import re
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.axes
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -75,6 +77,9 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 #: what a unit of ε protects, for axis labels
 UNIT_TEXT = {"record": "sample-level ε (per patient record)",
              "client": "client-level ε (per hospital)"}
+#: a horizontal box plot (``orientation`` replaced ``vert`` in matplotlib 3.10)
+HORIZONTAL = ({"orientation": "horizontal"} if "orientation" in
+              inspect.signature(matplotlib.axes.Axes.boxplot).parameters else {"vert": False})
 #: reference lines of attack metrics: (value, what it means)
 REFERENCE = {"auc": (0.5, "chance"), "advantage": (0.0, "chance"),
              "balanced_accuracy": (0.5, "chance"), "psnr": (25.0, "recognisable above")}
@@ -438,7 +443,7 @@ def _site_distribution(ds: str, metric: str, per: pd.DataFrame, names: list[str]
         e = per[(per["method"] == m) & (per["privacy"] == p)]
         v = e["utility_mean"].to_numpy(dtype=float)
         yk = len(entries) - 1 - k
-        ax.boxplot([v], positions=[yk], vert=False, widths=0.5, whis=(5, 95),
+        ax.boxplot([v], positions=[yk], **HORIZONTAL, widths=0.5, whis=(5, 95),
                    showfliers=False, patch_artist=True,
                    boxprops={"facecolor": (*color[:3], 0.25), "edgecolor": color},
                    medianprops={"color": color, "lw": 1.5},

@@ -86,7 +86,7 @@ max-width:1200px;padding:0 1.2em 3em;color:#1d2330}
 h1{margin:.8em 0 .2em}h2{border-bottom:2px solid #dde3ee;padding-bottom:.2em;margin-top:2em}
 h3{margin:1.4em 0 .4em;font-size:1.05em}
 nav a{margin-right:1em}.meta{color:#556}.rule{background:#f4f6fa;border-left:4px solid #7b8fb8;
-padding:.6em .9em;font-size:.92em}
+padding:.6em .9em;font-size:.92em;margin:.8em 0}.rule p{margin:.5em 0 0}summary{cursor:pointer}
 table{border-collapse:collapse;margin:.3em 0 1em;font-size:.9em;display:block;overflow-x:auto}
 th,td{border-bottom:1px solid #e4e8ef;padding:.28em .6em;text-align:left;white-space:nowrap}
 th{background:#eef2f8;cursor:pointer;user-select:none;position:sticky;top:0}
@@ -160,7 +160,13 @@ def page(data: ReportData, *, title: str = "fedmedbench leaderboard") -> str:
         f'<a href="#ds-{_e(slug(ds))}">{_e(ds)}</a>' for ds in tabs if ds)
         + ('<a href="#all">labels, warnings, cells that did not finish</a>' if "" in tabs
            else "") + "</nav>")
-    body.append(f'<p class="rule"><strong>Ranking rule.</strong> {_e(RANKING_RULE)}</p>')
+    body.append('<details class="rule"><summary><strong>Ranking rule</strong>: how the '
+                'leaderboard orders entries, and what † marks</summary>'
+                f"<p>{_e(RANKING_RULE)}</p></details>")
+    if not data.legend.empty:
+        body.append('<p class="note">Labels are short (<code>dp-fedavg[σ=1,C=0.1,dist]</code>); '
+                    '<a href="#all">the labels table</a> gives the full configuration of '
+                    "each.</p>")
     body.append("</header>")
     for ds, tables in tabs.items():
         sid = f"ds-{slug(ds)}" if ds else "all"
