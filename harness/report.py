@@ -872,8 +872,10 @@ def _attack_table(data: ReportData, ds: str) -> Table | None:
             note = "failed: " + note
         rows.append([m, p, eps, name, *(_attack_value(vals[k].mean, vals[k].std, vals[k].n)
                                         if k in vals else "—" for k in shown), note])
-    return ("attacks (mean ± std over seeds; every metric in tables/attacks.csv)",
-            ["method", "privacy", "ε", "attack", *shown, "note"], rows)
+    headers = ["method", "privacy", "ε", "attack", *shown, "note"]
+    if not any(r[-1] for r in rows):  # every attack applied and ran: no note to show
+        headers, rows = headers[:-1], [r[:-1] for r in rows]
+    return ("attacks (mean ± std over seeds; every metric in tables/attacks.csv)", headers, rows)
 
 
 def text_tables(data: ReportData) -> dict[str, list[Table]]:

@@ -175,7 +175,7 @@ def test_leaderboard_tiers_ranking_attacks_and_baselines(rich: tuple[Path, list[
     # failures listed with the reason; the failed cell does not count as a seed
     assert list(data.failures["status"]) == ["failed"]
     assert data.counts == {"ok": 12, "failed": 1, "skipped": 0, "diverged": 0}
-    # figures: frontier, attacks, convergence, sites and the reconstruction grid
+    # figures: trade-off, attacks, convergence, sites and the reconstruction grid
     from fedmedbench.plugins.reporters.figures import figures
 
     kinds = {k for _, k, _ in figures(data).values()}

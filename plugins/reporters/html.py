@@ -1,5 +1,11 @@
 """The leaderboard as one self-contained static HTML page, ``index.html``.
 
+Per dataset the headline table comes first with the privacy–utility–cost and
+attack figures under it, then the leaderboard tiers and the other tables and
+figures; the labels table (short label → full configuration), the library
+warnings and the cells that did not finish close the page. Figures are shown
+at their own size (none is wider than the page).
+
 Nothing is fetched: figures are embedded as SVG data URIs, the style and the
 small sorting script are inline, and a Content-Security-Policy forbids every
 other source (``default-src 'none'``; the one script is admitted by its
