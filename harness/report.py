@@ -786,7 +786,8 @@ def headline_table(data: ReportData, ds: str, *, width: int | None = None) -> Ta
     s = data.summary[(data.summary["dataset"] == ds) & (data.summary["n"] > 0)]
     metric = _first(s["metric"]) or "utility"
     ns = sorted(set(s["n"]))
-    seeds = f"n={ns[0]} seeds" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]} seeds"
+    seeds = (f"n={ns[0]} seed{'s' * (ns[0] != 1)}" if len(ns) == 1
+             else f"n={ns[0]}–{ns[-1]} seeds")
     att = headline_metric(data, ds)
     a = data.attacks
     headers = ["method", "privacy", metric, "worst site", "vs local", "ε (δ, unit)",
@@ -949,7 +950,8 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
         at = _attack_table(data, ds)
         if at:
             tabs.append(at)
-        out[ds] = tabs
+        out[ds] = _mark_chance(tabs, {(r.method, r.privacy) for r in ok.itertuples()
+                                      if r.chance_seeds > 0})
     span: list[Table] = []
     if not data.legend.empty:
         span.append(("labels: each short label and the full configuration it stands for",
@@ -968,6 +970,22 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
                       for r in data.failures.itertuples()]))
     if span:
         out[""] = span
+    return out
+
+
+def _mark_chance(tabs: list[Table], at_chance: set[tuple[str, str]]) -> list[Table]:
+    """Every table's rows of an entry at chance level carry :data:`CHANCE_MARK`:
+    on the utility where the table shows one, else on the method."""
+    if not at_chance:
+        return tabs
+    out = []
+    for title, headers, rows in tabs:
+        if "method" in headers and "privacy" in headers:
+            mi, pi = headers.index("method"), headers.index("privacy")
+            rows = [[f"{c} {CHANCE_MARK}" if j == mi and (r[mi], r[pi]) in at_chance
+                     and not any(CHANCE_MARK in x for x in r) else c for j, c in enumerate(r)]
+                    for r in rows]
+        out.append((title, headers, rows))
     return out
 
 

@@ -402,10 +402,12 @@ def test_cells_at_chance_level_are_marked_in_every_table(real: Path) -> None:
     assert set(lb[lb["chance_seeds"] > 0]["method"]) == {"local"}
     from fedmedbench.report import CHANCE_MARK, terminal_summary, text_tables
 
-    for title, headers, rows in text_tables(data)[data.datasets[0]]:
-        loc = [r for r in rows if "local" in r[:2]]
-        if title.startswith(("leaderboard", data.datasets[0] + ":")) or "\\" in headers[0]:
-            assert loc and any(CHANCE_MARK in c for c in loc[0]), title
+    for title, headers, rows in text_tables(data)[data.datasets[0]]:  # every table
+        loc = [r for r in rows if any(c.startswith("local") for c in r[:2])]
+        assert all(any(CHANCE_MARK in c for c in r) for r in loc), title
+        assert loc or title.startswith("federated learning"), title  # only FL rows there
+        others = [r for r in rows if r not in loc]
+        assert not any(CHANCE_MARK in c for r in others for c in r), title
     assert "does not beat the majority-class baseline (0.600)" in terminal_summary(data)
     # records without the fields (before issue 12's datasets report them): no mark
     plain = build(_entries(real))

@@ -626,6 +626,9 @@ def figures(data: ReportData) -> dict[str, tuple[str, str, Figure]]:
                 fig = fn(data, ds)
                 if fig is not None:
                     FigureCanvasAgg(fig)
+                    # lay the figure out once and keep it: each save would do it again
+                    fig.draw_without_rendering()
+                    fig.set_layout_engine("none")
                     out[f"{slug(ds)}-{kind}"] = (ds, kind, fig)
     data.cache["figures"] = out
     return out
