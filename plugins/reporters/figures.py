@@ -54,6 +54,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from fedmedbench import Reporter
 from fedmedbench.report import (
@@ -372,6 +373,7 @@ def _convergence(data: ReportData, ds: str) -> Figure | None:
         ax2.text(0.5, 0.5, "no losses reported\n(under DP, clients do not send them)",
                  ha="center", va="center", transform=ax2.transAxes, color="0.4")
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(True, color="0.93", lw=0.6)
     more = f", the top {len(entries)} of {total} entries" if total > len(entries) else ""
