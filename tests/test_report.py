@@ -402,7 +402,7 @@ def test_cells_at_chance_level_are_marked_in_every_table(real: Path) -> None:
     assert set(lb[lb["chance_seeds"] > 0]["method"]) == {"local"}
     from fedmedbench.report import CHANCE_MARK, terminal_summary, text_tables
 
-    for title, headers, rows in text_tables(data)[data.datasets[0]]:  # every table
+    for title, _headers, rows in text_tables(data)[data.datasets[0]]:  # every table
         loc = [r for r in rows if any(c.startswith("local") for c in r[:2])]
         assert all(any(CHANCE_MARK in c for c in r) for r in loc), title
         assert loc or title.startswith("federated learning"), title  # only FL rows there
