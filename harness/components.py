@@ -764,6 +764,7 @@ class Reporter(Component):
         raise NotImplementedError(f"reporter {self.name!r} does not implement write()")
 
 
+#: the plugin families by name, and the base class of each
 FAMILIES: dict[str, type[Component]] = {
     "dataset": Dataset,
     "partitioner": Partitioner,

@@ -22,6 +22,7 @@ named.
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 import time
 import traceback
@@ -641,8 +642,9 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     run: CellRun | None = None
     torch_threads = torch.get_num_threads()
     caught: list[warnings.WarningMessage] = []
+    logged: list[logging.LogRecord] = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _captured_logs() as logged:
             warnings.simplefilter("always")
             run = CellRun(cell, reg)
             record["history"] = run.history
@@ -673,7 +675,7 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
                            "hook": None, "traceback": _tb(exc)}
     finally:
         torch.set_num_threads(torch_threads)
-    record["warnings"] = _warning_summary(caught)
+    record["warnings"] = _warning_summary(caught, logged)
     if record["status"] != "ok" and run is not None and hasattr(run, "ctx"):
         with contextlib.suppress(Exception):
             record["metrics"].setdefault("privacy", run.privacy_block())
@@ -690,17 +692,58 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     return (record, run) if keep_run else record
 
 
-def _warning_summary(caught: list[warnings.WarningMessage]) -> list[dict[str, Any]]:
-    """Distinct warnings raised while the cell ran, with counts (they go into
-    the record instead of breaking the progress bars)."""
+class _LogRecorder(logging.Handler):
+    """Keeps the log records of warning level and above."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _captured_logs() -> Any:
+    """Log records (warning and above) of every library while a cell runs.
+    Libraries warn through :mod:`logging` too (Opacus's "First batch is
+    empty" is ``logger.warning``): with this handler on the root logger they
+    go into the record rather than to stderr through logging's last-resort
+    handler, where they broke the progress bars."""
+    rec = _LogRecorder()
+    root = logging.getLogger()
+    root.addHandler(rec)
+    try:
+        yield rec.records
+    finally:
+        root.removeHandler(rec)
+
+
+def _warning_summary(caught: list[warnings.WarningMessage],
+                     logged: list[logging.LogRecord] | None = None) -> list[dict[str, Any]]:
+    """Distinct warnings raised while the cell ran (:mod:`warnings`, and
+    :mod:`logging` records of warning level and above), with counts: they go
+    into the record instead of breaking the progress bars. Each is
+    ``{category, message, source, count}`` (a log record's category is its
+    level, ``logging.WARNING``, and it also names its ``logger``)."""
     seen: dict[tuple[str, str], dict[str, Any]] = {}
-    for w in caught:
-        key = (w.category.__name__, str(w.message))
+
+    def add(category: str, message: str, source: str, **extra: Any) -> None:
+        key = (category, message)
         if key in seen:
             seen[key]["count"] += 1
         else:
-            seen[key] = {"category": key[0], "message": key[1][:500],
-                         "source": f"{w.filename}:{w.lineno}", "count": 1}
+            seen[key] = {"category": category, "message": message[:500], "source": source,
+                         "count": 1, **extra}
+
+    for w in caught:
+        add(w.category.__name__, str(w.message), f"{w.filename}:{w.lineno}")
+    for r in logged or []:
+        try:
+            msg = r.getMessage()
+        except Exception:  # a library's bad format arguments: keep the template
+            msg = str(r.msg)
+        add(f"logging.{r.levelname}", msg, f"{r.pathname}:{r.lineno}", logger=r.name)
     return list(seen.values())
 
 
@@ -739,15 +782,24 @@ def provenance(reg: Registry) -> dict[str, Any]:
 
 
 def _git_commit() -> str | None:
-    """The source checkout's HEAD; for an installed wheel (tox, CI), the commit
-    named by ``FEDMEDBENCH_GIT_COMMIT`` or GitHub's ``GITHUB_SHA``."""
+    """The commit of the code that runs, where it can be known:
+
+    - a source checkout (an editable install): its HEAD;
+    - a wheel installed from git (``pip install git+https://...@REV``): the
+      commit pip resolved, from the install's ``direct_url.json`` (PEP 610);
+    - otherwise (a wheel built from a folder, or from an index) the commit
+      named by ``FEDMEDBENCH_GIT_COMMIT`` or GitHub's ``GITHUB_SHA`` (tox and
+      CI set them), else ``None``: the version number identifies the code,
+      and the folder a wheel was built from may have moved on since.
+    """
     import os
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
-        return os.environ.get("FEDMEDBENCH_GIT_COMMIT") or os.environ.get("GITHUB_SHA") or None
+        return (_direct_url_commit() or os.environ.get("FEDMEDBENCH_GIT_COMMIT")
+                or os.environ.get("GITHUB_SHA") or None)
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5)
@@ -755,3 +807,22 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
+
+def _direct_url_commit(text: str | None = None) -> str | None:
+    """The VCS commit in an install's PEP 610 ``direct_url.json`` (``text``,
+    or the installed fedmedbench distribution's), or ``None``."""
+    import json
+    from importlib import metadata
+
+    if text is None:
+        try:
+            text = metadata.distribution("fedmedbench").read_text("direct_url.json")
+        except metadata.PackageNotFoundError:
+            return None
+    try:
+        info = json.loads(text or "")
+    except ValueError:
+        return None
+    vcs = info.get("vcs_info") if isinstance(info, dict) else None
+    commit = vcs.get("commit_id") if isinstance(vcs, dict) else None
+    return commit if isinstance(commit, str) and commit else None

@@ -262,6 +262,8 @@ def train_pooled(model: nn.Module, data: Split, settings: RunSettings, steps: in
 
 
 def predict_proba(model: nn.Module, X: np.ndarray, *, batch_size: int = 2048) -> np.ndarray:
+    """Class probabilities of ``model`` on ``X`` (softmax of its logits, in
+    batches of ``batch_size``, without gradients), as an ``(n, classes)`` array."""
     import torch
 
     model.eval()

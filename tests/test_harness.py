@@ -32,7 +32,8 @@ def test_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_quickstart_prints_table_with_every_hospital(tmp_path, capsys):
-    code = main(["run", "--out", str(tmp_path), "--no-progress"])
+    # every table, per-site ones included, is --verbose (the default is the headline)
+    code = main(["run", "--out", str(tmp_path), "--no-progress", "--verbose"])
     out = capsys.readouterr().out
     assert code == 0
     for word in ("fedavg", "centralized", "local", "fedprox", "dp-sgd", "secagg", "Cleveland",
