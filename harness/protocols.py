@@ -175,7 +175,7 @@ class Federated(RoundProtocol):
 
     def broadcast(self, clients: list[int]) -> list[int]:
         """Bytes each participating client receives this round."""
-        run, c = self.run, self.run.components
+        c = self.run.components
         model_bytes = self.ctx.layout.numel * 4
         per = int(c.algorithm.bytes_down(self.ctx, model_bytes))
         if c.transport is not None:
