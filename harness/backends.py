@@ -43,9 +43,10 @@ class LoopBackend:
     mechanism's), created on the client's first round.
 
     A client may have several trainers, by name (``ctx.train(trainer=...)``):
-    ``"main"`` and, for Ditto, ``"personal"``. Each owns its module, whose
-    buffers (BatchNorm running statistics) persist between rounds: they are
-    the client's own unless the protocol loads others
+    ``"main"`` and, for Ditto, ``"personal"``. Each keeps its module's
+    buffers (BatchNorm running statistics) between rounds — put into the
+    architecture's shared module before its steps and read back after — so
+    they are the client's own unless the protocol loads others
     (:meth:`load_buffers`).
     """
 
@@ -56,7 +57,13 @@ class LoopBackend:
         self.ctx: CellContext = run.ctx
         self.local: LocalStage | None = run.components.local_stage
         self.trainers: dict[tuple[int, str], LocalTrainer] = {}
+        #: each trainer's module (SGD trainers of one architecture share one)
         self.modules: dict[tuple[int, str], torch.nn.Module] = {}
+        #: one model and optimizer per architecture, shared by the clients' SGD trainers
+        self._shared: dict[Any, tuple[Any, Any]] = {}
+        #: each trainer's running statistics (a shared module holds only the last client's)
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+        self._fresh_buffers: dict[Any, torch.Tensor] = {}
 
     # -- the protocol's entry points ------------------------------------------
 
@@ -89,7 +96,7 @@ class LoopBackend:
     def client_metrics(self, aggregator: Any, updates: Updates, w: torch.Tensor) -> Updates:
         """The aggregator's client-side numbers, computed by each client
         (``w``: the global model, or each client's starting row (k, D))."""
-        if type(aggregator).client_metrics is _base_client_metrics():
+        if not aggregator.client_metric_keys:  # it declares it reads none
             return updates
         extra: dict[str, list[float]] = {}
         for i, c in enumerate(updates.clients):
@@ -115,15 +122,26 @@ class LoopBackend:
     # -- buffers (BatchNorm running statistics) ---------------------------------
 
     def buffers(self, client: int, trainer: str = "main") -> torch.Tensor | None:
-        """The floating-point buffers of ``client``'s trainer module, flat
-        (``None`` before that trainer has run)."""
-        m = self.modules.get((client, trainer))
-        return None if m is None else flat_buffers(m)
+        """The floating-point buffers of ``client``'s trainer, flat (``None``
+        before that trainer has run or been given any)."""
+        own = self._buffers.get((client, trainer))
+        return None if own is None else own.clone()
 
     def load_buffers(self, client: int, flat: torch.Tensor, trainer: str = "main") -> None:
         """Start ``client``'s next local steps from the buffers ``flat``."""
-        self.trainer(client, trainer)
-        load_flat_buffers(self.modules[(client, trainer)], flat)
+        self._buffers[(client, trainer)] = flat.detach().clone()
+
+    def _enter_buffers(self, key: tuple[int, str]) -> bool:
+        """Put the trainer's own running statistics into its module (shared by
+        the architecture's clients) before its steps; False: it has none."""
+        module = self.modules[key]
+        factory = self.factory_for(key[0])
+        if factory not in self._fresh_buffers:
+            self._fresh_buffers[factory] = flat_buffers(factory())
+        if not self._fresh_buffers[factory].numel():
+            return False
+        load_flat_buffers(module, self._buffers.get(key, self._fresh_buffers[factory]))
+        return True
 
     # -- the ClientContext service --------------------------------------------
 
@@ -136,21 +154,22 @@ class LoopBackend:
         rows, losses = [], []
         for j, c in enumerate(clients):
             tr = self.trainer(c, trainer)
+            has_buffers = self._enter_buffers((c, trainer))
             off = None if grad_offset is None else grad_offset[j]
             if trainable is not None and self.local is not None:
                 new, loss = self._train_frozen(tr, params[j], int(steps[j]), trainable,
                                                extra_loss=extra_loss, grad_offset=off)
-                rows.append(new)
-                losses.append(loss)
-                continue
-            frozen = _freeze(self.modules[(c, trainer)], trainable)
-            try:
-                with calling(self.local if self.local is not None else None, "train"):
-                    new, loss = tr.train(params[j], int(steps[j]), extra_loss=extra_loss,
-                                         grad_offset=off)
-            finally:
-                for p in frozen:
-                    p.requires_grad_(True)
+            else:
+                frozen = _freeze(self.modules[(c, trainer)], trainable)
+                try:
+                    with calling(self.local if self.local is not None else None, "train"):
+                        new, loss = tr.train(params[j], int(steps[j]), extra_loss=extra_loss,
+                                             grad_offset=off)
+                finally:
+                    for p in frozen:
+                        p.requires_grad_(True)
+            if has_buffers:
+                self._buffers[(c, trainer)] = flat_buffers(self.modules[(c, trainer)])
             rows.append(new)
             losses.append(loss)
         return torch.stack(rows), np.asarray(losses, dtype=float)
@@ -178,17 +197,28 @@ class LoopBackend:
         return w.clone(), float(np.mean(seen)) if seen else float("nan")
 
     def trainer(self, client: int, name: str = "main") -> LocalTrainer:
+        """``client``'s trainer ``name``: the local-stage mechanism's (one model
+        per client and name, made private once per cell), or an SGD trainer
+        on the model and optimizer its architecture shares with the other
+        clients (its own batch stream, seeded like the first)."""
         key = (client, name)
         if key not in self.trainers:
-            model = self.factory_for(client)()
-            self.modules[key] = model
             data = self.ctx.clients[client].train
+            factory = self.factory_for(client)
             if self.local is not None:
                 with calling(self.local, "local_trainer"):  # type: ignore[arg-type]
+                    model = factory()
                     self.trainers[key] = self.local.local_trainer(self.ctx, client, model, data)
             else:
+                if factory not in self._shared:
+                    model = factory()
+                    self._shared[factory] = (model, self.ctx.settings.make_optimizer(
+                        model.parameters()))
+                model, opt = self._shared[factory]
                 self.trainers[key] = SGDTrainer(model, data, self.ctx.settings,
-                                                seed=self.ctx.batch_seed(client))
+                                                seed=self.ctx.batch_seed(client),
+                                                optimizer=opt)
+            self.modules[key] = model
         return self.trainers[key]
 
     def holdout(self, client: int) -> Split | None:
@@ -258,12 +288,6 @@ def _finalized(out: Any, algorithm: Any, k: int) -> torch.Tensor:
                           f"the ({k}, D) models to evaluate", plugin=algorithm.plugin,
                           component=algorithm.name, hook="finalize", exc_type="TypeError")
     return out
-
-
-def _base_client_metrics() -> Any:
-    from fedmedbench.components import Aggregator
-
-    return Aggregator.client_metrics
 
 
 def _checked(out: Any, algorithm: Any, clients: list[int]) -> Updates:

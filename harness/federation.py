@@ -10,7 +10,7 @@ import numpy as np
 
 from fedmedbench.components import Adversary, FederatedData, Site, Split
 
-__all__ = ["Federation", "cell_rng"]
+__all__ = ["Federation", "cell_rng", "clients_per_round"]
 
 
 def cell_rng(seed: int, purpose: str, *extra: int) -> np.random.Generator:
@@ -18,6 +18,15 @@ def cell_rng(seed: int, purpose: str, *extra: int) -> np.random.Generator:
     from fedmedbench.context import stable_int
 
     return np.random.default_rng([seed, stable_int(purpose), *extra])
+
+
+def clients_per_round(n: int, settings: Any) -> int:
+    """k of n clients per round from ``clients_per_round``: an integer is a
+    count, a float a fraction of n (rounded up), at least 1."""
+    cpr = settings.clients_per_round
+    if isinstance(cpr, int) and not isinstance(cpr, bool):
+        return max(1, min(n, cpr))
+    return max(1, int(math.ceil(float(cpr) * n)))
 
 
 class Federation:
@@ -76,12 +85,7 @@ class Federation:
 
     def per_round(self, *, everyone: bool) -> int:
         """k, the expected number of clients per round."""
-        n, cpr = self.n, self.settings.clients_per_round
-        if everyone:
-            return n
-        if isinstance(cpr, int) and not isinstance(cpr, bool):
-            return max(1, min(n, cpr))
-        return max(1, int(math.ceil(float(cpr) * n)))
+        return self.n if everyone else clients_per_round(self.n, self.settings)
 
     def sample(self, rnd: int, k: int) -> list[int]:
         """The clients of round ``rnd``: ``k`` fixed without replacement, or each

@@ -245,13 +245,17 @@ class Federated(RoundProtocol):
                               aggregate, sent)
         import torch
 
+        run.check_vector(aggregate, c.aggregator if c.transport is None else c.transport,
+                         "aggregate")
         if not torch.isfinite(aggregate).all():
             raise Diverged(f"round {t}: the aggregated update is not finite")
         if self.sharing.partial:  # only the shared parameters are averaged; noise a server
             aggregate = torch.where(torch.as_tensor(self.sharing.mask), aggregate,  # stage
                                     torch.zeros_like(aggregate))  # put elsewhere is discarded
-        self.set_global(stage("server_update", c.algorithm, "server_update",
-                              c.algorithm.server_update, ctx, w, aggregate, sent))
+        new = stage("server_update", c.algorithm, "server_update",
+                    c.algorithm.server_update, ctx, w, aggregate, sent)
+        run.check_vector(new, c.algorithm, "server_update")
+        self.set_global(new)
         self.after_server(updates, weights)
         out: dict[str, Any] = {"clients": len(clients), "loss": run.reported_loss(updates)}
         shown = updates.metrics.get("contribution_weight") if run.sum_contributions else weights
@@ -326,12 +330,12 @@ class Federated(RoundProtocol):
         """Bytes each participating client receives this round: the shared
         part of the global model (and its running statistics when they are
         averaged)."""
-        run, c, sh = self.run, self.run.components, self.sharing
+        c, sh = self.run.components, self.sharing
         model_bytes = 4 * sh.numel + (4 * sh.buffer_numel if sh.buffers == "sent" else 0)
         per = int(c.algorithm.bytes_down(self.ctx, model_bytes))
         if c.transport is not None:
             per += int(c.transport.bytes_down(self.ctx))
-        return [per] * len(clients) if run.ctx.participants else []
+        return [per] * len(clients)
 
     def corrupt(self, updates: Updates) -> Updates:
         run = self.run
