@@ -241,6 +241,10 @@ class ServerView:
     the clear (``updates`` then holds those values and zeros elsewhere).
     ``global_params`` is the model the clients started from; ``metrics`` the
     client-side numbers sent with the updates; ``extra`` the other sent fields.
+    ``sent`` (a partial send: FedBN, FedRep, FedPer) is the boolean mask of
+    the parameters clients send at all (``updates`` and ``aggregate`` are
+    zero elsewhere, and the personal rest never reaches the server); ``None``
+    when the whole model is sent.
     """
 
     round: int
@@ -253,6 +257,7 @@ class ServerView:
     readable: dict[int, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, dict[int, float]] = field(default_factory=dict)
     extra: dict[str, dict[int, Any]] = field(default_factory=dict)
+    sent: np.ndarray | None = None
 
 
 @dataclass

@@ -202,7 +202,9 @@ class ViewRecorder:
             metrics={k: dict(zip(u.clients, (float(x) for x in np.asarray(v))))
                      for k, v in u.metrics.items() if k in keys},
             extra={k: dict(zip(u.clients, _rows(u.extra[k], len(u))))
-                   for k in self.sends if k != "delta" and k in u.extra})
+                   for k in self.sends if k != "delta" and k in u.extra},
+            sent=(self.sharing.mask.copy() if self.sharing is not None and self.sharing.partial
+                  else None))
 
     def _plaintext(self, rnd: int, u: Updates) -> ServerView:
         view = self._base(rnd, "plaintext", u)

@@ -367,10 +367,39 @@ def test_attacks_run_against_the_sent_parts():
               rounds=2)[0]
     c = {**c, "config": {**c["config"], "attacks": [
         {"name": "mia-loss"}, {"name": "mia-loss", "target": "client"}]}}
-    rec = run_cell(c)
-    assert rec["status"] == "ok", rec["error"]
-    for key, res in rec["metrics"]["attacks"].items():
-        assert "failed" not in res, (key, res)
+    rec, run = run_ok(c)
+    attacks = rec["metrics"]["attacks"]
+    for key, res in attacks.items():
+        assert "failed" not in res and "not_applicable" not in res, (key, res)
+    body = int((~head_of(run)).sum())
+    client = [r for r in attacks.values() if r["assumptions"].get("attacker", "").startswith(
+        "honest")]
+    assert len(client) == 1
+    assert client[0]["assumptions"]["view_part"].startswith(f"the {body} of")
+
+
+@pytest.mark.parametrize("algorithm", ["fedper", "fedrep"])
+def test_gradient_inversion_matches_only_the_sent_body(algorithm):
+    """The server inverts the body it reads; the head (the output layer) never
+    reaches it, so iDLG cannot read the labels and optimises them instead."""
+    img = {"name": "synthetic-imaging", "n_per_site": 16, "model_act": "sigmoid",
+           "model_pool": "none"}
+    c = cells({"dataset": [img], "algorithm": [algorithm]}, rounds=1,
+              run={"batch_size": 1, "local_steps": 1, "lr": 0.1})[0]
+    c = {**c, "config": {**c["config"], "attacks": [
+        {"name": "gradinv-idlg", "iterations": 5, "save_images": False}]}}
+    rec, run = run_ok(c)
+    res = rec["metrics"]["attacks"]["gradinv-idlg"]
+    body = ~head_of(run)
+    assert res["parameters_matched"] == int(body.sum()) < run.ctx.layout.numel
+    assert "output layer is not in the view" in res["assumptions"]["labels"]
+    assert res["assumptions"]["view_part"].startswith(f"the {int(body.sum())} of")
+    np.testing.assert_array_equal(run.views[1].sent, body)
+    # FedAvg's view is the whole update, and iDLG reads its labels
+    c2 = {**c, "config": {**c["config"], "algorithm": {"name": "fedavg"}}}
+    full = run_ok(c2)[0]["metrics"]["attacks"]["gradinv-idlg"]
+    assert full["parameters_matched"] == run.ctx.layout.numel
+    assert full["assumptions"]["labels"].startswith("inferred analytically")
 
 
 def test_dp_sgd_backends_agree_without_noise_on_the_personalized_methods():
