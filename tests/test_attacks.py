@@ -142,9 +142,9 @@ def reg():
     return get_registry(extra=[_PLUGIN])
 
 
-def run_cells(reg, text_axes: dict, attacks: list, *, rounds: int, run: dict,
+def run_cells(reg, text_axes: dict, attacks: list, *, rounds: int, run: dict, seed: int = 0,
               tmp: Path) -> list[dict]:
-    raw = {"name": "t", "rounds": rounds, "seeds": [0], "axes": text_axes, "run": run,
+    raw = {"name": "t", "rounds": rounds, "seeds": [seed], "axes": text_axes, "run": run,
            "evaluate": {"attacks": attacks}}
     m = parse_matrix(raw, registry=reg)
     out = []
