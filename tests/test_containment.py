@@ -89,7 +89,7 @@ def test_attack_values_are_converted_or_refused_with_the_hook(test_plugins, run_
 CHAOS = """
 name = "chaos"
 rounds = 2
-seeds = [0, 1, 2, 3, 4]
+seeds = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 [axes]
 dataset = [{ name = "synthetic-tabular", n_samples = 200 }]
 algorithm = ["fedavg", "local", "centralized", { name = "test-chaos", fault = "seeded" }]
@@ -106,8 +106,8 @@ def _run(args: list[str], env: dict) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_chaos_every_cell_ends_with_an_attributed_record(tmp_path):
-    """20 cells under the process executor: plugins that raise, call sys.exit,
-    hang, allocate until a limit, return torch values; two kill -9s of the
+    """40 cells under the process executor: plugins that raise, call sys.exit,
+    hang, allocate until a limit, return torch values; three kill -9s of the
     driver at random moments, a rerun after each. Every cell ends with a
     record, every fault is attributed, no temp file remains, and the healthy
     cells' metrics equal a clean in-process run's."""
@@ -117,18 +117,18 @@ def test_chaos_every_cell_ends_with_an_attributed_record(tmp_path):
     env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_test_plugins",
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     args = [str(matrix), "--out", str(out), "--executor", "process", "--workers", "2",
-            "--cell-timeout", "30", "--retries", "0", "--no-progress", "--no-report"]
+            "--cell-timeout", "45", "--retries", "0", "--no-progress", "--no-report"]
     rng = random.Random(0)
-    for _ in range(2):
+    for _ in range(3):
         p = _run(args, env)
-        time.sleep(rng.uniform(5, 12))
+        time.sleep(rng.uniform(4, 12))
         os.kill(p.pid, signal.SIGKILL)  # the driver only; its workers must follow it
         p.wait()
     p = _run(args, env)
     _, err = p.communicate(timeout=900)
     assert p.returncode == 1, err.decode()[-2000:]  # the faulty cells failed
     recs = [json.loads(f.read_text()) for f in out.glob("*.json")]
-    assert len(recs) == 20, len(recs)
+    assert len(recs) == 40, len(recs)
     assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
     sys.path.insert(0, str(HERE))
     from fmb_test_plugins import CHAOS_BY_SEED
@@ -156,7 +156,7 @@ def test_chaos_every_cell_ends_with_an_attributed_record(tmp_path):
     want = {json.loads(f.read_text())["cell_id"]: json.loads(f.read_text())
             for f in clean.glob("*.json")}
     got = {r["cell_id"]: r for r in recs if r["cell_id"] in want}
-    assert len(want) == 15 and set(got) == set(want)
+    assert len(want) == 30 and set(got) == set(want)
     for cid, w in want.items():
         assert got[cid]["metrics"]["utility"] == w["metrics"]["utility"]
         assert got[cid]["history"] == w["history"]
