@@ -59,7 +59,7 @@ from fedmedbench.context import AttackContext, CellContext
 from fedmedbench.errors import ConfigError, Diverged, PluginError, Skip
 from fedmedbench.facts import CellFacts, combination_problem, facts_of
 from fedmedbench.federation import Federation, cell_rng, clients_per_round
-from fedmedbench.meters import ByteMeter, Clock, Stages, ViewRecorder, calling
+from fedmedbench.meters import ByteMeter, Clock, Stages, ViewRecorder, calling, contained_message
 from fedmedbench.protocols import RoundProtocol, protocol_for
 from fedmedbench.registry import Registry, get_registry
 from fedmedbench.schema import SCHEMA
@@ -557,7 +557,7 @@ def _observe(hook: Any, **kwargs: Any) -> None:
 
             if isinstance(exc, KeyboardInterrupt) and INTERRUPTED.is_set():
                 raise
-            raise PluginError(f"{type(exc).__name__}: {exc}", plugin=impl.plugin_name,
+            raise PluginError(contained_message(exc), plugin=impl.plugin_name,
                               component="(observer)", hook=hook.name,
                               exc_type=type(exc).__name__) from exc
 

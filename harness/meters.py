@@ -38,6 +38,15 @@ TIME_BUCKETS = {
 }
 
 
+def contained_message(exc: BaseException) -> str:
+    """How a plugin's exception reads in a record: ``sys.exit(3)`` is named as
+    the call it was, not as a bare ``SystemExit: 3``."""
+    if isinstance(exc, SystemExit):
+        return (f"plugin code called sys.exit({exc.code!r}); the cell was stopped and the "
+                f"other cells went on")
+    return f"{type(exc).__name__}: {exc}"
+
+
 @contextlib.contextmanager
 def calling(comp: Component | None, hook: str) -> Iterator[None]:
     """Attribute an exception raised inside to ``comp``'s plugin and ``hook``.
@@ -56,7 +65,7 @@ def calling(comp: Component | None, hook: str) -> Iterator[None]:
         if comp is None or (isinstance(exc, KeyboardInterrupt) and INTERRUPTED.is_set()):
             raise
         raise PluginError(
-            f"{type(exc).__name__}: {exc}", plugin=comp.plugin or type(comp).__module__,
+            contained_message(exc), plugin=comp.plugin or type(comp).__module__,
             component=comp.name, hook=hook, exc_type=type(exc).__name__,
         ) from exc
 

@@ -117,11 +117,11 @@ def test_chaos_every_cell_ends_with_an_attributed_record(tmp_path):
     env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_test_plugins",
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     args = [str(matrix), "--out", str(out), "--executor", "process", "--workers", "2",
-            "--cell-timeout", "90", "--retries", "0", "--no-progress", "--no-report"]
+            "--cell-timeout", "45", "--retries", "0", "--no-progress", "--no-report"]
     rng = random.Random(0)
     for _ in range(3):
         p = _run(args, env)
-        time.sleep(rng.uniform(6, 20))
+        time.sleep(rng.uniform(4, 12))
         os.kill(p.pid, signal.SIGKILL)  # the driver only; its workers must follow it
         p.wait()
     p = _run(args, env)

@@ -7,9 +7,12 @@ Learning of Deep Networks from Decentralized Data". AISTATS 2017.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from fedmedbench import Algorithm, CellContext, Updates
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 class FedAvg(Algorithm):

@@ -20,12 +20,13 @@ FedDF is skipped under secure aggregation or HE, and it needs a public split
 from __future__ import annotations
 
 import math
-from typing import Annotated
-
-import torch
+from typing import TYPE_CHECKING, Annotated
 
 from fedmedbench import Algorithm, CellContext, Range, Updates, set_flat_params
-from fedmedbench.plugins.algorithms._distill import distill
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
 
 
 class FedDF(Algorithm):
@@ -63,6 +64,10 @@ class FedDF(Algorithm):
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
                       aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
+        import torch
+
+        from fedmedbench.plugins.algorithms._distill import distill
+
         w_avg = global_params + ctx.settings.server_lr * aggregate
         public = ctx.data.public
         if public is None or not len(updates):

@@ -30,7 +30,6 @@ import math
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-import torch
 
 from fedmedbench import (
     Algorithm,
@@ -41,9 +40,10 @@ from fedmedbench import (
     Updates,
     build_model,
 )
-from fedmedbench.plugins.algorithms._distill import distill
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from fedmedbench import CellFacts
 
 
@@ -128,6 +128,10 @@ class FedMD(Algorithm):
                                                                  replace=False))
 
     def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
+        import torch
+
+        from fedmedbench.plugins.algorithms._distill import distill
+
         cell, T = ctx.cell, self.temperature
         pub = cell.data.public
         assert pub is not None

@@ -12,12 +12,13 @@ FedProx reproduces FedAvg bit for bit (tests/test_algorithms.py checks it).
 from __future__ import annotations
 
 import math
-from typing import Annotated
-
-import torch
+from typing import TYPE_CHECKING, Annotated
 
 from fedmedbench import ClientContext, Range, Updates
 from fedmedbench.plugins.algorithms.fedavg import FedAvg
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 class FedProx(FedAvg):
@@ -42,6 +43,8 @@ class FedProx(FedAvg):
         self.mu = float(mu)
 
     def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
+        import torch
+
         anchor = global_params.detach()
         mu = self.mu
 

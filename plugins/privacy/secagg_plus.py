@@ -28,14 +28,16 @@ from __future__ import annotations
 import functools
 import math
 import secrets
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-from scipy.stats import hypergeom
 
 from fedmedbench import CellContext, ConfigError, Range
 
 from .secagg import PairwiseMasking, SecAggAborted
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
 
 #: statistical security: the server learns more than the sum with probability < 2^-40
 SECURITY_BITS = 40
@@ -67,6 +69,8 @@ def _threshold_range(n: int, k: int, corrupt_fraction: float, dropout_fraction: 
     In the semi-malicious model t1 becomes ⌈(t1 + k − 1.25)/2⌉ (t must exceed
     half of k plus the corrupt neighbours).
     """
+    from scipy.stats import hypergeom
+
     xs = np.arange(k + 1)
     corrupt = _counts(n, corrupt_fraction, dropout_fraction)[0]
     survive = int(math.ceil((1 - dropout_fraction - _SMALL) * n))

@@ -1,15 +1,16 @@
 """Built-in reporters of fedmedbench, registered through the ``reporters`` entry point.
 
-Each module lists its classes in ``COMPONENTS``; add a module to ``MODULES``
-to register it.
+The registered classes live in :mod:`~fedmedbench.plugins.reporters.writers`
+(light: each imports its implementation when it writes); add a module with a
+``COMPONENTS`` tuple to ``MODULES`` to register more.
 """
 
 from __future__ import annotations
 
 from fedmedbench import hookimpl
-from fedmedbench.plugins.reporters import figures, html, tables
+from fedmedbench.plugins.reporters import writers
 
-MODULES: tuple = (tables, figures, html)
+MODULES: tuple = (writers,)
 
 
 @hookimpl

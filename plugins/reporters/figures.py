@@ -56,7 +56,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from fedmedbench import Reporter
 from fedmedbench.report import (
     ATTACK_HEADLINE,
     MAX_SITE_COLUMNS,
@@ -650,30 +649,15 @@ def render(data: ReportData, stem: str, fmt: str) -> bytes:
     return data.cache[key]
 
 
-class Figures(Reporter):
-    """Privacy–utility–cost trade-off, attacks against ε, convergence,
-    per-site utility and reconstruction grids as PNG and SVG under
-    ``figures/``."""
-
-    name = "figures"
-
-    def __init__(self, *, formats: tuple[str, ...] | list[str] = ("png", "svg")) -> None:
-        bad = [f for f in formats if f not in ("png", "svg")]
-        if bad:
-            raise ValueError(f"formats={list(formats)!r}: allowed are 'png' and 'svg'")
-        self.formats = tuple(formats)
-
-    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
-        d = Path(out_dir) / "figures"
-        d.mkdir(parents=True, exist_ok=True)
-        paths = []
-        data = build(records)
-        for stem in figures(data):
-            for f in self.formats:
-                p = d / f"{stem}.{f}"
-                p.write_bytes(render(data, stem, f))
-                paths.append(p)
-        return paths
-
-
-COMPONENTS = (Figures,)
+def write_figures(records: list[dict], out_dir: Path, formats: tuple[str, ...]) -> list[Path]:
+    """Every figure of the report as ``figures/<stem>.<format>``."""
+    d = Path(out_dir) / "figures"
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    data = build(records)
+    for stem in figures(data):
+        for f in formats:
+            p = d / f"{stem}.{f}"
+            p.write_bytes(render(data, stem, f))
+            paths.append(p)
+    return paths

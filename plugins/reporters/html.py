@@ -24,7 +24,6 @@ import hashlib
 import html
 from pathlib import Path
 
-from fedmedbench import Reporter
 from fedmedbench.plugins.reporters.figures import figures, render, slug
 from fedmedbench.report import RANKING_RULE, ReportData, build, chance_note, text_tables
 
@@ -202,21 +201,8 @@ def page(data: ReportData, *, title: str = "fedmedbench leaderboard") -> str:
             + f"\n<script>{SCRIPT}</script>\n</body></html>\n")
 
 
-class Html(Reporter):
-    """One self-contained static page (``index.html``): leaderboard, tables
-    and figures, sortable, nothing fetched."""
-
-    name = "html"
-
-    def __init__(self, *, title: str = "fedmedbench leaderboard") -> None:
-        if not isinstance(title, str) or not title.strip():
-            raise ValueError(f"title={title!r}: must be a non-empty string")
-        self.title = title
-
-    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
-        path = Path(out_dir) / "index.html"
-        path.write_text(page(build(records), title=self.title), encoding="utf-8")
-        return [path]
-
-
-COMPONENTS = (Html,)
+def write_html(records: list[dict], out_dir: Path, *, title: str) -> list[Path]:
+    """The page of :func:`page` as ``index.html``."""
+    path = Path(out_dir) / "index.html"
+    path.write_text(page(build(records), title=title), encoding="utf-8")
+    return [path]

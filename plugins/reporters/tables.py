@@ -21,7 +21,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedmedbench import Reporter
 from fedmedbench.report import RANKING_RULE, ReportData, build, csv_safe, md_escape, render_text
 
 REPORT_SCHEMA = "fedmedbench.report/1"
@@ -33,42 +32,28 @@ def _header(data: ReportData) -> str:
             + f"; datasets: {md_escape(', '.join(data.datasets) or 'none')}")
 
 
-class Markdown(Reporter):
+def write_markdown(records: list[dict], out_dir: Path) -> list[Path]:
     """Comparison tables and the leaderboard as ``report.md``."""
-
-    name = "markdown"
-
-    def __init__(self) -> None:
-        pass
-
-    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
-        data = build(records)
-        path = Path(out_dir) / "report.md"
-        text = (f"# fedmedbench report\n\n{_header(data)}\n\n"
-                f"**Ranking rule.** {md_escape(RANKING_RULE)}\n\n"
-                + render_text(data, escape=md_escape))
-        path.write_text(text, encoding="utf-8")
-        return [path]
+    data = build(records)
+    path = Path(out_dir) / "report.md"
+    text = (f"# fedmedbench report\n\n{_header(data)}\n\n"
+            f"**Ranking rule.** {md_escape(RANKING_RULE)}\n\n"
+            + render_text(data, escape=md_escape))
+    path.write_text(text, encoding="utf-8")
+    return [path]
 
 
-class Csv(Reporter):
+def write_csv(records: list[dict], out_dir: Path) -> list[Path]:
     """Every report table as a CSV file under ``tables/``."""
-
-    name = "csv"
-
-    def __init__(self) -> None:
-        pass
-
-    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
-        data = build(records)
-        d = Path(out_dir) / "tables"
-        d.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for stem, df in data.tables().items():
-            p = d / f"{stem}.csv"
-            csv_safe(df).to_csv(p, index=False, float_format="%.6g", lineterminator="\n")
-            paths.append(p)
-        return paths
+    data = build(records)
+    d = Path(out_dir) / "tables"
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stem, df in data.tables().items():
+        p = d / f"{stem}.csv"
+        csv_safe(df).to_csv(p, index=False, float_format="%.6g", lineterminator="\n")
+        paths.append(p)
+    return paths
 
 
 def _clean(v: Any) -> Any:
@@ -79,25 +64,16 @@ def _clean(v: Any) -> Any:
     return v
 
 
-class Json(Reporter):
+def write_json(records: list[dict], out_dir: Path) -> list[Path]:
     """Every report table as lists of objects in ``report.json``."""
+    data = build(records)
+    doc: dict[str, Any] = {"schema": REPORT_SCHEMA, "counts": data.counts,
+                           "datasets": data.datasets, "ranking_rule": RANKING_RULE}
+    for stem, df in data.tables().items():
+        doc[stem] = [{k: _clean(v) for k, v in row.items()}
+                     for row in df.to_dict(orient="records")]
+    path = Path(out_dir) / "report.json"
+    path.write_text(json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
+                    + "\n", encoding="utf-8")
+    return [path]
 
-    name = "json"
-
-    def __init__(self) -> None:
-        pass
-
-    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
-        data = build(records)
-        doc: dict[str, Any] = {"schema": REPORT_SCHEMA, "counts": data.counts,
-                               "datasets": data.datasets, "ranking_rule": RANKING_RULE}
-        for stem, df in data.tables().items():
-            doc[stem] = [{k: _clean(v) for k, v in row.items()}
-                         for row in df.to_dict(orient="records")]
-        path = Path(out_dir) / "report.json"
-        path.write_text(json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
-                        + "\n", encoding="utf-8")
-        return [path]
-
-
-COMPONENTS = (Markdown, Csv, Json)
