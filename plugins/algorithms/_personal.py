@@ -5,13 +5,15 @@ FedRep and FedPer)."""
 from __future__ import annotations
 
 import numpy as np
-from torch import nn
 
 from fedmedbench import CellContext
 
-#: the module types whose parameters are normalisation parameters (FedBN)
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+def norm_types() -> tuple[type, ...]:
+    """The module types whose parameters are normalisation parameters (FedBN)."""
+    from torch import nn
+
+    return (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def norm_mask(ctx: CellContext) -> np.ndarray:
@@ -19,7 +21,7 @@ def norm_mask(ctx: CellContext) -> np.ndarray:
     InstanceNorm, GroupNorm, LayerNorm) of the cell's architecture."""
     model = ctx.model()
     names = [f"{m_name}.{p_name}" if m_name else p_name
-             for m_name, m in model.named_modules() if isinstance(m, NORM_TYPES)
+             for m_name, m in model.named_modules() if isinstance(m, norm_types())
              for p_name, _ in m.named_parameters(recurse=False)]
     return ctx.layout.select(names) if names else np.zeros(ctx.layout.numel, dtype=bool)
 

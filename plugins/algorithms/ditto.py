@@ -34,12 +34,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Annotated
 
-import torch
-
 from fedmedbench import ClientContext, Range, Updates
 from fedmedbench.plugins.algorithms.fedavg import FedAvg
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from fedmedbench import CellFacts
 
 
@@ -90,6 +90,8 @@ class Ditto(FedAvg):
         if self.lam == 0:  # local training, applied as a delta like ``local`` applies it
             v = v + (ctx.train(v, steps=steps, trainer="personal") - v)
         else:
+            import torch
+
             shrink = 1.0 / (1.0 + float(ctx.cell.settings.lr) * self.lam)
             for s in range(max(steps, default=0)):
                 on = [int(s < st) for st in steps]

@@ -19,13 +19,14 @@ the server's view and update/transport privacy see exactly the body.
 from __future__ import annotations
 
 import math
-from typing import Annotated
-
-import torch
+from typing import TYPE_CHECKING, Annotated
 
 from fedmedbench import CellContext, ClientContext, Range, Updates
 from fedmedbench.plugins.algorithms._personal import head_mask
 from fedmedbench.plugins.algorithms.fedper import FedPer
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 class FedRep(FedPer):
@@ -53,6 +54,8 @@ class FedRep(FedPer):
         self.head_fraction = float(head_fraction)
 
     def setup(self, ctx: CellContext) -> None:
+        import torch
+
         self._head = torch.as_tensor(head_mask(ctx, self.head_layers))
 
     def split(self, steps: list[int]) -> tuple[list[int], list[int]]:

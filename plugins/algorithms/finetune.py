@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
-
 from fedmedbench import Algorithm, CellContext, ClientContext, Range, Updates
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from fedmedbench import CellFacts
 
 
