@@ -32,15 +32,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.engine import CellRun
     from fedmedbench.training import ExtraLoss, LocalTrainer
 
-__all__ = ["BACKENDS", "LoopBackend", "choose_backend"]
+__all__ = ["BACKENDS", "LoopBackend", "choose_backend", "flat_buffers", "load_flat_buffers"]
 
 BACKENDS = ("auto", "loop", "vectorized")
 
 
 class LoopBackend:
-    """One client after another: a persistent trainer per client (the
+    """One client after another: persistent trainers per client (the
     harness's :class:`~fedmedbench.training.SGDTrainer`, or the local-stage
-    mechanism's), created on the client's first round."""
+    mechanism's), created on the client's first round.
+
+    A client may have several trainers, by name (``ctx.train(trainer=...)``):
+    ``"main"`` and, for Ditto, ``"personal"``. Each keeps its module's
+    buffers (BatchNorm running statistics) between rounds — put into the
+    architecture's shared module before its steps and read back after — so
+    they are the client's own unless the protocol loads others
+    (:meth:`load_buffers`).
+    """
 
     name = "loop"
 
@@ -48,19 +56,33 @@ class LoopBackend:
         self.run = run
         self.ctx: CellContext = run.ctx
         self.local: LocalStage | None = run.components.local_stage
-        self.trainers: dict[int, LocalTrainer] = {}
+        self.trainers: dict[tuple[int, str], LocalTrainer] = {}
+        #: each trainer's module (SGD trainers of one architecture share one)
+        self.modules: dict[tuple[int, str], torch.nn.Module] = {}
         #: one model and optimizer per architecture, shared by the clients' SGD trainers
         self._shared: dict[Any, tuple[Any, Any]] = {}
+        #: each trainer's running statistics (a shared module holds only the last client's)
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+        self._fresh_buffers: dict[Any, torch.Tensor] = {}
 
     # -- the protocol's entry points ------------------------------------------
 
     def client_updates(self, algorithm: Any, clients: list[int],
-                       params: torch.Tensor | dict[int, torch.Tensor]) -> Updates:
+                       params: torch.Tensor | dict[int, torch.Tensor], *,
+                       personal: torch.Tensor | None = None) -> Updates:
+        """The clients' updates from ``params``: the global model (D,), each
+        client's model by id (isolated), or one starting row per client
+        (k, D) (personalized); ``personal`` (k, D) is handed to the algorithm
+        as ``ctx.personal``."""
         parts = []
-        for c in clients:
-            ctx = ClientContext(self.ctx, [c], self)
+        for j, c in enumerate(clients):
+            ctx = ClientContext(self.ctx, [c], self,
+                                personal=None if personal is None else personal[j:j + 1])
             # per-client models (isolated, personalized): always (k, D) rows
-            p = params[c].unsqueeze(0) if isinstance(params, dict) else params
+            if isinstance(params, dict):
+                p = params[c].unsqueeze(0)
+            else:
+                p = params[j:j + 1] if params.dim() == 2 else params
             parts.append(_checked(algorithm.client_update(ctx, p), algorithm, [c]))
         if len({int(u.delta.shape[1]) for u in parts}) > 1:
             # clients of different architectures: one batch of what they send, without
@@ -72,62 +94,200 @@ class LoopBackend:
         return Updates.concat(parts)
 
     def client_metrics(self, aggregator: Any, updates: Updates, w: torch.Tensor) -> Updates:
-        """The aggregator's client-side numbers, computed by each client."""
+        """The aggregator's client-side numbers, computed by each client
+        (``w``: the global model, or each client's starting row (k, D))."""
         if not aggregator.client_metric_keys:  # it declares it reads none
             return updates
         extra: dict[str, list[float]] = {}
         for i, c in enumerate(updates.clients):
-            got = aggregator.client_metrics(ClientContext(self.ctx, [c], self), w,
-                                            updates.rows([i]))
+            got = aggregator.client_metrics(ClientContext(self.ctx, [c], self),
+                                            w[i] if w.dim() == 2 else w, updates.rows([i]))
             for k, v in (got or {}).items():
                 extra.setdefault(k, []).append(float(np.asarray(v).reshape(-1)[0]))
         return updates.replace(metrics={**updates.metrics,
                                         **{k: np.asarray(v) for k, v in extra.items()}})
 
+    def finalize(self, algorithm: Any, clients: list[int], params: torch.Tensor,
+                 personal: torch.Tensor | None = None) -> torch.Tensor:
+        """``algorithm.finalize`` on each client ((k, D) in, (k, D) out)."""
+        import torch
+
+        rows = []
+        for j, c in enumerate(clients):
+            ctx = ClientContext(self.ctx, [c], self,
+                                personal=None if personal is None else personal[j:j + 1])
+            rows.append(_finalized(algorithm.finalize(ctx, params[j:j + 1]), algorithm, 1))
+        return torch.cat(rows)
+
+    # -- buffers (BatchNorm running statistics) ---------------------------------
+
+    def buffers(self, client: int, trainer: str = "main") -> torch.Tensor | None:
+        """The floating-point buffers of ``client``'s trainer, flat (``None``
+        before that trainer has run or been given any)."""
+        own = self._buffers.get((client, trainer))
+        return None if own is None else own.clone()
+
+    def load_buffers(self, client: int, flat: torch.Tensor, trainer: str = "main") -> None:
+        """Start ``client``'s next local steps from the buffers ``flat``."""
+        self._buffers[(client, trainer)] = flat.detach().clone()
+
+    def _enter_buffers(self, key: tuple[int, str]) -> bool:
+        """Put the trainer's own running statistics into its module (shared by
+        the architecture's clients) before its steps; False: it has none."""
+        module = self.modules[key]
+        factory = self.factory_for(key[0])
+        if factory not in self._fresh_buffers:
+            self._fresh_buffers[factory] = flat_buffers(factory())
+        if not self._fresh_buffers[factory].numel():
+            return False
+        load_flat_buffers(module, self._buffers.get(key, self._fresh_buffers[factory]))
+        return True
+
     # -- the ClientContext service --------------------------------------------
 
     def train(self, clients: list[int], params: torch.Tensor, steps: list[int], *,
-              extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None
+              extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None,
+              trainable: torch.Tensor | None = None, trainer: str = "main"
               ) -> tuple[torch.Tensor, np.ndarray]:
         import torch
 
         rows, losses = [], []
         for j, c in enumerate(clients):
-            tr = self.trainer(c)
-            with calling(self.local if self.local is not None else None, "train"):
-                new, loss = tr.train(params[j], int(steps[j]), extra_loss=extra_loss,
-                                     grad_offset=None if grad_offset is None else grad_offset[j])
+            tr = self.trainer(c, trainer)
+            has_buffers = self._enter_buffers((c, trainer))
+            off = None if grad_offset is None else grad_offset[j]
+            if trainable is not None and self.local is not None:
+                new, loss = self._train_frozen(tr, params[j], int(steps[j]), trainable,
+                                               extra_loss=extra_loss, grad_offset=off)
+            else:
+                frozen = _freeze(self.modules[(c, trainer)], trainable)
+                try:
+                    with calling(self.local if self.local is not None else None, "train"):
+                        new, loss = tr.train(params[j], int(steps[j]), extra_loss=extra_loss,
+                                             grad_offset=off)
+                finally:
+                    for p in frozen:
+                        p.requires_grad_(True)
+            if has_buffers:
+                self._buffers[(c, trainer)] = flat_buffers(self.modules[(c, trainer)])
             rows.append(new)
             losses.append(loss)
         return torch.stack(rows), np.asarray(losses, dtype=float)
 
-    def trainer(self, client: int) -> LocalTrainer:
-        """``client``'s trainer: the local-stage mechanism's (one model per
-        client, made private once per cell), or an SGD trainer on the model and
-        optimizer its architecture shares with the other clients."""
-        if client not in self.trainers:
+    def _train_frozen(self, tr: LocalTrainer, w: torch.Tensor, steps: int,
+                      trainable: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, float]:
+        """A local-stage mechanism's trainer owns its module (Opacus's hooks
+        expect every parameter it wrapped to take part): its steps run one at
+        a time and the frozen parameters are put back after each, so they do
+        not move; their per-example gradients still count in DP-SGD's clipping
+        norm (a valid, slightly looser bound), as on the vectorized backend."""
+        import torch
+
+        if trainable.numel() != w.numel():
+            raise ValueError(f"trainable mask has {trainable.numel()} values, the model has "
+                             f"{w.numel()} parameters")
+        keep = trainable.to(torch.bool)
+        seen = []
+        for _ in range(steps):
+            with calling(self.local, "train"):  # type: ignore[arg-type]
+                new, loss = tr.train(w, 1, **kw)
+            w = torch.where(keep, new, w)
+            if np.isfinite(loss):
+                seen.append(loss)
+        return w.clone(), float(np.mean(seen)) if seen else float("nan")
+
+    def trainer(self, client: int, name: str = "main") -> LocalTrainer:
+        """``client``'s trainer ``name``: the local-stage mechanism's (one model
+        per client and name, made private once per cell), or an SGD trainer
+        on the model and optimizer its architecture shares with the other
+        clients (its own batch stream, seeded like the first)."""
+        key = (client, name)
+        if key not in self.trainers:
             data = self.ctx.clients[client].train
             factory = self.factory_for(client)
             if self.local is not None:
                 with calling(self.local, "local_trainer"):  # type: ignore[arg-type]
-                    self.trainers[client] = self.local.local_trainer(self.ctx, client,
-                                                                     factory(), data)
+                    model = factory()
+                    self.trainers[key] = self.local.local_trainer(self.ctx, client, model, data)
             else:
                 if factory not in self._shared:
                     model = factory()
                     self._shared[factory] = (model, self.ctx.settings.make_optimizer(
                         model.parameters()))
                 model, opt = self._shared[factory]
-                self.trainers[client] = SGDTrainer(model, data, self.ctx.settings,
-                                                   seed=self.ctx.batch_seed(client),
-                                                   optimizer=opt)
-        return self.trainers[client]
+                self.trainers[key] = SGDTrainer(model, data, self.ctx.settings,
+                                                seed=self.ctx.batch_seed(client),
+                                                optimizer=opt)
+            self.modules[key] = model
+        return self.trainers[key]
 
     def holdout(self, client: int) -> Split | None:
         return self.run.federation.holdout.get(client)
 
     def factory_for(self, client: int) -> Callable[[], torch.nn.Module]:
         return self.run.factory_for(client)
+
+
+def flat_buffers(module: torch.nn.Module) -> torch.Tensor:
+    """The module's floating-point buffers (BatchNorm running mean and
+    variance) as one float32 vector (a copy; empty without any)."""
+    import torch
+
+    bufs = [b.detach().reshape(-1).to(torch.float32) for _, b in module.named_buffers()
+            if b.is_floating_point()]
+    return torch.cat(bufs).clone() if bufs else torch.zeros(0)
+
+
+def load_flat_buffers(module: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Copy ``flat`` (from :func:`flat_buffers`) into the module's buffers."""
+    import torch
+
+    off = 0
+    with torch.no_grad():
+        for _, b in module.named_buffers():
+            if b.is_floating_point():
+                n = b.numel()
+                b.copy_(flat[off:off + n].view_as(b))
+                off += n
+    if off != flat.numel():
+        raise ValueError(f"buffer vector has {flat.numel()} values, the module has {off}")
+
+
+def _freeze(module: torch.nn.Module, trainable: torch.Tensor | None) -> list[Any]:
+    """Turn off ``requires_grad`` of the parameters outside ``trainable`` (a
+    flat boolean mask, whole tensors only); return them to turn back on."""
+    if trainable is None:
+        return []
+    frozen, off = [], 0
+    params = list(module.named_parameters())
+    total = sum(p.numel() for _, p in params)
+    if trainable.numel() != total:
+        raise ValueError(f"trainable mask has {trainable.numel()} values, the model has "
+                         f"{total} parameters")
+    for name, p in params:
+        part = trainable[off:off + p.numel()]
+        off += p.numel()
+        if bool(part.any()) and not bool(part.all()):
+            raise ValueError(f"trainable masks whole parameter tensors: {name} is partly "
+                             f"frozen")
+        if not bool(part.any()):
+            frozen.append(p)
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def _finalized(out: Any, algorithm: Any, k: int) -> torch.Tensor:
+    import torch
+
+    from fedmedbench.errors import PluginError
+
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != k:
+        raise PluginError(f"finalize returned {type(out).__name__}"
+                          f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}, not "
+                          f"the ({k}, D) models to evaluate", plugin=algorithm.plugin,
+                          component=algorithm.name, hook="finalize", exc_type="TypeError")
+    return out
 
 
 def _checked(out: Any, algorithm: Any, clients: list[int]) -> Updates:
@@ -155,7 +315,10 @@ def choose_backend(run: CellRun, requested: str) -> tuple[str, str]:
     if not c.algorithm.vectorized:
         blockers.append(f"algorithm {c.algorithm.name} (vectorized = False)")
     if run.model_component is not None and not run.model_component.vectorized:
-        blockers.append(f"model {run.model_component.name} (vectorized = False)")
+        bn = getattr(getattr(run, "protocol", None), "model_facts", None)
+        why = (": BatchNorm updates its running statistics, buffers, in place"
+               if bn is not None and bn.batch_norm else "")
+        blockers.append(f"model {run.model_component.name} (vectorized = False{why})")
     if run.client_factories:
         blockers.append(f"algorithm {c.algorithm.name} gives clients their own architectures")
     if c.local_stage is not None and c.local_stage.vector_steps(run.ctx) is None:

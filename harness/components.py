@@ -42,7 +42,8 @@ __all__ = [
     "Component", "Split", "Site", "Task", "FederatedData", "ParamLayout", "Updates", "Message",
     "Dataset", "Partitioner", "Model", "Algorithm", "Aggregator", "PrivacyMechanism",
     "LocalStage", "UpdateStage", "TransportStage", "ServerStage", "Compressor", "Adversary",
-    "Attack", "Reporter", "FAMILIES", "STAGES", "PROTOCOLS", "WEIGHTINGS",
+    "Attack", "Reporter", "FAMILIES", "STAGES", "PROTOCOLS", "WEIGHTINGS", "Sharing", "SHARES",
+    "PERSONAL_MODELS",
 ]
 
 
@@ -373,6 +374,85 @@ def _nbytes(x: Any) -> int:
     return int(np.asarray(x).nbytes)
 
 
+#: what part of its model a client's delta carries (:attr:`Algorithm.shares`)
+SHARES = ("model", "part", "none")
+#: how a client's personal model relates to the global one (:attr:`Algorithm.personal_model`)
+PERSONAL_MODELS = ("merged", "separate")
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """What each client sends the server of its model every round: the typed
+    description the protocol derives from the algorithm's declared
+    :attr:`Algorithm.shares` and :meth:`Algorithm.shared_mask` over the
+    cell's :class:`ParamLayout`.
+
+    Bytes, the server's view and every update- and transport-stage mechanism
+    apply to exactly this part: a client's sent delta is zero outside
+    ``mask``, a transport encodes only the ``numel`` sent coordinates, and
+    the server's view marks them ``readable``.
+
+    Attributes
+    ----------
+    layout : ParamLayout
+        The model's parameters.
+    mask : numpy.ndarray of bool, shape (D,)
+        True where clients send their delta and the server averages it (the
+        *shared* parameters); False where each client keeps its own (the
+        *personal* ones). All True for algorithms that send the whole model.
+    delta : bool
+        The clients send (part of) their delta at all (False: FedMD, which
+        sends soft labels only).
+    buffers : {"sent", "local", "none"}
+        The model's running statistics (BatchNorm buffers): sent with the
+        update and averaged (whole-model algorithms: the global model needs
+        them), kept by each client (algorithms with personal parameters:
+        they belong to the client's own normalisation), or absent.
+    buffer_numel : int
+        Values of those running statistics (float32 each).
+    fields : tuple of str
+        What is sent: ``"delta"``, ``"buffers"`` when sent, and the
+        algorithm's other :attr:`Algorithm.sends` keys.
+    """
+
+    layout: ParamLayout
+    mask: np.ndarray
+    delta: bool = True
+    buffers: str = "none"
+    buffer_numel: int = 0
+    fields: tuple[str, ...] = ("delta",)
+
+    @property
+    def partial(self) -> bool:
+        """Only part of the model is sent (some parameters stay on the clients)."""
+        return self.delta and not bool(self.mask.all())
+
+    @property
+    def numel(self) -> int:
+        """Parameters each client sends (0 without a delta)."""
+        return int(self.mask.sum()) if self.delta else 0
+
+    @property
+    def index(self) -> Any:
+        """The sent coordinates as a ``torch.long`` index."""
+        import torch
+
+        return torch.as_tensor(np.flatnonzero(self.mask), dtype=torch.long)
+
+    def names(self, shared: bool = True) -> list[str]:
+        """Parameter tensors sent (``shared``) or kept on the clients."""
+        sl = self.layout.slices()
+        return [n for n in self.layout.names if bool(self.mask[sl[n]].all()) == shared
+                and (shared or not self.mask[sl[n]].any())]
+
+    def describe(self) -> dict[str, Any]:
+        """The record's ``sharing`` block (JSON)."""
+        return {"sent": list(self.fields), "parameters_sent": self.numel,
+                "parameters": self.layout.numel, "kept_on_clients": self.names(shared=False)
+                if self.delta else list(self.layout.names),
+                "buffers": self.buffers, "buffer_values": self.buffer_numel}
+
+
 @dataclass
 class Message:
     """A transport-encoded update: the opaque ``payload`` and its serialized
@@ -484,12 +564,24 @@ class Algorithm(Component):
       (distillation), which rules out transport privacy;
     - ``vectorized``: :meth:`client_update` is written for a batch of clients
       (every tensor has a leading client axis), so the vectorized backend may
-      run all sampled clients in one call.
+      run all sampled clients in one call;
+    - ``shares`` (personalized protocol): ``"model"`` (the clients send their
+      whole delta) or ``"part"`` (only the parameters :meth:`shared_mask`
+      selects: FedBN everything but normalisation layers, FedRep/FedPer the
+      body). The protocol turns it into a :class:`Sharing`, and bytes, the
+      server's view and update/transport privacy apply to exactly that part;
+    - ``personal_model`` (personalized protocol): ``"merged"`` (a client's
+      model is the global model on the shared parameters and its own on the
+      rest: FedBN, FedRep, FedPer, fine-tuning) or ``"separate"`` (each client
+      keeps a whole model of its own beside the global one and returns it as
+      the ``personal`` extra field of its update, which is never sent: Ditto).
 
     :meth:`client_update` receives a :class:`~fedmedbench.context.ClientContext`
     for one or more clients; the default runs local SGD through ``ctx.train``
     and returns the deltas. :meth:`server_update` returns the next global
-    model from the aggregated delta.
+    model from the aggregated delta. Under the personalized protocol
+    :meth:`finalize` runs on every site after the last round, before its
+    model is evaluated (fine-tuning).
     """
 
     family: ClassVar[str] = "algorithm"
@@ -498,11 +590,16 @@ class Algorithm(Component):
     needs_public: ClassVar[bool] = False
     needs_individual_updates: ClassVar[bool] = False
     vectorized: ClassVar[bool] = False
+    shares: ClassVar[str] = "model"
+    personal_model: ClassVar[str] = "merged"
 
     def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
         """Train the clients of ``ctx`` from ``global_params`` — the global model,
-        shape (D,), or each client's own model, shape (k, D), under the
-        isolated and personalized protocols — and return their updates."""
+        shape (D,), or, shape (k, D), each client's own model under the
+        isolated protocol and each client's starting model under the
+        personalized one (the global model on the shared parameters, its own
+        on the rest; ``ctx.personal`` holds its personal models) — and return
+        their updates."""
         new = ctx.train(global_params)
         return ctx.update(new - global_params)
 
@@ -520,8 +617,23 @@ class Algorithm(Component):
 
     def bytes_down(self, ctx: CellContext, model_bytes: int) -> int:
         """Bytes the server sends each participating client per round
-        (default: the global model, ``model_bytes``)."""
+        (default: the global model, ``model_bytes``: its shared part under
+        the personalized protocol)."""
         return model_bytes
+
+    def shared_mask(self, ctx: CellContext) -> np.ndarray | None:
+        """(``shares = "part"``) Boolean mask over the flat parameter vector
+        (``ctx.layout``; ``ctx.model()`` builds the architecture to inspect):
+        True for the parameters the clients send and the server averages,
+        False for those each client keeps. Whole tensors only. ``None``: all."""
+        return None
+
+    def finalize(self, ctx: ClientContext, params: torch.Tensor) -> torch.Tensor:
+        """(personalized protocol) Each site's last step after the last round,
+        before its model is evaluated: ``params`` (k, D) are the sites'
+        models; return the models to evaluate (default: unchanged). Runs on
+        every site, through the same training service as local training."""
+        return params
 
 
 #: how a linear aggregator weights clients (:attr:`Aggregator.weighting`)

@@ -127,11 +127,14 @@ class ClientContext:
     leading client axis in :attr:`clients` order.
     """
 
-    def __init__(self, cell: CellContext, clients: list[int], service: Any) -> None:
+    def __init__(self, cell: CellContext, clients: list[int], service: Any,
+                 personal: torch.Tensor | None = None) -> None:
         self.cell = cell
         self.clients = list(clients)
         self._service = service
         self._loss: np.ndarray | None = None
+        #: (personalized protocol) each client's personal model, shape (k, D)
+        self.personal = personal
 
     # -- what the clients know about themselves --------------------------------
 
@@ -170,15 +173,23 @@ class ClientContext:
 
     def train(self, params: torch.Tensor, *, steps: list[int] | int | None = None,
               extra_loss: ExtraLoss | None = None,
-              grad_offset: torch.Tensor | None = None) -> torch.Tensor:
+              grad_offset: torch.Tensor | None = None,
+              trainable: torch.Tensor | np.ndarray | None = None,
+              trainer: str = "main") -> torch.Tensor:
         """Run local training from ``params`` ((D,) for every client, or
         (k, D)) and return the new parameters, shape (k, D).
 
         ``steps`` (default: :attr:`steps`), ``extra_loss(w)`` — a
         data-independent function of one client's flat parameters added to
         its loss — and ``grad_offset`` ((D,) or (k, D), added to every
-        step's gradient) apply on every backend. A local-stage privacy
-        mechanism runs the steps.
+        step's gradient) apply on every backend. ``trainable`` (a boolean
+        mask over the flat parameters, whole tensors only) freezes the other
+        parameters: they get no gradient and do not move (FedRep's head and
+        body phases). ``trainer`` names which of the client's trainers runs
+        the steps: each has its own batch stream (seeded like the first),
+        optimizer and module buffers (Ditto trains its personal model on
+        ``"personal"``, so its batches are those local training would see).
+        A local-stage privacy mechanism runs the steps (and counts them all).
         """
         import torch
 
@@ -191,8 +202,9 @@ class ClientContext:
         off = None
         if grad_offset is not None:
             off = grad_offset if grad_offset.dim() == 2 else grad_offset.unsqueeze(0).expand(k, -1)
+        mask = None if trainable is None else torch.as_tensor(np.asarray(trainable, dtype=bool))
         new, loss = self._service.train(self.clients, p, list(steps), extra_loss=extra_loss,
-                                        grad_offset=off)
+                                        grad_offset=off, trainable=mask, trainer=trainer)
         self._loss = loss
         return new if isinstance(new, torch.Tensor) else torch.stack(new)
 
@@ -229,6 +241,10 @@ class ServerView:
     the clear (``updates`` then holds those values and zeros elsewhere).
     ``global_params`` is the model the clients started from; ``metrics`` the
     client-side numbers sent with the updates; ``extra`` the other sent fields.
+    ``sent`` (a partial send: FedBN, FedRep, FedPer) is the boolean mask of
+    the parameters clients send at all (``updates`` and ``aggregate`` are
+    zero elsewhere, and the personal rest never reaches the server); ``None``
+    when the whole model is sent.
     """
 
     round: int
@@ -241,6 +257,7 @@ class ServerView:
     readable: dict[int, np.ndarray] = field(default_factory=dict)
     metrics: dict[str, dict[int, float]] = field(default_factory=dict)
     extra: dict[str, dict[int, Any]] = field(default_factory=dict)
+    sent: np.ndarray | None = None
 
 
 @dataclass

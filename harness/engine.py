@@ -253,10 +253,10 @@ class CellRun:
         self.federation = Federation(
             data, pooled=protocol.name == "pooled", settings=self.settings, seed=self.seed,
             holdout_fraction=holdout,
-            adversary=c.adversary if protocol.name == "federated" else None,
+            adversary=c.adversary if protocol.aggregates else None,
             call=self._call)
         n = self.federation.n
-        self.per_round = self.federation.per_round(everyone=protocol.name != "federated")
+        self.per_round = self.federation.per_round(everyone=not protocol.samples_clients)
         # the pooled protocol does the work of a federated round at the cell's rate
         self.federation_sites_rate = (clients_per_round(len(data.sites), self.settings)
                                       / max(1, len(data.sites)))
@@ -656,7 +656,8 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
             if hasattr(run.backend, "kernel"):
                 record["backend"]["kernel"] = run.backend.kernel
             utility = run.run(progress=progress, hooks=hooks)
-            record["metrics"] = {"utility": utility, "privacy": run.privacy_block()}
+            record["metrics"] = {"utility": utility, **run.protocol.record_metrics(),
+                                 "privacy": run.privacy_block()}
             record["metrics"]["attacks"] = run.run_attacks()
     except Skip as exc:
         record["status"] = "skipped"

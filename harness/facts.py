@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedmedbench.components import (
+    PERSONAL_MODELS,
+    SHARES,
     WEIGHTINGS,
     Adversary,
     Aggregator,
@@ -33,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.training import RunSettings
 
 __all__ = ["AlgorithmFacts", "AggregatorFacts", "PrivacyFacts", "CompressorFacts",
-           "CellFacts", "facts_of", "combination_problem"]
+           "CellFacts", "ModelFacts", "facts_of", "combination_problem", "model_problem"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class AlgorithmFacts:
     needs_public: bool
     needs_individual_updates: bool
     vectorized: bool
+    #: what part of the model a client's delta carries: "model" (all of it), "part"
+    #: (the parameters of :meth:`Algorithm.shared_mask`), "none" (no delta is sent)
+    shares: str = "model"
+    #: "merged" | "separate" (:attr:`Algorithm.personal_model`)
+    personal_model: str = "merged"
 
 
 @dataclass(frozen=True)
@@ -131,13 +138,32 @@ def _privacy_facts(m: PrivacyMechanism) -> PrivacyFacts:
                         bool(m.needs_uniform_weights), m.dp_unit, bool(m.aggregate_as_sum))
 
 
+def _shares(alg: Algorithm) -> str:
+    shares = str(alg.shares)
+    if shares not in SHARES[:2]:
+        raise ValueError(f"algorithm {alg.name!r} declares shares={shares!r}; use 'model' (the "
+                         f"whole delta) or 'part' (the parameters shared_mask selects)")
+    if alg.protocol in ("pooled", "isolated") or "delta" not in tuple(alg.sends):
+        return "none"
+    return shares
+
+
+def _personal_model(alg: Algorithm) -> str:
+    pm = str(alg.personal_model)
+    if pm not in PERSONAL_MODELS:
+        raise ValueError(f"algorithm {alg.name!r} declares personal_model={pm!r}; use one of "
+                         f"{', '.join(PERSONAL_MODELS)}")
+    return pm
+
+
 def facts_of(*, dataset: str, model: Model | None, algorithm: Algorithm, aggregator: Aggregator,
              privacy: Sequence[PrivacyMechanism], compressor: Compressor | None,
              adversary: Adversary | None, run: RunSettings, rounds: int) -> CellFacts:
     """Collect the declared facts of built components into :class:`CellFacts`."""
     alg = AlgorithmFacts(algorithm.name, algorithm.protocol, tuple(algorithm.sends),
                          bool(algorithm.needs_public), bool(algorithm.needs_individual_updates),
-                         bool(algorithm.vectorized))
+                         bool(algorithm.vectorized), _shares(algorithm),
+                         _personal_model(algorithm))
     comp = (CompressorFacts(compressor.name, bool(compressor.preserves_norm_bound))
             if compressor is not None else None)
     return CellFacts(
@@ -158,9 +184,13 @@ def combination_problem(f: CellFacts) -> str | None:
     if len(transports) > 1:
         return (f"two transport mechanisms {transports}: an update can be encoded by only one "
                 f"(stack an update-stage mechanism such as dp-fedavg with one transport)")
-    if transports and alg.protocol != "federated":
+    if transports and alg.shares == "none":
         return (f"{transports[0]} protects aggregation, and {alg.name} ({alg.protocol} "
                 f"protocol) aggregates no model updates")
+    if alg.shares == "part" and f.compressor is not None:
+        return (f"compressor {f.compressor.name} encodes the whole parameter vector, and "
+                f"{alg.name} sends only part of it (the rest stays on the clients): the "
+                f"encoding and its bytes would cover parameters that are never sent")
     if transports and not f.aggregator.linear:
         return (f"aggregator {f.aggregator.name} is non-linear and needs plaintext updates, but "
                 f"{transports[0]} shows the server only a sum")
@@ -190,6 +220,51 @@ def combination_problem(f: CellFacts) -> str | None:
         return (f"{f.aggregator.name} has each client send a score computed on its private "
                 f"records in the clear every round, outside the guarantee of "
                 f"{f.dp[0].name}; weight by examples or uniformly")
+    return None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the cell's built architecture holds beyond its parameters
+    (known once the model is built, before round 1).
+
+    ``batch_norm`` names the BatchNorm layers (they mix the examples of a
+    batch, and their running statistics are buffers computed from the
+    training records); ``buffer_numel`` counts those statistics' values.
+    """
+
+    name: str
+    batch_norm: tuple[str, ...] = ()
+    buffer_numel: int = 0
+
+    @classmethod
+    def of(cls, name: str, module: Any) -> ModelFacts:
+        from torch import nn
+
+        bn = tuple(n for n, m in module.named_modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        numel = sum(int(b.numel()) for n, b in module.named_buffers()
+                    if b.is_floating_point())
+        return cls(name, bn, numel)
+
+
+def model_problem(f: CellFacts, m: ModelFacts, *, sends_buffers: bool) -> str | None:
+    """Rules about the built model: ``sends_buffers`` says the clients send
+    their running statistics with the update (whole-model algorithms)."""
+    record_dp = [p.name for p in f.privacy if p.dp_unit == "record" and "local" in p.stages]
+    if m.batch_norm and record_dp:
+        return (f"{record_dp[0]} clips each example's gradient, and model {m.name} has "
+                f"BatchNorm layers ({', '.join(m.batch_norm[:3])}), which mix the examples "
+                f"of a batch and keep running statistics of the records: per-example "
+                f"gradients do not exist (Opacus refuses BatchNorm); use a model with "
+                f"norm = \"group\" or \"none\"")
+    protected = [p.name for p in f.privacy if p.stages & {"update", "transport", "server"}]
+    if sends_buffers and m.buffer_numel and protected:
+        return (f"model {m.name} keeps running statistics ({m.buffer_numel} values of "
+                f"BatchNorm buffers) computed from the clients' records; {f.algorithm.name} "
+                f"sends them with the update to average them, in the clear and un-noised, "
+                f"beside the update that {protected[0]} protects; use fedbn (they stay on "
+                f"the clients) or a model without BatchNorm")
     return None
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmedbench.components import Component, Message, Updates
+from fedmedbench.components import Component, Message, Sharing, Updates
 from fedmedbench.context import ServerView
 from fedmedbench.errors import INTERRUPTED, ConfigError, DataError, Diverged, PluginError, Skip
 
@@ -32,7 +32,7 @@ VIEW_ROUNDS = (1,)
 
 #: which cost bucket a stage's seconds go to
 TIME_BUCKETS = {
-    "local": "train_s", "pretrain": "train_s",
+    "local": "train_s", "pretrain": "train_s", "finalize": "train_s",
     "update": "privacy_s", "encode": "privacy_s", "secure_aggregate": "privacy_s",
     "server": "privacy_s", "privacy_setup": "privacy_s", "begin_round": "privacy_s",
 }
@@ -134,6 +134,13 @@ class ByteMeter:
         self.down = 0
         self._messages: list[Message] = []
 
+    def describe(self, sharing: Sharing) -> None:
+        """Count what ``sharing`` says is sent (the protocol's
+        :class:`~fedmedbench.components.Sharing`: a partial delta's
+        ``delta_bytes`` are those of its sent coordinates; running statistics
+        sent with the update are the ``"buffers"`` field)."""
+        self.sends = tuple(sharing.fields)
+
     def after(self, stage: str, out: Any, dt: float, rnd: int) -> None:
         if stage == "broadcast":
             self.down += int(sum(out))
@@ -167,6 +174,16 @@ class ViewRecorder:
         self._w: torch.Tensor | None = None
         self._messages: list[Message] = []
         self._meta: Updates | None = None
+        self.sharing: Sharing | None = None
+
+    def describe(self, sharing: Sharing) -> None:
+        """Record views of what ``sharing`` says is sent: under a partial send
+        every client's ``updates`` row is zero outside the shared parameters
+        and its ``readable`` mask is exactly them (the personal parameters
+        never reach the server); running statistics sent with the update
+        appear in ``extra["buffers"]``."""
+        self.sharing = sharing
+        self.sends = tuple(sharing.fields)
 
     def after(self, stage: str, out: Any, dt: float, rnd: int) -> None:
         if rnd not in self.keep:
@@ -194,12 +211,23 @@ class ViewRecorder:
             metrics={k: dict(zip(u.clients, (float(x) for x in np.asarray(v))))
                      for k, v in u.metrics.items() if k in keys},
             extra={k: dict(zip(u.clients, _rows(u.extra[k], len(u))))
-                   for k in self.sends if k != "delta" and k in u.extra})
+                   for k in self.sends if k != "delta" and k in u.extra},
+            sent=(self.sharing.mask.copy() if self.sharing is not None and self.sharing.partial
+                  else None))
 
     def _plaintext(self, rnd: int, u: Updates) -> ServerView:
         view = self._base(rnd, "plaintext", u)
         if "delta" in self.sends:
             view.updates = {c: u.delta[i].detach().clone() for i, c in enumerate(u.clients)}
+            sh = self.sharing
+            if sh is not None and sh.partial:
+                import torch
+
+                keep = torch.as_tensor(sh.mask)
+                for c in u.clients:  # the sent part only, whatever the row held
+                    view.updates[c] = torch.where(keep, view.updates[c],
+                                                  torch.zeros_like(view.updates[c]))
+                    view.readable[c] = sh.mask.copy()
         return view
 
     def _transport(self, rnd: int, aggregate: torch.Tensor) -> ServerView:
@@ -214,6 +242,11 @@ class ViewRecorder:
         if kind == "aggregate":
             view.aggregate = aggregate.detach().clone()
         weights = dict(zip(meta.clients, getattr(self, "_weights", np.ones(len(meta)))))
+        sh = self.sharing
+        if kind == "aggregate" and sh is not None and sh.partial:
+            assert view.aggregate is not None  # the sum of the sent parts: zero elsewhere
+            view.aggregate = torch.where(torch.as_tensor(sh.mask), view.aggregate,
+                                         torch.zeros_like(view.aggregate))
         for m in self._messages:  # what each message shows in the clear (partial HE)
             if m.readable is not None:
                 mask, values = m.readable
@@ -221,8 +254,12 @@ class ViewRecorder:
                 # the server knows each client's aggregation weight: it reads the update
                 scale = float(weights.get(m.client, 1.0)) or 1.0
                 full[torch.as_tensor(mask)] = values.to(full.dtype) / scale
+                mask = np.asarray(mask, dtype=bool)
+                if sh is not None and sh.partial:
+                    mask = mask & sh.mask
+                    full = torch.where(torch.as_tensor(mask), full, torch.zeros_like(full))
                 view.updates[m.client] = full
-                view.readable[m.client] = np.asarray(mask, dtype=bool)
+                view.readable[m.client] = mask
         return view
 
 

@@ -200,28 +200,45 @@ class VectorBackend(LoopBackend):
         self.kernel = "batched layers" if self.twin is not None else "vmap"
 
     def client_updates(self, algorithm: Any, clients: list[int],
-                       params: torch.Tensor | dict[int, torch.Tensor]) -> Updates:
+                       params: torch.Tensor | dict[int, torch.Tensor], *,
+                       personal: torch.Tensor | None = None) -> Updates:
         import torch
 
-        ctx = ClientContext(self.ctx, list(clients), self)
+        ctx = ClientContext(self.ctx, list(clients), self, personal=personal)
         p = torch.stack([params[c] for c in clients]) if isinstance(params, dict) else params
         return _checked(algorithm.client_update(ctx, p), algorithm, list(clients))
 
-    def stream(self, client: int) -> Any:
-        if client not in self.streams:
+    def finalize(self, algorithm: Any, clients: list[int], params: torch.Tensor,
+                 personal: torch.Tensor | None = None) -> torch.Tensor:
+        from fedmedbench.backends import _finalized
+
+        ctx = ClientContext(self.ctx, list(clients), self, personal=personal)
+        return _finalized(algorithm.finalize(ctx, params), algorithm, len(clients))
+
+    def buffers(self, client: int, trainer: str = "main") -> torch.Tensor | None:
+        """None: a model that runs vectorized updates no buffers while training."""
+        return None
+
+    def load_buffers(self, client: int, flat: torch.Tensor, trainer: str = "main") -> None:
+        return None
+
+    def stream(self, client: int, trainer: str = "main") -> Any:
+        key = (client, trainer)
+        if key not in self.streams:
             n = len(self.ctx.clients[client].train)
-            self.streams[client] = (
+            self.streams[key] = (
                 self.vlocal.stream(client, n) if self.vlocal is not None else
                 BatchStream(n, self.ctx.settings.batch_size,
                             self.ctx.batch_seed(client)))
-        return self.streams[client]
+        return self.streams[key]
 
-    def _gather(self, clients: list[int], active: list[bool]
+    def _gather(self, clients: list[int], active: list[bool], trainer: str = "main"
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(X, y, mask) of one step: each active client's next batch, padded."""
         import torch
 
-        idx = [self.stream(c).next_indices() if a else None for c, a in zip(clients, active)]
+        idx = [self.stream(c, trainer).next_indices() if a else None
+               for c, a in zip(clients, active)]
         lens = np.fromiter((0 if i is None else len(i) for i in idx), dtype=np.int64,
                            count=len(idx))
         width = max(1, int(lens.max(initial=0)))
@@ -261,8 +278,30 @@ class VectorBackend(LoopBackend):
             total = total + vmap(lambda *ps: extra_loss(fm.flat(list(ps))))(*leaves).sum()
         return list(torch.autograd.grad(total, leaves)), L.detach()
 
+    def _frozen(self, trainable: torch.Tensor | None) -> list[int]:
+        """Indices of the parameter tensors ``trainable`` (a flat boolean mask,
+        whole tensors only) freezes. In DP-SGD their per-example gradients
+        still count in the clipping norm (a valid, slightly looser bound), as
+        on the loop backend."""
+        if trainable is None:
+            return []
+        fm = self.fmodel
+        if trainable.numel() != fm.numel:
+            raise ValueError(f"trainable mask has {trainable.numel()} values, the model has "
+                             f"{fm.numel} parameters")
+        out = []
+        for j, (name, a, b, _) in enumerate(fm.spec):
+            part = trainable[a:b]
+            if bool(part.any()) and not bool(part.all()):
+                raise ValueError(f"trainable masks whole parameter tensors: {name} is partly "
+                                 f"frozen")
+            if not bool(part.any()):
+                out.append(j)
+        return out
+
     def train(self, clients: list[int], params: torch.Tensor, steps: list[int], *,
-              extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None
+              extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None,
+              trainable: torch.Tensor | None = None, trainer: str = "main"
               ) -> tuple[torch.Tensor, np.ndarray]:
         import torch
         from torch.func import grad, vmap
@@ -294,9 +333,13 @@ class VectorBackend(LoopBackend):
         example_grads = vmap(vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0)))
         extra_grads = (vmap(grad(lambda ps: extra_loss(fm.flat(ps))))
                        if extra_loss is not None else None)
+        # frozen parameter tensors (``trainable``) keep their values: no gradient, and put
+        # back after each step (weight decay and momentum would move them otherwise)
+        frozen = self._frozen(trainable)
+        fixed = {j: P[j].clone() for j in frozen}
         for s in range(int(max(steps, default=0))):
             active = [s < st for st in steps]
-            X, Y, M = self._gather(clients, active)
+            X, Y, M = self._gather(clients, active, trainer)
             act = n_steps > s
             if self.twin is not None:
                 G, L = self._twin_step(P, X, Y, M, extra_loss)
@@ -312,7 +355,10 @@ class VectorBackend(LoopBackend):
                     G = [g + e for g, e in zip(G, extra_grads(P))]
             if offset is not None:
                 G = [g + o for g, o in zip(G, offset)]
-            P = opt.step(P, [g.detach() for g in G], act)
+            G = [g.detach() if j not in fixed else torch.zeros_like(g) for j, g in enumerate(G)]
+            P = opt.step(P, G, act)
+            for j in frozen:
+                P[j] = fixed[j]
             seen = (M.sum(1) > 0) & act
             loss_sum += torch.where(seen, L.detach().double(), torch.zeros((), dtype=torch.float64))
             loss_cnt += seen.double()

@@ -9,16 +9,22 @@ from __future__ import annotations
 from fedmedbench import hookimpl
 from fedmedbench.plugins.algorithms import (
     centralized,
+    ditto,
     fedavg,
+    fedbn,
     feddf,
     fedmd,
     fedopt,
+    fedper,
     fedprox,
+    fedrep,
+    finetune,
     local,
     scaffold,
 )
 
-MODULES: tuple = (fedavg, centralized, local, fedprox, scaffold, fedopt, feddf, fedmd,)
+MODULES: tuple = (fedavg, centralized, local, fedprox, scaffold, fedopt, feddf, fedmd,
+                  fedbn, ditto, fedper, fedrep, finetune)
 
 
 @hookimpl

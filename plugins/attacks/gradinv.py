@@ -18,7 +18,11 @@ global model the clients started from (it sent it), the architecture, the
 run settings (learning rate, batch size, local steps) and what it could read:
 one client's update in plaintext, only the sum of n updates under secure
 aggregation (the attack then inverts the aggregate as if it came from one
-client), nothing under HE (``not_applicable``).
+client), nothing under HE (``not_applicable``). When only part of the model
+is sent (FedBN, FedRep, FedPer: ``ServerView.sent``) the dummy update is
+matched on the sent coordinates only, and iDLG's label reading needs the
+output layer: where it stays on the clients (a FedRep/FedPer head) the
+labels are optimised jointly instead, as in DLG (the record says so).
 
 From a single-step FedSGD update the gradient is ``−delta / lr``. For K local
 steps ``local_steps_mode`` is ``"average"`` (treat ``−delta / (lr·K)`` as one
@@ -85,6 +89,13 @@ def last_layer_grads(model: nn.Module, grad: torch.Tensor, num_classes: int
             weight = grad[sl].view(*shape)
             break
     return bias, weight
+
+
+def _output_layer_read(model: nn.Module, mask: torch.Tensor, num_classes: int) -> bool:
+    """The output layer's gradient (bias, else weight) lies in the read part."""
+    bias, weight = last_layer_grads(model, mask, num_classes)
+    part = bias if bias is not None else weight
+    return part is not None and bool(part.all())
 
 
 def recover_labels(model: nn.Module, grad: torch.Tensor, num_classes: int, batch: int
@@ -181,7 +192,8 @@ class _Simulator:
 def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], n_images: int,
            num_classes: int, lr: float, steps: int, method: str, labels: list[int] | None,
            iterations: int, tv: float = 1e-4, step_size: float = 0.1, restarts: int = 1,
-           seed: int = 0) -> tuple[np.ndarray, list[int], float]:
+           seed: int = 0, mask: torch.Tensor | None = None
+           ) -> tuple[np.ndarray, list[int], float]:
     """Reconstruct ``n_images`` images from an observed update ``observed``.
 
     Parameters
@@ -192,6 +204,8 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
         simulate (1 with ``lr·K`` for the "average" reading of K steps).
     method : ``"dlg"`` (L2 + L-BFGS) or ``"ig"`` (cosine + TV + Adam).
     labels : fixed labels, or ``None`` to optimise soft labels jointly (DLG).
+    mask : the coordinates of the update the attacker read (boolean, flat);
+        ``None``: all. The dummy update is matched on those only.
 
     Returns
     -------
@@ -202,7 +216,10 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
     for p in model.parameters():
         p.requires_grad_(False)
     sim = _Simulator(model, lr, steps)
+    keep = None if mask is None else mask.to(torch.bool)
     target = observed.detach().to(dtype)
+    if keep is not None:
+        target = target[keep]
     tnorm2 = target.pow(2).sum().clamp_min(1e-30)
     gen = torch.Generator().manual_seed(seed)
     best: tuple[float, torch.Tensor, list[int]] | None = None
@@ -217,6 +234,8 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
 
         def match() -> torch.Tensor:
             d = sim.delta(x, y)  # noqa: B023 (used within this iteration)
+            if keep is not None:
+                d = d[keep]
             if method == "dlg":
                 return (d - target).pow(2).sum() / tnorm2
             cos = (d * target).sum() / (d.norm() * target.norm() + 1e-30)
@@ -348,10 +367,20 @@ class _GradInv(Attack):
             n_img = per * steps
         model = ctx.model(view.global_params)
         lr_eff, k = (s.lr, steps) if simulate else (s.lr * steps, 1)
+        # what the server read of the update: the sent part (a partial send), the clear part
+        sent = view.readable.get(c) if view.kind == "plaintext" else None
+        sent = view.sent if sent is None else sent
+        mask = None if sent is None or bool(np.all(sent)) else torch.as_tensor(sent)
 
         label_mode = self.labels or self.default_labels
         if label_mode == "known" and not exact:
             label_mode = "idlg"
+        label_note = None
+        if label_mode == "idlg" and mask is not None and not _output_layer_read(
+                model, mask, task.num_classes):
+            label_mode = "optimize"
+            label_note = ("the output layer is not in the view (it stays on the clients), so "
+                          "the labels cannot be read from its gradient")
         if label_mode == "idlg":
             labels = recover_labels(model, -observed / (s.lr * steps), task.num_classes, n_img)
         elif label_mode == "known":
@@ -360,7 +389,7 @@ class _GradInv(Attack):
             labels = None
         common = dict(shape=tuple(task.input_shape), n_images=n_img,
                       num_classes=task.num_classes, lr=lr_eff, steps=k, method=self.method,
-                      tv=self.tv, step_size=self.step_size, seed=ctx.seed)
+                      tv=self.tv, step_size=self.step_size, seed=ctx.seed, mask=mask)
         orders = step_label_orders(labels, k) if (simulate and label_mode == "idlg") else []
         if len(orders) > 1:
             # iDLG gives the label counts of all K steps, not which step saw which
@@ -386,6 +415,7 @@ class _GradInv(Attack):
                        f"'s round-1 update" if view.kind == "plaintext" else
                        f"the securely aggregated round-1 update of {len(view.clients)} clients"),
             "matching_loss": final,
+            "parameters_matched": int(observed.numel() if mask is None else mask.sum()),
             "ground_truth": (f"the {len(tx)} distinct images the targeted client(s) trained on "
                              f"in round 1" if exact else
                              f"the {len(tx)} training images of the targeted client(s) (the "
@@ -395,7 +425,11 @@ class _GradInv(Attack):
             "assumptions": {
                 "labels": {"optimize": "inferred jointly with the images (soft labels)",
                            "idlg": "inferred analytically from the output-layer gradient",
-                           "known": "known to the attacker"}[label_mode],
+                           "known": "known to the attacker"}[label_mode]
+                          + (f" ({label_note})" if label_note else ""),
+                "view_part": ("the whole update" if mask is None else
+                              f"the {int(mask.sum())} of {observed.numel()} parameters the "
+                              f"client sends (the rest never reaches the server)"),
                 "local_steps": steps,
                 "gradient": (f"{steps} local SGD steps simulated on dummy batches of "
                              f"{n_img // steps} (the client's: {bsz})" if simulate

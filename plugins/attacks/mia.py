@@ -169,13 +169,24 @@ def resolve_target(ctx: AttackContext, target: str, client: int
         return view.global_params + view.aggregate, members, nonmembers, {
             "model": f"round-{rnd} global model plus the securely aggregated update of "
                      f"{len(view.clients)} clients (the server sees only their sum)",
-            "attacker": "honest-but-curious server", "client": name}
+            "attacker": "honest-but-curious server", "client": name, **_partial(view)}
     if c not in view.updates:
         return {"not_applicable": f"the round-{rnd} view holds no readable update of client "
                                   f"{name} (its update was partly encrypted)"}
     return view.global_params + view.updates[c], members, nonmembers, {
         "model": f"client {name}'s local model of round {rnd} (global + its plaintext update)",
-        "attacker": "honest-but-curious server", "client": name}
+        "attacker": "honest-but-curious server", "client": name, **_partial(view)}
+
+
+def _partial(view: Any) -> dict[str, str]:
+    """Under a partial send (FedBN, FedRep, FedPer) the server's picture of a
+    client's model holds its own copy of the parameters never sent."""
+    if view.sent is None:
+        return {}
+    sent = int(np.sum(view.sent))
+    return {"view_part": f"the {sent} of {len(view.sent)} parameters the clients send; the "
+                        f"{len(view.sent) - sent} they keep are the server's copy, never "
+                        f"updated by them"}
 
 
 def _claim(ctx: AttackContext, audit_delta: float) -> tuple[float | None, float]:

@@ -1,8 +1,16 @@
 """Built-in model architectures (the ``models`` family); datasets name them in
 :class:`fedmedbench.Task`, a matrix may pick another with its ``model`` axis.
 
-All are Opacus-compatible (no BatchNorm: the CNN uses GroupNorm), small
-enough to train on CPU, and built deterministically from the torch seed.
+All are small enough to train on CPU and built deterministically from the
+torch seed. By default they are Opacus-compatible (no BatchNorm: the CNN uses
+GroupNorm). The ``norm`` option of the MLP and the CNN adds or changes the
+normalisation layers (FedBN keeps them local): ``"batch"`` is BatchNorm (Ioffe
+& Szegedy 2015), what FedBN was written for. BatchNorm mixes the examples of a
+batch and keeps running statistics of the records it saw as *buffers*, updated
+in place while training, so a BatchNorm model is not Opacus-compatible (DP-SGD
+cells are refused) and runs on the loop backend only (``vectorized = False``;
+the record's ``backend.reason`` names it); the round protocols decide whose
+running statistics each model is scored with (:mod:`fedmedbench.protocols`).
 """
 
 from __future__ import annotations
@@ -26,16 +34,40 @@ class Logistic(nn.Module):
         return self.fc(x.flatten(1))
 
 
+NORMS_MLP = ("none", "batch", "layer")
+NORMS_CNN = ("group", "batch", "none")
+
+
+class BatchNorm1dAnyBatch(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that accepts a training batch of one example (a
+    client's last batch of an epoch can hold one row), which it normalises
+    with the running statistics and leaves them unchanged; otherwise identical."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1 and self.track_running_stats:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var,
+                                            self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class MLP(nn.Module):
-    """A multilayer perceptron with ReLU hidden layers."""
+    """A multilayer perceptron with ReLU hidden layers (``norm``: a
+    normalisation layer after each hidden linear layer, before the ReLU)."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,),
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, norm: str = "none") -> None:
         super().__init__()
+        if norm not in NORMS_MLP:
+            raise ValueError(f"norm = {norm!r}; choose one of {NORMS_MLP}")
         layers: list[nn.Module] = []
         prev = in_features
         for h in hidden:
-            layers += [nn.Linear(prev, h), nn.ReLU()]
+            layers.append(nn.Linear(prev, h))
+            if norm == "batch":
+                layers.append(BatchNorm1dAnyBatch(h))
+            elif norm == "layer":
+                layers.append(nn.LayerNorm(h))
+            layers.append(nn.ReLU())
             if dropout:
                 layers.append(nn.Dropout(dropout))
             prev = h
@@ -64,18 +96,24 @@ class SmallCNN(nn.Module):
         How each block halves the side: 2×2 max-pooling, 2×2 average pooling,
         or (``"none"``) a stride-2 convolution without pooling, as in the
         LeNet variant of Zhu et al. 2019. All three have the same head size.
+    norm : {"group", "batch", "none"}, default "group"
+        The normalisation after each convolution: GroupNorm with 4 groups,
+        BatchNorm (running statistics; not Opacus-compatible), or none.
     """
 
     ACTS = ("relu", "sigmoid", "tanh")
     POOLS = ("max", "avg", "none")
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int = 28,
-                 width: int = 16, act: str = "relu", pool: str = "max") -> None:
+                 width: int = 16, act: str = "relu", pool: str = "max",
+                 norm: str = "group") -> None:
         super().__init__()
         if act not in self.ACTS:
             raise ValueError(f"act = {act!r}; choose one of {self.ACTS}")
         if pool not in self.POOLS:
             raise ValueError(f"pool = {pool!r}; choose one of {self.POOLS}")
+        if norm not in NORMS_CNN:
+            raise ValueError(f"norm = {norm!r}; choose one of {NORMS_CNN}")
         if not isinstance(width, int) or width < 4 or width % 4:
             raise ValueError(f"width = {width!r}; use a positive multiple of 4 (GroupNorm "
                              f"has 4 groups)")
@@ -85,11 +123,15 @@ class SmallCNN(nn.Module):
         def down() -> list[nn.Module]:
             return {"max": [nn.MaxPool2d(2)], "avg": [nn.AvgPool2d(2)], "none": []}[pool]
 
+        def normed(c: int) -> list[nn.Module]:
+            return {"group": [nn.GroupNorm(4, c)], "batch": [nn.BatchNorm2d(c)],
+                    "none": []}[norm]
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, stride=stride, padding=1), nn.GroupNorm(4, width),
+            nn.Conv2d(in_channels, width, 3, stride=stride, padding=1), *normed(width),
             a(), *down(),
             nn.Conv2d(width, 2 * width, 3, stride=stride, padding=1),
-            nn.GroupNorm(4, 2 * width), a(), *down(),
+            *normed(2 * width), a(), *down(),
         )
         side = image_size // 4
         self.fc = nn.Linear(2 * width * side * side, num_classes)
@@ -132,24 +174,32 @@ class MLPModel(Model):
     dropout : float, default 0.0
         Dropout after each hidden layer, in [0, 1) (with dropout the model
         runs only on the loop backend).
+    norm : {"none", "batch", "layer"}, default "none"
+        A normalisation layer after each hidden linear layer: none,
+        BatchNorm (running statistics: loop backend only, not
+        Opacus-compatible) or LayerNorm.
     """
 
     name = "mlp"
 
     def __init__(self, *, hidden: list = (64,),  # noqa: B006
-                 dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
+                 dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0,
+                 norm: str = "none") -> None:
         hidden = list(hidden)
         if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
                                  for h in hidden):
             raise ValueError(f"mlp: hidden = {hidden!r}; give a list of positive integer widths")
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"mlp: dropout = {dropout!r}; it must be in [0, 1)")
-        self.hidden, self.dropout = hidden, float(dropout)
-        self.vectorized = self.dropout == 0
+        if norm not in NORMS_MLP:
+            raise ValueError(f"mlp: norm = {norm!r}; choose one of {', '.join(NORMS_MLP)}")
+        self.hidden, self.dropout, self.norm = hidden, float(dropout), norm
+        # dropout draws at random and BatchNorm updates its buffers in place: loop only
+        self.vectorized = self.dropout == 0 and norm != "batch"
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         return MLP(_flat(input_shape), num_classes, hidden=tuple(self.hidden),
-                   dropout=self.dropout)
+                   dropout=self.dropout, norm=self.norm)
 
 
 class CNNModel(Model):
@@ -161,21 +211,26 @@ class CNNModel(Model):
         Channels of the first block (a multiple of 4).
     act : {"relu", "sigmoid", "tanh"}, default "relu"
     pool : {"max", "avg", "none"}, default "max"
+    norm : {"group", "batch", "none"}, default "group"
+        Normalisation after each convolution; ``"batch"`` (BatchNorm, as in
+        FedBN) runs on the loop backend only and is not Opacus-compatible.
     """
 
     name = "cnn"
 
     def __init__(self, *, width: Annotated[int, Range(ge=4, le=1024)] = 16, act: str = "relu",
-                 pool: str = "max") -> None:
-        SmallCNN(1, 2, image_size=4, width=width, act=act, pool=pool)  # validates
-        self.width, self.act, self.pool = width, act, pool
+                 pool: str = "max", norm: str = "group") -> None:
+        SmallCNN(1, 2, image_size=4, width=width, act=act, pool=pool, norm=norm)  # validates
+        self.width, self.act, self.pool, self.norm = width, act, pool, norm
+        # BatchNorm updates its running statistics (buffers) in place: loop backend only
+        self.vectorized = norm != "batch"
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         if len(input_shape) != 3:
             raise ValueError(f"cnn needs (channels, height, width) inputs; the task's input "
                              f"shape is {tuple(input_shape)}")
         return SmallCNN(input_shape[0], num_classes, image_size=input_shape[-1],
-                        width=self.width, act=self.act, pool=self.pool)
+                        width=self.width, act=self.act, pool=self.pool, norm=self.norm)
 
 
 COMPONENTS = (LogisticModel, MLPModel, CNNModel)

@@ -170,7 +170,7 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
 
     def validate(self, facts: CellFacts) -> str | None:
         alg, agg = facts.algorithm, facts.aggregator
-        if alg.protocol != "federated":
+        if alg.shares == "none":
             return (f"client-level DP protects clients of a federation, and {alg.name} "
                     f"({alg.protocol} protocol) aggregates no updates")
         if not agg.linear or agg.weighting == "data-dependent":

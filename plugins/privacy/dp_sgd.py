@@ -106,7 +106,7 @@ class DPSGD(PrivacyMechanism, LocalStage):
             self._sites[client] = {"site": ctx.clients[client].name, "noise_multiplier": sigma,
                                    "sample_rate": q, "planned_steps": planned, "n": n,
                                    "expected_batch": int(n * q), "ledger": None,
-                                   "engine": None}
+                                   "engines": []}
         return self._sites[client]
 
     # -- the local stage: loop (Opacus hooks) and vectorized forms ----------------
@@ -114,11 +114,15 @@ class DPSGD(PrivacyMechanism, LocalStage):
     def local_trainer(self, ctx: CellContext, client: int, model: torch.nn.Module,
                       data: Split) -> OpacusTrainer:
         info = self._site(client, len(data))
+        # a client's second trainer (Ditto's personal model) draws its own noise and
+        # its steps compose with the first's in the site's accounting
+        nth = len(info["engines"])
+        noise = ctx.torch_generator("dp-sgd-noise", client, *([nth] if nth else []))
         tr = OpacusTrainer(model, data, ctx.settings, seed=ctx.batch_seed(client),
                            noise_multiplier=info["noise_multiplier"],
                            max_grad_norm=self.max_grad_norm, accountant=self.accountant,
-                           noise_generator=ctx.torch_generator("dp-sgd-noise", client))
-        info["engine"] = tr.engine
+                           noise_generator=noise)
+        info["engines"].append(tr.engine)
         return tr
 
     def vector_steps(self, ctx: CellContext) -> VectorDPSGD:
@@ -127,8 +131,8 @@ class DPSGD(PrivacyMechanism, LocalStage):
     # -- accounting ------------------------------------------------------------
 
     def _history(self, info: dict[str, Any]) -> list[tuple[float, float, int]]:
-        if info["engine"] is not None:
-            return list(info["engine"].accountant.history)
+        if info["engines"]:
+            return [h for e in info["engines"] for h in e.accountant.history]
         return list(info["ledger"].history) if info["ledger"] is not None else []
 
     def accounting(self) -> Accounting | None:

@@ -139,6 +139,10 @@ class HECKKS(PrivacyMechanism, TransportStage):
     def validate(self, facts: Any) -> str | None:
         if not self.layers and self.rest != "plaintext":
             return "rest applies only when layers selects some parameters to encrypt"
+        if facts.algorithm.shares == "part":
+            return (f"CKKS encodes the model's whole parameter layout, and "
+                    f"{facts.algorithm.name} sends only part of the model (the rest stays on "
+                    f"the clients); use secagg, which encodes exactly the sent part")
         return None
 
     def setup(self, ctx: CellContext) -> None:
