@@ -16,9 +16,16 @@
 The attacker is the honest-but-curious server with the round-1 view: the
 global model the clients started from (it sent it), the architecture, the
 run settings (learning rate, batch size, local steps) and what it could read:
-one client's update in plaintext, only the sum of n updates under secure
-aggregation (the attack then inverts the aggregate as if it came from one
-client), nothing under HE (``not_applicable``).
+one client's update in plaintext; under partial encryption
+(``ServerView.readable``: he-ckks ``layers`` with ``rest = "plaintext"``, or
+a personalized algorithm that sends part of the model) only the coordinates
+of that client's update it read in the clear, and the attack then matches
+the simulated update on exactly those coordinates (``readable_coordinates``
+in the result); only the sum of n updates under secure aggregation and under
+HE, whose decrypted sum the server applies (the attack then inverts the
+aggregate as if it came from one client); nothing when the view holds only
+ciphertexts (``not_applicable``). iDLG's label read needs the output layer's
+coordinates; when they are not readable the labels are optimised jointly.
 
 From a single-step FedSGD update the gradient is ``−delta / lr``. For K local
 steps ``local_steps_mode`` is ``"average"`` (treat ``−delta / (lr·K)`` as one
@@ -181,7 +188,8 @@ class _Simulator:
 def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], n_images: int,
            num_classes: int, lr: float, steps: int, method: str, labels: list[int] | None,
            iterations: int, tv: float = 1e-4, step_size: float = 0.1, restarts: int = 1,
-           seed: int = 0) -> tuple[np.ndarray, list[int], float]:
+           seed: int = 0, mask: torch.Tensor | None = None
+           ) -> tuple[np.ndarray, list[int], float]:
     """Reconstruct ``n_images`` images from an observed update ``observed``.
 
     Parameters
@@ -192,6 +200,8 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
         simulate (1 with ``lr·K`` for the "average" reading of K steps).
     method : ``"dlg"`` (L2 + L-BFGS) or ``"ig"`` (cosine + TV + Adam).
     labels : fixed labels, or ``None`` to optimise soft labels jointly (DLG).
+    mask : boolean mask over the flat update, or ``None``: match only these
+        coordinates (the ones the attacker read; the others are unknown).
 
     Returns
     -------
@@ -203,6 +213,9 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
         p.requires_grad_(False)
     sim = _Simulator(model, lr, steps)
     target = observed.detach().to(dtype)
+    if mask is not None:
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        target = target[mask]
     tnorm2 = target.pow(2).sum().clamp_min(1e-30)
     gen = torch.Generator().manual_seed(seed)
     best: tuple[float, torch.Tensor, list[int]] | None = None
@@ -217,6 +230,8 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
 
         def match() -> torch.Tensor:
             d = sim.delta(x, y)  # noqa: B023 (used within this iteration)
+            if mask is not None:
+                d = d[mask]
             if method == "dlg":
                 return (d - target).pow(2).sum() / tnorm2
             cos = (d * target).sum() / (d.norm() * target.norm() + 1e-30)
@@ -303,22 +318,28 @@ class _GradInv(Attack):
         if view is None:
             return {"not_applicable": f"{ctx.protocol} protocol: no server view of round 1 "
                                       f"(no updates are sent)"}
-        if view.kind == "ciphertext":
-            return {"not_applicable": f"under {'+'.join(ctx.mechanisms) or 'HE'} the server "
-                                      f"reads only ciphertexts of the updates (the key holder "
-                                      f"is a separate party)"}
         if not view.clients:
             return {"not_applicable": "no client took part in round 1"}
         s = ctx.settings
         c = self.client if self.client in view.clients else view.clients[0]
-        if view.kind == "plaintext":
-            if c not in view.updates:
-                return {"not_applicable": f"the round-1 view holds no readable update of client "
-                                          f"{c} (its update was partly encrypted)"}
+        mask: torch.Tensor | None = None
+        if c in view.readable and c in view.updates:  # partly readable: those coordinates
+            mask = torch.as_tensor(np.asarray(view.readable[c], dtype=bool))
+            if not bool(mask.any()):
+                return {"not_applicable": f"the round-1 view holds no coordinate of client "
+                                          f"{c}'s update in the clear"}
             observed, participants = view.updates[c], [c]
-        else:
-            assert view.aggregate is not None
+        elif c in view.updates:
+            observed, participants = view.updates[c], [c]
+        elif view.kind == "aggregate" and view.aggregate is not None:
             observed, participants = view.aggregate, list(view.clients)
+        elif view.kind == "ciphertext":
+            return {"not_applicable": f"under {'+'.join(ctx.mechanisms) or 'HE'} the server "
+                                      f"reads only ciphertexts of the updates (the key holder "
+                                      f"is a separate party)"}
+        else:
+            return {"not_applicable": f"the round-1 view holds no readable update of client "
+                                      f"{c}"}
         n_c = view.num_examples.get(c, 0)
         steps = s.steps_for(n_c)
         bsz = min(s.batch_size, n_c)
@@ -352,6 +373,11 @@ class _GradInv(Attack):
         label_mode = self.labels or self.default_labels
         if label_mode == "known" and not exact:
             label_mode = "idlg"
+        if label_mode == "idlg" and mask is not None:
+            b, wt = last_layer_grads(model, mask.float(), task.num_classes)
+            used = b if b is not None else wt  # what recover_labels reads
+            if used is None or not bool(used.bool().all()):
+                label_mode = "optimize"  # the output layer is not readable: no analytic read
         if label_mode == "idlg":
             labels = recover_labels(model, -observed / (s.lr * steps), task.num_classes, n_img)
         elif label_mode == "known":
@@ -360,7 +386,7 @@ class _GradInv(Attack):
             labels = None
         common = dict(shape=tuple(task.input_shape), n_images=n_img,
                       num_classes=task.num_classes, lr=lr_eff, steps=k, method=self.method,
-                      tv=self.tv, step_size=self.step_size, seed=ctx.seed)
+                      tv=self.tv, step_size=self.step_size, seed=ctx.seed, mask=mask)
         orders = step_label_orders(labels, k) if (simulate and label_mode == "idlg") else []
         if len(orders) > 1:
             # iDLG gives the label counts of all K steps, not which step saw which
@@ -382,9 +408,12 @@ class _GradInv(Attack):
             "labels_true": [int(v) for v in ty[scores["assignment"]]],
             "per_image": scores["per_image"], "num_images": n_img, "batch_size": bsz,
             "local_steps": steps, "view": view.kind, "clients_in_view": len(view.clients),
-            "target": (f"client {ctx.data.site_names[c]}"
-                       f"'s round-1 update" if view.kind == "plaintext" else
-                       f"the securely aggregated round-1 update of {len(view.clients)} clients"),
+            "target": (f"the securely aggregated round-1 update of {len(view.clients)} clients"
+                       if participants != [c] else
+                       f"client {ctx.data.site_names[c]}'s round-1 update" + (
+                           f", the {int(mask.sum())} of {mask.numel()} coordinates read in the "
+                           f"clear" if mask is not None else "")),
+            "readable_coordinates": None if mask is None else int(mask.sum()),
             "matching_loss": final,
             "ground_truth": (f"the {len(tx)} distinct images the targeted client(s) trained on "
                              f"in round 1" if exact else

@@ -26,6 +26,25 @@ class Logistic(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class BinaryLogistic(nn.Module):
+    """Binary logistic regression with one logit: ``[0, z]`` with ``z = w·x + b``.
+
+    Softmax over ``[0, z]`` is ``(1 - sigmoid(z), sigmoid(z))``, so the
+    engine's cross-entropy on these logits equals BCE on ``sigmoid(z)`` and
+    argmax predicts 1 exactly when ``sigmoid(z) > 0.5``: FLamby's
+    Fed-Heart-Disease ``Baseline`` (``Linear(d, 1)`` + sigmoid, ``BCELoss``),
+    initialised identically (PyTorch's ``Linear`` init, weight then bias).
+    """
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x.flatten(1))
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
 class MLP(nn.Module):
     """A multilayer perceptron with ReLU hidden layers."""
 
@@ -122,6 +141,22 @@ class LogisticModel(Model):
         return Logistic(_flat(input_shape), num_classes)
 
 
+class BinaryLogisticModel(Model):
+    """Binary logistic regression with one logit and a sigmoid (FLamby's
+    Fed-Heart-Disease model; see :class:`BinaryLogistic`). Two classes only."""
+
+    name = "logistic-binary"
+
+    def __init__(self) -> None:
+        pass
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if num_classes != 2:
+            raise ValueError(f"logistic-binary has one logit for two classes; the task has "
+                             f"{num_classes} classes (use the model 'logistic')")
+        return BinaryLogistic(_flat(input_shape))
+
+
 class MLPModel(Model):
     """A multilayer perceptron with ReLU hidden layers.
 
@@ -178,4 +213,4 @@ class CNNModel(Model):
                         width=self.width, act=self.act, pool=self.pool)
 
 
-COMPONENTS = (LogisticModel, MLPModel, CNNModel)
+COMPONENTS = (LogisticModel, BinaryLogisticModel, MLPModel, CNNModel)
