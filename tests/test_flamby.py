@@ -95,7 +95,7 @@ def test_fedopt_v0_zero_is_flambys_fedopt():
     """One server step with v0 = 0, no bias correction (FLamby's fed_opt.py)."""
     from types import SimpleNamespace
 
-    from fedmedbench.plugins.algorithms.fedopt import FedAdam, FedAdagrad, FedYogi
+    from fedmedbench.plugins.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
 
     d = torch.tensor([0.2, -0.1, 0.0, 1e-3])
     w = torch.zeros(4)
@@ -144,6 +144,7 @@ def test_matrix_gives_each_method_flambys_recipe():
                                                                          0.9, 0.0)
             assert name == "fedadagrad" or alg["beta2"] == 0.999
     assert cells["fedprox"]["algorithm"]["mu"] == 0.01
+    assert cells["scaffold"]["algorithm"]["control"] == "examples"
     assert cells["fedavg"]["dataset"] == {"name": "heart-disease", "preprocessing": "flamby"}
 
 
