@@ -165,6 +165,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "provenance": _provenance(r),
         }
         row["bytes"] = row["bytes_up"] + row["bytes_down"]
+        row["clipped_coordinates"] = _num(c.get("clipped_coordinates"))
         for k in TIMING_KEYS:
             if k in c:
                 row[k] = _num(c.get(k))
@@ -256,7 +257,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     cols = ["dataset", "method", "privacy", "topology", "metric", "n", "cells", "failed",
             "utility_mean", "utility_std", "utility_ci95", "worst_site_mean", "epsilon",
             "delta", "accountant", "privacy_level", "bytes_up", "bytes_down", "bytes",
-            "wall_s", "train_s", "privacy_s", "seeds", "provenance"]
+            "wall_s", "train_s", "privacy_s", "clipped_coordinates", "seeds", "provenance"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     allg = (df.assign(_bad=df["status"] != "ok").groupby(KEYS, sort=True)
@@ -268,7 +269,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             "worst_site_mean": ("worst_site", "mean"), "epsilon": ("epsilon", "max"),
             "delta": ("delta", "max"), "accountant": ("accountant", "first"),
             "privacy_level": ("privacy_level", "first")}
-    for k in ("bytes_up", "bytes_down", "bytes", *TIMING_KEYS):
+    for k in ("bytes_up", "bytes_down", "bytes", *TIMING_KEYS, "clipped_coordinates"):
         if k in ok:
             spec[k] = (k, "mean")
     okg = ok.groupby(KEYS, sort=True).agg(**spec)
@@ -595,12 +596,16 @@ def text_tables(data: ReportData) -> dict[str, list[tuple[str, list[str], list[l
                          [[r.method, r.privacy, fmt(r.privacy_level), fmt_eps(r.epsilon, r.delta),
                            fmt(r.accountant)] for r in ok.itertuples()]))
         cost_cols = [k for k in TIMING_KEYS if k in ok and ok[k].notna().any()]
+        # coordinates a secure-aggregation transport clipped (shown when any cell clipped)
+        if "clipped_coordinates" in ok and (ok["clipped_coordinates"].fillna(0) > 0).any():
+            cost_cols.append("clipped_coordinates")
         tabs.append(("cost (mean per cell over seeds)",
                      ["method", "privacy", "bytes up", "bytes down",
-                      *[{"wall_s": "wall s", "train_s": "train s",
-                         "privacy_s": "privacy s"}[k] for k in cost_cols]],
+                      *[{"wall_s": "wall s", "train_s": "train s", "privacy_s": "privacy s",
+                         "clipped_coordinates": "clipped coords"}[k] for k in cost_cols]],
                      [[r["method"], r["privacy"], fmt_bytes(r["bytes_up"]),
-                       fmt_bytes(r["bytes_down"]), *[fmt(r[k], 2) for k in cost_cols]]
+                       fmt_bytes(r["bytes_down"]),
+                       *[fmt(r[k], 0 if k == "clipped_coordinates" else 2) for k in cost_cols]]
                       for _, r in ok.iterrows()]))
         st = data.sites[data.sites["dataset"] == ds]
         if not st.empty:
