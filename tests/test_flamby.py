@@ -32,7 +32,7 @@ def flamby():
 def test_flamby_preprocessing_is_flambys(flamby):
     data = flamby
     assert data.task.feature_names == hd.FLAMBY_FEATURES and data.task.input_shape == (13,)
-    assert data.task.model == "logistic-binary"
+    assert data.task.model == "logistic-ref"
     assert [(len(s.train), len(s.test)) for s in data.sites] == [(199, 104), (172, 89),
                                                                  (30, 16), (85, 45)]
     raw = pd.read_csv(shipped_file("heart-disease", "heart_disease_uci.csv"))
@@ -74,7 +74,7 @@ def test_one_logit_model_is_flambys_baseline():
     """Cross-entropy on [0, z] is BCE on sigmoid(z), argmax is sigmoid(z) > 0.5,
     and the initialisation after torch.manual_seed(s) is FLamby's Linear(13, 1)."""
     torch.manual_seed(42)
-    m = build_model("logistic-binary", (13,), 2)
+    m = build_model("logistic-ref", (13,), 2)
     torch.manual_seed(42)
     ref = torch.nn.Linear(13, 1)
     assert torch.equal(m.fc.weight, ref.weight) and torch.equal(m.fc.bias, ref.bias)
@@ -87,8 +87,9 @@ def test_one_logit_model_is_flambys_baseline():
     bce = torch.nn.functional.binary_cross_entropy(torch.sigmoid(z), y.float().unsqueeze(1))
     assert float(ce) == pytest.approx(float(bce), rel=1e-6)
     assert torch.equal(logits.argmax(1), (torch.sigmoid(z) > 0.5).long().squeeze(1))
-    with pytest.raises(ValueError, match="two classes"):
-        build_model("logistic-binary", (13,), 3)
+    # more classes: class 0 is the reference, its logit fixed at 0
+    m3 = build_model("logistic-ref", (13,), 3)
+    assert m3.fc.out_features == 2 and torch.all(m3(x)[:, 0] == 0)
 
 
 def test_fedopt_v0_zero_is_flambys_fedopt():

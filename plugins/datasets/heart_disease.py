@@ -17,7 +17,7 @@ Two preprocessings (``preprocessing``), over the same rows and split:
   its test rows alike; the pooled party (the ``centralized`` baseline) holds
   the same rows standardised with the statistics of all 486 training rows
   (:attr:`FederatedData.pooled_sites`); FLamby's model, one logit and a
-  sigmoid (``logistic-binary``).
+  sigmoid (``logistic-ref``).
 
 The shipped file and its card live in ``datasets/heart-disease/``.
 """
@@ -102,7 +102,7 @@ class HeartDisease(Dataset):
         features = [str(f) for f in arrays["features"]]
         flamby = self.preprocessing == "flamby"
         task = Task(kind="binary", num_classes=2, input_shape=(len(features),),
-                    metric="accuracy", model="logistic-binary" if flamby else "logistic",
+                    metric="accuracy", model="logistic-ref" if flamby else "logistic",
                     feature_names=features)
         return FederatedData(task=task, sites=sites_of("X", "X_test"), natural=True,
                              pooled_sites=sites_of("X_pooled", "X_test_pooled") if flamby

@@ -26,23 +26,25 @@ class Logistic(nn.Module):
         return self.fc(x.flatten(1))
 
 
-class BinaryLogistic(nn.Module):
-    """Binary logistic regression with one logit: ``[0, z]`` with ``z = w·x + b``.
+class ReferenceLogistic(nn.Module):
+    """Multinomial logistic regression with class 0 as the reference: logits
+    ``[0, z_1, ..., z_{C-1}]`` with ``z = W·x + b`` (``C - 1`` outputs).
 
-    Softmax over ``[0, z]`` is ``(1 - sigmoid(z), sigmoid(z))``, so the
-    engine's cross-entropy on these logits equals BCE on ``sigmoid(z)`` and
-    argmax predicts 1 exactly when ``sigmoid(z) > 0.5``: FLamby's
-    Fed-Heart-Disease ``Baseline`` (``Linear(d, 1)`` + sigmoid, ``BCELoss``),
-    initialised identically (PyTorch's ``Linear`` init, weight then bias).
+    For two classes this is one logit and a sigmoid: softmax over ``[0, z]``
+    is ``(1 - sigmoid(z), sigmoid(z))``, so the engine's cross-entropy on
+    these logits equals BCE on ``sigmoid(z)`` and argmax predicts 1 exactly
+    when ``sigmoid(z) > 0.5``: FLamby's Fed-Heart-Disease ``Baseline``
+    (``Linear(d, 1)`` + sigmoid, ``BCELoss``), initialised identically
+    (PyTorch's ``Linear`` init, weight then bias).
     """
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, 1)
+        self.fc = nn.Linear(in_features, num_classes - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.fc(x.flatten(1))
-        return torch.cat([torch.zeros_like(z), z], dim=1)
+        return torch.cat([torch.zeros_like(z[:, :1]), z], dim=1)
 
 
 class MLP(nn.Module):
@@ -141,20 +143,21 @@ class LogisticModel(Model):
         return Logistic(_flat(input_shape), num_classes)
 
 
-class BinaryLogisticModel(Model):
-    """Binary logistic regression with one logit and a sigmoid (FLamby's
-    Fed-Heart-Disease model; see :class:`BinaryLogistic`). Two classes only."""
+class ReferenceLogisticModel(Model):
+    """Logistic regression with class 0 as reference (``C - 1`` outputs; for two
+    classes one logit and a sigmoid, FLamby's Fed-Heart-Disease model; see
+    :class:`ReferenceLogistic`)."""
 
-    name = "logistic-binary"
+    name = "logistic-ref"
 
     def __init__(self) -> None:
         pass
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-        if num_classes != 2:
-            raise ValueError(f"logistic-binary has one logit for two classes; the task has "
-                             f"{num_classes} classes (use the model 'logistic')")
-        return BinaryLogistic(_flat(input_shape))
+        if num_classes < 2:
+            raise ValueError(f"logistic-ref needs at least two classes; the task has "
+                             f"{num_classes}")
+        return ReferenceLogistic(_flat(input_shape), num_classes)
 
 
 class MLPModel(Model):
@@ -213,4 +216,4 @@ class CNNModel(Model):
                         width=self.width, act=self.act, pool=self.pool)
 
 
-COMPONENTS = (LogisticModel, BinaryLogisticModel, MLPModel, CNNModel)
+COMPONENTS = (LogisticModel, ReferenceLogisticModel, MLPModel, CNNModel)
