@@ -598,8 +598,9 @@ class CellRun:
             new, _ = tr.train(get_flat_params(model), steps)
             return new
 
-        return AttackContext(
-            cell=self.cell, data=self.data, model_factory=self.factory_for(0),
+        return AttackContext(  # members: the rows trained on (no validation or holdout rows)
+            cell=self.cell, data=self.federation.trained_data(self.data),
+            model_factory=self.factory_for(0),
             final_params=final, server_views=self.views, privacy=self.privacy_block(),
             settings=self.settings, rounds=self.rounds, seed=self.seed,
             protocol=self.protocol_cls.name, train_shadow=train_shadow,

@@ -78,12 +78,17 @@ class Federation:
                                  "as sites (same sites, sizes and order)")
         #: each site's validation rows, as the site holds them (scored for tuning)
         self.validation: dict[int, Split] = {}
+        #: per site, the rows of its training split that are trained on (after the
+        #: validation and holdout carve; canaries and an adversary's changes aside)
+        self.trained_rows: dict[int, np.ndarray] = {i: np.arange(len(s.train))
+                                                    for i, s in enumerate(sites)}
         frac = float(getattr(settings, "validation", 0.0) or 0.0)
         if frac > 0:
             kept = []
             for i, (site, mine) in enumerate(zip(sites, own)):
                 val, rest = validation_rows(seed, i, len(site.train), frac)
                 self.validation[i] = site.train.subset(val)
+                self.trained_rows[i] = rest
                 kept.append(Site(mine.name, mine.train.subset(rest), mine.test, mine.quality))
             own = kept
         if pooled:
@@ -100,6 +105,7 @@ class Federation:
                 kh = min(len(perm) - 1, int(round(holdout_fraction * len(perm))))
                 if kh >= 1:
                     self.holdout[i] = site.train.subset(np.sort(perm[:kh]))
+                    self.trained_rows[i] = self.trained_rows[i][np.sort(perm[kh:])]
                     clients[i] = Site(site.name, site.train.subset(np.sort(perm[kh:])),
                                       site.test, site.quality)
         self.malicious: set[int] = set()
@@ -131,6 +137,21 @@ class Federation:
                         np.asarray(canaries.y[sel], dtype=np.int64))
             self.clients[i] = Site(site.name, Split.concat([site.train, add]), site.test,
                                    site.quality)
+
+    def trained_data(self, data: FederatedData) -> FederatedData:
+        """``data`` with each site's training split (and its pooled copy)
+        restricted to the rows trained on: the members an attack scores."""
+        if all(len(r) == len(s.train) for r, s in zip(self.trained_rows.values(), data.sites)):
+            return data
+
+        def cut(sites: list[Site]) -> list[Site]:
+            return [Site(s.name, s.train.subset(self.trained_rows[i]), s.test, s.quality)
+                    for i, s in enumerate(sites)]
+
+        return FederatedData(task=data.task, sites=cut(data.sites), public=data.public,
+                             natural=data.natural,
+                             pooled_sites=None if data.pooled_sites is None
+                             else cut(data.pooled_sites))
 
     def validation_data(self, data: FederatedData) -> FederatedData | None:
         """``data`` with each site's validation rows in place of its test split

@@ -43,6 +43,10 @@ def test_validation_rows_are_carved_from_training_and_never_trained_on():
         assert not any(r.tobytes() in seen for v in held.values() for r in v.X)
         # the test split is untouched: reported as before
         assert set(u["per_site"]) == {s.name for s in sites}
+        # attacks score as members only the rows trained on
+        members = run.attack_context().data
+        assert [len(s.train) for s in members.sites] == [
+            len(s.train) - len(held[i]) for i, s in enumerate(sites)]
     # without the setting nothing is carved and no validation number is reported
     rec = run_cell(_cells({"dataset": ["heart-disease"], "algorithm": ["fedavg"]}, {})[0])
     assert "validation" not in rec["metrics"]["utility"]
