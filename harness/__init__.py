@@ -1,5 +1,12 @@
 """fedmedbench: a plugin-based benchmark harness for federated learning in healthcare.
 
+Run a matrix and read its results from Python (:mod:`fedmedbench.api`)::
+
+    import fedmedbench as fmb
+
+    results = fmb.run()                 # the built-in quickstart, into results/
+    results.frame()                     # one row per cell, a pandas DataFrame
+
 Plugins import only what this package exports (and libraries)::
 
     import fedmedbench as fmb
@@ -14,6 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+#: the version of this package
 __version__ = "0.2.0.dev0"
 
 #: public name -> the module that defines it
@@ -41,6 +49,8 @@ _EXPORTS: dict[str, str] = {
         "shipped_file", "verify_checksum")},
     **{n: "fedmedbench.constraints" for n in ("Range", "Seed")},
     **{n: "fedmedbench.models" for n in ("build_model", "get_flat_params", "set_flat_params")},
+    # the Python API: run a matrix, load results, DataFrames and reports
+    **{n: "fedmedbench.api" for n in ("run", "load", "plan", "Results")},
     "score": "fedmedbench.metrics",
     "hookimpl": "fedmedbench.registry",
     "SCHEMA": "fedmedbench.engine",

@@ -49,6 +49,8 @@ class LoopBackend:
         self.ctx: CellContext = run.ctx
         self.local: LocalStage | None = run.components.local_stage
         self.trainers: dict[int, LocalTrainer] = {}
+        #: one model and optimizer per architecture, shared by the clients' SGD trainers
+        self._shared: dict[Any, tuple[Any, Any]] = {}
 
     # -- the protocol's entry points ------------------------------------------
 
@@ -71,7 +73,7 @@ class LoopBackend:
 
     def client_metrics(self, aggregator: Any, updates: Updates, w: torch.Tensor) -> Updates:
         """The aggregator's client-side numbers, computed by each client."""
-        if type(aggregator).client_metrics is _base_client_metrics():
+        if not aggregator.client_metric_keys:  # it declares it reads none
             return updates
         extra: dict[str, list[float]] = {}
         for i, c in enumerate(updates.clients):
@@ -100,16 +102,25 @@ class LoopBackend:
         return torch.stack(rows), np.asarray(losses, dtype=float)
 
     def trainer(self, client: int) -> LocalTrainer:
+        """``client``'s trainer: the local-stage mechanism's (one model per
+        client, made private once per cell), or an SGD trainer on the model and
+        optimizer its architecture shares with the other clients."""
         if client not in self.trainers:
-            model = self.factory_for(client)()
             data = self.ctx.clients[client].train
+            factory = self.factory_for(client)
             if self.local is not None:
                 with calling(self.local, "local_trainer"):  # type: ignore[arg-type]
-                    self.trainers[client] = self.local.local_trainer(self.ctx, client, model,
-                                                                     data)
+                    self.trainers[client] = self.local.local_trainer(self.ctx, client,
+                                                                     factory(), data)
             else:
+                if factory not in self._shared:
+                    model = factory()
+                    self._shared[factory] = (model, self.ctx.settings.make_optimizer(
+                        model.parameters()))
+                model, opt = self._shared[factory]
                 self.trainers[client] = SGDTrainer(model, data, self.ctx.settings,
-                                                   seed=self.ctx.batch_seed(client))
+                                                   seed=self.ctx.batch_seed(client),
+                                                   optimizer=opt)
         return self.trainers[client]
 
     def holdout(self, client: int) -> Split | None:
@@ -117,12 +128,6 @@ class LoopBackend:
 
     def factory_for(self, client: int) -> Callable[[], torch.nn.Module]:
         return self.run.factory_for(client)
-
-
-def _base_client_metrics() -> Any:
-    from fedmedbench.components import Aggregator
-
-    return Aggregator.client_metrics
 
 
 def _checked(out: Any, algorithm: Any, clients: list[int]) -> Updates:

@@ -1,4 +1,6 @@
-"""The ``fedmedbench`` command line.
+"""The ``fedmedbench`` command line: a thin layer over the Python API
+(:mod:`fedmedbench.api`): ``run`` is :func:`fedmedbench.run`, ``report`` is
+:func:`fedmedbench.load` and :meth:`fedmedbench.Results.report`.
 
 Exit codes: 0 every cell ok or skipped; 1 some cell failed or diverged (the
 rest still ran and were saved); 2 bad usage or configuration.
@@ -9,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-invalid", action="store_true",
                    help="run even when the results folder holds records of another schema "
                         "(their cells run again; the old files are kept as *.invalid-N)")
-    r.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    r.add_argument("--dry-run", action="store_true",
+                   help="list the cells (those with an ok record in OUT marked done) and exit")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--no-report", action="store_true", help="do not print the table afterwards")
+    r.add_argument("--no-report", action="store_true",
+                   help="neither print the headline nor write the reports into OUT/report/")
+    r.add_argument("--verbose", "-v", action="store_true",
+                   help="print every table of the report, not only the headline")
 
     rep = sub.add_parser(
         "report", help="tables, leaderboard, figures and an HTML page from results directories",
@@ -81,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-timings", action="store_true",
                      help="leave out wall-clock seconds, so reports of the same cells from "
                           "different runs compare byte for byte")
-    rep.add_argument("--quiet", action="store_true", help="do not print the tables")
+    rep.add_argument("--quiet", action="store_true", help="do not print the headline")
+    rep.add_argument("--verbose", "-v", action="store_true",
+                     help="print every table of the report, not only the headline")
 
     pl = sub.add_parser("plugins", help="list every component: family, name, distribution, version")
     pl.add_argument("--markdown", action="store_true",
@@ -96,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from fedmedbench.errors import install_interrupt_handler
+
+    install_interrupt_handler()
     try:
         return {"run": cmd_run, "report": cmd_report, "plugins": cmd_plugins,
                 "datasets": cmd_datasets, "check": cmd_check}[args.command](args)
@@ -109,134 +119,131 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``fedmedbench run``: :func:`fedmedbench.run`, then the reports into
+    ``<out>/report/`` and the headline on the terminal."""
+    from fedmedbench.api import plan, run
     from fedmedbench.executors import resolve_settings
-    from fedmedbench.fileio import OutputError, probe_writable
-    from fedmedbench.matrix import MAX_CELLS, load_matrix
+    from fedmedbench.fileio import OutputError
 
-    m = load_matrix(args.matrix, select=args.select)
-    settings = resolve_settings(m.executor, executor=args.executor, workers=args.workers,
-                                scheduler=args.scheduler, cluster=args.cluster,
-                                retries=args.retries, cell_timeout=args.cell_timeout)
-    if args.max_cells is not None and args.max_cells < 1:
-        raise ConfigError(f"--max-cells {args.max_cells}: must be at least 1")
-    if args.shard is not None:
-        m.set_shard(args.shard)
-    if args.backend is not None:  # an execution option: not part of the cell ids
-        m.execution["backend"] = args.backend
-    n = m.check_size(args.max_cells or MAX_CELLS)
+    options = {"executor": args.executor, "workers": args.workers, "scheduler": args.scheduler,
+               "cluster": args.cluster, "retries": args.retries,
+               "cell_timeout": args.cell_timeout}
     if args.dry_run:
-        return _dry_run(m)
-    out = Path(args.out)
+        m = plan(args.matrix, select=args.select, shard=args.shard, backend=args.backend,
+                 max_cells=args.max_cells)
+        resolve_settings(m.executor, **options)
+        return _dry_run(m, Path(args.out), force=args.force)
     try:
-        probe_writable(out)  # before any cell trains
+        results = run(args.matrix, out=args.out, select=args.select, shard=args.shard,
+                      backend=args.backend, max_cells=args.max_cells, force=args.force,
+                      wait=args.wait, skip_invalid=args.skip_invalid,
+                      progress=not args.no_progress, **options)
     except OutputError as exc:
-        raise ConfigError(str(exc)) from None
-    try:
-        return _run_locked(args, m, out, n, settings)
-    except OutputError as exc:  # the lock file could not be written
-        raise ConfigError(str(exc)) from None
-
-
-def _run_locked(args: argparse.Namespace, m: Any, out: Path, n: int,
-                settings: dict[str, Any]) -> int:
-    from fedmedbench.executors import execute
-    from fedmedbench.fileio import os_error_message
-    from fedmedbench.lock import results_lock
-    from fedmedbench.report import comparison_tables, summary_counts
-    from fedmedbench.results import load_records, remove_stale_temp_files, scan
-
-    with results_lock(out, wait=args.wait,
-                      on_wait=lambda msg: print(f"fedmedbench: {msg}", file=sys.stderr)) as lock:
-        remove_stale_temp_files(out, before=lock.acquired_at)
-        other, untrusted = scan(out)
-        if other and not (args.skip_invalid or args.force):
-            more = f" ({len(other)} such files)" if len(other) > 1 else ""
-            raise SchemaError(f"{other[0]}{more}. Or pass --skip-invalid: their cells then run "
-                              f"again and the old files are kept as <name>.invalid-<n>")
-        for msg in [*other, *untrusted]:
-            print(f"fedmedbench: not resuming from {msg.split(';')[0]}; if this matrix has "
-                  f"that cell it runs again, and the file is kept as <name>.invalid-<n>",
-                  file=sys.stderr)
-        part = f"shard {m.shard[0]}/{m.shard[1]} of " if m.shard else ""
-        print(f"matrix {m.name!r}: {part}{n} cells -> {out}/ ({settings['executor']} executor)",
-              file=sys.stderr)
-        try:
-            with warnings.catch_warnings():  # the files kept aside were listed above
-                warnings.filterwarnings("ignore", message=r".*kept it as .*\.invalid-",
-                                        category=RuntimeWarning)
-                ran = execute(m.iter_cells(), out, force=args.force,
-                              progress=not args.no_progress, total=None if m.shard else n,
-                              **settings)
-        except OSError as exc:  # the driver writes only into `out`: name the folder
-            print(f"fedmedbench: error: {os_error_message(exc, out)}", file=sys.stderr)
-            return 1
-        ids = ran.cell_ids
-        records, _ = load_records([out], skip_invalid=True)
-        mine = [r for r in records if r["cell_id"] in ids]
+        print(f"fedmedbench: error: {exc}", file=sys.stderr)
+        return 1
+    code = results.exit_code
     if not args.no_report:
-        print(comparison_tables(mine))
-    counts = summary_counts(mine)
+        code = max(code, _summary_and_reports(results, Path(args.out) / REPORT_DIR,
+                                              verbose=args.verbose))
+    counts = results.counts
     print("cells: " + ", ".join(f"{v} {k}" for k, v in counts.items()), file=sys.stderr)
-    return 1 if counts["failed"] or counts["diverged"] else 0
+    return code
 
 
-def _dry_run(m: Any) -> int:
-    """Print the cells as they are generated (the first at once)."""
+#: where ``fedmedbench run`` writes the reports of its cells, inside the results folder
+REPORT_DIR = "report"
+
+
+def _summary_and_reports(results: Any, out: Path, *, verbose: bool) -> int:
+    """Write every report of ``results`` into ``out``, print the headline (or
+    every table) and where the reports are; 1 if the reports could not be
+    written."""
+    from fedmedbench.fileio import OutputError
+
+    if not results.records:
+        return 0
+    print(results.summary(verbose=verbose))
     try:
-        for i, c in enumerate(m.iter_cells()):
+        paths = results.report(out)
+    except OutputError as exc:
+        print(f"fedmedbench: error: the reports could not be written: {exc}", file=sys.stderr)
+        return 1
+    print(_written(paths, out))
+    return 0
+
+
+def _written(paths: list[Path], out: Path) -> str:
+    """Where the report is: the page and the markdown, and what else is beside them."""
+    main_files = [p for p in paths if p.name in ("index.html", "report.md")] or paths[:1]
+    rest = len(paths) - len(main_files)
+    lines = [f"full report: {main_files[0]}", *(f"             {p}" for p in main_files[1:])]
+    if rest:
+        lines.append(f"             and {rest} more files (tables/*.csv, figures/, "
+                     f"report.json) in {out}/")
+    return "\n".join(lines)
+
+
+def _dry_run(m: Any, out: Path, *, force: bool = False) -> int:
+    """Print the cells as they are generated (the first at once); a cell
+    that already has an ``ok`` record in ``out`` is marked ``done`` (it will
+    not run again, unless ``--force``); a count goes to stderr at the end."""
+    from fedmedbench.results import completed_ids
+
+    done = set() if force or not out.is_dir() else completed_ids(out)
+    n = k = 0
+    try:
+        for c in m.iter_cells():
             lab = c["labels"]
-            print(c["cell_id"], " ".join(f"{k}={v}" for k, v in lab.items()),
-                  f"seed={c['config']['seed']}")
-            if i == 0:
+            mark = "  done" if c["cell_id"] in done else ""
+            print(c["cell_id"], " ".join(f"{a}={v}" for a, v in lab.items()),
+                  f"seed={c['config']['seed']}{mark}")
+            n += 1
+            k += bool(mark)
+            if n == 1:
                 sys.stdout.flush()
         sys.stdout.flush()
     except BrokenPipeError:  # `| head`: the reader has all it wants
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    left = f", {k} already done in {out}/, {n - k} to run" if k else ""
+    print(f"{n} cells{left}", file=sys.stderr)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedmedbench.fileio import OutputError, probe_writable
+    """``fedmedbench report``: :func:`fedmedbench.load`, the headline, and
+    :meth:`fedmedbench.Results.report` with ``--out``."""
+    from fedmedbench.api import check_formats, load
+    from fedmedbench.fileio import OutputError
     from fedmedbench.registry import get_registry
-    from fedmedbench.report import comparison_tables, strip_timings
-    from fedmedbench.results import iter_record_paths, load_records
 
-    dirs = [Path(d) for d in args.results]
-    records, skipped = load_records(dirs, skip_invalid=args.skip_invalid)
-    for s in skipped:
+    formats = None
+    if args.out or args.format:  # every name checked before anything is read or written
+        formats = check_formats(args.format, get_registry().names("reporter"))
+    results = load(args.results, skip_invalid=args.skip_invalid)
+    for s in results.skipped:
         print(f"skipped: {s}", file=sys.stderr)
-    if skipped:
-        print(f"skipped {len(skipped)} invalid record file(s) of "
-              f"{len(skipped) + len(records)} read; the report covers the other "
-              f"{len(records)}", file=sys.stderr)
-    if not records:
-        raise ConfigError(f"no result records in {', '.join(map(str, dirs))}; run "
+    if results.skipped:
+        print(f"skipped {len(results.skipped)} invalid record file(s) of "
+              f"{len(results.skipped) + len(results)} read; the report covers the other "
+              f"{len(results)}", file=sys.stderr)
+    if not results.records:
+        raise ConfigError(f"no result records in {', '.join(map(str, results.dirs))}; run "
                           f"`fedmedbench run MATRIX --out DIR` first")
-    # where each cell's files live (attacks may store images beside the records)
-    where: dict[str, list[str]] = {}
-    for d in dirs:
-        for p in iter_record_paths(d):
-            where.setdefault(p.stem, []).append(str(d))
-    records = [{**r, "_dirs": where.get(r["cell_id"], [])} for r in records]
-    if args.no_timings:
-        records = strip_timings(records)
     if not args.quiet:
-        print(comparison_tables(records))
+        from fedmedbench.report import terminal_summary
+
+        print(terminal_summary(results.data(timings=not args.no_timings),
+                               verbose=args.verbose))
     if args.out:
-        reg = get_registry()
-        names = ([n for f in args.format for n in f.split(",") if n] if args.format
-                 else reg.names("reporter"))
-        out = Path(args.out)
         try:
-            probe_writable(out)
+            paths = results.report(args.out, formats=formats, timings=not args.no_timings)
         except OutputError as exc:
-            raise ConfigError(str(exc)) from None
-        for n in names:
-            rep = reg.build("reporter", {"name": n})
-            for p in rep.write(records, out):
-                print(f"wrote {p}", file=sys.stderr)
+            print(f"fedmedbench: error: {exc}", file=sys.stderr)
+            return 1
+        print(_written(paths, Path(args.out)), file=sys.stderr)
     return 0
 
 
@@ -321,6 +328,19 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """``fedmedbench check NAME``: the conformance kit on a plugin or a
+    component; an unknown name is a usage error with a did-you-mean."""
+    import difflib
+
+    from fedmedbench.registry import get_registry
+
+    infos = get_registry().all()
+    known = sorted({i.plugin for i in infos} | {i.name for i in infos})
+    if args.plugin not in known:
+        close = difflib.get_close_matches(args.plugin, known, n=1, cutoff=0.5)
+        hint = f" did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"no plugin or component named {args.plugin!r};{hint} `fedmedbench "
+                          f"plugins` lists plugins (column plugin) and components (column name)")
     from fedmedbench.testing import run_checks
 
     failures = run_checks(args.plugin)

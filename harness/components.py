@@ -545,7 +545,8 @@ class Aggregator(Component):
     ``sends_private_scores`` (clients send numbers computed on their private
     records in the clear, such as accuracy on a held-out part);
     ``client_metric_keys`` (the names of the numbers :meth:`client_metrics`
-    returns: what the clients send beside their updates).
+    returns: what the clients send beside their updates; the engine calls
+    :meth:`client_metrics` only when it names some).
     """
 
     family: ClassVar[str] = "aggregator"
@@ -776,6 +777,7 @@ class Reporter(Component):
         raise NotImplementedError(f"reporter {self.name!r} does not implement write()")
 
 
+#: the plugin families by name, and the base class of each
 FAMILIES: dict[str, type[Component]] = {
     "dataset": Dataset,
     "partitioner": Partitioner,

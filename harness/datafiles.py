@@ -56,6 +56,7 @@ def load_card(card: str) -> dict[str, Any]:
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes as hex (read in 1 MiB chunks)."""
     h = hashlib.sha256()
     with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -22,6 +22,7 @@ named.
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 import sys
 import time
@@ -58,7 +59,7 @@ from fedmedbench.components import (
 from fedmedbench.context import AttackContext, Canaries, CellContext
 from fedmedbench.errors import ConfigError, Diverged, PluginError, SettingWarning, Skip
 from fedmedbench.facts import CellFacts, combination_problem, facts_of
-from fedmedbench.federation import Federation, cell_rng
+from fedmedbench.federation import Federation, cell_rng, clients_per_round
 from fedmedbench.meters import ByteMeter, Clock, Stages, ViewRecorder, calling
 from fedmedbench.protocols import RoundProtocol, protocol_for
 from fedmedbench.registry import Registry, get_registry
@@ -263,9 +264,8 @@ class CellRun:
         n = self.federation.n
         self.per_round = self.federation.per_round(everyone=protocol.name != "federated")
         # the pooled protocol does the work of a federated round at the cell's rate
-        self.federation_sites_rate = (
-            Federation(data, pooled=False, settings=self.settings, seed=self.seed)
-            .per_round(everyone=False) / max(1, len(data.sites)))
+        self.federation_sites_rate = (clients_per_round(len(data.sites), self.settings)
+                                      / max(1, len(data.sites)))
         self.ctx = CellContext(
             cell_id=self.cell["cell_id"], seed=self.seed, rounds=self.rounds,
             settings=self.settings, data=data, clients=self.federation.clients,
@@ -357,19 +357,18 @@ class CellRun:
 
     def _factory(self, comp: Model) -> Callable[[], Any]:
         """A factory for ``comp``'s module; one seeded initialisation per cell."""
+        import copy
+
         import torch
 
         task = self.data.task
         shape, classes = tuple(task.input_shape), int(task.num_classes)
         torch.manual_seed(self.seed)
         with calling(comp, "build"):
-            init = {k: v.clone() for k, v in comp.build(shape, classes).state_dict().items()}
+            template = comp.build(shape, classes)
 
         def factory() -> torch.nn.Module:
-            with calling(comp, "build"):
-                m = comp.build(shape, classes)
-            m.load_state_dict(init)
-            return m
+            return copy.deepcopy(template)  # the seeded initialisation, never trained
 
         return factory
 
@@ -463,6 +462,15 @@ class CellRun:
             if np.isinf(v).any():
                 raise Diverged(f"a client's training loss is {float(v[np.isinf(v)][0])}")
 
+    def check_vector(self, v: Any, comp: Component, hook: str) -> None:
+        """A hook's model-sized vector has the model's size."""
+        n = self.ctx.layout.numel
+        if tuple(v.shape) != (n,):
+            raise PluginError(f"{hook} returned a tensor of shape {tuple(v.shape)}; the model "
+                              f"has {n} parameters, so a flat vector of shape ({n},) is "
+                              f"expected", plugin=comp.plugin or type(comp).__module__,
+                              component=comp.name, hook=hook, exc_type="ValueError")
+
     def run(self, *, progress: Callable[[int], None] | None = None,
             hooks: Any = None) -> dict[str, Any]:
         from fedmedbench.models import get_flat_params
@@ -484,7 +492,7 @@ class CellRun:
             entry = {k: v for k, v in entry.items() if v is not None or k == "loss"}
             self.history.append(entry)
             if hooks is not None:
-                hooks.on_round_end(cell=self.cell, round=rnd, metrics=entry)
+                _observe(hooks.on_round_end, cell=self.cell, round=rnd, metrics=entry)
             if progress:
                 progress(rnd)
         assert utility is not None
@@ -580,7 +588,7 @@ class CellRun:
         stream = BatchStream(len(split), self.settings.batch_size, self.ctx.batch_seed(client))
         out = []
         for _ in range(steps):
-            idx = stream.next_indices().numpy()
+            idx = stream.next_indices()
             out.append((split.X[idx], split.y[idx]))
         return out
 
@@ -652,6 +660,22 @@ class CellRun:
                 res = {"failed": _error(exc)}
             out[key] = res
         return out
+
+
+def _observe(hook: Any, **kwargs: Any) -> None:
+    """Call an observer hook's implementations one by one, so that one that
+    raises (or calls ``sys.exit``) is named: the cell fails with its plugin."""
+    for impl in reversed(hook.get_hookimpls()):  # pluggy's order: last registered first
+        try:
+            impl.function(**kwargs)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            from fedmedbench.errors import INTERRUPTED
+
+            if isinstance(exc, KeyboardInterrupt) and INTERRUPTED.is_set():
+                raise
+            raise PluginError(f"{type(exc).__name__}: {exc}", plugin=impl.plugin_name,
+                              component="(observer)", hook=hook.name,
+                              exc_type=type(exc).__name__) from exc
 
 
 def _aggregator_metric_keys(agg: Aggregator) -> set[str]:
@@ -734,16 +758,19 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     run: CellRun | None = None
     torch_threads = torch.get_num_threads()
     caught: list[warnings.WarningMessage] = []
+    logged: list[logging.LogRecord] = []
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _captured_logs() as logged:
             warnings.simplefilter("always")
             run = CellRun(cell, reg)
             record["history"] = run.history
             record["protocol"] = run.protocol_cls.name
-            hooks.on_cell_start(cell=cell)
+            _observe(hooks.on_cell_start, cell=cell)
             run.validate()
             run.prepare()
             record["backend"] = {"name": run.backend_name, "reason": run.backend_reason}
+            if hasattr(run.backend, "kernel"):
+                record["backend"]["kernel"] = run.backend.kernel
             utility = run.run(progress=progress, hooks=hooks)
             record["metrics"] = {"utility": utility, "privacy": run.privacy_block()}
             if run.canaries is not None:
@@ -766,7 +793,7 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
                            "hook": None, "traceback": _tb(exc)}
     finally:
         torch.set_num_threads(torch_threads)
-    record["warnings"] = _warning_summary(caught)
+    record["warnings"] = _warning_summary(caught, logged)
     for w in record["warnings"]:  # settings that make a cell's numbers suspect: say so now
         if w["category"] == SettingWarning.__name__:
             print(f"fedmedbench: cell {cell['cell_id']}: warning: {w['message']}",
@@ -789,22 +816,67 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     return (record, run) if keep_run else record
 
 
-def _warning_summary(caught: list[warnings.WarningMessage]) -> list[dict[str, Any]]:
-    """Distinct warnings raised while the cell ran, with counts (they go into
-    the record instead of breaking the progress bars)."""
+class _LogRecorder(logging.Handler):
+    """Keeps the log records of warning level and above."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _captured_logs() -> Any:
+    """Log records (warning and above) of every library while a cell runs.
+    Libraries warn through :mod:`logging` too (Opacus's "First batch is
+    empty" is ``logger.warning``): with this handler on the root logger they
+    go into the record rather than to stderr through logging's last-resort
+    handler, where they broke the progress bars."""
+    rec = _LogRecorder()
+    root = logging.getLogger()
+    root.addHandler(rec)
+    try:
+        yield rec.records
+    finally:
+        root.removeHandler(rec)
+
+
+def _warning_summary(caught: list[warnings.WarningMessage],
+                     logged: list[logging.LogRecord] | None = None) -> list[dict[str, Any]]:
+    """Distinct warnings raised while the cell ran (:mod:`warnings`, and
+    :mod:`logging` records of warning level and above), with counts: they go
+    into the record instead of breaking the progress bars. Each is
+    ``{category, message, source, count}`` (a log record's category is its
+    level, ``logging.WARNING``, and it also names its ``logger``)."""
     seen: dict[tuple[str, str], dict[str, Any]] = {}
-    for w in caught:
-        key = (w.category.__name__, str(w.message))
+
+    def add(category: str, message: str, source: str, **extra: Any) -> None:
+        key = (category, message)
         if key in seen:
             seen[key]["count"] += 1
         else:
-            seen[key] = {"category": key[0], "message": key[1][:500],
-                         "source": f"{w.filename}:{w.lineno}", "count": 1}
+            seen[key] = {"category": category, "message": message[:500], "source": source,
+                         "count": 1, **extra}
+
+    for w in caught:
+        add(w.category.__name__, str(w.message), f"{w.filename}:{w.lineno}")
+    for r in logged or []:
+        try:
+            msg = r.getMessage()
+        except Exception:  # a library's bad format arguments: keep the template
+            msg = str(r.msg)
+        add(f"logging.{r.levelname}", msg, f"{r.pathname}:{r.lineno}", logger=r.name)
     return list(seen.values())
 
 
 def _tb(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)[-8:])[-4000:]
+    """The original exception's traceback (the plugin's own frames: a
+    PluginError is raised *from* what the plugin raised), its last frames."""
+    orig = exc.__cause__ if isinstance(exc, PluginError) and exc.__cause__ else exc
+    lines = traceback.format_exception(type(orig), orig, orig.__traceback__, limit=-12)
+    return "".join(lines)[-4000:]
 
 
 _PROVENANCE: dict[str, Any] | None = None
@@ -834,15 +906,24 @@ def provenance(reg: Registry) -> dict[str, Any]:
 
 
 def _git_commit() -> str | None:
-    """The source checkout's HEAD; for an installed wheel (tox, CI), the commit
-    named by ``FEDMEDBENCH_GIT_COMMIT`` or GitHub's ``GITHUB_SHA``."""
+    """The commit of the code that runs, where it can be known:
+
+    - a source checkout (an editable install): its HEAD;
+    - a wheel installed from git (``pip install git+https://...@REV``): the
+      commit pip resolved, from the install's ``direct_url.json`` (PEP 610);
+    - otherwise (a wheel built from a folder, or from an index) the commit
+      named by ``FEDMEDBENCH_GIT_COMMIT`` or GitHub's ``GITHUB_SHA`` (tox and
+      CI set them), else ``None``: the version number identifies the code,
+      and the folder a wheel was built from may have moved on since.
+    """
     import os
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
-        return os.environ.get("FEDMEDBENCH_GIT_COMMIT") or os.environ.get("GITHUB_SHA") or None
+        return (_direct_url_commit() or os.environ.get("FEDMEDBENCH_GIT_COMMIT")
+                or os.environ.get("GITHUB_SHA") or None)
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5)
@@ -850,3 +931,22 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
+
+def _direct_url_commit(text: str | None = None) -> str | None:
+    """The VCS commit in an install's PEP 610 ``direct_url.json`` (``text``,
+    or the installed fedmedbench distribution's), or ``None``."""
+    import json
+    from importlib import metadata
+
+    if text is None:
+        try:
+            text = metadata.distribution("fedmedbench").read_text("direct_url.json")
+        except metadata.PackageNotFoundError:
+            return None
+    try:
+        info = json.loads(text or "")
+    except ValueError:
+        return None
+    vcs = info.get("vcs_info") if isinstance(info, dict) else None
+    commit = vcs.get("commit_id") if isinstance(vcs, dict) else None
+    return commit if isinstance(commit, str) and commit else None

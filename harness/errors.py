@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 
 class FedmedbenchError(Exception):
     """Base of fedmedbench's own errors."""
@@ -39,6 +41,27 @@ class PluginError(FedmedbenchError):
 
 class Diverged(FedmedbenchError):
     """Training produced a non-finite loss or non-finite parameters."""
+
+
+#: set by the command line's SIGINT handler: a KeyboardInterrupt while it is set
+#: is the user's Ctrl-C, any other one was raised by plugin code
+INTERRUPTED = threading.Event()
+
+
+def install_interrupt_handler() -> None:
+    """Make Ctrl-C set :data:`INTERRUPTED` before raising KeyboardInterrupt (main
+    thread only), so that the engine can tell it from ``raise KeyboardInterrupt``
+    in a plugin."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
 
 
 class Skip(FedmedbenchError):

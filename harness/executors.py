@@ -95,7 +95,8 @@ def execute(cells: Iterable[dict[str, Any]], results_dir: Path, *, executor: str
     progress
         Progress bars on stderr.
     total
-        The number of cells, for the progress bar, when ``cells`` is an iterator.
+        The number of cells to run (those not done yet), for the progress
+        bar, when ``cells`` is an iterator.
     on_record
         Called with each record after it is written.
     """
@@ -107,16 +108,14 @@ def execute(cells: Iterable[dict[str, Any]], results_dir: Path, *, executor: str
     results_dir.mkdir(parents=True, exist_ok=True)
     done = set() if force else completed_ids(results_dir)
     if total is None and isinstance(cells, (list, tuple)):
-        total = len(cells)
-    bar = _bar(total, enabled=progress)
+        total = sum(c["cell_id"] not in done for c in cells)
+    bar = Progress(total, enabled=progress)
     result = Execution()
 
     def todo() -> Iterator[dict[str, Any]]:
         for c in cells:
             result.cell_ids.add(c["cell_id"])
             if c["cell_id"] in done:
-                if bar is not None:
-                    bar.update(1)
                 continue
             yield {**c, "artifacts_dir": str(results_dir / "artifacts" / c["cell_id"])}
 
@@ -130,9 +129,7 @@ def execute(cells: Iterable[dict[str, Any]], results_dir: Path, *, executor: str
         result.records.append(rec)
         if on_record:
             on_record(rec)
-        if bar is not None:
-            bar.set_postfix_str(f"{rec['status']} {rec['cell_id']}")
-            bar.update(1)
+        bar.finished(rec)
 
     try:
         if executor == "local" and cell_timeout is None:
@@ -147,8 +144,7 @@ def execute(cells: Iterable[dict[str, Any]], results_dir: Path, *, executor: str
             run_dask(todo(), workers=max(1, workers), scheduler=scheduler, cluster=cluster,
                      timeout=cell_timeout, retries=retries, finish=finish)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return result
 
 
@@ -331,18 +327,80 @@ def _tb(exc: BaseException) -> str:
 
 
 def _desc(cell: dict[str, Any]) -> str:
+    """A cell's progress-bar label, from its short labels."""
+    from fedmedbench.matrix import short_label
+
     lab = cell.get("labels", {})
-    return f"{lab.get('dataset', '')}/{lab.get('algorithm', '')}/{lab.get('privacy', '')}"
+    return "/".join(short_label(str(lab.get(a, ""))) for a in ("dataset", "algorithm", "privacy"))
 
 
 def _bar(total: int | None, *, initial: int = 0, enabled: bool = True, leave: bool = True,
-         desc: str = "cells") -> Any:
+         desc: str = "cells", bar_format: str | None = None) -> Any:
     if not enabled:
         return None
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, leave=leave, file=sys.stderr,
-                dynamic_ncols=True, disable=None)
+                dynamic_ncols=True, disable=None, bar_format=bar_format)
+
+
+def estimate_remaining(started: float, finished: list[float], remaining: int) -> float | None:
+    """Seconds until ``remaining`` more cells finish, from the times
+    (``time.monotonic()``) the cells of this run finished so far.
+
+    The time to the first finish carries the run's start-up (imports, the
+    first data load, worker start), so once two cells have finished the rate
+    is the mean gap between finishes after the first; with one finish it is
+    that cell's time. Cells already done before the run are not counted, so
+    a resumed run does not look faster than it is. ``None`` before any cell
+    has finished."""
+    if not finished:
+        return None
+    if len(finished) == 1:
+        per = finished[0] - started
+    else:
+        per = (finished[-1] - finished[0]) / (len(finished) - 1)
+    return max(0.0, per) * max(0, remaining)
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """The cells bar of a run: it counts the cells to run (not those done
+    before) and shows the ETA of :func:`estimate_remaining`; disabled, it
+    does nothing."""
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+    def __init__(self, total: int | None, *, enabled: bool = True) -> None:
+        self.total = total
+        self.started = time.monotonic()
+        self.finished_at: list[float] = []
+        self.bar = _bar(total, enabled=enabled, bar_format=self.FORMAT if total else None)
+
+    def eta(self) -> float | None:
+        """Seconds left, or ``None`` (nothing finished yet, or no total)."""
+        if self.total is None:
+            return None
+        return estimate_remaining(self.started, self.finished_at,
+                                  self.total - len(self.finished_at))
+
+    def finished(self, rec: dict[str, Any]) -> None:
+        self.finished_at.append(time.monotonic())
+        if self.bar is None:
+            return
+        eta = f"eta {_clock(self.eta())}, " if self.total else ""
+        self.bar.set_postfix_str(f"{eta}last {rec['status']}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from fedmedbench.components import Adversary, FederatedData, Site, Split
 if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.context import Canaries
 
-__all__ = ["Federation", "cell_rng", "validation_rows"]
+__all__ = ["Federation", "cell_rng", "clients_per_round", "validation_rows"]
 
 
 def cell_rng(seed: int, purpose: str, *extra: int) -> np.random.Generator:
@@ -34,6 +34,15 @@ def validation_rows(seed: int, site: int, n: int, fraction: float
     k = min(n - 1, max(1, int(round(fraction * n))))
     perm = cell_rng(seed, "validation", site).permutation(n)
     return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+def clients_per_round(n: int, settings: Any) -> int:
+    """k of n clients per round from ``clients_per_round``: an integer is a
+    count, a float a fraction of n (rounded up), at least 1."""
+    cpr = settings.clients_per_round
+    if isinstance(cpr, int) and not isinstance(cpr, bool):
+        return max(1, min(n, cpr))
+    return max(1, int(math.ceil(float(cpr) * n)))
 
 
 class Federation:
@@ -170,12 +179,7 @@ class Federation:
 
     def per_round(self, *, everyone: bool) -> int:
         """k, the expected number of clients per round."""
-        n, cpr = self.n, self.settings.clients_per_round
-        if everyone:
-            return n
-        if isinstance(cpr, int) and not isinstance(cpr, bool):
-            return max(1, min(n, cpr))
-        return max(1, int(math.ceil(float(cpr) * n)))
+        return self.n if everyone else clients_per_round(self.n, self.settings)
 
     def sample(self, rnd: int, k: int) -> list[int]:
         """The clients of round ``rnd``: ``k`` fixed without replacement, or each

@@ -389,7 +389,8 @@ def _apply_select(m: Matrix, select: list[str]) -> None:
             raise ConfigError(f"--select {s!r}: unknown axis {axis!r};{hint} axes are "
                               f"{[*AXES, 'seed']}")
         labels = [_label(v) for v in m.axes[axis]]
-        known = sorted({*labels, *(_label(v, params=False) for v in m.axes[axis])})
+        known = sorted({*labels, *(_label(v, params=False) for v in m.axes[axis]),
+                        *(_label(v, short=True) for v in m.axes[axis])})
         for n in names:
             if n not in known:
                 close = difflib.get_close_matches(n, known, n=1, cutoff=0.5)
@@ -397,25 +398,122 @@ def _apply_select(m: Matrix, select: list[str]) -> None:
                 raise ConfigError(f"--select {s!r}: axis {axis} has no {n!r};{hint} axis "
                                   f"{axis} has {labels}")
         m.axes[axis] = [v for v in m.axes[axis] if _label(v, params=False) in names
-                        or _label(v) in names]
+                        or _label(v) in names or _label(v, short=True) in names]
 
 
-def _label(v: Any, *, params: bool = True) -> str:
-    """The display name of an axis value: ``fedprox(mu=0.01)``,
-    ``dp-fedavg+secagg``, ``none`` (parameters given in the matrix only)."""
+def _label(v: Any, *, params: bool = True, short: bool = False) -> str:
+    """The label of an axis value: ``fedprox(mu=0.01)``, ``dp-fedavg+secagg``,
+    ``none`` (parameters given in the matrix only; the record's ``labels``).
+    With ``short``, its :func:`short_label` (``fedprox[μ=0.01]``)."""
     if v is None or v == []:
         return NONE
     if isinstance(v, list):
-        return "+".join(_label(s, params=params) for s in v)
+        text = "+".join(_label(s, params=params) for s in v)
+        return short_label(text) if short else text
     extra = {k: x for k, x in v.items() if k != "name"}
     if not params or not extra:
         return v["name"]
-    return f"{v['name']}({','.join(f'{k}={x}' for k, x in sorted(extra.items()))})"
+    text = f"{v['name']}({','.join(f'{k}={x}' for k, x in sorted(extra.items()))})"
+    return short_label(text) if short else text
 
 
 def _matches(value: Any, wanted: Any) -> bool:
     wanted = wanted if isinstance(wanted, list) else [wanted]
-    return _label(value) in wanted or _label(value, params=False) in wanted
+    return (_label(value) in wanted or _label(value, params=False) in wanted
+            or _label(value, short=True) in wanted)
+
+
+# --------------------------------------------------------------------------
+# short labels (display only)
+# --------------------------------------------------------------------------
+
+#: parameter names a short label writes as symbols (display only: records keep the names)
+SYMBOLS: dict[str, str] = {
+    "epsilon": "ε", "delta": "δ", "noise_multiplier": "σ", "clip": "C", "max_grad_norm": "C",
+    "mu": "μ", "alpha": "α", "beta": "β", "gamma": "γ", "temperature": "T",
+}
+#: string values a short label abbreviates
+VALUE_ABBREVIATIONS: dict[str, str] = {"distributed": "dist", "central": "central"}
+#: symbols written first, in this order; other parameters follow in the label's order
+_SYMBOL_ORDER = ("ε", "σ", "C", "δ", "μ")
+
+
+def _split_top(text: str, sep: str) -> list[str] | None:
+    """``text`` split at ``sep`` outside brackets; ``None`` if brackets do not balance."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                return None
+        if ch == sep and depth == 0:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth:
+        return None
+    out.append("".join(cur))
+    return out
+
+
+def _short_value(v: str) -> tuple[bool, str]:
+    """(is a flag, text): numbers in their shortest form (``1.0`` → ``1``),
+    known words abbreviated; a plain word is a flag (shown without its key)."""
+    if v in ("True", "False"):
+        return False, v
+    try:
+        x = float(v)
+    except ValueError:
+        if v.isidentifier() or v.replace("-", "").isalnum():
+            return True, VALUE_ABBREVIATIONS.get(v, v)
+        return False, v.replace(" ", "")
+    if v.lower() in ("nan", "inf", "-inf", "infinity"):
+        return False, v
+    return False, f"{x:g}"
+
+
+def short_label(label: str) -> str:
+    """A short display label of a record label: ``dp-fedavg(clip=0.1,
+    noise=distributed,noise_multiplier=1.0)`` → ``dp-fedavg[σ=1,C=0.1,dist]``.
+
+    Parameters become symbols where :data:`SYMBOLS` has one (ε, δ, σ, C, μ,
+    ...), numbers their shortest form, string values stand alone
+    (abbreviated by :data:`VALUE_ABBREVIATIONS`); stacks keep their ``+``.
+    The same label always gives the same short label. A label that is not of
+    the form ``name(key=value,...)`` comes back unchanged. Short labels are
+    for display (tables, figures, the terminal); the report's legend maps
+    each back to the full configuration, and the record keeps ``labels`` and
+    ``config`` unchanged."""
+    parts = _split_top(label, "+")
+    if parts is None or len(parts) > 1 and any(not p for p in parts):
+        return label
+    return "+".join(_short_part(p) for p in parts)
+
+
+def _short_part(part: str) -> str:
+    if not part.endswith(")") or "(" not in part:
+        return part
+    name, inner = part[:part.index("(")], part[part.index("(") + 1:-1]
+    items = _split_top(inner, ",") if inner else None
+    if not name or items is None:
+        return part
+    keyed: list[tuple[str, str]] = []
+    flags: list[str] = []
+    for it in items:
+        k, eq, v = it.partition("=")
+        if not eq or not k.strip().isidentifier():
+            return part
+        flag, text = _short_value(v.strip())
+        if flag:
+            flags.append(text)
+        else:
+            keyed.append((SYMBOLS.get(k.strip(), k.strip()), text))
+    order = {s: i for i, s in enumerate(_SYMBOL_ORDER)}
+    keyed.sort(key=lambda kv: order.get(kv[0], len(order)))  # stable: the rest keep their order
+    return f"{name}[{','.join([*(f'{k}={v}' for k, v in keyed), *flags])}]"
 
 
 class _Points:
@@ -608,11 +706,42 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
     if problems:
         raise ConfigError(f"{m.source}: run settings for {comps['dataset']['name']} / "
                           f"{comps['algorithm']['name']}: {'; '.join(problems)}")
-    return {**comps, "run": run, "rounds": rounds, "seed": seed}
+    return {**comps, "run": run, "rounds": rounds, "seed": seed,
+            "versions": plugin_versions(comps, reg)}
+
+
+#: the distribution name of plugins that are not installed (``FEDMEDBENCH_PLUGINS`` modules)
+UNVERSIONED = "(not installed)"
+
+
+def plugin_versions(comps: dict[str, Any], reg: Registry) -> dict[str, str]:
+    """``{distribution: version}`` of the installed distributions whose
+    plugins provide the components ``comps`` names (dataset, partitioner,
+    model, algorithm, aggregator, privacy mechanisms, compressor, adversary,
+    attacks). It is part of the cell's config, so a new version of a plugin's
+    distribution gives its cells new ids and they run again instead of
+    reusing results of the old code. Built-ins all come from ``fedmedbench``;
+    a plugin that is not installed (a module named in ``FEDMEDBENCH_PLUGINS``)
+    has no version and is left out: after changing its code, rerun with
+    ``--force``."""
+    fams = {"dataset": "dataset", "partitioner": "partitioner", "model": "model",
+            "algorithm": "algorithm", "aggregator": "aggregator", "privacy": "privacy",
+            "compressor": "compressor", "adversary": "adversary", "attacks": "attack"}
+    out: dict[str, str] = {}
+    for key, family in fams.items():
+        v = comps.get(key)
+        for spec in (v if isinstance(v, list) else [v]):
+            if not isinstance(spec, dict) or "name" not in spec:
+                continue
+            info = reg.get(family, spec["name"])
+            if info.distribution != UNVERSIONED and info.version:
+                out[info.distribution] = info.version
+    return dict(sorted(out.items()))
 
 
 def cell_id(cfg: dict[str, Any]) -> str:
-    """A stable 16-hex-digit hash of the resolved config and the schema."""
+    """A stable 16-hex-digit hash of the resolved config (which holds the
+    plugin distributions' versions, :func:`plugin_versions`) and the schema."""
     blob = json.dumps({"schema": SCHEMA, **cfg}, sort_keys=True, separators=(",", ":"),
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

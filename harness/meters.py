@@ -20,7 +20,7 @@ import numpy as np
 
 from fedmedbench.components import Component, Message, Updates
 from fedmedbench.context import ServerView
-from fedmedbench.errors import ConfigError, DataError, Diverged, PluginError, Skip
+from fedmedbench.errors import INTERRUPTED, ConfigError, DataError, Diverged, PluginError, Skip
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -45,16 +45,15 @@ def calling(comp: Component | None, hook: str) -> Iterator[None]:
     Harness errors (config, data, divergence, skips) and errors already
     attributed pass through. ``SystemExit`` and ``KeyboardInterrupt`` raised
     by plugin code become a :class:`PluginError` too: a plugin cannot end the
-    run or fake an interrupt.
+    run or fake an interrupt. The user's Ctrl-C (the command line's SIGINT
+    handler sets :data:`fedmedbench.errors.INTERRUPTED`) still interrupts.
     """
     try:
         yield
     except (PluginError, Diverged, Skip, ConfigError, DataError):
         raise
     except (Exception, SystemExit, KeyboardInterrupt) as exc:
-        if comp is None:
-            raise
-        if isinstance(exc, KeyboardInterrupt) and _is_signal_interrupt(exc):
+        if comp is None or (isinstance(exc, KeyboardInterrupt) and INTERRUPTED.is_set()):
             raise
         raise PluginError(
             f"{type(exc).__name__}: {exc}", plugin=comp.plugin or type(comp).__module__,
@@ -62,18 +61,21 @@ def calling(comp: Component | None, hook: str) -> Iterator[None]:
         ) from exc
 
 
-def _is_signal_interrupt(exc: BaseException) -> bool:
-    """A KeyboardInterrupt from Ctrl-C (raised by the signal handler in the
-    harness's own frame stack) rather than ``raise KeyboardInterrupt`` in a
-    plugin: the innermost frame of the traceback is then not plugin code."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return True
-    return bool(getattr(exc, "_fedmedbench_signal", False)) or exc.args == ()  and \
-        "fedmedbench" not in str(tb.tb_frame.f_globals.get("__name__", "")) and \
-        not str(tb.tb_frame.f_code.co_filename).endswith(".py")
+#: what each stage must return, checked where the round uses it
+def _expect(stage: str, out: Any, comp: Component | None, hook: str) -> None:
+    import torch
+
+    want: type | tuple[type, ...] | None = {
+        "local": Updates, "client_metrics": Updates, "adversary": Updates,
+        "update": Updates, "compress": Updates, "aggregate": torch.Tensor,
+        "secure_aggregate": torch.Tensor, "server": torch.Tensor,
+        "server_update": torch.Tensor, "encode": list}.get(stage)
+    if want is None or comp is None or isinstance(out, want):
+        return
+    names = want.__name__ if isinstance(want, type) else " or ".join(w.__name__ for w in want)
+    raise PluginError(f"{hook} returned {type(out).__module__}.{type(out).__name__}, not "
+                      f"{names}", plugin=comp.plugin or type(comp).__module__,
+                      component=comp.name, hook=hook, exc_type="TypeError")
 
 
 class Stages:
@@ -88,6 +90,7 @@ class Stages:
         t0 = time.perf_counter()
         with calling(comp, hook):
             out = fn(*args)
+        _expect(stage, out, comp, hook)
         dt = time.perf_counter() - t0
         for o in self.observers:
             o.after(stage, out, dt, self.round)

@@ -143,10 +143,13 @@ class Federated(RoundProtocol):
                               aggregate, sent)
         import torch
 
+        run.check_vector(aggregate, c.aggregator if c.transport is None else c.transport,
+                         "aggregate")
         if not torch.isfinite(aggregate).all():
             raise Diverged(f"round {t}: the aggregated update is not finite")
         self.params[0] = stage("server_update", c.algorithm, "server_update",
                                c.algorithm.server_update, ctx, w, aggregate, sent)
+        run.check_vector(self.params[0], c.algorithm, "server_update")
         out: dict[str, Any] = {"clients": len(clients), "loss": run.reported_loss(updates)}
         shown = updates.metrics.get("contribution_weight") if run.sum_contributions else weights
         if shown is not None:
@@ -172,12 +175,12 @@ class Federated(RoundProtocol):
 
     def broadcast(self, clients: list[int]) -> list[int]:
         """Bytes each participating client receives this round."""
-        run, c = self.run, self.run.components
+        c = self.run.components
         model_bytes = self.ctx.layout.numel * 4
         per = int(c.algorithm.bytes_down(self.ctx, model_bytes))
         if c.transport is not None:
             per += int(c.transport.bytes_down(self.ctx))
-        return [per] * len(clients) if run.ctx.participants else []
+        return [per] * len(clients)
 
     def corrupt(self, updates: Updates) -> Updates:
         run = self.run

@@ -2,4 +2,5 @@
 
 from __future__ import annotations
 
+#: the schema of every result record this version writes and reads
 SCHEMA = "fedmedbench.result/1"

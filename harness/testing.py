@@ -319,6 +319,11 @@ def check_aggregator(cls: type[Component], registry: Registry) -> None:
     if getattr(agg, "weighting", None) not in WEIGHTINGS:
         raise _fail(cls, "check_aggregator", f"weighting is {getattr(agg, 'weighting', None)!r}",
                     f"declare `weighting` as one of {WEIGHTINGS}")
+    keys = agg.client_metric_keys
+    if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) for k in keys):
+        raise _fail(cls, "check_aggregator", f"client_metric_keys is {keys!r}",
+                    "declare the names client_metrics returns as a tuple of strings (the "
+                    "engine calls client_metrics only when it names some)")
     g = torch.Generator().manual_seed(0)
 
     def batch(delta: torch.Tensor, order: list[int]) -> Updates:

@@ -48,7 +48,10 @@ __all__ = ["VectorBackend", "FunctionalModel", "functional_optimizer"]
 
 
 class FunctionalModel:
-    """The cell's architecture as a function of a flat parameter vector."""
+    """The cell's architecture as a function of its parameters, held either as
+    one flat vector per client or as stacked per-parameter tensors (the form
+    the vmapped steps use: slicing a flat vector inside ``grad`` costs a
+    scatter per parameter in the backward pass)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
@@ -58,36 +61,68 @@ class FunctionalModel:
             self.spec.append((name, off, off + p.numel(), tuple(p.shape)))
             off += p.numel()
         self.numel = off
+        self.names = [n for n, _, _, _ in self.spec]
 
-    def params(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: w[a:b].view(shape) for n, a, b, shape in self.spec}
+    def split(self, W: torch.Tensor) -> list[torch.Tensor]:
+        """(k, D) flat rows -> per-parameter tensors of shape (k, *shape)."""
+        k = W.shape[0]
+        return [W[:, a:b].reshape(k, *shape) for _, a, b, shape in self.spec]
 
-    def __call__(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def join(self, P: list[torch.Tensor]) -> torch.Tensor:
+        """Per-parameter tensors (k, *shape) -> (k, D) flat rows."""
+        import torch
+
+        return torch.cat([p.reshape(p.shape[0], -1) for p in P], dim=1)
+
+    def __call__(self, ps: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call
 
-        return functional_call(self.module, self.params(w), (x,))
+        return functional_call(self.module, dict(zip(self.names, ps)), (x,))
+
+    @staticmethod
+    def flat(ps: list[torch.Tensor]) -> torch.Tensor:
+        """One client's parameters as a flat vector (for ``extra_loss``)."""
+        import torch
+
+        return torch.cat([p.reshape(-1) for p in ps])
 
 
 class _SGD:
     """``torch.optim.SGD`` (no dampening, no Nesterov) on stacked parameters."""
 
+    @staticmethod
+    def _all(active: torch.Tensor) -> bool:
+        return bool(active.all())
+
     def __init__(self, lr: float, momentum: float, weight_decay: float) -> None:
         self.lr, self.momentum, self.wd = lr, momentum, weight_decay
-        self.buf: torch.Tensor | None = None
+        self.buf: list[torch.Tensor] | None = None
 
-    def step(self, w: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def step(self, P: list[torch.Tensor], G: list[torch.Tensor], active: torch.Tensor
+             ) -> list[torch.Tensor]:
         import torch
 
-        if self.wd != 0:
-            g = g.add(w, alpha=self.wd)
+        if self.momentum == 0 and self.wd == 0 and self._all(active):
+            torch._foreach_add_(P, G, alpha=-self.lr)  # P holds the backend's own copies
+            return P
+        out, bufs = [], []
+        for j, (w, g) in enumerate(zip(P, G)):
+            act = active.view(-1, *([1] * (w.dim() - 1)))
+            if self.wd != 0:
+                g = g.add(w, alpha=self.wd)
+            if self.momentum != 0:
+                if self.buf is None:
+                    new_buf = g.clone()
+                    bufs.append(new_buf)
+                else:
+                    new_buf = self.buf[j].mul(self.momentum).add(g)
+                    bufs.append(torch.where(act, new_buf, self.buf[j]))
+                g = new_buf
+            new = w.add(g, alpha=-self.lr)
+            out.append(new if self._all(active) else torch.where(act, new, w))
         if self.momentum != 0:
-            if self.buf is None:
-                new_buf = g.clone()
-            else:
-                new_buf = self.buf.mul(self.momentum).add(g)
-            self.buf = new_buf if self.buf is None else torch.where(active, new_buf, self.buf)
-            g = new_buf
-        return torch.where(active, w.add(g, alpha=-self.lr), w)
+            self.buf = bufs
+        return out
 
 
 class _Adam:
@@ -97,27 +132,32 @@ class _Adam:
     def __init__(self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8) -> None:
         self.lr, self.wd, self.b1, self.b2, self.eps = lr, weight_decay, betas[0], betas[1], eps
-        self.m: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.m: list[torch.Tensor] | None = None
+        self.v: list[torch.Tensor] | None = None
         self.t = 0
 
-    def step(self, w: torch.Tensor, g: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def step(self, P: list[torch.Tensor], G: list[torch.Tensor], active: torch.Tensor
+             ) -> list[torch.Tensor]:
         import torch
 
         if self.m is None:
-            self.m, self.v = torch.zeros_like(w), torch.zeros_like(w)
+            self.m = [torch.zeros_like(w) for w in P]
+            self.v = [torch.zeros_like(w) for w in P]
         assert self.v is not None
         self.t += 1
-        if self.wd != 0:
-            g = g.add(w, alpha=self.wd)
-        m = self.m.lerp(g, 1 - self.b1)
-        v = self.v.mul(self.b2).addcmul(g, g, value=1 - self.b2)
         bc1 = 1 - self.b1 ** self.t
         bc2 = 1 - self.b2 ** self.t
-        denom = (v.sqrt() / bc2 ** 0.5).add(self.eps)
-        new = w.addcdiv(m, denom, value=-(self.lr / bc1))
-        self.m, self.v = torch.where(active, m, self.m), torch.where(active, v, self.v)
-        return torch.where(active, new, w)
+        out = []
+        for j, (w, g) in enumerate(zip(P, G)):
+            act = active.view(-1, *([1] * (w.dim() - 1)))
+            if self.wd != 0:
+                g = g.add(w, alpha=self.wd)
+            m = self.m[j].lerp(g, 1 - self.b1)
+            v = self.v[j].mul(self.b2).addcmul(g, g, value=1 - self.b2)
+            denom = (v.sqrt() / bc2 ** 0.5).add(self.eps)
+            out.append(torch.where(act, w.addcdiv(m, denom, value=-(self.lr / bc1)), w))
+            self.m[j], self.v[j] = torch.where(act, m, self.m[j]), torch.where(act, v, self.v[j])
+        return out
 
 
 def functional_optimizer(settings: Any) -> _SGD | _Adam:
@@ -152,6 +192,12 @@ class VectorBackend(LoopBackend):
         self.vlocal = (run.components.local_stage.vector_steps(self.ctx)
                        if run.components.local_stage is not None else None)
         self.streams: dict[int, Any] = {}
+        # one batched kernel per layer when the architecture allows (batched.py); vmap else
+        from fedmedbench.batched import batched_twin
+
+        self.twin = (batched_twin(self.fmodel.module, self.X[:2])
+                     if self.vlocal is None and len(self.X) else None)
+        self.kernel = "batched layers" if self.twin is not None else "vmap"
 
     def client_updates(self, algorithm: Any, clients: list[int],
                        params: torch.Tensor | dict[int, torch.Tensor]) -> Updates:
@@ -176,14 +222,44 @@ class VectorBackend(LoopBackend):
         import torch
 
         idx = [self.stream(c).next_indices() if a else None for c, a in zip(clients, active)]
-        width = max([len(i) for i in idx if i is not None] + [1])
-        rows = torch.zeros((len(clients), width), dtype=torch.long)
-        mask = torch.zeros((len(clients), width), dtype=torch.float32)
-        for j, (c, i) in enumerate(zip(clients, idx)):
-            if i is not None and len(i):
-                rows[j, :len(i)] = i + self.offset[c]
-                mask[j, :len(i)] = 1.0
-        return self.X[rows], self.y[rows], mask
+        lens = np.fromiter((0 if i is None else len(i) for i in idx), dtype=np.int64,
+                           count=len(idx))
+        width = max(1, int(lens.max(initial=0)))
+        rows = np.zeros((len(clients), width), dtype=np.int64)
+        for j, i in enumerate(idx):
+            if i is not None:
+                rows[j, :len(i)] = i
+        mask = np.arange(width)[None, :] < lens[:, None]
+        rows = np.where(mask, rows + self._offsets(clients)[:, None], 0)
+        rows_t = torch.from_numpy(rows)
+        return self.X[rows_t], self.y[rows_t], torch.from_numpy(mask.astype(np.float32))
+
+    def _offsets(self, clients: list[int]) -> np.ndarray:
+        key = tuple(clients)
+        if getattr(self, "_off_key", None) != key:
+            self._off_key = key
+            self._off = np.asarray([self.offset[c] for c in clients], dtype=np.int64)
+        return self._off
+
+    def _twin_step(self, P: list[torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
+                   M: torch.Tensor, extra_loss: ExtraLoss | None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every client's gradient from one batched forward pass and ordinary
+        autograd: client c's loss depends only on client c's parameters."""
+        import torch
+        from torch.func import vmap
+
+        leaves = [p.detach().requires_grad_(True) for p in P]
+        out = self.twin(leaves, X)  # type: ignore[misc]
+        k, width = M.shape
+        ce = torch.nn.functional.cross_entropy(out.reshape(k * width, -1), Y.reshape(-1),
+                                               reduction="none").reshape(k, width)
+        L = (ce * M).sum(1) / M.sum(1).clamp(min=1.0)
+        total = L.sum()
+        if extra_loss is not None:
+            fm = self.fmodel
+            total = total + vmap(lambda *ps: extra_loss(fm.flat(list(ps))))(*leaves).sum()
+        return list(torch.autograd.grad(total, leaves)), L.detach()
 
     def train(self, clients: list[int], params: torch.Tensor, steps: list[int], *,
               extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None
@@ -195,46 +271,52 @@ class VectorBackend(LoopBackend):
 
         k = len(clients)
         fm = self.fmodel
-        W = params.detach().to(torch.float32).clone()
+        P = [p.clone() for p in fm.split(params.detach().to(torch.float32))]
+        offset = fm.split(grad_offset) if grad_offset is not None else None
         opt = functional_optimizer(self.ctx.settings)
         n_steps = torch.as_tensor(steps)
         loss_sum = torch.zeros(k, dtype=torch.float64)
         loss_cnt = torch.zeros(k, dtype=torch.float64)
         ce = torch.nn.functional.cross_entropy
 
-        def batch_loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-            loss = (ce(fm(w, x), y, reduction="none") * m).sum() / m.sum().clamp(min=1.0)
-            total = loss + extra_loss(w) if extra_loss is not None else loss
+        def batch_loss(ps: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                       m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            loss = (ce(fm(ps, x), y, reduction="none") * m).sum() / m.sum().clamp(min=1.0)
+            total = loss + extra_loss(fm.flat(ps)) if extra_loss is not None else loss
             return total, loss
 
-        def example_loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+        def example_loss(ps: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-            loss = ce(fm(w, x.unsqueeze(0)), y.unsqueeze(0))
+            loss = ce(fm(ps, x.unsqueeze(0)), y.unsqueeze(0))
             return loss, loss
 
         step_grads = vmap(grad(batch_loss, has_aux=True))
         example_grads = vmap(vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0)))
-        extra_grads = vmap(grad(extra_loss)) if extra_loss is not None else None
+        extra_grads = (vmap(grad(lambda ps: extra_loss(fm.flat(ps))))
+                       if extra_loss is not None else None)
         for s in range(int(max(steps, default=0))):
             active = [s < st for st in steps]
             X, Y, M = self._gather(clients, active)
-            act = (n_steps > s).unsqueeze(1)
-            if self.vlocal is None:
-                G, L = step_grads(W, X, Y, M)
+            act = n_steps > s
+            if self.twin is not None:
+                G, L = self._twin_step(P, X, Y, M, extra_loss)
+            elif self.vlocal is None:
+                G, L = step_grads(P, X, Y, M)
             else:
-                per, per_loss = example_grads(W, X, Y)
-                G = self.vlocal.privatize(per.reshape(k, M.shape[1], -1), M,
-                                          [c for c, a in zip(clients, active) if a], active)
+                per, per_loss = example_grads(P, X, Y)
+                flat = torch.cat([g.reshape(k, M.shape[1], -1) for g in per], dim=2)
+                G = fm.split(self.vlocal.privatize(
+                    flat, M, [c for c, a in zip(clients, active) if a], active))
                 L = (per_loss * M).sum(1) / M.sum(1).clamp(min=1.0)
                 if extra_grads is not None:  # data-independent: after privatisation
-                    G = G + extra_grads(W)
-            if grad_offset is not None:
-                G = G + grad_offset
-            W = opt.step(W, G.detach(), act)
-            seen = (M.sum(1) > 0) & act.squeeze(1)
+                    G = [g + e for g, e in zip(G, extra_grads(P))]
+            if offset is not None:
+                G = [g + o for g, o in zip(G, offset)]
+            P = opt.step(P, [g.detach() for g in G], act)
+            seen = (M.sum(1) > 0) & act
             loss_sum += torch.where(seen, L.detach().double(), torch.zeros((), dtype=torch.float64))
             loss_cnt += seen.double()
+        W = fm.join(P)
         mean = torch.where(loss_cnt > 0, loss_sum / loss_cnt.clamp(min=1), torch.nan).numpy()
         bad = [c for c, v, n in zip(clients, mean, loss_cnt.tolist()) if n and not np.isfinite(v)]
         if bad:

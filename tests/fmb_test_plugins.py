@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from fedmedbench import Algorithm, hookimpl
+from fedmedbench import Algorithm, Attack, hookimpl
 
 
 class Boom(Algorithm):
@@ -86,7 +86,109 @@ def on_cell_end(cell, record):
     OBSERVED.append(("end", cell["cell_id"], record["status"]))
 
 
+
+
+# -- plugins that misbehave in every way a plugin can (issue 13) ----------------
+
+
+class Exits(Algorithm):
+    """Calls sys.exit(0) in client training (it must not end the run with 'ok')."""
+
+    name = "test-exits"
+
+    def __init__(self) -> None:
+        pass
+
+    def client_update(self, ctx, global_params):
+        import sys
+
+        sys.exit(0)
+
+
+class Interrupts(Algorithm):
+    """Raises KeyboardInterrupt itself (not a Ctrl-C)."""
+
+    name = "test-interrupts"
+
+    def __init__(self) -> None:
+        pass
+
+    def client_update(self, ctx, global_params):
+        raise KeyboardInterrupt
+
+
+class WrongShape(Algorithm):
+    """Returns a global model of the wrong size from server_update."""
+
+    name = "test-wrong-shape"
+
+    def __init__(self) -> None:
+        pass
+
+    def server_update(self, ctx, global_params, aggregate, updates):
+        return global_params[:3]
+
+
+#: the fault of a "seeded" test-chaos cell, by its seed
+CHAOS_BY_SEED = ("raise", "exit", "hang", "alloc", "none", "raise", "exit", "alloc", "none",
+                 "raise")
+
+
+class Chaos(Algorithm):
+    """Misbehaves as told: ``fault`` is none, raise, exit, hang or alloc (allocate
+    until an address-space limit set for the call, then restore it), or
+    "seeded": the fault :data:`CHAOS_BY_SEED` gives the cell's seed."""
+
+    name = "test-chaos"
+
+    def __init__(self, *, fault: str = "none") -> None:
+        self.fault = fault
+
+    def client_update(self, ctx, global_params):
+        fault = CHAOS_BY_SEED[ctx.cell.seed % 10] if self.fault == "seeded" else self.fault
+        if fault == "raise":
+            raise RuntimeError("chaos: a bug")
+        if fault == "exit":
+            import sys
+
+            sys.exit(4)
+        if fault == "hang":
+            time.sleep(600)
+        if fault == "alloc":
+            import resource
+
+            old = resource.getrlimit(resource.RLIMIT_AS)
+            resource.setrlimit(resource.RLIMIT_AS, (3 << 30, old[1]))
+            try:
+                hog = []
+                while True:
+                    hog.append(bytearray(256 << 20))
+            finally:
+                hog = []
+                resource.setrlimit(resource.RLIMIT_AS, old)
+        return super().client_update(ctx, global_params)
+
+
+class ValueAttack(Attack):
+    """Returns what it is told: a torch scalar (convertible) or a set (not JSON)."""
+
+    name = "test-value-attack"
+
+    def __init__(self, *, kind: str = "tensor") -> None:
+        self.kind = kind
+
+    def evaluate(self, ctx):
+        if self.kind == "tensor":
+            return {"auc": torch.tensor(0.5), "counts": torch.tensor([1, 2])}
+        return {"auc": {0.5, 0.6}}
+
+
+@hookimpl
+def register_attacks(register):
+    register(ValueAttack)
+
+
 @hookimpl
 def register_algorithms(register):
-    for cls in (Boom, NaNTraining, Crash, Sleepy):
+    for cls in (Boom, NaNTraining, Crash, Sleepy, Exits, Interrupts, WrongShape, Chaos):
         register(cls)

@@ -126,3 +126,51 @@ def scaled(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
             out.append(c)
             i += 1
     return out
+
+
+def with_sample_level_dp(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the ok federated records under sample-level DP-SGD at ε = 1
+    and 8 (unit ``record``), with a membership-inference result."""
+    out = []
+    for r in records:
+        if r["status"] != "ok" or r["config"]["algorithm"]["name"] != "fedavg" \
+                or r["config"]["privacy"]:
+            continue
+        for eps in (1.0, 8.0):
+            c = copy.deepcopy(r)
+            c["cell_id"] = _cid(r["cell_id"], "dp-sgd", eps)
+            c["labels"]["privacy"] = f"dp-sgd(epsilon={eps})"
+            c["config"]["privacy"] = [{"name": "dp-sgd", "epsilon": eps}]
+            u = c["metrics"]["utility"]
+            drop = 0.1 / (1 + eps)
+            u["global"] -= drop
+            u["per_site"] = {k: v - drop for k, v in u["per_site"].items()}
+            u["worst_site"] = min(u["per_site"].values())
+            c["metrics"]["privacy"] = {
+                "level": "dp", "epsilon": eps, "delta": 1e-5, "accountant": "rdp",
+                "noise_multiplier": 1.0, "unit": "record",
+                "mechanisms": {"dp-sgd": {"epsilon": eps, "delta": 1e-5}}}
+            c["metrics"]["attacks"] = {"mia-loss": {"auc": 0.5 + 0.01 * eps / (1 + eps),
+                                                    "advantage": 0.01}}
+            out.append(c)
+    return out
+
+
+def with_many_sites(records: list[dict[str, Any]], n_sites: int) -> list[dict[str, Any]]:
+    """Copies of the ok records as dataset ``sites-<n_sites>`` with
+    ``n_sites`` sites of spread-out utility (one clearly the worst)."""
+    out = []
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        c = copy.deepcopy(r)
+        c["cell_id"] = _cid(r["cell_id"], "sites", n_sites)
+        c["labels"]["dataset"] = f"sites-{n_sites}"
+        rng = np.random.default_rng(int(c["cell_id"][:8], 16))
+        u = c["metrics"]["utility"]
+        vals = np.clip(u["global"] + rng.normal(0, 0.05, n_sites), 0, 1)
+        vals[n_sites // 3] = max(0.0, u["global"] - 0.35)
+        u["per_site"] = {f"hospital-{i:03d}": float(v) for i, v in enumerate(vals)}
+        u["worst_site"] = float(vals.min())
+        out.append(c)
+    return out

@@ -149,7 +149,7 @@ def _both(reg, cell):
     return out
 
 
-def _assert_equivalent(out, tol=1e-5):
+def _assert_equivalent(out, tol=1e-5, param_tol=None):
     (a, ra), (b, rb) = out["loop"], out["vectorized"]
     assert a["status"] == b["status"], (a["error"], b["error"])
     if a["status"] != "ok":
@@ -158,7 +158,7 @@ def _assert_equivalent(out, tol=1e-5):
     assert a["backend"]["name"] == "loop" and b["backend"]["name"] == "vectorized", b["backend"]
     for i, p in ra.final_params.items():
         diff = float((p - rb.final_params[i]).abs().max())
-        assert diff <= tol, (i, diff)
+        assert diff <= (param_tol or tol), (i, diff)
     ua, ub = a["metrics"]["utility"], b["metrics"]["utility"]
     assert ua["global"] == pytest.approx(ub["global"], abs=tol)
     for site, v in ua["per_site"].items():
@@ -205,7 +205,10 @@ def test_backends_agree_on_50_unequal_hospitals_and_the_cnn(reg):
     sizes = None
     for c in ehr + img:
         out = _both(reg, c)
-        _assert_equivalent(out)
+        # metrics to 1e-5 everywhere; the CNN's parameters to 1e-4 (measured: at most 3.2e-5
+        # for `local`, whose six unaveraged steps through ReLU/max-pool keep the rounding
+        # differences of a grouped convolution; FedAvg's 1e-7)
+        _assert_equivalent(out, param_tol=1e-4 if c in img else None)
         if sizes is None and out["loop"][0]["status"] == "ok":
             run = out["loop"][1]
             sizes = sorted(len(s.train) for s in run.ctx.clients)
@@ -249,3 +252,26 @@ def test_dp_sgd_backends_agree_in_distribution_over_seeds(reg):
           f"vectorized {np.mean(stat['vectorized']):.4f}")
     assert res.pvalue > 0.01
     assert len(eps) == 1  # the same accountant, q and steps on both backends
+
+
+def test_fast_metrics_equal_scikit_learn():
+    """Accuracy and balanced accuracy are computed with numpy (scikit-learn's
+    validation costs ~4 ms a call, times every site every round): they equal
+    scikit-learn's on random inputs, including single-class splits."""
+    import warnings
+
+    from sklearn import metrics as skm
+
+    from fedmedbench.metrics import score
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n, c = int(rng.integers(1, 60)), int(rng.integers(2, 6))
+        y = rng.integers(0, c if trial % 5 else 1, size=n)  # every 5th split: one class
+        proba = rng.random((n, c))
+        pred = proba.argmax(1)
+        assert score("accuracy", y, proba) == pytest.approx(skm.accuracy_score(y, pred), abs=1e-12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            want = skm.balanced_accuracy_score(y, pred)
+        assert score("balanced_accuracy", y, proba) == pytest.approx(want, abs=1e-12)

@@ -32,7 +32,8 @@ def test_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_quickstart_prints_table_with_every_hospital(tmp_path, capsys):
-    code = main(["run", "--out", str(tmp_path), "--no-progress"])
+    # every table, per-site ones included, is --verbose (the default is the headline)
+    code = main(["run", "--out", str(tmp_path), "--no-progress", "--verbose"])
     out = capsys.readouterr().out
     assert code == 0
     for word in ("fedavg", "centralized", "local", "fedprox", "dp-sgd", "secagg", "Cleveland",
@@ -199,7 +200,7 @@ def test_process_executor_survives_crash_and_timeout(test_plugins, run_matrix, t
         algorithm = ["test-crash", "fedavg", "test-sleepy", "local"]
     """
     code, records = run_matrix(text, "--executor", "process", "--workers", "2",
-                               "--cell-timeout", "20")
+                               "--cell-timeout", "40")  # worker start-up counts too
     assert code == 1
     by = {r["config"]["algorithm"]["name"]: r for r in records}
     assert by["test-crash"]["status"] == "failed"

@@ -1,8 +1,20 @@
 """The HTML leaderboard rendered in a real browser (headless Chromium): the
-rows are there, sorting works, hostile strings stay text, no script error."""
+rows are there, sorting works, hostile strings stay text, no script error;
+every figure is shown at its full size, no wider than the page, and no text
+in it is cut off (matplotlib's text boxes against the figure's, the
+browser's boxes against the page's).
+
+Screenshots for the README: ``FEDMEDBENCH_SCREENSHOTS=reports/screenshots``
+with ``FEDMEDBENCH_SCREENSHOT_RESULTS=quickstart=DIR,privacy=DIR@synthetic-ehr``
+(results folders of ``fedmedbench run`` and ``fedmedbench run
+matrices/privacy.toml``; ``@DATASET`` starts the screenshot at that dataset's
+section) makes :func:`test_screenshots_of_real_reports` report each folder,
+check its figures the same way and save ``<name>.png`` there.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -10,7 +22,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from report_fixtures import run, with_privacy_and_attacks
+from report_fixtures import (
+    run,
+    with_many_sites,
+    with_privacy_and_attacks,
+    with_sample_level_dp,
+)
 
 from fedmedbench.cli import main
 from fedmedbench.results import load_records, write_record
@@ -86,7 +103,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_page_renders_sorts_and_raises_no_script_error(page: Path, tmp_path: Path) -> None:
     src = page.read_text(encoding="utf-8")
-    lb_id = re.search(r"<h3>leaderboard, no formal guarantee</h3>\s*<table class=\"sortable\" "
+    lb_id = re.search(r"<h3>leaderboard, any guarantee</h3>\s*<table class=\"sortable\" "
                       r'id="([^"]+)"', src).group(1)
     # sort the open leaderboard by utility, ascending, through the URL
     url = page.as_uri() + f"#sort={lb_id}:3:asc"
@@ -119,3 +136,308 @@ def test_page_renders_sorts_and_raises_no_script_error(page: Path, tmp_path: Pat
                      f"--screenshot={shot}", page.as_uri())
     assert proc.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000
+
+
+# --------------------------------------------------------------------------
+# figures at the size the page shows them
+# --------------------------------------------------------------------------
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe
+    (``--remote-debugging-pipe``: JSON messages ending in NUL on fds 3 and 4),
+    so that a test can measure the page and take screenshots without any
+    package beyond the standard library."""
+
+    def __init__(self, tmp: Path, *, width: int = 1280, height: int = 900) -> None:
+        import os
+
+        r3, self._w3 = os.pipe()
+        self._r4, w4 = os.pipe()
+
+        def fds() -> None:  # the child reads commands on fd 3 and answers on fd 4
+            a, b = os.dup(r3), os.dup(w4)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *FLAGS[:4], "--remote-debugging-pipe", "--hide-scrollbars",
+             f"--user-data-dir={tmp / 'cdp-profile'}", "about:blank"],
+            preexec_fn=fds, close_fds=False, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        os.close(r3)
+        os.close(w4)
+        self._id, self._buf = 0, b""
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target,
+                                 flatten=True)["sessionId"]
+        self.page("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=1, mobile=False)
+        self.width, self.height = width, height
+
+    def call(self, method: str, *, _session: str | None = None, **params: object) -> dict:
+        import json
+        import os
+        import select
+
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if _session:
+            msg["sessionId"] = _session
+        os.write(self._w3, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buf:
+                ready, _, _ = select.select([self._r4], [], [], 60)
+                assert ready, f"no answer from Chromium to {method}"
+                chunk = os.read(self._r4, 1 << 20)
+                assert chunk, "Chromium closed the pipe"
+                self._buf += chunk
+            line, self._buf = self._buf.split(b"\0", 1)
+            answer = json.loads(line)
+            if answer.get("id") == self._id:
+                assert "error" not in answer, answer["error"]
+                return answer.get("result", {})
+
+    def page(self, method: str, **params: object) -> dict:
+        return self.call(method, _session=self.session, **params)
+
+    def eval(self, js: str) -> object:
+        res = self.page("Runtime.evaluate", expression=js, returnByValue=True)
+        assert "exceptionDetails" not in res, res
+        return res["result"].get("value")
+
+    def open(self, url: str) -> None:
+        import time
+
+        self.page("Page.navigate", url=url)
+        for _ in range(300):
+            if self.eval("document.readyState === 'complete' && !!document.body && "
+                         "document.body.dataset.ready === '1' && "
+                         "Array.from(document.images).every(i => i.complete)"):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{url} did not finish loading")
+
+    def screenshot(self, path: Path, *, y: float = 0, height: float | None = None) -> None:
+        import base64
+
+        h = height or self.height
+        data = self.page("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                         clip={"x": 0, "y": y, "width": self.width, "height": h, "scale": 1})
+        path.write_bytes(base64.b64decode(data["data"]))
+
+    def close(self) -> None:
+        import os
+
+        try:
+            self.call("Browser.close")
+        except (AssertionError, OSError):
+            pass
+        self.proc.wait(timeout=30)
+        os.close(self._w3)
+        os.close(self._r4)
+
+
+#: what the browser reports of the page: every figure image and the page's width
+MEASURE = """JSON.stringify({
+  inner: window.innerWidth,
+  scroll: document.documentElement.scrollWidth,
+  figures: Array.from(document.querySelectorAll('figure')).map(f => {
+    const img = f.querySelector('img'), r = img.getBoundingClientRect();
+    const fr = f.getBoundingClientRect();
+    return {id: f.id, natural: img.naturalWidth, naturalH: img.naturalHeight,
+            width: r.width, height: r.height, left: r.left, right: r.right,
+            figRight: fr.right};
+  })
+})"""
+#: the smallest text a figure may show, in CSS pixels at the size the page shows it
+MIN_TEXT_PX = 9.0
+
+
+def clipped_texts(fig) -> list[str]:
+    """What of a matplotlib figure is drawn outside it: empty when the box of
+    everything drawn (titles, labels, tick labels in view, legends, texts)
+    lies inside the figure; else that box and the texts that stick out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    tight = fig.get_tightbbox(r)  # inches, drawn artists only
+    w, h = fig.get_size_inches()
+    if tight.x0 >= -0.01 and tight.y0 >= -0.01 and tight.x1 <= w + 0.01 \
+            and tight.y1 <= h + 0.01:
+        return []
+    out = [f"drawn content {[round(x, 2) for x in tight.extents]} in a {w:g} x {h:g} in figure"]
+    for t in fig.findobj(Text):
+        if t.get_visible() and t.get_text().strip() and (t.axes is None
+                                                         or t.axes.get_visible()):
+            b = t.get_window_extent(r)
+            if b.x0 < -1 or b.y0 < -1 or b.x1 > fig.bbox.width + 1 or b.y1 > fig.bbox.height + 1:
+                out.append(repr(t.get_text()[:60]))
+    return out
+
+
+def smallest_font_pt(fig) -> float:
+    from matplotlib.text import Text
+
+    return min((t.get_fontsize() for t in fig.findobj(Text)
+                if t.get_visible() and t.get_text().strip()), default=99.0)
+
+
+def check_figures(records: list[dict], page: Path, tmp: Path) -> dict:
+    """Assert the figures of ``records`` (the report at ``page``) fit: no
+    clipped text in matplotlib, and in Chromium at 1280 px each image shown at
+    its full size, inside the page, with text of at least MIN_TEXT_PX; returns
+    the browser's measurements."""
+    import json
+
+    from fedmedbench.plugins.reporters.figures import figures, render, slug
+    from fedmedbench.report import build
+
+    data = build(records)
+    figs = figures(data)
+    assert figs
+    fonts = {}
+    for stem, (_, _, fig) in figs.items():
+        render(data, stem, "svg")
+        assert clipped_texts(fig) == [], (stem, clipped_texts(fig))
+        fonts[f"f-{stem}"] = smallest_font_pt(fig)
+    b = Browser(tmp)
+    try:
+        b.open(page.as_uri())
+        m = json.loads(b.eval(MEASURE))
+    finally:
+        b.close()
+    assert m["scroll"] <= m["inner"], f"the page is wider than the window: {m['scroll']} px"
+    shown = {f["id"]: f for f in m["figures"]}
+    assert set(fonts) <= set(shown), (sorted(fonts), sorted(shown))
+    for fid, f in shown.items():
+        assert f["natural"] > 0, fid
+        assert f["natural"] <= m["inner"] - 30, f"{fid} is wider than the page: {f}"
+        assert f["width"] >= f["natural"] - 1, f"{fid} is shrunk to fit the page: {f}"
+        assert f["right"] <= m["inner"] and f["left"] >= 0, f"{fid} sticks out: {f}"
+        if fid in fonts:  # text height in CSS px at the size shown (1 pt = 4/3 px)
+            px = fonts[fid] * 4 / 3 * f["width"] / f["natural"]
+            assert px >= MIN_TEXT_PX, f"{fid}: text of {px:.1f} px"
+    assert slug  # the ids are f-<slug(dataset)>-<kind>
+    return m
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    """A report with every kind of figure: client- and sample-level ε side by
+    side, attacks with reconstructions, and datasets of 50 and 500 sites."""
+    base = tmp_path_factory.mktemp("rich")
+    assert run(base / "whole") == 0
+    recs, _ = load_records([base / "whole"])
+    res = base / "results"
+    out = with_privacy_and_attacks(recs, res / "images", rel=res)
+    out += with_sample_level_dp(recs) + with_many_sites(recs, 50) + with_many_sites(recs, 500)
+    for r in out:
+        write_record(res, r)
+    rep = base / "report"
+    assert main(["report", str(res), "--out", str(rep), "--quiet"]) == 0
+    recs, _ = load_records([res])
+    return [{**r, "_dirs": [str(res)]} for r in recs], rep / "index.html"
+
+
+def test_every_figure_fits_the_page_with_no_text_cut_off(rich, tmp_path: Path) -> None:
+    records, page = rich
+    m = check_figures(records, page, tmp_path)
+    kinds = {f["id"].rsplit("-", 1)[1] for f in m["figures"]}
+    assert kinds == {"tradeoff", "attacks", "convergence", "sites", "reconstructions"}
+    # 50 and 500 sites: one figure each, the same size whatever the number of sites
+    sizes = {f["id"]: (f["natural"], f["naturalH"]) for f in m["figures"]
+             if f["id"].endswith("-sites") and "sites-" in f["id"]}
+    assert len(sizes) == 2 and len(set(sizes.values())) == 1, sizes
+
+
+def test_figures_keep_units_apart_and_colours_distinct(rich) -> None:
+    from matplotlib.colors import to_hex
+
+    from fedmedbench.plugins.reporters.figures import figures
+    from fedmedbench.report import build
+
+    data = build(rich[0])
+    figs = figures(data)
+    trade = next(f for (ds, k, f) in figs.values() if k == "tradeoff" and "tabular" in ds)
+    labels = [ax.get_xlabel() for ax in trade.axes]
+    assert any("sample-level ε" in x for x in labels) and any("client-level ε" in x
+                                                               for x in labels)
+    assert not any("sample-level" in x and "client-level" in x for x in labels)
+    assert any("bytes per round" in x and ax.get_xscale() == "log"
+               for ax, x in zip(trade.axes, labels))
+    att = next(f for (ds, k, f) in figs.values() if k == "attacks" and "tabular" in ds)
+    titles = [ax.get_title() for ax in att.axes if ax.get_visible()]
+    assert "mia-loss: auc, record-level ε" in titles and "mia-loss: auc, client-level ε" in titles
+    legend = att.legends[0]
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert "privacy: dp-fedavg" in texts and "privacy: dp-sgd" in texts and "fedavg" in texts
+    conv = next(f for (ds, k, f) in figs.values() if k == "convergence" and "tabular" in ds)
+    cols = [to_hex(h.get_color()) for h in conv.legends[0].legend_handles]
+    assert len(cols) == len(set(cols)) >= 5  # one colour per entry
+
+
+@pytest.mark.skipif(not os.environ.get("FEDMEDBENCH_SCREENSHOTS"),
+                    reason="set FEDMEDBENCH_SCREENSHOTS=DIR and FEDMEDBENCH_SCREENSHOT_RESULTS="
+                           "name=RESULTS_DIR,... to check real reports and save screenshots")
+def test_screenshots_of_real_reports(tmp_path: Path) -> None:
+    import json
+
+    dest = Path(os.environ["FEDMEDBENCH_SCREENSHOTS"])
+    dest.mkdir(parents=True, exist_ok=True)
+    pairs = [p.split("=", 1) for p in os.environ["FEDMEDBENCH_SCREENSHOT_RESULTS"].split(",")]
+    for name, spec in pairs:
+        results, _, section = spec.partition("@")  # DIR@DATASET: start at that dataset
+        rep = tmp_path / name
+        assert main(["report", results, "--out", str(rep), "--quiet",
+                     "--format", "html"]) == 0
+        recs, _ = load_records([Path(results)])
+        check_figures([{**r, "_dirs": [results]} for r in recs], rep / "index.html", tmp_path)
+        b = Browser(tmp_path, height=1500)
+        try:
+            b.open((rep / "index.html").as_uri())
+            sel = f"section[id^='ds-{section}'] h2" if section else None
+            top = json.loads(b.eval(f"JSON.stringify(document.querySelector({json.dumps(sel)})"
+                                    f".getBoundingClientRect().top)")) if sel else 10
+            b.screenshot(dest / f"{name}.png", y=max(0, top - 10), height=1500)
+        finally:
+            b.close()
+        assert (dest / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_checks_catch_cut_text_and_a_figure_wider_than_the_page(tmp_path: Path) -> None:
+    import base64
+    import io
+    import json
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3))
+    fig.add_subplot().set_ylabel("a label pushed out of the figure", labelpad=200)
+    fig.text(0.9, 0.5, "a note that runs past the right edge")
+    bad = clipped_texts(fig)
+    assert bad and "'a note that runs past the right edge'" in bad
+    ok = Figure(figsize=(4, 3), layout="constrained")
+    ok.add_subplot().set_ylabel("a label")
+    assert clipped_texts(ok) == []
+    # the 0.1 per-site figure of 50 hospitals: 15,334 px wide
+    wide = Figure(figsize=(139.4, 4.0))
+    wide.add_subplot()
+    buf = io.BytesIO()
+    wide.savefig(buf, format="svg")
+    page = tmp_path / "wide.html"
+    page.write_text('<!DOCTYPE html><html><body data-ready="1" style="max-width:1200px">'
+                    '<figure id="f-wide"><img style="max-width:100%" src="data:image/svg+xml;'
+                    f'base64,{base64.b64encode(buf.getvalue()).decode()}"></figure>'
+                    "</body></html>")
+    b = Browser(tmp_path)
+    try:
+        b.open(page.as_uri())
+        f = json.loads(b.eval(MEASURE))["figures"][0]
+    finally:
+        b.close()
+    assert f["natural"] > 10_000 and f["width"] < f["natural"] / 10  # shrunk to a sliver

@@ -41,7 +41,7 @@ def test_example_plugin_is_discovered_and_runs(tmp_path):
                           "--out", str(tmp_path / "r"), "--no-progress"],
                          env=env, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "fedavgm(beta=0.5)" in res.stdout
+    assert "fedavgm[β=0.5]" in res.stdout  # its short label
     recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
     fedavgm = next(r for r in recs if r["config"]["algorithm"]["name"] == "fedavgm")
     assert fedavgm["status"] == "ok"

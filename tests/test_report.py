@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from report_fixtures import run, with_privacy_and_attacks
 
@@ -59,14 +61,14 @@ def test_report_over_shards_is_identical_to_report_over_one_run(tmp_path: Path) 
         outs[name] = _files(out)
     assert set(outs["whole"]) >= {"report.md", "report.json", "index.html",
                                   "tables/leaderboard.csv", "tables/cells.csv"}
-    assert any(k.endswith("-frontier.svg") for k in outs["whole"])
+    assert any(k.endswith("-tradeoff.svg") for k in outs["whole"])
     assert any(k.endswith("-convergence.png") for k in outs["whole"])
     for name in ("one", "merged"):
         diff = [k for k in outs["whole"] if outs["whole"][k] != outs[name].get(k)]
         assert set(outs[name]) == set(outs["whole"]) and not diff, (name, diff)
     # the report is about the right cells: the quickstart's 6 methods x privacy, ranked
     lb = json.loads(outs["whole"]["report.json"])["leaderboard"]
-    assert {e["method"] for e in lb} == {"centralized", "local", "fedavg", "fedprox(mu=0.01)"}
+    assert {e["method"] for e in lb} == {"centralized", "local", "fedavg", "fedprox[μ=0.01]"}
     assert sum(e["n"] for e in lb) >= 6 and all(e["n"] == 1 for e in lb)
 
 
@@ -127,7 +129,7 @@ def test_html_escapes_every_record_string(rich: tuple[Path, list[dict]], tmp_pat
         assert needle not in page, needle
     assert "default-src &#x27;none&#x27;" in page  # CSP: no other source
     assert page.count('src="data:image/svg+xml;base64,') == 5
-    assert '-reconstructions"><img alt=' in page
+    assert '-reconstructions" data-kind="reconstructions"><img alt=' in page
     # exports keep the raw strings (they are data, not markup)
     rep = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert any(e["method"] == "<script>alert(1)</script>" for e in rep["leaderboard"])
@@ -141,15 +143,16 @@ def test_leaderboard_tiers_ranking_attacks_and_baselines(rich: tuple[Path, list[
     data = build(recs)
     lb = data.leaderboard
     tiers = {t: g for t, g in lb.groupby("tier")}
-    assert set(tiers) == {"no formal guarantee", "ε ≤ 8", "ε ≤ 1"}
-    assert set(tiers["ε ≤ 1"]["privacy"]) == {"dp-fedavg(epsilon=0.5)"}
-    assert set(tiers["ε ≤ 8"]["privacy"]) == {"dp-fedavg(epsilon=0.5)", "dp-fedavg(epsilon=3)"}
-    assert len(tiers["no formal guarantee"]) == 6  # 3 methods without DP + 3 DP settings
+    assert set(tiers) == {"any guarantee", "ε ≤ 8", "ε ≤ 1"}
+    assert set(tiers["ε ≤ 1"]["privacy"]) == {"dp-fedavg[ε=0.5]"}
+    assert set(tiers["ε ≤ 8"]["privacy"]) == {"dp-fedavg[ε=0.5]", "dp-fedavg[ε=3]"}
+    assert len(tiers["any guarantee"]) == 6  # 3 methods without DP + 3 DP settings
     for g in tiers.values():  # ranked by mean utility, 1..n
         assert list(g["rank"]) == list(range(1, len(g) + 1))
         assert g["utility_mean"].is_monotonic_decreasing
     e = tiers["ε ≤ 1"].iloc[0]
     assert e["epsilon"] == 0.5 and e["delta"] == 1e-5 and e["accountant"] == "rdp (client-level)"
+    assert e["unit"] == "client"
     assert e["n"] == 2 and "fedmedbench" in e["provenance"]
     # FL against centralized and local training, without privacy
     b = data.baselines.set_index("privacy")
@@ -172,11 +175,11 @@ def test_leaderboard_tiers_ranking_attacks_and_baselines(rich: tuple[Path, list[
     # failures listed with the reason; the failed cell does not count as a seed
     assert list(data.failures["status"]) == ["failed"]
     assert data.counts == {"ok": 12, "failed": 1, "skipped": 0, "diverged": 0}
-    # figures: frontier, attacks, convergence, sites and the reconstruction grid
+    # figures: trade-off, attacks, convergence, sites and the reconstruction grid
     from fedmedbench.plugins.reporters.figures import figures
 
     kinds = {k for _, k, _ in figures(data).values()}
-    assert kinds == {"frontier", "attacks", "convergence", "sites", "reconstructions"}
+    assert kinds == {"tradeoff", "attacks", "convergence", "sites", "reconstructions"}
     text = comparison_tables(recs)
     assert "ε ≤ 1" in text and "0.5 (δ=1e-05)" in text and "gap closed" in text
 
@@ -210,3 +213,239 @@ def test_invalid_records_named_or_skipped(real: Path, tmp_path: Path,
     empty.mkdir()
     assert main(["report", str(empty)]) == 2
     assert "no result records" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# reports read only what they wrote (issue 13, item 5 and "What was seen" 6)
+# --------------------------------------------------------------------------
+
+
+def _one(real: Path) -> dict:
+    recs, _ = load_records([real / "whole"])
+    return json.loads(json.dumps(next(r for r in recs if r["config"]["algorithm"]["name"]
+                                      == "fedavg")))
+
+
+def test_report_embeds_only_real_pngs_inside_the_results_folder(real: Path,
+                                                                tmp_path: Path) -> None:
+    from matplotlib.image import imsave
+
+    from fedmedbench.report import record_image
+
+    secret = tmp_path / "secret.png"  # a private image outside the results folder
+    imsave(secret, np.full((8, 8), 0.3), cmap="gray")
+    d = tmp_path / "results"
+    d.mkdir()
+    good = d / "artifacts" / "x" / "grid.png"
+    good.parent.mkdir(parents=True)
+    imsave(good, np.eye(8), cmap="gray")
+    (d / "notpng.png").write_text("I am text, not an image")
+    (d / "link.png").symlink_to(secret)
+    rec = {**_one(real), "_dirs": [str(d)]}
+    assert record_image(rec, str(secret)) is None  # absolute: never opened
+    assert record_image(rec, "../secret.png") is None  # outside the folder
+    assert record_image(rec, "link.png") is None  # a link out of the folder
+    assert record_image(rec, "notpng.png") is None  # not a PNG (signature bytes)
+    assert record_image(rec, "artifacts/x/grid.png") == good.resolve()
+    # an absolute path of a moved folder: only its file name, in the cell's artifacts
+    moved = d / "artifacts" / rec["cell_id"] / "gradinv-idlg.png"
+    moved.parent.mkdir(parents=True)
+    imsave(moved, np.eye(8), cmap="gray")
+    assert record_image(rec, "/elsewhere/artifacts/x/gradinv-idlg.png") == moved.resolve()
+    # end to end: records naming the secret, a text file and a link report without them
+    for i, name in enumerate([str(secret), "../secret.png", "notpng.png", "link.png"]):
+        r = _one(real)
+        r["cell_id"] = f"{i:016x}"
+        r["metrics"]["attacks"] = {"gradinv-idlg": {"psnr": 20.0, "images": name}}
+        write_record(d, r)
+    out = tmp_path / "rep"
+    assert main(["report", str(d), "--out", str(out), "--quiet",
+                 "--format", "figures,html"]) == 0
+    assert not list((out / "figures").glob("*reconstructions*"))
+    assert "-reconstructions" not in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_markdown_escapes_html_and_pipes_and_csv_has_no_formulas(real: Path,
+                                                                 tmp_path: Path) -> None:
+    d = tmp_path / "results"
+    for i, lab in enumerate(["<script>alert(1)</script> a|b", "=HYPERLINK(\"http://x\")",
+                             "+cmd", "-2+3", "@SUM(A1)"]):
+        r = _one(real)
+        r["cell_id"] = f"{i:016x}"
+        r["labels"]["algorithm"] = lab
+        write_record(d, r)
+    out = tmp_path / "rep"
+    assert main(["report", str(d), "--out", str(out), "--quiet",
+                 "--format", "markdown,csv"]) == 0
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "<script>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt; a\\|b" in md
+    for line in md.splitlines():  # every table row keeps its columns
+        if line.startswith("| rank"):
+            width = line.count("|") - line.count("\\|")
+        elif line.startswith("| ") and "alert" in line and "rank" not in line:
+            assert line.count("|") - line.count("\\|") >= 3
+    assert width > 3
+    import csv
+
+    with (out / "tables" / "cells.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    methods = {r["method"] for r in rows}
+    assert {"'=HYPERLINK(\"http://x\")", "'+cmd", "'-2+3", "'@SUM(A1)"} <= methods
+    assert not any(v.startswith(("=", "+", "-", "@")) for r in rows for k, v in r.items()
+                   if k in ("method", "algorithm"))
+    summ = list(csv.DictReader((out / "tables" / "summary.csv").open(encoding="utf-8")))
+    assert all(float(r["utility_mean"]) > 0 for r in summ)  # numbers stay numbers
+
+
+def test_report_format_is_checked_before_anything_is_written(real: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    out = tmp_path / "rep"
+    assert main(["report", str(real / "whole"), "--out", str(out),
+                 "--format", "markdown,htm"]) == 2
+    err = capsys.readouterr().err
+    assert "--format 'htm': no such reporter; did you mean 'html'?" in err
+    assert not out.exists()  # report.md was not written first
+
+
+def test_report_on_a_full_disk_is_one_line(real: Path, tmp_path: Path, monkeypatch,
+                                           capsys) -> None:
+    import errno
+    import os
+
+    from fedmedbench.plugins.reporters import tables
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "rep" / "report.md"))
+
+    monkeypatch.setattr(tables.Path, "write_text", full)
+    assert main(["report", str(real / "whole"), "--out", str(tmp_path / "rep"), "--quiet",
+                 "--format", "markdown"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert (f"no space left on the device holding {tmp_path / 'rep' / 'report.md'}; free some "
+            f"space there") in err[0]
+
+
+# --------------------------------------------------------------------------
+# the tables: tiers, ties, the worst site against local, chance level, labels
+# --------------------------------------------------------------------------
+
+
+def _entries(real: Path) -> list[dict]:
+    recs, _ = load_records([real / "whole"])
+    return [json.loads(json.dumps(r)) for r in recs]
+
+
+def test_a_stronger_guarantee_does_not_outrank_a_weaker_one_on_a_tie(real: Path) -> None:
+    recs = _entries(real)
+    fed = [r for r in recs if r["config"]["algorithm"]["name"] == "fedavg"]
+    extra = []
+    for r in fed:  # the same utility under DP, and a better worst site (noise)
+        c = json.loads(json.dumps(r))
+        c["cell_id"] = c["cell_id"][::-1]
+        c["labels"]["privacy"] = "dp-sgd(epsilon=3.0)"
+        c["metrics"]["utility"]["worst_site"] += 0.05
+        c["metrics"]["privacy"] = {"level": "dp", "epsilon": 3.0, "delta": 1e-5,
+                                   "accountant": "rdp", "unit": "record", "mechanisms": {}}
+        extra.append(c)
+    lb = build(recs + extra).leaderboard
+    top = lb[lb["tier"] == "any guarantee"]
+    order = [(m, p) for m, p in zip(top["method"], top["privacy"]) if m == "fedavg"]
+    assert order == [("fedavg", "none"), ("fedavg", "dp-sgd[ε=3]")]
+    assert "any guarantee" in set(lb["tier"]) and "no formal guarantee" not in set(lb["tier"])
+    from fedmedbench.report import RANKING_RULE
+
+    assert "weaker guarantee" in RANKING_RULE
+
+
+def test_worst_site_gain_over_local_and_personalized_entries(real: Path) -> None:
+    recs = _entries(real)
+    pers = []
+    for r in recs:
+        if r["config"]["algorithm"]["name"] == "fedavg":
+            c = json.loads(json.dumps(r))
+            c["cell_id"] = c["cell_id"][::-1]
+            c["labels"]["algorithm"] = "ditto(lam=0.1)"
+            c["config"]["algorithm"] = {"name": "ditto", "lam": 0.1}
+            c["protocol"] = "personalized"
+            c["metrics"]["utility"]["worst_site"] = 0.9
+            pers.append(c)
+    data = build(recs + pers)
+    s = data.summary.set_index("method")
+    local_w = s.loc["local", "worst_site_mean"]
+    assert s.loc["fedavg", "worst_site_gain"] == pytest.approx(
+        s.loc["fedavg", "worst_site_mean"] - local_w)
+    assert s.loc["local", "worst_site_gain"] == pytest.approx(0.0)
+    assert s.loc["ditto[lam=0.1]", "worst_site_gain"] == pytest.approx(0.9 - local_w)
+    assert s.loc["ditto[lam=0.1]", "topology"] == "personalized"
+    b = data.baselines.set_index("method")
+    assert "ditto[lam=0.1]" in b.index  # personalized methods get the same columns
+    assert b.loc["ditto[lam=0.1]", "worst_site_gain"] == pytest.approx(0.9 - local_w)
+    lb = data.leaderboard
+    assert lb[lb["method"] == "ditto[lam=0.1]"]["worst_site_gain"].iloc[0] == \
+        pytest.approx(0.9 - local_w)
+    text = comparison_tables(recs + pers)
+    assert "vs local" in text and f"{0.9 - local_w:+.3f}" in text
+
+
+def test_cells_at_chance_level_are_marked_in_every_table(real: Path) -> None:
+    recs = _entries(real)
+    for r in recs:
+        u = r["metrics"]["utility"]
+        u["majority_baseline"] = 0.6
+        u["chance_level"] = r["config"]["algorithm"]["name"] == "local"
+    data = build(recs)
+    s = data.summary.set_index("method")
+    assert s.loc["local", "chance_seeds"] == 2 and s.loc["fedavg", "chance_seeds"] == 0
+    assert s.loc["local", "majority_baseline"] == pytest.approx(0.6)
+    lb = data.leaderboard
+    assert set(lb[lb["chance_seeds"] > 0]["method"]) == {"local"}
+    from fedmedbench.report import CHANCE_MARK, terminal_summary, text_tables
+
+    for title, _headers, rows in text_tables(data)[data.datasets[0]]:  # every table
+        loc = [r for r in rows if any(c.startswith("local") for c in r[:2])]
+        assert all(any(CHANCE_MARK in c for c in r) for r in loc), title
+        assert loc or title.startswith("federated learning"), title  # only FL rows there
+        others = [r for r in rows if r not in loc]
+        assert not any(CHANCE_MARK in c for r in others for c in r), title
+    assert "does not beat the majority-class baseline (0.600)" in terminal_summary(data)
+    # records without the fields (before issue 12's datasets report them): no mark
+    plain = build(_entries(real))
+    assert (plain.summary["chance_seeds"] == 0).all()
+    assert CHANCE_MARK not in terminal_summary(plain)
+
+
+def test_short_labels_are_stable_and_the_legend_maps_them_to_full_configs(real: Path) -> None:
+    from fedmedbench.matrix import short_label
+
+    cases = {
+        "dp-fedavg(clip=0.1,noise=distributed,noise_multiplier=1.0)": "dp-fedavg[σ=1,C=0.1,dist]",
+        "dp-sgd(epsilon=3.0)": "dp-sgd[ε=3]",
+        "fedprox(mu=0.01)": "fedprox[μ=0.01]",
+        "dp-fedavg(clip=1.0,delta=1e-05,epsilon=8.0)+secagg": "dp-fedavg[ε=8,C=1,δ=1e-05]+secagg",
+        "he-ckks(layers=[0, 1])": "he-ckks[layers=[0,1]]",
+        "weighted-mean(by=uniform)": "weighted-mean[uniform]",
+        "x(flag=True)": "x[flag=True]",
+        "none": "none", "fedavg": "fedavg",
+        "<script>alert(1)</script>": "<script>alert(1)</script>",  # not name(k=v): unchanged
+    }
+    for long, want in cases.items():
+        assert short_label(long) == want == short_label(long)
+    recs = _entries(real)
+    for r in recs:
+        if r["config"]["algorithm"]["name"] == "fedavg":
+            r["labels"]["algorithm"] = "fedavg(server_lr=1.0)"
+    data = build(recs)
+    assert "fedavg[server_lr=1]" in set(data.cells["algorithm"])
+    assert set(data.cells["algorithm_spec"]) >= {"fedavg(server_lr=1.0)"}
+    lg = data.legend.set_index(["axis", "label"])
+    row = lg.loc[("algorithm", "fedavg[server_lr=1]")]
+    assert row["spec"] == "fedavg(server_lr=1.0)" and row["config"].startswith("fedavg")
+    full = lg.loc[("dataset", data.cells["dataset"].iloc[0]), "config"]
+    assert full.startswith("synthetic-tabular(") and "n_samples=400" in full
+    assert "n_sites=4" in full  # every resolved parameter, defaults included
+    # two labels that would share a short label keep their full labels
+    from fedmedbench.report import short_labels
+
+    both = short_labels(pd.Series(["a(clip=1.0)", "a(max_grad_norm=1.0)", "b(mu=1.0)"]))
+    assert list(both) == ["a(clip=1.0)", "a(max_grad_norm=1.0)", "b[μ=1]"]

@@ -5,12 +5,15 @@ Federated Visual Classification". arXiv:1909.06335, 2019.
 
 The server keeps a momentum buffer ``v <- beta * v + aggregate`` and moves the
 global model by ``server_lr * v``. Clients run plain local SGD (the default
-``Algorithm.client_update``).
+``Algorithm.client_update``), so the algorithm declares ``vectorized = True``:
+on fedmedbench's vectorized backend all sampled clients train at once.
 """
 
 from __future__ import annotations
 
-from fedmedbench import Algorithm, hookimpl
+from typing import Annotated
+
+from fedmedbench import Algorithm, Range, hookimpl
 
 
 class FedAvgM(Algorithm):
@@ -23,8 +26,9 @@ class FedAvgM(Algorithm):
     """
 
     name = "fedavgm"
+    vectorized = True
 
-    def __init__(self, *, beta: float = 0.9) -> None:
+    def __init__(self, *, beta: Annotated[float, Range(ge=0, lt=1)] = 0.9) -> None:
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta = {beta!r}: the momentum must be in [0, 1)")
         self.beta = beta

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedmedbench import Updates
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def check_fraction(name: str, fraction: object) -> float:
@@ -28,5 +30,7 @@ def check_positive(name: str, param: str, value: object) -> float:
 
 def with_delta(updates: Updates, delta: torch.Tensor) -> Updates:
     """A copy of ``updates`` carrying ``delta`` (metadata copied, not shared)."""
+    import torch
+
     return updates.replace(delta=delta.to(torch.float32).reshape(updates.delta.shape)
                            .contiguous())

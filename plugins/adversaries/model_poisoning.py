@@ -30,13 +30,15 @@ deterministic for a seed.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-import torch
 
 from fedmedbench import Adversary, CellContext, Range, Updates
 from fedmedbench.plugins.adversaries._common import check_fraction, check_positive, with_delta
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
 
 
 class SignFlip(Adversary):
@@ -109,6 +111,8 @@ class Gaussian(Adversary):
 
     def corrupt_update(self, ctx: CellContext, update: Updates,
                        rng: np.random.Generator) -> Updates:
+        import torch
+
         noise = rng.normal(0.0, self.sigma, size=update.delta.numel())
         return with_delta(update, torch.from_numpy(noise).reshape(update.delta.shape))
 

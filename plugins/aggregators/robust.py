@@ -16,11 +16,12 @@ aggregation or HE, with the reason.
 from __future__ import annotations
 
 import math
-from typing import Annotated
-
-import torch
+from typing import TYPE_CHECKING, Annotated
 
 from fedmedbench import Aggregator, Range, Updates
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 class Median(Aggregator):
@@ -34,6 +35,8 @@ class Median(Aggregator):
         pass
 
     def aggregate(self, updates: Updates) -> torch.Tensor:
+        import torch
+
         stacked = updates.delta
         # torch.median returns the lower middle value for even counts; average both middles
         return torch.quantile(stacked, 0.5, dim=0) if len(updates) > 1 else stacked[0]
@@ -59,6 +62,8 @@ class TrimmedMean(Aggregator):
         self.trim = float(trim)
 
     def aggregate(self, updates: Updates) -> torch.Tensor:
+        import torch
+
         stacked = updates.delta
         n = len(updates)
         k = int(math.floor(self.trim * n))
@@ -93,6 +98,8 @@ class Krum(Aggregator):
         self.f, self.multi = f, multi
 
     def aggregate(self, updates: Updates) -> torch.Tensor:
+        import torch
+
         X = updates.delta.double()
         n = len(updates)
         if n == 1:

@@ -26,13 +26,15 @@ weights of every round are recorded in the result's history
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-import torch
 
 from fedmedbench import Aggregator, ClientContext, Range, Updates, score
 from fedmedbench import predict_proba as _predict
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 WEIGHTINGS = ("examples", "uniform", "quality", "performance")
 

@@ -19,12 +19,14 @@ server uses the decoded vector. The rounding draws come from
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-import torch
 
 from fedmedbench import CellContext, Compressor, Range, Updates
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
 
 #: header floats sent with every vector: the minimum and the step (float32 each)
 HEADER_BYTES = 2 * 4
@@ -84,6 +86,8 @@ class Quantize(Compressor):
         return math.ceil(n * self.bits / 8) + HEADER_BYTES
 
     def compress(self, ctx: CellContext, updates: Updates) -> Updates:
+        import torch
+
         rows = []
         for client, delta in zip(updates.clients, updates.delta):
             rng = ctx.rng("quantize", ctx.round, client)

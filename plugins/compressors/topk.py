@@ -26,11 +26,12 @@ variates, travels as is and is counted at its own size).
 from __future__ import annotations
 
 import math
-from typing import Annotated
-
-import torch
+from typing import TYPE_CHECKING, Annotated
 
 from fedmedbench import CellContext, Compressor, Range, Updates
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: bytes per sent entry: a float32 value and a uint32 index
 ENTRY_BYTES = 4 + 4
@@ -41,6 +42,8 @@ GRID = 2.0 ** -12
 def largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` entries of largest magnitude (on the :data:`GRID`,
     lower index first among equals)."""
+    import torch
+
     mag = values.detach().abs().double()
     top = float(mag.max()) if mag.numel() else 0.0
     level = torch.floor(mag / top / GRID) if top > 0 else torch.zeros_like(mag)
@@ -88,6 +91,8 @@ class TopK(Compressor):
         self._residual = {}  # a new cell: forget every client's residual
 
     def compress(self, ctx: CellContext, updates: Updates) -> Updates:
+        import torch
+
         rows, sizes = [], []
         for client, delta in zip(updates.clients, updates.delta):
             acc = delta.detach().to(torch.float32).clone()

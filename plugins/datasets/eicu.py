@@ -19,10 +19,9 @@ from __future__ import annotations
 import os
 import zlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-import pandas as pd
 
 from fedmedbench import (
     DataError,
@@ -40,6 +39,9 @@ from fedmedbench.plugins.datasets._common import (
     sites_from_arrays,
     split_indices,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 ENV = "FEDMEDBENCH_EICU_DIR"
 ACCESS = ("eICU-CRD 2.0 is credentialed-access data: create a PhysioNet account, complete "
@@ -166,6 +168,8 @@ class EICU(Dataset):
 def _read(path: Path, cols: list[str] | None, **kw: object) -> pd.DataFrame:
     """One table; a truncated, corrupt or non-CSV file is a :class:`DataError`
     naming it (pandas and gzip would raise a bare ``EOFError``)."""
+    import pandas as pd
+
     try:
         return pd.read_csv(path, usecols=cols, low_memory=False, **kw)
     except (EOFError, OSError, UnicodeDecodeError, zlib.error, pd.errors.ParserError,
@@ -179,6 +183,8 @@ def preprocess(files: dict[str, Path], min_stays: int) -> dict[str, np.ndarray]:
     hospital stay; APACHE IVa where present; -1 (eICU's missing code) -> NaN;
     per-hospital stratified 75/25 split (fixed seed); standardisation fitted on
     the pooled training rows only."""
+    import pandas as pd
+
     pat = _read(files["patient"], TABLES["patient"])
     pat = pat[pat["unitvisitnumber"] == 1]
     status = pat["hospitaldischargestatus"].astype("string").str.strip().str.lower()

@@ -19,11 +19,9 @@ Variance filtering and standardisation are fitted on training rows only.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-import pandas as pd
-from scipy.io import arff
 
 from fedmedbench import (
     Dataset,
@@ -41,6 +39,9 @@ from fedmedbench.plugins.datasets._common import (
     sizes,
     split_indices,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 TEST_FRACTION = 0.3
 
@@ -72,6 +73,8 @@ class BladderBatch(Dataset):
         check_card_files(self.card)
 
     def load(self, *, seed: int) -> FederatedData:
+        import pandas as pd
+
         path = shipped_file(self.card, self.FILE)
         arrays = cached_arrays(
             [self.name, sha256_file(path), self.PREPROCESSING_VERSION, str(self.n_genes)],
@@ -148,6 +151,9 @@ class GSE7390(Dataset):
                              natural=False)
 
     def preprocess(self, path) -> dict[str, np.ndarray]:
+        import pandas as pd
+        from scipy.io import arff
+
         data, _meta = arff.loadarff(str(path))
         df = pd.DataFrame(data)
         for c in ("grade", "er", "e.tdm"):

@@ -17,10 +17,9 @@ values in both tasks.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-import pandas as pd
 
 from fedmedbench import (
     Dataset,
@@ -38,6 +37,9 @@ from fedmedbench.plugins.datasets._common import (
     sizes,
     split_indices,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 FILE = "support2.csv.gz"
 PREPROCESSING_VERSION = "support2-2"
@@ -93,6 +95,8 @@ class Support2(Dataset):
         check_card_files(self.card)
 
     def load(self, *, seed: int) -> FederatedData:
+        import pandas as pd
+
         path = shipped_file(self.card, FILE)
         arrays = cached_arrays(
             [self.name, sha256_file(path), PREPROCESSING_VERSION, self.site_column, self.target,
@@ -110,6 +114,8 @@ class Support2(Dataset):
 
 
 def features_of(df: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
     out = pd.DataFrame(index=df.index)
     for c in NUMERIC:
         out[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
@@ -126,6 +132,8 @@ def preprocess(df: pd.DataFrame, site_column: str, target: str = "hospdead",
                long_stay_days: int = 14) -> dict[str, np.ndarray]:
     """Fixed per-site stratified 70/30 split, then standardisation with the
     pooled training rows only (a missing value becomes the training mean)."""
+    import pandas as pd
+
     label = "hospdead" if target == "hospdead" else "slos"
     missing = [c for c in [*NUMERIC, label, "sex", site_column, *ONEHOT] if c not in df]
     if missing:

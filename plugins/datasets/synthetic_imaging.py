@@ -24,13 +24,15 @@ sigmoid LeNet that downsamples by stride, not pooling).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
 from fedmedbench.plugins.datasets._common import split_indices
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
 
 HARMONICS = np.arange(2, 10)
 MODEL_ACTS = ("relu", "sigmoid", "tanh")
@@ -143,6 +145,8 @@ class SyntheticImaging(Dataset):
         return (bg + lesion * level[:, None, None]).astype(np.float32)
 
     def load(self, *, seed: int) -> FederatedData:
+        from scipy.ndimage import gaussian_filter
+
         rng = np.random.default_rng([self.data_seed, 51])
         C, sh = self.num_classes, self.acquisition_shift
         sites = []

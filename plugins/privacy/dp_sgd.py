@@ -24,6 +24,7 @@ import types
 import warnings
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 
 from fedmedbench import Accounting, CellContext, LocalStage, PrivacyMechanism, Range, Split
@@ -246,13 +247,13 @@ class _PoissonStream:
         self.gen = torch.Generator().manual_seed(seed)
         self.left = 0
 
-    def next_indices(self) -> torch.Tensor:
+    def next_indices(self) -> np.ndarray:
         if self.left == 0:
             torch.empty((), dtype=torch.int64).random_(generator=self.gen)
             self.left = self.per_pass
         self.left -= 1
         mask = torch.rand(self.n, generator=self.gen) < self.q
-        return mask.nonzero(as_tuple=False).reshape(-1)
+        return mask.nonzero(as_tuple=False).reshape(-1).numpy()
 
 
 class VectorDPSGD:

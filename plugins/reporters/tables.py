@@ -1,11 +1,15 @@
 """Markdown, CSV and JSON reports: the tables of :mod:`fedmedbench.report`.
 
-- ``markdown`` writes ``report.md``: the leaderboard tiers with their ranking
-  rule, FL against centralized and local training, privacy, cost, per-site
-  utility and attacks, per dataset.
+- ``markdown`` writes ``report.md``: per dataset the headline, the
+  leaderboard tiers with their ranking rule, FL against centralized and
+  local training, privacy, cost, per-site utility and attacks; then the
+  legend of short labels. Every string is escaped for markdown (HTML and
+  ``|``), so a label from a record cannot add markup or break a table.
 - ``csv`` writes one file per table under ``tables/`` (``leaderboard.csv``,
   ``summary.csv``, ``baselines.csv``, ``sites.csv``, ``attacks.csv``,
-  ``convergence.csv``, ``failures.csv``, ``cells.csv``).
+  ``convergence.csv``, ``failures.csv``, ``cells.csv``, ``legend.csv``);
+  text cells that a spreadsheet would run as a formula are neutralised
+  (:func:`fedmedbench.report.csv_safe`).
 - ``json`` writes ``report.json``: the same tables as lists of objects
   (schema ``fedmedbench.report/1``), NaN as ``null``.
 """
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmedbench import Reporter
-from fedmedbench.report import RANKING_RULE, ReportData, build, render_text
+from fedmedbench.report import RANKING_RULE, ReportData, build, csv_safe, md_escape, render_text
 
 REPORT_SCHEMA = "fedmedbench.report/1"
 
@@ -26,7 +30,7 @@ REPORT_SCHEMA = "fedmedbench.report/1"
 def _header(data: ReportData) -> str:
     c = data.counts
     return (f"{len(data.records)} cells: " + ", ".join(f"{v} {k}" for k, v in c.items())
-            + f"; datasets: {', '.join(data.datasets) or 'none'}")
+            + f"; datasets: {md_escape(', '.join(data.datasets) or 'none')}")
 
 
 class Markdown(Reporter):
@@ -41,7 +45,8 @@ class Markdown(Reporter):
         data = build(records)
         path = Path(out_dir) / "report.md"
         text = (f"# fedmedbench report\n\n{_header(data)}\n\n"
-                f"**Ranking rule.** {RANKING_RULE}\n\n" + render_text(data))
+                f"**Ranking rule.** {md_escape(RANKING_RULE)}\n\n"
+                + render_text(data, escape=md_escape))
         path.write_text(text, encoding="utf-8")
         return [path]
 
@@ -61,7 +66,7 @@ class Csv(Reporter):
         paths = []
         for stem, df in data.tables().items():
             p = d / f"{stem}.csv"
-            df.to_csv(p, index=False, float_format="%.6g", lineterminator="\n")
+            csv_safe(df).to_csv(p, index=False, float_format="%.6g", lineterminator="\n")
             paths.append(p)
         return paths
 

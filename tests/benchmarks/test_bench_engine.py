@@ -47,7 +47,7 @@ def bare_fedavg(data, seed: int = 0) -> float:
     for _ in range(ROUNDS):
         deltas = []
         for i, (X, y) in enumerate(sites):
-            torch.nn.utils.vector_to_parameters(w, model.parameters())
+            torch.nn.utils.vector_to_parameters(w.clone(), model.parameters())  # not a view of w
             for _ in range(STEPS):
                 idx = next(perms[i], None)
                 if idx is None:

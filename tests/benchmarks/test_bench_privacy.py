@@ -96,7 +96,7 @@ def _round(model, data, w, transport=None, ctx=None) -> torch.Tensor:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     deltas = []
     for X, y in data:
-        torch.nn.utils.vector_to_parameters(w, model.parameters())
+        torch.nn.utils.vector_to_parameters(w.clone(), model.parameters())  # not a view of w
         for s in range(STEPS):
             idx = slice((s * BATCH) % len(y), (s * BATCH) % len(y) + BATCH)
             opt.zero_grad()

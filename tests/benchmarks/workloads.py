@@ -1,0 +1,118 @@
+"""The FedAvg workload of issue 10, shared by the engine benchmarks and the
+Flower comparison (``tox -e bench-flower``).
+
+scikit-learn's digits (1,797 8×8 images, 10 classes, shipped with sklearn, no
+download), shuffled with a fixed seed, 80 % train / 20 % test, both dealt
+into ``n`` IID shards (clients). An MLP with 64 hidden units, 2 local
+epochs, batch 32, SGD lr 0.1, 5 rounds of FedAvg weighted by examples,
+accuracy on the pooled test set at the end. :class:`Digits` serves it to
+fedmedbench as a (test-only) dataset; :func:`bare_fedavg` is the same
+computation written directly in torch, one client after another.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated
+
+import numpy as np
+import torch
+
+from fedmedbench import Dataset, FederatedData, Range, Site, Split, Task, hookimpl
+
+ROUNDS, EPOCHS, BATCH, LR, HIDDEN = 5, 2, 32, 0.1, 64
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    return load_digits(return_X_y=True)
+
+
+def digits_shards(n: int, seed: int = 0) -> list[tuple[Split, Split]]:
+    """``n`` IID (train, test) shards of sklearn's digits."""
+    X, y = _digits()
+    X = (X / 16.0).astype(np.float32)
+    y = y.astype(np.int64)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    X, y = X[perm], y[perm]
+    cut = int(0.8 * len(y))
+    tr = np.array_split(np.arange(cut), n)
+    te = np.array_split(np.arange(cut, len(y)), n)
+    return [(Split(X[a], y[a]), Split(X[b], y[b])) for a, b in zip(tr, te)]
+
+
+class Digits(Dataset):
+    """Test-only: sklearn's digits in IID shards (the engine benchmark's workload)."""
+
+    name = "bench-digits"
+    default_partitioner = {"name": "natural"}
+    run_defaults = {"local_steps": 0, "local_epochs": float(EPOCHS), "batch_size": BATCH,
+                    "lr": LR, "eval_every": ROUNDS}
+
+    def __init__(self, *, n_clients: Annotated[int, Range(ge=1, le=1000)] = 10) -> None:
+        self.n_clients = n_clients
+
+    def load(self, *, seed: int) -> FederatedData:
+        shards = digits_shards(self.n_clients)
+        task = Task(kind="multiclass", num_classes=10, input_shape=(64,), metric="accuracy",
+                    model="mlp", model_kwargs={"hidden": [HIDDEN]})
+        return FederatedData(task=task, sites=[Site(f"c{i}", tr, te)
+                                               for i, (tr, te) in enumerate(shards)])
+
+
+
+class DigitsPlugin:
+    __name__ = "bench-workloads"
+
+    @hookimpl
+    def register_datasets(self, register):
+        register(Digits)
+
+
+def digits_cell(n_clients: int, *, backend: str = "auto", rounds: int = ROUNDS) -> dict:
+    """The workload as a fedmedbench cell."""
+    from fedmedbench.matrix import parse_matrix
+    from fedmedbench.registry import get_registry
+
+    reg = get_registry(extra=[DIGITS_PLUGIN])
+    m = parse_matrix({"name": "bench", "rounds": rounds, "axes": {
+        "dataset": [{"name": "bench-digits", "n_clients": n_clients}], "algorithm": ["fedavg"]},
+        "run": {"backend": backend, "clients_per_round": 1.0}}, registry=reg)
+    return m.cells[0]
+
+
+def bare_fedavg(n_clients: int, *, seed: int = 0, rounds: int = ROUNDS) -> float:
+    """FedAvg on the workload in plain torch, one client after another; the
+    floor the engine is measured against. Returns the final test accuracy."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    shards = digits_shards(n_clients)
+    data = [(torch.as_tensor(tr.X), torch.as_tensor(tr.y)) for tr, _ in shards]
+    model = torch.nn.Sequential(torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(),
+                                torch.nn.Linear(HIDDEN, 10))
+    w = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    n = torch.tensor([len(y) for _, y in data], dtype=torch.float32)
+    weights = n / n.sum()
+    gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n_clients)]
+    for _ in range(rounds):
+        new = []
+        for (X, y), g in zip(data, gens):
+            torch.nn.utils.vector_to_parameters(w.clone(), model.parameters())  # not a view of w
+            opt = torch.optim.SGD(model.parameters(), lr=LR)
+            for _ in range(EPOCHS):
+                for idx in torch.randperm(len(y), generator=g).split(BATCH):
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+                    opt.step()
+            new.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+        w = weights @ torch.stack(new)
+    torch.nn.utils.vector_to_parameters(w, model.parameters())
+    Xt = torch.as_tensor(np.concatenate([te.X for _, te in shards]))
+    yt = np.concatenate([te.y for _, te in shards])
+    with torch.no_grad():
+        return float((model(Xt).argmax(1).numpy() == yt).mean())
+
+
+DIGITS_PLUGIN = DigitsPlugin()
