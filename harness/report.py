@@ -171,7 +171,8 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     ``method`` (the algorithm, plus the partitioner, model, aggregator,
     compressor or adversary where those vary), ``topology``, ``seed``,
     ``rounds``; ``metric``, ``utility`` (pooled test set), ``worst_site``,
-    ``site:<name>`` per site, ``majority_baseline`` and ``chance_level``
+    ``per_site_mean`` (the unweighted mean of the per-site values: FLamby's
+    metric), ``site:<name>`` per site, ``majority_baseline`` and ``chance_level``
     (where the dataset reports them); ``privacy_level``, ``epsilon``,
     ``delta``, ``unit`` (``record`` or ``client``), ``accountant``;
     ``bytes_up``, ``bytes_down``, ``bytes``, ``bytes_per_round`` and the
@@ -196,6 +197,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "seed": cfg.get("seed"), "rounds": cfg.get("rounds"),
             "metric": u.get("metric"), "utility": _num(u.get("global")),
             "worst_site": _num(u.get("worst_site")),
+            "per_site_mean": _num(u.get("per_site_mean")),
             "majority_baseline": _num(u.get("majority_baseline")),
             "chance_level": chance if isinstance(chance, bool) else None,
             "privacy_level": p.get("level"), "epsilon": _num(p.get("epsilon")),
@@ -363,13 +365,14 @@ def _ci95(sd: pd.Series, n: pd.Series) -> pd.Series:
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset × method × privacy over its seeds: cell counts by
     status, utility mean/std/95% interval, worst site and its gain over
-    ``local`` (:func:`worst_site_gain`), ε (largest over seeds) with δ, unit
+    ``local`` (:func:`worst_site_gain`), the mean over seeds of
+    ``per_site_mean`` (the unweighted mean over sites), ε (largest over seeds) with δ, unit
     and accountant, the majority-class baseline and in how many seeds the
     utility does not beat it (``chance_seeds``), bytes (per cell and per
     round) and seconds (means over ok seeds)."""
     cols = ["dataset", "method", "privacy", "topology", "metric", "n", "cells", "failed",
             "utility_mean", "utility_std", "utility_ci95", "worst_site_mean",
-            "worst_site_gain", "majority_baseline", "chance_seeds", "epsilon", "delta", "unit",
+            "worst_site_gain", "per_site_mean", "majority_baseline", "chance_seeds", "epsilon", "delta", "unit",
             "accountant", "privacy_level", "rounds", "bytes_up", "bytes_down", "bytes",
             "bytes_per_round", "wall_s", "train_s", "privacy_s", "clipped_coordinates", "seeds",
             "provenance"]
@@ -383,6 +386,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     spec = {"metric": ("metric", "first"), "n": ("utility", "count"),
             "utility_mean": ("utility", "mean"), "utility_std": ("utility", "std"),
             "worst_site_mean": ("worst_site", "mean"),
+            "per_site_mean": ("per_site_mean", "mean"),
             "majority_baseline": ("majority_baseline", "mean"),
             "chance_seeds": ("_chance", "sum"), "epsilon": ("epsilon", "max"),
             "delta": ("delta", "max"), "unit": ("unit", _first),
@@ -834,13 +838,18 @@ def _site_table(data: ReportData, ds: str, metric: str) -> Table | None:
     if st.empty:
         return None
     names = [x for x in dict.fromkeys(st["site"]) if x != "(worst)"]
+    g = data.summary[data.summary["dataset"] == ds]
+    # the unweighted mean over sites (``utility.per_site_mean``, FLamby's metric), per entry
+    psm = (dict(zip(zip(g["method"], g["privacy"]), g["per_site_mean"]))
+           if "per_site_mean" in g else {})
     rows = []
     if len(names) <= MAX_SITE_COLUMNS:
         for (m, p), e in st.groupby(["method", "privacy"], sort=False):
             vals = dict(zip(e["site"], e["utility_mean"]))
-            rows.append([m, p, *(fmt(vals.get(n)) for n in names), fmt(vals.get("(worst)"))])
-        return (f"per-site {metric} (mean over seeds) and the worst site",
-                ["method", "privacy", *names, "worst"], rows)
+            rows.append([m, p, *(fmt(vals.get(n)) for n in names), fmt(vals.get("(worst)")),
+                         fmt(psm.get((m, p)))])
+        return (f"per-site {metric} (mean over seeds), the worst site and the mean over sites",
+                ["method", "privacy", *names, "worst", "site mean"], rows)
     for (m, p), e in st.groupby(["method", "privacy"], sort=False):
         e = e[e["site"] != "(worst)"].dropna(subset=["utility_mean"])
         v = e["utility_mean"].to_numpy(dtype=float)
@@ -849,11 +858,11 @@ def _site_table(data: ReportData, ds: str, metric: str) -> Table | None:
         worst = e.iloc[int(np.argmin(v))]["site"]
         q = np.percentile(v, [10, 50, 90])
         rows.append([m, p, str(len(v)), fmt(float(v.min())), str(worst), fmt(q[0]), fmt(q[1]),
-                     fmt(q[2]), fmt(float(v.max()))])
+                     fmt(q[2]), fmt(float(v.max())), fmt(psm.get((m, p)))])
     return (f"per-site {metric} over {len(names)} sites (mean over seeds; every site in "
             f"tables/sites.csv)",
             ["method", "privacy", "sites", "worst", "worst site", "10th pct", "median",
-             "90th pct", "best"], rows)
+             "90th pct", "best", "site mean"], rows)
 
 
 def _attack_table(data: ReportData, ds: str) -> Table | None:
