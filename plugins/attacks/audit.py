@@ -46,11 +46,8 @@ import math
 from typing import Annotated, Any
 
 import numpy as np
-from scipy.stats import binom
 
 from fedmedbench import Attack, AttackContext, Canaries, FederatedData, Range
-
-from .mia import logits_of, loss_scores
 
 __all__ = ["p_value", "epsilon_lower_bound", "guess_counts", "score_guesses", "CanaryAudit"]
 
@@ -62,6 +59,8 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     with m randomised canaries (Steinke et al. 2023, Thm 5.2 / App. D)."""
     if r <= 0 or v <= 0:
         return 1.0
+    from scipy.stats import binom  # lazily: listing plugins does not load scipy
+
     q = 1.0 / (1.0 + math.exp(-epsilon))
     beta = float(binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
     if delta == 0:
@@ -173,6 +172,8 @@ class CanaryAudit(Attack):
 
     def scores(self, ctx: AttackContext, can: Canaries) -> np.ndarray:
         """Loss decrease of each canary from the initial to the final model."""
+        from .mia import logits_of, loss_scores  # lazily: mia loads torch
+
         init = ctx.initial_params
         out = np.zeros(len(can))
         sites = np.unique(can.site) if ctx.site_params else np.array([-1])
