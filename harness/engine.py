@@ -569,6 +569,10 @@ class CellRun:
         out = {**headline(accs), "level": level, "mechanisms": mechanisms}
         out["sent_in_clear"] = sorted({"num_examples", *self.sent_metric_keys()}) if \
             self.protocol_cls.aggregates else []
+        if self.protocol_cls.aggregates:
+            out["public"] = ("num_examples: each client's training-set size reaches the server "
+                             "in the clear and is treated as public metadata (aggregation "
+                             "weights use it); no privacy mechanism of the cell protects it")
         if self.dp:
             out["client_losses"] = ("not sent: under differential privacy each client's "
                                     "training loss is computed on private records without "

@@ -207,6 +207,8 @@ def test_dp_fedavg_with_the_default_aggregator_runs_and_its_epsilon_recomputes(r
         for site, w in h.get("weights", {}).items():
             assert w == pytest.approx(sizes[site] / 199 / (0.5 * W), rel=1e-5)
     assert rec["history"][0]["loss"] is None  # client losses are not sent under DP
+    assert p["sent_in_clear"] == ["num_examples"] and "client_losses" in p
+    assert p["public"].startswith("num_examples:") and "public metadata" in p["public"]
     # a data-dependent weighting has no bounded sensitivity: refused with the reason
     code, recs = run_matrix(text.replace('privacy = [{name = "dp-fedavg", noise_multiplier = 1.1}]',
                                          'privacy = ["dp-fedavg"]\naggregator = [{name = '
