@@ -34,7 +34,7 @@ _EXPORTS: dict[str, str] = {
         "Split", "Site", "Task", "FederatedData", "ParamLayout", "Updates", "Message")},
     # what components see of a running cell
     **{n: "fedmedbench.context" for n in (
-        "CellContext", "ClientContext", "ServerView", "AttackContext")},
+        "CellContext", "ClientContext", "ServerView", "AttackContext", "Canaries")},
     **{n: "fedmedbench.facts" for n in (
         "CellFacts", "AlgorithmFacts", "AggregatorFacts", "PrivacyFacts", "CompressorFacts")},
     **{n: "fedmedbench.accounting" for n in ("Accounting", "Ledger")},
@@ -43,7 +43,7 @@ _EXPORTS: dict[str, str] = {
         "per_example_loss")},
     **{n: "fedmedbench.errors" for n in (
         "ConfigError", "DataError", "Diverged", "FedmedbenchError", "PluginConflictError",
-        "PluginError", "SchemaError")},
+        "PluginError", "SchemaError", "SettingWarning")},
     **{n: "fedmedbench.datafiles" for n in (
         "cached_arrays", "check_card_files", "check_gzip", "load_card", "sha256_file",
         "shipped_file", "verify_checksum")},

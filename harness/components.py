@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fedmedbench.accounting import Accounting
-    from fedmedbench.context import AttackContext, CellContext, ClientContext
+    from fedmedbench.context import AttackContext, Canaries, CellContext, ClientContext
     from fedmedbench.facts import CellFacts
     from fedmedbench.training import LocalTrainer
 
@@ -195,6 +195,11 @@ class FederatedData:
     public: Split | None = None
     #: True when ``sites`` are real institutions / batches (natural partition)
     natural: bool = True
+    #: the sites' rows as one party pooling them holds them, when pooling changes
+    #: the preprocessing (FLamby standardises pooled training with pooled
+    #: statistics, each hospital with its own): the same sites, rows and order
+    #: as ``sites``. The pooled protocol trains on these; ``None``: on ``sites``.
+    pooled_sites: list[Site] | None = None
 
     def pooled_train(self) -> Split:
         return Split.concat([s.train for s in self.sites])
@@ -862,6 +867,14 @@ class Attack(Component):
     """
 
     family: ClassVar[str] = "attack"
+
+    def canaries(self, data: FederatedData, rng: np.random.Generator) -> Canaries | None:
+        """An auditing attack's canary records, picked before training from the
+        partitioned ``data`` with ``rng`` (seeded): the engine includes each
+        one in training with probability 1/2 and hands them back, with the
+        inclusion bits, in :attr:`AttackContext.canaries`. ``None`` (the
+        default): the attack inserts nothing and training is unchanged."""
+        return None
 
     def evaluate(self, ctx: AttackContext) -> dict[str, Any]:
         raise NotImplementedError(f"attack {self.name!r} does not implement evaluate()")

@@ -9,6 +9,8 @@ to the engine.
   one): their sizes and steps, and the training service.
 - :class:`ServerView` — what an honest-but-curious server read in a round.
 - :class:`AttackContext` — what an attack may use, by threat model.
+- :class:`Canaries` — the records an auditing attack has the engine insert
+  into training, each independently with probability 1/2.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.facts import CellFacts
     from fedmedbench.training import ExtraLoss, RunSettings
 
-__all__ = ["CellContext", "ClientContext", "ServerView", "AttackContext", "stable_int"]
+__all__ = ["CellContext", "ClientContext", "ServerView", "AttackContext", "Canaries",
+           "stable_int"]
 
 
 def stable_int(s: str) -> int:
@@ -261,6 +264,43 @@ class ServerView:
 
 
 @dataclass
+class Canaries:
+    """Audit records (Steinke, Nasr, Jagielski 2023): an attack that audits
+    picks them before training (:meth:`fedmedbench.Attack.canaries`); the
+    engine draws ``included`` — each canary in or out independently with
+    probability 1/2, from the cell seed — and inserts the included ones into
+    the training split of the client named by ``site`` before round 1 (under
+    the pooled protocol, into the pooled party's). Non-canary data is always
+    included.
+
+    Attributes
+    ----------
+    X, y : numpy.ndarray
+        ``m`` canary records (features shaped like the task's inputs, float32)
+        and labels (int64).
+    site : numpy.ndarray of int, shape (m,)
+        The site whose training data receives each canary.
+    included : numpy.ndarray of bool, shape (m,), or None
+        Set by the engine: which canaries were trained on (ground truth for
+        scoring; an attack must not use it to choose its guesses).
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    site: np.ndarray
+    included: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        m = len(self.y)
+        if len(self.X) != m or len(self.site) != m:
+            raise ValueError(f"Canaries: {len(self.X)} rows of X, {m} labels and "
+                             f"{len(self.site)} sites; give one of each per canary")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
 class AttackContext:
     """What an attack may use, by threat model.
 
@@ -295,8 +335,13 @@ class AttackContext:
     #: minibatches (X, y) that client trained on in round 1; ``None`` when they
     #: cannot be replayed (a local-stage mechanism samples its own batches)
     client_batches: Callable[[int, int], list[tuple[np.ndarray, np.ndarray]] | None] | None = None
-    #: the final model did not beat the majority-class baseline (see the record)
+    #: the final model did not beat the majority-class baseline (see the record's
+    #: ``utility.majority_baseline`` and ``utility.chance_level``)
     chance_level: bool = False
+    #: the canaries inserted for an auditing attack, with their inclusion bits
+    canaries: Canaries | None = None
+    #: the model every run starts from (the cell's seeded initialisation)
+    initial_params: torch.Tensor | None = None
 
     def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
         from fedmedbench.models import set_flat_params

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
+import sys
 import time
 import traceback
 import warnings
@@ -55,8 +56,8 @@ from fedmedbench.components import (
     Updates,
     UpdateStage,
 )
-from fedmedbench.context import AttackContext, CellContext
-from fedmedbench.errors import ConfigError, Diverged, PluginError, Skip
+from fedmedbench.context import AttackContext, Canaries, CellContext
+from fedmedbench.errors import ConfigError, Diverged, PluginError, SettingWarning, Skip
 from fedmedbench.facts import CellFacts, combination_problem, facts_of
 from fedmedbench.federation import Federation, cell_rng, clients_per_round
 from fedmedbench.meters import ByteMeter, Clock, Stages, ViewRecorder, calling, contained_message
@@ -186,6 +187,9 @@ class CellRun:
         self.client_factories: dict[int, Callable[[], Any]] = {}
         self.backend_name = "loop"
         self.backend_reason = ""
+        self.utility: dict[str, Any] = {}
+        self.canaries: Canaries | None = None
+        self.canary_attack: str | None = None
 
     # -- what tests and notebooks read after a run --------------------------------
 
@@ -255,6 +259,8 @@ class CellRun:
             holdout_fraction=holdout,
             adversary=c.adversary if protocol.aggregates else None,
             call=self._call)
+        self.canaries, self.canary_attack = self.pick_canaries(data)
+        self.federation.insert_canaries(self.canaries, pooled=protocol.name == "pooled")
         n = self.federation.n
         self.per_round = self.federation.per_round(everyone=not protocol.samples_clients)
         # the pooled protocol does the work of a federated round at the cell's rate
@@ -301,6 +307,53 @@ class CellRun:
             global_params=lambda: self.protocol.global_params(),
             metric_keys=self.sent_metric_keys)
         self.stages = Stages([self.clock, self.bytes, self.view_recorder])
+
+    def pick_canaries(self, data: FederatedData) -> tuple[Canaries | None, str | None]:
+        """The canaries of the cell's auditing attack (at most one attack may
+        insert them), with inclusion bits drawn here: each canary in or out
+        of training independently with probability 1/2 (Steinke et al. 2023)."""
+        picked = []
+        for key, a in self.components.attacks:
+            with calling(a, "canaries"):
+                can = a.canaries(data, cell_rng(self.seed, "canary-pick"))
+            if can is None:
+                continue
+            if not isinstance(can, Canaries):
+                raise PluginError(f"canaries() returned {type(can).__name__}, not "
+                                  f"fedmedbench.Canaries (or None)", plugin=a.plugin,
+                                  component=a.name, hook="canaries", exc_type="TypeError")
+            shape = tuple(data.task.input_shape)
+            if tuple(can.X.shape[1:]) != shape or (len(can) and not (
+                    0 <= int(np.min(can.site)) and int(np.max(can.site)) < len(data.sites))):
+                raise PluginError(f"canaries() gave records of shape {tuple(can.X.shape[1:])} "
+                                  f"for sites {sorted(set(np.asarray(can.site).tolist()))}; the "
+                                  f"task's inputs are {shape} and the sites 0..{len(data.sites) - 1}",
+                                  plugin=a.plugin, component=a.name, hook="canaries",
+                                  exc_type="ValueError")
+            picked.append((key, can))
+        if not picked:
+            return None, None
+        if len(picked) > 1:
+            raise ConfigError(f"attacks {[k for k, _ in picked]} each insert canaries into "
+                              f"training; one run audits one set of canaries: list one "
+                              f"auditing attack per matrix")
+        key, can = picked[0]
+        can = Canaries(np.asarray(can.X, dtype=np.float32), np.asarray(can.y, dtype=np.int64),
+                       np.asarray(can.site, dtype=np.int64))
+        can.included = cell_rng(self.seed, "canary-inclusion").random(len(can)) < 0.5
+        return can, key
+
+    def canary_summary(self) -> dict[str, Any] | None:
+        """The record's ``metrics.canaries``: what the audit added to training."""
+        can = self.canaries
+        if can is None:
+            return None
+        inc = np.asarray(can.included, dtype=bool)
+        return {"attack": self.canary_attack, "m": len(can), "included": int(inc.sum()),
+                "per_site": {s.name: int((inc & (can.site == i)).sum())
+                             for i, s in enumerate(self.data.sites)},
+                "note": "the audit's canary records were trained on (each with probability "
+                        "1/2): every utility and attack number of this cell is of that model"}
 
     def _factory(self, comp: Model) -> Callable[[], Any]:
         """A factory for ``comp``'s module; one seeded initialisation per cell."""
@@ -424,6 +477,7 @@ class CellRun:
 
         self._aggregator_keys = _aggregator_metric_keys(self.components.aggregator)
         w0 = self.maybe_pretrain(self.model_factory, get_flat_params(self.model_factory()))
+        self.initial_params = w0.clone()
         self.protocol.init_models(w0)
         every = max(1, int(self.settings.eval_every))
         utility = None
@@ -442,7 +496,45 @@ class CellRun:
             if progress:
                 progress(rnd)
         assert utility is not None
+        utility = {**utility, **self.chance(utility)}
+        vdata = self.federation.validation_data(self.data)
+        if vdata is not None:  # tuning reads this, never the test split
+            utility = {**utility, "validation": self.evaluate_on(vdata)}
+        self.utility = utility
         return utility
+
+    def chance(self, utility: dict[str, Any]) -> dict[str, Any]:
+        """``majority_baseline``: the best constant prediction (one class for
+        every row) on the pooled test split, scored with the task's metric
+        (accuracy: the majority class's rate; balanced accuracy and AUROC:
+        0.5); ``chance_level``: the cell's utility does not beat it (``None``
+        when either is undefined)."""
+        from fedmedbench.metrics import score
+
+        task = self.data.task
+        ys = [s.test.y for s in self.data.sites if len(s.test)]
+        if not ys:
+            return {"majority_baseline": None, "chance_level": None}
+        y = np.concatenate(ys)
+        eye = np.eye(int(task.num_classes))
+        base = [score(task.metric, y, np.repeat(eye[[c]], len(y), axis=0))
+                for c in range(int(task.num_classes))]
+        finite = [b for b in base if np.isfinite(b)]
+        baseline = max(finite) if finite else None
+        g = utility.get("global")
+        level = (None if baseline is None or g is None or not np.isfinite(g)
+                 else bool(g <= baseline + 1e-12))
+        return {"majority_baseline": baseline, "chance_level": level}
+
+    def evaluate_on(self, data: FederatedData) -> dict[str, Any]:
+        """The protocol's evaluation of the current models with ``data``'s
+        test splits (the validation rows) in place of the cell's."""
+        held = self.ctx.data
+        self.ctx.data = data
+        try:
+            return self.protocol.evaluate()
+        finally:
+            self.ctx.data = held
 
     # -- privacy -------------------------------------------------------------
 
@@ -477,6 +569,10 @@ class CellRun:
         out = {**headline(accs), "level": level, "mechanisms": mechanisms}
         out["sent_in_clear"] = sorted({"num_examples", *self.sent_metric_keys()}) if \
             self.protocol_cls.aggregates else []
+        if self.protocol_cls.aggregates:
+            out["public"] = ("num_examples: each client's training-set size reaches the server "
+                             "in the clear and is treated as public metadata (aggregation "
+                             "weights use it); no privacy mechanism of the cell protects it")
         if self.dp:
             out["client_losses"] = ("not sent: under differential privacy each client's "
                                     "training loss is computed on private records without "
@@ -514,13 +610,34 @@ class CellRun:
             new, _ = tr.train(get_flat_params(model), steps)
             return new
 
-        return AttackContext(
-            cell=self.cell, data=self.data, model_factory=self.factory_for(0),
+        return AttackContext(  # members: the rows trained on (no validation or holdout rows)
+            cell=self.cell, data=self.federation.trained_data(self.data),
+            model_factory=self.factory_for(0),
             final_params=final, server_views=self.views, privacy=self.privacy_block(),
             settings=self.settings, rounds=self.rounds, seed=self.seed,
             protocol=self.protocol_cls.name, train_shadow=train_shadow,
             mechanisms=[m.name for m in self.components.privacy], site_params=per_site,
-            artifacts_dir=self.cell.get("artifacts_dir"), client_batches=self.round1_batches)
+            artifacts_dir=self.cell.get("artifacts_dir"), client_batches=self.round1_batches,
+            chance_level=bool(self.utility.get("chance_level")), canaries=self.canaries,
+            initial_params=getattr(self, "initial_params", None))
+
+    def chance_note(self) -> str:
+        u = self.utility
+        return (f"the model did not learn: its {u.get('metric')} {u.get('global'):.3f} does not "
+                f"beat the majority-class baseline {u.get('majority_baseline'):.3f}, so an "
+                f"attack's numbers here say nothing about what a trained model leaks")
+
+    def cost_extra(self) -> dict[str, Any]:
+        """Cost fields the privacy mechanisms report (``clipped_coordinates``:
+        coordinates a transport clipped to its range before encoding)."""
+        out: dict[str, Any] = {}
+        for m in self.components.privacy:
+            with calling(m, "report"):
+                rep = m.report()
+            v = rep.get("clipped_coordinates") if isinstance(rep, dict) else None
+            if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+                out["clipped_coordinates"] = out.get("clipped_coordinates", 0) + int(v)
+        return out
 
     def run_attacks(self) -> dict[str, Any]:
         """Each attack's result, or ``{"failed": {...}}`` for one that raised or
@@ -540,6 +657,9 @@ class CellRun:
                                       f"metrics", plugin=a.plugin, component=a.name,
                                       hook="evaluate", exc_type="TypeError")
                 res.setdefault("seconds", round(time.perf_counter() - t0, 3))
+                if actx.chance_level and not ({"not_applicable", "failed"} & set(res)):
+                    res.setdefault("model_learned", False)
+                    res.setdefault("chance_note", self.chance_note())
             except PluginError as exc:
                 res = {"failed": _error(exc)}
             out[key] = res
@@ -658,6 +778,8 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
             utility = run.run(progress=progress, hooks=hooks)
             record["metrics"] = {"utility": utility, **run.protocol.record_metrics(),
                                  "privacy": run.privacy_block()}
+            if run.canaries is not None:
+                record["metrics"]["canaries"] = run.canary_summary()
             record["metrics"]["attacks"] = run.run_attacks()
     except Skip as exc:
         record["status"] = "skipped"
@@ -677,6 +799,10 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     finally:
         torch.set_num_threads(torch_threads)
     record["warnings"] = _warning_summary(caught, logged)
+    for w in record["warnings"]:  # settings that make a cell's numbers suspect: say so now
+        if w["category"] == SettingWarning.__name__:
+            print(f"fedmedbench: cell {cell['cell_id']}: warning: {w['message']}",
+                  file=sys.stderr)
     if record["status"] != "ok" and run is not None and hasattr(run, "ctx"):
         with contextlib.suppress(Exception):
             record["metrics"].setdefault("privacy", run.privacy_block())
@@ -684,6 +810,8 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     if run is not None:
         cost.update(bytes_up=run.bytes.up, bytes_down=run.bytes.down,
                     **{k: round(v, 4) for k, v in run.clock.seconds.items()})
+        with contextlib.suppress(Exception):
+            cost.update(run.cost_extra())
     record["metrics"]["cost"] = {**cost, "wall_s": round(time.perf_counter() - t_start, 4)}
     try:
         hooks.on_cell_end(cell=cell, record=record)

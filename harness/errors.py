@@ -66,3 +66,9 @@ def install_interrupt_handler() -> None:
 
 class Skip(FedmedbenchError):
     """A cell whose components cannot work together; the message is the reason."""
+
+
+class SettingWarning(UserWarning):
+    """A setting that makes a cell's numbers suspect (a secure-aggregation clip
+    range that clips most of an update): recorded in the record's
+    ``warnings`` and printed when the cell ends."""

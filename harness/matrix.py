@@ -15,6 +15,8 @@ A matrix is TOML::
     local_steps = 10
     [run.fedprox]         # overrides for cells using one component
     lr = 0.05
+    [run.centralized]     # ... including their number of rounds
+    rounds = 1
 
     [[exclude]]           # drop cells matching every key given
     algorithm = "local"
@@ -247,6 +249,11 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
                 raise ConfigError(f"{where}: [run.{k}] overrides run settings for component "
                                   f"{k!r}, which no axis uses")
             for kk, vv in v.items():
+                if kk == "rounds":  # a component's cells may run their own number of rounds
+                    if _typed(vv, int, f"{where}: run.{k}.rounds") < 1:
+                        raise ConfigError(f"{where}: run.{k}.rounds = {vv}; it must be at "
+                                          f"least 1")
+                    continue
                 _check_run_key(kk, vv, fields, f"{where}: run.{k}.{kk}")
             overrides[k] = dict(v)
         else:
@@ -694,11 +701,12 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
              *(comps[a]["name"] for a in ("compressor", "adversary") if comps[a])]
     for n in names:
         run.update(m.run_overrides.get(n, {}))
+    rounds = int(run.pop("rounds", m.rounds))
     problems = RunSettings(**run).problems()
     if problems:
         raise ConfigError(f"{m.source}: run settings for {comps['dataset']['name']} / "
                           f"{comps['algorithm']['name']}: {'; '.join(problems)}")
-    return {**comps, "run": run, "rounds": m.rounds, "seed": seed,
+    return {**comps, "run": run, "rounds": rounds, "seed": seed,
             "versions": plugin_versions(comps, reg)}
 
 

@@ -459,7 +459,10 @@ class Isolated(RoundProtocol):
 
     ``global`` utility is the mean over sites of each site's model on the
     pooled test set (how well one hospital's model serves everyone);
-    ``per_site`` scores each site's model on its own test split.
+    ``per_site`` scores each site's model on its own test split;
+    ``cross_site`` gives, per site, its model's unweighted mean over every
+    site's test split (FLamby's "Local i" number) and ``cross_site_matrix``
+    each of those scores (model's site → test site → score).
     """
 
     name = "isolated"
@@ -500,6 +503,7 @@ class Isolated(RoundProtocol):
         data, metric = self.ctx.data, self.ctx.data.task.metric
         per_site: dict[str, float] = {}
         on_pooled = []
+        matrix: dict[str, dict[str, float]] = {}
         X = _pooled_X(data)
         for i, site in enumerate(data.sites):
             model = self.run.model_for(i)
@@ -508,8 +512,10 @@ class Isolated(RoundProtocol):
             site_scores, pooled = _score_sites(metric, data, predict_proba(model, X))
             per_site[site.name] = site_scores[site.name]
             on_pooled.append(pooled)
-        return _utility(metric, per_site, float(np.nanmean(on_pooled)),
-                        cross_site=float(np.nanmean(on_pooled)))
+            matrix[site.name] = site_scores
+        cross = {name: float(np.nanmean(list(row.values()))) for name, row in matrix.items()}
+        return _utility(metric, per_site, float(np.nanmean(on_pooled)), cross_site=cross,
+                        cross_site_matrix=matrix)
 
 
 class Personalized(Federated):
@@ -754,7 +760,7 @@ def _score_sites(metric: str, data: Any, proba: np.ndarray) -> tuple[dict[str, f
     return per_site, pooled
 
 
-def _utility(metric: str, per_site: dict[str, float], pooled: float, **extra: float
+def _utility(metric: str, per_site: dict[str, float], pooled: float, **extra: Any
              ) -> dict[str, Any]:
     finite = [v for v in per_site.values() if not math.isnan(v)]
     return {"metric": metric, "global": pooled, "per_site": per_site,

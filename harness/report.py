@@ -171,7 +171,8 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     ``method`` (the algorithm, plus the partitioner, model, aggregator,
     compressor or adversary where those vary), ``topology``, ``seed``,
     ``rounds``; ``metric``, ``utility`` (pooled test set), ``worst_site``,
-    ``site:<name>`` per site, ``majority_baseline`` and ``chance_level``
+    ``per_site_mean`` (the unweighted mean of the per-site values: FLamby's
+    metric), ``site:<name>`` per site, ``majority_baseline`` and ``chance_level``
     (where the dataset reports them); ``privacy_level``, ``epsilon``,
     ``delta``, ``unit`` (``record`` or ``client``), ``accountant``;
     ``bytes_up``, ``bytes_down``, ``bytes``, ``bytes_per_round`` and the
@@ -196,6 +197,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "seed": cfg.get("seed"), "rounds": cfg.get("rounds"),
             "metric": u.get("metric"), "utility": _num(u.get("global")),
             "worst_site": _num(u.get("worst_site")),
+            "per_site_mean": _num(u.get("per_site_mean")),
             "majority_baseline": _num(u.get("majority_baseline")),
             "chance_level": chance if isinstance(chance, bool) else None,
             "privacy_level": p.get("level"), "epsilon": _num(p.get("epsilon")),
@@ -210,6 +212,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "provenance": _provenance(r),
         }
         row["bytes"] = row["bytes_up"] + row["bytes_down"]
+        row["clipped_coordinates"] = _num(c.get("clipped_coordinates"))
         rounds = _num(cfg.get("rounds"))
         row["bytes_per_round"] = row["bytes"] / rounds if rounds and rounds > 0 else math.nan
         for k in TIMING_KEYS:
@@ -362,15 +365,17 @@ def _ci95(sd: pd.Series, n: pd.Series) -> pd.Series:
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset × method × privacy over its seeds: cell counts by
     status, utility mean/std/95% interval, worst site and its gain over
-    ``local`` (:func:`worst_site_gain`), ε (largest over seeds) with δ, unit
+    ``local`` (:func:`worst_site_gain`), the mean over seeds of
+    ``per_site_mean`` (the unweighted mean over sites), ε (largest over seeds) with δ, unit
     and accountant, the majority-class baseline and in how many seeds the
     utility does not beat it (``chance_seeds``), bytes (per cell and per
     round) and seconds (means over ok seeds)."""
     cols = ["dataset", "method", "privacy", "topology", "metric", "n", "cells", "failed",
             "utility_mean", "utility_std", "utility_ci95", "worst_site_mean",
-            "worst_site_gain", "majority_baseline", "chance_seeds", "epsilon", "delta", "unit",
+            "worst_site_gain", "per_site_mean", "majority_baseline", "chance_seeds", "epsilon", "delta", "unit",
             "accountant", "privacy_level", "rounds", "bytes_up", "bytes_down", "bytes",
-            "bytes_per_round", "wall_s", "train_s", "privacy_s", "seeds", "provenance"]
+            "bytes_per_round", "wall_s", "train_s", "privacy_s", "clipped_coordinates", "seeds",
+            "provenance"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     allg = (df.assign(_bad=df["status"] != "ok").groupby(KEYS, sort=True)
@@ -381,12 +386,14 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     spec = {"metric": ("metric", "first"), "n": ("utility", "count"),
             "utility_mean": ("utility", "mean"), "utility_std": ("utility", "std"),
             "worst_site_mean": ("worst_site", "mean"),
+            "per_site_mean": ("per_site_mean", "mean"),
             "majority_baseline": ("majority_baseline", "mean"),
             "chance_seeds": ("_chance", "sum"), "epsilon": ("epsilon", "max"),
             "delta": ("delta", "max"), "unit": ("unit", _first),
             "accountant": ("accountant", _first), "privacy_level": ("privacy_level", "first"),
             "rounds": ("rounds", "max")}
-    for k in ("bytes_up", "bytes_down", "bytes", "bytes_per_round", *TIMING_KEYS):
+    for k in ("bytes_up", "bytes_down", "bytes", "bytes_per_round", *TIMING_KEYS,
+              "clipped_coordinates"):
         if k in ok:
             spec[k] = (k, "mean")
     okg = ok.groupby(KEYS, sort=True).agg(**spec)
@@ -831,13 +838,18 @@ def _site_table(data: ReportData, ds: str, metric: str) -> Table | None:
     if st.empty:
         return None
     names = [x for x in dict.fromkeys(st["site"]) if x != "(worst)"]
+    g = data.summary[data.summary["dataset"] == ds]
+    # the unweighted mean over sites (``utility.per_site_mean``, FLamby's metric), per entry
+    psm = (dict(zip(zip(g["method"], g["privacy"]), g["per_site_mean"]))
+           if "per_site_mean" in g else {})
     rows = []
     if len(names) <= MAX_SITE_COLUMNS:
         for (m, p), e in st.groupby(["method", "privacy"], sort=False):
             vals = dict(zip(e["site"], e["utility_mean"]))
-            rows.append([m, p, *(fmt(vals.get(n)) for n in names), fmt(vals.get("(worst)"))])
-        return (f"per-site {metric} (mean over seeds) and the worst site",
-                ["method", "privacy", *names, "worst"], rows)
+            rows.append([m, p, *(fmt(vals.get(n)) for n in names), fmt(vals.get("(worst)")),
+                         fmt(psm.get((m, p)))])
+        return (f"per-site {metric} (mean over seeds), the worst site and the mean over sites",
+                ["method", "privacy", *names, "worst", "site mean"], rows)
     for (m, p), e in st.groupby(["method", "privacy"], sort=False):
         e = e[e["site"] != "(worst)"].dropna(subset=["utility_mean"])
         v = e["utility_mean"].to_numpy(dtype=float)
@@ -846,11 +858,11 @@ def _site_table(data: ReportData, ds: str, metric: str) -> Table | None:
         worst = e.iloc[int(np.argmin(v))]["site"]
         q = np.percentile(v, [10, 50, 90])
         rows.append([m, p, str(len(v)), fmt(float(v.min())), str(worst), fmt(q[0]), fmt(q[1]),
-                     fmt(q[2]), fmt(float(v.max()))])
+                     fmt(q[2]), fmt(float(v.max())), fmt(psm.get((m, p)))])
     return (f"per-site {metric} over {len(names)} sites (mean over seeds; every site in "
             f"tables/sites.csv)",
             ["method", "privacy", "sites", "worst", "worst site", "10th pct", "median",
-             "90th pct", "best"], rows)
+             "90th pct", "best", "site mean"], rows)
 
 
 def _attack_table(data: ReportData, ds: str) -> Table | None:
@@ -936,13 +948,16 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
                          [[r.method, r.privacy, fmt(r.privacy_level), fmt_eps(r.epsilon, r.delta),
                            fmt(r.unit), fmt(r.accountant)] for r in ok.itertuples()]))
         cost_cols = [k for k in TIMING_KEYS if k in ok and ok[k].notna().any()]
+        # coordinates a secure-aggregation transport clipped (shown when any cell clipped)
+        if "clipped_coordinates" in ok and (ok["clipped_coordinates"].fillna(0) > 0).any():
+            cost_cols.append("clipped_coordinates")
         tabs.append(("cost (mean per cell over seeds)",
                      ["method", "privacy", "bytes up", "bytes down", "bytes/round",
-                      *[{"wall_s": "wall s", "train_s": "train s",
-                         "privacy_s": "privacy s"}[k] for k in cost_cols]],
+                      *[{"wall_s": "wall s", "train_s": "train s", "privacy_s": "privacy s",
+                         "clipped_coordinates": "clipped coords"}[k] for k in cost_cols]],
                      [[r["method"], r["privacy"], fmt_bytes(r["bytes_up"]),
                        fmt_bytes(r["bytes_down"]), fmt_bytes(r.get("bytes_per_round")),
-                       *[fmt(r[k], 2) for k in cost_cols]]
+                       *[fmt(r[k], 0 if k == "clipped_coordinates" else 2) for k in cost_cols]]
                       for _, r in ok.iterrows()]))
         st = _site_table(data, ds, metric)
         if st:

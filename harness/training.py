@@ -61,6 +61,12 @@ class RunSettings:
         initial model on the dataset's public split before round 1 (every
         algorithm; 0, the default, turns it off; a cell whose data has no
         public split is skipped).
+    validation : float
+        Fraction of each site's training rows carved out (seeded, never
+        trained on) as a validation split, in [0, 1): the record reports the
+        final model's ``utility.validation``, performance weighting scores
+        on it, and tuning reads it; the test split is only for reporting.
+        0, the default, carves nothing.
     """
 
     # the Range annotations are checked before anything trains (fedmedbench.constraints)
@@ -76,6 +82,7 @@ class RunSettings:
     server_lr: Annotated[float, Range(gt=0)] = 1.0
     eval_every: Annotated[int, Range(ge=1)] = 1
     pretrain_steps: Annotated[int, Range(ge=0)] = 0
+    validation: Annotated[float, Range(ge=0, lt=1)] = 0.0
 
     def problems(self) -> list[str]:
         """What is wrong with these settings (empty when they are fine)."""

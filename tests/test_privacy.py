@@ -194,10 +194,11 @@ def test_dp_fedavg_with_the_default_aggregator_runs_and_its_epsilon_recomputes(r
     acc = p["mechanisms"]["dp-fedavg"]
     assert acc["weighting"] == "examples" and acc["sample_rate"] == 0.5
     assert "Poisson sampling of clients with rate q = 0.5" in p["sampling"]
+    assert p["steps"] == 4 == rec["config"]["rounds"]  # one accounted step per round
     ref = RDPAccountant()
-    for _ in range(4):
-        ref.step(noise_multiplier=acc["noise_multiplier"], sample_rate=acc["sample_rate"])
-    assert p["epsilon"] == pytest.approx(ref.get_epsilon(1e-5), rel=1e-9)
+    for _ in range(p["steps"]):
+        ref.step(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"])
+    assert p["epsilon"] == pytest.approx(ref.get_epsilon(p["delta"]), rel=1e-9)
     assert p["unit"] == "client" and p["mechanism"] == "dp-fedavg"
     # the rounds' weights are the fixed-denominator ones: w_k / (q W), w_k = n_k / max n
     sizes = {"Cleveland": 199, "Hungary": 172, "Switzerland": 30, "VA Long Beach": 85}
@@ -206,6 +207,8 @@ def test_dp_fedavg_with_the_default_aggregator_runs_and_its_epsilon_recomputes(r
         for site, w in h.get("weights", {}).items():
             assert w == pytest.approx(sizes[site] / 199 / (0.5 * W), rel=1e-5)
     assert rec["history"][0]["loss"] is None  # client losses are not sent under DP
+    assert p["sent_in_clear"] == ["num_examples"] and "client_losses" in p
+    assert p["public"].startswith("num_examples:") and "public metadata" in p["public"]
     # a data-dependent weighting has no bounded sensitivity: refused with the reason
     code, recs = run_matrix(text.replace('privacy = [{name = "dp-fedavg", noise_multiplier = 1.1}]',
                                          'privacy = ["dp-fedavg"]\naggregator = [{name = '
@@ -383,3 +386,127 @@ def test_parameter_errors_name_the_parameter():
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("[", r"\[")):
             make()
     assert math.isclose(copy.deepcopy(DPSGD(epsilon=3)).params()["epsilon"], 3.0)
+
+
+# --------------------------------------------------------------------------
+# dp-fedavg: each refusal and each fix, with its message
+# --------------------------------------------------------------------------
+
+
+def test_distributed_noise_needs_a_secure_transport(run_matrix):
+    """Without a transport the server would read each update with its noise
+    share only (multiplier σ/√m): refused, naming the two fixes; with
+    secagg in the stack the same setting runs, distributed."""
+    code, recs = run_matrix(HEART.format(rounds=1, privacy="""[
+        {name = "dp-fedavg", noise = "distributed"},
+        [{name = "dp-fedavg", noise = "distributed"}, "secagg"]]"""))
+    assert code == 0
+    by = _by_privacy(recs)
+    alone = by["dp-fedavg(noise=distributed)"]
+    assert alone["status"] == "skipped"
+    msg = alone["error"]["message"]
+    assert "distributed noise without a secure transport" in msg
+    assert "σ/√m" in msg and "add secure aggregation" in msg and 'noise = "central"' in msg
+    fixed = by["dp-fedavg(noise=distributed)+secagg"]
+    assert fixed["status"] == "ok", fixed["error"]
+    assert fixed["metrics"]["privacy"]["mechanisms"]["dp-fedavg"]["noise"] == "distributed"
+    assert "noise share reaches the sum" in fixed["metrics"]["privacy"]["sampling"]
+
+
+def test_adaptive_clipping_with_distributed_noise_is_refused(run_matrix):
+    """Adaptive clipping needs each client's clipped-or-not bit; with distributed
+    noise no trusted server counts them in private: refused; a fixed clip, or
+    central noise, runs."""
+    code, recs = run_matrix(HEART.format(rounds=1, privacy="""[
+        [{name = "dp-fedavg", target_quantile = 0.5}, "secagg"],
+        [{name = "dp-fedavg", clip = 0.5}, "secagg"],
+        {name = "dp-fedavg", target_quantile = 0.5, noise = "central"}]"""))
+    assert code == 0
+    by = _by_privacy(recs)
+    bad = by["dp-fedavg(target_quantile=0.5)+secagg"]
+    assert bad["status"] == "skipped"
+    assert "adaptive clipping needs each client's clipped-or-not bit" in bad["error"]["message"]
+    assert "use a fixed clip" in bad["error"]["message"]
+    assert by["dp-fedavg(clip=0.5)+secagg"]["status"] == "ok"
+    central = by["dp-fedavg(noise=central,target_quantile=0.5)"]
+    assert central["status"] == "ok"
+    assert central["metrics"]["privacy"]["mechanisms"]["dp-fedavg"]["adaptive_clipping"]
+
+
+def test_epsilon_target_is_met_for_the_schedule_applied(run_matrix):
+    """Target ε = 1 with σ decaying by 0.9 over 20 rounds (and a floor): σ_0 is
+    solved for the decayed schedule, so the recorded ε is at most 1 (0.1 had
+    σ solved for a constant schedule and recorded 5.36), and it is the
+    accountant's ε for the recorded schedule."""
+    code, recs = run_matrix(HEART.format(rounds=20, privacy="""[
+        {name = "dp-fedavg", epsilon = 1.0, noise_decay = 0.9},
+        {name = "dp-fedavg", epsilon = 1.0, noise_decay = 0.8, min_noise_multiplier = 10.0}]"""))
+    assert code == 0, [r["error"] for r in recs]
+    for r in recs:
+        assert r["status"] == "ok", r["error"]
+        p = r["metrics"]["privacy"]
+        acc = p["mechanisms"]["dp-fedavg"]
+        z = acc["noise_multipliers"]
+        assert len(z) == 20 and acc["target_epsilon"] == 1.0
+        assert 0.9 <= p["epsilon"] <= 1.0, p["epsilon"]
+        assert p["epsilon"] == pytest.approx(epsilon_for([(s, 1.0, 1) for s in z], 1e-5))
+        decay = r["config"]["privacy"][0]["noise_decay"]
+        floor = r["config"]["privacy"][0]["min_noise_multiplier"]
+        assert z == pytest.approx([max(floor, z[0] * decay ** t) for t in range(20)])
+        assert r["history"][-1]["epsilon"] == p["epsilon"]
+    floored = [r for r in recs if r["config"]["privacy"][0]["min_noise_multiplier"] == 10.0][0]
+    z = floored["metrics"]["privacy"]["mechanisms"]["dp-fedavg"]["noise_multipliers"]
+    assert z[0] > 10.0 and z[-1] == 10.0  # the floor is part of the schedule solved for
+
+
+def test_the_record_states_the_sampling_its_accountant_assumes(run_matrix, tmp_path):
+    """dp-fedavg cells sample clients by Poisson by default (what the accountant
+    assumes); fixed-size sampling set by the matrix is accounted with the
+    Poisson bound and the record says it is an approximation."""
+    text = HEART.format(rounds=2, privacy='["dp-fedavg"]') + "[run]\nclients_per_round = 2\n"
+    code, recs = run_matrix(text)
+    assert code == 0 and recs[0]["status"] == "ok", recs[0]["error"]
+    p = recs[0]["metrics"]["privacy"]
+    assert recs[0]["config"]["run"]["client_sampling"] == "poisson"
+    assert p["sampling"] == ("Poisson sampling of clients with rate q = 0.5, as the accountant "
+                             "assumes")
+    assert p["sample_rate"] == 0.5
+    code, recs = run_matrix(text + 'client_sampling = "fixed"\n', out=tmp_path / "fixed")
+    assert code == 0 and recs[0]["status"] == "ok", recs[0]["error"]
+    p = recs[0]["metrics"]["privacy"]
+    assert p["sampling"].startswith("fixed-size sampling of 2 clients per round")
+    assert "Poisson-sampling bound at q = 0.5" in p["sampling"] and "approximation" in p["sampling"]
+    assert [h["clients"] for h in recs[0]["history"]] == [2, 2]
+    # q = 1: nothing to amplify, and the record says so
+    code, recs = run_matrix(HEART.format(rounds=1, privacy='["dp-fedavg"]'), out=tmp_path / "all")
+    assert "q = 1, no amplification" in recs[0]["metrics"]["privacy"]["sampling"]
+
+
+# --------------------------------------------------------------------------
+# secure aggregation's clip range: counted in the cost, warned about
+# --------------------------------------------------------------------------
+
+
+def test_secagg_clipping_is_counted_and_a_range_that_clips_most_warns(run_matrix, tmp_path,
+                                                                      capsys):
+    """Coordinates outside clip_range are clipped before encoding: the record's
+    cost counts them; a range that clips most of an update warns in round 1,
+    when the first such update is encoded (values are unknown before
+    training), into record["warnings"] and on stderr."""
+    code, recs = run_matrix(HEART.format(rounds=2, privacy='[{name = "secagg", '
+                                                           'clip_range = 1e-4}]'))
+    assert code == 0 and recs[0]["status"] == "ok", recs[0]["error"]
+    rec = recs[0]
+    cost = rec["metrics"]["cost"]
+    assert cost["clipped_coordinates"] == rec["metrics"]["privacy"]["mechanisms"]["secagg"][
+        "clipped_coordinates"]
+    assert cost["clipped_coordinates"] > 0.5 * 2 * 4 * 32  # 2 rounds x 4 clients x 32 params
+    warns = [w for w in rec["warnings"] if w["category"] == "SettingWarning"]
+    assert len(warns) == 1 and warns[0]["count"] == 1
+    assert "round-1 update" in warns[0]["message"] and "raise clip_range" in warns[0]["message"]
+    assert "outside clip_range = ±0.0001" in warns[0]["message"]
+    assert "warning: secagg:" in capsys.readouterr().err
+    code, recs = run_matrix(HEART.format(rounds=2, privacy='["secagg"]'), out=tmp_path / "ok")
+    rec = recs[0]
+    assert rec["metrics"]["cost"]["clipped_coordinates"] == 0
+    assert not [w for w in rec["warnings"] if w["category"] == "SettingWarning"]

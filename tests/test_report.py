@@ -415,6 +415,30 @@ def test_cells_at_chance_level_are_marked_in_every_table(real: Path) -> None:
     assert CHANCE_MARK not in terminal_summary(plain)
 
 
+def test_per_site_mean_is_a_metric_of_records_summary_and_the_site_table(real: Path) -> None:
+    """``utility.per_site_mean`` (the unweighted mean over sites, FLamby's
+    metric) is a column of the frame, averaged over seeds in the summary, and
+    the site table's last column."""
+    recs = _entries(real)
+    for r in recs:
+        u = r["metrics"]["utility"]
+        assert u["per_site_mean"] == pytest.approx(np.mean(list(u["per_site"].values())))
+        u["per_site_mean"] = 0.5 + 0.01 * r["config"]["seed"]  # a value no other column has
+    data = build(recs)
+    assert set(data.cells["per_site_mean"].round(6)) == {
+        round(0.5 + 0.01 * r["config"]["seed"], 6) for r in recs}
+    want = float(np.mean([0.5 + 0.01 * r["config"]["seed"] for r in recs
+                          if r["config"]["algorithm"]["name"] == "fedavg"]))
+    s = data.summary.set_index("method")
+    assert s.loc["fedavg", "per_site_mean"] == pytest.approx(want)
+    from fedmedbench.report import text_tables
+
+    (title, headers, rows), = [t for t in text_tables(data)[data.datasets[0]]
+                               if t[0].startswith("per-site")]
+    assert headers[-1] == "site mean"
+    assert [r[-1] for r in rows if r[0] == "fedavg"] == [f"{want:.3f}"]
+
+
 def test_short_labels_are_stable_and_the_legend_maps_them_to_full_configs(real: Path) -> None:
     from fedmedbench.matrix import short_label
 

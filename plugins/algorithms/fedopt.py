@@ -13,6 +13,9 @@ With ``Δ_t`` the aggregated delta (weighted mean of ``w_i - w_t``)::
     w_{t+1} = w_t + eta * m_t / (sqrt(v_t) + tau)
 
 as in the paper: no bias correction, ``m_0 = 0`` and ``v_0 = tau²``.
+``v0 = 0`` starts the second moment at 0 instead, as FLamby's FedOpt
+strategies do (owkin/FLamby ``flamby/strategies/fed_opt.py``; the
+Fed-Heart-Disease preset ``matrices/flamby-heart.toml``).
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ class FedOpt(Algorithm):
     beta2 : float, default 0.99
         Decay of the second moment, in [0, 1) (unused by adagrad).
     tau : float, default 1e-3
-        Adaptivity ε (> 0); the paper's best values lie in 1e-3..1e-1 and
-        ``v_0 = tau²``.
+        Adaptivity ε (> 0); the paper's best values lie in 1e-3..1e-1.
+    v0 : float or None, default None
+        The second moment's starting value (>= 0): ``None`` is the paper's
+        ``tau²``; FLamby starts it at ``0``.
     """
 
     name = "fedopt"
@@ -51,7 +56,8 @@ class FedOpt(Algorithm):
     def __init__(self, *, optimizer: str = "adam", eta: Annotated[float, Range(gt=0)] = 0.03,
                  beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9,
                  beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99,
-                 tau: Annotated[float, Range(gt=0)] = 1e-3) -> None:
+                 tau: Annotated[float, Range(gt=0)] = 1e-3,
+                 v0: Annotated[float | None, Range(ge=0)] = None) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"{self.name}: optimizer = {optimizer!r}; choose one of "
                              f"{', '.join(OPTIMIZERS)}")
@@ -59,13 +65,17 @@ class FedOpt(Algorithm):
         _check(self.name, "beta1", beta1, lo=0.0, hi=1.0)
         _check(self.name, "beta2", beta2, lo=0.0, hi=1.0)
         _check(self.name, "tau", tau, lo=0.0, lo_open=True)
+        if v0 is not None:
+            _check(self.name, "v0", v0, lo=0.0)
         self.optimizer, self.eta, self.beta1, self.beta2, self.tau = (
             optimizer, float(eta), float(beta1), float(beta2), float(tau))
+        self.v0 = None if v0 is None else float(v0)
 
     def setup(self, ctx: CellContext) -> None:
         n = ctx.layout.numel
         ctx.state["fedopt_m"] = torch.zeros(n, dtype=torch.float64)
-        ctx.state["fedopt_v"] = torch.full((n,), self.tau ** 2, dtype=torch.float64)
+        v0 = self.tau ** 2 if self.v0 is None else self.v0
+        ctx.state["fedopt_v"] = torch.full((n,), v0, dtype=torch.float64)
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
                       aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
@@ -91,8 +101,9 @@ class FedAdam(FedOpt):
     def __init__(self, *, eta: Annotated[float, Range(gt=0)] = 0.03,
                  beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9,
                  beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99,
-                 tau: Annotated[float, Range(gt=0)] = 1e-3) -> None:
-        super().__init__(optimizer="adam", eta=eta, beta1=beta1, beta2=beta2, tau=tau)
+                 tau: Annotated[float, Range(gt=0)] = 1e-3,
+                 v0: Annotated[float | None, Range(ge=0)] = None) -> None:
+        super().__init__(optimizer="adam", eta=eta, beta1=beta1, beta2=beta2, tau=tau, v0=v0)
 
 
 class FedYogi(FedOpt):
@@ -103,8 +114,9 @@ class FedYogi(FedOpt):
     def __init__(self, *, eta: Annotated[float, Range(gt=0)] = 0.03,
                  beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9,
                  beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99,
-                 tau: Annotated[float, Range(gt=0)] = 1e-3) -> None:
-        super().__init__(optimizer="yogi", eta=eta, beta1=beta1, beta2=beta2, tau=tau)
+                 tau: Annotated[float, Range(gt=0)] = 1e-3,
+                 v0: Annotated[float | None, Range(ge=0)] = None) -> None:
+        super().__init__(optimizer="yogi", eta=eta, beta1=beta1, beta2=beta2, tau=tau, v0=v0)
 
 
 class FedAdagrad(FedOpt):
@@ -114,8 +126,9 @@ class FedAdagrad(FedOpt):
 
     def __init__(self, *, eta: Annotated[float, Range(gt=0)] = 0.03,
                  beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9,
-                 tau: Annotated[float, Range(gt=0)] = 1e-3) -> None:
-        super().__init__(optimizer="adagrad", eta=eta, beta1=beta1, tau=tau)
+                 tau: Annotated[float, Range(gt=0)] = 1e-3,
+                 v0: Annotated[float | None, Range(ge=0)] = None) -> None:
+        super().__init__(optimizer="adagrad", eta=eta, beta1=beta1, tau=tau, v0=v0)
 
 
 def _check(comp: str, name: str, v: float, *, lo: float, hi: float | None = None,

@@ -14,6 +14,14 @@ One round, for a sampled client ``i`` with ``K`` local steps of size ``lr``::
     send dy = y - x  and  dc = c_i+ - c_i
     server: x <- x + server_lr * mean(dy);  c <- c + (1 / N) * sum(dc)
 
+``control = "examples"`` moves ``c`` by the clients' training-set shares
+instead, ``c <- c + sum(n_i / n * dc_i)`` (n: all clients' examples), the
+weighting of the example-weighted mean of the updates: what FLamby's
+Scaffold computes (owkin/FLamby ``flamby/strategies/scaffold.py``, whose
+correction is ``(y_i - x_next) / (K lr)`` summed over rounds, with ``x_next``
+the example-weighted mean); with every client in every round the two agree
+exactly.
+
 Client control variates live in the algorithm's state for the whole cell
 (the simulation of what each hospital keeps between rounds). Each round a
 client also uploads ``dc`` and downloads ``c``, so SCAFFOLD's traffic is
@@ -36,9 +44,15 @@ if TYPE_CHECKING:  # pragma: no cover
 class Scaffold(FedAvg):
     """SCAFFOLD with option-II control variates (Karimireddy et al. 2020).
 
-    No parameters: the local step size is the run setting ``lr``, the server
-    step ``server_lr`` (the paper's ``eta_g``, default 1), the number of local
+    The local step size is the run setting ``lr``, the server step
+    ``server_lr`` (the paper's ``eta_g``, default 1), the number of local
     steps the run's ``local_steps``/``local_epochs``.
+
+    Parameters
+    ----------
+    control : {"uniform", "examples"}, default "uniform"
+        How the server's control variate moves: the paper's ``(1/N) Σ dc_i``,
+        or weighted by training-set size (FLamby's Scaffold; module docstring).
 
     Each client sends ``control_delta`` beside its update (declared in
     ``sends``), so the engine refuses SCAFFOLD with a transport mechanism or
@@ -51,8 +65,11 @@ class Scaffold(FedAvg):
     name = "scaffold"
     sends = ("delta", "control_delta")
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, *, control: str = "uniform") -> None:
+        if control not in ("uniform", "examples"):
+            raise ValueError(f"scaffold: control = {control!r}; choose 'uniform' (the paper's "
+                             f"1/N) or 'examples' (by training-set size, as FLamby)")
+        self.control = control
 
     def validate(self, facts: CellFacts) -> str | None:
         run = facts.run
@@ -83,7 +100,12 @@ class Scaffold(FedAvg):
                       aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
         dc = updates.extra.get("control_delta")
         if dc is not None and len(dc):
-            ctx.state["scaffold_c"] = ctx.state["scaffold_c"] + dc.sum(0) / ctx.num_clients
+            if self.control == "examples":
+                n = torch.as_tensor(updates.num_examples, dtype=dc.dtype)
+                total = float(sum(len(c.train) for c in ctx.clients))
+                ctx.state["scaffold_c"] = ctx.state["scaffold_c"] + (n / total) @ dc
+            else:
+                ctx.state["scaffold_c"] = ctx.state["scaffold_c"] + dc.sum(0) / ctx.num_clients
         return global_params + ctx.settings.server_lr * aggregate
 
     def bytes_down(self, ctx: CellContext, model_bytes: int) -> int:

@@ -7,9 +7,9 @@ to register it.
 from __future__ import annotations
 
 from fedmedbench import hookimpl
-from fedmedbench.plugins.attacks import gradinv, mia
+from fedmedbench.plugins.attacks import audit, gradinv, mia
 
-MODULES: tuple = (mia, gradinv)
+MODULES: tuple = (mia, gradinv, audit)
 
 
 @hookimpl

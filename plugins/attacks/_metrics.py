@@ -1,5 +1,5 @@
 """Metrics shared by the attack family: membership-inference ROC summaries,
-the empirical privacy audit, and image-reconstruction scores.
+an empirical leakage estimate, and image-reconstruction scores.
 
 Membership inference (members are the positive class; a higher score means
 "more likely a member"): AUC, best balanced accuracy, advantage
@@ -7,19 +7,19 @@ max|TPR − FPR| (Yeom et al. 2018), and TPR at a fixed FPR read as the largest
 TPR over thresholds whose FPR is ``<=`` the target (Carlini et al. 2022,
 "Membership Inference Attacks From First Principles", IEEE S&P).
 
-Privacy audit: an (ε, δ)-DP mechanism bounds every membership test by
+Leakage estimate: an (ε, δ)-DP mechanism bounds every membership test by
 ``TPR <= e^ε·FPR + δ`` and ``1 − FPR <= e^ε·(1 − TPR) + δ`` (Kairouz et al.
-2015). With Clopper–Pearson intervals on the measured rates this gives a
-lower bound on ε (Jagielski, Ullman, Oprea, "Auditing
-Differentially Private Machine Learning: How Private is Private SGD?",
-NeurIPS 2020; Nasr, Song, Thakurta, Papernot, Carlini, "Adversary
-Instantiation: Lower Bounds for Differentially Private Machine Learning",
-IEEE S&P 2021). The threshold is chosen on one half of the scores and the
-bound computed on the other half, so the choice does not bias the bound.
-The bound is statistically valid when membership is randomised per example
-before training (Steinke, Nasr, Jagielski 2023); here members are a fixed
-train/test split, so it is an empirical estimate of leakage, not a proof of a
-violation.
+2015). With Clopper–Pearson intervals on the measured rates this gives the
+ε-form of the Jagielski, Ullman, Oprea ("Auditing Differentially Private
+Machine Learning: How Private is Private SGD?", NeurIPS 2020) and Nasr,
+Song, Thakurta, Papernot, Carlini ("Adversary Instantiation", IEEE S&P 2021)
+audits, whose confidence holds over many training runs. Here the threshold
+is chosen on one half of the scores and the number computed on the other,
+all from **one** run whose members are a fixed train/test split, not
+randomised: the examples are not independent trials, so the number is an
+**estimate** of leakage (:func:`estimate_epsilon`), not a lower bound. The
+valid one-run lower bound needs canaries included at random (Steinke, Nasr,
+Jagielski 2023): the ``audit-canary`` attack (:mod:`.audit`).
 
 Images: MSE, PSNR and SSIM on images in [0, 1] from scikit-image
 (``skimage.metrics``), after matching reconstructions to ground truth with
@@ -41,7 +41,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 __all__ = [
     "roc_summary",
     "clopper_pearson",
-    "audit_epsilon",
+    "estimate_epsilon",
     "dp_bound_check",
     "match_images",
     "label_accuracy",
@@ -115,7 +115,7 @@ def roc_summary(member_scores: Any, nonmember_scores: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
-# privacy audit
+# leakage estimate
 # --------------------------------------------------------------------------
 
 
@@ -147,14 +147,15 @@ def _counts(member_scores: np.ndarray, nonmember_scores: np.ndarray, thresholds:
     return tp, fp
 
 
-def audit_epsilon(member_scores: Any, nonmember_scores: Any, *, delta: float,
-                  alpha: float = 0.05, claimed_epsilon: float | None = None,
-                  seed: int = 0) -> dict[str, Any]:
-    """Empirical lower bound on ε from one attack's scores (Jagielski et al. 2020).
+def estimate_epsilon(member_scores: Any, nonmember_scores: Any, *, delta: float,
+                     alpha: float = 0.05, claimed_epsilon: float | None = None,
+                     seed: int = 0) -> dict[str, Any]:
+    """Empirical estimate of ε from one attack's scores (not a lower bound: the
+    module docstring says why; ``audit-canary`` gives the valid one).
 
     The scores are split in two halves at random: the threshold maximising the
     conservative ε on the first half is fixed, then Clopper–Pearson intervals
-    on the second half give an ε that holds with confidence ``1 − alpha``.
+    (level ``1 − alpha``) on the second half's rates give the estimate.
 
     Parameters
     ----------
@@ -179,13 +180,14 @@ def audit_epsilon(member_scores: Any, nonmember_scores: Any, *, delta: float,
     m1, m2 = m[pm[: len(m) // 2]], m[pm[len(m) // 2:]]
     n1, n2 = n[pn[: len(n) // 2]], n[pn[len(n) // 2:]]
     out: dict[str, Any] = {
-        "method": "Clopper-Pearson bounds on TPR/FPR at a threshold chosen on a held-out half "
-                  "(Jagielski et al. 2020; Nasr et al. 2021)",
-        "confidence": 1 - alpha, "delta": delta,
+        "method": "Clopper-Pearson intervals on TPR/FPR at a threshold chosen on a held-out "
+                  "half (the form of Jagielski et al. 2020; Nasr et al. 2021), from one run "
+                  "with a fixed member/non-member split: an estimate, not a lower bound",
+        "interval_level": 1 - alpha, "delta": delta,
         "claimed_epsilon": claimed_epsilon,
     }
     if len(m1) == 0 or len(n1) == 0:
-        out.update(epsilon_lower_bound=0.0, note="too few scores to split for an audit")
+        out.update(epsilon_estimate=0.0, note="too few scores to split for an estimate")
         return out
     thr = np.unique(np.concatenate([m1, n1]))
     tp, fp = _counts(m1, n1, thr)
@@ -196,11 +198,11 @@ def audit_epsilon(member_scores: Any, nonmember_scores: Any, *, delta: float,
     t_lo2, _ = clopper_pearson(tp2, len(m2), alpha)
     _, f_hi2 = clopper_pearson(fp2, len(n2), alpha)
     eps = float(_eps_lower(t_lo2, f_hi2, delta)[0])
-    out.update(epsilon_lower_bound=eps, threshold=float(best),
+    out.update(epsilon_estimate=eps, threshold=float(best),
                tpr=float(tp2[0] / len(m2)), fpr=float(fp2[0] / len(n2)),
                n_members=int(len(m2)), n_nonmembers=int(len(n2)))
     if claimed_epsilon is not None:
-        out["within_claim"] = bool(eps <= claimed_epsilon + 1e-12)
+        out["below_claim"] = bool(eps <= claimed_epsilon + 1e-12)
     return out
 
 

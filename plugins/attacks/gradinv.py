@@ -16,13 +16,16 @@
 The attacker is the honest-but-curious server with the round-1 view: the
 global model the clients started from (it sent it), the architecture, the
 run settings (learning rate, batch size, local steps) and what it could read:
-one client's update in plaintext, only the sum of n updates under secure
-aggregation (the attack then inverts the aggregate as if it came from one
-client), nothing under HE (``not_applicable``). When only part of the model
-is sent (FedBN, FedRep, FedPer: ``ServerView.sent``) the dummy update is
-matched on the sent coordinates only, and iDLG's label reading needs the
-output layer: where it stays on the clients (a FedRep/FedPer head) the
-labels are optimised jointly instead, as in DLG (the record says so).
+one client's update in plaintext; under partial encryption
+(``ServerView.readable``: he-ckks ``layers`` with ``rest = "plaintext"``, or
+a personalized algorithm that sends part of the model) only the coordinates
+of that client's update it read in the clear, and the attack then matches
+the simulated update on exactly those coordinates (``readable_coordinates``
+in the result); only the sum of n updates under secure aggregation and under
+HE, whose decrypted sum the server applies (the attack then inverts the
+aggregate as if it came from one client); nothing when the view holds only
+ciphertexts (``not_applicable``). iDLG's label read needs the output layer's
+coordinates; when they are not readable the labels are optimised jointly.
 
 From a single-step FedSGD update the gradient is ``−delta / lr``. For K local
 steps ``local_steps_mode`` is ``"average"`` (treat ``−delta / (lr·K)`` as one
@@ -322,22 +325,28 @@ class _GradInv(Attack):
         if view is None:
             return {"not_applicable": f"{ctx.protocol} protocol: no server view of round 1 "
                                       f"(no updates are sent)"}
-        if view.kind == "ciphertext":
-            return {"not_applicable": f"under {'+'.join(ctx.mechanisms) or 'HE'} the server "
-                                      f"reads only ciphertexts of the updates (the key holder "
-                                      f"is a separate party)"}
         if not view.clients:
             return {"not_applicable": "no client took part in round 1"}
         s = ctx.settings
         c = self.client if self.client in view.clients else view.clients[0]
-        if view.kind == "plaintext":
-            if c not in view.updates:
-                return {"not_applicable": f"the round-1 view holds no readable update of client "
-                                          f"{c} (its update was partly encrypted)"}
+        mask: torch.Tensor | None = None
+        if c in view.readable and c in view.updates:  # partly readable: those coordinates
+            mask = torch.as_tensor(np.asarray(view.readable[c], dtype=bool))
+            if not bool(mask.any()):
+                return {"not_applicable": f"the round-1 view holds no coordinate of client "
+                                          f"{c}'s update in the clear"}
             observed, participants = view.updates[c], [c]
-        else:
-            assert view.aggregate is not None
+        elif c in view.updates:
+            observed, participants = view.updates[c], [c]
+        elif view.kind == "aggregate" and view.aggregate is not None:
             observed, participants = view.aggregate, list(view.clients)
+        elif view.kind == "ciphertext":
+            return {"not_applicable": f"under {'+'.join(ctx.mechanisms) or 'HE'} the server "
+                                      f"reads only ciphertexts of the updates (the key holder "
+                                      f"is a separate party)"}
+        else:
+            return {"not_applicable": f"the round-1 view holds no readable update of client "
+                                      f"{c}"}
         n_c = view.num_examples.get(c, 0)
         steps = s.steps_for(n_c)
         bsz = min(s.batch_size, n_c)
@@ -379,8 +388,8 @@ class _GradInv(Attack):
         if label_mode == "idlg" and mask is not None and not _output_layer_read(
                 model, mask, task.num_classes):
             label_mode = "optimize"
-            label_note = ("the output layer is not in the view (it stays on the clients), so "
-                          "the labels cannot be read from its gradient")
+            label_note = ("the output layer is not in the view (kept on the clients or "
+                          "encrypted), so the labels cannot be read from its gradient")
         if label_mode == "idlg":
             labels = recover_labels(model, -observed / (s.lr * steps), task.num_classes, n_img)
         elif label_mode == "known":
@@ -411,9 +420,12 @@ class _GradInv(Attack):
             "labels_true": [int(v) for v in ty[scores["assignment"]]],
             "per_image": scores["per_image"], "num_images": n_img, "batch_size": bsz,
             "local_steps": steps, "view": view.kind, "clients_in_view": len(view.clients),
-            "target": (f"client {ctx.data.site_names[c]}"
-                       f"'s round-1 update" if view.kind == "plaintext" else
-                       f"the securely aggregated round-1 update of {len(view.clients)} clients"),
+            "target": (f"the securely aggregated round-1 update of {len(view.clients)} clients"
+                       if participants != [c] else
+                       f"client {ctx.data.site_names[c]}'s round-1 update" + (
+                           f", the {int(mask.sum())} of {mask.numel()} coordinates read in the "
+                           f"clear" if mask is not None else "")),
+            "readable_coordinates": None if mask is None else int(mask.sum()),
             "matching_loss": final,
             "parameters_matched": int(observed.numel() if mask is None else mask.sum()),
             "ground_truth": (f"the {len(tx)} distinct images the targeted client(s) trained on "

@@ -13,15 +13,24 @@
   global variance (their recommendation for few shadow models).
 
 Every attack reports the metrics of :func:`fedmedbench.plugins.attacks._metrics.roc_summary`
-and an empirical privacy audit (:func:`~fedmedbench.plugins.attacks._metrics.audit_epsilon`)
-beside the cell's claimed ε and δ.
+and an empirical leakage estimate (``epsilon_estimate``,
+:func:`~fedmedbench.plugins.attacks._metrics.estimate_epsilon`) beside the
+cell's claimed ε and δ: an estimate, not a lower bound (the members are a
+fixed split of one run); the valid one-run lower bound is ``audit-canary``.
 
 Threat models. ``target = "global"``: an outside party with the final global
-model (members: every site's training rows, non-members: the test rows).
-``target = "client"``: the honest-but-curious server, attacking what it saw
-of one client in the last round: that client's local model
-(global + its update) in plaintext, the aggregated model under secure
-aggregation (members: still that client's rows), nothing under HE.
+model (members: every site's training rows, non-members: the test rows; for
+the pooled protocol on a dataset with :attr:`FederatedData.pooled_sites`,
+the pooled party's rows). ``target = "client"``: the honest-but-curious
+server, attacking what it read of one client in the last round
+(:func:`client_model`): that client's local model (global + its update) in
+plaintext; under partial encryption (``ServerView.readable``: he-ckks with
+``layers`` and ``rest = "plaintext"``, or a personalized algorithm that sends
+part of the model) the **partially known** local model — the coordinates it
+read in the clear from the client's update, the others from the securely
+aggregated update where the server holds one, else at the global model's
+values; the aggregated model under secure aggregation, and under HE, whose
+decrypted sum the server applies (members: still that client's rows).
 Shadow-model attacks assume the attacker holds the population (the members
 and non-members being scored, not which is which) and trains k shadow models
 on random halves of it with the cell's own recipe (``train_shadow``).
@@ -35,9 +44,9 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 
-from fedmedbench import Attack, AttackContext, Range, Split
+from fedmedbench import Attack, AttackContext, Range, ServerView, Split
 
-from ._metrics import audit_epsilon, roc_summary
+from ._metrics import estimate_epsilon, roc_summary
 
 TARGETS = ("global", "client")
 
@@ -139,6 +148,39 @@ def _subsample(split: Split, k: int, rng: np.random.Generator) -> Split:
     return split.subset(np.sort(rng.choice(len(split), size=k, replace=False)))
 
 
+def client_model(view: ServerView, c: int) -> tuple[torch.Tensor, str] | None:
+    """The server's best reconstruction of client ``c``'s local model from one
+    round's view, and how it was made (``"round-..."`` when it is the
+    aggregated model, not the client's own); ``None`` when the view holds
+    nothing of that client (ciphertexts only).
+
+    Readable coordinates (``view.readable[c]``, any mask) come from the
+    client's own update; the others from the aggregate when the view has one
+    (the server's best estimate of any one client's update), else they stay
+    at the global model's values. A client without a mask whose update is in
+    ``view.updates`` was read in full."""
+    w = view.global_params
+    agg = view.aggregate
+    if c in view.readable and c in view.updates:
+        mask = torch.as_tensor(np.asarray(view.readable[c], dtype=bool))
+        fill = agg if agg is not None else torch.zeros_like(w)
+        est = torch.where(mask, view.updates[c].to(w.dtype), fill.to(w.dtype))
+        k, d = int(mask.sum()), int(mask.numel())
+        rest = ("the securely aggregated update of "
+                f"{len(view.clients)} clients" if agg is not None else "the global model")
+        return w + est, (f"partially known local model of round {view.round}: "
+                         f"{k} of {d} coordinates read in the clear from its update, the "
+                         f"other {d - k} from {rest}")
+    if c in view.updates:
+        return w + view.updates[c], (f"local model of round {view.round} (global + its "
+                                     f"plaintext update)")
+    if view.kind == "aggregate" and agg is not None:
+        return w + agg, (f"round-{view.round} global model plus the securely aggregated "
+                         f"update of {len(view.clients)} clients (the server sees only "
+                         f"their sum)")
+    return None
+
+
 def resolve_target(ctx: AttackContext, target: str, client: int
                    ) -> tuple[torch.Tensor, Split, Split, dict[str, Any]] | dict[str, str]:
     """(params, members, non-members, description) of the model attacked, or
@@ -150,6 +192,13 @@ def resolve_target(ctx: AttackContext, target: str, client: int
             return ctx.site_params.get(0, ctx.final_params), site.train, site.test, {
                 "model": f"site {site.name}'s own final model ({ctx.protocol} protocol: no "
                          f"global model exists)", "attacker": "outside party with the model"}
+        if ctx.protocol == "pooled" and data.pooled_sites is not None:
+            members = Split.concat([s.train for s in data.pooled_sites])
+            nonmembers = Split.concat([s.test for s in data.pooled_sites])
+            return ctx.final_params, members, nonmembers, {
+                "model": "final pooled model", "attacker": "outside party with the final model",
+                "members": "the pooled party's training rows (pooled preprocessing)",
+                "nonmembers": "every site's test rows (pooled preprocessing)"}
         return ctx.final_params, data.pooled_train(), data.pooled_test(), {
             "model": "final global model", "attacker": "outside party with the final model",
             "members": "every site's training rows", "nonmembers": "every site's test rows"}
@@ -157,25 +206,23 @@ def resolve_target(ctx: AttackContext, target: str, client: int
         return {"not_applicable": f"{ctx.protocol} protocol: no server receives client updates"}
     rnd = max(ctx.server_views)
     view = ctx.server_views[rnd]
-    if view.kind == "ciphertext":
-        return {"not_applicable": f"under {'+'.join(ctx.mechanisms) or 'HE'} the server reads "
-                                  f"only ciphertexts (the key holder is a separate party)"}
     c = client if client in view.clients else (view.clients[0] if view.clients else None)
     if c is None:
         return {"not_applicable": f"no client took part in round {rnd}"}
     members, nonmembers, name = data.sites[c].train, data.sites[c].test, data.sites[c].name
-    if view.kind == "aggregate":
-        assert view.aggregate is not None
-        return view.global_params + view.aggregate, members, nonmembers, {
-            "model": f"round-{rnd} global model plus the securely aggregated update of "
-                     f"{len(view.clients)} clients (the server sees only their sum)",
-            "attacker": "honest-but-curious server", "client": name, **_partial(view)}
-    if c not in view.updates:
-        return {"not_applicable": f"the round-{rnd} view holds no readable update of client "
-                                  f"{name} (its update was partly encrypted)"}
-    return view.global_params + view.updates[c], members, nonmembers, {
-        "model": f"client {name}'s local model of round {rnd} (global + its plaintext update)",
-        "attacker": "honest-but-curious server", "client": name, **_partial(view)}
+    got = client_model(view, c)
+    if got is None and view.kind == "ciphertext":
+        return {"not_applicable": f"under {'+'.join(ctx.mechanisms) or 'HE'} the server reads "
+                                  f"only ciphertexts (the key holder is a separate party)"}
+    if got is None:
+        return {"not_applicable": f"the round-{rnd} view holds nothing readable of client "
+                                  f"{name}"}
+    params, how = got
+    desc = {"model": how if how.startswith("round-") else f"client {name}'s {how}",
+            "attacker": "honest-but-curious server", "client": name}
+    if c in view.readable:
+        desc["readable_coordinates"] = int(np.asarray(view.readable[c]).sum())
+    return params, members, nonmembers, {**desc, **_partial(view)}
 
 
 def _partial(view: Any) -> dict[str, str]:
@@ -200,12 +247,15 @@ def _finish(ctx: AttackContext, scores_in: np.ndarray, scores_out: np.ndarray,
             audit_delta: float, extra: dict[str, Any]) -> dict[str, Any]:
     eps, delta = _claim(ctx, audit_delta)
     res = roc_summary(scores_in, scores_out)
-    res["audit"] = audit_epsilon(scores_in, scores_out, delta=delta, claimed_epsilon=eps,
-                                 seed=ctx.seed)
-    res["audit"]["accountant"] = ctx.privacy.get("accountant")
-    res["audit"]["note"] = ("one training run: each scored example is one trial "
-                            "(Steinke, Nasr, Jagielski 2023); a lower bound, never a proof of "
-                            "privacy")
+    est = estimate_epsilon(scores_in, scores_out, delta=delta, claimed_epsilon=eps,
+                           seed=ctx.seed)
+    est["accountant"] = ctx.privacy.get("accountant")
+    est["note"] = ("an estimate of leakage, not a lower bound: the members are the fixed "
+                   "training rows of one run, not randomised, so the examples are not "
+                   "independent trials; the valid one-run bound is the audit-canary attack "
+                   "(Steinke, Nasr, Jagielski 2023)")
+    res["leakage_estimate"] = est
+    res["epsilon_estimate"] = est["epsilon_estimate"]
     res.update(extra)
     return res
 

@@ -1,7 +1,23 @@
 """UCI Heart Disease from four hospitals, with FLamby's Fed-Heart-Disease
-preprocessing and split (du Terrail et al., "FLamby: Datasets and Benchmarks
-for Cross-Silo Federated Learning in Realistic Healthcare Settings", NeurIPS
-2022 Datasets and Benchmarks).
+split (du Terrail et al., "FLamby: Datasets and Benchmarks for Cross-Silo
+Federated Learning in Realistic Healthcare Settings", NeurIPS 2022 Datasets
+and Benchmarks; owkin/FLamby ``flamby/datasets/fed_heart_disease/dataset.py``).
+
+Two preprocessings (``preprocessing``), over the same rows and split:
+
+- ``"fedmedbench"`` (the default): 15 features, every one-hot level of ``cp``
+  and ``restecg`` kept, the 5 numeric columns standardised with the pooled
+  training rows' statistics (population s.d.), binary columns as 0/1;
+  logistic regression with two logits.
+- ``"flamby"``: FLamby's loader since its PR #223. 13 features in FLamby's
+  order ``age, sex, trestbps, chol, fbs, thalach, exang, oldpeak, cp_2, cp_3,
+  cp_4, restecg_1, restecg_2`` (``pd.get_dummies(drop_first=True)``); **all
+  13** z-scored **per hospital** with that hospital's training rows (mean and
+  unbiased s.d. in float32, ``(x - μ) / (σ + 1e-9)``), for its training and
+  its test rows alike; the pooled party (the ``centralized`` baseline) holds
+  the same rows standardised with the statistics of all 486 training rows
+  (:attr:`FederatedData.pooled_sites`); FLamby's model, one logit and a
+  sigmoid (``logistic-ref``).
 
 The shipped file and its card live in ``datasets/heart-disease/``.
 """
@@ -31,19 +47,37 @@ ONEHOT = {
     "cp": ["asymptomatic", "atypical angina", "non-anginal", "typical angina"],
     "restecg": ["lv hypertrophy", "normal", "st-t abnormality"],
 }
-PREPROCESSING_VERSION = "flamby-1"
+#: FLamby's 13 features, in the column order of its loader
+FLAMBY_FEATURES = ["age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak",
+                   "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2"]
+PREPROCESSINGS = ("fedmedbench", "flamby")
+PREPROCESSING_VERSION = {"fedmedbench": "flamby-1", "flamby": "flamby-pr223-1"}
 SPLIT_SEED = 43
 
 
 class HeartDisease(Dataset):
-    """UCI Heart Disease: 740 patients from 4 real hospitals (FLamby split)."""
+    """UCI Heart Disease: 740 patients from 4 real hospitals (FLamby split).
+
+    Parameters
+    ----------
+    preprocessing : {"fedmedbench", "flamby"}, default "fedmedbench"
+        ``"flamby"`` is FLamby's Fed-Heart-Disease preprocessing (13 features
+        standardised per hospital, pooled statistics for the pooled party)
+        with FLamby's one-logit model; ``"fedmedbench"`` keeps every one-hot
+        level and standardises the numeric columns with pooled training
+        statistics (module docstring).
+    """
 
     name = "heart-disease"
     card = "heart-disease"
     run_defaults = {"batch_size": 16, "lr": 0.05, "local_steps": 10, "clients_per_round": 4}
 
-    def __init__(self) -> None:
-        pass
+    def __init__(self, *, preprocessing: str = "fedmedbench") -> None:
+        if preprocessing not in PREPROCESSINGS:
+            raise ValueError(f"heart-disease: preprocessing = {preprocessing!r}; choose one of "
+                             f"{', '.join(PREPROCESSINGS)} (flamby: FLamby's Fed-Heart-Disease "
+                             f"loader)")
+        self.preprocessing = preprocessing
 
     def check_files(self) -> None:
         """Every file on the card is present and matches its sha256."""
@@ -52,21 +86,32 @@ class HeartDisease(Dataset):
     def load(self, *, seed: int) -> FederatedData:
         # FLamby's split is fixed (random_state=43) whatever the run seed.
         path = shipped_file(self.card, "heart_disease_uci.csv")
-        arrays = cached_arrays([self.name, sha256_file(path), PREPROCESSING_VERSION],
-                               lambda: _preprocess(pd.read_csv(path)))
-        sites = []
-        for i, name in enumerate(SITES):
-            tr, te = arrays["site"] == i, arrays["site_test"] == i
-            sites.append(Site(name, Split(arrays["X"][tr], arrays["y"][tr]),
-                              Split(arrays["X_test"][te], arrays["y_test"][te])))
+        build = _preprocess if self.preprocessing == "fedmedbench" else _preprocess_flamby
+        arrays = cached_arrays([self.name, sha256_file(path),
+                                PREPROCESSING_VERSION[self.preprocessing]],
+                               lambda: build(pd.read_csv(path)))
+
+        def sites_of(X: str, X_test: str) -> list[Site]:
+            out = []
+            for i, name in enumerate(SITES):
+                tr, te = arrays["site"] == i, arrays["site_test"] == i
+                out.append(Site(name, Split(arrays[X][tr], arrays["y"][tr]),
+                                Split(arrays[X_test][te], arrays["y_test"][te])))
+            return out
+
         features = [str(f) for f in arrays["features"]]
+        flamby = self.preprocessing == "flamby"
         task = Task(kind="binary", num_classes=2, input_shape=(len(features),),
-                    metric="accuracy", model="logistic", feature_names=features)
-        return FederatedData(task=task, sites=sites, natural=True)
+                    metric="accuracy", model="logistic-ref" if flamby else "logistic",
+                    feature_names=features)
+        return FederatedData(task=task, sites=sites_of("X", "X_test"), natural=True,
+                             pooled_sites=sites_of("X_pooled", "X_test_pooled") if flamby
+                             else None)
 
     def describe(self) -> dict:
         return {"sizes": {s.name: {"train": len(s.train), "test": len(s.test)}
-                          for s in self.load(seed=0).sites}}
+                          for s in self.load(seed=0).sites},
+                "preprocessing": self.preprocessing}
 
 
 def features_of(df: pd.DataFrame) -> pd.DataFrame:
@@ -115,6 +160,74 @@ def _preprocess(df: pd.DataFrame) -> dict[str, np.ndarray]:
         "y_test": np.concatenate([te["target"].to_numpy() for _, te in parts]).astype(np.int64),
         "site_test": np.concatenate([np.full(len(te), i) for i, (_, te) in enumerate(parts)]),
         "features": np.array(list(train.columns)),
+    }
+
+
+def flamby_sites(df: pd.DataFrame) -> list[tuple[pd.DataFrame, np.ndarray, np.ndarray]]:
+    """FLamby's rows and split, exactly: each hospital's rows in the original
+    file order (the mirror's ``id`` order), ``slope, ca, thal`` dropped
+    before ``dropna``, then ``train_test_split(arange(n), test_size=1 - 0.66,
+    train_size=0.66, random_state=43, stratify=label if each class has more
+    than 2 rows)``. Returns (rows, sorted train positions, sorted test
+    positions) per hospital."""
+    df = df.copy()
+    df.loc[df["id"] == 304, "dataset"] = "Hungary"  # known defect of this mirror
+    df = df.sort_values("id", kind="stable")
+    df = df.drop(columns=["slope", "ca", "thal"]).dropna()
+    df["target"] = (df["num"] > 0).astype(int)
+    out = []
+    for name in SITES:
+        g = df[df["dataset"] == name].reset_index(drop=True)
+        lab = g["target"]
+        counts = lab.value_counts()
+        strat = lab if len(counts) > 1 and (counts > 2).all() else None
+        tr, te = train_test_split(np.arange(len(g)), test_size=1.0 - 0.66, train_size=0.66,
+                                  random_state=SPLIT_SEED, shuffle=True, stratify=strat)
+        out.append((g, np.sort(tr), np.sort(te)))
+    return out
+
+
+def flamby_features(g: pd.DataFrame) -> np.ndarray:
+    """FLamby's 13 unscaled features of rows ``g`` (float32, FLAMBY_FEATURES order)."""
+    cp = g["cp"].map({"typical angina": 1, "atypical angina": 2, "non-anginal": 3,
+                      "asymptomatic": 4})
+    ecg = g["restecg"].map({"normal": 0, "st-t abnormality": 1, "lv hypertrophy": 2})
+    cols = [g["age"], g["sex"] == "Male", g["trestbps"], g["chol"], g["fbs"] == True,  # noqa: E712
+            g["thalch"], g["exang"] == True, g["oldpeak"],  # noqa: E712
+            cp == 2, cp == 3, cp == 4, ecg == 1, ecg == 2]
+    return np.column_stack([np.asarray(c, dtype=np.float64) for c in cols]).astype(np.float32)
+
+
+def _zscore(X: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """FLamby's normalisation in float32 torch arithmetic: ``(x - mean) / (std +
+    1e-9)`` with the mean and unbiased s.d. of ``ref``."""
+    import torch
+
+    r = torch.as_tensor(ref)
+    mean, std = r.mean(0), r.std(0)
+    return ((torch.as_tensor(X) - mean) / (std + 1e-9)).numpy().astype(np.float32)
+
+
+def _preprocess_flamby(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    parts = flamby_sites(df)
+    F = [flamby_features(g) for g, _, _ in parts]
+    pooled_ref = np.concatenate([f[tr] for f, (_, tr, _) in zip(F, parts)])
+    X, X_test, Xp, Xp_test, y, y_test = [], [], [], [], [], []
+    for f, (g, tr, te) in zip(F, parts):
+        X.append(_zscore(f[tr], f[tr]))          # each hospital: its own training statistics
+        X_test.append(_zscore(f[te], f[tr]))
+        Xp.append(_zscore(f[tr], pooled_ref))    # the pooled party: all training rows' statistics
+        Xp_test.append(_zscore(f[te], pooled_ref))
+        lab = g["target"].to_numpy().astype(np.int64)
+        y.append(lab[tr])
+        y_test.append(lab[te])
+    return {
+        "X": np.concatenate(X), "X_test": np.concatenate(X_test),
+        "X_pooled": np.concatenate(Xp), "X_test_pooled": np.concatenate(Xp_test),
+        "y": np.concatenate(y), "y_test": np.concatenate(y_test),
+        "site": np.concatenate([np.full(len(tr), i) for i, (_, tr, _) in enumerate(parts)]),
+        "site_test": np.concatenate([np.full(len(te), i) for i, (_, _, te) in enumerate(parts)]),
+        "features": np.array(FLAMBY_FEATURES),
     }
 
 

@@ -49,6 +49,26 @@ class BatchNorm1dAnyBatch(nn.BatchNorm1d):
                                             self.weight, self.bias, False, 0.0, self.eps)
         return super().forward(x)
 
+class ReferenceLogistic(nn.Module):
+    """Multinomial logistic regression with class 0 as the reference: logits
+    ``[0, z_1, ..., z_{C-1}]`` with ``z = W·x + b`` (``C - 1`` outputs).
+
+    For two classes this is one logit and a sigmoid: softmax over ``[0, z]``
+    is ``(1 - sigmoid(z), sigmoid(z))``, so the engine's cross-entropy on
+    these logits equals BCE on ``sigmoid(z)`` and argmax predicts 1 exactly
+    when ``sigmoid(z) > 0.5``: FLamby's Fed-Heart-Disease ``Baseline``
+    (``Linear(d, 1)`` + sigmoid, ``BCELoss``), initialised identically
+    (PyTorch's ``Linear`` init, weight then bias).
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x.flatten(1))
+        return torch.cat([torch.zeros_like(z[:, :1]), z], dim=1)
+
 
 class MLP(nn.Module):
     """A multilayer perceptron with ReLU hidden layers (``norm``: a
@@ -164,6 +184,23 @@ class LogisticModel(Model):
         return Logistic(_flat(input_shape), num_classes)
 
 
+class ReferenceLogisticModel(Model):
+    """Logistic regression with class 0 as reference (``C - 1`` outputs; for two
+    classes one logit and a sigmoid, FLamby's Fed-Heart-Disease model; see
+    :class:`ReferenceLogistic`)."""
+
+    name = "logistic-ref"
+
+    def __init__(self) -> None:
+        pass
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if num_classes < 2:
+            raise ValueError(f"logistic-ref needs at least two classes; the task has "
+                             f"{num_classes}")
+        return ReferenceLogistic(_flat(input_shape), num_classes)
+
+
 class MLPModel(Model):
     """A multilayer perceptron with ReLU hidden layers.
 
@@ -233,4 +270,4 @@ class CNNModel(Model):
                         width=self.width, act=self.act, pool=self.pool, norm=self.norm)
 
 
-COMPONENTS = (LogisticModel, MLPModel, CNNModel)
+COMPONENTS = (LogisticModel, ReferenceLogisticModel, MLPModel, CNNModel)

@@ -336,7 +336,7 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
             noise_multiplier=self._z0, sample_rate=self._q, steps=steps,
             sampling=self._sampling(), clip=self.clip, target_epsilon=self.epsilon,
             details={
-                "noise_multipliers": [z for z, _, _ in self._ledger.history],
+                "noise_multipliers": [z for z, _, n in self._ledger.history for _ in range(n)],
                 "clip_history": list(self._clip_history),
                 "adaptive_clipping": self.target_quantile is not None,
                 "count_noise": self._sigma_b, "noise": self._mode, "layerwise": self.layerwise,

@@ -17,6 +17,25 @@ and relinearization keys are not shipped (there are no multiplications).
 ``layers`` encrypts only the named parameter tensors (the review's "partial"
 encryption); the rest travels in plaintext, or under secure aggregation with
 ``rest = "secagg"`` (the hybrid he-ckks + secagg stack).
+
+Who holds the key and who sees what (the threat model fedmedbench measures):
+
+- the **key holder** (a party separate from the server: in practice the
+  hospitals' consortium or a key-management service) holds the only secret
+  key and decrypts the sum;
+- the **server** holds the public context and ciphertexts, and adds them; it
+  never holds a secret key. But it applies the decrypted sum to the global
+  model (``server_update``), so it reads that **aggregate** every round, as
+  under secure aggregation (anyone with two consecutive global models
+  recovers it): the server view of an he-ckks round is the aggregate, and the
+  server-side attacks run against it;
+- under partial encryption with ``rest = "plaintext"`` the server also reads
+  **each client's unencrypted layers** in the clear (``Message.readable``;
+  ``ServerView.updates`` with ``ServerView.readable[client]`` the mask), and
+  the attacks run against those coordinates; with ``rest = "secagg"`` the
+  rest is masked and only its sum is read;
+- **clients** hold the public context (they encrypt) and receive the new
+  global model; an outside party with the final model attacks that model.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import math
 import secrets
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
@@ -58,7 +59,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedmedbench import CellContext, ConfigError, Message, PrivacyMechanism, Range, TransportStage
+from fedmedbench import (
+    CellContext,
+    ConfigError,
+    Message,
+    PrivacyMechanism,
+    Range,
+    SettingWarning,
+    TransportStage,
+)
 
 PHASES = ("masking", "unmasking")
 #: Shamir's field: the Mersenne prime 2^521 - 1 (holds a 32-byte secret)
@@ -371,6 +380,7 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
         self.server: SecAggServer | None = None
         self._clients: dict[int, _Client] = {}
         self.stats: dict[str, Any] = {"rounds": 0, "clipped_coordinates": 0, "dropouts": 0}
+        self._warned = False
 
     @property
     def drops_clients(self) -> bool:
@@ -467,10 +477,27 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
             return Message(client, None, self._up[client])
         v = vector.detach().cpu().numpy().astype(np.float64)
         R = self.clip_range
-        self.stats["clipped_coordinates"] += int(np.count_nonzero(np.abs(v) > R))
+        clipped = int(np.count_nonzero(np.abs(v) > R))
+        self.stats["clipped_coordinates"] += clipped
+        if clipped > 0.5 * v.size and not self._warned:
+            self._warn_clipping(ctx, client, clipped, v)
         x = np.rint((np.clip(v, -R, R) + R) * self._scale).astype(_dtype(self.field_bits))
         y = self._clients[client].masked_input(x, self.field_bits)
         return Message(client, y, self._up[client] + y.nbytes)
+
+    def _warn_clipping(self, ctx: CellContext, client: int, clipped: int, v: np.ndarray) -> None:
+        """Warn once per cell, as early as it can be known (the first update
+        encoded whose coordinates mostly fall outside ``[-R, R]``: values are
+        not known before training)."""
+        self._warned = True
+        warnings.warn(
+            f"{self.name}: {clipped} of {v.size} coordinates ({clipped / v.size:.0%}) of client "
+            f"{client}'s round-{ctx.round} update (as weighted for aggregation) lie outside "
+            f"clip_range = ±{self.clip_range:g} and are clipped before encoding, so the "
+            f"securely aggregated sum is not the sum of the updates (largest |value| "
+            f"{float(np.abs(v).max()):.3g}); raise clip_range (and field_bits if needed). The "
+            f"record's cost.clipped_coordinates counts every clipped coordinate",
+            SettingWarning, stacklevel=2)
 
     def aggregate(self, ctx: CellContext, messages: list[Message]) -> torch.Tensor:
         server = self.server
