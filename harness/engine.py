@@ -778,6 +778,9 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
             utility = run.run(progress=progress, hooks=hooks)
             record["metrics"] = {"utility": utility, **run.protocol.record_metrics(),
                                  "privacy": run.privacy_block()}
+            if "utility_global" in record["metrics"]:  # the same chance fields as utility's
+                g = record["metrics"]["utility_global"]
+                record["metrics"]["utility_global"] = {**g, **run.chance(g)}
             if run.canaries is not None:
                 record["metrics"]["canaries"] = run.canary_summary()
             record["metrics"]["attacks"] = run.run_attacks()

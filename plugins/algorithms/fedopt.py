@@ -21,11 +21,12 @@ Fed-Heart-Disease preset ``matrices/flamby-heart.toml``).
 from __future__ import annotations
 
 import math
-from typing import Annotated
-
-import torch
+from typing import TYPE_CHECKING, Annotated
 
 from fedmedbench import Algorithm, CellContext, Range, Updates
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 OPTIMIZERS = ("adagrad", "adam", "yogi")
 
@@ -72,6 +73,8 @@ class FedOpt(Algorithm):
         self.v0 = None if v0 is None else float(v0)
 
     def setup(self, ctx: CellContext) -> None:
+        import torch
+
         n = ctx.layout.numel
         ctx.state["fedopt_m"] = torch.zeros(n, dtype=torch.float64)
         v0 = self.tau ** 2 if self.v0 is None else self.v0
@@ -79,6 +82,8 @@ class FedOpt(Algorithm):
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
                       aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
+        import torch
+
         d = aggregate.to(torch.float64)
         m = self.beta1 * ctx.state["fedopt_m"] + (1 - self.beta1) * d
         v, d2 = ctx.state["fedopt_v"], d * d

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from fedmedbench import CellContext, ClientContext, Updates
 from fedmedbench.plugins.algorithms.fedavg import FedAvg
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from fedmedbench import CellFacts
 
 
@@ -79,11 +79,15 @@ class Scaffold(FedAvg):
         return None
 
     def setup(self, ctx: CellContext) -> None:
+        import torch
+
         n = ctx.layout.numel
         ctx.state["scaffold_c"] = torch.zeros(n)
         ctx.state["scaffold_ci"] = {}
 
     def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
+        import torch
+
         state = ctx.cell.state
         c: torch.Tensor = state["scaffold_c"]
         zero = torch.zeros_like(c)
@@ -98,6 +102,8 @@ class Scaffold(FedAvg):
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
                       aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
+        import torch
+
         dc = updates.extra.get("control_delta")
         if dc is not None and len(dc):
             if self.control == "examples":

@@ -31,12 +31,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from scipy.stats import beta
-from sklearn.metrics import roc_auc_score, roc_curve
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
 
 __all__ = [
     "roc_summary",
@@ -55,6 +55,8 @@ _ROC_GRID = np.unique(np.concatenate([[0.0], np.logspace(-4, 0, 41), np.linspace
 def _rates(member_scores: np.ndarray, nonmember_scores: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FPR, TPR and thresholds of "member iff score >= threshold", every threshold."""
+    from sklearn.metrics import roc_curve
+
     y = np.concatenate([np.ones(len(member_scores)), np.zeros(len(nonmember_scores))])
     s = np.concatenate([member_scores, nonmember_scores]).astype(np.float64)
     fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
@@ -95,6 +97,8 @@ def roc_summary(member_scores: Any, nonmember_scores: Any) -> dict[str, Any]:
         be read at FPR 0), ``n_members``, ``n_nonmembers`` and ``roc`` (points
         ``{"fpr": [...], "tpr": [...]}`` on a fixed grid, for plots).
     """
+    from sklearn.metrics import roc_auc_score
+
     m, n = _check_scores(member_scores, nonmember_scores)
     fpr, tpr, _ = _rates(m, n)
     y = np.concatenate([np.ones(len(m)), np.zeros(len(n))])
@@ -122,6 +126,8 @@ def roc_summary(member_scores: Any, nonmember_scores: Any) -> dict[str, Any]:
 def clopper_pearson(k: Any, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """Exact two-sided ``1 − alpha`` binomial interval for ``k`` successes of ``n``
     (each side has ``alpha / 2``)."""
+    from scipy.stats import beta
+
     k = np.asarray(k, dtype=np.float64)
     lo = np.where(k > 0, beta.ppf(alpha / 2, k, n - k + 1), 0.0)
     hi = np.where(k < n, beta.ppf(1 - alpha / 2, k + 1, n - k), 1.0)
@@ -267,6 +273,7 @@ def match_images(recon: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
         per-image ``mse``/``psnr``/``ssim`` lists, and their means
         ``mse``, ``psnr``, ``ssim`` (PSNR capped at 100 dB for an exact match).
     """
+    from scipy.optimize import linear_sum_assignment
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     recon = np.clip(np.asarray(recon, dtype=np.float64), 0.0, 1.0)

@@ -56,16 +56,17 @@ import copy
 import itertools
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
-from torch.func import functional_call
 
 from fedmedbench import Attack, AttackContext, Range
 
 from ._metrics import label_accuracy, match_images, save_image_grid
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
 
 LABEL_MODES = ("optimize", "idlg", "known")
 STEP_MODES = ("average", "simulate")
@@ -111,6 +112,8 @@ def recover_labels(model: nn.Module, grad: torch.Tensor, num_classes: int, batch
     A batch of ``batch``: counts ``B·(1/C − g_c)`` rounded by largest
     remainders (exact at a uniform-output model, the round-1 regime).
     """
+    import torch
+
     bias, weight = last_layer_grads(model, grad, num_classes)
     if bias is not None:
         g = bias.double()
@@ -180,6 +183,10 @@ class _Simulator:
     def delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The flat update the client would send after ``steps`` SGD steps on
         ``x`` split into that many batches (``y``: labels, or label logits)."""
+        import torch
+        from torch import nn
+        from torch.func import functional_call
+
         w = list(self.w0)
         for xb, yb in zip(x.chunk(self.steps), y.chunk(self.steps)):
             out = functional_call(self.model, dict(zip(self.names, w)), (xb,))
@@ -214,6 +221,8 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
     -------
     (images in [0, 1] as (B, C, H, W), labels, final matching loss)
     """
+    import torch
+
     dtype = torch.float32
     model = copy.deepcopy(model).to(dtype).eval()
     for p in model.parameters():
@@ -317,6 +326,8 @@ class _GradInv(Attack):
         self.tv, self.step_size, self.save_images = tv, step_size, save_images
 
     def evaluate(self, ctx: AttackContext) -> dict[str, Any]:
+        import torch
+
         task = ctx.data.task
         if len(task.input_shape) != 3:
             return {"not_applicable": f"gradient inversion scores images; this task's inputs "
@@ -376,10 +387,12 @@ class _GradInv(Attack):
             n_img = per * steps
         model = ctx.model(view.global_params)
         lr_eff, k = (s.lr, steps) if simulate else (s.lr * steps, 1)
-        # what the server read of the update: the sent part (a partial send), the clear part
-        sent = view.readable.get(c) if view.kind == "plaintext" else None
-        sent = view.sent if sent is None else sent
-        mask = None if sent is None or bool(np.all(sent)) else torch.as_tensor(sent)
+        # what the server read of the update: its clear part (``mask``, above), else the
+        # sent part of a partial send (FedBN, FedRep, FedPer), also under secure aggregation
+        if mask is None and view.sent is not None and not bool(np.all(view.sent)):
+            mask = torch.as_tensor(np.asarray(view.sent, dtype=bool))
+        if mask is not None and bool(mask.all()):
+            mask = None
 
         label_mode = self.labels or self.default_labels
         if label_mode == "known" and not exact:

@@ -39,14 +39,16 @@ on random halves of it with the cell's own recipe (``train_shadow``).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-import torch
 
 from fedmedbench import Attack, AttackContext, Range, ServerView, Split
 
 from ._metrics import estimate_epsilon, roc_summary
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 TARGETS = ("global", "client")
 
@@ -56,9 +58,17 @@ TARGETS = ("global", "client")
 # --------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def logits_of(model: torch.nn.Module, X: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
     """The model's logits on ``X`` (float64)."""
+    import torch
+
+    with torch.no_grad():
+        return _logits_of(model, X, batch_size=batch_size)
+
+
+def _logits_of(model: torch.nn.Module, X: np.ndarray, *, batch_size: int) -> np.ndarray:
+    import torch
+
     model.eval()
     out = [model(torch.as_tensor(X[i:i + batch_size], dtype=torch.float32)).double().numpy()
            for i in range(0, len(X), batch_size)]
@@ -159,6 +169,8 @@ def client_model(view: ServerView, c: int) -> tuple[torch.Tensor, str] | None:
     (the server's best estimate of any one client's update), else they stay
     at the global model's values. A client without a mask whose update is in
     ``view.updates`` was read in full."""
+    import torch
+
     w = view.global_params
     agg = view.aggregate
     if c in view.readable and c in view.updates:

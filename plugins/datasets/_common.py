@@ -73,3 +73,11 @@ def sizes(sites: list[Site]) -> dict[str, str]:
     """``{site: "n (train a / test b)"}`` for ``fedmedbench datasets``."""
     return {s.name: f"{len(s.train) + len(s.test)} (train {len(s.train)} / test {len(s.test)})"
             for s in sites}
+
+
+def read_csv(path: object, **kwargs: object) -> object:
+    """``pandas.read_csv``, importing pandas only when a file is parsed (a
+    cached load of a shipped dataset never needs it)."""
+    import pandas as pd
+
+    return pd.read_csv(path, **kwargs)

@@ -34,6 +34,7 @@ from fedmedbench import (
     shipped_file,
 )
 from fedmedbench.plugins.datasets._common import (
+    read_csv,
     scaled_arrays,
     sites_from_arrays,
     sizes,
@@ -73,12 +74,10 @@ class BladderBatch(Dataset):
         check_card_files(self.card)
 
     def load(self, *, seed: int) -> FederatedData:
-        import pandas as pd
-
         path = shipped_file(self.card, self.FILE)
         arrays = cached_arrays(
             [self.name, sha256_file(path), self.PREPROCESSING_VERSION, str(self.n_genes)],
-            lambda: self.preprocess(pd.read_csv(path)))
+            lambda: self.preprocess(read_csv(path)))
         names = [str(s) for s in arrays["site_names"]]
         task = Task(kind="binary", num_classes=2, input_shape=(arrays["X"].shape[1],),
                     metric="balanced_accuracy", model="logistic",

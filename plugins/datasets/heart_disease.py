@@ -24,9 +24,9 @@ The shipped file and its card live in ``datasets/heart-disease/``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from fedmedbench import (
     Dataset,
@@ -39,6 +39,10 @@ from fedmedbench import (
     shipped_file,
 )
 from fedmedbench.datafiles import sha256_file
+from fedmedbench.plugins.datasets._common import read_csv
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 SITES = ("Cleveland", "Hungary", "Switzerland", "VA Long Beach")
 NUMERIC = ["age", "trestbps", "chol", "thalch", "oldpeak"]
@@ -89,7 +93,7 @@ class HeartDisease(Dataset):
         build = _preprocess if self.preprocessing == "fedmedbench" else _preprocess_flamby
         arrays = cached_arrays([self.name, sha256_file(path),
                                 PREPROCESSING_VERSION[self.preprocessing]],
-                               lambda: build(pd.read_csv(path)))
+                               lambda: build(read_csv(path)))
 
         def sites_of(X: str, X_test: str) -> list[Site]:
             out = []
@@ -111,10 +115,12 @@ class HeartDisease(Dataset):
     def describe(self) -> dict:
         return {"sizes": {s.name: {"train": len(s.train), "test": len(s.test)}
                           for s in self.load(seed=0).sites},
-                "preprocessing": self.preprocessing}
+                "option": f"preprocessing = {self.preprocessing!r} (see the card)"}
 
 
 def features_of(df: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
     out = pd.DataFrame(index=df.index)
     for c in NUMERIC:
         out[c] = df[c].astype(float)
@@ -128,6 +134,8 @@ def features_of(df: pd.DataFrame) -> pd.DataFrame:
 
 def split_sites(df: pd.DataFrame) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
     """FLamby's cleaning and per-hospital 66/34 split (rows, before scaling)."""
+    from sklearn.model_selection import train_test_split
+
     df = df.copy()
     df.loc[df["id"] == 304, "dataset"] = "Hungary"  # known defect of this mirror
     df = df.drop(columns=["slope", "ca", "thal"]).dropna()
@@ -142,6 +150,8 @@ def split_sites(df: pd.DataFrame) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
 
 
 def _preprocess(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    import pandas as pd
+
     parts = split_sites(df)
     train = pd.concat([features_of(tr) for tr, _ in parts])
     mean, std = train[NUMERIC].mean(), train[NUMERIC].std(ddof=0).replace(0, 1)
@@ -170,6 +180,8 @@ def flamby_sites(df: pd.DataFrame) -> list[tuple[pd.DataFrame, np.ndarray, np.nd
     train_size=0.66, random_state=43, stratify=label if each class has more
     than 2 rows)``. Returns (rows, sorted train positions, sorted test
     positions) per hospital."""
+    from sklearn.model_selection import train_test_split
+
     df = df.copy()
     df.loc[df["id"] == 304, "dataset"] = "Hungary"  # known defect of this mirror
     df = df.sort_values("id", kind="stable")

@@ -32,6 +32,7 @@ from fedmedbench import (
     shipped_file,
 )
 from fedmedbench.plugins.datasets._common import (
+    read_csv,
     scaled_arrays,
     sites_from_arrays,
     sizes,
@@ -95,13 +96,11 @@ class Support2(Dataset):
         check_card_files(self.card)
 
     def load(self, *, seed: int) -> FederatedData:
-        import pandas as pd
-
         path = shipped_file(self.card, FILE)
         arrays = cached_arrays(
             [self.name, sha256_file(path), PREPROCESSING_VERSION, self.site_column, self.target,
              str(self.long_stay_days)],
-            lambda: preprocess(pd.read_csv(path, skipinitialspace=True), self.site_column,
+            lambda: preprocess(read_csv(path, skipinitialspace=True), self.site_column,
                                self.target, self.long_stay_days))
         names = [str(s) for s in arrays["site_names"]]
         features = [str(f) for f in arrays["features"]]

@@ -49,7 +49,6 @@ import math
 from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-import torch
 
 from fedmedbench import (
     Accounting,
@@ -63,6 +62,8 @@ from fedmedbench import (
 from fedmedbench.accounting import Ledger, check_accountant, noise_for_epsilon, noise_for_schedule
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from fedmedbench import CellFacts
 
 NOISE = ("auto", "central", "distributed")
@@ -271,6 +272,8 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
     def process_update(self, ctx: CellContext, updates: Updates) -> Updates:
         """Each client clips its delta to C, scales it by its fixed-denominator
         weight w_k/(qW) and, with distributed noise, adds its noise share."""
+        import torch
+
         delta = updates.delta.detach().to(torch.float32).clone()
         C = self._C
         norms = delta.norm(dim=1)
@@ -295,6 +298,8 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
 
     def process_aggregate(self, ctx: CellContext, aggregate: torch.Tensor,
                           updates: Updates) -> torch.Tensor:
+        import torch
+
         rnd, C = ctx.round, self._C
         out = aggregate
         if self._mode == "central":

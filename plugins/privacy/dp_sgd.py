@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-import torch
 
 from fedmedbench import Accounting, CellContext, LocalStage, PrivacyMechanism, Range, Split
 from fedmedbench.accounting import Ledger, check_accountant, epsilon_for, noise_for_epsilon
 from fedmedbench.training import add_grad_offset, finish_local, flat_params, to_tensors
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 # stated in every record instead (noise_rng); and Opacus's backward hooks warn on
 # every step that the input needs no gradient, which is expected here
@@ -178,6 +180,7 @@ class OpacusTrainer:
     def __init__(self, model: torch.nn.Module, data: Split, settings: Any, *, seed: int,
                  noise_multiplier: float, max_grad_norm: float, accountant: str,
                  noise_generator: torch.Generator) -> None:
+        import torch
         from opacus import PrivacyEngine
         from opacus.validators import ModuleValidator
         from torch.utils.data import DataLoader, TensorDataset
@@ -208,6 +211,7 @@ class OpacusTrainer:
 
     def train(self, params: torch.Tensor, steps: int, *, extra_loss: Any = None,
               grad_offset: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        import torch
         from torch import nn
 
         from fedmedbench.models import set_flat_params
@@ -246,12 +250,16 @@ class _PoissonStream:
     iterator's base seed, then ``rand(n) < q`` per batch, from one generator."""
 
     def __init__(self, n: int, q: float, seed: int) -> None:
+        import torch
+
         self.n, self.q = n, q
         self.per_pass = int(1 / q)
         self.gen = torch.Generator().manual_seed(seed)
         self.left = 0
 
     def next_indices(self) -> np.ndarray:
+        import torch
+
         if self.left == 0:
             torch.empty((), dtype=torch.int64).random_(generator=self.gen)
             self.left = self.per_pass
@@ -281,6 +289,8 @@ class VectorDPSGD:
                   active: list[bool]) -> torch.Tensor:
         """``per_example`` (k, B, D) gradients and ``mask`` (k, B) of the step's
         k rows; ``clients`` are the ids of the active rows, in row order."""
+        import torch
+
         C = self.mech.max_grad_norm
         ids = iter(clients)
         infos = [self.mech._sites[next(ids)] if a else None for a in active]
@@ -308,6 +318,8 @@ def _noise_on_empty_batches(optimizer: Any) -> None:
     which makes "the batch was empty" observable. Here it becomes a
     noise-only step, exactly as DP-SGD's analysis assumes.
     """
+    import torch
+
     original = optimizer.pre_step
 
     def pre_step(self: Any, closure: Any = None) -> Any:

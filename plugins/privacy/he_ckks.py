@@ -41,14 +41,16 @@ Who holds the key and who sees what (the threat model fedmedbench measures):
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
-import torch
 
 from fedmedbench import CellContext, Message, PrivacyMechanism, Range, TransportStage
 
 from .secagg import SecAgg
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: SEAL's largest total coefficient modulus (bits) at 128-bit security, by degree
 MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -165,6 +167,8 @@ class HECKKS(PrivacyMechanism, TransportStage):
         return None
 
     def setup(self, ctx: CellContext) -> None:
+        import torch
+
         if self.layers:
             mask = ctx.layout.select(self.layers)
             if not mask.any():
@@ -194,6 +198,7 @@ class HECKKS(PrivacyMechanism, TransportStage):
 
     def encode(self, ctx: CellContext, client: int, vector: torch.Tensor) -> Message:
         import tenseal as ts
+        import torch
 
         v = vector.detach().to(torch.float64)
         enc = v[self._enc_idx].numpy()
@@ -218,6 +223,8 @@ class HECKKS(PrivacyMechanism, TransportStage):
         return Message(client, {"ciphertexts": chunks, "rest": rest}, nbytes, readable=readable)
 
     def aggregate(self, ctx: CellContext, messages: list[Message]) -> torch.Tensor:
+        import torch
+
         enc_sum = self.server.add_all([m.payload["ciphertexts"] for m in messages])
         out = torch.zeros(ctx.layout.numel, dtype=torch.float32)
         dec = self.key_holder.decrypt(enc_sum, len(self._enc_idx))

@@ -49,10 +49,9 @@ import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -68,6 +67,9 @@ from fedmedbench import (
     SettingWarning,
     TransportStage,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 PHASES = ("masking", "unmasking")
 #: Shamir's field: the Mersenne prime 2^521 - 1 (holds a 32-byte secret)
@@ -500,6 +502,8 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
             SettingWarning, stacklevel=2)
 
     def aggregate(self, ctx: CellContext, messages: list[Message]) -> torch.Tensor:
+        import torch
+
         server = self.server
         assert server is not None
         server.masked = {m.client: m.payload for m in messages if m.payload is not None}
