@@ -237,15 +237,19 @@ class VectorBackend(LoopBackend):
         """(X, y, mask) of one step: each active client's next batch, padded."""
         import torch
 
-        idx = [self.stream(c, trainer).next_indices() if a else None
-               for c, a in zip(clients, active)]
+        streams = self.streams
+        idx = [(streams.get((c, trainer)) or self.stream(c, trainer)).next_indices() if a
+               else None for c, a in zip(clients, active)]
         lens = np.fromiter((0 if i is None else len(i) for i in idx), dtype=np.int64,
                            count=len(idx))
         width = max(1, int(lens.max(initial=0)))
-        rows = np.zeros((len(clients), width), dtype=np.int64)
-        for j, i in enumerate(idx):
-            if i is not None:
-                rows[j, :len(i)] = i
+        if int(lens.min(initial=0)) == width:  # every client a full batch: one stack
+            rows = np.stack(idx)
+        else:
+            rows = np.zeros((len(clients), width), dtype=np.int64)
+            for j, i in enumerate(idx):
+                if i is not None:
+                    rows[j, :len(i)] = i
         mask = np.arange(width)[None, :] < lens[:, None]
         rows = np.where(mask, rows + self._offsets(clients)[:, None], 0)
         rows_t = torch.from_numpy(rows)
