@@ -342,11 +342,26 @@ class AttackContext:
     canaries: Canaries | None = None
     #: the model every run starts from (the cell's seeded initialisation)
     initial_params: torch.Tensor | None = None
+    #: running statistics (BatchNorm buffers) of ``final_params`` and of each
+    #: ``site_params`` model; empty for models without buffers
+    final_buffers: torch.Tensor | None = None
+    site_buffers: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
+        """The architecture with ``params`` (default: the final model), in eval
+        mode. Passed ``final_params`` or one of ``site_params`` (the same
+        tensor), the model also gets that model's running statistics; any
+        other vector gets the initial ones (what a server holds of statistics
+        it was never sent)."""
+        from fedmedbench.backends import load_flat_buffers
         from fedmedbench.models import set_flat_params
 
         m = self.model_factory()
-        set_flat_params(m, self.final_params if params is None else params)
+        p = self.final_params if params is None else params
+        set_flat_params(m, p)
+        bufs = self.final_buffers if p is self.final_params else next(
+            (self.site_buffers.get(i) for i, q in self.site_params.items() if q is p), None)
+        if bufs is not None and bufs.numel():
+            load_flat_buffers(m, bufs)
         m.eval()
         return m

@@ -601,6 +601,7 @@ class CellRun:
 
     def attack_context(self) -> AttackContext:
         final, per_site = self.protocol.final_models()
+        final_buffers, site_buffers = self.protocol.final_buffers()
 
         def train_shadow(split: Split, seed: int) -> Any:
             from fedmedbench.models import get_flat_params
@@ -622,7 +623,8 @@ class CellRun:
             mechanisms=[m.name for m in self.components.privacy], site_params=per_site,
             artifacts_dir=self.cell.get("artifacts_dir"), client_batches=self.round1_batches,
             chance_level=bool(self.utility.get("chance_level")), canaries=self.canaries,
-            initial_params=getattr(self, "initial_params", None))
+            initial_params=getattr(self, "initial_params", None),
+            final_buffers=final_buffers, site_buffers=site_buffers)
 
     def chance_note(self) -> str:
         u = self.utility

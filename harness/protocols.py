@@ -103,6 +103,14 @@ class RoundProtocol:
         """(the model an outside party attacks, each site's own final model)."""
         return self.params[0], {}
 
+    def final_buffers(self) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """The running statistics (BatchNorm buffers) of :meth:`final_models`'
+        models: what they are scored with, so what an attack must load."""
+        final, per_site = self.final_models()
+        site = getattr(self, "site_buffers", None)
+        bufs = {i: b for i in per_site if site is not None and (b := site(i)) is not None}
+        return (bufs.get(0) if per_site else self.global_model_buffers()), bufs
+
     def record_metrics(self) -> dict[str, Any]:
         """Fields the protocol adds to the record's ``metrics`` beside ``utility``."""
         return {}

@@ -421,3 +421,30 @@ def test_dp_sgd_backends_agree_without_noise_on_the_personalized_methods():
     _, run = run_ok(c, backend="loop")
     w0 = torch.cat([p.detach().reshape(-1) for p in run.model_factory().parameters()])
     assert torch.equal(run.protocol.global_params(), w0)
+
+
+@pytest.mark.parametrize("alg", ["fedavg", "fedbn"])
+def test_attacks_score_batchnorm_models_with_their_own_running_statistics(alg):
+    """The model an attack rebuilds (``AttackContext.model``) is the one the
+    record scored: its running statistics come with it (FedAvg: the global
+    model's; FedBN: each site's own), so its predictions are the evaluation's."""
+    from fedmedbench.training import predict_proba
+
+    (cell,) = cells({"dataset": [{"name": "synthetic-tabular", "n_samples": 400}],
+                     "algorithm": [alg], "model": [{**MLP, "norm": "batch"}]})
+    _, run = run_ok(cell)
+    actx = run.attack_context()
+    X = run.data.sites[1].test.X
+    if alg == "fedavg":
+        model, want = actx.model(), run.eval_model
+    else:  # site 1's own model: global body, its own normalisation statistics
+        model = actx.model(actx.site_params[1])
+        want = run.factory_for(1)()
+        from fedmedbench.protocols import _load
+
+        _load(want, actx.site_params[1], run.protocol.site_buffers(1))
+        assert not torch.equal(actx.site_buffers[1], actx.site_buffers[0])
+    fresh = actx.model(actx.final_params.clone())  # a vector the server built: initial stats
+    got = predict_proba(model, X)
+    np.testing.assert_allclose(got, predict_proba(want, X), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got, predict_proba(fresh, X))
