@@ -633,6 +633,14 @@ class Algorithm(Component):
         False for those each client keeps. Whole tensors only. ``None``: all."""
         return None
 
+    def planned_steps(self, steps: int, rounds: int) -> int:
+        """The local optimizer steps one client takes over the whole run when
+        a round gives it ``steps``, every trainer counted (a second model's,
+        the steps of :meth:`finalize`): what a local-stage privacy mechanism
+        plans its budget on (``dp-sgd``'s ``epsilon`` target). Default
+        ``rounds * steps``."""
+        return int(rounds) * int(steps)
+
     def finalize(self, ctx: ClientContext, params: torch.Tensor) -> torch.Tensor:
         """(personalized protocol) Each site's last step after the last round,
         before its model is evaluated: ``params`` (k, D) are the sites'

@@ -86,6 +86,8 @@ class CellContext:
     state: dict[str, Any] = field(default_factory=dict)
     #: per-client local steps of a round (set by the protocol)
     _steps: Callable[[int], int] | None = None
+    #: the algorithm's :meth:`~fedmedbench.Algorithm.planned_steps` (set by the engine)
+    _planned: Callable[[int, int], int] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -111,6 +113,13 @@ class CellContext:
         if self._steps is not None:
             return self._steps(client)
         return self.settings.steps_for(len(self.clients[client].train))
+
+    def planned_steps(self, client: int) -> int:
+        """Local optimizer steps ``client`` takes over the whole run, every
+        trainer of the algorithm counted (:meth:`Algorithm.planned_steps`)."""
+        steps = self.steps_for(client)
+        return (self._planned(steps, self.rounds) if self._planned is not None
+                else self.rounds * steps)
 
     def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
         """A fresh instance of the cell's architecture, loaded with ``params``."""

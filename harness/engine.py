@@ -271,7 +271,7 @@ class CellRun:
             settings=self.settings, data=data, clients=self.federation.clients,
             layout=ParamLayout.of(proto), protocol=protocol.name,
             sample_rate=self.per_round / n, facts=self.facts,
-            model_factory=self.model_factory)
+            model_factory=self.model_factory, _planned=c.algorithm.planned_steps)
         if protocol.name in ("isolated", "personalized"):
             for i in range(n):
                 with calling(c.algorithm, "client_model"):

@@ -294,6 +294,26 @@ def test_dp_sgd_counts_the_personal_steps_of_ditto():
     assert d["epsilon"] > a["epsilon"]
 
 
+def test_an_epsilon_target_plans_for_every_trainers_steps():
+    """With ``epsilon`` set, dp-sgd solves σ over the steps the algorithm plans
+    (Ditto: global and personal steps each round; fine-tuning: its final
+    steps too), so the recorded ε meets the target instead of overshooting."""
+    cs = cells({"dataset": ["heart-disease"],
+                "algorithm": ["fedavg", {"name": "ditto", "lam": 0.5},
+                              {"name": "finetune", "steps": 20}],
+                "privacy": [{"name": "dp-sgd", "epsilon": 2.0}]}, rounds=2)
+    out = {k: v[0]["metrics"]["privacy"] for k, v in by_label(cs).items()}
+    a, d = out["fedavg"], out["ditto(lam=0.5)"]
+    f = next(v for k, v in out.items() if k.startswith("finetune"))
+    assert d["steps"] == 2 * a["steps"] and f["steps"] > a["steps"]
+    for p in (a, d, f):
+        assert 1.9 < p["epsilon"] <= 2.0 + 1e-9, p  # met, not overshot
+    sa, sd = a["mechanisms"]["dp-sgd"]["per_site"], d["mechanisms"]["dp-sgd"]["per_site"]
+    for site in sa:  # at every site: twice the planned steps, more noise for the same ε
+        assert sd[site]["planned_steps"] == 2 * sa[site]["planned_steps"]
+        assert sd[site]["noise_multiplier"] > sa[site]["noise_multiplier"]
+
+
 # --------------------------------------------------------------------------
 # FedRep's phases, the record, the backends
 # --------------------------------------------------------------------------

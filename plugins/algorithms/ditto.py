@@ -81,6 +81,10 @@ class Ditto(FedAvg):
                     f"state would restart at every personal step)")
         return None
 
+    def planned_steps(self, steps: int, rounds: int) -> int:
+        """Each round: the global model's steps, then the personal model's."""
+        return int(rounds) * (int(steps) + (self.personal_steps or int(steps)))
+
     def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
         w = global_params  # (k, D): the round's global model, one row per client
         v = ctx.personal

@@ -92,6 +92,10 @@ class Finetune(Algorithm):
     def setup(self, ctx: CellContext) -> None:
         self.inner.setup(ctx)
 
+    def planned_steps(self, steps: int, rounds: int) -> int:
+        """The wrapped algorithm's steps, then ``steps`` fine-tuning steps once."""
+        return self.inner.planned_steps(steps, rounds) + self.steps
+
     def begin_round(self, round: int) -> None:
         self.inner.begin_round(round)
 

@@ -9,7 +9,8 @@ per-example gradients clipped to ``max_grad_norm``, Gaussian noise
 Each client is made private **once per cell** (the engine calls
 :meth:`DPSGD.make_private` once per client) and keeps its Opacus accountant
 across rounds. With ``epsilon`` set, σ is solved per site over the whole
-planned training (``rounds × local steps`` at that site's sample rate) with
+planned training (every local step the algorithm plans at that site, ``rounds ×
+local steps`` for most, at that site's sample rate) with
 Opacus's ``get_noise_multiplier``, so the planned ε never exceeds the target.
 
 Noise and Poisson sampling draw from seeded torch generators so that a cell is
@@ -98,7 +99,7 @@ class DPSGD(PrivacyMechanism, LocalStage):
             ctx = self._ctx
             B = int(ctx.settings.batch_size)
             q = 1.0 / -(-n // B)  # Opacus's Poisson rate: 1 / len(DataLoader)
-            planned = ctx.rounds * ctx.steps_for(client)
+            planned = ctx.planned_steps(client)  # every trainer's steps (Ditto, fine-tuning)
             if self.epsilon is not None:
                 sigma = noise_for_epsilon(target_epsilon=self.epsilon, delta=self.delta,
                                           sample_rate=q, steps=planned,
