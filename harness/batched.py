@@ -174,8 +174,8 @@ def batched_twin(module: torch.nn.Module, example: torch.Tensor, k: int = 2
         return None  # running statistics (BatchNorm) are updated in place: vmap or loop
     try:
         graph = torch.fx.symbolic_trace(module).graph
-    except Exception:
-        return None
+    except Exception:  # not traceable (data-dependent control flow): vmap runs it instead,
+        return None    # and the record's backend.kernel says "vmap"
     names = [n for n, _ in module.named_parameters()]
     twin = BatchedModel(module, graph, names)
     params = [p.detach().unsqueeze(0).expand(k, *p.shape).clone() for p in module.parameters()]

@@ -372,7 +372,7 @@ def test_pool_workers_exit_when_the_driver_is_killed(faults, tmp_path):
         (_, worker), = attempts()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        _wait_for(lambda: not _alive(worker), 10, f"worker {worker} to exit")
+        _wait_for(lambda: not _alive(worker), 30, f"worker {worker} to exit")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -422,7 +422,7 @@ def test_dask_stops_a_hung_cell_and_kills_its_worker(faults, run_matrix):
     (rec,) = records
     assert rec["error"]["type"] == "Timeout" and "--cell-timeout=20 s" in rec["error"]["message"]
     ((_, hung),) = attempts()
-    _wait_for(lambda: not _alive(hung), 10, "the hung cell's worker to be killed")
+    _wait_for(lambda: not _alive(hung), 30, "the hung cell's worker to be killed")
 
 
 @needs_dask
@@ -459,7 +459,7 @@ def test_dask_driver_killed_then_rerun_computes_only_missing_cells(faults, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
-    _wait_for(lambda: not any(_alive(k.pid) for k in kids), 20, "the workers to exit")
+    _wait_for(lambda: not any(_alive(k.pid) for k in kids), 45, "the workers to exit")
     before = {p.name: p.read_bytes() for p in out.glob("*.json")}
     assert all(read_record(out / n)["status"] == "ok" for n in before)  # nothing half-written
     # the rerun (in-process, the hang disarmed) computes only the missing cells
@@ -498,7 +498,7 @@ def test_dask_ctrl_c_cancels_the_futures_and_keeps_finished_records(faults, tmp_
     records, _ = load_records([out])
     assert sorted(r["config"]["seed"] for r in records) == [0, 1]
     assert all(r["status"] == "ok" for r in records)
-    _wait_for(lambda: not any(_alive(k.pid) for k in kids), 20, "the workers to exit")
+    _wait_for(lambda: not any(_alive(k.pid) for k in kids), 45, "the workers to exit")
 
 
 def test_jobqueue_slurm_and_pbs_job_scripts(tmp_path):

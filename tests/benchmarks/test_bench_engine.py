@@ -8,7 +8,8 @@ and stored in the benchmark's ``extra_info`` (target: <= 1.2x).
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from fedmedbench.engine import run_cell
 from fedmedbench.matrix import parse_matrix
 from fedmedbench.models import build_model
 from fedmedbench.registry import get_registry
+
+sys.path.insert(0, str(Path(__file__).parent))
+from workloads import best_time  # noqa: E402
 
 ROUNDS, STEPS, BATCH, LR = 30, 10, 16, 0.05
 
@@ -66,15 +70,6 @@ def bare_fedavg(data, seed: int = 0) -> float:
     return float((pred == data.pooled_test().y).mean())
 
 
-def _best_of(fn, k: int = 3) -> float:
-    best = float("inf")
-    for _ in range(k):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @pytest.mark.benchmark(group="engine-overhead")
 def test_engine_fedavg(benchmark, cell):
     reg = get_registry()
@@ -84,8 +79,8 @@ def test_engine_fedavg(benchmark, cell):
     bare_acc = bare_fedavg(data)
     # same workload: both reach the same accuracy band on the pooled test set
     assert abs(rec["metrics"]["utility"]["global"] - bare_acc) < 0.05
-    t_engine = _best_of(lambda: run_cell(cell, registry=reg))
-    t_bare = _best_of(lambda: bare_fedavg(data))
+    t_engine = best_time(lambda: run_cell(cell, registry=reg), warm=False)
+    t_bare = best_time(lambda: bare_fedavg(data), warm=False)
     ratio = t_engine / t_bare
     benchmark.extra_info.update({"engine_s": t_engine, "bare_s": t_bare, "ratio": ratio})
     print(f"\nengine {t_engine:.3f}s  bare loop {t_bare:.3f}s  ratio {ratio:.2f}x")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,19 +35,9 @@ from fedmedbench.matrix import parse_matrix
 from fedmedbench.registry import get_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workloads import DIGITS_PLUGIN, bare_fedavg, digits_cell  # noqa: E402
+from workloads import DIGITS_PLUGIN, bare_fedavg, best_time, digits_cell  # noqa: E402
 
-REPEATS = 3
-
-
-def _best(fn, k: int = REPEATS) -> float:
-    fn()  # warm: imports, caches, the first allocation
-    best = float("inf")
-    for _ in range(k):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+REPEATS = 3  # timed calls per measurement (best_time)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +61,9 @@ def test_bench_digits_fedavg(benchmark, reg, clients):
         benchmark.pedantic(run_cell, args=(vec,), kwargs={"registry": reg}, rounds=1,
                            iterations=1)
         return
-    t = {"bare": _best(lambda: bare_fedavg(clients)),
-         "loop": _best(lambda: run_cell(loop, registry=reg)),
-         "vectorized": _best(lambda: run_cell(vec, registry=reg))}
+    t = {"bare": best_time(lambda: bare_fedavg(clients), REPEATS),
+         "loop": best_time(lambda: run_cell(loop, registry=reg), REPEATS),
+         "vectorized": best_time(lambda: run_cell(vec, registry=reg), REPEATS)}
     speedup, loop_ratio = t["bare"] / t["vectorized"], t["loop"] / t["bare"]
     benchmark.extra_info.update(seconds=t, accuracy=acc, vectorized_speedup=speedup,
                                 loop_over_bare=loop_ratio)
@@ -152,7 +141,7 @@ def test_bench_dp_sgd_vectorized_vs_opacus(benchmark, dataset, target):
     if not benchmark.enabled:  # the same guarantee checked above; timings when enabled
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
         return
-    t_loop, t_vec = _best(lambda: run_cell(loop), 2), _best(lambda: run_cell(vec), 2)
+    t_loop, t_vec = best_time(lambda: run_cell(loop), 2), best_time(lambda: run_cell(vec), 2)
     speedup = t_loop / t_vec
     benchmark.extra_info.update(opacus_s=t_loop, vectorized_s=t_vec, speedup=speedup,
                                 epsilon=pa["epsilon"])

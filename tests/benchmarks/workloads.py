@@ -13,6 +13,8 @@ computation written directly in torch, one client after another.
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 from typing import Annotated
 
 import numpy as np
@@ -116,3 +118,17 @@ def bare_fedavg(n_clients: int, *, seed: int = 0, rounds: int = ROUNDS) -> float
 
 
 DIGITS_PLUGIN = DigitsPlugin()
+
+
+def best_time(fn: Callable[[], object], k: int = 3, *, warm: bool = True) -> float:
+    """The fastest of ``k`` calls of ``fn`` in seconds (after one untimed warm
+    call: imports, caches, the first allocation)."""
+    if warm:
+        fn()
+    best = float("inf")
+    for _ in range(k):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
