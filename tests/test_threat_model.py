@@ -1,0 +1,220 @@
+"""The threat model is the round's data flow (issue 18): red-team tests.
+
+Adversarial plugins (tests/fmb_redteam_plugins.py), registered through a
+real entry point, walk everything reachable from what the engine hands them
+(attributes, closures, ``__self__``, containers, ``gc.get_referrers`` of the
+tensors they hold) and the test checks what they reached against what each
+client computed (recorded by the client half of the same algorithm):
+
+- the algorithm's **server half** (every round), an **attack** (after the
+  last round) and an **observer** (every round) must not reach any client's
+  individual update or local model beyond what the transport shows the
+  server, nor any party's secret (X25519 keys, AES-GCM keys, secure
+  aggregation's client state, a CKKS secret key);
+- what the threat model grants is explicit: under plaintext the server reads
+  each client's update of the round it is in, and the attack the rounds
+  whose server views are kept; under secure aggregation and HE nothing
+  individual; under partial HE with plaintext ``rest`` the unencrypted
+  layers (so only the encrypted coordinates are checked).
+
+A leak is a reachable vector whose protected coordinates are a non-zero
+multiple of a client's delta (cosine above 0.999: weighting and clipping are
+multiples), or one that minus the client's starting model is (a local model).
+The test first checks the detector can discriminate: no round's aggregate is
+that close to any single client's delta.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmedbench import run_cell
+from fedmedbench.matrix import parse_matrix
+from fedmedbench.registry import get_registry
+
+HERE = Path(__file__).parent
+COS = 0.999
+
+SCENARIOS = {
+    "none": ["none"],
+    "secagg": ["secagg"],
+    "secagg-plus": [{"name": "secagg-plus", "neighbours": 2}],
+    "he-ckks": ["he-ckks"],
+    "he-ckks-partial": [{"name": "he-ckks", "layers": ["fc"]}],
+    "dp-fedavg+secagg": [["dp-fedavg", "secagg"]],
+}
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory: pytest.TempPathFactory):
+    """The red-team plugins installed as a distribution with an entry point."""
+    site = tmp_path_factory.mktemp("site")
+    dist = site / "fmb_redteam-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fmb-redteam\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fedmedbench]\nredteam = fmb_redteam_plugins\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(HERE))
+        mp.syspath_prepend(str(site))
+        import fmb_redteam_plugins as mod
+
+        reg = get_registry(refresh=True)
+        assert reg.get("algorithm", "redteam-fedavg").plugin == "redteam"  # via the entry point
+        yield mod, reg
+    get_registry(refresh=True)
+    sys.modules.pop("fmb_redteam_plugins", None)
+
+
+def _cell(reg, privacy, *, backend: str, algorithm="redteam-fedavg", rounds: int = 3,
+          attacks=("redteam-walk",), extra: dict | None = None) -> dict:
+    raw = {"name": "threat", "rounds": rounds, "seeds": [0],
+           "axes": {"dataset": ["heart-disease"], "algorithm": [algorithm], "privacy": privacy,
+                    "model": [{"name": "mlp", "hidden": [8]}]},
+           "evaluate": {"attacks": list(attacks)}, **(extra or {})}
+    cells = parse_matrix(raw, registry=reg).cells
+    assert len(cells) == 1
+    return {**cells[0], "backend": backend}
+
+
+def _protected(scenario: str, d: int) -> np.ndarray:
+    """Coordinates whose individual values the server must not read."""
+    if scenario == "he-ckks-partial":  # fc.weight (2x8) and fc.bias (2) are encrypted
+        mask = np.zeros(d, dtype=bool)
+        mask[d - 18:] = True
+        return mask
+    return np.ones(d, dtype=bool)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na < 1e-9 or nb < 1e-9:
+        return 0.0
+    return abs(float(a @ b)) / (na * nb)
+
+
+def _leaks(found: dict, truth: dict, mask: np.ndarray, granted) -> list[str]:
+    """What ``found`` reached beyond what is ``granted`` (a predicate on the
+    round). A vector is explained by a granted entry when it matches it at
+    least as well as any entry it is not granted (a client's updates of
+    consecutive rounds can be nearly collinear)."""
+    out = []
+    d = mask.size
+    for a in found["arrays"]:
+        if a.size != d:
+            continue
+        score: dict[tuple, tuple[float, str]] = {}
+        for key, t in truth.items():
+            delta, start = t["delta"][mask], t["start"][mask]
+            cu, cm = _cos(a[mask], delta), _cos(a[mask] - start, delta)
+            score[key] = max((cu, "its update"), (cm, "its local model"))
+        best_granted = max((c for k, (c, _) in score.items() if granted(k[0])), default=0.0)
+        for (rnd, client), (c, what) in score.items():
+            if not granted(rnd) and c > COS and c > best_granted + 1e-9:
+                out.append(f"round {rnd} client {client}: {what}")
+    return sorted(set(out))
+
+
+def _check_discriminates(truth: dict) -> None:
+    rounds = sorted({r for r, _ in truth})
+    for r in rounds:
+        deltas = [t["delta"] for (rr, _), t in truth.items() if rr == r]
+        agg = np.mean(deltas, axis=0)
+        worst = max(_cos(agg, x) for x in deltas)
+        assert worst < 0.99, f"round {r}: the mean is too close to one client's delta ({worst})"
+
+
+@pytest.mark.parametrize("backend", ["loop", "vectorized"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_no_party_reaches_what_the_threat_model_hides(rt, scenario, backend):
+    mod, reg = rt
+    mod.reset()
+    rec = run_cell(_cell(reg, SCENARIOS[scenario], backend=backend), registry=reg)
+    assert rec["status"] == "ok", rec["error"]
+    truth = dict(mod.TRUTH)
+    assert len({c for _, c in truth}) == 4 and len({r for r, _ in truth}) == 3
+    _check_discriminates(truth)
+    d = next(iter(truth.values()))["delta"].size
+    mask = _protected(scenario, d)
+    plaintext = scenario == "none"
+    problems = []
+    for found in mod.FOUND["server_update"]:
+        assert found["visited"] > 10
+        granted = (lambda r, cur=found["round"]: plaintext and r == cur)
+        problems += [f"server_update (round {found['round']}) reached {x}"
+                     for x in _leaks(found, truth, mask, granted)]
+        problems += [f"server_update reached a secret: {s}" for s in found["secrets"]]
+    assert len(mod.FOUND["server_update"]) == 3
+    views = {1, 3}  # the rounds whose server views an attack receives
+    for found in mod.FOUND["attack"]:
+        problems += [f"attack reached {x}" for x in _leaks(
+            found, truth, mask, lambda r: plaintext and r in views)]
+        problems += [f"attack reached a secret: {s}" for s in found["secrets"]]
+    assert len(mod.FOUND["attack"]) == 1
+    for found in mod.FOUND["observer"]:
+        problems += [f"observer reached {x}" for x in _leaks(found, truth, mask,
+                                                            lambda r: False)]
+        problems += [f"observer reached a secret: {s}" for s in found["secrets"]]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("privacy", [["none"], ["secagg"], ["he-ckks"]])
+def test_an_undeclared_field_is_refused_naming_plugin_and_field(rt, privacy):
+    _, reg = rt
+    rec = run_cell(_cell(reg, privacy, backend="loop", algorithm="redteam-undeclared",
+                         rounds=1, attacks=()), registry=reg)
+    assert rec["status"] == "failed"
+    err = rec["error"]
+    assert (err["plugin"], err["component"], err["hook"]) == (
+        "redteam", "redteam-undeclared", "client_update")
+    assert "smuggled" in err["message"] and "sends" in err["message"]
+
+
+def _run_keep(reg, alg, privacy, **kw):
+    return run_cell(_cell(reg, privacy, backend="loop", algorithm=alg, attacks=(), **kw),
+                    registry=reg, keep_run=True)
+
+
+@pytest.mark.parametrize("alg,field,values", [("scaffold", "control_delta", "model"),
+                                              ("fednova", "tau", 1)])
+def test_declared_summed_fields_run_under_secagg_and_are_billed(rt, alg, field, values):
+    _, reg = rt
+    plain, prun = _run_keep(reg, alg, ["none"])
+    masked, mrun = _run_keep(reg, alg, ["secagg"])
+    fed, _ = _run_keep(reg, "fedavg", ["secagg"])
+    for r in (plain, masked, fed):
+        assert r["status"] == "ok", r["error"]
+    d = prun.final_params[0].numel()
+    per_value = 4  # secagg's default field_bits = 32: one uint32 per value
+    extra_values = d if values == "model" else values
+    rounds, clients = 3, 4
+    assert masked["metrics"]["cost"]["bytes_up"] - fed["metrics"]["cost"]["bytes_up"] == \
+        rounds * clients * extra_values * per_value
+    # the secure sum is the plaintext sum up to secagg's fixed-point step
+    diff = float((prun.final_params[0] - mrun.final_params[0]).abs().max())
+    assert diff < 1e-3, diff
+    assert masked["metrics"]["privacy"]["sent_in_clear"] == plain["metrics"]["privacy"][
+        "sent_in_clear"]
+    assert field in mrun.sent_fields
+
+
+def test_isolated_attacks_equal_in_process_attacks(rt, tmp_path):
+    _, reg = rt
+    attacks = ("mia-loss", {"name": "gradinv-idlg", "max_images": 1, "iterations": 20})
+    cells = [_cell(reg, p, backend="loop", algorithm="fedavg", rounds=2, attacks=attacks,
+                   extra={"evaluate": {"attacks": list(attacks), "isolate": iso}})
+             for p in (["none"], ["secagg"]) for iso in (False, True)]
+    recs = [run_cell(c, registry=reg) for c in cells]
+    for r in recs:
+        assert r["status"] == "ok", r["error"]
+    for inproc, isolated in (recs[0:2], recs[2:4]):
+        a, b = inproc["metrics"]["attacks"], isolated["metrics"]["attacks"]
+        assert set(a) == set(b) == {"mia-loss", "gradinv-idlg"}
+        for k in a:
+            strip = ("seconds",)
+            assert {x: v for x, v in a[k].items() if x not in strip} == \
+                {x: v for x, v in b[k].items() if x not in strip}, k
+        assert isolated["metrics"]["attacks_isolated"] is True
