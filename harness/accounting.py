@@ -22,7 +22,9 @@ actually sampled that way.
 from __future__ import annotations
 
 import functools
-import warnings
+import hashlib
+import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,18 +55,21 @@ def epsilon_for(history: Sequence[tuple[float, float, int]], delta: float,
                 accountant: str = "rdp") -> float:
     """ε at ``delta`` for a composition ``[(noise_multiplier, sample_rate, steps), ...]``.
 
-    ``"rdp"`` computes exactly what Opacus's ``RDPAccountant.get_epsilon`` does
-    (its default orders, ``compute_rdp`` and ``get_privacy_spent``), with each
-    (σ, q)'s per-step RDP curve cached: RDP composes additively over steps.
+    ``"rdp"`` gives what Opacus's ``RDPAccountant.get_epsilon`` gives (its
+    default orders, ``compute_rdp`` and ``get_privacy_spent``), to the last
+    bit: the RDP of each (σ, q) comes from the vectorized series
+    (:func:`_rdp_rows`, cached per pair; RDP composes additively over
+    steps), only at the orders that can hold the minimum (see
+    :func:`_needed_orders`), and the orders whose ε is within 1e-8 of the
+    minimum are evaluated again with Opacus's own ``compute_rdp``.
     """
     hist = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
     if not hist:
         return 0.0
     if check_accountant(accountant) == "rdp":
-        import numpy as np
         from opacus.accountants.analysis.rdp import get_privacy_spent
 
-        rdp = sum(n * np.asarray(_rdp_step(s, q)) for s, q, n in hist)
+        rdp = _refine(hist, _composed_rdp(hist, delta), delta)
         eps, _ = get_privacy_spent(orders=_rdp_orders(), rdp=rdp, delta=delta)
         return float(eps)
     acc = make_accountant(accountant)
@@ -78,11 +83,403 @@ def _rdp_orders() -> list[float]:
     return list(RDPAccountant.DEFAULT_ALPHAS)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1)
+def _orders_np() -> tuple[Any, Any]:
+    """Opacus's default orders as an array, and the mask of the integer ones."""
+    import numpy as np
+
+    orders = np.asarray(_rdp_orders(), dtype=float)
+    return orders, np.array([float(a).is_integer() for a in orders])
+
+
+def _eps_rows(rdp: Any, orders: Any, delta: float) -> Any:
+    """Opacus's ``get_privacy_spent`` (ε only) for each row of ``rdp``
+    (rows: compositions; columns: ``orders``)."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore"):
+        eps = (rdp - (np.log(delta) + np.log(orders)) / (orders - 1)
+               + np.log((orders - 1) / orders))
+    nan = np.isnan(eps).all(axis=1)
+    out = np.full(len(rdp), np.inf)
+    if (~nan).any():
+        out[~nan] = np.nanmin(eps[~nan], axis=1)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _eps_floor(delta: float) -> Any:
+    """ε at each default order for an RDP of zero: Opacus's conversion
+    ``rdp - (log δ + log α)/(α - 1) + log((α - 1)/α)`` at ``rdp = 0``. RDP is
+    never negative, and the conversion rounds monotonically in ``rdp``, so
+    an order's ε is never below its floor."""
+    import numpy as np
+
+    orders, _ = _orders_np()
+    with np.errstate(invalid="ignore"):
+        out = 0.0 - (np.log(delta) + np.log(orders)) / (orders - 1) \
+            + np.log((orders - 1) / orders)
+    out.setflags(write=False)
+    return out
+
+
+def _needed_orders(delta: float, bound: float) -> Any:
+    """The orders that can give an ε of at most ``bound``: every integer
+    order (cheap), and the fractional ones whose floor (:func:`_eps_floor`)
+    is at most ``bound`` (plus a margin for rounding in the series). The
+    slow, long series of the small fractional orders are needed only for
+    large ε (α = 1.1 cannot give ε < 111 at δ = 1e-5)."""
+    _, is_int = _orders_np()
+    margin = 1e-6 * (1.0 + abs(bound))
+    return is_int | (_eps_floor(delta) <= bound + margin)
+
+
+#: per-step RDP by (σ, q) over the default orders, NaN where not computed
+#: yet (bounded: the oldest pair goes first)
+_CURVES: dict[tuple[float, float], Any] = {}
+_CURVES_MAX = 4096
+
+
+def _curves(pairs: Sequence[tuple[float, float]], need: Any = None) -> list[Any]:
+    """Per-step RDP arrays of ``pairs`` with at least the orders ``need``
+    (a mask; default all) computed, the missing ones in one vectorized call."""
+    import numpy as np
+
+    orders, _ = _orders_np()
+    need = np.ones(len(orders), dtype=bool) if need is None else need
+    todo = [p for p in dict.fromkeys(pairs)
+            if p not in _CURVES or np.isnan(_CURVES[p][need]).any()]
+    if todo:
+        cols = need.copy()
+        rows = _rdp_rows(np.array([s for s, _ in todo]), np.array([q for _, q in todo]),
+                         mask=cols)
+        for p, r in zip(todo, rows):
+            old = _CURVES.pop(p, None)
+            if old is not None:
+                r = np.where(np.isnan(r), old, r)
+            while len(_CURVES) >= _CURVES_MAX:
+                del _CURVES[next(iter(_CURVES))]
+            r.setflags(write=False)
+            _CURVES[p] = r
+    return [_CURVES[p] for p in pairs]
+
+
 def _rdp_step(sigma: float, q: float) -> tuple[float, ...]:
+    """The per-step RDP of (σ, q) at every default order."""
+    return tuple(_curves([(float(sigma), float(q))])[0])
+
+
+def _composed_rdp(hist: Sequence[tuple[float, float, int]], delta: float) -> Any:
+    """Σ steps · RDP(σ, q) at the default orders (Opacus's
+    ``sum(compute_rdp(...) for ...)``, term for term), computed at the orders
+    that can hold the minimum ε and +inf at the others (which cannot)."""
+    import numpy as np
+
+    orders, is_int = _orders_np()
+    pairs = [(s, q) for s, q, _ in hist]
+    ints = sum(c * n for c, (_, _, n) in zip(_curves(pairs, is_int), hist))
+    bound = float(_eps_rows(np.where(is_int, ints, np.inf)[None, :], orders, delta)[0])
+    need = _needed_orders(delta, bound) if math.isfinite(bound) else np.ones_like(is_int)
+    rdp = sum(c * n for c, (_, _, n) in zip(_curves(pairs, need), hist))
+    return np.where(need, rdp, np.inf)
+
+
+#: Opacus's own per-step RDP at single orders, by (σ, q, order) (bounded)
+_EXACT: dict[tuple[float, float, float], float] = {}
+#: orders whose ε is within this (relative) of the minimum are re-evaluated
+_REFINE_REL = 1e-8
+
+
+def _refine(hist: Sequence[tuple[float, float, int]], rdp: Any, delta: float) -> Any:
+    """``rdp`` with the near-optimal orders replaced by Opacus's own values.
+
+    The vectorized series and Opacus's term-by-term log-space sums differ by
+    rounding (Opacus's ``_log_sub`` loses a few ulps of the largest term at
+    each subtraction); at the orders that decide ε, Opacus's values are used,
+    so ``epsilon_for`` returns exactly what ``RDPAccountant.get_epsilon`` does.
+    """
+    import numpy as np
     from opacus.accountants.analysis.rdp import compute_rdp
 
-    return tuple(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=_rdp_orders()))
+    orders, _ = _orders_np()
+    eps = float(_eps_rows(rdp[None, :], orders, delta)[0])
+    if not math.isfinite(eps):
+        return rdp
+    with np.errstate(invalid="ignore"):
+        per = (rdp - (np.log(delta) + np.log(orders)) / (orders - 1)
+               + np.log((orders - 1) / orders))
+    near = np.flatnonzero(per <= eps + _REFINE_REL * abs(eps))
+    alist = [_rdp_orders()[k] for k in near]
+    total: Any = 0
+    for s, q, n in hist:  # Opacus's sum(compute_rdp(...) * steps), term for term
+        keys = [(s, q, float(a)) for a in alist]
+        todo = [a for a, k in zip(alist, keys) if k not in _EXACT]
+        if todo:
+            for a, v in zip(todo, compute_rdp(q=q, noise_multiplier=s, steps=1, orders=todo)):
+                while len(_EXACT) >= 8 * _CURVES_MAX:
+                    del _EXACT[next(iter(_EXACT))]
+                _EXACT[(s, q, float(a))] = float(v)
+        total = total + np.array([_EXACT[k] for k in keys]) * n
+    out = np.array(rdp, dtype=float)
+    out[near] = total
+    return out
+
+
+def _fast_epsilons(hists: Sequence[Sequence[tuple[float, float, int]]],
+                   delta: float) -> list[float]:
+    """ε of each composition from the vectorized series alone (no
+    refinement): what the solvers compare with their targets. The curves of
+    every composition's pairs are computed together."""
+    import numpy as np
+
+    orders, is_int = _orders_np()
+    pairs = list(dict.fromkeys((s, q) for h in hists for s, q, _ in h))
+    _curves(pairs, is_int)
+    need = np.zeros_like(is_int)
+    for h in hists:
+        ints = sum(c * n for c, (_, _, n) in zip(_curves([(s, q) for s, q, _ in h], is_int), h))
+        bound = float(_eps_rows(np.where(is_int, ints, np.inf)[None, :], orders, delta)[0])
+        need |= _needed_orders(delta, bound) if math.isfinite(bound) else True
+    _curves(pairs, need)
+    return [float(_eps_rows(_composed_rdp(h, delta)[None, :], orders, delta)[0])
+            if h else 0.0 for h in hists]
+
+
+# --------------------------------------------------------------------------
+# the RDP of the sampled Gaussian mechanism, vectorized
+# --------------------------------------------------------------------------
+#
+# Opacus's ``compute_rdp`` evaluates log A_α (Mironov et al. 2019, "Rényi
+# differential privacy of the sampled Gaussian mechanism", Section 3.3) term
+# by term in pure Python. The fractional orders are the slow part: their
+# series decays polynomially when q is large (thousands of terms at q = 1/2,
+# α = 1.1). Here the same terms -- the same expressions in the same order of
+# operations -- are computed as arrays over every (σ, q) pair, order and term
+# index at once, with Opacus's stopping rule (the first term whose two
+# log-terms are both below -30, that term included). Only the summation
+# differs: Opacus adds in log space one term at a time (``_log_add`` /
+# ``_log_sub``), here each series is summed relative to its largest term,
+# ``m + log1p(Σ_{others} ± exp(s - m))``, which keeps the error at a few ulps
+# of the largest term (Opacus's subtractions lose more; ``_refine`` puts
+# Opacus's own values back where they decide ε).
+
+_STOP = -30.0
+_LOG_HALF, _LOG_2, _SQRT2, _SQRT2_ND = math.log(0.5), math.log(2), math.sqrt(2), 2 ** 0.5
+_MAX_TERMS = 1 << 24  # a series longer than this is refused (Opacus would loop on)
+
+
+def _rdp_rows(sigma: Any, q: Any, *, mask: Any = None) -> Any:
+    """Per-step RDP of the sampled Gaussian mechanism, one row per (σ, q) pair,
+    one column per default order: Opacus's ``compute_rdp(q=q,
+    noise_multiplier=σ, steps=1, orders=DEFAULT_ALPHAS)`` row by row, at the
+    orders of ``mask`` (default all; NaN at the others)."""
+    import numpy as np
+
+    orders, is_int = _orders_np()
+    mask = np.ones(len(orders), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    sigma, q = np.asarray(sigma, dtype=float), np.asarray(q, dtype=float)
+    out = np.full((len(sigma), len(orders)), np.nan)
+    zero_q, no_noise, full = q == 0, sigma == 0, q == 1.0
+    with np.errstate(divide="ignore"):
+        out[full] = orders[None, :] / (2 * sigma[full, None] ** 2)
+    out[no_noise] = np.inf
+    out[zero_q] = 0.0
+    gen = ~(zero_q | no_noise | full)
+    if gen.any():
+        s, qq = sigma[gen], q[gen]
+        block = np.full((len(s), len(orders)), np.nan)
+        ci, cf = mask & is_int, mask & ~is_int
+        if ci.any():
+            block[:, ci] = _log_a_int(s, qq, orders[ci]) / (orders[ci] - 1)
+        if cf.any():
+            block[:, cf] = _log_a_frac(s, qq, orders[cf]) / (orders[cf] - 1)
+        out[gen] = block
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _binom_block(alphas: tuple[float, ...], size: int) -> tuple[Any, Any]:
+    """``log|C(α, i)|`` and the sign of C(α, i) for i < ``size`` (scipy's
+    ``binom``, as Opacus evaluates it): arrays (orders, size), read-only."""
+    import numpy as np
+    from scipy import special
+
+    with np.errstate(divide="ignore"):
+        coef = special.binom(np.asarray(alphas)[:, None], np.arange(size, dtype=float)[None, :])
+        out = np.log(np.abs(coef)), np.where(coef > 0, 1.0, -1.0)
+    for x in out:
+        x.setflags(write=False)
+    return out
+
+
+def _log_a_int(sigma: Any, q: Any, alphas: Any) -> Any:
+    """log A_α at integer orders (Opacus's ``_compute_log_a_for_int_alpha``):
+    an array (pairs, orders)."""
+    import numpy as np
+
+    i = np.arange(int(alphas.max()) + 1, dtype=float)[None, None, :]
+    a = alphas[None, :, None]
+    lq, l1q = np.log(q)[:, None, None], np.log(1 - q)[:, None, None]
+    inside = i <= a
+    log_binom = _binom_block(tuple(alphas.tolist()), i.shape[-1])[0][None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_coef = log_binom + i * lq + (a - i) * l1q
+        s = log_coef + (i * i - i) / (2 * (sigma ** 2))[:, None, None]
+    s = np.where(inside, s, -np.inf)
+    return _logsum_dense(s, np.ones_like(s))
+
+
+def _logsum_dense(s: Any, sign: Any) -> Any:
+    """``log Σ sign·exp(s)`` over the last axis, relative to the largest term."""
+    import numpy as np
+
+    m = s.max(axis=-1, keepdims=True)
+    first = np.argmax(s, axis=-1)[..., None]
+    with np.errstate(invalid="ignore", over="ignore"):
+        rel = sign * np.exp(s - m)
+    np.put_along_axis(rel, first, 0.0, axis=-1)
+    lead = np.take_along_axis(sign, first, axis=-1)[..., 0]
+    return _lead_plus(m[..., 0], lead, rel.sum(axis=-1))
+
+
+def _lead_plus(m: Any, lead: Any, rest: Any) -> Any:
+    """``m + log(lead + rest)`` (lead = ±1), with log1p when the lead is +1."""
+    import numpy as np
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return m + np.where(lead > 0, np.log1p(rest), np.log(rest - 1.0))
+
+
+def _log_a_frac(sigma: Any, q: Any, alphas: Any) -> Any:
+    """log A_α at fractional orders (Opacus's ``_compute_log_a_for_frac_alpha``):
+    an array (pairs, orders). Terms are computed in blocks of growing length
+    for the series that have not met the stopping rule yet; the binomial
+    coefficients of the first block are scipy's (as Opacus's), later ones
+    continue them by the recurrence C(α, i+1) = C(α, i)(α - i)/(i + 1) in
+    log space (the far tail, where terms are below e^-20 of the sum)."""
+    import numpy as np
+    from scipy import special
+
+    P, F = len(sigma), len(alphas)
+    R = P * F
+    al = np.tile(alphas, P)
+    sig = np.repeat(sigma, F)
+    qq = np.repeat(q, F)
+    z0 = sig ** 2 * np.log(1 / qq - 1) + 0.5
+    lq, l1q = np.log(qq), np.log(1 - qq)
+    two_s2, den = 2 * (sig ** 2), _SQRT2 * sig
+    active = np.arange(R)
+    rows_l, s0_l, s1_l, sg_l = [], [], [], []
+    lo, size = 0, 64
+    last_lc = last_sg = None  # log|C(α, lo - 1)| and its sign, per active row
+    while active.size:
+        if lo > _MAX_TERMS:
+            raise ValueError("the RDP series of the sampled Gaussian mechanism does not "
+                             "converge for these (noise multiplier, sample rate)")
+        i = np.arange(lo, lo + size, dtype=float)[None, :]
+        a = al[active, None]
+        if lo == 0:
+            lc0, sg0 = _binom_block(tuple(alphas.tolist()), size)
+            log_coef, sign = np.tile(lc0, (P, 1)), np.tile(sg0, (P, 1))
+        else:  # C(α, k) = C(α, k-1) (α - k + 1) / k for k = lo, ..., lo + size - 1
+            ratio = (a - i + 1) / i
+            log_coef = last_lc[:, None] + np.cumsum(np.log(np.abs(ratio)), axis=1)
+            sign = last_sg[:, None] * np.cumprod(np.sign(ratio), axis=1)
+        j = a - i
+        lq_, l1q_, z0_ = lq[active, None], l1q[active, None], z0[active, None]
+        den_, t2 = den[active, None], two_s2[active, None]
+        log_t0 = log_coef + i * lq_ + j * l1q_
+        log_t1 = log_coef + j * lq_ + i * l1q_
+        log_e0 = _LOG_HALF + (_LOG_2 + special.log_ndtr(-((i - z0_) / den_) * _SQRT2_ND))
+        log_e1 = _LOG_HALF + (_LOG_2 + special.log_ndtr(-((z0_ - j) / den_) * _SQRT2_ND))
+        s0 = log_t0 + (i * i - i) / t2 + log_e0
+        s1 = log_t1 + (j * j - j) / t2 + log_e1
+        stop = np.maximum(s0, s1) < _STOP
+        done = stop.any(axis=1)
+        last = np.where(done, stop.argmax(axis=1), size - 1)  # the stopping term is summed
+        keep = np.arange(size)[None, :] <= last[:, None]
+        rows_l.append(np.broadcast_to(active[:, None], keep.shape)[keep])
+        s0_l.append(s0[keep])
+        s1_l.append(s1[keep])
+        sg_l.append(sign[keep])
+        last_lc, last_sg = log_coef[~done, -1], sign[~done, -1]
+        active = active[~done]
+        lo += size
+        size = min(size * 2, 1 << 14)
+    rows, sg = np.concatenate(rows_l), np.concatenate(sg_l)
+    order = np.argsort(rows, kind="stable")  # each series in term order
+    rows, sg = rows[order], sg[order]
+    starts = np.searchsorted(rows, np.arange(R))
+    la0 = _logsum_flat(np.concatenate(s0_l)[order], sg, starts)
+    la1 = _logsum_flat(np.concatenate(s1_l)[order], sg, starts)
+    # Opacus's _log_add(log_a0, log_a1)
+    lo_, hi_ = np.minimum(la0, la1), np.maximum(la0, la1)
+    with np.errstate(invalid="ignore"):
+        out = np.where(lo_ == -np.inf, hi_, np.log1p(np.exp(lo_ - hi_)) + hi_)
+    return out.reshape(P, F)
+
+
+def _logsum_flat(s: Any, sign: Any, starts: Any) -> Any:
+    """``log |Σ sign·exp(s)|`` of each series of the flat, row-sorted terms
+    (series r is ``s[starts[r]:starts[r + 1]]``), relative to its largest term."""
+    import numpy as np
+
+    n = len(starts)
+    m = np.maximum.reduceat(s, starts)
+    lens = np.diff(np.append(starts, len(s)))
+    mrow = np.repeat(m, lens)
+    # the first occurrence of each series' largest term is the "1" of log1p
+    pos = np.flatnonzero(s == mrow)
+    owner = np.repeat(np.arange(n), lens)[pos]
+    firsts = pos[np.unique(owner, return_index=True)[1]]
+    with np.errstate(invalid="ignore", over="ignore"):
+        rel = sign * np.exp(s - mrow)
+    rel[firsts] = 0.0
+    rest = np.add.reduceat(rel, starts)
+    return _lead_plus(m, sign[firsts], rest)
+
+
+# --------------------------------------------------------------------------
+# σ for a target ε: speculative bisection, cached on disk
+# --------------------------------------------------------------------------
+
+
+def _tree(state: tuple, finished: Callable[[tuple], bool], mid: Callable[[tuple], float],
+          update: Callable[[tuple, float, float], tuple], depth: int) -> list[float]:
+    """The midpoints a bisection from ``state`` can visit in its next ``depth`` steps."""
+    level, out = [state], []
+    for _ in range(depth):
+        nxt = []
+        for st in level:
+            if finished(st):
+                continue
+            s = mid(st)
+            out.append(s)
+            # both outcomes: an ε above, and one below, any target
+            nxt += [update(st, s, -math.inf), update(st, s, math.inf)]
+        level = nxt
+    return out
+
+
+def _bisect(state: tuple, finished: Callable[[tuple], bool], mid: Callable[[tuple], float],
+            update: Callable[[tuple, float, float], tuple],
+            evaluate: Callable[[list[float]], list[float]], depth: int,
+            known: dict[float, float] | None = None) -> tuple:
+    """Run the bisection ``while not finished(state): σ = mid(state); state =
+    update(state, σ, ε(σ))`` exactly as written, evaluating ε at every
+    midpoint of the next ``depth`` levels of its tree in one call of
+    ``evaluate`` (ε already in ``known`` is not evaluated again)."""
+    known = {} if known is None else known
+    while not finished(state):
+        todo = [s for s in dict.fromkeys(_tree(state, finished, mid, update, depth))
+                if s not in known]
+        known.update(zip(todo, evaluate(todo)))
+        for _ in range(depth):
+            if finished(state):
+                break
+            s = mid(state)
+            state = update(state, s, known[s])
+    return state
 
 
 def noise_for_epsilon(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -93,7 +490,9 @@ def noise_for_epsilon(*, target_epsilon: float, delta: float, sample_rate: float
     bisection, so ε never overshoots). For ``"rdp"`` it runs first over the
     integer orders only (fast, and conservative: fewer orders give a larger
     ε), then a short bisection with all of Opacus's orders tightens σ to
-    within 1 %. Solutions are memoised per process.
+    within 1 %. Solutions are memoised per process and cached on disk
+    (JSON, under ``FEDMEDBENCH_CACHE_DIR``, default ``~/.cache/fedmedbench``,
+    keyed by these arguments and the Opacus version).
     """
     if target_epsilon <= 0:
         raise ValueError(f"target epsilon {target_epsilon} must be > 0")
@@ -104,34 +503,69 @@ def noise_for_epsilon(*, target_epsilon: float, delta: float, sample_rate: float
 @functools.lru_cache(maxsize=256)
 def _solve(target: float, delta: float, q: float, steps: int, accountant: str,
            tolerance: float) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
+    key = {"target_epsilon": target, "delta": delta, "sample_rate": q, "steps": steps,
+           "accountant": accountant, "tolerance": tolerance}
+    sigma = _sigma_cache_get(key)
+    if sigma is None:
+        sigma = _solve_uncached(target, delta, q, steps, accountant, tolerance)
+        _sigma_cache_put(key, sigma)
+    return sigma
 
+
+def _solve_uncached(target: float, delta: float, q: float, steps: int, accountant: str,
+                    tolerance: float) -> float:
     if accountant != "rdp":
+        from opacus.accountants.utils import get_noise_multiplier
+
         return float(get_noise_multiplier(target_epsilon=target, target_delta=delta,
                                           sample_rate=q, steps=steps, accountant=accountant,
                                           epsilon_tolerance=tolerance))
-    ints = [a for a in _rdp_orders() if float(a).is_integer()]
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": expected here
-        warnings.simplefilter("ignore", UserWarning)
-        hi = float(get_noise_multiplier(target_epsilon=target, target_delta=delta,
-                                        sample_rate=q, steps=steps, accountant="rdp",
-                                        epsilon_tolerance=tolerance, alphas=ints))
+    import numpy as np
 
-    def eps(sigma: float) -> float:
-        return epsilon_for([(sigma, q, steps)], delta, "rdp")
+    orders, is_int = _orders_np()
+
+    def ints(sigmas: list[float]) -> list[float]:  # ε over the integer orders only
+        rdp = _rdp_rows(np.array(sigmas), np.full(len(sigmas), q), mask=is_int)[:, is_int]
+        return [float(e) for e in _eps_rows(rdp * steps, orders[is_int], delta)]
+
+    # 1. Opacus's get_noise_multiplier over the integer orders; overhead-bound,
+    # so the next doublings, and four levels of the bisection, go in one call
+    hi, eps_hi = 10.0, math.inf
+    while eps_hi > target:
+        cand = [hi * 2 ** (k + 1) for k in range(4)]
+        for s, e in zip(cand, ints(cand)):
+            hi, eps_hi = s, e
+            if s > MAX_SIGMA:
+                raise ValueError("The privacy budget is too low.")
+            if not eps_hi > target:
+                break
+
+    def upd1(st: tuple, s: float, e: float) -> tuple:
+        return (st[0], s, e) if e < target else (s, st[1], st[2])
+
+    _, hi, _ = _bisect((0.0, hi, eps_hi), lambda st: not target - st[2] > tolerance,
+                       lambda st: (st[0] + st[1]) / 2, upd1, ints, depth=4)
+
+    # 2. all orders: widen the bracket below hi until it straddles the target,
+    # then bisect to 1 % (ε(mid) <= target keeps the upper end). Only
+    # "ε <= target" is needed, so only the orders that can reach the target
+    # are computed (_needed_orders); each is compute-bound: one σ per call.
+    need = _needed_orders(delta, target)
+
+    def within(sigma: float) -> bool:
+        rdp = np.where(need, _curves([(sigma, q)], need)[0] * steps, np.inf)
+        return float(_eps_rows(rdp[None, :], orders, delta)[0]) <= target
 
     lo = hi * 0.95
-    while eps(lo) <= target and lo > 1e-3:  # the bracket must straddle the target
+    while within(lo) and lo > 1e-3:  # the bracket must straddle the target
         hi, lo = lo, lo * 0.95
     while hi - lo > 0.01 * hi:
         mid = (lo + hi) / 2
-        if eps(mid) <= target:
+        if within(mid):
             hi = mid
         else:
             lo = mid
     return hi
-
-
 def noise_for_schedule(*, target_epsilon: float, delta: float,
                        schedule: Callable[[float], list[tuple[float, float, int]]],
                        accountant: str = "rdp", tolerance: float = 0.01) -> float:
@@ -139,24 +573,101 @@ def noise_for_schedule(*, target_epsilon: float, delta: float,
 
     ``schedule(sigma0)`` returns the planned composition. Bisection in the
     manner of Opacus's ``get_noise_multiplier``: the upper end is returned, so
-    the planned ε never exceeds the target.
+    the planned ε never exceeds the target. Candidate σ₀ of the next steps
+    are evaluated together (their RDP curves in one vectorized call).
     """
     if target_epsilon <= 0:
         raise ValueError(f"target epsilon {target_epsilon} must be > 0")
-    lo, hi, eps_hi = 0.0, 10.0, float("inf")
-    while eps_hi > target_epsilon:
-        hi *= 2
-        eps_hi = epsilon_for(schedule(hi), delta, accountant)
-        if hi > MAX_SIGMA:
-            raise ValueError(f"target epsilon {target_epsilon} is too small for this schedule")
-    while target_epsilon - eps_hi > tolerance:
-        mid = (lo + hi) / 2
-        eps = epsilon_for(schedule(mid), delta, accountant)
-        if eps < target_epsilon:
-            hi, eps_hi = mid, eps
-        else:
-            lo = mid
+    check_accountant(accountant)
+    target = target_epsilon
+
+    def eps_many(z0s: list[float]) -> list[float]:
+        hists = [[(float(s), float(q), int(n)) for s, q, n in schedule(z) if n > 0]
+                 for z in z0s]
+        if accountant == "rdp":  # every candidate's curves in one call
+            return _fast_epsilons(hists, delta)
+        return [epsilon_for(h, delta, accountant) for h in hists]
+
+    # how many candidates one call evaluates: about 64 (σ, q) curves per call
+    per = max(1, len({(float(s), float(q)) for s, q, _ in schedule(10.0)}))
+    depth = 1 if accountant != "rdp" else max(1, min(4, (64 // per + 1).bit_length() - 1))
+    hi, eps_hi = 10.0, math.inf
+    while eps_hi > target:
+        cand = [hi * 2 ** (k + 1) for k in range(depth)]
+        for s, e in zip(cand, eps_many(cand)):
+            hi, eps_hi = s, e
+            if hi > MAX_SIGMA:
+                raise ValueError(f"target epsilon {target_epsilon} is too small for this schedule")
+            if not eps_hi > target:
+                break
+
+    def upd(st: tuple, s: float, e: float) -> tuple:
+        return (st[0], s, e) if e < target else (s, st[1], st[2])
+
+    _, hi, _ = _bisect((0.0, hi, eps_hi), lambda st: not target - st[2] > tolerance,
+                       lambda st: (st[0] + st[1]) / 2, upd, eps_many, depth=depth)
     return hi
+
+
+# --------------------------------------------------------------------------
+# the on-disk cache of solved σ (JSON, one small file per key)
+# --------------------------------------------------------------------------
+
+#: bump when the solver's arithmetic changes: older entries are then not read
+SIGMA_CACHE_SCHEMA = "fedmedbench.sigma/1"
+
+
+def _opacus_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("opacus")
+    except PackageNotFoundError:  # pragma: no cover - opacus is a dependency
+        return "unknown"
+
+
+def sigma_cache_dir() -> Any:
+    """Where solved noise multipliers are cached: ``<cache>/sigma``, with
+    ``<cache>`` = ``FEDMEDBENCH_CACHE_DIR`` (default ``~/.cache/fedmedbench``)."""
+    from fedmedbench.datafiles import cache_dir
+
+    return cache_dir() / "sigma"
+
+
+def _sigma_cache_path(key: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    full = {"schema": SIGMA_CACHE_SCHEMA, "opacus": _opacus_version(), **key}
+    text = json.dumps(full, sort_keys=True)
+    return sigma_cache_dir() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json", full
+
+
+def _sigma_cache_get(key: dict[str, Any]) -> float | None:
+    """The cached σ of ``key``, or None when the file is missing, unreadable,
+    corrupt or written for other arguments (it is then rewritten)."""
+    path, full = _sigma_cache_path(key)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != full:
+        return None
+    sigma = data.get("sigma")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) \
+            or not math.isfinite(sigma) or sigma < 0:
+        return None
+    return float(sigma)
+
+
+def _sigma_cache_put(key: dict[str, Any], sigma: float) -> None:
+    """Write the solved σ atomically; a read-only or full cache only costs speed."""
+    from fedmedbench.fileio import write_atomic
+
+    path, full = _sigma_cache_path(key)
+    data = json.dumps({"key": full, "sigma": float(sigma)}, sort_keys=True, indent=1)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data.encode("utf-8"))
+    except OSError:
+        pass
 
 
 class Ledger:
