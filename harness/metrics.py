@@ -45,3 +45,130 @@ def score(metric: str, y_true: np.ndarray, proba: np.ndarray) -> float:
         return float(skm.roc_auc_score(y_true, proba, multi_class="ovr",
                                        labels=list(range(proba.shape[1]))))
     raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+
+
+def score_sites(metric: str, y_true: np.ndarray, proba: np.ndarray,
+                site: np.ndarray | None = None, *, offsets: np.ndarray | None = None,
+                n_sites: int | None = None) -> np.ndarray:
+    """Every site's :func:`score` in one pass over the pooled rows.
+
+    Parameters
+    ----------
+    metric : {"accuracy", "balanced_accuracy", "auroc"}
+    y_true : (n,) labels; proba : (n, classes) class probabilities.
+    site : (n,) int, optional
+        The site (0 .. n_sites - 1) of each row, in any order.
+    offsets : (n_sites + 1,) int, optional
+        Instead of ``site``: rows ``offsets[s]:offsets[s + 1]`` belong to
+        site ``s`` (rows grouped by site).
+    n_sites : int, optional
+        Number of sites (default: ``max(site) + 1``, or ``len(offsets) - 1``).
+
+    Returns
+    -------
+    (n_sites,) float64: ``score(metric, y_true[rows], proba[rows])`` of each
+    site, NaN where :func:`score` gives NaN (no rows; AUROC of a site with a
+    single class, or, for several classes, a class missing from the site).
+    AUROC is the Mann-Whitney statistic from one sort per class column and
+    rank sums, ties given their average rank (the area scikit-learn's
+    ``roc_auc_score`` computes by trapezoids), one-vs-rest macro average for
+    more than two classes.
+    """
+    y_true, proba = np.asarray(y_true), np.asarray(proba)
+    n = len(y_true)
+    if proba.ndim != 2 or len(proba) != n:
+        raise ValueError(f"proba has shape {proba.shape}; expected ({n}, classes)")
+    site, S = _site_index(n, site, offsets, n_sites)
+    rows = np.bincount(site, minlength=S).astype(float)
+    if metric == "accuracy":
+        hits = np.bincount(site, weights=proba.argmax(1) == y_true, minlength=S)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(rows > 0, hits / rows, np.nan)
+    if metric == "balanced_accuracy":
+        classes, code = np.unique(y_true, return_inverse=True)
+        K = max(len(classes), 1)
+        cell = site * K + code
+        counts = np.bincount(cell, minlength=S * K).reshape(S, K)
+        hits = np.bincount(cell, weights=proba.argmax(1) == y_true,
+                           minlength=S * K).reshape(S, K)
+        present = counts > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            recall = np.where(present, hits / np.maximum(counts, 1), 0.0)
+            return np.where(present.any(1), recall.sum(1) / present.sum(1), np.nan)
+    if metric == "auroc":
+        if proba.shape[1] == 2:
+            # scikit-learn's binary case: the larger of a site's two labels is positive
+            return _auroc_sites(_larger_label(y_true, site, S), proba[:, 1], site, S)
+        if not np.allclose(1, proba.sum(axis=1)):
+            raise ValueError("Target scores need to be probabilities for multiclass roc_auc, "
+                             "i.e. they should sum up to 1.0 over classes")
+        per = np.stack([_auroc_sites(y_true == c, proba[:, c], site, S)
+                        for c in range(proba.shape[1])], axis=1)
+        out = per.mean(axis=1)
+        # score(): NaN for a site with a single class, the macro mean otherwise
+        return np.where(_n_classes(y_true, site, S) >= 2, out, np.nan)
+    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+
+
+def _site_index(n: int, site: np.ndarray | None, offsets: np.ndarray | None,
+                n_sites: int | None) -> tuple[np.ndarray, int]:
+    """The site of each row as an int array, and the number of sites."""
+    if (site is None) == (offsets is None):
+        raise ValueError("give the rows' sites either as site= (one per row) or as offsets=")
+    if offsets is not None:
+        off = np.asarray(offsets, dtype=np.int64)
+        if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != n or (np.diff(off) < 0).any():
+            raise ValueError(f"offsets must rise from 0 to the number of rows ({n})")
+        S = len(off) - 1 if n_sites is None else int(n_sites)
+        if S != len(off) - 1:
+            raise ValueError(f"n_sites={n_sites} but offsets describe {len(off) - 1} sites")
+        return np.repeat(np.arange(S), np.diff(off)), S
+    idx = np.asarray(site)
+    if idx.shape != (n,) or (n and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError(f"site must be ({n},) integers, got {idx.shape} {idx.dtype}")
+    idx = idx.astype(np.int64, copy=False)
+    S = (int(idx.max()) + 1 if n else 0) if n_sites is None else int(n_sites)
+    if n and (idx.min() < 0 or idx.max() >= S):
+        raise ValueError(f"site indices must lie in [0, {S})")
+    return idx, S
+
+
+def _n_classes(y: np.ndarray, site: np.ndarray, S: int) -> np.ndarray:
+    """Distinct labels per site."""
+    _, code = np.unique(y, return_inverse=True)
+    K = int(code.max()) + 1 if len(code) else 1
+    return (np.bincount(site * K + code, minlength=S * K).reshape(S, K) > 0).sum(1)
+
+
+def _auroc_sites(pos: np.ndarray, score_: np.ndarray, site: np.ndarray, S: int) -> np.ndarray:
+    """Per-site AUROC of scores ``score_`` for the positives ``pos``: one
+    sort by (site, score), average ranks of ties, U / (n_pos · n_neg)."""
+    if np.isnan(score_).any():
+        raise ValueError("Input contains NaN.")
+    order = np.lexsort((score_, site))
+    s, v, p = site[order], score_[order], pos[order].astype(float)
+    n = len(s)
+    new = np.ones(n, dtype=bool)
+    if n > 1:
+        new[1:] = (s[1:] != s[:-1]) | (v[1:] != v[:-1])
+    start = np.flatnonzero(new)  # first position of each tie group
+    end = np.append(start[1:], n)  # one past its last
+    gid = np.cumsum(new) - 1
+    site_start = np.searchsorted(s, np.arange(S))
+    # average 1-based rank within the site: mean of the group's positions
+    rank = (start + end - 1)[gid] / 2.0 - site_start[s] + 1.0
+    r_pos = np.bincount(s, weights=rank * p, minlength=S)
+    n_pos = np.bincount(s, weights=p, minlength=S)
+    n_all = np.bincount(s, minlength=S).astype(float)
+    n_neg = n_all - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (r_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def _larger_label(y: np.ndarray, site: np.ndarray, S: int) -> np.ndarray:
+    """Rows carrying their site's largest label (scikit-learn's positive class
+    of a binary ``y_true``)."""
+    top = np.full(S, -np.inf)
+    np.maximum.at(top, site, y.astype(float))
+    return y.astype(float) == top[site]

@@ -1,0 +1,116 @@
+"""score_sites: every site's score in one pass, against score() site by site
+and against scikit-learn's roc_auc_score (to 1e-12)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from fedmedbench.metrics import METRICS, score, score_sites
+
+
+def _pooled(n_sites=40, classes=2, seed=0, ties=False, empty=(), single=()):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 30, n_sites)
+    for s in empty:
+        sizes[s] = 0
+    site = np.repeat(np.arange(n_sites), sizes)
+    n = len(site)
+    y = rng.integers(0, classes, n)
+    for s in single:
+        y[site == s] = 1
+    logits = rng.normal(size=(n, classes)) + 0.8 * np.eye(classes)[y]
+    if ties:  # few distinct values: many ties within a site
+        logits = np.round(logits * 2) / 2
+    proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    perm = rng.permutation(n)  # rows in any order
+    return y[perm], proba[perm], site[perm], n_sites
+
+
+def _loop(metric, y, proba, site, n_sites):
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for s in range(n_sites):
+            m = site == s
+            out.append(score(metric, y[m], proba[m]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("classes", [2, 3, 5])
+@pytest.mark.parametrize("ties", [False, True])
+def test_score_sites_equals_score_per_site(metric, classes, ties):
+    y, proba, site, S = _pooled(classes=classes, ties=ties, empty=(3,), single=(5, 7))
+    got = score_sites(metric, y, proba, site, n_sites=S)
+    ref = _loop(metric, y, proba, site, S)
+    assert got.shape == (S,) and got.dtype == np.float64
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_allclose(got[~np.isnan(ref)], ref[~np.isnan(ref)], rtol=1e-12, atol=0)
+    assert np.isnan(got[3])  # no rows
+    if metric == "auroc":
+        assert np.isnan(got[5]) and np.isnan(got[7])  # one class
+
+
+def test_binary_auroc_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    S = 200
+    site = rng.integers(0, S, 6000)
+    y = rng.integers(0, 2, 6000)
+    p1 = np.round(rng.random(6000) * 8) / 8  # heavy ties
+    p1[::7] = 0.5
+    proba = np.stack([1 - p1, p1], axis=1)
+    got = score_sites("auroc", y, proba, site, n_sites=S)
+    for s in range(S):
+        m = site == s
+        if len(np.unique(y[m])) == 2:
+            assert abs(got[s] - roc_auc_score(y[m], p1[m])) <= 1e-12
+        else:
+            assert np.isnan(got[s])
+
+
+def test_offsets_give_the_same_scores_as_site_indices():
+    y, proba, site, S = _pooled(classes=3)
+    order = np.argsort(site, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(site, minlength=S))])
+    for metric in METRICS:
+        a = score_sites(metric, y, proba, site, n_sites=S)
+        b = score_sites(metric, y[order], proba[order], offsets=offsets)
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=0)
+
+
+def test_trailing_sites_without_rows_are_nan():
+    y, proba, site, S = _pooled(n_sites=5)
+    got = score_sites("accuracy", y, proba, site, n_sites=S + 2)
+    assert got.shape == (S + 2,) and np.isnan(got[-2:]).all() and not np.isnan(got[:S]).any()
+
+
+def test_multiclass_auroc_refuses_scores_that_are_not_probabilities():
+    y, proba, site, S = _pooled(classes=3)
+    with pytest.raises(ValueError, match="sum up to 1.0"):
+        score_sites("auroc", y, proba * 2, site)
+    with pytest.raises(ValueError, match="sum up to 1.0"):
+        score("auroc", y, proba * 2)
+
+
+def test_bad_arguments_are_refused():
+    y, proba, site, S = _pooled(n_sites=3)
+    with pytest.raises(ValueError, match="unknown metric 'f1'"):
+        score_sites("f1", y, proba, site)
+    with pytest.raises(ValueError, match="either as site="):
+        score_sites("accuracy", y, proba)
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        score_sites("accuracy", y, proba, site, n_sites=2)
+    with pytest.raises(ValueError, match="offsets must rise"):
+        score_sites("accuracy", y, proba, offsets=[0, 5, 3, len(y)])
+    with pytest.raises(ValueError, match="shape"):
+        score_sites("accuracy", y, proba[:-1], site)
+
+
+def test_no_rows_at_all():
+    got = score_sites("auroc", np.zeros(0, int), np.zeros((0, 2)), np.zeros(0, int), n_sites=3)
+    assert got.shape == (3,) and np.isnan(got).all()
