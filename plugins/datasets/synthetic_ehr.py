@@ -16,16 +16,28 @@ so the label model is the same everywhere but what each hospital records is
 not: covariate, prior and measurement shift, as between real ICUs (eICU-CRD
 spans 208 hospitals). Everything is vectorised over patients, so hundreds of
 hospitals and 10^5-10^6 patients take seconds.
+
+Memory: :meth:`SyntheticEHR.load` never holds the float64 feature matrix. It
+generates one column at a time (a column that is needed twice, before and
+after the labels are drawn, is generated again from a saved generator state:
+the same numbers), standardises it with the training rows' statistics and
+writes it as float32 into one preallocated matrix whose rows are ordered
+hospital by hospital, train then test; every site's splits are views of it.
+The peak is about 1.4x the final data. The numbers are bit for bit those of
+generating the whole float64 matrix first (:meth:`SyntheticEHR.generate`) and
+scaling it with ``fit_scaler`` / ``apply_scaler`` (tests/test_datasets.py).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 
 from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
-from fedmedbench.plugins.datasets._common import apply_scaler, fit_scaler, split_indices
+from fedmedbench.plugins.datasets._common import split_indices
 
 VITALS = ["heart_rate", "mean_bp", "resp_rate", "temperature", "spo2", "gcs"]
 LABS = ["lactate", "creatinine", "wbc", "bilirubin", "platelets", "sodium"]
@@ -34,6 +46,25 @@ FEATURES = ["age", "sex_male", "emergency", *VITALS, *LABS, *(f"{lab}_missing" f
 TRUE_COEF = {"age": 0.6, "emergency": 0.4, "heart_rate": 0.3, "mean_bp": -0.5,
              "resp_rate": 0.3, "gcs": -0.8, "lactate": 0.9, "creatinine": 0.5,
              "bilirubin": 0.3, "platelets": -0.3}
+#: the true values: (name, s.d. of its N(0, s.d.) draw, value from acuity ``a`` and
+#: that draw ``e``), in the order of the generator's draws, each expression
+#: evaluated as written (left to right) so every number is reproducible
+TRUE = (
+    ("heart_rate", 12, lambda a, e: 86 + 9 * a + e),
+    ("mean_bp", 10, lambda a, e: 80 - 7 * a + e),
+    ("resp_rate", 4, lambda a, e: 19 + 3 * a + e),
+    ("temperature", 0.6, lambda a, e: 37 + 0.3 * a + e),
+    ("spo2", 2, lambda a, e: np.clip(96 - 1.5 * a + e, 60, 100)),
+    ("gcs", 1.5, lambda a, e: np.clip(np.round(13.5 - 1.6 * a + e), 3, 15)),
+    ("lactate", 0.3, lambda a, e: np.exp(0.4 + 0.35 * a + e)),
+    ("creatinine", 0.4, lambda a, e: np.exp(0.1 + 0.3 * a + e)),
+    ("wbc", 0.35, lambda a, e: np.exp(2.2 + 0.2 * a + e)),
+    ("bilirubin", 0.6, lambda a, e: np.exp(-0.3 + 0.3 * a + e)),
+    ("platelets", 60, lambda a, e: np.clip(220 - 30 * a + e, 5, None)),
+    ("sodium", 4, lambda a, e: 139 + e),
+)
+#: rows per block of element-wise work (keeps temporaries small)
+CHUNK = 1 << 16
 
 
 class SyntheticEHR(Dataset):
@@ -94,82 +125,111 @@ class SyntheticEHR(Dataset):
 
     def generate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Raw (recorded) features with NaN for missing, labels, hospital of each
-        stay, and the per-hospital missing rate."""
+        stay, and the per-hospital missing rate (the whole float64 matrix, which
+        :meth:`load` never builds)."""
+        pop = self._population()
+        X = np.empty((pop.n, len(FEATURES)))
+        for j, col in pop.columns():
+            X[:, j] = col
+        return X, pop.y, pop.hosp.astype(np.int64), pop.miss_rate
+
+    def load(self, *, seed: int) -> FederatedData:
+        pop = self._population()
+        H, N = self.n_hospitals, pop.n
+        rng = np.random.default_rng([self.data_seed, 32])
+        starts = np.concatenate([[0], np.cumsum(pop.size)])  # hospitals are contiguous
+        idx = np.int32 if N < 2 ** 31 else np.int64
+        perm = np.empty(N, dtype=idx)  # stay of each final row
+        is_train = np.zeros(N, dtype=bool)  # of each final row
+        n_tr = np.empty(H, dtype=np.int64)
+        for h in range(H):  # hospital by hospital: its training rows, then its test rows
+            lo, hi = starts[h], starts[h + 1]
+            a, b = split_indices(pop.y[lo:hi], self.test_fraction, rng)
+            n_tr[h] = len(a)
+            perm[lo:lo + len(a)] = lo + a
+            perm[lo + len(a):hi] = lo + b
+            is_train[lo:lo + len(a)] = True
+        y = pop.y[perm]
+        pop.y = None
+        X = np.empty((N, len(FEATURES)), dtype=np.float32)
+        for j, col in pop.columns():
+            _scale_into(X[:, j], col, perm, is_train)
+            del col  # before the next column is generated
+        width = len(str(H - 1))
+        sites = []
+        for h in range(H):
+            a, m, b = starts[h], starts[h] + n_tr[h], starts[h + 1]
+            sites.append(Site(f"hospital{h:0{width}d}", Split(X[a:m], y[a:m]),
+                              Split(X[m:b], y[m:b]), quality=float(1 - pop.miss_rate[h])))
+        task = Task(kind="binary", num_classes=2, input_shape=(X.shape[1],), metric="auroc",
+                    model="logistic", feature_names=list(FEATURES))
+        return FederatedData(task=task, sites=sites, natural=True)
+
+    def _population(self) -> _Population:
+        """Draw everything up to the labels and the per-hospital recording
+        parameters, saving the generator's state where
+        :meth:`_Population.columns` draws the same numbers again."""
         rng = np.random.default_rng([self.data_seed, 31])
         H, N, cm, ms = self.n_hospitals, self.n_patients, self.case_mix, self.measurement_shift
         w = rng.lognormal(0, self.size_skew, H) if self.size_skew > 0 else np.ones(H)
         size = rng.multinomial(N - H * self.min_stays, w / w.sum()) + self.min_stays
-        hosp = np.repeat(np.arange(H), size)
+        hosp = np.repeat(np.arange(H, dtype=np.min_scalar_type(-H)), size)
         # case mix
         acu_mu, age_mu = rng.normal(0, 0.5 * cm, H), rng.normal(0, 5 * cm, H)
         emerg_p = 1 / (1 + np.exp(-(0.8 + rng.normal(0, 0.8 * cm, H))))
-        acuity = rng.normal(acu_mu[hosp], 1.0)
-        age = np.clip(rng.normal(64 + age_mu[hosp], 15), 18, 95)
-        sex = (rng.random(N) < 0.56).astype(float)
-        emergency = (rng.random(N) < emerg_p[hosp]).astype(float)
-        a = acuity + 0.3 * emergency
-        true = {
-            "heart_rate": 86 + 9 * a + rng.normal(0, 12, N),
-            "mean_bp": 80 - 7 * a + rng.normal(0, 10, N),
-            "resp_rate": 19 + 3 * a + rng.normal(0, 4, N),
-            "temperature": 37 + 0.3 * a + rng.normal(0, 0.6, N),
-            "spo2": np.clip(96 - 1.5 * a + rng.normal(0, 2, N), 60, 100),
-            "gcs": np.clip(np.round(13.5 - 1.6 * a + rng.normal(0, 1.5, N)), 3, 15),
-            "lactate": np.exp(0.4 + 0.35 * a + rng.normal(0, 0.3, N)),
-            "creatinine": np.exp(0.1 + 0.3 * a + rng.normal(0, 0.4, N)),
-            "wbc": np.exp(2.2 + 0.2 * a + rng.normal(0, 0.35, N)),
-            "bilirubin": np.exp(-0.3 + 0.3 * a + rng.normal(0, 0.6, N)),
-            "platelets": np.clip(220 - 30 * a + rng.normal(0, 60, N), 5, None),
-            "sodium": 139 + rng.normal(0, 4, N),
-        }
+        acuity_state = rng.bit_generator.state
+        acuity = _fill(N, lambda c: rng.normal(acu_mu[hosp[c]], 1.0))
+        age_loc = 64 + age_mu
+        age = _fill(N, lambda c: np.clip(rng.normal(age_loc[hosp[c]], 15), 18, 95))
+        sex = _fill(N, lambda c: rng.random(c.stop - c.start) < 0.56, dtype=bool)
+        emergency = _fill(N, lambda c: rng.random(c.stop - c.start) < emerg_p[hosp[c]],
+                          dtype=bool)
+        pop = _Population(n=N, size=size, hosp=hosp, y=None, miss_rate=np.zeros(H), age=age,
+                          sex=sex, emergency=emergency, acu_mu=acu_mu,
+                          acuity_state=acuity_state, true_states=[], record=[],
+                          missing_state={})
+        for c in _chunks(N):  # a = acuity + 0.3 * emergency
+            acuity[c] += 0.3 * emergency[c].astype(float)
         # the label: a known logistic model of the true, standardised values
-        z = {"age": (age - 64) / 15, "emergency": emergency}
-        z.update({k: (v - v.mean()) / v.std() for k, v in true.items()})
-        logit = -3.0 + sum(c * z[k] for k, c in TRUE_COEF.items())
-        y = (rng.random(N) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-        # what each hospital records: calibration bias, extra noise, offsets, missingness
-        rec = {}
-        for k, v in true.items():
-            sd = v.std()
-            if k in LABS:
-                gain = np.exp(rng.normal(0, 0.1 * ms, H))[hosp]
-                off = rng.normal(0, 0.2 * ms * sd, H)[hosp]
-                noise = np.abs(rng.normal(0, 0.2 * ms, H))[hosp] * sd
-                rec[k] = v * gain + off + rng.normal(0, 1, N) * noise
+        # (sum(c * z[k] for k in TRUE_COEF), term for term); each true column is
+        # drawn, used and dropped: columns() draws it again
+        logit = _fill(N, lambda c: 0 + TRUE_COEF["age"] * ((age[c] - 64) / 15))
+        for c in _chunks(N):
+            logit[c] += TRUE_COEF["emergency"] * emergency[c].astype(float)
+        sds, v = [], np.empty(N)
+        for name, sd_draw, f in TRUE:
+            pop.true_states.append(rng.bit_generator.state)
+            _true_column(f, sd_draw, acuity.__getitem__, rng, out=v)
+            mean, sd = v.mean(), v.std()
+            sds.append(sd)
+            if name in TRUE_COEF:
+                coef = TRUE_COEF[name]
+                for c in _chunks(N):
+                    logit[c] += coef * ((v[c] - mean) / sd)
+        del acuity, v
+        y = np.empty(N, dtype=np.int64)
+        for c in _chunks(N):
+            p = 1 / (1 + np.exp(-(-3.0 + logit[c])))
+            y[c] = rng.random(c.stop - c.start) < p
+        del logit
+        pop.y = y
+        # what each hospital records: calibration bias, extra noise, offsets (the
+        # per-hospital draws are kept; a lab's N(0, 1) noise per stay is skipped
+        # here and drawn again in columns() from the saved state)
+        for (name, _, _), sd in zip(TRUE, sds):
+            if name in LABS:
+                gain = np.exp(rng.normal(0, 0.1 * ms, H))
+                off = rng.normal(0, 0.2 * ms * sd, H)
+                noise = np.abs(rng.normal(0, 0.2 * ms, H)) * sd
+                pop.record.append((gain, off, noise, rng.bit_generator.state))
+                for c in _chunks(N):
+                    rng.normal(0, 1, c.stop - c.start)
             else:
-                rec[k] = v + rng.normal(0, 0.15 * ms * sd, H)[hosp]
-        miss_rate = np.clip(rng.beta(2, 2 / max(self.missing_rate, 1e-6) - 2, H), 0, 0.8) \
-            if self.missing_rate > 0 else np.zeros(H)
-        cols = [age, sex, emergency, *(rec[k] for k in VITALS)]
-        labs = []
-        for k in LABS:
-            v = rec[k].copy()
-            v[rng.random(N) < miss_rate[hosp]] = np.nan
-            labs.append(v)
-        flags = [np.isnan(v).astype(float) for v in labs]
-        X = np.stack([*cols, *labs, *flags], axis=1)
-        return X, y, hosp, miss_rate
-
-    def load(self, *, seed: int) -> FederatedData:
-        X, y, hosp, miss_rate = self.generate()
-        rng = np.random.default_rng([self.data_seed, 32])
-        order = np.argsort(hosp, kind="stable")
-        starts = np.searchsorted(hosp[order], np.arange(self.n_hospitals + 1))
-        tr_idx, te_idx = [], []
-        for h in range(self.n_hospitals):
-            rows = order[starts[h]:starts[h + 1]]
-            a, b = split_indices(y[rows], self.test_fraction, rng)
-            tr_idx.append(rows[a]), te_idx.append(rows[b])
-        mean, std = fit_scaler(X[np.concatenate(tr_idx)])  # pooled training rows only
-        width = len(str(self.n_hospitals - 1))
-        sites = [Site(f"hospital{h:0{width}d}",
-                      Split(apply_scaler(X[a], mean, std), y[a]),
-                      Split(apply_scaler(X[b], mean, std), y[b]),
-                      quality=float(1 - miss_rate[h]))
-                 for h, (a, b) in enumerate(zip(tr_idx, te_idx))]
-        task = Task(kind="binary", num_classes=2, input_shape=(X.shape[1],), metric="auroc",
-                    model="logistic", feature_names=list(FEATURES))
-        return FederatedData(task=task, sites=sites, natural=True)
+                pop.record.append((None, rng.normal(0, 0.15 * ms * sd, H), None, None))
+        if self.missing_rate > 0:
+            pop.miss_rate = np.clip(rng.beta(2, 2 / max(self.missing_rate, 1e-6) - 2, H), 0, 0.8)
+        pop.missing_state = rng.bit_generator.state
+        return pop
 
     def describe(self) -> dict:
         data = self.load(seed=0)
@@ -181,6 +241,140 @@ class SyntheticEHR(Dataset):
                 "partition": "natural: generated hospitals with case-mix and measurement shift",
                 "sites": f"{len(ns)} hospitals, {sum(ns)} stays (smallest {min(ns)}, largest "
                          f"{max(ns)}), mortality {prev:.1%}"}
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    for i in range(0, n, CHUNK):
+        yield slice(i, min(i + CHUNK, n))
+
+
+def _fill(n: int, block: Callable[[slice], Any], dtype: Any = float,
+          out: np.ndarray | None = None) -> np.ndarray:
+    """An array of ``n`` (or ``out``) filled block by block: a generator's
+    draws in blocks are the same numbers as in one call."""
+    out = np.empty(n, dtype=dtype) if out is None else out
+    for c in _chunks(n):
+        out[c] = block(c)
+    return out
+
+
+def _true_column(f: Callable, sd_draw: float, a: Callable[[slice], np.ndarray],
+                 rng: np.random.Generator, out: np.ndarray) -> np.ndarray:
+    """One true value per stay into ``out``: ``f(a, rng.normal(0, sd_draw, N))``
+    with the acuity ``a`` given block by block."""
+    return _fill(len(out), lambda c: f(a(c), rng.normal(0, sd_draw, c.stop - c.start)),
+                 out=out)
+
+
+def _generator(state: dict) -> np.random.Generator:
+    g = np.random.Generator(np.random.PCG64())
+    g.bit_generator.state = state
+    return g
+
+
+@dataclass
+class _Population:
+    """What :meth:`SyntheticEHR._population` drew, and the states to draw the
+    rest again."""
+
+    n: int
+    size: np.ndarray
+    hosp: np.ndarray
+    y: np.ndarray | None
+    miss_rate: np.ndarray
+    age: np.ndarray | None
+    sex: np.ndarray | None
+    emergency: np.ndarray
+    acu_mu: np.ndarray
+    acuity_state: dict
+    true_states: list[dict]
+    record: list[tuple]
+    missing_state: dict
+
+    def _acuity(self) -> Callable[[slice], np.ndarray]:
+        """a = acuity + 0.3 * emergency, block by block, drawn again (blocks
+        must be asked for in order)."""
+        g = _generator(self.acuity_state)
+        hosp, acu_mu, em = self.hosp, self.acu_mu, self.emergency
+        return lambda c: g.normal(acu_mu[hosp[c]], 1.0) + 0.3 * em[c].astype(float)
+
+    def columns(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(j, column j of FEATURES)`` one at a time: float64 with NaN for
+        missing, or bool for the 0/1 columns. The float64 columns share one
+        buffer: use each before asking for the next."""
+        N, hosp = self.n, self.hosp
+        yield 0, self.age
+        self.age = None
+        yield 1, self.sex
+        self.sex = None
+        yield 2, self.emergency
+        v = np.empty(N)
+        miss = _generator(self.missing_state)
+        for (name, sd_draw, f), state, (gain, off, noise, nstate) in zip(
+                TRUE, self.true_states, self.record):
+            _true_column(f, sd_draw, self._acuity(), _generator(state), out=v)
+            if name not in LABS:  # v + offset
+                for c in _chunks(N):
+                    v[c] += off[hosp[c]]
+                yield 3 + VITALS.index(name), v
+                continue
+            gn = _generator(nstate)
+            for c in _chunks(N):  # v * gain + off + N(0, 1) * noise, as written
+                h = hosp[c]
+                vc = v[c]
+                vc *= gain[h]
+                vc += off[h]
+                vc += gn.normal(0, 1, c.stop - c.start) * noise[h]
+                # missing at the hospital's rate (one draw per stay, lab after lab)
+                vc[miss.random(c.stop - c.start) < self.miss_rate[h]] = np.nan
+            k = LABS.index(name)
+            yield 3 + len(VITALS) + k, v
+            yield 3 + len(VITALS) + len(LABS) + k, np.isnan(v)
+
+
+def _scale_into(out: np.ndarray, col: np.ndarray, perm: np.ndarray,
+                is_train: np.ndarray) -> None:
+    """``out[i] = float32((col[perm[i]] - mean) / std)``, missing as 0, with
+    the statistics of the training rows (``perm[is_train]``, ascending) that
+    ``fit_scaler`` computes -- nanmean and nanstd over axis 0 of a C-ordered
+    matrix add strictly row after row, as here -- and its rules for constant
+    or all-missing columns: number for number ``apply_scaler(X, *fit_scaler(
+    X[train]))`` on the float64 matrix."""
+    def train_values(c: slice) -> np.ndarray:
+        return np.asarray(col[perm[c][is_train[c]]], dtype=float)
+
+    cnt, total, sq = 0, None, None
+    with np.errstate(all="ignore"):
+        for c in _chunks(len(perm)):  # Σ x over the present training values
+            x = train_values(c)
+            nan = np.isnan(x)
+            cnt += len(x) - int(nan.sum())
+            x[nan] = 0.0
+            total = _carry_sum(total, x)
+        mean = np.float64(0.0 if total is None else total) / cnt
+        for c in _chunks(len(perm)):  # Σ (x - mean)² over the same
+            x = train_values(c)
+            nan = np.isnan(x)
+            x -= mean
+            x[nan] = 0.0
+            sq = _carry_sum(sq, x * x)
+        std = np.sqrt(np.float64(0.0 if sq is None else sq) / cnt)
+    mean = mean if np.isfinite(mean) else 0.0
+    std = std if np.isfinite(std) and std > 1e-8 else 1.0
+    for c in _chunks(len(perm)):
+        z = np.subtract(col[perm[c]], mean, dtype=float)
+        z /= std
+        z[np.isnan(z)] = 0.0
+        out[c] = z
+
+
+def _carry_sum(carry: float | None, x: np.ndarray) -> float | None:
+    """``carry + x[0] + x[1] + ...`` added left to right."""
+    if not len(x):
+        return carry
+    if carry is not None:
+        x[0] = carry + x[0]
+    return float(np.add.accumulate(x, out=x)[-1])
 
 
 COMPONENTS = (SyntheticEHR,)
