@@ -107,6 +107,81 @@ def test_shamir_threshold_shares_rebuild_the_secret_and_fewer_do_not():
     assert secagg.shamir_combine(shares[2:7]) != secret  # 5 < t shares
 
 
+def test_lagrange_coefficients_match_the_textbook_formula():
+    P = secagg.PRIME
+    rng = np.random.default_rng(2)
+    for t in (1, 2, 3, 8, 41):
+        xs = tuple(sorted(rng.choice(np.arange(1, 300), t, replace=False).tolist()))
+        want = []
+        for j, xj in enumerate(xs):
+            num = den = 1
+            for m, xm in enumerate(xs):
+                if m != j:
+                    num, den = num * -xm % P, den * (xj - xm) % P
+            want.append(num * pow(den, -1, P) % P)
+        assert secagg._lagrange_at_zero(xs) == tuple(want)
+        # and f(0) of a random polynomial comes back
+        coef = [int(c) for c in rng.integers(0, 2**62, t)]
+        ys = [sum(c * x**i for i, c in enumerate(coef)) % P for x in xs]
+        assert sum(y * lam for y, lam in zip(ys, secagg._lagrange_at_zero(xs))) % P == coef[0]
+
+
+def _rebuilt_secrets(mech, vecs, monkeypatch):
+    """Run a round; return {(u, kind): secret the server rebuilt} and the
+    clients' true secrets {(u, "b"): b_u, (u, "s"): s_u^SK}."""
+    rebuilt, truth = {}, {}
+    real = secagg.SecAggServer._secret
+
+    def spy(self, u, kind):
+        rebuilt[(u, kind)] = real(self, u, kind)
+        return rebuilt[(u, kind)]
+
+    monkeypatch.setattr(secagg.SecAggServer, "_secret", spy)
+    real_aggregate = type(mech).aggregate
+
+    def keep_truth(self, ctx, msgs):
+        for u, c in self._clients.items():
+            truth[(u, "b")] = int.from_bytes(c.b, "big")
+            truth[(u, "s")] = int.from_bytes(secagg._priv(c.s_sk), "big")
+        return real_aggregate(self, ctx, msgs)
+
+    monkeypatch.setattr(type(mech), "aggregate", keep_truth)
+    _, agg = _round(mech, vecs)
+    return rebuilt, truth, agg
+
+
+@pytest.mark.parametrize("phase", [None, "masking", "unmasking"])
+def test_full_secagg_computes_the_lagrange_coefficients_once_per_round(phase, monkeypatch):
+    """Every secret of a round is rebuilt from the same share positions (the
+    first t responders'), so one set of coefficients serves them all, and
+    the rebuilt secrets are the clients' own: the masks removed are the
+    masks added."""
+    n, numel, t = 24, 300, 13
+    vecs = _updates(n, numel, seed=4)
+    mech = SecAgg(threshold=t, dropout_rate=0.25 if phase else 0.0,
+                  dropout_phase=phase or "masking")
+    secagg._lagrange_at_zero.cache_clear()
+    rebuilt, truth, agg = _rebuilt_secrets(mech, vecs, monkeypatch)
+    assert len(rebuilt) == n  # b_u of every survivor, s_u^SK of every early dropout
+    assert all(truth[key] == s for key, s in rebuilt.items())
+    info = secagg._lagrange_at_zero.cache_info()
+    assert info.misses == 1 and info.hits == n - 1
+    kept = [v for i, v in enumerate(vecs) if phase != "masking" or i not in mech._dropped]
+    expected = torch.stack(kept).double().sum(0) * (n / len(kept))
+    assert float((agg.double() - expected).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.1])
+def test_secagg_plus_reuses_lagrange_coefficients(drop, monkeypatch):
+    n = 100
+    mech = SecAggPlus(dropout_rate=drop, dropout_fraction=0.1, dropout_phase="unmasking")
+    secagg._lagrange_at_zero.cache_clear()
+    rebuilt, truth, agg = _rebuilt_secrets(mech, _updates(n, 200, seed=5), monkeypatch)
+    assert all(truth[key] == s for key, s in rebuilt.items())
+    misses = secagg._lagrange_at_zero.cache_info().misses
+    assert misses == 1 if drop == 0 else misses < len(rebuilt) / 2
+
+
 # --------------------------------------------------------------------------
 # secagg: the full protocol
 # --------------------------------------------------------------------------

@@ -110,16 +110,34 @@ def shamir_split(secret: int, n: int, t: int) -> list[tuple[int, int]]:
 
 @functools.lru_cache(maxsize=4096)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
-    """Lagrange coefficients λ_j with f(0) = Σ λ_j f(x_j) (cached: a round
-    reconstructs many secrets from the same share positions)."""
-    out = []
+    """Lagrange coefficients λ_j with f(0) = Σ λ_j f(x_j), cached: the server
+    rebuilds a round's secrets from the same share positions
+    (:meth:`SecAggServer._secret`). O(t²) small-integer products and one
+    modular inversion for all t denominators (Montgomery's trick)."""
+    t = len(xs)
+    # numerators Π_{m≠j} (-x_m) from prefix and suffix products
+    neg = [-x % PRIME for x in xs]
+    pre, suf = [1] * (t + 1), [1] * (t + 1)
+    for j in range(t):
+        pre[j + 1] = pre[j] * neg[j] % PRIME
+        suf[t - 1 - j] = suf[t - j] * neg[t - 1 - j] % PRIME
+    nums = [pre[j] * suf[j + 1] % PRIME for j in range(t)]
+    # denominators Π_{m≠j} (x_j - x_m), inverted together (Montgomery's trick)
+    dens = []
     for j, xj in enumerate(xs):
-        num, den = 1, 1
+        den = 1
         for m, xm in enumerate(xs):
             if m != j:
-                num = num * (-xm) % PRIME
                 den = den * (xj - xm) % PRIME
-        out.append(num * pow(den, -1, PRIME) % PRIME)
+        dens.append(den)
+    prefix = [1] * (t + 1)
+    for j, d in enumerate(dens):
+        prefix[j + 1] = prefix[j] * d % PRIME
+    inv = pow(prefix[t], -1, PRIME)
+    out = [0] * t
+    for j in range(t - 1, -1, -1):
+        out[j] = nums[j] * (inv * prefix[j] % PRIME) % PRIME
+        inv = inv * dens[j] % PRIME
     return tuple(out)
 
 
@@ -315,19 +333,31 @@ class SecAggServer:
         return {v: self.public_keys[v] for v in (u, *self.graph[u])}
 
     def _secret(self, u: int, kind: str) -> int:
-        holders = (u, *self.graph[u])
-        shares = [self.unmask_shares[v][u] for v in holders
-                  if u in self.unmask_shares.get(v, {})]
-        shares = [(x, y) for k, x, y in shares if k == kind]
-        if len(shares) < self.threshold:
-            what = "self-mask seed b_u" if kind == "b" else "mask key s_u^SK"
-            raise SecAggAborted(
-                f"round {self.rnd}: only {len(shares)} of the {len(holders)} clients holding "
-                f"shares of client {u}'s {what} answered, below the threshold "
-                f"t={self.threshold}; the server cannot remove client {u}'s masks, so the "
-                f"protocol aborts: no sum is released and the cell is recorded as failed "
-                f"(the global model of the aborted round is never updated)")
-        return shamir_combine(shares[:self.threshold])
+        """Client u's secret from the first t shares by share position.
+
+        A holder's share position is its rank among u's holders (u and its
+        neighbours, by id), so taking holders in id order takes the lowest
+        positions: with the complete graph every secret of a round is then
+        rebuilt from the same positions (those of the first t responders), and
+        on a sparse graph most are, so the Lagrange coefficients are computed
+        once per round (:func:`_lagrange_at_zero`'s cache) instead of once per
+        secret. Any t shares give the same secret, hence the same masks."""
+        t = self.threshold
+        shares: list[tuple[int, int]] = []
+        holders = sorted((u, *self.graph[u]))
+        for v in holders:
+            share = self.unmask_shares.get(v, {}).get(u)
+            if share is not None and share[0] == kind:
+                shares.append((share[1], share[2]))
+                if len(shares) == t:
+                    return shamir_combine(shares)
+        what = "self-mask seed b_u" if kind == "b" else "mask key s_u^SK"
+        raise SecAggAborted(
+            f"round {self.rnd}: only {len(shares)} of the {len(holders)} clients holding "
+            f"shares of client {u}'s {what} answered, below the threshold "
+            f"t={t}; the server cannot remove client {u}'s masks, so the "
+            f"protocol aborts: no sum is released and the cell is recorded as failed "
+            f"(the global model of the aborted round is never updated)")
 
     def unmasked_sum(self, n_numel: int) -> tuple[np.ndarray, list[int]]:
         """Remove every mask from the sum of the masked inputs."""
