@@ -1,0 +1,840 @@
+"""A compiled training step for stacks of k client models (prototype, issue 22 item 1).
+
+:mod:`fedmedbench.batched` evaluates a model's ``torch.fx`` graph node by node
+on every step and leaves the backward pass to autograd, which hands back
+fresh ``(k, *shape)`` gradients each step. Here the graph is read **once**
+into a list of ops, each with its forward and its analytic backward written
+against preallocated buffers, and the optimizers update preallocated
+parameter and state buffers in place:
+
+- :func:`compile_model` traces a module and returns a :class:`CompiledModel`,
+  or ``(None, reason)`` naming the first layer it cannot compile;
+- :meth:`CompiledModel.loss_and_grads` gives every client's masked mean
+  cross-entropy (padding rows weigh 0; the loss is summed over clients, so
+  each client's slice of the gradient is its own gradient) -- the quantity
+  ``VectorBackend._twin_step`` differentiates with autograd;
+- :class:`InPlaceSGD` and :class:`InPlaceAdam` are ``vectorized._SGD`` and
+  ``vectorized._Adam``, operation for operation, on buffers updated in place;
+- :class:`CompiledTrainer` holds the stacked parameters and runs one step.
+
+Layers: ``Linear``; ``Conv2d`` (zero padding, one grouped convolution over
+the k clients); ``ReLU``, ``Tanh``, ``Sigmoid``, ``GELU``, ``LeakyReLU``,
+``Identity``, ``Dropout(p=0)``; ``MaxPool2d``, ``AvgPool2d``,
+``AdaptiveAvgPool2d``; ``LayerNorm``, ``GroupNorm``; ``Flatten`` and
+``flatten`` past the batch axis; residual adds of two tensors of one shape.
+Anything else (BatchNorm's running statistics, dropout that draws, shared
+parameters, other functions) makes :func:`compile_model` return ``None`` with
+the reason, and the caller keeps the vmap path.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["CompiledModel", "compile_model", "InPlaceSGD", "InPlaceAdam", "inplace_optimizer",
+           "CompiledTrainer"]
+
+
+class _Unsupported(Exception):
+    """A node the compiler does not handle; ``str()`` is the reason."""
+
+
+# --------------------------------------------------------------------------
+# ops: forward and analytic backward on (k, B, ...) tensors
+# --------------------------------------------------------------------------
+
+
+class _Op:
+    """One node of the compiled graph. ``ins``: input slots; ``params``:
+    indices of its parameters in the model's parameter list (None when
+    absent); buffers are cached per input shape."""
+
+    ins: tuple[int, ...] = ()
+    params: tuple[int | None, ...] = ()
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, Any] = {}
+
+    def buf(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (name, tuple(shape), like.dtype, like.device)
+        b = self._bufs.get(key)
+        if b is None:
+            import torch
+
+            b = self._bufs[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return b
+
+    def forward(self, xs: list[torch.Tensor], P: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, g: torch.Tensor, xs: list[torch.Tensor], y: torch.Tensor,
+                 P: list[torch.Tensor], GP: list[torch.Tensor], need: list[bool]
+                 ) -> list[torch.Tensor | None]:
+        """Gradients of the inputs (None where ``need`` is False); parameter
+        gradients are written into ``GP``."""
+        raise NotImplementedError
+
+
+class _Linear(_Op):
+    """``x W^T + b`` per client as one batched matrix product. A weight whose
+    transpose is contiguous (the layout :class:`CompiledTrainer` keeps) is
+    multiplied and its gradient written without a copy; the bias is added
+    after the product (cheaper than ``baddbmm``'s broadcast copy)."""
+
+    def __init__(self, w: int, b: int | None) -> None:
+        super().__init__()
+        self.params = (w, b)
+
+    def forward(self, xs, P):
+        import torch
+
+        x = xs[0]
+        w, b = self.params
+        W = P[w]
+        k, fin, fout = x.shape[0], x.shape[-1], W.shape[1]
+        x3 = x.reshape(k, -1, fin)
+        out = self.buf("y", (k, x3.shape[1], fout), x)
+        torch.bmm(x3, W.transpose(1, 2), out=out)
+        if b is not None:
+            out.add_(P[b].unsqueeze(1))
+        return out.view(*x.shape[:-1], fout)
+
+    def backward(self, g, xs, y, P, GP, need):
+        import torch
+
+        x = xs[0]
+        w, b = self.params
+        k, fin = x.shape[0], x.shape[-1]
+        g3 = g if g.dim() == 3 else g.reshape(k, -1, g.shape[-1])
+        x3 = x.reshape(k, -1, fin)
+        gw = GP[w]
+        if gw.transpose(1, 2).is_contiguous():  # (k, in, out) storage
+            torch.bmm(x3.transpose(1, 2), g3, out=gw.transpose(1, 2))
+        else:
+            torch.bmm(g3.transpose(1, 2), x3, out=gw)
+        if b is not None:
+            torch.sum(g3, dim=1, out=GP[b])
+        if not need[0]:
+            return [None]
+        dx = self.buf("dx", (k, g3.shape[1], fin), g)
+        torch.bmm(g3, P[w], out=dx)
+        return [dx.view(x.shape)]
+
+
+class _Act(_Op):
+    """Elementwise activations; backward from the output (ReLU, Tanh, Sigmoid)
+    or the input (GELU, LeakyReLU) with ATen's own backward kernels."""
+
+    def __init__(self, kind: str, *, approximate: str = "none", slope: float = 0.01) -> None:
+        super().__init__()
+        self.kind, self.approximate, self.slope = kind, approximate, slope
+
+    def forward(self, xs, P):
+        import torch
+
+        x = xs[0]
+        out = self.buf("y", x.shape, x)
+        if self.kind == "relu":
+            torch.clamp_min(x, 0, out=out)
+        elif self.kind == "tanh":
+            torch.tanh(x, out=out)
+        elif self.kind == "sigmoid":
+            torch.sigmoid(x, out=out)
+        elif self.kind == "gelu":
+            torch.ops.aten.gelu.out(x, approximate=self.approximate, out=out)
+        elif self.kind == "leaky_relu":
+            torch.ops.aten.leaky_relu.out(x, self.slope, out=out)
+        return out
+
+    def backward(self, g, xs, y, P, GP, need):
+        import torch
+
+        if not need[0]:
+            return [None]
+        a = torch.ops.aten
+        dx = self.buf("dx", g.shape, g)
+        if self.kind == "relu":
+            a.threshold_backward.grad_input(g, y, 0, grad_input=dx)
+        elif self.kind == "tanh":
+            a.tanh_backward.grad_input(g, y, grad_input=dx)
+        elif self.kind == "sigmoid":
+            a.sigmoid_backward.grad_input(g, y, grad_input=dx)
+        elif self.kind == "gelu":
+            a.gelu_backward.grad_input(g, xs[0], approximate=self.approximate, grad_input=dx)
+        elif self.kind == "leaky_relu":
+            a.leaky_relu_backward.grad_input(g, xs[0], self.slope, False, grad_input=dx)
+        return [dx]
+
+
+class _Identity(_Op):
+    def forward(self, xs, P):
+        return xs[0]
+
+    def backward(self, g, xs, y, P, GP, need):
+        return [g if need[0] else None]
+
+
+class _Flatten(_Op):
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__()
+        self.start, self.end = start, end  # on the (k, B, ...) tensor
+
+    def forward(self, xs, P):
+        return xs[0].flatten(self.start, self.end)
+
+    def backward(self, g, xs, y, P, GP, need):
+        return [g.reshape(xs[0].shape) if need[0] else None]
+
+
+class _Add(_Op):
+    def forward(self, xs, P):
+        import torch
+
+        a, b = xs
+        if a.shape != b.shape:
+            raise _Unsupported(f"add of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        return torch.add(a, b, out=self.buf("y", a.shape, a))
+
+    def backward(self, g, xs, y, P, GP, need):
+        return [g if n else None for n in need]
+
+
+class _Pool(_Op):
+    """2-d pooling of every client's examples at once on the (k·B, C, H, W) view."""
+
+    def __init__(self, kind: str, **kw: Any) -> None:
+        super().__init__()
+        self.kind, self.kw = kind, kw
+
+    def forward(self, xs, P):
+        import torch
+
+        a = torch.ops.aten
+        x = xs[0]
+        xv = x.reshape(-1, *x.shape[2:])
+        kw = self.kw
+        if self.kind == "max":
+            out, idx = a.max_pool2d_with_indices(xv, kw["kernel"], kw["stride"], kw["padding"],
+                                                 kw["dilation"], kw["ceil_mode"])
+            self._idx = idx
+        elif self.kind == "avg":
+            out = a.avg_pool2d(xv, kw["kernel"], kw["stride"], kw["padding"], kw["ceil_mode"],
+                               kw["count_include_pad"], kw["divisor_override"])
+        else:
+            out = a._adaptive_avg_pool2d(xv, kw["output_size"])
+        return out.view(*x.shape[:2], *out.shape[1:])
+
+    def backward(self, g, xs, y, P, GP, need):
+        import torch
+
+        if not need[0]:
+            return [None]
+        a = torch.ops.aten
+        x = xs[0]
+        xv = x.reshape(-1, *x.shape[2:])
+        gv = g.reshape(-1, *g.shape[2:])
+        kw = self.kw
+        if self.kind == "max":
+            dx = a.max_pool2d_with_indices_backward(gv, xv, kw["kernel"], kw["stride"],
+                                                    kw["padding"], kw["dilation"],
+                                                    kw["ceil_mode"], self._idx)
+        elif self.kind == "avg":
+            dx = a.avg_pool2d_backward(gv, xv, kw["kernel"], kw["stride"], kw["padding"],
+                                       kw["ceil_mode"], kw["count_include_pad"],
+                                       kw["divisor_override"])
+        else:
+            dx = a._adaptive_avg_pool2d_backward(gv, xv)
+        return [dx.view(x.shape)]
+
+
+class _Conv2d(_Op):
+    """k clients' convolutions as one grouped convolution over (B, k·C, H, W)."""
+
+    def __init__(self, w: int, b: int | None, stride: list[int], padding: list[int],
+                 dilation: list[int], groups: int) -> None:
+        super().__init__()
+        self.params = (w, b)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def forward(self, xs, P):
+        import torch
+
+        x = xs[0]
+        w, b = self.params
+        W = P[w]
+        k, B, C = x.shape[:3]
+        xt = self.buf("xt", (B, k * C, *x.shape[3:]), x)
+        xt.view(B, k, C, *x.shape[3:]).copy_(x.transpose(0, 1))
+        self._xt = xt
+        out = torch.ops.aten.convolution(
+            xt, W.reshape(-1, *W.shape[2:]), None if b is None else P[b].reshape(-1),
+            self.stride, self.padding, self.dilation, False, [0, 0], k * self.groups)
+        cout = W.shape[1]
+        y = self.buf("y", (k, B, cout, *out.shape[2:]), x)
+        y.copy_(out.view(B, k, cout, *out.shape[2:]).transpose(0, 1))
+        return y
+
+    def backward(self, g, xs, y, P, GP, need):
+        import torch
+
+        x = xs[0]
+        w, b = self.params
+        W = P[w]
+        k, B, cout = g.shape[:3]
+        gt = self.buf("gt", (B, k * cout, *g.shape[3:]), g)
+        gt.view(B, k, cout, *g.shape[3:]).copy_(g.transpose(0, 1))
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            gt, self._xt, W.reshape(-1, *W.shape[2:]), [k * cout] if b is not None else None,
+            self.stride, self.padding, self.dilation, False, [0, 0], k * self.groups,
+            [bool(need[0]), True, b is not None])
+        GP[w].copy_(dw.view(W.shape))
+        if b is not None:
+            GP[b].copy_(db.view(k, cout))
+        if not need[0]:
+            return [None]
+        out = self.buf("dx", x.shape, x)
+        out.copy_(dx.view(B, k, *x.shape[2:]).transpose(0, 1))
+        return [out]
+
+
+class _GroupNorm(_Op):
+    def __init__(self, groups: int, eps: float, w: int | None, b: int | None) -> None:
+        super().__init__()
+        self.groups, self.eps, self.params = groups, eps, (w, b)
+
+    def _affine_view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return t.view(x.shape[0], 1, x.shape[2], *([1] * (x.dim() - 3)))
+
+    def forward(self, xs, P):
+        import torch
+
+        x = xs[0]
+        k, B, C = x.shape[:3]
+        hw = x[0, 0, 0].numel()
+        xh, mean, rstd = torch.ops.aten.native_group_norm(x.reshape(k * B, C, -1), None, None,
+                                                          k * B, C, hw, self.groups, self.eps)
+        self._xhat, self._mean, self._rstd = xh.view(x.shape), mean, rstd
+        w, b = self.params
+        if w is None:
+            return self._xhat
+        out = self.buf("y", x.shape, x)
+        torch.mul(self._xhat, self._affine_view(P[w], x), out=out)
+        if b is not None:
+            out.add_(self._affine_view(P[b], x))
+        return out
+
+    def backward(self, g, xs, y, P, GP, need):
+        import torch
+
+        x = xs[0]
+        k, B, C = x.shape[:3]
+        w, b = self.params
+        red = [1, *range(3, x.dim())]
+        if w is not None:
+            torch.sum(g * self._xhat, dim=red, out=GP[w])
+            if b is not None:
+                torch.sum(g, dim=red, out=GP[b])
+            g = g * self._affine_view(P[w], x)
+        if not need[0]:
+            return [None]
+        hw = x[0, 0, 0].numel()
+        dx = torch.ops.aten.native_group_norm_backward(
+            g.reshape(k * B, C, -1), x.reshape(k * B, C, -1), self._mean, self._rstd, None,
+            k * B, C, hw, self.groups, [True, False, False])[0]
+        return [dx.view(x.shape)]
+
+
+class _LayerNorm(_Op):
+    def __init__(self, shape: list[int], eps: float, w: int | None, b: int | None) -> None:
+        super().__init__()
+        self.shape, self.eps, self.params = shape, eps, (w, b)
+
+    def _affine_view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return t.view(x.shape[0], *([1] * (x.dim() - 1 - len(self.shape))), *self.shape)
+
+    def forward(self, xs, P):
+        import torch
+
+        x = xs[0]
+        xh, mean, rstd = torch.ops.aten.native_layer_norm(x, self.shape, None, None, self.eps)
+        self._xhat, self._mean, self._rstd = xh, mean, rstd
+        w, b = self.params
+        if w is None:
+            return xh
+        out = self.buf("y", x.shape, x)
+        torch.mul(xh, self._affine_view(P[w], x), out=out)
+        if b is not None:
+            out.add_(self._affine_view(P[b], x))
+        return out
+
+    def backward(self, g, xs, y, P, GP, need):
+        import torch
+
+        x = xs[0]
+        w, b = self.params
+        red = list(range(1, x.dim() - len(self.shape)))
+        if w is not None:
+            torch.sum(g * self._xhat, dim=red, out=GP[w])
+            if b is not None:
+                torch.sum(g, dim=red, out=GP[b])
+            g = g * self._affine_view(P[w], x)
+        if not need[0]:
+            return [None]
+        dx = torch.ops.aten.native_layer_norm_backward(
+            g, x, self.shape, self._mean, self._rstd, None, None, [True, False, False])[0]
+        return [dx]
+
+
+# --------------------------------------------------------------------------
+# the compiled model
+# --------------------------------------------------------------------------
+
+
+class CompiledModel:
+    """A traced module as a list of ops with analytic backward passes.
+
+    ``names``/``shapes``: the module's parameters in ``named_parameters()``
+    order (the order of ``FunctionalModel.split``); stacked parameters are
+    ``[(k, *shape), ...]`` in that order.
+    """
+
+    def __init__(self, ops: list[tuple[_Op, int]], n_slots: int, out_slot: int,
+                 names: list[str], shapes: list[tuple[int, ...]]) -> None:
+        self.ops = ops  # (op, output slot), in execution order
+        self.n_slots, self.out_slot = n_slots, out_slot
+        self.names, self.shapes = names, shapes
+        need = [False] * n_slots  # which slots depend on a parameter
+        for op, out in ops:
+            need[out] = any(p is not None for p in op.params) or any(need[i] for i in op.ins)
+        self._need = need
+        self._consumers = [0] * n_slots
+        for op, _ in ops:
+            for i in op.ins:
+                self._consumers[i] += 1
+        self._loss_bufs: dict[tuple, Any] = {}
+        self._grads: dict[tuple, list[torch.Tensor]] = {}
+
+    def forward(self, P: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Logits (k, B, C) and every slot's value (for the backward pass).
+        The returned tensors are buffers reused by the next call."""
+        vals: list[Any] = [None] * self.n_slots
+        vals[0] = x
+        for op, out in self.ops:
+            vals[out] = op.forward([vals[i] for i in op.ins], P)
+        return vals[self.out_slot], vals
+
+    def grad_buffers(self, P: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Preallocated parameter gradients (zeros for parameters no op uses)."""
+        import torch
+
+        key = tuple((tuple(p.shape), p.dtype, str(p.device)) for p in P)
+        if key not in self._grads:
+            self._grads[key] = [torch.zeros_like(p) for p in P]
+        return self._grads[key]
+
+    def loss_and_grads(self, P: list[torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
+                       M: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every client's masked mean cross-entropy ``L`` (k,) and the gradient
+        of ``L.sum()`` with respect to the stacked parameters ``P``: what
+        ``VectorBackend._twin_step`` computes with autograd. ``X`` (k, B, ...),
+        ``Y`` (k, B) int64, ``M`` (k, B) float row weights (0 for padding).
+        The gradients are buffers that the next call overwrites."""
+        import torch
+
+        z, vals = self.forward(P, X)
+        k, width, C = z.shape
+        key = (k, width, C, z.dtype)
+        if key not in self._loss_bufs:
+            # logits class-major, (k, C, B): log-softmax over a middle axis of length C
+            # is ~10x faster than over a last axis of 10 classes
+            rows = torch.arange(k).repeat_interleave(width) * (C * width) \
+                + torch.arange(width).repeat(k)
+            self._loss_bufs[key] = (torch.empty(k, C, width, dtype=z.dtype),
+                                    torch.empty(k, C, width, dtype=z.dtype),
+                                    torch.empty(k, C, width, dtype=z.dtype), rows,
+                                    torch.full((k * width,), -1.0, dtype=z.dtype))
+        zt, logp, dz, rows, minus = self._loss_bufs[key]
+        zt.copy_(z.transpose(1, 2))
+        torch.ops.aten._log_softmax.out(zt, 1, False, out=logp)
+        pick = rows + Y.reshape(-1) * width
+        ce = -logp.reshape(-1).index_select(0, pick).reshape(k, width)
+        denom = M.sum(1).clamp(min=1.0)
+        L = (ce * M).sum(1) / denom
+        # d(Σ_c L_c)/dz = M / denom · (softmax(z) − onehot(y))
+        torch.exp(logp, out=dz)
+        dz.view(-1).index_add_(0, pick, minus)
+        dz.mul_((M / denom.unsqueeze(1)).unsqueeze(1))
+        GP = self.grad_buffers(P)
+        grads: list[Any] = [None] * self.n_slots
+        grads[self.out_slot] = dz.transpose(1, 2)  # (k, B, C), strided
+        for op, out in reversed(self.ops):
+            g = grads[out]
+            if g is None:
+                continue
+            xs = [vals[i] for i in op.ins]
+            need = [self._need[i] for i in op.ins]
+            for i, gi in zip(op.ins, op.backward(g, xs, vals[out], P, GP, need)):
+                if gi is None:
+                    continue
+                grads[i] = gi if grads[i] is None else grads[i] + gi
+        return L, GP
+
+
+# --------------------------------------------------------------------------
+# tracing
+# --------------------------------------------------------------------------
+
+_ACTS = {"ReLU": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "GELU": "gelu",
+         "LeakyReLU": "leaky_relu"}
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def _shifted(d: int) -> int:
+    return d + 1 if d >= 0 else d
+
+
+def _module_op(sub: Any, target: str, index: dict[str, int]) -> _Op:
+    from torch import nn
+
+    kind = type(sub).__name__
+    label = f"{kind} (layer '{target}')"
+
+    def param(name: str) -> int | None:
+        p = getattr(sub, name, None)
+        if p is None:
+            return None
+        q = f"{target}.{name}"
+        if q not in index:
+            raise _Unsupported(f"{label}: parameter {name} is not a trainable parameter")
+        return index[q]
+
+    if type(sub) is nn.Linear:
+        return _Linear(param("weight"), param("bias"))
+    if type(sub) is nn.Conv2d:
+        if sub.padding_mode != "zeros" or isinstance(sub.padding, str):
+            raise _Unsupported(f"{label} with padding {sub.padding!r}, mode {sub.padding_mode}")
+        return _Conv2d(param("weight"), param("bias"), _pair(sub.stride), _pair(sub.padding),
+                       _pair(sub.dilation), int(sub.groups))
+    if type(sub) in (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU):
+        # an ``inplace`` flag changes nothing here: every output has its own buffer
+        return _Act(_ACTS[kind], approximate=getattr(sub, "approximate", "none"),
+                    slope=float(getattr(sub, "negative_slope", 0.01)))
+    if type(sub) is nn.Identity or (type(sub) is nn.Dropout and sub.p == 0):
+        return _Identity()
+    if type(sub) is nn.Flatten:
+        if sub.start_dim == 0:
+            raise _Unsupported(f"{label} over the batch axis")
+        return _Flatten(_shifted(sub.start_dim), _shifted(sub.end_dim))
+    if type(sub) is nn.MaxPool2d:
+        if sub.return_indices:
+            raise _Unsupported(f"{label} returning indices")
+        return _Pool("max", kernel=_pair(sub.kernel_size),
+                     stride=_pair(sub.stride if sub.stride is not None else sub.kernel_size),
+                     padding=_pair(sub.padding), dilation=_pair(sub.dilation),
+                     ceil_mode=bool(sub.ceil_mode))
+    if type(sub) is nn.AvgPool2d:
+        return _Pool("avg", kernel=_pair(sub.kernel_size),
+                     stride=_pair(sub.stride if sub.stride is not None else sub.kernel_size),
+                     padding=_pair(sub.padding), ceil_mode=bool(sub.ceil_mode),
+                     count_include_pad=bool(sub.count_include_pad),
+                     divisor_override=sub.divisor_override)
+    if type(sub) is nn.AdaptiveAvgPool2d:
+        size = sub.output_size
+        if size is None or (not isinstance(size, int) and None in tuple(size)):
+            raise _Unsupported(f"{label} with output size {size!r}")
+        return _Pool("adaptive", output_size=_pair(size))
+    if type(sub) is nn.GroupNorm:
+        w, b = (param("weight"), param("bias")) if sub.affine else (None, None)
+        return _GroupNorm(int(sub.num_groups), float(sub.eps), w, b)
+    if type(sub) is nn.LayerNorm:
+        w = param("weight") if sub.elementwise_affine else None
+        b = param("bias") if sub.elementwise_affine else None
+        return _LayerNorm([int(s) for s in sub.normalized_shape], float(sub.eps), w, b)
+    if kind == "Dropout":
+        raise _Unsupported(f"{label} with p={sub.p} (the compiled step draws no dropout masks)")
+    raise _Unsupported(label)
+
+
+def _function_op(node: Any) -> tuple[_Op, list[Any]]:
+    """A call_function / call_method node: (op, tensor arguments)."""
+    import torch
+    from torch.nn import functional as F
+
+    t, args, kw = node.target, list(node.args), dict(node.kwargs)
+    name = t if isinstance(t, str) else getattr(t, "__name__", repr(t))
+    label = f"{'method' if node.op == 'call_method' else 'function'} {name} (node '{node.name}')"
+    is_node = [hasattr(a, "op") for a in args]
+    if node.op == "call_method" and t == "flatten" or t is torch.flatten:
+        start = kw.get("start_dim", args[1] if len(args) > 1 else 0)
+        end = kw.get("end_dim", args[2] if len(args) > 2 else -1)
+        if start == 0:
+            raise _Unsupported(f"{label} over the batch axis")
+        return _Flatten(_shifted(start), _shifted(end)), args[:1]
+    acts: dict[Any, str] = {torch.relu: "relu", F.relu: "relu", torch.tanh: "tanh",
+                            F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
+    if node.op == "call_method" and t in ("relu", "tanh", "sigmoid") and len(args) == 1:
+        return _Act(t), args
+    if node.op == "call_function" and t in acts and len(args) == 1 and not kw.get("inplace"):
+        return _Act(acts[t]), args
+    if node.op == "call_function" and t is F.gelu and len(args) == 1:
+        return _Act("gelu", approximate=kw.get("approximate", "none")), args
+    if t in (operator.add, torch.add) and len(args) == 2 and all(is_node) and not kw:
+        return _Add(), args
+    raise _Unsupported(label)
+
+
+def compile_model(module: torch.nn.Module, example: torch.Tensor | None = None
+                  ) -> tuple[CompiledModel | None, str | None]:
+    """``(CompiledModel, None)`` for ``module``, or ``(None, reason)`` naming
+    the layer that cannot be compiled. With ``example`` (one client's batch
+    of inputs) the compiled forward pass is checked against the module."""
+    import torch
+    import torch.fx
+
+    for name, m in module.named_modules():
+        if len(list(m.buffers(recurse=False))):
+            return None, (f"{type(m).__name__} (layer '{name}') keeps buffers (running "
+                          f"statistics) that training updates in place")
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception as exc:  # data-dependent control flow and the like
+        return None, f"the model cannot be traced by torch.fx ({type(exc).__name__}: {exc})"
+    names = [n for n, _ in module.named_parameters()]
+    shapes = [tuple(p.shape) for _, p in module.named_parameters()]
+    index = {n: i for i, n in enumerate(names)}
+    slots: dict[str, int] = {}
+    ops: list[tuple[_Op, int]] = []
+    used: set[int] = set()
+    out_slot = None
+    try:
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                if slots:
+                    raise _Unsupported(f"a second input '{node.name}'")
+                slots[node.name] = 0
+                continue
+            if node.op == "output":
+                res = node.args[0]
+                if not hasattr(res, "name") or res.name not in slots:
+                    raise _Unsupported("an output that is not one tensor")
+                out_slot = slots[res.name]
+                continue
+            if node.op == "call_module":
+                sub = module.get_submodule(str(node.target))
+                op = _module_op(sub, str(node.target), index)
+                args = list(node.args)
+                if len(args) != 1 or node.kwargs:
+                    raise _Unsupported(f"{type(sub).__name__} (layer '{node.target}') called "
+                                       f"with {len(args)} arguments")
+            elif node.op in ("call_function", "call_method"):
+                op, args = _function_op(node)
+            else:
+                raise _Unsupported(f"{node.op} '{node.target}' (parameters must belong to "
+                                   f"their layers)")
+            missing = [a for a in args if not hasattr(a, "name") or a.name not in slots]
+            if missing:
+                raise _Unsupported(f"node '{node.name}' takes a non-tensor argument")
+            for p in op.params:
+                if p is None:
+                    continue
+                if p in used:
+                    raise _Unsupported(f"parameter {names[p]} is shared by two layers")
+                used.add(p)
+            op.ins = tuple(slots[a.name] for a in args)
+            slots[node.name] = len(slots)
+            ops.append((op, slots[node.name]))
+    except _Unsupported as exc:
+        return None, str(exc)
+    if out_slot is None:
+        return None, "the graph has no output"
+    model = CompiledModel(ops, len(slots), out_slot, names, shapes)
+    if example is not None:
+        k = 2
+        P = [p.detach().unsqueeze(0).expand(k, *p.shape).clone() for p in module.parameters()]
+        try:
+            with torch.no_grad():
+                got, _ = model.forward(P, example.unsqueeze(0).expand(k, *example.shape)
+                                       .contiguous())
+                want = module(example)
+        except _Unsupported as exc:
+            return None, str(exc)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            return None, f"the compiled forward pass failed ({type(exc).__name__}: {exc})"
+        if got.dim() != 3 or tuple(got.shape) != (k, *want.shape):
+            return None, f"the model's output has shape {tuple(want.shape)}, not (batch, classes)"
+        if not torch.allclose(got[0], want, atol=1e-5, rtol=1e-4):
+            return None, "the compiled forward pass does not reproduce the module's output"
+    return model, None
+
+
+# --------------------------------------------------------------------------
+# optimizers in place: vectorized._SGD / _Adam, operation for operation
+# --------------------------------------------------------------------------
+
+
+class InPlaceSGD:
+    """``vectorized._SGD`` (``torch.optim.SGD`` without dampening or Nesterov)
+    updating the stacked parameters and momentum buffers in place."""
+
+    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        self.lr, self.momentum, self.wd = lr, momentum, weight_decay
+        self.buf: list[torch.Tensor] | None = None
+        self._started = False
+        self._tmp: list[torch.Tensor] | None = None
+
+    def step(self, P: list[torch.Tensor], G: list[torch.Tensor], active: torch.Tensor) -> None:
+        import torch
+
+        every = bool(active.all())
+        if self.momentum == 0 and self.wd == 0 and every:
+            torch._foreach_add_(P, G, alpha=-self.lr)
+            return
+        if self.momentum != 0 and self.buf is None:
+            self.buf = [torch.empty_like(w) for w in P]
+        if self.wd != 0 and self._tmp is None:
+            self._tmp = [torch.empty_like(w) for w in P]
+        for j, (w, g) in enumerate(zip(P, G)):
+            act = active.view(-1, *([1] * (w.dim() - 1)))
+            if self.wd != 0:
+                assert self._tmp is not None
+                g = torch.add(g, w, alpha=self.wd, out=self._tmp[j])
+            if self.momentum != 0:
+                assert self.buf is not None
+                b = self.buf[j]
+                if not self._started:  # the first step: buf = g for every row
+                    b.copy_(g)
+                    g = b
+                elif every:
+                    g = b.mul_(self.momentum).add_(g)
+                else:
+                    new = b.mul(self.momentum).add(g)
+                    b.copy_(torch.where(act, new, b))
+                    g = new
+            if every:
+                w.add_(g, alpha=-self.lr)
+            else:
+                w.copy_(torch.where(act, w.add(g, alpha=-self.lr), w))
+        self._started = True
+
+
+class InPlaceAdam:
+    """``vectorized._Adam`` (``torch.optim.Adam`` without AMSGrad) updating the
+    stacked parameters and moment buffers in place; one step count for all
+    rows, as the clients run in lockstep."""
+
+    def __init__(self, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.wd, self.b1, self.b2, self.eps = lr, weight_decay, betas[0], betas[1], eps
+        self.m: list[torch.Tensor] | None = None
+        self.v: list[torch.Tensor] | None = None
+        self.t = 0
+        self._tmp: list[torch.Tensor] | None = None
+        self._den: list[torch.Tensor] | None = None
+
+    def step(self, P: list[torch.Tensor], G: list[torch.Tensor], active: torch.Tensor) -> None:
+        import torch
+
+        if self.m is None:
+            self.m = [torch.zeros_like(w) for w in P]
+            self.v = [torch.zeros_like(w) for w in P]
+            self._tmp = [torch.empty_like(w) for w in P]
+            self._den = [torch.empty_like(w) for w in P]
+        assert self.v is not None and self._tmp is not None and self._den is not None
+        self.t += 1
+        bc1 = 1 - self.b1 ** self.t
+        bc2 = 1 - self.b2 ** self.t
+        every = bool(active.all())
+        for j, (w, g) in enumerate(zip(P, G)):
+            if self.wd != 0:
+                g = torch.add(g, w, alpha=self.wd, out=self._tmp[j])
+            m, v = self.m[j], self.v[j]
+            if every:
+                m.lerp_(g, 1 - self.b1)
+                v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+                den = torch.sqrt(v, out=self._den[j]).div_(bc2 ** 0.5).add_(self.eps)
+                w.addcdiv_(m, den, value=-(self.lr / bc1))
+                continue
+            act = active.view(-1, *([1] * (w.dim() - 1)))
+            m_new = m.lerp(g, 1 - self.b1)
+            v_new = v.mul(self.b2).addcmul(g, g, value=1 - self.b2)
+            den = (v_new.sqrt() / bc2 ** 0.5).add(self.eps)
+            w.copy_(torch.where(act, w.addcdiv(m_new, den, value=-(self.lr / bc1)), w))
+            m.copy_(torch.where(act, m_new, m))
+            v.copy_(torch.where(act, v_new, v))
+
+
+def inplace_optimizer(settings: Any) -> InPlaceSGD | InPlaceAdam:
+    """The in-place twin of ``vectorized.functional_optimizer(settings)``."""
+    if settings.optimizer == "sgd":
+        return InPlaceSGD(float(settings.lr), float(settings.momentum),
+                          float(settings.weight_decay))
+    if settings.optimizer == "adam":
+        return InPlaceAdam(float(settings.lr), float(settings.weight_decay))
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}; use 'sgd' or 'adam'")
+
+
+# --------------------------------------------------------------------------
+# the step
+# --------------------------------------------------------------------------
+
+
+class CompiledTrainer:
+    """k clients' models trained together: ``P`` (stacked parameters, owned
+    and updated in place), the compiled model and an in-place optimizer.
+
+    ``step(X, Y, M, active)`` runs one local step of every client (inactive
+    rows keep their parameters and optimizer state) and returns the clients'
+    losses. ``grad_hook(G)``, when given, may change the gradient buffers
+    in place before the update (a SCAFFOLD offset, frozen tensors).
+    """
+
+    def __init__(self, model: CompiledModel, params: list[torch.Tensor],
+                 optimizer: InPlaceSGD | InPlaceAdam,
+                 grad_hook: Callable[[list[torch.Tensor]], None] | None = None) -> None:
+        import torch
+
+        self.model = model
+        # wide layers' weights stored as (k, in, out): batched products with W^T
+        # contiguous are faster there (MKL, measured), narrow heads keep (k, out, in)
+        lin = {op.params[0] for op, _ in model.ops
+               if isinstance(op, _Linear) and min(params[op.params[0]].shape[1:]) >= 32}
+        self.P = []
+        for j, p in enumerate(params):
+            p = p.detach()
+            if j in lin:  # stored as (k, in, out): W^T is contiguous (see _Linear)
+                q = torch.empty(p.shape[0], p.shape[2], p.shape[1], dtype=p.dtype,
+                                device=p.device).transpose(1, 2)
+                self.P.append(q.copy_(p))
+            else:
+                self.P.append(p.clone().contiguous())
+        self.opt = optimizer
+        self.grad_hook = grad_hook
+        self._all: torch.Tensor | None = None
+
+    def step(self, X: torch.Tensor, Y: torch.Tensor, M: torch.Tensor,
+             active: torch.Tensor | None = None) -> torch.Tensor:
+        import torch
+
+        if active is None:
+            if self._all is None or len(self._all) != X.shape[0]:
+                self._all = torch.ones(X.shape[0], dtype=torch.bool)
+            active = self._all
+        L, G = self.model.loss_and_grads(self.P, X, Y, M)
+        if self.grad_hook is not None:
+            self.grad_hook(G)
+        self.opt.step(self.P, G, active)
+        return L
+
+    def flat(self) -> torch.Tensor:
+        """The parameters as (k, D) rows (``FunctionalModel.join``)."""
+        import torch
+
+        return torch.cat([p.reshape(p.shape[0], -1) for p in self.P], dim=1)

@@ -1,0 +1,233 @@
+"""The compiled vectorized step (harness/compiled.py): gradients against
+autograd, optimizers against the functional ones of harness/vectorized.py,
+and the reasons it gives for models it does not compile."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fedmedbench.compiled import (
+    CompiledTrainer,
+    InPlaceAdam,
+    InPlaceSGD,
+    compile_model,
+    inplace_optimizer,
+)
+from fedmedbench.vectorized import FunctionalModel, functional_optimizer
+
+
+class _Residual(nn.Module):
+    """A small residual CNN: conv, GroupNorm, ReLU, a skip connection (``+``),
+    pooling, flatten and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.n1 = nn.GroupNorm(4, 8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.n1(self.c1(x)))
+        h = h + self.c2(h)
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
+MODELS = {
+    "mlp-relu": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(),
+                                       nn.Linear(64, 10)), (64,)),
+    "mlp-tanh-gelu-layernorm": (lambda: nn.Sequential(
+        nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.GELU(), nn.LayerNorm(32),
+        nn.Linear(32, 16), nn.GELU(approximate="tanh"), nn.LeakyReLU(0.1),
+        nn.Linear(16, 10)), (12,)),
+    "cnn-pools": (lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Sigmoid(), nn.AvgPool2d(2),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 10)), (3, 8, 8)),
+    "residual-cnn": (_Residual, (3, 8, 8)),
+}
+
+
+def _stacked(module, k, dtype, scale=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(p.detach().to(dtype).unsqueeze(0).repeat(k, *([1] * p.dim()))
+             + scale * torch.randn(k, *p.shape, generator=g, dtype=dtype))
+            for p in module.parameters()]
+
+
+def _batch(k, B, shape, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(k, B, *shape, generator=g, dtype=dtype)
+    Y = torch.randint(0, 10, (k, B), generator=g)
+    M = (torch.rand(k, B, generator=g) > 0.3).to(dtype)
+    M[0] = 1.0  # a full batch
+    M[-1] = 0.0  # a client with no rows this step
+    return X, Y, M
+
+
+def _autograd(module, P, X, Y, M):
+    """Σ_c masked-mean CE of client c, differentiated by autograd."""
+    names = [n for n, _ in module.named_parameters()]
+    leaves = [p.clone().requires_grad_(True) for p in P]
+    losses = []
+    for c in range(X.shape[0]):
+        out = functional_call(module, {n: w[c] for n, w in zip(names, leaves)}, (X[c],))
+        ce = nn.functional.cross_entropy(out, Y[c], reduction="none")
+        losses.append((ce * M[c]).sum() / M[c].sum().clamp(min=1.0))
+    L = torch.stack(losses)
+    return L.detach(), [g.detach() for g in torch.autograd.grad(L.sum(), leaves)]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradients_equal_autograd(name, dtype):
+    make, shape = MODELS[name]
+    torch.manual_seed(0)
+    module = make().to(dtype)
+    model, why = compile_model(module, torch.randn(4, *shape, dtype=dtype))
+    assert model is not None, why
+    k, B = 4, 6
+    P = _stacked(module, k, dtype)
+    X, Y, M = _batch(k, B, shape, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for _ in range(2):  # the second call reuses every buffer
+        L, G = model.loss_and_grads(P, X, Y, M)
+        L_ref, G_ref = _autograd(module, P, X, Y, M)
+        torch.testing.assert_close(L, L_ref, atol=tol, rtol=tol)
+        for g, r, n in zip(G, G_ref, model.names):
+            torch.testing.assert_close(g, r, atol=tol, rtol=tol, msg=n)
+        assert all(float(g[-1].abs().max()) == 0.0 for g in G)  # no rows: no gradient
+        assert float(L[-1]) == 0.0
+
+
+def test_unsupported_layers_are_named():
+    cases = {
+        "BatchNorm1d (layer '1')": nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4),
+                                                 nn.Linear(4, 2)),
+        "Dropout (layer '1') with p=0.5": nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5),
+                                                        nn.Linear(4, 2)),
+        "Conv1d (layer '0')": nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2)),
+    }
+    for reason, module in cases.items():
+        model, why = compile_model(module)
+        assert model is None and why.startswith(reason), why
+
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, x):
+            z = self.fc(x)
+            return torch.cat([torch.zeros_like(z), z], dim=1)
+
+    model, why = compile_model(Cat())
+    assert model is None and "zeros_like" in why
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    model, why = compile_model(Shared())
+    assert model is None and "shared" in why
+
+
+def test_the_twin_of_a_supported_model_is_checked_on_an_example():
+    module, shape = MODELS["residual-cnn"][0](), MODELS["residual-cnn"][1]
+    model, why = compile_model(module, torch.randn(3, *shape))
+    assert model is not None and why is None
+    assert model.names == [n for n, _ in module.named_parameters()]
+
+
+# --------------------------------------------------------------------------
+# optimizers: the functional ones, operation for operation
+# --------------------------------------------------------------------------
+
+
+def _settings(opt, momentum=0.0, wd=0.0):
+    return SimpleNamespace(optimizer=opt, lr=0.05, momentum=momentum, weight_decay=wd)
+
+
+@pytest.mark.parametrize("opt,momentum,wd", [("sgd", 0.0, 0.0), ("sgd", 0.9, 0.0),
+                                             ("sgd", 0.0, 1e-2), ("sgd", 0.9, 1e-2),
+                                             ("adam", 0.0, 0.0), ("adam", 0.0, 1e-2)])
+def test_in_place_optimizers_are_the_functional_ones_bit_for_bit(opt, momentum, wd):
+    """The same gradients through vectorized._SGD/_Adam and through the
+    in-place twins, over steps where some clients are done: equal to the
+    last bit (also with the transposed weight storage CompiledTrainer uses)."""
+    g = torch.Generator().manual_seed(0)
+    k = 5
+    shapes = [(k, 7, 3), (k, 7), (k, 2, 3, 3)]
+    P0 = [torch.randn(s, generator=g) for s in shapes]
+    ref, mine = functional_optimizer(_settings(opt, momentum, wd)), \
+        inplace_optimizer(_settings(opt, momentum, wd))
+    assert isinstance(mine, InPlaceAdam if opt == "adam" else InPlaceSGD)
+    P_ref = [p.clone() for p in P0]
+    P = [torch.empty(k, 3, 7).transpose(1, 2).copy_(P0[0]), P0[1].clone(), P0[2].clone()]
+    for step in range(6):
+        G = [torch.randn(s, generator=g) for s in shapes]
+        active = torch.tensor([True, True, step < 4, step < 2, step != 1])
+        P_ref = ref.step(P_ref, [x.clone() for x in G], active)
+        mine.step(P, [x.clone() for x in G], active)
+        for a, b in zip(P, P_ref):
+            assert torch.equal(a, b), step
+
+
+@pytest.mark.parametrize("opt,momentum", [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0)])
+def test_a_multi_step_run_matches_the_functional_path(opt, momentum):
+    """CompiledTrainer against autograd gradients + the functional optimizer
+    (VectorBackend's twin path), clients finishing at different steps."""
+    torch.manual_seed(0)
+    module = MODELS["mlp-relu"][0]()
+    fm = FunctionalModel(module)
+    k, B = 6, 8
+    P0 = _stacked(module, k, torch.float32, scale=0.05)
+    trainer = CompiledTrainer(compile_model(module)[0], P0,
+                              inplace_optimizer(_settings(opt, momentum, 1e-3)))
+    ref_opt = functional_optimizer(_settings(opt, momentum, 1e-3))
+    P_ref = [p.clone() for p in P0]
+    steps = torch.tensor([10, 10, 7, 4, 9, 1])
+    g = torch.Generator().manual_seed(3)
+    for s in range(10):
+        X = torch.rand(k, B, 64, generator=g)
+        Y = torch.randint(0, 10, (k, B), generator=g)
+        M = (torch.arange(B)[None, :] < torch.tensor([8, 8, 5, 8, 3, 8])[:, None]).float()
+        active = steps > s
+        M = M * active[:, None]
+        L = trainer.step(X, Y, M, active)
+        L_ref, G_ref = _autograd(module, P_ref, X, Y, M)
+        P_ref = ref_opt.step(P_ref, G_ref, active)
+        torch.testing.assert_close(L, L_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(trainer.P, P_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(trainer.flat(), fm.join(P_ref), atol=1e-5, rtol=1e-4)
+    # clients done early kept their parameters from then on
+    assert not torch.equal(trainer.P[0][5], P0[0][5])
+
+
+def test_grad_hook_sees_and_changes_the_gradients():
+    module = MODELS["mlp-relu"][0]()
+    k = 3
+    P0 = _stacked(module, k, torch.float32)
+    seen = []
+
+    def freeze_first(G):
+        seen.append([g.clone() for g in G])
+        G[0].zero_()
+
+    trainer = CompiledTrainer(compile_model(module)[0], P0, InPlaceSGD(0.1),
+                              grad_hook=freeze_first)
+    X, Y, M = _batch(k, 4, (64,), torch.float32)
+    trainer.step(X, Y, M)
+    assert torch.equal(trainer.P[0], P0[0]) and not torch.equal(trainer.P[1], P0[1])
+    assert len(seen) == 1 and float(seen[0][0][0].abs().sum()) > 0
