@@ -21,8 +21,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-#: the version of this package
-__version__ = "0.2.0.dev0"
+#: the version of this package: the one version number (pyproject.toml reads it at build
+#: time; records, cell ids and ``fedmedbench plugins`` carry it)
+__version__ = "0.3.0.dev0"
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
@@ -32,9 +33,12 @@ _EXPORTS: dict[str, str] = {
         "Model", "Algorithm", "Aggregator", "PrivacyMechanism", "LocalStage", "UpdateStage",
         "TransportStage", "ServerStage", "Compressor", "Adversary", "Attack", "Reporter",
         "Split", "Site", "Task", "FederatedData", "ParamLayout", "Updates", "Message")},
+    # what crosses between the parties of a round
+    **{n: "fedmedbench.messages" for n in ("Broadcast", "Sent", "Received", "RowsHidden")},
     # what components see of a running cell
     **{n: "fedmedbench.context" for n in (
-        "CellContext", "ClientContext", "ServerView", "AttackContext", "Canaries")},
+        "CellContext", "ClientContext", "ServerView", "AttackContext", "Canaries",
+        "ShadowTrainer", "BatchReplay")},
     **{n: "fedmedbench.facts" for n in (
         "CellFacts", "AlgorithmFacts", "AggregatorFacts", "PrivacyFacts", "CompressorFacts")},
     **{n: "fedmedbench.accounting" for n in ("Accounting", "Ledger")},

@@ -3,11 +3,15 @@ the reference) and ``vectorized`` (all sampled clients of a round in one
 torch.func computation, :mod:`fedmedbench.vectorized`).
 
 A backend is the training service behind
-:class:`~fedmedbench.context.ClientContext`: the protocol asks it for the
-round's :class:`~fedmedbench.Updates` (:meth:`LoopBackend.client_updates`),
-which calls the algorithm's ``client_update`` — once per client on the loop
+:class:`~fedmedbench.context.ClientContext`, on the clients' side of the
+round: the clients' party asks it for the round's
+:class:`~fedmedbench.Updates` (:meth:`LoopBackend.client_updates`), which
+calls the algorithm's ``client_update`` — once per client on the loop
 backend, once for all clients on the vectorized one — and ``ctx.train``
-comes back here.
+comes back here. It gets the parts it needs explicitly (:class:`ClientData`):
+the clients' context, their data and held-out rows, their model factories
+and the local-stage mechanism. A module the loop backend's clients share is
+wiped after every client's steps: no training module keeps a client's model.
 
 :func:`choose_backend` picks ``vectorized`` under ``auto`` when every
 component of the cell says it can run there, and names the component that
@@ -16,12 +20,13 @@ made it fall back otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmedbench.components import LocalStage, Split, Updates
+from fedmedbench.components import LocalStage, Site, Split, Updates
 from fedmedbench.context import CellContext, ClientContext
 from fedmedbench.meters import calling
 from fedmedbench.training import SGDTrainer
@@ -29,12 +34,45 @@ from fedmedbench.training import SGDTrainer
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fedmedbench.engine import CellRun
+    from fedmedbench.cell import Cell
     from fedmedbench.training import ExtraLoss, LocalTrainer
 
-__all__ = ["BACKENDS", "LoopBackend", "choose_backend", "flat_buffers", "load_flat_buffers"]
+__all__ = ["BACKENDS", "ClientData", "LoopBackend", "choose_backend", "make_backend",
+           "flat_buffers", "load_flat_buffers"]
 
 BACKENDS = ("auto", "loop", "vectorized")
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """What a backend needs of the clients' side, and nothing else.
+
+    Attributes
+    ----------
+    ctx : CellContext
+        The clients' context.
+    sites : list of Site
+        Each training party's own rows (after the validation and holdout
+        carve, an adversary's corruption and an audit's canaries).
+    holdout : mapping of int to Split
+        Rows held out for the aggregator's client-side scores.
+    factories : mapping of int to callable
+        Clients with an architecture of their own; the others use ``factory``.
+    factory : callable
+        The cell's model factory (its seeded initialisation).
+    local : LocalStage or None
+        The clients' instance of a local-stage privacy mechanism.
+    """
+
+    ctx: CellContext
+    sites: list[Site]
+    holdout: Mapping[int, Split]
+    factories: Mapping[int, Callable[[], Any]]
+    factory: Callable[[], Any]
+    local: LocalStage | None
+
+    def factory_for(self, client: int) -> Callable[[], Any]:
+        return self.factories.get(client, self.factory)
 
 
 class LoopBackend:
@@ -52,10 +90,10 @@ class LoopBackend:
 
     name = "loop"
 
-    def __init__(self, run: CellRun) -> None:
-        self.run = run
-        self.ctx: CellContext = run.ctx
-        self.local: LocalStage | None = run.components.local_stage
+    def __init__(self, parts: ClientData) -> None:
+        self.parts = parts
+        self.ctx: CellContext = parts.ctx
+        self.local: LocalStage | None = parts.local
         self.trainers: dict[tuple[int, str], LocalTrainer] = {}
         #: each trainer's module (SGD trainers of one architecture share one)
         self.modules: dict[tuple[int, str], torch.nn.Module] = {}
@@ -69,15 +107,17 @@ class LoopBackend:
 
     def client_updates(self, algorithm: Any, clients: list[int],
                        params: torch.Tensor | dict[int, torch.Tensor], *,
-                       personal: torch.Tensor | None = None) -> Updates:
+                       personal: torch.Tensor | None = None,
+                       broadcast: Mapping[str, Any] | None = None) -> Updates:
         """The clients' updates from ``params``: the global model (D,), each
         client's model by id (isolated), or one starting row per client
         (k, D) (personalized); ``personal`` (k, D) is handed to the algorithm
-        as ``ctx.personal``."""
+        as ``ctx.personal`` and ``broadcast`` as ``ctx.broadcast``."""
         parts = []
         for j, c in enumerate(clients):
             ctx = ClientContext(self.ctx, [c], self,
-                                personal=None if personal is None else personal[j:j + 1])
+                                personal=None if personal is None else personal[j:j + 1],
+                                broadcast=broadcast)
             # per-client models (isolated, personalized): always (k, D) rows
             if isinstance(params, dict):
                 p = params[c].unsqueeze(0)
@@ -170,9 +210,38 @@ class LoopBackend:
                         p.requires_grad_(True)
             if has_buffers:
                 self._buffers[(c, trainer)] = flat_buffers(self.modules[(c, trainer)])
+            self._wipe(c, trainer)
             rows.append(new)
             losses.append(loss)
         return torch.stack(rows), np.asarray(losses, dtype=float)
+
+    def _wipe(self, client: int, trainer: str) -> None:
+        """Leave no client's model, gradient or optimizer state in a module
+        the clients share (its parameters become zeros); a client's own
+        trainer (a local-stage mechanism's) keeps its module: it is that
+        client's, on the clients' side."""
+        if self.local is not None:
+            return
+        import torch
+
+        tr = self.trainers[(client, trainer)]
+        model = self.modules[(client, trainer)]
+        opt = getattr(tr, "optimizer", None)
+        if opt is not None:
+            opt.state.clear()
+            opt.zero_grad(set_to_none=True)
+        flat = getattr(tr, "flat", None)
+        with torch.no_grad():
+            if flat is not None:
+                flat.zero_()
+            else:
+                for p in model.parameters():
+                    p.zero_()
+            for p in model.parameters():
+                p.grad = None
+            for b in model.buffers():
+                if b.is_floating_point():
+                    b.zero_()
 
     def _train_frozen(self, tr: LocalTrainer, w: torch.Tensor, steps: int,
                       trainable: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, float]:
@@ -203,7 +272,7 @@ class LoopBackend:
         clients (its own batch stream, seeded like the first)."""
         key = (client, name)
         if key not in self.trainers:
-            data = self.ctx.clients[client].train
+            data = self.parts.sites[client].train
             factory = self.factory_for(client)
             if self.local is not None:
                 with calling(self.local, "local_trainer"):  # type: ignore[arg-type]
@@ -222,10 +291,13 @@ class LoopBackend:
         return self.trainers[key]
 
     def holdout(self, client: int) -> Split | None:
-        return self.run.federation.holdout.get(client)
+        return self.parts.holdout.get(client)
+
+    def site(self, client: int) -> Site:
+        return self.parts.sites[client]
 
     def factory_for(self, client: int) -> Callable[[], torch.nn.Module]:
-        return self.run.factory_for(client)
+        return self.parts.factory_for(client)
 
 
 def flat_buffers(module: torch.nn.Module) -> torch.Tensor:
@@ -304,28 +376,35 @@ def _checked(out: Any, algorithm: Any, clients: list[int]) -> Updates:
     return out
 
 
-def choose_backend(run: CellRun, requested: str) -> tuple[str, str]:
+def choose_backend(cell: Cell, requested: str, *, batch_norm: bool = False) -> tuple[str, str]:
     """(backend, reason) for the cell: ``requested`` is ``auto``, ``loop`` or
     ``vectorized``; a component that cannot run vectorized forces ``loop``
     (named in the reason; an explicit ``vectorized`` then falls back too)."""
     if requested == "loop":
         return "loop", "requested"
-    c = run.components
+    alg, model, local = cell.clients.algorithm, cell.model, cell.clients.local_stage
     blockers = []
-    if not c.algorithm.vectorized:
-        blockers.append(f"algorithm {c.algorithm.name} (vectorized = False)")
-    if run.model_component is not None and not run.model_component.vectorized:
-        bn = getattr(getattr(run, "protocol", None), "model_facts", None)
-        why = (": BatchNorm updates its running statistics, buffers, in place"
-               if bn is not None and bn.batch_norm else "")
-        blockers.append(f"model {run.model_component.name} (vectorized = False{why})")
-    if run.client_factories:
-        blockers.append(f"algorithm {c.algorithm.name} gives clients their own architectures")
-    if c.local_stage is not None and c.local_stage.vector_steps(run.ctx) is None:
-        blockers.append(f"privacy {c.local_stage.name} has no vectorized form")  # type: ignore[attr-defined]
+    if not alg.vectorized:
+        blockers.append(f"algorithm {alg.name} (vectorized = False)")
+    if model is not None and not model.vectorized:
+        why = ": BatchNorm updates its running statistics, buffers, in place" if batch_norm else ""
+        blockers.append(f"model {model.name} (vectorized = False{why})")
+    if cell.client_factories:
+        blockers.append(f"algorithm {alg.name} gives clients their own architectures")
+    if local is not None and local.vector_steps(cell.clients_ctx) is None:
+        blockers.append(f"privacy {local.name} has no vectorized form")  # type: ignore[attr-defined]
     if blockers:
         return "loop", "fell back to loop: " + "; ".join(blockers)
-    if requested == "auto" and run.max_clients_per_call < 2:
+    if requested == "auto" and cell.per_round < 2:
         return "loop", "one client per round: nothing to vectorize"
     return "vectorized", "requested" if requested == "vectorized" else (
         "every component of the cell runs vectorized")
+
+
+def make_backend(name: str, parts: ClientData) -> LoopBackend:
+    """The backend ``name`` over the clients' ``parts``."""
+    if name == "vectorized":
+        from fedmedbench.vectorized import VectorBackend
+
+        return VectorBackend(parts)
+    return LoopBackend(parts)

@@ -11,18 +11,27 @@ send); the engine collects them into :class:`fedmedbench.facts.CellFacts`, and
 every combination rule reads those facts, never another component's
 parameter names.
 
-Updates travel through the round as one :class:`Updates` batch: a
-``(clients, parameters)`` float32 matrix of deltas over the model's flat
-parameter vector (:class:`ParamLayout` maps names and shapes to slices), so
-clipping, noise, masking, encryption and robust aggregation all work on one
-shape, for one client or a whole round at once.
+On the clients' side, what they computed travels as one :class:`Updates`
+batch: a ``(clients, parameters)`` float32 matrix of deltas over the model's
+flat parameter vector (:class:`ParamLayout` maps names and shapes to slices),
+so clipping, noise and compression work on one shape, for one client or a
+whole round at once. What crosses to the server is another type, built once
+at the boundary from the declared fields only
+(:class:`fedmedbench.messages.Sent`), and what the server can read of it a
+third (:class:`fedmedbench.messages.Received`): see ``docs/architecture.md``.
+
+Every component acting on both sides of the round (an algorithm's client and
+server halves, an aggregator's client-side scores and server-side rule, a
+privacy mechanism with an update and a server stage) is built once per
+party: the clients' instance and the server's instance share no state, and
+each gets its own party's :class:`~fedmedbench.CellContext` (``ctx.party``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.accounting import Accounting
     from fedmedbench.context import AttackContext, Canaries, CellContext, ClientContext
     from fedmedbench.facts import CellFacts
+    from fedmedbench.messages import Received
     from fedmedbench.training import LocalTrainer
 
 __all__ = [
@@ -59,10 +69,13 @@ class Component:
     and take only keyword-only constructor arguments with defaults. The
     harness fills ``plugin``, ``distribution`` and ``version`` at registration.
 
-    Lifecycle: the engine builds a fresh instance per cell, calls
-    :meth:`setup` once before round 1 and :meth:`begin_round` at the start of
-    every round (after the round's clients are sampled), so no component has
-    to detect a new cell or round by itself.
+    Lifecycle: the engine builds a fresh instance per cell and party (a
+    component acting on both the clients' and the server's side gets one
+    instance on each), calls :meth:`setup` once before round 1,
+    :meth:`begin_round` at the start of every round (after the round's
+    clients are sampled), :meth:`end_round` when a round ends (aborted or
+    not) and :meth:`close` when training ends (failed or not), so no
+    component has to detect a new cell or round by itself.
     """
 
     family: ClassVar[str] = ""
@@ -95,17 +108,46 @@ class Component:
         return {"name": self.name, **self.params()}
 
     def validate(self, facts: CellFacts) -> str | None:
-        """Return a reason string if this component cannot run the cell
-        described by ``facts`` (the cell is then recorded ``skipped``)."""
+        """Say whether this component can run the cell ``facts`` describes.
+
+        Parameters
+        ----------
+        facts : CellFacts
+            The declared facts of every component of the cell and its run
+            settings (:mod:`fedmedbench.facts`).
+
+        Returns
+        -------
+        str or None
+            A reason the cell cannot run (it is then recorded ``skipped``
+            with that reason), or ``None`` when it can.
+        """
         return None
 
     def setup(self, ctx: CellContext) -> None:
-        """Called once per cell, before round 1 (allocate per-cell state)."""
+        """Allocate per-cell state, once, before round 1.
+
+        Parameters
+        ----------
+        ctx : CellContext
+            The context of the party this instance belongs to
+            (``ctx.party``: ``"clients"`` or ``"server"``); ``ctx.state`` is
+            that party's own state.
+        """
 
     def begin_round(self, round: int) -> None:
-        """Called at the start of every round (1-based), after the round's
-        clients are sampled (``ctx.participants`` of the context given to
-        :meth:`setup`)."""
+        """Start round ``round`` (1-based), after its clients are sampled
+        (``ctx.participants`` of the context given to :meth:`setup`)."""
+
+    def end_round(self, round: int) -> None:
+        """End round ``round``: drop what lives only for a round (a secure
+        aggregation's client secrets, per-client ciphertexts). Called when
+        the round ends, also when it was aborted."""
+
+    def close(self) -> None:
+        """Training is over (finished or failed): drop what lives for the
+        cell (a CKKS secret key). Called once; the instance is not used
+        afterwards."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
@@ -256,8 +298,11 @@ class ParamLayout:
 
 @dataclass
 class Updates:
-    """What the sampled clients of a round send, one row per client, before
-    transport encoding.
+    """What the clients of one call computed, one row per client, on the
+    clients' side of the round (local training, the adversary, update-stage
+    privacy and compression all read and return it). It never reaches the
+    server: the engine builds what is sent from its declared fields
+    (:class:`fedmedbench.messages.Sent`).
 
     Attributes
     ----------
@@ -273,9 +318,12 @@ class Updates:
         Client-side numbers (``loss``; an aggregator's ``quality`` or
         ``holdout_score``). Only those an aggregator reads are sent.
     extra : dict
-        Algorithm state with a leading client axis that may travel with the
-        update (SCAFFOLD's ``control_delta`` of shape (k, D), FedMD's
-        ``scores``). What is sent is the algorithm's :attr:`Algorithm.sends`.
+        Fields with a leading client axis that travel with the update
+        (SCAFFOLD's ``control_delta`` of shape (k, D), FedMD's ``scores``).
+        Every key must be declared in :attr:`Algorithm.sends` (the
+        personalized protocol's ``personal`` model, which never leaves the
+        client, aside): an undeclared one is refused with the plugin and
+        field named.
     delta_bytes : list of int or None
         The encoded size of each row's delta when a compressor encoded it
         (``None``: float32, ``4 * D`` bytes a row).
@@ -466,6 +514,8 @@ class Message:
     ``readable`` is what the server can read of it without any key:
     ``(mask, values)`` over the flat parameter vector (partial HE sends the
     unencrypted layers in plaintext), or ``None`` when nothing is readable.
+    A transport may grow ``nbytes`` while it aggregates (secure
+    aggregation's unmasking shares are sent then); the engine reads it after.
     """
 
     client: int
@@ -560,10 +610,21 @@ class Algorithm(Component):
       baseline), ``"personalized"`` (each client keeps a model of its own,
       evaluated on its own test split, and the server combines what the
       clients send);
-    - ``sends``: what each client sends the server every round: ``"delta"``
-      and/or keys of :attr:`Updates.extra` (SCAFFOLD: ``("delta",
-      "control_delta")``; FedMD: ``("scores",)``). Bytes up and the server's
-      view are computed from exactly these fields;
+    - ``sends``: exactly what each client sends the server every round:
+      ``"delta"`` and/or keys of :attr:`Updates.extra` (SCAFFOLD: ``("delta",
+      "control_delta")``; FedMD: ``("scores",)``). A client's message is
+      built from these fields only (an undeclared extra field is refused),
+      and bytes up and the server's view are computed from them;
+    - ``summed``: the sent fields other than ``"delta"`` of which the server
+      needs only the **sum** over the round's clients (SCAFFOLD's
+      ``control_delta``, FedNova's ``tau``). Under a transport mechanism
+      (secure aggregation, HE) they are protected with the delta and the
+      server reads their sum (:meth:`Received.sum`); a sent field not
+      declared here cannot run under a transport (the cell is skipped with
+      the reason). Clients that want a weighted sum scale their rows first;
+    - ``broadcasts``: what the server sends every round's clients beside the
+      model, returned by :meth:`broadcast` (SCAFFOLD: ``("c",)``) and read by
+      the clients as ``ctx.broadcast[name]``; its bytes are billed down;
     - ``needs_public``: the algorithm needs :attr:`FederatedData.public`;
     - ``needs_individual_updates``: the server uses each client's model
       (distillation), which rules out transport privacy;
@@ -581,17 +642,17 @@ class Algorithm(Component):
       keeps a whole model of its own beside the global one and returns it as
       the ``personal`` extra field of its update, which is never sent: Ditto).
 
-    :meth:`client_update` receives a :class:`~fedmedbench.context.ClientContext`
-    for one or more clients; the default runs local SGD through ``ctx.train``
-    and returns the deltas. :meth:`server_update` returns the next global
-    model from the aggregated delta. Under the personalized protocol
-    :meth:`finalize` runs on every site after the last round, before its
-    model is evaluated (fine-tuning).
+    The clients' half (:meth:`client_update`, :meth:`finalize`) and the
+    server's half (:meth:`server_update`, :meth:`broadcast`) run on two
+    instances, one per party, each with its own ``ctx.state``: what the
+    server knows of the clients is what they sent.
     """
 
     family: ClassVar[str] = "algorithm"
     protocol: ClassVar[str] = "federated"
     sends: ClassVar[tuple[str, ...]] = ("delta",)
+    summed: ClassVar[tuple[str, ...]] = ()
+    broadcasts: ClassVar[tuple[str, ...]] = ()
     needs_public: ClassVar[bool] = False
     needs_individual_updates: ClassVar[bool] = False
     vectorized: ClassVar[bool] = False
@@ -599,53 +660,141 @@ class Algorithm(Component):
     personal_model: ClassVar[str] = "merged"
 
     def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
-        """Train the clients of ``ctx`` from ``global_params`` — the global model,
-        shape (D,), or, shape (k, D), each client's own model under the
-        isolated protocol and each client's starting model under the
-        personalized one (the global model on the shared parameters, its own
-        on the rest; ``ctx.personal`` holds its personal models) — and return
-        their updates."""
+        """Train the clients of ``ctx`` and return what they computed.
+
+        Runs on the clients' side.
+
+        Parameters
+        ----------
+        ctx : ClientContext
+            The clients of this call (one on the loop backend, all of the
+            round's on the vectorized one), their data and the training
+            service (``ctx.train``), what the server broadcast this round
+            (``ctx.broadcast``) and the clients' party state
+            (``ctx.cell.state``).
+        global_params : torch.Tensor, shape (D,) or (k, D)
+            The global model; under the isolated protocol each client's own
+            model, and under the personalized one each client's starting
+            model (the global model on the shared parameters, its own on the
+            rest; ``ctx.personal`` holds its personal models).
+
+        Returns
+        -------
+        Updates
+            ``ctx.update(delta, **fields)``: the deltas (k, D) and the fields
+            :attr:`sends` declares.
+        """
         new = ctx.train(global_params)
         return ctx.update(new - global_params)
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
-        """Return the next global model. ``aggregate`` is the aggregated delta;
-        ``updates`` carries metadata and the sent ``extra`` fields (its
-        ``delta`` rows are zero when a transport mechanism hides them)."""
+                      aggregate: torch.Tensor, received: Received) -> torch.Tensor:
+        """Return the next global model.
+
+        Runs on the server's side.
+
+        Parameters
+        ----------
+        ctx : CellContext
+            The server's context (``ctx.state`` is the server's state).
+        global_params : torch.Tensor, shape (D,)
+            The model the round's clients started from (a copy).
+        aggregate : torch.Tensor, shape (D,)
+            The aggregated delta, after the server-stage privacy.
+        received : Received
+            What the server can read of the round's messages: under
+            plaintext each client's declared fields (``received.rows``,
+            ``received.delta``); under a transport only sums
+            (``received.sum("control_delta")``); the clients, their example
+            counts and the numbers sent in the clear.
+
+        Returns
+        -------
+        torch.Tensor, shape (D,)
+        """
         return global_params + aggregate
 
+    def broadcast(self, ctx: CellContext) -> dict[str, torch.Tensor]:
+        """What the server sends the round's clients beside the model.
+
+        Runs on the server's side at the start of every round; the keys must
+        be those :attr:`broadcasts` declares. The clients read them as
+        ``ctx.broadcast[name]`` in :meth:`client_update`; each value's bytes
+        are billed down per client.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Empty by default.
+        """
+        return {}
+
     def client_model(self, ctx: CellContext, client: int) -> dict[str, Any] | None:
-        """(isolated/personalized protocols) The architecture of ``client``'s
-        model as ``{"model": name, **params}``, or ``None`` for the cell's."""
+        """The architecture of ``client``'s model (isolated and personalized
+        protocols).
+
+        Returns
+        -------
+        dict or None
+            ``{"model": name, **params}``, or ``None`` for the cell's model.
+        """
         return None
 
-    def bytes_down(self, ctx: CellContext, model_bytes: int) -> int:
-        """Bytes the server sends each participating client per round
-        (default: the global model, ``model_bytes``: its shared part under
-        the personalized protocol)."""
-        return model_bytes
-
     def shared_mask(self, ctx: CellContext) -> np.ndarray | None:
-        """(``shares = "part"``) Boolean mask over the flat parameter vector
-        (``ctx.layout``; ``ctx.model()`` builds the architecture to inspect):
-        True for the parameters the clients send and the server averages,
-        False for those each client keeps. Whole tensors only. ``None``: all."""
+        """(``shares = "part"``) Which parameters the clients send.
+
+        Parameters
+        ----------
+        ctx : CellContext
+            ``ctx.layout`` is the flat parameter layout; ``ctx.model()``
+            builds the architecture to inspect.
+
+        Returns
+        -------
+        numpy.ndarray of bool, shape (D,), or None
+            True for the parameters the clients send and the server
+            averages, False for those each client keeps (whole tensors
+            only); ``None``: all.
+        """
         return None
 
     def planned_steps(self, steps: int, rounds: int) -> int:
-        """The local optimizer steps one client takes over the whole run when
-        a round gives it ``steps``, every trainer counted (a second model's,
-        the steps of :meth:`finalize`): what a local-stage privacy mechanism
-        plans its budget on (``dp-sgd``'s ``epsilon`` target). Default
-        ``rounds * steps``."""
+        """The local optimizer steps one client takes over the whole run.
+
+        Parameters
+        ----------
+        steps : int
+            The local steps a round gives the client.
+        rounds : int
+            The planned rounds.
+
+        Returns
+        -------
+        int
+            Every trainer counted (a second model's, the steps of
+            :meth:`finalize`): what a local-stage privacy mechanism plans its
+            budget on (``dp-sgd``'s ``epsilon`` target). Default
+            ``rounds * steps``.
+        """
         return int(rounds) * int(steps)
 
     def finalize(self, ctx: ClientContext, params: torch.Tensor) -> torch.Tensor:
-        """(personalized protocol) Each site's last step after the last round,
-        before its model is evaluated: ``params`` (k, D) are the sites'
-        models; return the models to evaluate (default: unchanged). Runs on
-        every site, through the same training service as local training."""
+        """(personalized protocol) Each site's last step after the last round.
+
+        Runs on the clients' side, on every site, through the same training
+        service as local training (fine-tuning).
+
+        Parameters
+        ----------
+        ctx : ClientContext
+        params : torch.Tensor, shape (k, D)
+            The sites' models.
+
+        Returns
+        -------
+        torch.Tensor, shape (k, D)
+            The models to evaluate (default: unchanged).
+        """
         return params
 
 
@@ -667,6 +816,9 @@ class Aggregator(Component):
     ``client_metric_keys`` (the names of the numbers :meth:`client_metrics`
     returns: what the clients send beside their updates; the engine calls
     :meth:`client_metrics` only when it names some).
+
+    :meth:`client_metrics` runs on the clients' side, :meth:`weights` and
+    :meth:`aggregate` on the server's (two instances).
     """
 
     family: ClassVar[str] = "aggregator"
@@ -675,16 +827,41 @@ class Aggregator(Component):
     sends_private_scores: bool = False
     client_metric_keys: tuple[str, ...] = ()
 
-    def weights(self, updates: Updates) -> np.ndarray:
-        """Non-negative weights summing to 1, one per row."""
+    def weights(self, received: Received) -> np.ndarray:
+        """The clients' aggregation weights.
+
+        Runs on the server's side, from what it can read in the clear:
+        ``received.clients``, ``received.num_examples`` and
+        ``received.metrics`` (under a transport, before the clients encode:
+        each client scales its update by its weight).
+
+        Returns
+        -------
+        numpy.ndarray, shape (k,)
+            Non-negative weights summing to 1, one per client.
+        """
         raise NotImplementedError(f"aggregator {self.name!r} is linear but implements no "
                                   f"weights()")
 
-    def aggregate(self, updates: Updates) -> torch.Tensor:
+    def aggregate(self, received: Received) -> torch.Tensor:
+        """The aggregated delta from the clients' plaintext updates.
+
+        Runs on the server's side; called only without a transport (a
+        linear rule's default is ``weights(received) @ received.delta``).
+
+        Parameters
+        ----------
+        received : Received
+            ``received.delta`` holds each client's delta (k, D).
+
+        Returns
+        -------
+        torch.Tensor, shape (D,)
+        """
         import torch
 
-        w = torch.as_tensor(self.weights(updates), dtype=torch.float32)
-        return w @ updates.delta
+        w = torch.as_tensor(self.weights(received), dtype=torch.float32)
+        return w @ received.delta
 
     def holdout_fraction(self) -> float:
         """Fraction of each client's training rows the engine holds out (seeded)
@@ -693,9 +870,23 @@ class Aggregator(Component):
 
     def client_metrics(self, ctx: ClientContext, global_params: torch.Tensor,
                        updates: Updates) -> dict[str, np.ndarray]:
-        """Runs **on the clients** after local training: numbers the rule needs,
-        one per row (a quality score, accuracy on ``ctx.holdout(i)``), merged
-        into ``updates.metrics`` and sent in the clear with the update."""
+        """Numbers the rule needs, computed **on the clients** after local training.
+
+        Parameters
+        ----------
+        ctx : ClientContext
+            One client (``ctx.holdout(0)`` its held-out rows).
+        global_params : torch.Tensor, shape (D,)
+            The model the client started from.
+        updates : Updates
+            That client's update.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            One number per row for each of :attr:`client_metric_keys`; they
+            are sent in the clear with the update.
+        """
         return {}
 
 
@@ -709,22 +900,60 @@ class LocalStage:
 
     def local_trainer(self, ctx: CellContext, client: int, model: torch.nn.Module,
                       data: Split) -> LocalTrainer:
-        """A :class:`~fedmedbench.training.LocalTrainer` for ``client``, training
-        ``model`` on ``data`` with the run settings ``ctx.settings``."""
+        """A trainer for one client.
+
+        Parameters
+        ----------
+        ctx : CellContext
+            The clients' context (run settings ``ctx.settings``).
+        client : int
+        model : torch.nn.Module
+            A fresh module of the client's architecture, the trainer's own.
+        data : Split
+            The client's training rows.
+
+        Returns
+        -------
+        LocalTrainer
+            Its ``train(params, steps, ...)`` runs the client's private steps.
+        """
         raise NotImplementedError
 
     def vector_steps(self, ctx: CellContext) -> Any:
-        """The mechanism's form for the vectorized backend (an object with
-        ``batches`` and ``privatize``, see :mod:`fedmedbench.vectorized`), or
-        ``None`` when it runs only on the loop backend."""
+        """The mechanism's form for the vectorized backend.
+
+        Returns
+        -------
+        object or None
+            An object with ``stream(client, n)`` and ``privatize(grads, mask,
+            clients, active)`` (see :mod:`fedmedbench.vectorized`), or
+            ``None`` when the mechanism runs only on the loop backend.
+        """
         return None
 
 
 class UpdateStage:
     """Privacy at the **update** stage: transforms what the clients send
-    (clipping, client-side noise) before any transport encoding."""
+    (clipping, client-side noise) before any transport encoding. Runs on the
+    clients' side."""
 
     def process_update(self, ctx: CellContext, updates: Updates) -> Updates:
+        """Protect the clients' updates.
+
+        Parameters
+        ----------
+        ctx : CellContext
+            The clients' context.
+        updates : Updates
+            What the round's clients computed (after the adversary).
+
+        Returns
+        -------
+        Updates
+            What they send instead; numbers added to ``updates.metrics`` must
+            be among :attr:`PrivacyMechanism.metric_keys` (they are sent in
+            the clear).
+        """
         raise NotImplementedError
 
 
@@ -737,15 +966,45 @@ class TransportStage:
     ``"aggregate"`` (the sum) or ``"ciphertext"`` (nothing; the key holder is
     another party). ``drops_clients`` says the protocol may leave clients'
     inputs out of a round (dropouts).
+
+    The mechanism simulates its parties (the clients' encoders, the
+    aggregating server, a key holder): it is the only holder of their
+    secrets, no other component is handed it, and it drops a round's
+    secrets in :meth:`end_round` and the cell's in :meth:`close`.
     """
 
     server_view: str = "aggregate"
     drops_clients: bool = False
 
     def encode(self, ctx: CellContext, client: int, vector: torch.Tensor) -> Message:
+        """Encode one client's vector (the client's side).
+
+        Parameters
+        ----------
+        ctx : CellContext
+            The clients' context (``ctx.round``, ``ctx.participants``).
+        client : int
+        vector : torch.Tensor, shape (n,)
+            The client's weight-scaled shared delta coordinates followed by
+            the algorithm's summed fields (:attr:`Algorithm.summed`); ``n``
+            may exceed ``ctx.layout.numel``, and the coordinates past the
+            model's are those fields.
+
+        Returns
+        -------
+        Message
+        """
         raise NotImplementedError
 
     def aggregate(self, ctx: CellContext, messages: list[Message]) -> torch.Tensor:
+        """The sum of the encoded vectors (the server's side, with the key
+        holder's decryption where there is one).
+
+        Returns
+        -------
+        torch.Tensor, shape (n,)
+            The sum, of the length of the encoded vectors.
+        """
         raise NotImplementedError
 
     def bytes_down(self, ctx: CellContext) -> int:
@@ -754,10 +1013,26 @@ class TransportStage:
 
 
 class ServerStage:
-    """Privacy at the **server** stage: transforms the aggregate (central DP)."""
+    """Privacy at the **server** stage: transforms the aggregate (central DP).
+    Runs on the server's side."""
 
     def process_aggregate(self, ctx: CellContext, aggregate: torch.Tensor,
-                          updates: Updates) -> torch.Tensor:
+                          received: Received) -> torch.Tensor:
+        """Protect the aggregate.
+
+        Parameters
+        ----------
+        ctx : CellContext
+            The server's context.
+        aggregate : torch.Tensor, shape (D,)
+        received : Received
+            What the server read of the round (the numbers sent in the
+            clear: ``received.metrics``).
+
+        Returns
+        -------
+        torch.Tensor, shape (D,)
+        """
         raise NotImplementedError
 
 
@@ -787,7 +1062,16 @@ class PrivacyMechanism(Component):
     fixed-denominator estimator — so the server sums the rows instead of
     taking the aggregator's weighted mean); ``run_defaults`` (run settings
     the mechanism's guarantee assumes, e.g. Poisson client sampling, applied
-    unless the matrix sets them).
+    unless the matrix sets them); ``metric_keys`` (numbers its update stage
+    adds to each client's ``updates.metrics``: they are sent in the clear,
+    and named in the record's ``sent_in_clear``).
+
+    Instances: a mechanism with an update stage and a server stage gets one
+    instance on each side (they share no state: the server's half reads what
+    the clients' half sent); a transport mechanism is one instance, held by
+    the engine alone. :meth:`accounting` and :meth:`report` are read from
+    the instance that saw the whole round: the server's where the mechanism
+    has a server or transport stage, else the clients'.
 
     :meth:`accounting` returns what was spent as one typed
     :class:`~fedmedbench.accounting.Accounting` (DP mechanisms) and
@@ -801,6 +1085,7 @@ class PrivacyMechanism(Component):
     needs_uniform_weights: bool = False
     aggregate_as_sum: ClassVar[bool] = False
     run_defaults: ClassVar[dict[str, Any]] = {}
+    metric_keys: ClassVar[tuple[str, ...]] = ()
 
     @property
     def stages(self) -> frozenset[str]:
@@ -811,6 +1096,29 @@ class PrivacyMechanism(Component):
         """What was spent so far (DP: ε with its δ, the accountant, σ, q, steps);
         ``None`` for a mechanism without a DP guarantee."""
         return None
+
+    def broadcast(self, ctx: CellContext) -> dict[str, Any]:
+        """What the server's instance sends the clients' instance at the start
+        of a round (an adaptive clipping norm); billed down per client.
+
+        Runs on the server's side, for a mechanism with a server stage.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Empty by default.
+        """
+        return {}
+
+    def contribution_weights(self, ctx: CellContext, received: Received) -> np.ndarray | None:
+        """(``aggregate_as_sum``) The weight each received client's update
+        carries in the sum, as the server computes it from public metadata;
+        shown as the round's weights in the history. ``None``: not known."""
+        return None
+
+    def receive_broadcast(self, ctx: CellContext, fields: dict[str, Any]) -> None:
+        """The clients' instance receives what :meth:`broadcast` sent (the
+        clients' side, before local training)."""
 
     def report(self) -> dict[str, Any]:
         """The mechanism's own numbers for the record (JSON values)."""
@@ -911,4 +1219,3 @@ FAMILIES: dict[str, type[Component]] = {
     "reporter": Reporter,
 }
 
-ModelFactory = Callable[[], "torch.nn.Module"]

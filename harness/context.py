@@ -1,14 +1,20 @@
-"""What components see of a running cell: narrow contexts, no back-reference
-to the engine.
+"""What components see of a running cell: narrow contexts of values, no
+back-reference to the engine or to another party.
 
-- :class:`CellContext` — the cell every component's ``setup`` receives and
-  every stage call gets: data, settings, layout, seeded random streams, the
-  current round and its participants, the algorithm's server state.
+- :class:`CellContext` — what one party knows of the cell: public facts
+  (settings, layout, example counts, the public split, seeded random
+  streams), the current round and its participants, and that party's own
+  ``state``. The clients' side and the server's side each have one
+  (``party``); neither holds another party's data or objects.
 - :class:`ClientContext` — the clients one ``Algorithm.client_update`` call
   trains (one on the loop backend, all sampled clients on the vectorized
-  one): their sizes and steps, and the training service.
-- :class:`ServerView` — what an honest-but-curious server read in a round.
-- :class:`AttackContext` — what an attack may use, by threat model.
+  one): their data, sizes and steps, what the server broadcast, and the
+  training service.
+- :class:`ServerView` — what an honest-but-curious server read in a round
+  (:mod:`fedmedbench.messages`).
+- :class:`AttackContext` — what an attack may use, by threat model: values
+  only (arrays, tensors, records), and two small documented services
+  (:class:`ShadowTrainer`, :class:`BatchReplay`) holding values too.
 - :class:`Canaries` — the records an auditing attack has the engine insert
   into training, each independently with probability 1/2.
 """
@@ -16,13 +22,14 @@ to the engine.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmedbench.components import FederatedData, ParamLayout, Site, Split, Updates
+from fedmedbench.components import FederatedData, ParamLayout, Site, Split, Task, Updates
+from fedmedbench.messages import ServerView
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -31,7 +38,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.training import ExtraLoss, RunSettings
 
 __all__ = ["CellContext", "ClientContext", "ServerView", "AttackContext", "Canaries",
-           "stable_int"]
+           "ShadowTrainer", "BatchReplay", "stable_int"]
+
+PARTIES = ("clients", "server")
 
 
 def stable_int(s: str) -> int:
@@ -41,19 +50,27 @@ def stable_int(s: str) -> int:
 
 @dataclass
 class CellContext:
-    """The running cell, as every component sees it.
+    """The running cell, as one party sees it.
 
     Attributes
     ----------
+    party : {"clients", "server"}
+        Whose context this is: the clients' side (local training, update
+        privacy, compression, encoding) or the server's (aggregation,
+        server privacy, the algorithm's server update).
     cell_id, seed, rounds
         The cell's id, seed and planned rounds.
     settings : RunSettings
         The resolved run settings.
-    data : FederatedData
-        The partitioned data (every site's train and test split).
-    clients : list of Site
-        The training parties: the sites (the pooled protocol has one, "pooled").
-        A client's ``train`` split excludes rows held out for the aggregator.
+    task : Task
+        What is predicted, the metric, the input shape.
+    client_names : list of str
+        The training parties, by index (the pooled protocol has one, "pooled").
+    num_examples : list of int
+        Each training party's training-set size (public metadata: it is sent
+        in the clear with every update).
+    public : Split or None
+        Data no client holds (distillation, pretraining), where there is one.
     layout : ParamLayout
         Names, shapes and offsets of the model's parameters in the flat vector.
     protocol : str
@@ -67,31 +84,43 @@ class CellContext:
     participants : list of int
         The clients sampled in the current round.
     state : dict
-        Server-side state an algorithm keeps between rounds.
+        This party's own state between rounds (the server's, or the clients'
+        side's): never shared with the other party.
     """
 
     cell_id: str
     seed: int
     rounds: int
     settings: RunSettings
-    data: FederatedData
-    clients: list[Site]
+    task: Task
+    client_names: list[str]
+    num_examples: list[int]
+    public: Split | None
     layout: ParamLayout
     protocol: str
     sample_rate: float
     facts: CellFacts
     model_factory: Callable[[], torch.nn.Module]
+    party: str = "clients"
     round: int = 0
     participants: list[int] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
-    #: per-client local steps of a round (set by the protocol)
-    _steps: Callable[[int], int] | None = None
-    #: the algorithm's :meth:`~fedmedbench.Algorithm.planned_steps` (set by the engine)
-    _planned: Callable[[int, int], int] | None = None
+    #: per-client local steps of a round (a fixed number under the pooled protocol)
+    fixed_steps: int | None = None
+    #: the algorithm's :meth:`~fedmedbench.Algorithm.planned_steps`, as a pure function
+    planned: Callable[[int, int], int] | None = None
 
     @property
     def num_clients(self) -> int:
-        return len(self.clients)
+        return len(self.client_names)
+
+    def for_party(self, party: str) -> CellContext:
+        """A context of the same cell for ``party``, with a state of its own."""
+        import dataclasses
+
+        if party not in PARTIES:
+            raise ValueError(f"party {party!r}; one of {PARTIES}")
+        return dataclasses.replace(self, party=party, state={}, participants=[])
 
     def rng(self, purpose: str, *extra: int) -> np.random.Generator:
         """A generator derived from the cell seed, a purpose and extra ints
@@ -110,15 +139,15 @@ class CellContext:
 
     def steps_for(self, client: int) -> int:
         """Local optimizer steps of ``client`` in a round."""
-        if self._steps is not None:
-            return self._steps(client)
-        return self.settings.steps_for(len(self.clients[client].train))
+        if self.fixed_steps is not None:
+            return int(self.fixed_steps)
+        return self.settings.steps_for(int(self.num_examples[client]))
 
     def planned_steps(self, client: int) -> int:
         """Local optimizer steps ``client`` takes over the whole run, every
         trainer of the algorithm counted (:meth:`Algorithm.planned_steps`)."""
         steps = self.steps_for(client)
-        return (self._planned(steps, self.rounds) if self._planned is not None
+        return (self.planned(steps, self.rounds) if self.planned is not None
                 else self.rounds * steps)
 
     def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
@@ -136,17 +165,23 @@ class ClientContext:
 
     On the loop backend a call holds one client; on the vectorized backend all
     sampled clients of the round. Every tensor an algorithm builds has a
-    leading client axis in :attr:`clients` order.
+    leading client axis in :attr:`clients` order. ``cell`` is the clients'
+    side's :class:`CellContext` (``cell.state`` is the clients' party state,
+    never the server's); ``broadcast`` what the server sent this round
+    (:meth:`Algorithm.broadcast`).
     """
 
     def __init__(self, cell: CellContext, clients: list[int], service: Any,
-                 personal: torch.Tensor | None = None) -> None:
+                 personal: torch.Tensor | None = None,
+                 broadcast: Mapping[str, Any] | None = None) -> None:
         self.cell = cell
         self.clients = list(clients)
         self._service = service
         self._loss: np.ndarray | None = None
         #: (personalized protocol) each client's personal model, shape (k, D)
         self.personal = personal
+        #: what the server sent the round's clients beside the model
+        self.broadcast: Mapping[str, Any] = dict(broadcast or {})
 
     # -- what the clients know about themselves --------------------------------
 
@@ -165,11 +200,12 @@ class ClientContext:
 
     @property
     def sites(self) -> list[Site]:
-        return [self.cell.clients[c] for c in self.clients]
+        """The clients' own data (each client holds only its own)."""
+        return [self._service.site(c) for c in self.clients]
 
     @property
     def num_examples(self) -> list[int]:
-        return [len(self.cell.clients[c].train) for c in self.clients]
+        return [int(self.cell.num_examples[c]) for c in self.clients]
 
     @property
     def steps(self) -> list[int]:
@@ -180,7 +216,6 @@ class ClientContext:
         """Training rows of the ``i``-th client of this call held out from its
         training for the aggregator's ``client_metrics`` (else ``None``)."""
         return self._service.holdout(self.clients[i])
-
     # -- services --------------------------------------------------------------
 
     def train(self, params: torch.Tensor, *, steps: list[int] | int | None = None,
@@ -241,38 +276,6 @@ class ClientContext:
 
 
 @dataclass
-class ServerView:
-    """What an honest-but-curious server could read in one round.
-
-    ``kind`` is ``"plaintext"`` (``updates`` holds each client's delta as
-    sent), ``"aggregate"`` (only ``aggregate``, the sum of ``len(clients)``
-    weight-scaled updates, as under secure aggregation, or under HE once the
-    server applies the decrypted sum) or ``"ciphertext"`` (nothing readable).
-    ``readable`` (partial encryption) maps each client to a boolean mask over
-    the flat parameters: the coordinates of its update the server read in
-    the clear (``updates`` then holds those values and zeros elsewhere).
-    ``global_params`` is the model the clients started from; ``metrics`` the
-    client-side numbers sent with the updates; ``extra`` the other sent fields.
-    ``sent`` (a partial send: FedBN, FedRep, FedPer) is the boolean mask of
-    the parameters clients send at all (``updates`` and ``aggregate`` are
-    zero elsewhere, and the personal rest never reaches the server); ``None``
-    when the whole model is sent.
-    """
-
-    round: int
-    kind: str
-    clients: list[int]
-    global_params: torch.Tensor
-    updates: dict[int, torch.Tensor] = field(default_factory=dict)
-    num_examples: dict[int, int] = field(default_factory=dict)
-    aggregate: torch.Tensor | None = None
-    readable: dict[int, np.ndarray] = field(default_factory=dict)
-    metrics: dict[str, dict[int, float]] = field(default_factory=dict)
-    extra: dict[str, dict[int, Any]] = field(default_factory=dict)
-    sent: np.ndarray | None = None
-
-
-@dataclass
 class Canaries:
     """Audit records (Steinke, Nasr, Jagielski 2023): an attack that audits
     picks them before training (:meth:`fedmedbench.Attack.canaries`); the
@@ -309,9 +312,72 @@ class Canaries:
         return len(self.y)
 
 
+class ShadowTrainer:
+    """Trains a fresh model with the cell's own recipe (shadow-model attacks).
+
+    Holds values only: the cell's initial model (a copy of its seeded
+    initialisation, never trained), the run settings and the planned
+    rounds. ``trainer(split, seed)`` runs ``rounds`` rounds' worth of local
+    steps of plain SGD (the run's optimizer) on ``split`` from the initial
+    model and returns the flat parameters. It cannot reach the run.
+    """
+
+    def __init__(self, initial: torch.nn.Module, settings: RunSettings, rounds: int) -> None:
+        import copy
+
+        self._initial = copy.deepcopy(initial)
+        self.settings = settings
+        self.rounds = int(rounds)
+
+    def __call__(self, split: Split, seed: int) -> torch.Tensor:
+        import copy
+
+        import torch
+
+        from fedmedbench.models import get_flat_params
+        from fedmedbench.training import SGDTrainer
+
+        torch.default_generator.manual_seed(int(seed))
+        np.random.seed(int(seed) % 2**32)
+        model = copy.deepcopy(self._initial)
+        tr = SGDTrainer(model, split, self.settings, seed=int(seed))
+        steps = self.settings.steps_for(len(split)) * self.rounds
+        new, _ = tr.train(get_flat_params(model), steps)
+        return new
+
+
+@dataclass(frozen=True)
+class BatchReplay:
+    """Ground truth for scoring gradient inversion: the minibatches each
+    client trained on in round 1, replayed from its rows and batch seed
+    (values only: each client's training rows, seeds and the batch size).
+
+    ``replay(client, steps)`` returns the first ``steps`` batches ``(X, y)``
+    of ``client``'s round-1 stream, or ``None`` for a client it does not
+    hold.
+    """
+
+    rows: Mapping[int, Split]
+    seeds: Mapping[int, int]
+    batch_size: int
+
+    def __call__(self, client: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+        from fedmedbench.training import BatchStream
+
+        split = self.rows.get(client)
+        if split is None:
+            return None
+        stream = BatchStream(len(split), self.batch_size, self.seeds[client])
+        out = []
+        for _ in range(steps):
+            idx = stream.next_indices()
+            out.append((split.X[idx], split.y[idx]))
+        return out
+
+
 @dataclass
 class AttackContext:
-    """What an attack may use, by threat model.
+    """What an attack may use, by threat model: values, never the run.
 
     - outside attacker: ``final_params`` (the final global model; under the
       isolated and personalized protocols, site 0's own model) through
@@ -319,10 +385,14 @@ class AttackContext:
     - server: ``server_views`` (round → :class:`ServerView`), whose ``kind``
       says what was readable;
     - ground truth for scoring: ``data`` (members are a client's training
-      rows, non-members its test rows).
+      rows, non-members its test rows), ``client_batches`` and the
+      ``canaries`` with their inclusion bits.
 
-    ``train_shadow(split, seed)`` trains a fresh model with the cell's own
-    training recipe (for shadow-model attacks).
+    ``train_shadow(split, seed)`` (a :class:`ShadowTrainer`) trains a fresh
+    model with the cell's own training recipe. ``model_spec`` names the
+    architecture (``{"name": ..., **params}``) that ``model_factory``
+    builds, so that an isolated attack process (``[evaluate] isolate =
+    true``) rebuilds it from the cell seed.
     """
 
     cell: dict[str, Any]
@@ -335,7 +405,7 @@ class AttackContext:
     rounds: int
     seed: int
     protocol: str
-    train_shadow: Callable[[Split, int], torch.Tensor]
+    train_shadow: ShadowTrainer | Callable[[Split, int], torch.Tensor]
     mechanisms: list[str] = field(default_factory=list)
     site_params: dict[int, torch.Tensor] = field(default_factory=dict)
     #: where attacks may write files for the report (PNGs); ``None``: write nothing
@@ -343,7 +413,7 @@ class AttackContext:
     #: ``client_batches(client, steps)``: ground truth for scoring only, the
     #: minibatches (X, y) that client trained on in round 1; ``None`` when they
     #: cannot be replayed (a local-stage mechanism samples its own batches)
-    client_batches: Callable[[int, int], list[tuple[np.ndarray, np.ndarray]] | None] | None = None
+    client_batches: BatchReplay | None = None
     #: the final model did not beat the majority-class baseline (see the record's
     #: ``utility.majority_baseline`` and ``utility.chance_level``)
     chance_level: bool = False
@@ -355,6 +425,8 @@ class AttackContext:
     #: ``site_params`` model; empty for models without buffers
     final_buffers: torch.Tensor | None = None
     site_buffers: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: the architecture ``model_factory`` builds (seeded with ``seed``)
+    model_spec: dict[str, Any] | None = None
 
     def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
         """The architecture with ``params`` (default: the final model), in eval

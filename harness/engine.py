@@ -1,22 +1,25 @@
 """The engine: :func:`run_cell` turns one resolved cell into a result record.
 
-A cell runs in four parts, each with one job:
+A cell runs in four steps, each with one home:
 
-- :class:`Components` — the built components of the cell (and the privacy
-  stack sorted by stage);
-- :class:`~fedmedbench.federation.Federation` — the training parties, held-out
-  rows, malicious clients, client sampling;
-- a backend (:mod:`fedmedbench.backends`: ``loop`` or ``vectorized``) — local
-  training, the service behind :class:`~fedmedbench.context.ClientContext`;
-- :class:`~fedmedbench.meters.Stages` and its observers — time, bytes and the
-  server's view.
+- :func:`fedmedbench.cell.build_cell` builds it once: every component (once
+  per party where it acts on both sides), the declared facts and their
+  rules, the data, the federation, the contexts;
+- the parties (:mod:`fedmedbench.parties`): the clients' side (data,
+  training backend, the clients' components) and the server's (the global
+  model, the server's components);
+- the round (:mod:`fedmedbench.protocols`), one implementation whose
+  settings are the protocols, passing typed messages between the parties
+  (:mod:`fedmedbench.messages`), observed by the meters (time, bytes, the
+  server's view: :mod:`fedmedbench.meters`);
+- the attacks, on an :class:`~fedmedbench.AttackContext` of values, in this
+  process or (``[evaluate] isolate = true``) in a separate one
+  (:mod:`fedmedbench.isolate`).
 
-The round itself belongs to the algorithm's protocol
-(:mod:`fedmedbench.protocols`). :func:`run_cell` is pure: everything it needs
-is in the cell. Every call into a plugin is attributed: an exception becomes
-a ``failed`` record naming the plugin, component and hook, and a value that
-is not JSON is converted (numpy and torch scalars) or refused with the hook
-named.
+:func:`run_cell` is pure: everything it needs is in the cell. Every call into
+a plugin is attributed: an exception becomes a ``failed`` record naming the
+plugin, component and hook, and a value that is not JSON is converted (numpy
+and torch scalars) or refused with the hook named.
 """
 
 from __future__ import annotations
@@ -35,640 +38,384 @@ from typing import Any
 import numpy as np
 
 from fedmedbench.accounting import Accounting, headline
-from fedmedbench.backends import BACKENDS, LoopBackend, choose_backend
-from fedmedbench.components import (
-    Adversary,
-    Aggregator,
-    Algorithm,
-    Attack,
-    Component,
-    Compressor,
-    Dataset,
-    FederatedData,
-    LocalStage,
-    Model,
-    ParamLayout,
-    Partitioner,
-    PrivacyMechanism,
-    ServerStage,
-    Split,
-    TransportStage,
-    Updates,
-    UpdateStage,
-)
-from fedmedbench.context import AttackContext, Canaries, CellContext
-from fedmedbench.errors import ConfigError, Diverged, PluginError, SettingWarning, Skip
-from fedmedbench.facts import CellFacts, combination_problem, facts_of
-from fedmedbench.federation import Federation, cell_rng, clients_per_round
+from fedmedbench.cell import Cell, attack_key, build_cell, seed_everything, seed_torch
+from fedmedbench.components import Component, FederatedData, PrivacyMechanism, Site, Split
+from fedmedbench.context import AttackContext, BatchReplay, ShadowTrainer
+from fedmedbench.errors import Diverged, PluginError, SettingWarning, Skip
+from fedmedbench.federation import cell_rng
 from fedmedbench.meters import ByteMeter, Clock, Stages, ViewRecorder, calling, contained_message
-from fedmedbench.protocols import RoundProtocol, protocol_for
+from fedmedbench.messages import ServerView
+from fedmedbench.parties import Clients, Server
+from fedmedbench.protocols import Round
 from fedmedbench.registry import Registry, get_registry
 from fedmedbench.schema import SCHEMA
-from fedmedbench.training import RunSettings
 
-__all__ = ["SCHEMA", "Components", "CellRun", "run_cell", "provenance", "attack_key", "to_json"]
-
-
-# --------------------------------------------------------------------------
-# the built components
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class Components:
-    """The components of one cell, built from its resolved config."""
-
-    dataset: Dataset
-    partitioner: Partitioner
-    model: Model | None
-    algorithm: Algorithm
-    aggregator: Aggregator
-    privacy: list[PrivacyMechanism]
-    compressor: Compressor | None
-    adversary: Adversary | None
-    attacks: list[tuple[str, Attack]] = field(default_factory=list)
-
-    @classmethod
-    def build(cls, cfg: dict[str, Any], reg: Registry) -> Components:
-        def opt(family: str, key: str) -> Any:
-            return reg.build(family, cfg[key]) if cfg.get(key) else None
-
-        attacks = [reg.build("attack", a) for a in cfg.get("attacks", [])]
-        return cls(
-            dataset=reg.build("dataset", cfg["dataset"]),  # type: ignore[arg-type]
-            partitioner=reg.build("partitioner", cfg["partitioner"]),  # type: ignore[arg-type]
-            model=opt("model", "model"),
-            algorithm=reg.build("algorithm", cfg["algorithm"]),  # type: ignore[arg-type]
-            aggregator=reg.build("aggregator", cfg["aggregator"]),  # type: ignore[arg-type]
-            privacy=[reg.build("privacy", p) for p in cfg["privacy"]],  # type: ignore[misc]
-            compressor=opt("compressor", "compressor"), adversary=opt("adversary", "adversary"),
-            attacks=[(attack_key(a, attacks), a) for a in attacks],  # type: ignore[misc]
-        )
-
-    def of_stage(self, iface: type) -> list[Any]:
-        return [m for m in self.privacy if isinstance(m, iface)]
-
-    @property
-    def local_stage(self) -> LocalStage | None:
-        ms = self.of_stage(LocalStage)
-        return ms[0] if ms else None
-
-    @property
-    def update_stage(self) -> list[UpdateStage]:
-        return self.of_stage(UpdateStage)
-
-    @property
-    def transport(self) -> TransportStage | None:
-        ms = self.of_stage(TransportStage)
-        return ms[0] if ms else None
-
-    @property
-    def server_stage(self) -> list[ServerStage]:
-        return self.of_stage(ServerStage)
-
-    def lifecycle(self) -> list[Component]:
-        """Every component with ``setup``/``begin_round`` hooks, in round order."""
-        out: list[Any] = [self.model, self.algorithm, self.aggregator, *self.privacy,
-                          self.compressor, self.adversary]
-        return [c for c in out if c is not None]
-
-
-def attack_key(a: Attack, all_attacks: list[Attack]) -> str:
-    """An attack's key in the record: its name; when the cell lists that attack
-    more than once, its full label — the name plus the parameters that differ
-    from their defaults (``mia-loss(target=client)``) — so both results stay."""
-    if sum(1 for b in all_attacks if b.name == a.name) == 1:
-        return a.name
-    spec = type(a).param_spec()
-    diff = {k: v for k, v in a.params().items()
-            if k in spec and spec[k].default is not spec[k].empty
-            and _jsonish(spec[k].default) != v}
-    if not diff:
-        return a.name
-    return f"{a.name}({','.join(f'{k}={v}' for k, v in sorted(diff.items()))})"
-
-
-def _jsonish(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
+__all__ = ["SCHEMA", "CellOutcome", "run_cell", "provenance", "attack_key", "to_json",
+           "seed_torch"]
 
 
 # --------------------------------------------------------------------------
-# one cell
+# training one cell
 # --------------------------------------------------------------------------
 
 
-class CellRun:
-    """One cell: build → validate → prepare → run → attacks (use :func:`run_cell`).
+class Training:
+    """The rounds of one built cell: the parties, the round, the meters, the
+    history, and the referee's evaluation. The engine's own object: no
+    component is handed it."""
 
-    After :meth:`run`, ``protocol.params`` holds the final models,
-    ``views`` the server's views, ``history`` the rounds.
-    """
+    def __init__(self, cell: Cell, *, backend: str, clock: Clock) -> None:
+        from fedmedbench.facts import ModelFacts
 
-    def __init__(self, cell: dict[str, Any], registry: Registry) -> None:
         self.cell = cell
-        self.cfg = cell["config"]
-        self.reg = registry
+        self.clock = clock
+        self.bytes = ByteMeter()
+        t = cell.transport
+        self.views = ViewRecorder(cell.rounds, cell.sharing,
+                                  t.server_view if t is not None else None)
+        self.stages = Stages(clock, [self.bytes, self.views])
+        mfacts = ModelFacts.of(cell.model.name, cell.factory())
+        self.clients = Clients(cell, self.stages, requested_backend=backend,
+                               batch_norm=bool(mfacts.batch_norm))
+        ctx = cell.clients_ctx
+
+        def transport_bytes() -> int:
+            if t is None:
+                return 0
+            with calling(t, "bytes_down"):  # type: ignore[arg-type]
+                return int(t.bytes_down(ctx))
+
+        self.server = Server(cell, self.stages, transport_bytes_down=transport_bytes)
+        self.round = Round(cell, self.clients, self.server, self.stages)
         self.history: list[dict[str, Any]] = []
-        self.components = Components.build(self.cfg, registry)
-        self.settings = RunSettings(**self.cfg["run"])
-        self.rounds = int(self.cfg["rounds"])
-        self.seed = int(self.cfg["seed"])
-        c = self.components
-        self.model_component = c.model
-        self.facts: CellFacts = facts_of(
-            dataset=c.dataset.name, model=c.model, algorithm=c.algorithm,
-            aggregator=c.aggregator, privacy=c.privacy, compressor=c.compressor,
-            adversary=c.adversary, run=self.settings, rounds=self.rounds)
-        self.protocol_cls = protocol_for(c.algorithm.protocol, algorithm=c.algorithm.name,
-                                         plugin=c.algorithm.plugin)
-        self.sum_contributions = any(m.aggregate_as_sum for m in c.privacy)
-        self.clock = Clock()
-        self.bytes = ByteMeter(c.algorithm.sends)
-        self.client_factories: dict[int, Callable[[], Any]] = {}
-        self.backend_name = "loop"
-        self.backend_reason = ""
         self.utility: dict[str, Any] = {}
-        self.canaries: Canaries | None = None
-        self.canary_attack: str | None = None
+        self.initial_params: Any = None
 
-    # -- what tests and notebooks read after a run --------------------------------
-
-    @property
-    def final_params(self) -> dict[int, Any]:
-        """The models after the last round (0: the global model; per site under
-        the isolated and personalized protocols)."""
-        return self.protocol.params
-
-    @property
-    def views(self) -> dict[int, Any]:
-        """The server's :class:`~fedmedbench.ServerView` by round."""
-        return self.view_recorder.views
-
-    @property
-    def malicious(self) -> set[int]:
-        return self.federation.malicious
-
-    @property
-    def holdout(self) -> dict[int, Split]:
-        return self.federation.holdout
-
-    # -- validate --------------------------------------------------------------
-
-    def validate(self) -> None:
-        """Reject combinations that cannot work together (raises :class:`Skip`)."""
-        reason = combination_problem(self.facts)
-        if reason:
-            raise Skip(reason)
-        for comp in [self.components.dataset, self.components.partitioner,
-                     *self.components.lifecycle()]:
-            with calling(comp, "validate"):
-                r = comp.validate(self.facts)
-            if r:
-                raise Skip(f"{comp.name}: {r}")
-
-    # -- prepare ---------------------------------------------------------------
-
-    def prepare(self) -> None:
-        _seed_everything(self.seed)
-        c = self.components
-        with calling(c.dataset, "load"):
-            raw = c.dataset.load(seed=self.seed)
-        with calling(c.partitioner, "partition"):
-            data: FederatedData = c.partitioner.partition(raw, seed=self.seed)
-        if c.algorithm.needs_public and data.public is None:
-            raise Skip(f"{c.algorithm.name} needs a public split and dataset {c.dataset.name} "
-                       f"has none")
-        if self.settings.pretrain_steps > 0 and data.public is None:
-            raise Skip(f"pretrain_steps={self.settings.pretrain_steps} pretrains on the public "
-                       f"split and dataset {c.dataset.name} has none (give the partitioner a "
-                       f"public_fraction)")
-        self.data = data
-        task = data.task
-        spec = dict(self.cfg.get("model") or {"name": task.model, **task.model_kwargs})
-        if self.model_component is None:
-            self.model_component = self.reg.build("model", spec, key="model")  # type: ignore[assignment]
-        self.model_factory = self._factory(self.model_component)  # type: ignore[arg-type]
-        proto = self.model_factory()
-        self.eval_model = self.model_factory()
-        protocol = self.protocol_cls
-        holdout = 0.0
-        with calling(c.aggregator, "holdout_fraction"):
-            holdout = float(c.aggregator.holdout_fraction()) if protocol.aggregates else 0.0
-        self.federation = Federation(
-            data, pooled=protocol.name == "pooled", settings=self.settings, seed=self.seed,
-            holdout_fraction=holdout,
-            adversary=c.adversary if protocol.aggregates else None,
-            call=self._call)
-        self.canaries, self.canary_attack = self.pick_canaries(data)
-        self.federation.insert_canaries(self.canaries, pooled=protocol.name == "pooled")
-        n = self.federation.n
-        self.per_round = self.federation.per_round(everyone=not protocol.samples_clients)
-        # the pooled protocol does the work of a federated round at the cell's rate
-        self.federation_sites_rate = (clients_per_round(len(data.sites), self.settings)
-                                      / max(1, len(data.sites)))
-        self.ctx = CellContext(
-            cell_id=self.cell["cell_id"], seed=self.seed, rounds=self.rounds,
-            settings=self.settings, data=data, clients=self.federation.clients,
-            layout=ParamLayout.of(proto), protocol=protocol.name,
-            sample_rate=self.per_round / n, facts=self.facts,
-            model_factory=self.model_factory, _planned=c.algorithm.planned_steps)
-        if protocol.name in ("isolated", "personalized"):
-            for i in range(n):
-                with calling(c.algorithm, "client_model"):
-                    arch = c.algorithm.client_model(self.ctx, i)
-                if arch is not None:
-                    arch = dict(arch)
-                    name = arch.pop("model")
-                    comp = self.reg.build("model", {"name": name, **arch},
-                                          key=f"{c.algorithm.name}.client_model")
-                    self.client_factories[i] = self._factory(comp)  # type: ignore[arg-type]
-        self.protocol: RoundProtocol = protocol(self)
-        self.max_clients_per_call = self.per_round
-        requested = str(self.cell.get("backend") or "auto")
-        if requested not in BACKENDS:
-            raise ConfigError(f"backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-        self.stages = Stages([])
-        for comp in c.lifecycle():
-            with calling(comp, "setup"):
-                t0 = time.perf_counter()
-                comp.setup(self.ctx)
-                if isinstance(comp, PrivacyMechanism):
-                    self.clock.seconds["privacy_s"] += time.perf_counter() - t0
-        self.backend_name, self.backend_reason = choose_backend(self, requested)
-        if self.backend_name == "vectorized":
-            from fedmedbench.vectorized import VectorBackend
-
-            self.backend: LoopBackend = VectorBackend(self)
-        else:
-            self.backend = LoopBackend(self)
-        t = c.transport
-        self.view_recorder = ViewRecorder(
-            self.rounds, c.algorithm.sends, t.server_view if t is not None else None,
-            global_params=lambda: self.protocol.global_params(),
-            metric_keys=self.sent_metric_keys)
-        self.stages = Stages([self.clock, self.bytes, self.view_recorder])
-
-    def pick_canaries(self, data: FederatedData) -> tuple[Canaries | None, str | None]:
-        """The canaries of the cell's auditing attack (at most one attack may
-        insert them), with inclusion bits drawn here: each canary in or out
-        of training independently with probability 1/2 (Steinke et al. 2023)."""
-        picked = []
-        for key, a in self.components.attacks:
-            with calling(a, "canaries"):
-                can = a.canaries(data, cell_rng(self.seed, "canary-pick"))
-            if can is None:
-                continue
-            if not isinstance(can, Canaries):
-                raise PluginError(f"canaries() returned {type(can).__name__}, not "
-                                  f"fedmedbench.Canaries (or None)", plugin=a.plugin,
-                                  component=a.name, hook="canaries", exc_type="TypeError")
-            shape = tuple(data.task.input_shape)
-            if tuple(can.X.shape[1:]) != shape or (len(can) and not (
-                    0 <= int(np.min(can.site)) and int(np.max(can.site)) < len(data.sites))):
-                raise PluginError(f"canaries() gave records of shape {tuple(can.X.shape[1:])} "
-                                  f"for sites {sorted(set(np.asarray(can.site).tolist()))}; the "
-                                  f"task's inputs are {shape} and the sites 0..{len(data.sites) - 1}",
-                                  plugin=a.plugin, component=a.name, hook="canaries",
-                                  exc_type="ValueError")
-            picked.append((key, can))
-        if not picked:
-            return None, None
-        if len(picked) > 1:
-            raise ConfigError(f"attacks {[k for k, _ in picked]} each insert canaries into "
-                              f"training; one run audits one set of canaries: list one "
-                              f"auditing attack per matrix")
-        key, can = picked[0]
-        can = Canaries(np.asarray(can.X, dtype=np.float32), np.asarray(can.y, dtype=np.int64),
-                       np.asarray(can.site, dtype=np.int64))
-        can.included = cell_rng(self.seed, "canary-inclusion").random(len(can)) < 0.5
-        return can, key
-
-    def canary_summary(self) -> dict[str, Any] | None:
-        """The record's ``metrics.canaries``: what the audit added to training."""
-        can = self.canaries
-        if can is None:
-            return None
-        inc = np.asarray(can.included, dtype=bool)
-        return {"attack": self.canary_attack, "m": len(can), "included": int(inc.sum()),
-                "per_site": {s.name: int((inc & (can.site == i)).sum())
-                             for i, s in enumerate(self.data.sites)},
-                "note": "the audit's canary records were trained on (each with probability "
-                        "1/2): every utility and attack number of this cell is of that model"}
-
-    def _factory(self, comp: Model) -> Callable[[], Any]:
-        """A factory for ``comp``'s module; one seeded initialisation per cell."""
-        import copy
-
-        import torch
-
-        task = self.data.task
-        shape, classes = tuple(task.input_shape), int(task.num_classes)
-        seed_torch(self.seed)
-        with calling(comp, "build"):
-            template = comp.build(shape, classes)
-
-        def factory() -> torch.nn.Module:
-            return copy.deepcopy(template)  # the seeded initialisation, never trained
-
-        return factory
-
-    def factory_for(self, client: int) -> Callable[[], Any]:
-        return self.client_factories.get(client, self.model_factory)
-
-    def model_for(self, client: int) -> Any:
-        return self.factory_for(client)() if client in self.client_factories else self.eval_model
-
-    def _call(self, comp: Component, hook: str, fn: Callable[..., Any], *args: Any) -> Any:
-        if hook == "corrupt_data":
-            split, num_classes, rng = args
-            with calling(comp, hook):
-                return fn(split, num_classes=num_classes, rng=rng)
-        with calling(comp, hook):
-            return fn(*args)
-
-    def maybe_pretrain(self, factory: Callable[[], Any], params: Any) -> Any:
+    def pretrain(self, factory: Callable[[], Any], params: Any) -> Any:
         """Transfer learning: supervised steps on the public split (``pretrain_steps``)."""
-        if self.settings.pretrain_steps <= 0:
+        cell = self.cell
+        if cell.settings.pretrain_steps <= 0:
             return params
         from fedmedbench.models import set_flat_params
         from fedmedbench.training import SGDTrainer
 
-        assert self.data.public is not None
+        assert cell.data.public is not None
         model = factory()
         set_flat_params(model, params)
-        tr = SGDTrainer(model, self.data.public, self.settings,
-                        seed=int(cell_rng(self.seed, "pretrain").integers(2**62)))
+        tr = SGDTrainer(model, cell.data.public, cell.settings,
+                        seed=int(cell_rng(cell.seed, "pretrain").integers(2**62)))
         t0 = time.perf_counter()
-        new, loss = tr.train(params, int(self.settings.pretrain_steps))
+        new, _ = tr.train(params, int(cell.settings.pretrain_steps))
         self.clock.seconds["train_s"] += time.perf_counter() - t0
-        self.pretrain_loss = loss
         return new
-
-    # -- what clients send in the clear -------------------------------------------
-
-    @property
-    def dp(self) -> bool:
-        return bool(self.facts.dp)
-
-    def sent_metric_keys(self) -> set[str]:
-        """Client-side numbers that reach the server in the clear: the
-        aggregator's scores, and (without DP) each client's training loss."""
-        keys = set(getattr(self, "_aggregator_keys", set()))
-        if not self.dp:
-            keys.add("loss")
-        return keys
-
-    def reported_loss(self, updates: Updates) -> float | None:
-        """The round's mean client training loss for the history; under DP the
-        clients do not send it (it is computed on private records, un-noised)."""
-        if self.dp:
-            return None
-        loss = updates.metrics.get("loss")
-        if loss is None or not len(loss):
-            return None
-        v = np.asarray(loss, dtype=float)
-        if np.isinf(v).any():
-            raise Diverged(f"a client's training loss is {float(v[np.isinf(v)][0])}")
-        return float(np.nanmean(v)) if np.isfinite(v).any() else None
-
-    # -- the round -----------------------------------------------------------
-
-    def begin_round(self, t: int, clients: list[int]) -> None:
-        self.ctx.round = t
-        self.ctx.participants = list(clients)
-        self.stages.round = t
-        for comp in self.components.lifecycle():
-            with calling(comp, "begin_round"):
-                t0 = time.perf_counter()
-                comp.begin_round(t)
-                if isinstance(comp, PrivacyMechanism):
-                    self.clock.seconds["privacy_s"] += time.perf_counter() - t0
-
-    def check_updates(self, updates: Updates) -> None:
-        import torch
-
-        alg = self.components.algorithm
-        if self.protocol_cls.name in ("federated", "pooled") and (
-                updates.delta.shape[1] != self.ctx.layout.numel):
-            raise PluginError(f"clients sent updates of {updates.delta.shape[1]} values; the "
-                              f"model has {self.ctx.layout.numel} parameters",
-                              plugin=alg.plugin, component=alg.name, hook="client_update",
-                              exc_type="ValueError")
-        # a sum is non-finite when any term is (or, never in practice, when it overflows):
-        # one reduction, then the exact per-client check only on the way to the error
-        if not bool(torch.isfinite(updates.delta.sum())) and not bool(
-                torch.isfinite(updates.delta).all()):
-            bad = int(torch.nonzero(~torch.isfinite(updates.delta).all(1))[0])
-            raise Diverged(f"client {updates.clients[bad]} sent a non-finite update")
-        if "loss" in updates.metrics:
-            v = np.asarray(updates.metrics["loss"], dtype=float)
-            if np.isinf(v).any():
-                raise Diverged(f"a client's training loss is {float(v[np.isinf(v)][0])}")
-
-    def check_vector(self, v: Any, comp: Component, hook: str) -> None:
-        """A hook's model-sized vector has the model's size."""
-        n = self.ctx.layout.numel
-        if tuple(v.shape) != (n,):
-            raise PluginError(f"{hook} returned a tensor of shape {tuple(v.shape)}; the model "
-                              f"has {n} parameters, so a flat vector of shape ({n},) is "
-                              f"expected", plugin=comp.plugin or type(comp).__module__,
-                              component=comp.name, hook=hook, exc_type="ValueError")
 
     def run(self, *, progress: Callable[[int], None] | None = None,
             hooks: Any = None) -> dict[str, Any]:
         from fedmedbench.models import get_flat_params
 
-        self._aggregator_keys = _aggregator_metric_keys(self.components.aggregator)
-        w0 = self.maybe_pretrain(self.model_factory, get_flat_params(self.model_factory()))
+        cell = self.cell
+        w0 = self.pretrain(cell.factory, get_flat_params(cell.factory()))
         self.initial_params = w0.clone()
-        self.protocol.init_models(w0)
-        every = max(1, int(self.settings.eval_every))
+        self.round.init_models(w0, pretrain=lambda f: self.pretrain(f, get_flat_params(f())))
+        every = max(1, int(cell.settings.eval_every))
         utility = None
-        for rnd in range(1, self.rounds + 1):
-            entry: dict[str, Any] = {"round": rnd, **self.protocol.round(rnd)}
-            self.protocol.check_finite(rnd)
-            if rnd % every == 0 or rnd == self.rounds:
-                utility = self.protocol.evaluate()
+        for rnd in range(1, cell.rounds + 1):
+            try:
+                entry: dict[str, Any] = {"round": rnd, **self.round.run(rnd)}
+            finally:
+                self.round.end(rnd)
+            self.round.check_finite(rnd)
+            if rnd % every == 0 or rnd == cell.rounds:
+                utility = self.round.evaluate()
                 entry["utility"] = utility["global"]
-            if self.dp:
-                entry["epsilon"] = self.privacy_block()["epsilon"]
+            if cell.dp:
+                entry["epsilon"] = privacy_block(cell)["epsilon"]
             entry = {k: v for k, v in entry.items() if v is not None or k == "loss"}
             self.history.append(entry)
             if hooks is not None:
-                _observe(hooks.on_round_end, cell=self.cell, round=rnd, metrics=entry)
+                _observe(hooks.on_round_end, cell=dict(cell.cell), round=rnd,
+                         metrics=_json_copy(entry))
             if progress:
                 progress(rnd)
         assert utility is not None
-        utility = {**utility, **self.chance(utility)}
-        vdata = self.federation.validation_data(self.data)
+        utility = {**utility, **chance(cell.data, utility)}
+        vdata = cell.federation.validation_data(cell.data)
         if vdata is not None:  # tuning reads this, never the test split
-            utility = {**utility, "validation": self.evaluate_on(vdata)}
+            utility = {**utility, "validation": self.round.evaluate(vdata)}
         self.utility = utility
         return utility
 
-    def chance(self, utility: dict[str, Any]) -> dict[str, Any]:
-        """``majority_baseline``: the best constant prediction (one class for
-        every row) on the pooled test split, scored with the task's metric
-        (accuracy: the majority class's rate; balanced accuracy and AUROC:
-        0.5); ``chance_level``: the cell's utility does not beat it (``None``
-        when either is undefined)."""
-        from fedmedbench.metrics import score
-
-        task = self.data.task
-        ys = [s.test.y for s in self.data.sites if len(s.test)]
-        if not ys:
-            return {"majority_baseline": None, "chance_level": None}
-        y = np.concatenate(ys)
-        eye = np.eye(int(task.num_classes))
-        base = [score(task.metric, y, np.repeat(eye[[c]], len(y), axis=0))
-                for c in range(int(task.num_classes))]
-        finite = [b for b in base if np.isfinite(b)]
-        baseline = max(finite) if finite else None
-        g = utility.get("global")
-        level = (None if baseline is None or g is None or not np.isfinite(g)
-                 else bool(g <= baseline + 1e-12))
-        return {"majority_baseline": baseline, "chance_level": level}
-
-    def evaluate_on(self, data: FederatedData) -> dict[str, Any]:
-        """The protocol's evaluation of the current models with ``data``'s
-        test splits (the validation rows) in place of the cell's."""
-        held = self.ctx.data
-        self.ctx.data = data
-        try:
-            return self.protocol.evaluate()
-        finally:
-            self.ctx.data = held
-
-    # -- privacy -------------------------------------------------------------
-
-    def accountings(self) -> dict[str, Accounting]:
-        out = {}
-        for m in self.components.privacy:
-            with calling(m, "accounting"):
-                acc = m.accounting()
-            if acc is not None:
-                if not isinstance(acc, Accounting):
-                    raise PluginError(f"accounting() returned {type(acc).__name__}, not "
-                                      f"fedmedbench.Accounting (or None)", plugin=m.plugin,
-                                      component=m.name, hook="accounting", exc_type="TypeError")
-                out[m.name] = acc
-        return out
-
-    def privacy_block(self) -> dict[str, Any]:
-        """The record's ``metrics.privacy``: the headline guarantee (one
-        consistent set of fields from one mechanism, see
-        :func:`fedmedbench.accounting.headline`) and every mechanism's numbers."""
-        accs = self.accountings()
-        mechanisms: dict[str, Any] = {}
-        for m in self.components.privacy:
-            with calling(m, "report"):
-                rep = to_json(m.report(), plugin=m, hook="report")
-            acc = accs.get(m.name)
-            mechanisms[m.name] = {**rep, **(acc.as_dict() if acc is not None else {}),
-                                  "stages": sorted(m.stages)}
-        crypto = self.components.transport is not None
-        level = {(False, False): "none", (True, False): "dp", (False, True): "crypto",
-                 (True, True): "dp+crypto"}[(bool(accs), crypto)]
-        out = {**headline(accs), "level": level, "mechanisms": mechanisms}
-        out["sent_in_clear"] = sorted({"num_examples", *self.sent_metric_keys()}) if \
-            self.protocol_cls.aggregates else []
-        if self.protocol_cls.aggregates:
-            out["public"] = ("num_examples: each client's training-set size reaches the server "
-                             "in the clear and is treated as public metadata (aggregation "
-                             "weights use it); no privacy mechanism of the cell protects it")
-        if self.dp:
-            out["client_losses"] = ("not sent: under differential privacy each client's "
-                                    "training loss is computed on private records without "
-                                    "noise, so clients do not report it (history loss is null)")
-        return out
-
-    # -- attacks -------------------------------------------------------------
-
-    def round1_batches(self, client: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
-        """Replay the first ``steps`` minibatches of ``client``'s round-1 stream;
-        ``None`` under a local-stage mechanism, whose sampler is its own."""
-        from fedmedbench.training import BatchStream
-
-        if self.components.local_stage is not None or not 0 <= client < self.ctx.num_clients:
-            return None
-        split = self.ctx.clients[client].train
-        stream = BatchStream(len(split), self.settings.batch_size, self.ctx.batch_seed(client))
-        out = []
-        for _ in range(steps):
-            idx = stream.next_indices()
-            out.append((split.X[idx], split.y[idx]))
-        return out
+    # -- after training ---------------------------------------------------------------
 
     def attack_context(self) -> AttackContext:
-        final, per_site = self.protocol.final_models()
-        final_buffers, site_buffers = self.protocol.final_buffers()
-
-        def train_shadow(split: Split, seed: int) -> Any:
-            from fedmedbench.models import get_flat_params
-            from fedmedbench.training import SGDTrainer
-
-            _seed_everything(seed)
-            model = self.model_factory()
-            tr = SGDTrainer(model, split, self.settings, seed=seed)
-            steps = self.settings.steps_for(len(split)) * self.rounds
-            new, _ = tr.train(get_flat_params(model), steps)
-            return new
-
+        """What the attacks get: values only (no back-reference to the run)."""
+        cell = self.cell
+        final, per_site = self.round.final_models()
+        final_buffers, site_buffers = self.round.final_buffers()
+        replay = None
+        if cell.clients.local_stage is None:  # a local-stage mechanism samples its own batches
+            ctx = cell.clients_ctx
+            replay = BatchReplay(rows={i: Split(s.train.X, s.train.y)
+                                       for i, s in enumerate(cell.federation.clients)},
+                                 seeds={i: ctx.batch_seed(i) for i in range(ctx.num_clients)},
+                                 batch_size=int(cell.settings.batch_size))
+        spec = dict(cell.client_specs.get(0, cell.model_spec))
+        factory = cell.factory_for(0)
         return AttackContext(  # members: the rows trained on (no validation or holdout rows)
-            cell=self.cell, data=self.federation.trained_data(self.data),
-            model_factory=self.factory_for(0),
-            final_params=final, server_views=self.views, privacy=self.privacy_block(),
-            settings=self.settings, rounds=self.rounds, seed=self.seed,
-            protocol=self.protocol_cls.name, train_shadow=train_shadow,
-            mechanisms=[m.name for m in self.components.privacy], site_params=per_site,
-            artifacts_dir=self.cell.get("artifacts_dir"), client_batches=self.round1_batches,
-            chance_level=bool(self.utility.get("chance_level")), canaries=self.canaries,
-            initial_params=getattr(self, "initial_params", None),
-            final_buffers=final_buffers, site_buffers=site_buffers)
+            cell=_json_copy(dict(cell.cell)), data=cell.federation.trained_data(cell.data),
+            model_factory=_factory_copy(factory),
+            final_params=final.detach().clone(),
+            server_views=dict(self.views.views), privacy=_json_copy(privacy_block(cell)),
+            settings=cell.settings, rounds=cell.rounds, seed=cell.seed,
+            protocol=cell.setting.name,
+            train_shadow=ShadowTrainer(cell.factory(), cell.settings, cell.rounds),
+            mechanisms=[name for name, _ in cell.privacy],
+            site_params={i: p.detach().clone() for i, p in per_site.items()},
+            artifacts_dir=cell.cell.get("artifacts_dir"), client_batches=replay,
+            chance_level=bool(self.utility.get("chance_level")), canaries=cell.canaries,
+            initial_params=None if self.initial_params is None else self.initial_params.clone(),
+            final_buffers=None if final_buffers is None else final_buffers.clone(),
+            site_buffers={i: b.clone() for i, b in site_buffers.items()}, model_spec=spec)
 
-    def chance_note(self) -> str:
-        u = self.utility
-        return (f"the model did not learn: its {u.get('metric')} {u.get('global'):.3f} does not "
-                f"beat the majority-class baseline {u.get('majority_baseline'):.3f}, so an "
-                f"attack's numbers here say nothing about what a trained model leaks")
+    def canary_summary(self) -> dict[str, Any] | None:
+        """The record's ``metrics.canaries``: what the audit added to training."""
+        can, cell = self.cell.canaries, self.cell
+        if can is None:
+            return None
+        inc = np.asarray(can.included, dtype=bool)
+        return {"attack": cell.canary_attack, "m": len(can), "included": int(inc.sum()),
+                "per_site": {s.name: int((inc & (can.site == i)).sum())
+                             for i, s in enumerate(cell.data.sites)},
+                "note": "the audit's canary records were trained on (each with probability "
+                        "1/2): every utility and attack number of this cell is of that model"}
 
-    def cost_extra(self) -> dict[str, Any]:
-        """Cost fields the privacy mechanisms report (``clipped_coordinates``:
-        coordinates a transport clipped to its range before encoding)."""
-        out: dict[str, Any] = {}
-        for m in self.components.privacy:
-            with calling(m, "report"):
-                rep = m.report()
-            v = rep.get("clipped_coordinates") if isinstance(rep, dict) else None
-            if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-                out["clipped_coordinates"] = out.get("clipped_coordinates", 0) + int(v)
-        return out
+    def outcome(self) -> CellOutcome:
+        cell = self.cell
+        fed = cell.federation
+        return CellOutcome(
+            final_params=self.round.params_by_model(), views=dict(self.views.views),
+            history=self.history, global_params=self.round.global_params,
+            clients=list(fed.clients), holdout=dict(fed.holdout),
+            validation=dict(fed.validation), malicious=set(fed.malicious), data=cell.data,
+            model_factory=cell.factory, layout=cell.layout, sharing=cell.sharing,
+            sent_fields=tuple(cell.sharing.fields), backend=self.clients.backend_name,
+            site_buffers={i: b for i in range(cell.clients_ctx.num_clients)
+                          if (b := self.round.site_buffers(i)) is not None}
+            if cell.setting.own_models else {},
+            canaries=cell.canaries, training=self, ctx=cell.clients_ctx, federation=fed,
+            server_state=cell.server_ctx.state, global_buffers=self.server.buffers,
+            initial_buffers=self.round.buffers0,
+            client_factories=dict(cell.client_factories))
 
-    def run_attacks(self) -> dict[str, Any]:
-        """Each attack's result, or ``{"failed": {...}}`` for one that raised or
-        returned something that is not JSON (the cell's utility stays)."""
-        if not self.components.attacks:
-            return {}
-        actx = self.attack_context()
-        out: dict[str, Any] = {}
-        for key, a in self.components.attacks:
-            t0 = time.perf_counter()
-            try:
-                with calling(a, "evaluate"):
-                    res = a.evaluate(actx)
-                res = to_json(res, plugin=a, hook="evaluate")
-                if not isinstance(res, dict):
-                    raise PluginError(f"evaluate returned {type(res).__name__}, not a dict of "
-                                      f"metrics", plugin=a.plugin, component=a.name,
-                                      hook="evaluate", exc_type="TypeError")
-                res.setdefault("seconds", round(time.perf_counter() - t0, 3))
-                if actx.chance_level and not ({"not_applicable", "failed"} & set(res)):
-                    res.setdefault("model_learned", False)
-                    res.setdefault("chance_note", self.chance_note())
-            except PluginError as exc:
-                res = {"failed": _error(exc)}
-            out[key] = res
-        return out
+
+@dataclass
+class CellOutcome:
+    """What tests and notebooks read after a run (``run_cell(..., keep_run=True)``):
+    the final models, the server's views by round and the history, and the
+    federation's parties and held-out rows."""
+
+    final_params: dict[int, Any]
+    views: dict[int, ServerView]
+    history: list[dict[str, Any]]
+    global_params: Any
+    clients: list[Site]
+    holdout: dict[int, Split]
+    validation: dict[int, Split]
+    malicious: set[int]
+    data: FederatedData
+    model_factory: Callable[[], Any]
+    layout: Any
+    sharing: Any
+    sent_fields: tuple[str, ...]
+    backend: str
+    site_buffers: dict[int, Any] = field(default_factory=dict)
+    canaries: Any = None
+    training: Training | None = None
+    #: the clients' context (layout, steps, batch seeds)
+    ctx: Any = None
+    #: the clients' data: their training parties, validation and held-out rows
+    federation: Any = None
+    #: the server's state after the last round (``ctx.state`` of the server's side)
+    server_state: dict[str, Any] = field(default_factory=dict)
+    #: the server's running statistics (BatchNorm buffers), and a fresh model's
+    global_buffers: Any = None
+    initial_buffers: Any = None
+    client_factories: dict[int, Callable[[], Any]] = field(default_factory=dict)
+
+    def attack_context(self) -> AttackContext:
+        assert self.training is not None
+        return self.training.attack_context()
+
+    def factory_for(self, client: int) -> Callable[[], Any]:
+        return self.client_factories.get(client, self.model_factory)
+
+
+def _factory_copy(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """A factory over a copy of ``factory``'s initial module (the closure then
+    holds no object of the run)."""
+    import copy
+
+    template = factory()
+
+    def build() -> Any:
+        return copy.deepcopy(template)
+
+    return build
+
+
+def _json_copy(v: Any) -> Any:
+    import json
+
+    from fedmedbench.results import clean_json
+
+    return json.loads(json.dumps(clean_json(v), default=str))
+
+
+def chance(data: FederatedData, utility: dict[str, Any]) -> dict[str, Any]:
+    """``majority_baseline``: the best constant prediction (one class for
+    every row) on the pooled test split, scored with the task's metric
+    (accuracy: the majority class's rate; balanced accuracy and AUROC:
+    0.5); ``chance_level``: the cell's utility does not beat it (``None``
+    when either is undefined)."""
+    from fedmedbench.metrics import score
+
+    task = data.task
+    ys = [s.test.y for s in data.sites if len(s.test)]
+    if not ys:
+        return {"majority_baseline": None, "chance_level": None}
+    y = np.concatenate(ys)
+    eye = np.eye(int(task.num_classes))
+    base = [score(task.metric, y, np.repeat(eye[[c]], len(y), axis=0))
+            for c in range(int(task.num_classes))]
+    finite = [b for b in base if np.isfinite(b)]
+    baseline = max(finite) if finite else None
+    g = utility.get("global")
+    level = (None if baseline is None or g is None or not np.isfinite(g)
+             else bool(g <= baseline + 1e-12))
+    return {"majority_baseline": baseline, "chance_level": level}
+
+
+# --------------------------------------------------------------------------
+# privacy
+# --------------------------------------------------------------------------
+
+
+def accountings(cell: Cell) -> dict[str, Accounting]:
+    out = {}
+    for name, m in cell.privacy:
+        with calling(m, "accounting"):
+            acc = m.accounting()
+        if acc is not None:
+            if not isinstance(acc, Accounting):
+                raise PluginError(f"accounting() returned {type(acc).__name__}, not "
+                                  f"fedmedbench.Accounting (or None)", plugin=m.plugin,
+                                  component=m.name, hook="accounting", exc_type="TypeError")
+            out[name] = acc
+    return out
+
+
+def privacy_block(cell: Cell) -> dict[str, Any]:
+    """The record's ``metrics.privacy``: the headline guarantee (one
+    consistent set of fields from one mechanism, see
+    :func:`fedmedbench.accounting.headline`) and every mechanism's numbers."""
+    accs = accountings(cell)
+    mechanisms: dict[str, Any] = {}
+    for name, m in cell.privacy:
+        with calling(m, "report"):
+            rep = to_json(m.report(), plugin=m, hook="report")
+        acc = accs.get(name)
+        mechanisms[name] = {**rep, **(acc.as_dict() if acc is not None else {}),
+                            "stages": sorted(m.stages)}
+    crypto = cell.transport is not None
+    level = {(False, False): "none", (True, False): "dp", (False, True): "crypto",
+             (True, True): "dp+crypto"}[(bool(accs), crypto)]
+    out = {**headline(accs), "level": level, "mechanisms": mechanisms}
+    aggregates = cell.setting.aggregates
+    out["sent_in_clear"] = sorted({"num_examples", *cell.sent_metric_keys()}) if aggregates \
+        else []
+    if aggregates:
+        out["public"] = ("num_examples: each client's training-set size reaches the server "
+                         "in the clear and is treated as public metadata (aggregation "
+                         "weights use it); no privacy mechanism of the cell protects it")
+    if cell.dp:
+        out["client_losses"] = ("not sent: under differential privacy each client's "
+                                "training loss is computed on private records without "
+                                "noise, so clients do not report it (history loss is null)")
+    return out
+
+
+def cost_extra(cell: Cell) -> dict[str, Any]:
+    """Cost fields the privacy mechanisms report (``clipped_coordinates``:
+    coordinates a transport clipped to its range before encoding)."""
+    out: dict[str, Any] = {}
+    for _, m in cell.privacy:
+        with calling(m, "report"):
+            rep = m.report()
+        v = rep.get("clipped_coordinates") if isinstance(rep, dict) else None
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out["clipped_coordinates"] = out.get("clipped_coordinates", 0) + int(v)
+    return out
+
+
+# --------------------------------------------------------------------------
+# attacks
+# --------------------------------------------------------------------------
+
+
+def chance_note(utility: dict[str, Any]) -> str:
+    u = utility
+    return (f"the model did not learn: its {u.get('metric')} {u.get('global'):.3f} does not "
+            f"beat the majority-class baseline {u.get('majority_baseline'):.3f}, so an "
+            f"attack's numbers here say nothing about what a trained model leaks")
+
+
+def run_attacks(attacks: tuple[tuple[str, Any], ...], actx: AttackContext,
+                utility: dict[str, Any], *, isolate: bool = False,
+                shadow_spec: dict[str, Any] | None = None,
+                timeout: float | None = None) -> dict[str, Any]:
+    """Each attack's result, or ``{"failed": {...}}`` for one that raised or
+    returned something that is not JSON (the cell's utility stays). With
+    ``isolate`` they run in a separate process that receives only the
+    serialized context (:mod:`fedmedbench.isolate`)."""
+    if not attacks:
+        return {}
+    if isolate:
+        from fedmedbench.isolate import run_isolated
+
+        raw = run_isolated([(k, a.config()) for k, a in attacks], actx,
+                           shadow_spec=dict(shadow_spec or actx.model_spec or {}),
+                           timeout=timeout)
+    else:
+        raw = {key: evaluate_attack(a, actx) for key, a in attacks}
+    out = {}
+    for key, res in raw.items():
+        if actx.chance_level and isinstance(res, dict) and not (
+                {"not_applicable", "failed"} & set(res)):
+            res.setdefault("model_learned", False)
+            res.setdefault("chance_note", chance_note(utility))
+        out[key] = res
+    return out
+
+
+def evaluate_attack(a: Any, actx: AttackContext) -> dict[str, Any]:
+    """One attack on ``actx``: its JSON result, or ``{"failed": ...}``.
+    The torch and numpy global generators are seeded with the cell seed
+    first, so an attack gives the same numbers in any process."""
+    t0 = time.perf_counter()
+    try:
+        seed_torch(actx.seed)
+        np.random.seed(actx.seed % 2**32)
+        with calling(a, "evaluate"):
+            res = a.evaluate(actx)
+        res = to_json(res, plugin=a, hook="evaluate")
+        if not isinstance(res, dict):
+            raise PluginError(f"evaluate returned {type(res).__name__}, not a dict of "
+                              f"metrics", plugin=a.plugin, component=a.name,
+                              hook="evaluate", exc_type="TypeError")
+        res.setdefault("seconds", round(time.perf_counter() - t0, 3))
+    except PluginError as exc:
+        res = {"failed": _error(exc)}
+    return res
 
 
 def _observe(hook: Any, **kwargs: Any) -> None:
@@ -685,10 +432,6 @@ def _observe(hook: Any, **kwargs: Any) -> None:
             raise PluginError(contained_message(exc), plugin=impl.plugin_name,
                               component="(observer)", hook=hook.name,
                               exc_type=type(exc).__name__) from exc
-
-
-def _aggregator_metric_keys(agg: Aggregator) -> set[str]:
-    return {str(k) for k in agg.client_metric_keys}
 
 
 # --------------------------------------------------------------------------
@@ -733,37 +476,13 @@ def _error(exc: PluginError) -> dict[str, Any]:
             "component": exc.component, "hook": exc.hook, "traceback": _tb(exc)}
 
 
-def seed_torch(seed: int) -> None:
-    """``torch.manual_seed`` (the CPU generator; the accelerators' too where
-    one is present: seeding them costs ~2 ms a call even when none is)."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.manual_seed(seed)
-    else:
-        torch.default_generator.manual_seed(int(seed))
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    seed_torch(seed)
-    np.random.seed(seed % 2**32)
-    torch.set_num_threads(1)
-
-
-# --------------------------------------------------------------------------
-# entry point
-# --------------------------------------------------------------------------
-
-
 def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
              progress: Callable[[int], None] | None = None,
              keep_run: bool = False) -> Any:
     """Run one cell and return its result record (never raises for a plugin
     error, a skip or divergence: those are statuses). With ``keep_run`` return
-    ``(record, run)``: the :class:`CellRun` with its final models, server views
-    and history, for tests and notebooks."""
+    ``(record, outcome)``: a :class:`CellOutcome` with the final models, the
+    server's views and the history, for tests and notebooks."""
     import torch
 
     reg = registry or get_registry()
@@ -775,31 +494,44 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
         "config": cell["config"], "metrics": {}, "history": [],
         "provenance": provenance(reg),
     }
-    run: CellRun | None = None
+    built: Cell | None = None
+    training: Training | None = None
+    clock = Clock()
     torch_threads = torch.get_num_threads()
     caught: list[warnings.WarningMessage] = []
     logged: list[logging.LogRecord] = []
     try:
         with warnings.catch_warnings(record=True) as caught, _captured_logs() as logged:
             warnings.simplefilter("always")
-            run = CellRun(cell, reg)
-            record["history"] = run.history
-            record["protocol"] = run.protocol_cls.name
+            with contextlib.suppress(Exception):
+                record["protocol"] = str(reg.get("algorithm", cell["config"]["algorithm"][
+                    "name"]).cls.protocol)
             _observe(hooks.on_cell_start, cell=cell)
-            run.validate()
-            run.prepare()
-            record["backend"] = {"name": run.backend_name, "reason": run.backend_reason}
-            if hasattr(run.backend, "kernel"):
-                record["backend"]["kernel"] = run.backend.kernel
-            utility = run.run(progress=progress, hooks=hooks)
-            record["metrics"] = {"utility": utility, **run.protocol.record_metrics(),
-                                 "privacy": run.privacy_block()}
+            built = build_cell(cell, reg, setup_clock=clock.seconds)
+            record["protocol"] = built.setting.name
+            training = Training(built, backend=str(cell.get("backend") or "auto"), clock=clock)
+            record["history"] = training.history
+            record["backend"] = {"name": training.clients.backend_name,
+                                 "reason": training.clients.backend_reason}
+            if hasattr(training.clients.backend, "kernel"):
+                record["backend"]["kernel"] = training.clients.backend.kernel
+            try:
+                utility = training.run(progress=progress, hooks=hooks)
+            finally:
+                _close(built)
+            record["metrics"] = {"utility": utility, **training.round.record_metrics(),
+                                 "privacy": privacy_block(built)}
             if "utility_global" in record["metrics"]:  # the same chance fields as utility's
                 g = record["metrics"]["utility_global"]
-                record["metrics"]["utility_global"] = {**g, **run.chance(g)}
-            if run.canaries is not None:
-                record["metrics"]["canaries"] = run.canary_summary()
-            record["metrics"]["attacks"] = run.run_attacks()
+                record["metrics"]["utility_global"] = {**g, **chance(built.data, g)}
+            if built.canaries is not None:
+                record["metrics"]["canaries"] = training.canary_summary()
+            isolate = bool(cell.get("isolate_attacks", False))
+            record["metrics"]["attacks"] = run_attacks(
+                built.attacks, training.attack_context(), utility, isolate=isolate,
+                shadow_spec=dict(built.model_spec)) if built.attacks else {}
+            if built.attacks:
+                record["metrics"]["attacks_isolated"] = isolate
     except Skip as exc:
         record["status"] = "skipped"
         record["error"] = {"type": "Skip", "message": str(exc), "plugin": None, "hook": None}
@@ -817,27 +549,44 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
                            "hook": None, "traceback": _tb(exc)}
     finally:
         torch.set_num_threads(torch_threads)
+        if built is not None and training is None:
+            _close(built)
     record["warnings"] = _warning_summary(caught, logged)
     for w in record["warnings"]:  # settings that make a cell's numbers suspect: say so now
         if w["category"] == SettingWarning.__name__:
             print(f"fedmedbench: cell {cell['cell_id']}: warning: {w['message']}",
                   file=sys.stderr)
-    if record["status"] != "ok" and run is not None and hasattr(run, "ctx"):
+    if record["status"] != "ok" and built is not None:
         with contextlib.suppress(Exception):
-            record["metrics"].setdefault("privacy", run.privacy_block())
+            record["metrics"].setdefault("privacy", privacy_block(built))
     cost: dict[str, Any] = {"bytes_up": 0, "bytes_down": 0, "train_s": 0.0, "privacy_s": 0.0}
-    if run is not None:
-        cost.update(bytes_up=run.bytes.up, bytes_down=run.bytes.down,
-                    **{k: round(v, 4) for k, v in run.clock.seconds.items()})
+    if training is not None:
+        cost.update(bytes_up=training.bytes.up, bytes_down=training.bytes.down)
+    cost.update({k: round(v, 4) for k, v in clock.seconds.items()})
+    if built is not None:
         with contextlib.suppress(Exception):
-            cost.update(run.cost_extra())
+            cost.update(cost_extra(built))
     record["metrics"]["cost"] = {**cost, "wall_s": round(time.perf_counter() - t_start, 4)}
     try:
         hooks.on_cell_end(cell=cell, record=record)
     except Exception as exc:  # an observer must not lose the record: warn and go on
         warnings.warn(f"an on_cell_end observer raised {type(exc).__name__}: {exc}; the "
                       f"record of cell {cell['cell_id']} is kept", RuntimeWarning, stacklevel=2)
-    return (record, run) if keep_run else record
+    if keep_run:
+        return record, (training.outcome() if training is not None else None)
+    return record
+
+
+def _close(cell: Cell) -> None:
+    """Every component's ``close`` (training is over, finished or not): the
+    secrets that live for the cell are dropped here. A close that raises is
+    recorded as a warning, never losing the record."""
+    for comp in cell.all_components():
+        try:
+            with calling(comp, "close"):
+                comp.close()
+        except PluginError as exc:
+            warnings.warn(f"{exc}", RuntimeWarning, stacklevel=2)
 
 
 class _LogRecorder(logging.Handler):

@@ -51,6 +51,10 @@ class AlgorithmFacts:
     shares: str = "model"
     #: "merged" | "separate" (:attr:`Algorithm.personal_model`)
     personal_model: str = "merged"
+    #: sent fields of which the server needs only the sum (:attr:`Algorithm.summed`)
+    summed: tuple[str, ...] = ()
+    #: what the server sends the clients beside the model (:attr:`Algorithm.broadcasts`)
+    broadcasts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,9 +110,6 @@ class CellFacts:
         t = self.transports
         return t[0] if t else None
 
-    def with_stage(self, stage: str) -> list[PrivacyFacts]:
-        return [p for p in self.privacy if stage in p.stages]
-
     @property
     def drops_clients(self) -> bool:
         return any(p.drops_clients for p in self.privacy)
@@ -148,6 +149,15 @@ def _shares(alg: Algorithm) -> str:
     return shares
 
 
+def _summed(alg: Algorithm) -> tuple[str, ...]:
+    summed = tuple(str(f) for f in getattr(alg, "summed", ()) or ())
+    bad = [f for f in summed if f == "delta" or f not in tuple(alg.sends)]
+    if bad:
+        raise ValueError(f"algorithm {alg.name!r} declares summed={summed!r}; summed fields must "
+                         f"be fields it sends other than 'delta' (sends={tuple(alg.sends)!r})")
+    return summed
+
+
 def _personal_model(alg: Algorithm) -> str:
     pm = str(alg.personal_model)
     if pm not in PERSONAL_MODELS:
@@ -163,7 +173,8 @@ def facts_of(*, dataset: str, model: Model | None, algorithm: Algorithm, aggrega
     alg = AlgorithmFacts(algorithm.name, algorithm.protocol, tuple(algorithm.sends),
                          bool(algorithm.needs_public), bool(algorithm.needs_individual_updates),
                          bool(algorithm.vectorized), _shares(algorithm),
-                         _personal_model(algorithm))
+                         _personal_model(algorithm), _summed(algorithm),
+                         tuple(str(b) for b in getattr(algorithm, "broadcasts", ()) or ()))
     comp = (CompressorFacts(compressor.name, bool(compressor.preserves_norm_bound))
             if compressor is not None else None)
     return CellFacts(
@@ -197,10 +208,11 @@ def combination_problem(f: CellFacts) -> str | None:
     if transports and alg.needs_individual_updates:
         return (f"{alg.name} needs every client's model at the server, but {transports[0]} "
                 f"shows the server only a sum")
-    if transports and any(s != "delta" for s in alg.sends):
-        extra = [s for s in alg.sends if s != "delta"]
-        return (f"{alg.name} also sends {extra} with each update, which would reach the server "
-                f"in plaintext beside the update that {transports[0]} protects")
+    if transports and any(s != "delta" and s not in alg.summed for s in alg.sends):
+        extra = [s for s in alg.sends if s != "delta" and s not in alg.summed]
+        return (f"{alg.name} also sends {extra} with each update, and the server needs each "
+                f"client's value (they are not declared `summed`), which {transports[0]} "
+                f"would hide: {transports[0]} shows the server only sums")
     client_dp = [p.name for p in f.privacy if p.dp_unit == "client"]
     if client_dp and any(s != "delta" for s in alg.sends):
         extra = [s for s in alg.sends if s != "delta"]

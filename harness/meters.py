@@ -1,31 +1,34 @@
-"""Stages and the observers that wrap them: time, bytes, the server's view.
+"""Stages, and the meters that observe the round: time, bytes, the server's view.
 
-A round protocol runs each stage of the round through :meth:`Stages.run`,
-which calls the component (turning a plugin's exception into a
-:class:`~fedmedbench.errors.PluginError` naming plugin, component and hook)
-and then tells every observer what the stage produced. Metering is not
-interleaved with the round: the :class:`Clock` charges seconds by stage, the
-:class:`ByteMeter` counts what crosses the network from the fields that are
-sent, and the :class:`ViewRecorder` keeps what the server read.
+A round runs each stage through :meth:`Stages.run`, which calls the
+component (turning a plugin's exception into a
+:class:`~fedmedbench.errors.PluginError` naming plugin, component and hook),
+checks the type of what it returned and charges its seconds to a cost
+bucket (:class:`Clock`). What crosses between the parties is *published* as
+a typed message (:mod:`fedmedbench.messages`), and the meters subscribe to
+message types, not to stage names: the :class:`ByteMeter` counts
+:attr:`Broadcast.nbytes <fedmedbench.messages.Broadcast.nbytes>` down and
+:attr:`Sent.nbytes <fedmedbench.messages.Sent.nbytes>` up, and the
+:class:`ViewRecorder` keeps the server's view of a round, a pure function
+of what it :class:`~fedmedbench.messages.Received`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from fedmedbench.components import Component, Message, Sharing, Updates
-from fedmedbench.context import ServerView
+from fedmedbench.components import Component, Sharing, Updates
 from fedmedbench.errors import INTERRUPTED, ConfigError, DataError, Diverged, PluginError, Skip
+from fedmedbench.messages import Broadcast, Received, Sent, ServerView, view_of
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    pass
 
-__all__ = ["Stages", "Clock", "ByteMeter", "ViewRecorder", "calling", "VIEW_ROUNDS"]
+__all__ = ["Stages", "Clock", "ByteMeter", "ViewRecorder", "calling", "VIEW_ROUNDS",
+           "contained_message"]
 
 #: rounds whose server view is kept for attacks (plus the last)
 VIEW_ROUNDS = (1,)
@@ -35,6 +38,7 @@ TIME_BUCKETS = {
     "local": "train_s", "pretrain": "train_s", "finalize": "train_s",
     "update": "privacy_s", "encode": "privacy_s", "secure_aggregate": "privacy_s",
     "server": "privacy_s", "privacy_setup": "privacy_s", "begin_round": "privacy_s",
+    "end_round": "privacy_s", "privacy_broadcast": "privacy_s",
 }
 
 
@@ -78,7 +82,7 @@ def _expect(stage: str, out: Any, comp: Component | None, hook: str) -> None:
         "local": Updates, "client_metrics": Updates, "adversary": Updates,
         "update": Updates, "compress": Updates, "aggregate": torch.Tensor,
         "secure_aggregate": torch.Tensor, "server": torch.Tensor,
-        "server_update": torch.Tensor, "encode": list}.get(stage)
+        "server_update": torch.Tensor, "broadcast": dict}.get(stage)
     if want is None or comp is None or isinstance(out, want):
         return
     names = want.__name__ if isinstance(want, type) else " or ".join(w.__name__ for w in want)
@@ -88,11 +92,15 @@ def _expect(stage: str, out: Any, comp: Component | None, hook: str) -> None:
 
 
 class Stages:
-    """Runs the stages of a round and tells the observers what each produced."""
+    """Runs the stages of a round (timed, attributed, type-checked) and
+    publishes the messages that cross between parties to their subscribers."""
 
-    def __init__(self, observers: Sequence[Any]) -> None:
-        self.observers = list(observers)
-        self.round = 0
+    def __init__(self, clock: Clock, subscribers: list[Any] = ()) -> None:
+        self.clock = clock
+        self._subs: dict[type, list[Callable[[Any], None]]] = {}
+        for s in subscribers:
+            for kind, fn in s.subscriptions().items():
+                self._subs.setdefault(kind, []).append(fn)
 
     def run(self, stage: str, comp: Component | None, hook: str, fn: Callable[..., Any],
             *args: Any) -> Any:
@@ -100,10 +108,13 @@ class Stages:
         with calling(comp, hook):
             out = fn(*args)
         _expect(stage, out, comp, hook)
-        dt = time.perf_counter() - t0
-        for o in self.observers:
-            o.after(stage, out, dt, self.round)
+        self.clock.charge(stage, time.perf_counter() - t0)
         return out
+
+    def publish(self, message: Any) -> None:
+        """Tell the subscribers of ``type(message)`` that it crossed."""
+        for fn in self._subs.get(type(message), ()):
+            fn(message)
 
 
 class Clock:
@@ -112,156 +123,51 @@ class Clock:
     def __init__(self) -> None:
         self.seconds = {"train_s": 0.0, "privacy_s": 0.0}
 
-    def after(self, stage: str, out: Any, dt: float, rnd: int) -> None:
+    def charge(self, stage: str, dt: float) -> None:
         bucket = TIME_BUCKETS.get(stage)
         if bucket:
             self.seconds[bucket] += dt
 
 
 class ByteMeter:
-    """Bytes up and down, from what is sent.
+    """Bytes down (every :class:`Broadcast`) and up (every :class:`Sent`):
+    properties of the messages that crossed."""
 
-    Stage outputs it reads: ``broadcast`` (a list of bytes per participating
-    client), ``send`` (plaintext :class:`Updates`: the serialized size of the
-    fields the algorithm ``sends``), ``encode`` (transport :class:`Message`
-    list; their final sizes, which a protocol may grow during
-    ``secure_aggregate`` with unmasking shares, are read then).
-    """
-
-    def __init__(self, sends: Sequence[str]) -> None:
-        self.sends = tuple(sends)
+    def __init__(self) -> None:
         self.up = 0
         self.down = 0
-        self._messages: list[Message] = []
 
-    def describe(self, sharing: Sharing) -> None:
-        """Count what ``sharing`` says is sent (the protocol's
-        :class:`~fedmedbench.components.Sharing`: a partial delta's
-        ``delta_bytes`` are those of its sent coordinates; running statistics
-        sent with the update are the ``"buffers"`` field)."""
-        self.sends = tuple(sharing.fields)
+    def subscriptions(self) -> dict[type, Callable[[Any], None]]:
+        return {Broadcast: self._down, Sent: self._up}
 
-    def after(self, stage: str, out: Any, dt: float, rnd: int) -> None:
-        if stage == "broadcast":
-            self.down += int(sum(out))
-        elif stage == "send":
-            self.up += int(sum(out.row_bytes(self.sends)))
-        elif stage == "encode":
-            self._messages = list(out)
-        elif stage == "secure_aggregate":
-            self.up += int(sum(m.nbytes for m in self._messages))
-            self._messages = []
+    def _down(self, b: Broadcast) -> None:
+        self.down += b.nbytes
+
+    def _up(self, s: Sent) -> None:
+        self.up += s.nbytes
 
 
 class ViewRecorder:
-    """Keeps the server's view of rounds :data:`VIEW_ROUNDS` and the last one.
+    """Keeps the server's view of rounds :data:`VIEW_ROUNDS` and the last one:
+    :func:`~fedmedbench.messages.view_of` what it received and the model it
+    sent that round."""
 
-    ``applies_aggregate``: whoever runs the server update reads the (decrypted)
-    aggregate it applies, so under HE the view of such a round is the
-    aggregate (DESIGN, "Threat model").
-    """
-
-    def __init__(self, rounds: int, sends: Sequence[str], transport_view: str | None,
-                 global_params: Callable[[], torch.Tensor], metric_keys: Callable[[], set[str]],
-                 applies_aggregate: bool = True) -> None:
+    def __init__(self, rounds: int, sharing: Sharing, transport_view: str | None) -> None:
         self.keep = set(VIEW_ROUNDS) | {rounds}
-        self.sends = tuple(sends)
-        self.transport_view = transport_view
-        self.global_params = global_params
-        self.metric_keys = metric_keys
-        self.applies_aggregate = applies_aggregate
-        self.views: dict[int, ServerView] = {}
-        self._w: torch.Tensor | None = None
-        self._messages: list[Message] = []
-        self._meta: Updates | None = None
-        self.sharing: Sharing | None = None
-
-    def describe(self, sharing: Sharing) -> None:
-        """Record views of what ``sharing`` says is sent: under a partial send
-        every client's ``updates`` row is zero outside the shared parameters
-        and its ``readable`` mask is exactly them (the personal parameters
-        never reach the server); running statistics sent with the update
-        appear in ``extra["buffers"]``."""
         self.sharing = sharing
-        self.sends = tuple(sharing.fields)
+        self.transport_view = transport_view
+        self.views: dict[int, ServerView] = {}
+        self._broadcast: Broadcast | None = None
 
-    def after(self, stage: str, out: Any, dt: float, rnd: int) -> None:
-        if rnd not in self.keep:
+    def subscriptions(self) -> dict[type, Callable[[Any], None]]:
+        return {Broadcast: self._sent_model, Received: self._received}
+
+    def _sent_model(self, b: Broadcast) -> None:
+        self._broadcast = b if b.round in self.keep else None
+
+    def _received(self, r: Received) -> None:
+        b = self._broadcast
+        if r.round not in self.keep or b is None or b.round != r.round:
             return
-        if stage == "broadcast":
-            self._w = self.global_params().clone()
-        elif stage == "send":
-            self.views[rnd] = self._plaintext(rnd, out)
-        elif stage == "encode":
-            self._messages = list(out)
-        elif stage == "metadata":
-            self._meta = out
-        elif stage == "weights":
-            self._weights = np.asarray(out, dtype=float)
-        elif stage == "secure_aggregate":
-            self.views[rnd] = self._transport(rnd, out)
-            self._messages = []
-
-    def _base(self, rnd: int, kind: str, u: Updates) -> ServerView:
-        assert self._w is not None
-        keys = self.metric_keys()
-        return ServerView(
-            rnd, kind, list(u.clients), self._w,
-            num_examples=dict(zip(u.clients, (int(n) for n in u.num_examples))),
-            metrics={k: dict(zip(u.clients, (float(x) for x in np.asarray(v))))
-                     for k, v in u.metrics.items() if k in keys},
-            extra={k: dict(zip(u.clients, _rows(u.extra[k], len(u))))
-                   for k in self.sends if k != "delta" and k in u.extra},
-            sent=(self.sharing.mask.copy() if self.sharing is not None and self.sharing.partial
-                  else None))
-
-    def _plaintext(self, rnd: int, u: Updates) -> ServerView:
-        view = self._base(rnd, "plaintext", u)
-        if "delta" in self.sends:
-            view.updates = {c: u.delta[i].detach().clone() for i, c in enumerate(u.clients)}
-            sh = self.sharing
-            if sh is not None and sh.partial:
-                import torch
-
-                keep = torch.as_tensor(sh.mask)
-                for c in u.clients:  # the sent part only, whatever the row held
-                    view.updates[c] = torch.where(keep, view.updates[c],
-                                                  torch.zeros_like(view.updates[c]))
-                    view.readable[c] = sh.mask.copy()
-        return view
-
-    def _transport(self, rnd: int, aggregate: torch.Tensor) -> ServerView:
-        import torch
-
-        meta = self._meta
-        assert meta is not None
-        kind = str(self.transport_view)
-        if kind == "ciphertext" and self.applies_aggregate:
-            kind = "aggregate"
-        view = self._base(rnd, kind, meta)
-        if kind == "aggregate":
-            view.aggregate = aggregate.detach().clone()
-        weights = dict(zip(meta.clients, getattr(self, "_weights", np.ones(len(meta)))))
-        sh = self.sharing
-        if kind == "aggregate" and sh is not None and sh.partial:
-            assert view.aggregate is not None  # the sum of the sent parts: zero elsewhere
-            view.aggregate = torch.where(torch.as_tensor(sh.mask), view.aggregate,
-                                         torch.zeros_like(view.aggregate))
-        for m in self._messages:  # what each message shows in the clear (partial HE)
-            if m.readable is not None:
-                mask, values = m.readable
-                full = torch.zeros_like(aggregate)
-                # the server knows each client's aggregation weight: it reads the update
-                scale = float(weights.get(m.client, 1.0)) or 1.0
-                full[torch.as_tensor(mask)] = values.to(full.dtype) / scale
-                mask = np.asarray(mask, dtype=bool)
-                if sh is not None and sh.partial:
-                    mask = mask & sh.mask
-                    full = torch.where(torch.as_tensor(mask), full, torch.zeros_like(full))
-                view.updates[m.client] = full
-                view.readable[m.client] = mask
-        return view
-
-
-def _rows(v: Any, k: int) -> list[Any]:
-    return list(v) if isinstance(v, list) else [v[i] for i in range(k)]
+        self.views[r.round] = view_of(r, b, sharing=self.sharing,
+                                      server_view=self.transport_view)

@@ -1,170 +1,135 @@
-"""Round protocols: who trains what, how a round runs, how a cell is scored.
+"""The round: one implementation, four settings.
 
-An algorithm declares its protocol (:attr:`fedmedbench.Algorithm.protocol`):
+An algorithm declares its protocol (:attr:`fedmedbench.Algorithm.protocol`),
+and each protocol is a :class:`Setting` of the same :class:`Round`:
 
-- :class:`Federated` — sampled clients train from the global model; their
-  updates pass the update-stage privacy, the compressor, the transport and
-  the aggregator; the server applies the aggregate. The round is one linear
-  function of stages, :meth:`Federated.round`, in the order of DESIGN's
-  "One round".
-- :class:`Pooled` — one party trains on every site's pooled training rows
-  (the ``centralized`` upper baseline), with the work of a federated round.
-- :class:`Isolated` — each site trains alone and is scored with its own
-  model (the ``local`` lower baseline).
-- :class:`Personalized` — each client keeps personal state (a model of its
-  own, scored on its own test split) and sends the server only what the
-  algorithm declares (:class:`~fedmedbench.components.Sharing`): the same
-  round as :class:`Federated` over the shared part of the model (FedBN,
-  FedRep, FedPer, Ditto, fine-tuning), or soft labels without any model
-  update (FedMD).
+- ``federated`` — sampled clients train from the global model; what they
+  send passes the transport and the aggregator; the server applies the
+  aggregate (DESIGN's "One round");
+- ``personalized`` — the same round, where each client also keeps a model
+  of its own and sends only what the algorithm declares
+  (:class:`~fedmedbench.components.Sharing`: the shared part of the model
+  for FedBN, FedRep, FedPer, Ditto, fine-tuning; soft labels only for
+  FedMD), scored on its own test split;
+- ``pooled`` — one party holding every site's training rows (the
+  ``centralized`` upper baseline), with the work of a federated round;
+- ``isolated`` — each site trains alone and is scored with its own model
+  (the ``local`` lower baseline).
 
-A protocol owns the models and the evaluation; the stages it runs go through
-:class:`~fedmedbench.meters.Stages`, whose observers meter time and bytes and
-record the server's view.
+One federated round, by the types that cross (:mod:`fedmedbench.messages`)::
 
-Models with running statistics (BatchNorm buffers) run on the loop backend
-(their :class:`~fedmedbench.Model` declares ``vectorized = False``). The
-statistics live in each client's trainer module; a protocol decides whose
-statistics a model is scored with. Under an algorithm that sends the whole
-model, clients send them with the update and the server averages them (the
-global model needs them; the record counts their bytes, the server's view
-holds them, and rules refuse them beside protected updates); under an
-algorithm with personal parameters, they stay on the clients (FedBN).
+    Server.broadcast            -> Broadcast        (published: bytes down, the view's model)
+    Clients.compute             -> Updates          (clients' side only)
+    Clients.seal                -> Sent             (declared fields, copies; or transport Messages)
+    transport.aggregate / read  -> Received         (published: bytes up, the server's view)
+    Server.aggregate, protect   -> aggregate
+    Server.update               -> the next global model
+
+The round holds the two parties and the transport mechanism (which
+simulates its own parties); it hands each component only its own party's
+objects, and the server's side only values built from what was sent.
+Evaluation (the benchmark's referee, outside the threat model) scores the
+models on every site's test split.
+
+Models with running statistics (BatchNorm buffers) run on the loop backend.
+The statistics live in each client's trainer; under an algorithm that sends
+the whole model, clients send them with the update (the ``buffers`` field)
+and the server averages them; under an algorithm with personal parameters
+they stay on the clients (FedBN).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmedbench.components import Algorithm, Message, Sharing, Updates
-from fedmedbench.errors import Diverged, PluginError, Skip
+from fedmedbench.components import Algorithm, Sharing, Updates
+from fedmedbench.errors import Diverged, PluginError
+from fedmedbench.messages import Broadcast, Received, _frozen, receive
 from fedmedbench.metrics import score
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fedmedbench.engine import CellRun
+    from fedmedbench.cell import Cell
+    from fedmedbench.context import CellContext
+    from fedmedbench.facts import CellFacts
+    from fedmedbench.meters import Stages
+    from fedmedbench.parties import Clients, Server
 
-__all__ = ["RoundProtocol", "Federated", "Pooled", "Isolated", "Personalized", "PROTOCOLS",
-           "protocol_for", "sharing_of"]
+__all__ = ["Setting", "SETTINGS", "PROTOCOLS", "Round", "setting_for", "sharing_of"]
 
 
-class RoundProtocol:
-    """Base: the cell's models, one round, evaluation.
+@dataclass(frozen=True)
+class Setting:
+    """How the round runs for a protocol.
 
-    ``run`` is the :class:`~fedmedbench.engine.CellRun` holding the built
-    components, the federation, the backend and the meters.
+    Attributes
+    ----------
+    name : str
+    aggregates : bool
+        Clients train from the global model and the server aggregates what
+        they send.
+    samples_clients : bool
+        The round's clients are sampled (run settings ``clients_per_round``,
+        ``client_sampling``); otherwise every client takes part every round.
+    pooled : bool
+        One training party holds every site's training rows.
+    own_models : bool
+        Each site keeps a model of its own and is scored with it.
     """
 
-    name: ClassVar[str] = ""
-    #: clients train from the global model, and the server aggregates
-    aggregates: ClassVar[bool] = False
-    #: the clients of a round are sampled (run settings ``clients_per_round``,
-    #: ``client_sampling``); otherwise every client takes part in every round
-    samples_clients: ClassVar[bool] = False
-
-    def __init__(self, run: CellRun) -> None:
-        from fedmedbench.backends import flat_buffers
-        from fedmedbench.facts import ModelFacts, model_problem
-
-        self.run = run
-        self.ctx = run.ctx
-        self.params: dict[int, torch.Tensor] = {}
-        self.sharing = sharing_of(run)
-        probe = run.model_factory()
-        name = run.model_component.name if run.model_component is not None else "model"
-        self.model_facts = ModelFacts.of(name, probe)
-        reason = model_problem(run.facts, self.model_facts,
-                               sends_buffers=self.sharing.buffers == "sent")
-        if reason:
-            raise Skip(reason)
-        #: the running statistics of a freshly built model (no training yet)
-        self.buffers0 = flat_buffers(probe)
-        #: the server's running statistics, averaged from what clients send
-        self.global_buffers = self.buffers0.clone()
-
-    # -- models ---------------------------------------------------------------
-
-    def init_models(self, w0: torch.Tensor) -> None:
-        self.params = {0: w0.clone()}
-        self.run.bytes.describe(self.sharing)
-        self.run.view_recorder.describe(self.sharing)
-
-    def global_params(self) -> torch.Tensor:
-        return self.params[0]
-
-    def set_global(self, w: torch.Tensor) -> None:
-        self.params[0] = w
-
-    def final_models(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(the model an outside party attacks, each site's own final model)."""
-        return self.params[0], {}
-
-    def final_buffers(self) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
-        """The running statistics (BatchNorm buffers) of :meth:`final_models`'
-        models: what they are scored with, so what an attack must load."""
-        final, per_site = self.final_models()
-        site = getattr(self, "site_buffers", None)
-        bufs = {i: b for i in per_site if site is not None and (b := site(i)) is not None}
-        return (bufs.get(0) if per_site else self.global_model_buffers()), bufs
-
-    def record_metrics(self) -> dict[str, Any]:
-        """Fields the protocol adds to the record's ``metrics`` beside ``utility``."""
-        return {}
-
-    # -- the round ------------------------------------------------------------
-
-    def round(self, t: int) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def check_finite(self, t: int) -> None:
-        import torch
-
-        for i, p in self.params.items():
-            if not torch.isfinite(p).all():
-                raise Diverged(f"round {t}: model {i} has non-finite parameters")
-
-    # -- evaluation -----------------------------------------------------------
-
-    def global_model_buffers(self) -> torch.Tensor:
-        """The running statistics the global model is scored with."""
-        return self.global_buffers
-
-    def evaluate(self) -> dict[str, Any]:
-        """Utility of the global model: every site's test split and the pooled test set."""
-        data, metric = self.ctx.data, self.ctx.data.task.metric
-        model = self.run.eval_model
-        _load(model, self.global_params(), self.global_model_buffers())
-        from fedmedbench.training import predict_proba
-
-        per_site, pooled = _score_sites(metric, data, predict_proba(model, _pooled_X(data)))
-        return _utility(metric, per_site, pooled)
+    name: str
+    aggregates: bool
+    samples_clients: bool
+    pooled: bool = False
+    own_models: bool = False
 
 
-def sharing_of(run: CellRun) -> Sharing:
+SETTINGS: dict[str, Setting] = {s.name: s for s in (
+    Setting("federated", aggregates=True, samples_clients=True),
+    Setting("personalized", aggregates=True, samples_clients=True, own_models=True),
+    Setting("pooled", aggregates=False, samples_clients=False, pooled=True),
+    Setting("isolated", aggregates=False, samples_clients=False, own_models=True),
+)}
+#: the protocols algorithms may declare
+PROTOCOLS = tuple(SETTINGS)
+
+
+def setting_for(alg: Algorithm) -> Setting:
+    name = str(alg.protocol)
+    if name not in SETTINGS:
+        raise PluginError(f"algorithm {alg.name} declares protocol {name!r}; protocols are "
+                          f"{', '.join(SETTINGS)}", plugin=alg.plugin, component=alg.name,
+                          hook="protocol", exc_type="ValueError")
+    return SETTINGS[name]
+
+
+def sharing_of(alg: Algorithm, ctx: CellContext, facts: CellFacts,
+               factory: Callable[[], Any]) -> Sharing:
     """The typed description of what each client sends
     (:class:`~fedmedbench.components.Sharing`), from the algorithm's declared
     ``sends``, ``shares`` and :meth:`~fedmedbench.Algorithm.shared_mask`."""
     from fedmedbench.backends import flat_buffers
     from fedmedbench.meters import calling
 
-    alg, ctx, facts = run.components.algorithm, run.ctx, run.facts.algorithm
     layout = ctx.layout
-    full = np.ones(layout.numel, dtype=bool)
-    if facts.shares == "none":
+    af = facts.algorithm
+    if af.shares == "none":
         return Sharing(layout, np.zeros(layout.numel, dtype=bool), delta=False,
                        fields=tuple(alg.sends))
-    mask = full
-    if facts.shares == "part":
+    mask = np.ones(layout.numel, dtype=bool)
+    if af.shares == "part":
         with calling(alg, "shared_mask"):
             got = alg.shared_mask(ctx)
         if got is not None:
             mask = _checked_mask(got, layout, alg)
-    bufs = int(flat_buffers(run.model_factory()).numel())
-    mode = "none" if bufs == 0 else ("local" if facts.shares == "part" else "sent")
+    bufs = int(flat_buffers(factory()).numel())
+    mode = "none" if bufs == 0 else ("local" if af.shares == "part" else "sent")
     fields = tuple(alg.sends) + (("buffers",) if mode == "sent" else ())
     return Sharing(layout, mask, delta=True, buffers=mode, buffer_numel=bufs, fields=fields)
 
@@ -196,204 +161,16 @@ def _load(model: Any, params: torch.Tensor, buffers: torch.Tensor | None) -> Non
         load_flat_buffers(model, buffers)
 
 
-class Federated(RoundProtocol):
-    """Sampled clients train from the global model; the server aggregates.
-
-    :class:`Personalized` runs this same round with its own starting models,
-    personal state and sent part (the seams :meth:`start`, :meth:`local`,
-    :meth:`send` and :meth:`after_server`); here they are the identity, so
-    an algorithm that sends its whole model runs the same arithmetic under
-    both protocols.
-    """
-
-    name = "federated"
-    aggregates = True
-    samples_clients = True
-
-    def round(self, t: int) -> dict[str, Any]:
-        run, ctx, c = self.run, self.ctx, self.run.components
-        stage = run.stages.run
-        clients = run.federation.sample(t, run.per_round)
-        run.begin_round(t, clients)
-        w = self.global_params()
-        if not clients:  # an empty Poisson sample: central noise still runs (skipping it
-            return self.empty_round(w)  # would reveal that nobody took part)
-        stage("broadcast", c.algorithm, "bytes_down", self.broadcast, clients)
-        start = self.start(clients, w)
-        updates = stage("local", c.algorithm, "client_update", self.local, clients, start)
-        updates = stage("client_metrics", c.aggregator, "client_metrics",
-                        run.backend.client_metrics, c.aggregator, updates, start)
-        if c.adversary is not None:
-            updates = stage("adversary", c.adversary, "corrupt_update", self.corrupt, updates)
-        for m in c.update_stage:
-            updates = stage("update", m, "process_update", m.process_update, ctx, updates)
-        if c.compressor is not None:
-            updates = stage("compress", c.compressor, "compress", c.compressor.compress, ctx,
-                            updates)
-        run.check_updates(updates)
-        if run.sum_contributions:  # the update stage weighted each row: the server sums
-            weights = np.ones(len(updates))
-        elif c.aggregator.linear:
-            weights = stage("weights", c.aggregator, "weights", c.aggregator.weights, updates)
-        else:
-            weights = None
-        if c.transport is not None:
-            sent = stage("metadata", None, "", _metadata, updates)
-            messages = stage("encode", c.transport, "encode", self.encode, updates, weights)
-            aggregate = stage("secure_aggregate", c.transport, "aggregate",
-                              self.secure_aggregate, messages)
-        else:
-            sent = stage("send", None, "", self.send, updates)
-            aggregate = (stage("aggregate", c.aggregator, "aggregate", _weighted, weights,
-                               sent) if weights is not None else
-                         stage("aggregate", c.aggregator, "aggregate", c.aggregator.aggregate,
-                               sent))
-        for m in c.server_stage:
-            aggregate = stage("server", m, "process_aggregate", m.process_aggregate, ctx,
-                              aggregate, sent)
-        import torch
-
-        run.check_vector(aggregate, c.aggregator if c.transport is None else c.transport,
-                         "aggregate")
-        if not torch.isfinite(aggregate).all():
-            raise Diverged(f"round {t}: the aggregated update is not finite")
-        if self.sharing.partial:  # only the shared parameters are averaged; noise a server
-            aggregate = torch.where(torch.as_tensor(self.sharing.mask), aggregate,  # stage
-                                    torch.zeros_like(aggregate))  # put elsewhere is discarded
-        new = stage("server_update", c.algorithm, "server_update",
-                    c.algorithm.server_update, ctx, w, aggregate, sent)
-        run.check_vector(new, c.algorithm, "server_update")
-        self.set_global(new)
-        self.after_server(updates, weights)
-        out: dict[str, Any] = {"clients": len(clients), "loss": run.reported_loss(updates)}
-        shown = updates.metrics.get("contribution_weight") if run.sum_contributions else weights
-        if shown is not None:
-            out["weights"] = {ctx.clients[u].name: round(float(x), 6)
-                              for u, x in zip(updates.clients, shown)}
-        return out
-
-    def empty_round(self, w: torch.Tensor) -> dict[str, Any]:
-        import torch
-
-        run, ctx, c = self.run, self.ctx, self.run.components
-        if c.server_stage:
-            none = Updates(clients=[], delta=torch.zeros((0, w.numel())), num_examples=[])
-            aggregate = torch.zeros_like(w)
-            for m in c.server_stage:
-                aggregate = run.stages.run("server", m, "process_aggregate", m.process_aggregate,
-                                           ctx, aggregate, none)
-            if self.sharing.partial:
-                aggregate = torch.where(torch.as_tensor(self.sharing.mask), aggregate,
-                                        torch.zeros_like(aggregate))
-            self.set_global(run.stages.run("server_update", c.algorithm, "server_update",
-                                           c.algorithm.server_update, ctx, w, aggregate, none))
-        return {"loss": None, "clients": 0}
-
-    # -- seams (the identity here; Personalized overrides them) -----------------
-
-    def start(self, clients: list[int], w: torch.Tensor) -> torch.Tensor:
-        """What the round's clients train from: the global model (D,)."""
-        return w
-
-    def local(self, clients: list[int], start: torch.Tensor) -> Updates:
-        """Local training of ``clients`` from ``start`` (the "local" stage);
-        with running statistics sent, each client starts from the server's
-        and sends its own back (``extra["buffers"]``)."""
-        b, alg = self.run.backend, self.run.components.algorithm
-        if self.sharing.buffers != "sent":
-            return b.client_updates(alg, clients, start)
-        for cl in clients:
-            b.load_buffers(cl, self.global_buffers)
-        updates = b.client_updates(alg, clients, start)
-        return _with_buffers(updates, b)
-
-    def send(self, updates: Updates) -> Updates:
-        """What reaches the server in plaintext: the delta's shared part only
-        (zero elsewhere; its bytes are those of the sent coordinates)."""
-        sh = self.sharing
-        if not sh.partial:
-            return updates
-        import torch
-
-        keep = torch.as_tensor(sh.mask)
-        delta = torch.where(keep, updates.delta, torch.zeros_like(updates.delta))
-        nbytes = updates.delta_bytes or [4 * sh.numel] * len(updates)
-        return updates.replace(delta=delta, delta_bytes=list(nbytes))
-
-    def after_server(self, updates: Updates, weights: np.ndarray | None) -> None:
-        """After the server update: average the running statistics sent."""
-        if self.sharing.buffers != "sent" or "buffers" not in updates.extra:
-            return
-        import torch
-
-        if weights is None or self.run.sum_contributions:
-            n = np.asarray(updates.num_examples, dtype=float)
-            weights = n / n.sum()
-        om = torch.as_tensor(np.asarray(weights, dtype=float), dtype=torch.float32)
-        self.global_buffers = om @ updates.extra["buffers"].to(torch.float32)
-
-    # -- stage bodies (no metering here: the observers do it) -------------------
-
-    def broadcast(self, clients: list[int]) -> list[int]:
-        """Bytes each participating client receives this round: the shared
-        part of the global model (and its running statistics when they are
-        averaged)."""
-        c, sh = self.run.components, self.sharing
-        model_bytes = 4 * sh.numel + (4 * sh.buffer_numel if sh.buffers == "sent" else 0)
-        per = int(c.algorithm.bytes_down(self.ctx, model_bytes))
-        if c.transport is not None:
-            per += int(c.transport.bytes_down(self.ctx))
-        return [per] * len(clients)
-
-    def corrupt(self, updates: Updates) -> Updates:
-        run = self.run
-        rows = [i for i, u in enumerate(updates.clients) if u in run.federation.malicious]
-        if not rows:
-            return updates
-        adv = run.components.adversary
-        assert adv is not None
-        delta = updates.delta.clone()
-        for i in rows:  # one call per malicious client, with its own seeded stream
-            bad = adv.corrupt_update(self.ctx, updates.rows([i]),
-                                     self.ctx.rng("adversary-update", self.ctx.round,
-                                                  updates.clients[i]))
-            delta[i] = bad.delta.reshape(-1).to(delta.dtype)
-        return updates.replace(delta=delta)
-
-    def encode(self, updates: Updates, weights: np.ndarray | None) -> list[Message]:
-        """Each client's weight-scaled vector, encoded: of a partial delta,
-        only the shared coordinates (the transport sees exactly what is sent)."""
-        t = self.run.components.transport
-        assert t is not None and weights is not None
-        idx = self.sharing.index if self.sharing.partial else None
-        out = []
-        for i, u in enumerate(updates.clients):
-            v = updates.delta[i] * float(weights[i])
-            out.append(t.encode(self.ctx, u, v if idx is None else v[idx]))
-        return out
-
-    def secure_aggregate(self, messages: list[Message]) -> torch.Tensor:
-        """The transport's sum, back on the full parameter vector."""
-        import torch
-
-        t = self.run.components.transport
-        assert t is not None
-        total = t.aggregate(self.ctx, messages)
-        if not self.sharing.partial:
-            return total
-        full = torch.zeros(self.ctx.layout.numel, dtype=total.dtype)
-        full[self.sharing.index] = total.reshape(-1)
-        return full
-
-
-def _with_buffers(updates: Updates, backend: Any) -> Updates:
-    """``updates`` with each client's running statistics after training."""
-    import torch
-
-    rows = [backend.buffers(cl) for cl in updates.clients]
-    if any(r is None for r in rows):
-        return updates
-    return updates.replace(extra={**updates.extra, "buffers": torch.stack(rows)})
+def local_received(updates: Updates, i: int) -> Received:
+    """A site's own update as it applies it itself (isolated and pooled
+    protocols: nothing crosses to a server)."""
+    rows: dict[str, Any] = {"delta": _delta(updates, i).unsqueeze(0).detach().clone()}
+    for k, v in updates.extra.items():
+        rows[k] = v[i:i + 1] if not isinstance(v, list) else [v[i]]
+    return Received(round=0, kind="plaintext", clients=(int(updates.clients[i]),),
+                    num_examples=(int(updates.num_examples[i]),),
+                    metrics=_frozen({k: np.asarray(v)[[i]] for k, v in updates.metrics.items()}),
+                    rows=_frozen(rows))
 
 
 def _delta(updates: Updates, i: int) -> torch.Tensor:
@@ -403,236 +180,298 @@ def _delta(updates: Updates, i: int) -> torch.Tensor:
     return updates.delta[i]
 
 
-def _identity(updates: Updates) -> Updates:
-    return updates
+class Round:
+    """One round of a cell, for its :class:`Setting` (module docstring).
 
-
-def _metadata(updates: Updates) -> Updates:
-    """What reaches the server beside a transport-encoded update: everything
-    but the deltas (zero rows of the same shape)."""
-    import torch
-
-    return updates.replace(delta=torch.zeros_like(updates.delta))
-
-
-def _weighted(weights: np.ndarray, updates: Updates) -> torch.Tensor:
-    import torch
-
-    return torch.as_tensor(np.asarray(weights), dtype=updates.delta.dtype) @ updates.delta
-
-
-class Pooled(RoundProtocol):
-    """One party trains on the pooled training rows of every site.
-
-    A round takes as many optimizer steps as a federated round's clients
-    take together in expectation: ``q · Σ_i steps_i`` with ``q`` the
-    client sampling rate of the cell's run settings (so with every client
-    taking part, the steps of all sites; the budget is recorded).
+    Parameters
+    ----------
+    cell : Cell
+        The built cell (components, data, contexts).
+    clients, server : Clients, Server
+        The two parties.
+    stages : Stages
+        Runs and publishes the stages (time, bytes, the server's view).
     """
 
-    name = "pooled"
-
-    def __init__(self, run: CellRun) -> None:
-        super().__init__(run)
-        self.steps = pooled_steps(run)
-        self.ctx._steps = lambda client: self.steps
-
-    def round(self, t: int) -> dict[str, Any]:
-        run, c = self.run, self.run.components
-        run.begin_round(t, [0])
-        w = self.params[0]
-        updates = run.stages.run("local", c.algorithm, "client_update",
-                                 run.backend.client_updates, c.algorithm, [0], w)
-        run.check_updates(updates)
-        self.params[0] = run.stages.run("server_update", c.algorithm, "server_update",
-                                        c.algorithm.server_update, self.ctx, w,
-                                        updates.delta[0], updates)
-        return {"clients": 1, "loss": run.reported_loss(updates), "steps": self.steps}
-
-    def global_model_buffers(self) -> torch.Tensor:
-        own = self.run.backend.buffers(0)  # the one party's own running statistics
-        return self.buffers0 if own is None else own
-
-
-def pooled_steps(run: CellRun) -> int:
-    """Steps per pooled round: a federated round's expected work (module doc)."""
-    sites = run.ctx.data.sites
-    s = run.ctx.settings
-    q = run.federation_sites_rate
-    return max(1, int(round(q * sum(s.steps_for(len(site.train)) for site in sites))))
-
-
-class Isolated(RoundProtocol):
-    """Each site trains alone; each is scored with its own model.
-
-    ``global`` utility is the mean over sites of each site's model on the
-    pooled test set (how well one hospital's model serves everyone);
-    ``per_site`` scores each site's model on its own test split;
-    ``cross_site`` gives, per site, its model's unweighted mean over every
-    site's test split (FLamby's "Local i" number) and ``cross_site_matrix``
-    each of those scores (model's site → test site → score).
-    """
-
-    name = "isolated"
-
-    def init_models(self, w0: torch.Tensor) -> None:
-        self.params = {i: w0.clone() for i in range(self.ctx.num_clients)}
-        for i, f in self.run.client_factories.items():  # clients with their own architecture
-            from fedmedbench.models import get_flat_params
-
-            self.params[i] = self.run.maybe_pretrain(f, get_flat_params(f()))
-        self.run.bytes.describe(self.sharing)
-        self.run.view_recorder.describe(self.sharing)
-
-    def final_models(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        return self.params[0], dict(self.params)
-
-    def round(self, t: int) -> dict[str, Any]:
-        run, c = self.run, self.run.components
-        clients = list(range(self.ctx.num_clients))
-        run.begin_round(t, clients)
-        updates = run.stages.run("local", c.algorithm, "client_update",
-                                 run.backend.client_updates, c.algorithm, clients, self.params)
-        run.check_updates(updates)
-        for i, u in enumerate(updates.clients):
-            self.params[u] = run.stages.run(
-                "server_update", c.algorithm, "server_update", c.algorithm.server_update,
-                self.ctx, self.params[u], _delta(updates, i), updates.rows([i]))
-        return {"clients": len(clients), "loss": run.reported_loss(updates)}
-
-    def site_buffers(self, i: int) -> torch.Tensor | None:
-        """The running statistics site ``i``'s own model is scored with."""
-        own = self.run.backend.buffers(i)
-        return self.buffers0 if own is None else own
-
-    def evaluate(self) -> dict[str, Any]:
-        from fedmedbench.training import predict_proba
-
-        data, metric = self.ctx.data, self.ctx.data.task.metric
-        per_site: dict[str, float] = {}
-        on_pooled = []
-        matrix: dict[str, dict[str, float]] = {}
-        X = _pooled_X(data)
-        for i, site in enumerate(data.sites):
-            model = self.run.model_for(i)
-            _load(model, self.params[i],
-                  None if i in self.run.client_factories else self.site_buffers(i))
-            site_scores, pooled = _score_sites(metric, data, predict_proba(model, X))
-            per_site[site.name] = site_scores[site.name]
-            on_pooled.append(pooled)
-            matrix[site.name] = site_scores
-        cross = {name: float(np.nanmean(list(row.values()))) for name, row in matrix.items()}
-        return _utility(metric, per_site, float(np.nanmean(on_pooled)), cross_site=cross,
-                        cross_site_matrix=matrix)
-
-
-class Personalized(Federated):
-    """Each client keeps personal state; the server combines what they send.
-
-    The server's view, bytes and every privacy stage apply to the part of
-    the model the algorithm declares it shares (:attr:`sharing`, a
-    :class:`~fedmedbench.components.Sharing`):
-
-    - **model-sharing** algorithms (``"delta"`` in ``sends``) run the
-      :class:`Federated` round on the shared parameters. Each sampled client
-      starts from the global model on the shared parameters and its own
-      personal values on the rest (:meth:`start`; ``ctx.personal`` holds its
-      personal models), sends the shared part of its delta (:meth:`send`),
-      and keeps the rest. With ``personal_model = "merged"`` a client's model
-      is the global model on the shared parameters and its own on the rest
-      (FedBN, FedRep, FedPer, fine-tuning); with ``"separate"`` it is a whole
-      model of its own, returned in the update's ``personal`` field, which is
-      never sent (Ditto). After the last round :meth:`Algorithm.finalize`
-      runs on every site (fine-tuning);
-    - **prediction-sharing** algorithms (no ``"delta"``: FedMD) send only
-      their extra fields, and ``server_update`` is called once per client
-      with that client's own parameters, its delta and *every* client's
-      update, returning that client's next model.
-
-    Evaluation: ``utility`` scores each site's test split with that site's
-    own model (``per_site``, their mean, the worst site; ``global`` is the
-    mean over sites of each site's model on the pooled test set, as for
-    ``local``). Where the method has a global model (it shares the whole
-    model: Ditto, fine-tuning), :meth:`record_metrics` adds
-    ``utility_global``: the same fields for the global model.
-    """
-
-    name = "personalized"
-    aggregates = True
-    samples_clients = True
-
-    def __init__(self, run: CellRun) -> None:
-        super().__init__(run)
-        alg = run.components.algorithm
-        self.separate = run.facts.algorithm.personal_model == "separate"
+    def __init__(self, cell: Cell, clients: Clients, server: Server, stages: Stages) -> None:
+        self.cell = cell
+        self.setting = cell.setting
+        self.clients = clients
+        self.server = server
+        self.stages = stages
+        self.transport = cell.transport
+        self.sharing = cell.sharing
+        self.federation = cell.federation
+        alg = cell.server.algorithm
+        self.separate = cell.facts.algorithm.personal_model == "separate"
         #: the trainer whose module holds a personal model's running statistics
         self.personal_trainer = "personal" if self.separate else "main"
-        self.has_global = self.sharing.delta and not self.sharing.partial
-        self.global_utility: dict[str, Any] | None = None
+        self.has_global = self.setting.aggregates and self.sharing.delta and (
+            not self.setting.own_models or not self.sharing.partial)
         self.finalizes = type(alg).finalize is not Algorithm.finalize
-        self.personal_buffers: dict[int, torch.Tensor] = {}
-        self._trained: dict[int, torch.Tensor] = {}
+        self.global_utility: dict[str, Any] | None = None
+        from fedmedbench.backends import flat_buffers
 
-    # -- models ---------------------------------------------------------------
+        #: the running statistics of a freshly built model (no training yet)
+        self.buffers0 = flat_buffers(cell.factory())
+        self.eval_model = cell.factory()
+        self.numel = cell.layout.numel
 
-    def init_models(self, w0: torch.Tensor) -> None:
-        Isolated.init_models(self, w0)  # type: ignore[arg-type]
-        self.global_w = w0.clone()
+    # -- models ------------------------------------------------------------------------
 
+    def init_models(self, w0: torch.Tensor, *, pretrain: Callable[[Callable[[], Any]],
+                                                                  torch.Tensor] | None = None
+                    ) -> None:
+        self.server.params = w0.clone()
+        self.server.buffers = self.buffers0.clone()
+        if self.setting.own_models:
+            cl = self.clients
+            cl.models = {i: w0.clone() for i in range(self.cell.clients_ctx.num_clients)}
+            for i, f in self.cell.client_factories.items():  # their own architectures
+                from fedmedbench.models import get_flat_params
+
+                cl.models[i] = pretrain(f) if pretrain is not None else get_flat_params(f())
+
+    @property
     def global_params(self) -> torch.Tensor:
-        return self.global_w
-
-    def set_global(self, w: torch.Tensor) -> None:
-        self.global_w = w
+        assert self.server.params is not None
+        return self.server.params
 
     def final_models(self) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        return self.params[0], dict(self.params)
+        """(the model an outside party attacks, each site's own final model)."""
+        if self.setting.own_models:
+            return self.clients.models[0], dict(self.clients.models)
+        return self.global_params, {}
 
-    def check_finite(self, t: int) -> None:
-        import torch
+    def final_buffers(self) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """The running statistics (BatchNorm buffers) of :meth:`final_models`'
+        models: what they are scored with, so what an attack must load."""
+        _, per_site = self.final_models()
+        if per_site:
+            bufs = {i: b for i in per_site if (b := self.site_buffers(i)) is not None}
+            return bufs.get(0), bufs
+        return self.global_model_buffers(), {}
 
-        super().check_finite(t)
-        if not torch.isfinite(self.global_w).all():
-            raise Diverged(f"round {t}: the global model has non-finite parameters")
+    def params_by_model(self) -> dict[int, torch.Tensor]:
+        """The models after the last round (0: the global model; per site under
+        the isolated and personalized protocols)."""
+        if self.setting.own_models:
+            return dict(self.clients.models)
+        return {0: self.global_params}
 
-    def record_metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"sharing": self.sharing.describe()}
-        if self.global_utility is not None:
-            out["utility_global"] = self.global_utility
-        return out
+    # -- the round -----------------------------------------------------------------------
 
-    # -- the round ------------------------------------------------------------
-
-    def round(self, t: int) -> dict[str, Any]:
-        out = super().round(t) if self.sharing.delta else self.round_without_delta(t)
-        if t == self.ctx.rounds and self.finalizes:
+    def run(self, t: int) -> dict[str, Any]:
+        if self.setting.pooled:
+            return self.pooled_round(t)
+        if not self.setting.aggregates:
+            return self.isolated_round(t)
+        if not self.sharing.delta:
+            return self.prediction_round(t)
+        out = self.federated_round(t)
+        if self.setting.own_models and t == self.cell.rounds and self.finalizes:
             self.finalize()
         return out
 
-    def start(self, clients: list[int], w: torch.Tensor) -> torch.Tensor:
-        """Each client's starting model (k, D): the global model on the shared
-        parameters, its own on the rest. When everything is shared, the
-        global model (D,) itself, exactly as :class:`Federated` hands it out
-        (algorithms written for the federated protocol then see what they
-        expect)."""
+    def begin(self, t: int, clients: list[int]) -> None:
+        for ctx in (self.cell.clients_ctx, self.cell.server_ctx):
+            ctx.round = t
+            ctx.participants = list(clients)
+        for comp in self.cell.all_components():
+            self._lifecycle(comp, "begin_round", t)
+
+    def end(self, t: int) -> None:
+        """Every component's ``end_round`` (also after an aborted round)."""
+        for comp in self.cell.all_components():
+            self._lifecycle(comp, "end_round", t)
+
+    def _lifecycle(self, comp: Any, hook: str, t: int) -> None:
+        from fedmedbench.components import PrivacyMechanism
+
+        stage = hook if isinstance(comp, PrivacyMechanism) else ""
+        self.stages.run(stage, comp, hook, getattr(comp, hook), t)
+
+    def reported_loss(self, updates: Updates) -> float | None:
+        """The round's mean client training loss for the history; under DP the
+        clients do not send it (it is computed on private records, un-noised)."""
+        if self.cell.dp:
+            return None
+        loss = updates.metrics.get("loss")
+        if loss is None or not len(loss):
+            return None
+        v = np.asarray(loss, dtype=float)
+        if np.isinf(v).any():
+            raise Diverged(f"a client's training loss is {float(v[np.isinf(v)][0])}")
+        return float(np.nanmean(v)) if np.isfinite(v).any() else None
+
+    def federated_round(self, t: int) -> dict[str, Any]:
+        """Sampled clients train from the global model (their own on the
+        personal parameters); the server aggregates what they send."""
         import torch
 
-        if not self.sharing.partial:
+        cl, sv, stage = self.clients, self.server, self.stages.run
+        clients = self.federation.sample(t, self.cell.per_round)
+        self.begin(t, clients)
+        if not clients:  # an empty Poisson sample: central noise still runs (skipping it
+            return self.empty_round(t)  # would reveal that nobody took part)
+        bc = sv.broadcast(clients)
+        self.stages.publish(bc)
+        cl.deliver(bc)
+        start = self.start(clients, bc.params)
+        personal = (torch.stack([cl.models[c] for c in clients])
+                    if self.setting.own_models else None)
+        if self.sharing.buffers == "sent":  # each client starts from the server's statistics
+            for c in clients:
+                cl.backend.load_buffers(c, sv.buffers)
+        updates = cl.train(clients, start, bc, personal=personal)
+        updates = self.keep_personal(clients, start, updates)
+        updates = cl.protect(updates, start)
+        cl.check(updates, numel=self.numel)
+        loss = self.reported_loss(updates)
+        weights = self.weights(updates)
+        if self.transport is not None:
+            received = self.through_transport(updates, weights)
+            aggregate = received.sums["delta"]
+        else:
+            sent = stage("send", None, "", cl.seal, updates)
+            self.stages.publish(sent)
+            received = receive(sent, sharing=self.sharing, numel=self.numel)
+            self.stages.publish(received)
+            aggregate = sv.aggregate(received, weights)
+        del updates  # what the clients computed stays on their side
+        aggregate = sv.protect(aggregate, received)
+        self._check_aggregate(t, aggregate)
+        if self.sharing.partial:  # only the shared parameters are averaged; noise a server
+            aggregate = torch.where(torch.as_tensor(self.sharing.mask), aggregate,  # stage
+                                    torch.zeros_like(aggregate))  # put elsewhere is discarded
+        new = sv.update(aggregate, received)
+        self._check_vector(new, sv.parts.algorithm, "server_update")
+        sv.params = new
+        self.after_server(received, weights)
+        out: dict[str, Any] = {"clients": len(clients), "loss": loss}
+        shown = self.contribution_weights(received) if self.cell.sum_contributions \
+            else weights
+        if shown is not None:
+            names = self.cell.clients_ctx.client_names
+            out["weights"] = {names[u]: round(float(x), 6)
+                              for u, x in zip(received.clients, shown)}
+        return out
+
+    def contribution_weights(self, received: Received) -> np.ndarray | None:
+        """Under a mechanism that weights the rows itself, the weights its
+        server half says each received update carries (for the history)."""
+        for m in self.server.parts.server_stage:
+            if m.aggregate_as_sum:  # type: ignore[attr-defined]
+                w = self.stages.run("", m, "contribution_weights", m.contribution_weights,
+                                    self.server.ctx, received)
+                if w is not None:
+                    return np.asarray(w, dtype=float)
+        return None
+
+    def weights(self, updates: Updates) -> np.ndarray | None:
+        """The aggregation weights, computed by the server from what crosses
+        in the clear (``None``: a non-linear rule)."""
+        if self.cell.sum_contributions:  # the update stage weighted each row: the server sums
+            return np.ones(len(updates))
+        if not self.server.parts.aggregator.linear:
+            return None
+        meta = self.clients.metadata(updates)
+        if self.transport is None:  # the plaintext messages carry the same metadata
+            read = receive(self.clients.seal(updates), sharing=self.sharing, numel=self.numel)
+        else:
+            read = receive(meta, sharing=self.sharing, numel=self.numel)
+        return self.server.weights(read)
+
+    def through_transport(self, updates: Updates, weights: np.ndarray | None) -> Received:
+        """Encode on the clients' side, aggregate on the server's (the
+        transport's parties), and read the sums."""
+        from fedmedbench.components import Message
+
+        t, cl, sv = self.transport, self.clients, self.server
+        assert t is not None and weights is not None
+
+        def encode(client: int, vector: torch.Tensor) -> Message:
+            msg = t.encode(cl.ctx, client, vector)
+            if not isinstance(msg, Message):
+                raise TypeError(f"encode returned {type(msg).__module__}."
+                                f"{type(msg).__name__}, not fedmedbench.Message")
+            return msg
+
+        sent = self.stages.run("encode", t, "encode", cl.seal, updates, weights, encode)
+        total = self.stages.run("secure_aggregate", t, "aggregate", t.aggregate, sv.ctx,
+                                list(sent.messages))
+        expect = sum(n for _, n in sent.layout)
+        if tuple(total.reshape(-1).shape) != (expect,):
+            raise PluginError(f"aggregate returned a tensor of shape {tuple(total.shape)}; the "
+                              f"encoded vectors have {expect} values, so their sum of shape "
+                              f"({expect},) is expected", plugin=t.plugin, component=t.name,
+                              hook="aggregate", exc_type="ValueError")
+        self.stages.publish(sent)  # its messages' bytes are final once the sum is out
+        received = receive(sent, sharing=self.sharing, numel=self.numel, total=total,
+                           transport=t.name)
+        self.stages.publish(received)
+        return received
+
+    def empty_round(self, t: int) -> dict[str, Any]:
+        import torch
+
+        sv = self.server
+        if sv.parts.server_stage:
+            none = Received(round=t, kind="plaintext", clients=(), num_examples=(),
+                            metrics=_frozen({}),
+                            rows=_frozen({"delta": torch.zeros((0, self.numel))}))
+            aggregate = sv.protect(torch.zeros(self.numel), none)
+            if self.sharing.partial:
+                aggregate = torch.where(torch.as_tensor(self.sharing.mask), aggregate,
+                                        torch.zeros_like(aggregate))
+            sv.params = sv.update(aggregate, none)
+        return {"loss": None, "clients": 0}
+
+    def _check_aggregate(self, t: int, aggregate: torch.Tensor) -> None:
+        import torch
+
+        comp = self.server.parts.aggregator if self.transport is None else self.transport
+        self._check_vector(aggregate, comp, "aggregate")
+        if not torch.isfinite(aggregate).all():
+            raise Diverged(f"round {t}: the aggregated update is not finite")
+
+    def _check_vector(self, v: Any, comp: Any, hook: str) -> None:
+        """A hook's model-sized vector has the model's size."""
+        n = self.numel
+        if tuple(v.shape) != (n,):
+            raise PluginError(f"{hook} returned a tensor of shape {tuple(v.shape)}; the model "
+                              f"has {n} parameters, so a flat vector of shape ({n},) is "
+                              f"expected", plugin=comp.plugin or type(comp).__module__,
+                              component=comp.name, hook=hook, exc_type="ValueError")
+
+    # -- personal state (personalized protocol) ----------------------------------------
+
+    def start(self, clients: list[int], w: torch.Tensor) -> torch.Tensor:
+        """What the round's clients train from: the global model (D,); under
+        a partial send each client's own values on its personal parameters
+        (k, D)."""
+        import torch
+
+        if not (self.setting.own_models and self.sharing.partial):
             return w
         keep = torch.as_tensor(self.sharing.mask)
-        return torch.stack([torch.where(keep, w, self.params[cl]) for cl in clients])
+        cl = self.clients
+        return torch.stack([torch.where(keep, w, cl.models[c]) for c in clients])
 
-    def local(self, clients: list[int], start: torch.Tensor) -> Updates:
-        import torch
-
-        b, alg, sh = self.run.backend, self.run.components.algorithm, self.sharing
-        personal = torch.stack([self.params[cl] for cl in clients])
-        if sh.buffers == "sent":
-            for cl in clients:
-                b.load_buffers(cl, self.global_buffers)
-        updates = b.client_updates(alg, clients, start, personal=personal)
+    def keep_personal(self, clients: list[int], start: torch.Tensor, updates: Updates
+                      ) -> Updates:
+        """On the clients' side: the model each client keeps (its personal
+        model, or where its training ended), its running statistics, and the
+        update without the ``personal`` field (it never leaves the client)."""
+        cl, sh = self.clients, self.sharing
+        b = cl.backend
+        if self.sharing.buffers == "sent":
+            updates = _with_buffers(updates, b)
+        if not self.setting.own_models:
+            return updates
         extra = dict(updates.extra)
         mine = extra.pop("personal", None)
+        alg = cl.parts.algorithm
         if self.separate:
             if mine is None or tuple(mine.shape) != tuple(updates.delta.shape):
                 raise PluginError(
@@ -644,104 +483,223 @@ class Personalized(Federated):
             rows = mine.detach()
         else:
             rows = (start + updates.delta).detach()
-        self._trained = {cl: rows[j].clone() for j, cl in enumerate(clients)}
+        cl.trained = {c: rows[j].clone() for j, c in enumerate(clients)}
         if self.separate or sh.buffers == "local":  # (sent and merged: the server's)
-            for cl in clients:
-                own = b.buffers(cl, self.personal_trainer)
+            for c in clients:
+                own = b.buffers(c, self.personal_trainer)
                 if own is not None:
-                    self.personal_buffers[cl] = own
-        updates = updates.replace(extra=extra)
-        return _with_buffers(updates, b) if sh.buffers == "sent" else updates
+                    cl.personal_buffers[c] = own
+        return updates.replace(extra=extra)
 
-    def after_server(self, updates: Updates, weights: np.ndarray | None) -> None:
-        """Keep what the clients trained; merged models take the new global
-        model on the shared parameters (every site can download it)."""
+    def after_server(self, received: Received, weights: np.ndarray | None) -> None:
+        """Average the running statistics sent (the server); keep what the
+        clients trained, and merge the new global model's shared parameters
+        into every site's model (every site can download it)."""
         import torch
 
-        super().after_server(updates, weights)
-        for cl, row in self._trained.items():
-            self.params[cl] = row
-        self._trained = {}
+        sv, cl = self.server, self.clients
+        if self.sharing.buffers == "sent" and "buffers" in received.rows:
+            if weights is None or self.cell.sum_contributions:
+                n = np.asarray(received.num_examples, dtype=float)
+                weights = n / n.sum()
+            om = torch.as_tensor(np.asarray(weights, dtype=float), dtype=torch.float32)
+            sv.buffers = om @ received.rows["buffers"].to(torch.float32)
+        if not self.setting.own_models:
+            return
+        for c, row in cl.trained.items():
+            cl.models[c] = row
+        cl.trained = {}
         if self.separate:
             return
         keep = torch.as_tensor(self.sharing.mask)
-        for cl in range(self.ctx.num_clients):
-            self.params[cl] = torch.where(keep, self.global_w, self.params[cl])
+        for c in range(self.cell.clients_ctx.num_clients):
+            cl.models[c] = torch.where(keep, self.global_params, cl.models[c])
         if self.sharing.buffers == "sent":  # the shared layers' statistics are the server's
-            self.personal_buffers = {}
+            cl.personal_buffers = {}
 
     def finalize(self) -> None:
         """:meth:`Algorithm.finalize` on every site (the "finalize" stage)."""
         import torch
 
-        run, alg = self.run, self.run.components.algorithm
-        clients = list(range(self.ctx.num_clients))
-        b = run.backend
-        for cl in clients:  # start from the running statistics the model is scored with
-            own = self.personal_buffers.get(cl)
+        cl = self.clients
+        alg = cl.parts.algorithm
+        clients = list(range(self.cell.clients_ctx.num_clients))
+        b = cl.backend
+        for c in clients:  # start from the running statistics the model is scored with
+            own = cl.personal_buffers.get(c)
             if self.sharing.buffers == "sent" and not self.separate:
-                own = self.global_buffers
+                own = self.server.buffers
             if own is not None and own.numel():
-                b.load_buffers(cl, own, self.personal_trainer)
-        models = torch.stack([self.params[cl] for cl in clients])
-        new = run.stages.run("finalize", alg, "finalize", b.finalize, alg, clients, models,
-                             models)
-        for j, cl in enumerate(clients):
-            self.params[cl] = new[j].detach().clone()
-            own = b.buffers(cl, self.personal_trainer)
+                b.load_buffers(c, own, self.personal_trainer)
+        models = torch.stack([cl.models[c] for c in clients])
+        new = self.stages.run("finalize", alg, "finalize", b.finalize, alg, clients, models,
+                              models)
+        for j, c in enumerate(clients):
+            cl.models[c] = new[j].detach().clone()
+            own = b.buffers(c, self.personal_trainer)
             if own is not None:
-                self.personal_buffers[cl] = own
+                cl.personal_buffers[c] = own
 
-    def round_without_delta(self, t: int) -> dict[str, Any]:
-        """Prediction sharing (FedMD): no model update reaches the server."""
-        run, c = self.run, self.run.components
-        stage = run.stages.run
-        clients = run.federation.sample(t, run.per_round)
-        run.begin_round(t, clients)
+    def prediction_round(self, t: int) -> dict[str, Any]:
+        """Prediction sharing (FedMD): no model update reaches the server;
+        each client applies its own update, and the server reads the fields
+        the algorithm sends (its server update keeps its own state)."""
+        cl, sv, stage = self.clients, self.server, self.stages.run
+        clients = self.federation.sample(t, self.cell.per_round)
+        self.begin(t, clients)
         if not clients:
             return {"loss": None, "clients": 0}
-        stage("broadcast", c.algorithm, "bytes_down", self.broadcast, clients)
-        updates = stage("local", c.algorithm, "client_update", run.backend.client_updates,
-                        c.algorithm, clients, self.params)
-        for m in c.update_stage:
-            updates = stage("update", m, "process_update", m.process_update, self.ctx, updates)
-        run.check_updates(updates)
-        sent = stage("send", None, "", _identity, updates)
-        for i, u in enumerate(updates.clients):
-            self.params[u] = stage("server_update", c.algorithm, "server_update",
-                                   c.algorithm.server_update, self.ctx, self.params[u],
-                                   _delta(updates, i), sent)
+        bc = sv.broadcast(clients)
+        self.stages.publish(bc)
+        updates = cl.train(clients, dict(cl.models), bc)
+        for m in cl.parts.update_stage:
+            updates = stage("update", m, "process_update", m.process_update, cl.ctx, updates)
+        cl.check(updates, numel=None)
+        loss = self.reported_loss(updates)
+        for i, u in enumerate(updates.clients):  # each client applies its own update
+            cl.models[u] = cl.models[u] + _delta(updates, i)
         for u in updates.clients:
-            own = run.backend.buffers(u)
+            own = cl.backend.buffers(u)
             if own is not None:
-                self.personal_buffers[u] = own
-        return {"clients": len(clients), "loss": run.reported_loss(updates)}
+                cl.personal_buffers[u] = own
+        sent = stage("send", None, "", cl.seal, updates)
+        self.stages.publish(sent)
+        received = receive(sent, sharing=self.sharing, numel=self.numel)
+        self.stages.publish(received)
+        del updates
+        import torch
 
-    # -- evaluation -----------------------------------------------------------
+        sv.params = sv.update(torch.zeros(self.numel), received)
+        return {"clients": len(clients), "loss": loss}
+
+    # -- the other settings --------------------------------------------------------------
+
+    def isolated_round(self, t: int) -> dict[str, Any]:
+        """Each site trains alone and applies its own update."""
+        cl, sv = self.clients, self.server
+        clients = list(range(self.cell.clients_ctx.num_clients))
+        self.begin(t, clients)
+        updates = cl.train(clients, cl.models, None)
+        cl.check(updates, numel=None)
+        alg = sv.parts.algorithm
+        for i, u in enumerate(updates.clients):
+            cl.models[u] = self.stages.run(
+                "server_update", alg, "server_update", alg.server_update, sv.ctx,
+                cl.models[u], _delta(updates, i).detach().clone(), local_received(updates, i))
+        return {"clients": len(clients), "loss": self.reported_loss(updates)}
+
+    def pooled_round(self, t: int) -> dict[str, Any]:
+        """One party trains on the pooled rows: the work of a federated round."""
+        cl, sv = self.clients, self.server
+        self.begin(t, [0])
+        w = self.global_params
+        updates = cl.train([0], w, None)
+        cl.check(updates, numel=self.numel)
+        alg = sv.parts.algorithm
+        sv.params = self.stages.run("server_update", alg, "server_update", alg.server_update,
+                                    sv.ctx, w.detach().clone(), updates.delta[0].detach().clone(),
+                                    local_received(updates, 0))
+        return {"clients": 1, "loss": self.reported_loss(updates),
+                "steps": self.cell.clients_ctx.fixed_steps}
+
+    def check_finite(self, t: int) -> None:
+        import torch
+
+        for i, p in self.params_by_model().items():
+            if not torch.isfinite(p).all():
+                raise Diverged(f"round {t}: model {i} has non-finite parameters")
+        if self.setting.own_models and self.setting.aggregates and \
+                not torch.isfinite(self.global_params).all():
+            raise Diverged(f"round {t}: the global model has non-finite parameters")
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def global_model_buffers(self) -> torch.Tensor:
+        """The running statistics the global model is scored with."""
+        if self.setting.pooled:
+            own = self.clients.backend.buffers(0)  # the one party's own running statistics
+            return self.buffers0 if own is None else own
+        assert self.server.buffers is not None
+        return self.server.buffers
 
     def site_buffers(self, i: int) -> torch.Tensor | None:
+        """The running statistics site ``i``'s own model is scored with."""
+        cl = self.clients
+        if not self.setting.aggregates:
+            own = cl.backend.buffers(i)
+            return self.buffers0 if own is None else own
         if self.sharing.buffers == "sent" and not self.separate and i not in \
-                self.personal_buffers:
-            return self.global_buffers
-        return self.personal_buffers.get(i, self.buffers0)
+                cl.personal_buffers:
+            return self.server.buffers
+        return cl.personal_buffers.get(i, self.buffers0)
 
-    def evaluate(self) -> dict[str, Any]:
-        out = Isolated.evaluate(self)  # type: ignore[arg-type]
-        if self.has_global:
-            self.global_utility = RoundProtocol.evaluate(self)
+    def evaluate(self, data: Any = None) -> dict[str, Any]:
+        """Utility on every site's test split (``data``: another
+        :class:`FederatedData` whose test splits to score, the validation
+        rows). The global model's, or under the isolated and personalized
+        protocols each site's own (and ``global_utility`` the global
+        model's, where there is one)."""
+        data = data if data is not None else self.cell.data
+        if not self.setting.own_models:
+            return self._evaluate_global(data)
+        out = self._evaluate_sites(data)
+        if self.setting.aggregates and self.has_global:
+            self.global_utility = self._evaluate_global(data)
+        return out
+
+    def _evaluate_global(self, data: Any) -> dict[str, Any]:
+        from fedmedbench.training import predict_proba
+
+        metric = data.task.metric
+        model = self.eval_model
+        _load(model, self.global_params, self.global_model_buffers())
+        per_site, pooled = _score_sites(metric, data, predict_proba(model, _pooled_X(data)))
+        return _utility(metric, per_site, pooled)
+
+    def _evaluate_sites(self, data: Any) -> dict[str, Any]:
+        """Each site's own model: ``global`` is the mean over sites of each
+        site's model on the pooled test set (how well one hospital's model
+        serves everyone); ``per_site`` each site's model on its own test
+        split; ``cross_site`` per site its model's unweighted mean over every
+        site's test split (FLamby's "Local i") and ``cross_site_matrix`` each
+        of those scores (model's site → test site → score)."""
+        from fedmedbench.training import predict_proba
+
+        metric = data.task.metric
+        per_site: dict[str, float] = {}
+        on_pooled = []
+        matrix: dict[str, dict[str, float]] = {}
+        X = _pooled_X(data)
+        own = self.cell.client_factories
+        for i, site in enumerate(data.sites):
+            model = own[i]() if i in own else self.eval_model
+            _load(model, self.clients.models[i], None if i in own else self.site_buffers(i))
+            site_scores, pooled = _score_sites(metric, data, predict_proba(model, X))
+            per_site[site.name] = site_scores[site.name]
+            on_pooled.append(pooled)
+            matrix[site.name] = site_scores
+        cross = {name: float(np.nanmean(list(row.values()))) for name, row in matrix.items()}
+        return _utility(metric, per_site, float(np.nanmean(on_pooled)), cross_site=cross,
+                        cross_site_matrix=matrix)
+
+    def record_metrics(self) -> dict[str, Any]:
+        """Fields the protocol adds to the record's ``metrics`` beside ``utility``."""
+        if not (self.setting.own_models and self.setting.aggregates):
+            return {}
+        out: dict[str, Any] = {"sharing": self.sharing.describe()}
+        if self.global_utility is not None:
+            out["utility_global"] = self.global_utility
         return out
 
 
-PROTOCOLS: dict[str, type[RoundProtocol]] = {
-    p.name: p for p in (Federated, Pooled, Isolated, Personalized)}
+def _with_buffers(updates: Updates, backend: Any) -> Updates:
+    """``updates`` with each client's running statistics after training."""
+    import torch
 
-
-def protocol_for(name: str, *, algorithm: str, plugin: str) -> type[RoundProtocol]:
-    if name not in PROTOCOLS:
-        raise PluginError(f"algorithm {algorithm} declares protocol {name!r}; protocols are "
-                          f"{', '.join(PROTOCOLS)}", plugin=plugin, component=algorithm,
-                          hook="protocol", exc_type="ValueError")
-    return PROTOCOLS[name]
+    rows = [backend.buffers(cl) for cl in updates.clients]
+    if any(r is None for r in rows):
+        return updates
+    return updates.replace(extra={**updates.extra, "buffers": torch.stack(rows)})
 
 
 # --------------------------------------------------------------------------

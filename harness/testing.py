@@ -13,9 +13,11 @@ the fix (the pattern of scikit-learn's ``check_estimator``).
     def test_conformance(component, check):
         check(component)
 
-Checks that run a cell use a tiny built-in federation (``fmb-kit-tabular``:
-three sites, a public split) and a plain FedAvg (``fmb-kit-fedavg``), so a
-plugin is tested without depending on other plugins.
+Checks that run a cell use the kit's own tiny components — a federation
+(``fmb-kit-tabular``: three sites, a public split), a partitioner that keeps
+its sites (``fmb-kit-natural``), a small MLP (``fmb-kit-mlp``), a linear
+mean (``fmb-kit-mean``) and a plain FedAvg (``fmb-kit-fedavg``) — so a plugin
+is tested without depending on any built-in.
 """
 
 from __future__ import annotations
@@ -50,17 +52,20 @@ from fedmedbench.components import (
     Split,
     Task,
     TransportStage,
-    Updates,
     stages_of,
     unimplemented_stage_methods,
 )
 from fedmedbench.errors import ConfigError
+from fedmedbench.messages import Received
 from fedmedbench.metrics import METRICS
 from fedmedbench.models import build_model
 from fedmedbench.registry import Registry, get_registry, hookimpl
 
 KIT_DATASET = "fmb-kit-tabular"
 KIT_ALGORITHM = "fmb-kit-fedavg"
+KIT_PARTITIONER = "fmb-kit-natural"
+KIT_MODEL = "fmb-kit-mlp"
+KIT_AGGREGATOR = "fmb-kit-mean"
 
 
 class CheckFailure(AssertionError):
@@ -97,14 +102,58 @@ class KitTabular(Dataset):
 
         sites = [Site(f"kit{i}", split(40, 0.3 * i), split(16, 0.3 * i)) for i in range(3)]
         task = Task(kind="binary", num_classes=2, input_shape=(5,), metric="accuracy",
-                    model="mlp", model_kwargs={"hidden": [8]})
+                    model=KIT_MODEL)
         return FederatedData(task=task, sites=sites, public=split(20, 0.0))
+
+
+class KitNatural(Partitioner):
+    """Keeps the dataset's own sites."""
+
+    name = KIT_PARTITIONER
+
+    def __init__(self) -> None:
+        pass
+
+    def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
+        return data
+
+
+class KitMLP(Model):
+    """Flatten, one hidden layer of 8 tanh units, one logit per class."""
+
+    name = KIT_MODEL
+
+    def __init__(self) -> None:
+        pass
+
+    def build(self, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+        d = int(np.prod(input_shape))
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, 8), torch.nn.Tanh(),
+                                   torch.nn.Linear(8, num_classes))
+
+
+class KitMean(Aggregator):
+    """A linear mean of the updates, by examples or uniform."""
+
+    name = KIT_AGGREGATOR
+
+    def __init__(self, *, by: str = "examples") -> None:
+        if by not in ("examples", "uniform"):
+            raise ValueError(f"by = {by!r}; 'examples' or 'uniform'")
+        self.by = by
+        self.weighting = by
+
+    def weights(self, received: Any) -> np.ndarray:
+        raw = (np.asarray(received.num_examples, dtype=float) if self.by == "examples"
+               else np.ones(len(received)))
+        return raw / raw.sum()
 
 
 class KitFedAvg(Algorithm):
     """Plain FedAvg (the base class's client and server updates)."""
 
     name = KIT_ALGORITHM
+    vectorized = True
 
     def __init__(self) -> None:
         pass
@@ -121,6 +170,18 @@ class _KitPlugin:
     def register_algorithms(self, register: Any) -> None:
         register(KitFedAvg)
 
+    @hookimpl
+    def register_partitioners(self, register: Any) -> None:
+        register(KitNatural)
+
+    @hookimpl
+    def register_models(self, register: Any) -> None:
+        register(KitMLP)
+
+    @hookimpl
+    def register_aggregators(self, register: Any) -> None:
+        register(KitMean)
+
 
 KIT_PLUGIN = _KitPlugin()
 
@@ -135,9 +196,11 @@ def kit_cell(registry: Registry, **axes: Any) -> dict[str, Any]:
     the matrix ``[axes]`` table (e.g. ``privacy=[{"name": "dp-sgd"}]``)."""
     from fedmedbench.matrix import parse_matrix
 
+    base = {"dataset": [KIT_DATASET], "algorithm": [KIT_ALGORITHM],
+            "partitioner": [KIT_PARTITIONER], "model": [KIT_MODEL],
+            "aggregator": [KIT_AGGREGATOR]}
     raw = {"name": "kit", "rounds": 2, "seeds": [0],
-           "axes": {"dataset": [KIT_DATASET], "algorithm": [KIT_ALGORITHM],
-                    **{k: [v] for k, v in axes.items() if k != "attacks"}},
+           "axes": {**base, **{k: [v] for k, v in axes.items() if k != "attacks"}},
            "run": {"clients_per_round": 3}}
     if "attacks" in axes:
         raw["evaluate"] = {"attacks": axes["attacks"]}
@@ -302,12 +365,25 @@ def check_algorithm_runs(cls: type[Component], registry: Registry) -> None:
     if rec["status"] == "skipped":
         return  # the algorithm declined the kit federation with a reason: allowed
     if rec["status"] != "ok":
-        raise _fail(cls, "check_algorithm_runs", f"the kit cell ended {rec['status']}: "
-                    f"{(rec['error'] or {}).get('message')}", "make client_update/server_update "
-                    "return ctx.update(delta) / a parameter vector of the model's size")
+        err = rec["error"] or {}
+        raise _fail(cls, "check_algorithm_runs", f"the kit cell ended {rec['status']} in "
+                    f"{err.get('hook') or 'the engine'}: {err.get('message')}",
+                    _ALGORITHM_FIXES.get(str(err.get("hook")), "see the error above"))
     g = rec["metrics"]["utility"]["global"]
     if not (isinstance(g, float) and math.isfinite(g)):
         raise _fail(cls, "check_algorithm_runs", f"utility is {g}", "train a finite model")
+
+
+_ALGORITHM_FIXES = {
+    "client_update": ("return ctx.update(delta, **fields) with a (k, D) delta and exactly the "
+                      "fields `sends` declares"),
+    "server_update": "return the next global model, a flat vector of the model's size (D,)",
+    "setup": ("setup(ctx) runs once on each party's instance: ctx.party says which, and "
+              "ctx.state is that party's own"),
+    "validate": "return None, or a reason string when the cell cannot run",
+    "broadcast": "return a dict of the tensors `broadcasts` declares",
+    "finalize": "return the (k, D) models to evaluate",
+}
 
 
 def check_aggregator(cls: type[Component], registry: Registry) -> None:
@@ -326,9 +402,11 @@ def check_aggregator(cls: type[Component], registry: Registry) -> None:
                     "engine calls client_metrics only when it names some)")
     g = torch.Generator().manual_seed(0)
 
-    def batch(delta: torch.Tensor, order: list[int]) -> Updates:
-        return Updates(clients=order, delta=delta[order], num_examples=[10 + i for i in order],
-                       metrics={"loss": np.full(len(order), 0.5)})
+    def batch(delta: torch.Tensor, order: list[int]) -> Received:
+        return Received(round=1, kind="plaintext", clients=tuple(order),
+                        num_examples=tuple(10 + i for i in order),
+                        metrics={"loss": np.full(len(order), 0.5)},
+                        rows={"delta": delta[order].clone()})
 
     delta = torch.randn(5, 12, generator=g)
     ups = batch(delta, [0, 1, 2, 3, 4])
@@ -378,7 +456,7 @@ def check_privacy(cls: type[Component], registry: Registry) -> None:
     if rec["status"] == "skipped":
         # e.g. client-level DP needs an unweighted mean: try the kit cell that way
         rec = _run(registry, privacy=[{"name": cls.name}],
-                   aggregator={"name": "weighted-mean", "by": "uniform"})
+                   aggregator={"name": KIT_AGGREGATOR, "by": "uniform"})
     if rec["status"] == "skipped":
         raise _fail(cls, "check_privacy", f"the kit cell was skipped: "
                     f"{(rec['error'] or {}).get('message')}", "accept a plain FedAvg cell with "
@@ -472,7 +550,12 @@ def check_attack(cls: type[Component], registry: Registry) -> None:
         raise _fail(cls, "check_attack", f"the kit cell ended {rec['status']}: "
                     f"{(rec['error'] or {}).get('message')}", "see the error above")
     res = rec["metrics"]["attacks"].get(cls.name)
-    if not isinstance(res, dict) or not res:
+    if isinstance(res, dict) and "failed" in res:
+        err = res["failed"] or {}
+        raise _fail(cls, "check_attack", f"evaluate failed: {err.get('message')}",
+                    "implement evaluate(ctx) returning a dict of JSON numbers and strings "
+                    "(or {'not_applicable': reason}); it must not raise")
+    if not isinstance(res, dict) or not res or set(res) <= {"seconds"}:
         raise _fail(cls, "check_attack", f"evaluate returned {res!r}",
                     "return a dict of metrics or {'not_applicable': reason}")
     if "not_applicable" in res and not (isinstance(res["not_applicable"], str)

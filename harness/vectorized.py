@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedmedbench.backends import LoopBackend, _checked
+from fedmedbench.backends import ClientData, LoopBackend, _checked
 from fedmedbench.components import Updates
 from fedmedbench.context import ClientContext
 from fedmedbench.training import BatchStream, to_tensors
@@ -41,7 +41,6 @@ from fedmedbench.training import BatchStream, to_tensors
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fedmedbench.engine import CellRun
     from fedmedbench.training import ExtraLoss
 
 __all__ = ["VectorBackend", "FunctionalModel", "functional_optimizer"]
@@ -174,14 +173,14 @@ class VectorBackend(LoopBackend):
 
     name = "vectorized"
 
-    def __init__(self, run: CellRun) -> None:
-        super().__init__(run)
+    def __init__(self, parts: ClientData) -> None:
+        super().__init__(parts)
         import torch
 
-        self.fmodel = FunctionalModel(run.model_factory())
+        self.fmodel = FunctionalModel(parts.factory())
         xs, ys, self.offset = [], [], []
         off = 0
-        for site in self.ctx.clients:
+        for site in parts.sites:
             X, y = to_tensors(site.train)
             xs.append(X)
             ys.append(y)
@@ -189,8 +188,7 @@ class VectorBackend(LoopBackend):
             off += len(y)
         self.X = torch.cat(xs) if xs else torch.zeros(0)
         self.y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
-        self.vlocal = (run.components.local_stage.vector_steps(self.ctx)
-                       if run.components.local_stage is not None else None)
+        self.vlocal = (parts.local.vector_steps(self.ctx) if parts.local is not None else None)
         self.streams: dict[int, Any] = {}
         # one batched kernel per layer when the architecture allows (batched.py); vmap else
         from fedmedbench.batched import batched_twin
@@ -201,10 +199,12 @@ class VectorBackend(LoopBackend):
 
     def client_updates(self, algorithm: Any, clients: list[int],
                        params: torch.Tensor | dict[int, torch.Tensor], *,
-                       personal: torch.Tensor | None = None) -> Updates:
+                       personal: torch.Tensor | None = None,
+                       broadcast: Any = None) -> Updates:
         import torch
 
-        ctx = ClientContext(self.ctx, list(clients), self, personal=personal)
+        ctx = ClientContext(self.ctx, list(clients), self, personal=personal,
+                            broadcast=broadcast)
         p = torch.stack([params[c] for c in clients]) if isinstance(params, dict) else params
         return _checked(algorithm.client_update(ctx, p), algorithm, list(clients))
 
@@ -225,7 +225,7 @@ class VectorBackend(LoopBackend):
     def stream(self, client: int, trainer: str = "main") -> Any:
         key = (client, trainer)
         if key not in self.streams:
-            n = len(self.ctx.clients[client].train)
+            n = len(self.parts.sites[client].train)
             self.streams[key] = (
                 self.vlocal.stream(client, n) if self.vlocal is not None else
                 BatchStream(n, self.ctx.settings.batch_size,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fedmedbench import Split, Updates, run_cell
-from fedmedbench.engine import CellRun
+from fedmedbench.cell import build_cell
+from fedmedbench.engine import CellOutcome
 from fedmedbench.matrix import parse_matrix
 from fedmedbench.plugins.adversaries.label_flip import LabelFlip
 from fedmedbench.plugins.adversaries.model_poisoning import Gaussian, Scaling, SignFlip
@@ -48,8 +49,8 @@ class _ctx:  # noqa: N801 - reads like the function it stands in for
         return np.random.default_rng([self.seed, zlib.crc32(purpose.encode()), *extra])
 
 
-def _run(cell: dict, reg) -> CellRun:
-    """Run a cell on the real engine, keeping the CellRun (server views, malicious set)."""
+def _run(cell: dict, reg) -> CellOutcome:
+    """Run a cell on the real engine, keeping the CellOutcome (server views, malicious set)."""
     rec, run = run_cell(cell, registry=reg, keep_run=True)
     assert rec["status"] == "ok", rec["error"]
     return run
@@ -134,14 +135,14 @@ def test_label_flip_changes_only_the_malicious_clients_training_labels(reg):
     cell = _cells(reg, {"dataset": [TEN_SITES],
                         "adversary": [{"name": "label-flip", "fraction": 0.3}]},
                   rounds=1, clients=10)[0]
-    run = CellRun(cell, reg)
-    run.prepare()
-    raw = run.components.dataset.load(seed=0)
-    assert len(run.malicious) == 3
-    for i, (site, orig) in enumerate(zip(run.ctx.clients, raw.sites)):
+    built = build_cell(cell, reg)
+    raw = reg.build("dataset", cell["config"]["dataset"]).load(seed=0)
+    fed = built.federation
+    assert len(fed.malicious) == 3
+    for i, (site, orig) in enumerate(zip(fed.clients, raw.sites)):
         assert np.array_equal(site.train.X, orig.train.X)  # features untouched
         assert np.array_equal(site.test.y, orig.test.y)  # test labels untouched
-        want = 1 - orig.train.y if i in run.malicious else orig.train.y
+        want = 1 - orig.train.y if i in fed.malicious else orig.train.y
         assert np.array_equal(site.train.y, want)
     rec = run_cell(cell, registry=reg)
     assert rec["status"] == "ok" and rec["config"]["adversary"] == {

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedmedbench import Dataset, FederatedData, Site, Split, Task, hookimpl, run_cell
-from fedmedbench.engine import CellRun
+from fedmedbench.engine import CellOutcome
 from fedmedbench.matrix import parse_matrix
 from fedmedbench.registry import get_registry
 
@@ -74,8 +74,8 @@ def cells(reg, axes: dict, *, rounds: int = 3, run: dict | None = None) -> list[
     return parse_matrix(raw, registry=reg).cells
 
 
-def run_one(reg, cell: dict) -> CellRun:
-    """Run a cell on the real engine and keep the CellRun (final parameters)."""
+def run_one(reg, cell: dict) -> CellOutcome:
+    """Run a cell on the real engine and keep the CellOutcome (final parameters)."""
     rec, run = run_cell(cell, registry=reg, keep_run=True)
     assert rec["status"] == "ok", rec["error"]
     return run
@@ -121,14 +121,14 @@ def test_scaffold_on_identical_clients_tracks_fedavg(reg):
     print(f"identical clients: ||scaffold - fedavg|| / ||fedavg - w0|| = {rel_same:.4f}")
     assert rel_same < 0.05, rel_same
     assert abs(a.history[-1]["utility"] - s.history[-1]["utility"]) <= 0.02
-    assert float(s.ctx.state["scaffold_c"].abs().sum()) > 0  # control variates are live
+    assert float(s.server_state["scaffold_c"].abs().sum()) > 0  # control variates are live
     # on heterogeneous clients the corrections matter: SCAFFOLD departs from FedAvg
     rel_diff, _, _ = pair(False)
     print(f"heterogeneous clients: the same ratio = {rel_diff:.4f}")
     assert rel_diff > 2 * rel_same
 
 
-def _flat0(run: CellRun) -> torch.Tensor:
+def _flat0(run: CellOutcome) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in run.model_factory().parameters()])
 
 
@@ -189,8 +189,8 @@ def test_fedmd_two_architectures_and_feddf_run_end_to_end(reg):
         assert r["status"] == "ok", (name, r["error"])
     # FedMD sends soft labels: 3 clients x 50 rows x 3 classes x 4 bytes per round
     assert rec["fedmd"]["metrics"]["cost"]["bytes_up"] == 4 * 3 * 50 * 3 * 4
-    # and receives the consensus from round 2 on
-    assert rec["fedmd"]["metrics"]["cost"]["bytes_down"] == 3 * 3 * 50 * 3 * 4
+    # and receives the consensus from round 2 on, with the round it was formed in (4 bytes)
+    assert rec["fedmd"]["metrics"]["cost"]["bytes_down"] == 3 * 3 * (50 * 3 * 4 + 4)
     assert rec["fedmd"]["metrics"]["utility"]["global"] > 0.6
     assert rec["feddf"]["metrics"]["utility"]["global"] > 0.6
     # the consensus moves FedMD's clients off pure local training

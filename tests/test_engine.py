@@ -211,7 +211,7 @@ def test_backends_agree_on_50_unequal_hospitals_and_the_cnn(reg):
         _assert_equivalent(out, param_tol=1e-4 if c in img else None)
         if sizes is None and out["loop"][0]["status"] == "ok":
             run = out["loop"][1]
-            sizes = sorted(len(s.train) for s in run.ctx.clients)
+            sizes = sorted(len(s.train) for s in run.clients)
     assert sizes is not None and sizes[0] < sizes[-1] / 3  # really unequal hospitals
 
 

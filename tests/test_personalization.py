@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fedmedbench import run_cell
-from fedmedbench.engine import CellRun
+from fedmedbench.engine import CellOutcome
 from fedmedbench.matrix import parse_matrix
 
 MLP = {"name": "mlp", "hidden": [8]}
@@ -28,28 +28,28 @@ def cells(axes: dict, *, rounds: int = 3, run: dict | None = None, seeds=(0,)) -
     return parse_matrix(raw).cells
 
 
-def run_ok(cell: dict, **over) -> tuple[dict, CellRun]:
+def run_ok(cell: dict, **over) -> tuple[dict, CellOutcome]:
     rec, run = run_cell({**cell, **over}, keep_run=True)
     assert rec["status"] == "ok", rec["error"]
     return rec, run
 
 
-def by_label(cs: list[dict], **over) -> dict[str, tuple[dict, CellRun]]:
+def by_label(cs: list[dict], **over) -> dict[str, tuple[dict, CellOutcome]]:
     return {c["labels"]["algorithm"]: run_ok(c, **over) for c in cs}
 
 
-def head_of(run: CellRun, layers: int = 1) -> np.ndarray:
+def head_of(run: CellOutcome, layers: int = 1) -> np.ndarray:
     from fedmedbench.plugins.algorithms._personal import head_mask
 
     return head_mask(run.ctx, layers)
 
 
-def assert_same_run(a: tuple[dict, CellRun], b: tuple[dict, CellRun], *,
+def assert_same_run(a: tuple[dict, CellOutcome], b: tuple[dict, CellOutcome], *,
                     personal: bool = True) -> None:
     """``b`` (personalized) computed exactly what ``a`` (federated) computed."""
     (ra, xa), (rb, xb) = a, b
-    g = xa.protocol.global_params()
-    assert torch.equal(g, xb.protocol.global_params())
+    g = xa.global_params
+    assert torch.equal(g, xb.global_params)
     if personal:  # every site's own model is the global one
         for p in xb.final_params.values():
             assert torch.equal(p, g)
@@ -89,7 +89,7 @@ def test_fedper_with_an_empty_head_is_fedavg_bit_for_bit_also_under_secagg():
         out = by_label(cs)
         assert_same_run(out["fedavg"], out["fedper(head_layers=0)"])
         # a real head changes the sites' models (the test above could fail)
-        assert not torch.equal(out["fedavg"][1].protocol.global_params(),
+        assert not torch.equal(out["fedavg"][1].global_params,
                                out["fedper"][1].final_params[0])
 
 
@@ -118,7 +118,7 @@ def test_ditto_lambda_zero_is_local_training_and_its_global_model_is_fedavg(back
     (_, local), (_, avg), (rec, ditto) = out["local"], out["fedavg"], out["ditto(lam=0.0)"]
     for i, p in local.final_params.items():
         assert torch.equal(p, ditto.final_params[i]), i
-    assert torch.equal(avg.protocol.global_params(), ditto.protocol.global_params())
+    assert torch.equal(avg.global_params, ditto.global_params)
     assert rec["metrics"]["utility"]["per_site"] == out["local"][0]["metrics"]["utility"][
         "per_site"]
     assert rec["metrics"]["utility_global"] == out["fedavg"][0]["metrics"]["utility"]
@@ -161,13 +161,13 @@ def test_the_server_view_never_holds_the_head(algorithm):
             assert torch.any(u[torch.as_tensor(body)] != 0)
             np.testing.assert_array_equal(view.readable[cl], body)
     # bytes: the body's float32 values up and down, per client and round
-    n = len(run.ctx.clients)
+    n = len(run.clients)
     assert rec["metrics"]["cost"]["bytes_up"] == 3 * n * 4 * int(body.sum())
     assert rec["metrics"]["cost"]["bytes_down"] == 3 * n * 4 * int(body.sum())
     assert rec["metrics"]["sharing"]["kept_on_clients"] == ["fc.weight", "fc.bias"]
     # each site keeps its own head; the body is the server's
     ps = [run.final_params[i] for i in range(n)]
-    g = run.protocol.global_params()
+    g = run.global_params
     for p in ps:
         assert torch.equal(p[torch.as_tensor(body)], g[torch.as_tensor(body)])
     assert not torch.equal(ps[0][torch.as_tensor(head)], ps[1][torch.as_tensor(head)])
@@ -202,10 +202,10 @@ def test_client_level_dp_clips_what_is_sent():
             u = view.updates[cl]
             assert torch.all(u[head] == 0)
             # clipped to C, then scaled by w_k / (q W) <= 1 / (q W)
-            denom = run.components.privacy[0]._denom
+            denom = rec["metrics"]["privacy"]["mechanisms"]["dp-fedavg"]["weight_denominator"]
             assert float(u.norm()) <= clip / denom * (1 + 1e-5)
     # the central noise lands on the shared parameters only: the heads stay the clients'
-    g = run.protocol.global_params()
+    g = run.global_params
     w0 = torch.cat([p.detach().reshape(-1) for p in run.model_factory().parameters()])
     assert torch.equal(g[head], w0[head])
     assert rec["metrics"]["privacy"]["unit"] == "client"
@@ -230,19 +230,19 @@ def test_batchnorm_statistics_stay_local_under_fedbn_and_are_sent_under_fedavg()
     norm = torch.as_tensor(~run_mask(fbn))
     for cl in v_bn.clients:
         assert torch.all(v_bn.updates[cl][norm] == 0)
-    n = len(avg.ctx.clients)
+    n = len(avg.clients)
     D = avg.ctx.layout.numel
     sent_bn = D - int(norm.sum())
     assert ra["metrics"]["cost"]["bytes_up"] == 2 * n * 4 * (D + stats)
     assert rb["metrics"]["cost"]["bytes_up"] == 2 * n * 4 * sent_bn
     # every site is scored with its own statistics; FedAvg's global model with the average
-    buf = [fbn.protocol.site_buffers(i) for i in range(n)]
+    buf = [fbn.site_buffers[i] for i in range(n)]
     assert not torch.equal(buf[0], buf[1])
-    assert not torch.equal(avg.protocol.global_buffers, avg.protocol.buffers0)
+    assert not torch.equal(avg.global_buffers, avg.initial_buffers)
 
 
-def run_mask(run: CellRun) -> np.ndarray:
-    return run.protocol.sharing.mask
+def run_mask(run: CellOutcome) -> np.ndarray:
+    return run.sharing.mask
 
 
 # --------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def test_fedrep_freezes_what_it_does_not_train(backend):
         _, run = run_ok(c)
         head = torch.as_tensor(head_of(run))
         w0 = torch.cat([p.detach().reshape(-1) for p in run.model_factory().parameters()])
-        g = run.protocol.global_params()
+        g = run.global_params
         ps = list(run.final_params.values())
         if c["config"]["algorithm"]["head_fraction"] == 1.0:
             assert torch.equal(g, w0)
@@ -371,7 +371,7 @@ def test_backends_agree_on_the_personalized_methods():
         assert rb["backend"]["name"] == "vectorized"
         for i, p in a.final_params.items():
             worst = max(worst, float((p - b.final_params[i]).abs().max()))
-        assert float((a.protocol.global_params() - b.protocol.global_params()).abs().max()) \
+        assert float((a.global_params - b.global_params).abs().max()) \
             <= 1e-5
         for s, v in ra["metrics"]["utility"]["per_site"].items():
             assert v == pytest.approx(rb["metrics"]["utility"]["per_site"][s], abs=1e-5)
@@ -440,7 +440,7 @@ def test_dp_sgd_backends_agree_without_noise_on_the_personalized_methods():
                "privacy": [{"name": "dp-sgd", "noise_multiplier": 1.0}]}, rounds=2)[0]
     _, run = run_ok(c, backend="loop")
     w0 = torch.cat([p.detach().reshape(-1) for p in run.model_factory().parameters()])
-    assert torch.equal(run.protocol.global_params(), w0)
+    assert torch.equal(run.global_params, w0)
 
 
 @pytest.mark.parametrize("alg", ["fedavg", "fedbn"])
@@ -456,13 +456,13 @@ def test_attacks_score_batchnorm_models_with_their_own_running_statistics(alg):
     actx = run.attack_context()
     X = run.data.sites[1].test.X
     if alg == "fedavg":
-        model, want = actx.model(), run.eval_model
+        model, want = actx.model(), run.training.round.eval_model
     else:  # site 1's own model: global body, its own normalisation statistics
         model = actx.model(actx.site_params[1])
         want = run.factory_for(1)()
         from fedmedbench.protocols import _load
 
-        _load(want, actx.site_params[1], run.protocol.site_buffers(1))
+        _load(want, actx.site_params[1], run.site_buffers[1])
         assert not torch.equal(actx.site_buffers[1], actx.site_buffers[0])
     fresh = actx.model(actx.final_params.clone())  # a vector the server built: initial stats
     got = predict_proba(model, X)

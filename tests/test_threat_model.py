@@ -182,9 +182,10 @@ def _run_keep(reg, alg, privacy, **kw):
                                               ("fednova", "tau", 1)])
 def test_declared_summed_fields_run_under_secagg_and_are_billed(rt, alg, field, values):
     _, reg = rt
+    secagg = [{"name": "secagg", "clip_range": 16.0}]  # FedNova's tau_i p_i can exceed 1
     plain, prun = _run_keep(reg, alg, ["none"])
-    masked, mrun = _run_keep(reg, alg, ["secagg"])
-    fed, _ = _run_keep(reg, "fedavg", ["secagg"])
+    masked, mrun = _run_keep(reg, alg, secagg)
+    fed, _ = _run_keep(reg, "fedavg", secagg)
     for r in (plain, masked, fed):
         assert r["status"] == "ok", r["error"]
     d = prun.final_params[0].numel()
@@ -193,6 +194,7 @@ def test_declared_summed_fields_run_under_secagg_and_are_billed(rt, alg, field, 
     rounds, clients = 3, 4
     assert masked["metrics"]["cost"]["bytes_up"] - fed["metrics"]["cost"]["bytes_up"] == \
         rounds * clients * extra_values * per_value
+    assert masked["metrics"]["cost"]["clipped_coordinates"] == 0
     # the secure sum is the plaintext sum up to secagg's fixed-point step
     diff = float((prun.final_params[0] - mrun.final_params[0]).abs().max())
     assert diff < 1e-3, diff
@@ -218,3 +220,28 @@ def test_isolated_attacks_equal_in_process_attacks(rt, tmp_path):
             assert {x: v for x, v in a[k].items() if x not in strip} == \
                 {x: v for x, v in b[k].items() if x not in strip}, k
         assert isolated["metrics"]["attacks_isolated"] is True
+
+
+@pytest.mark.parametrize("privacy,status", [
+    (["secagg"], "ok"),
+    ([{"name": "secagg", "dropout_rate": 0.75}], "failed"),  # past the threshold: aborted
+    ([{"name": "secagg-plus", "neighbours": 2}], "ok"),
+    (["he-ckks"], "ok"),
+    ([{"name": "he-ckks", "layers": ["fc"], "rest": "secagg"}], "ok")])
+def test_a_transport_keeps_no_secret_after_training(rt, privacy, status):
+    """Client key pairs, self-mask seeds, shares, masked inputs, ciphertexts and
+    the CKKS secret key are dropped when the round ends (aborted or not) and
+    when training ends; only the transport ever held them."""
+    mod, reg = rt
+    extra = {"axes": {"dataset": ["heart-disease"], "algorithm": ["redteam-fedavg"],
+                      "privacy": privacy, "model": [{"name": "mlp", "hidden": [8]}],
+                      "aggregator": [{"name": "weighted-mean", "by": "uniform"}]}}
+    rec, out = run_cell(_cell(reg, privacy, backend="loop", attacks=(), extra=extra),
+                        registry=reg, keep_run=True)
+    assert rec["status"] == status, rec["error"]
+    if status == "failed":
+        assert "aborts" in rec["error"]["message"]
+    transport = out.training.cell.transport
+    found = mod.walk(transport)
+    assert found["visited"] > 5 and found["secrets"] == []
+    assert getattr(transport, "server", None) is None

@@ -34,9 +34,9 @@ class FedAvgM(Algorithm):
         self.beta = beta
 
     def setup(self, ctx):
-        ctx.state["momentum"] = None
+        ctx.state["momentum"] = None  # on the server's side: the server's own state
 
-    def server_update(self, ctx, global_params, aggregate, updates):
+    def server_update(self, ctx, global_params, aggregate, received):
         v = ctx.state["momentum"]
         v = aggregate.clone() if v is None else self.beta * v + aggregate
         ctx.state["momentum"] = v

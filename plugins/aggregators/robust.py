@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Annotated
 
-from fedmedbench import Aggregator, Range, Updates
+from fedmedbench import Aggregator, Range, Received
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -34,12 +34,12 @@ class Median(Aggregator):
     def __init__(self) -> None:
         pass
 
-    def aggregate(self, updates: Updates) -> torch.Tensor:
+    def aggregate(self, received: Received) -> torch.Tensor:
         import torch
 
-        stacked = updates.delta
+        stacked = received.delta
         # torch.median returns the lower middle value for even counts; average both middles
-        return torch.quantile(stacked, 0.5, dim=0) if len(updates) > 1 else stacked[0]
+        return torch.quantile(stacked, 0.5, dim=0) if len(received) > 1 else stacked[0]
 
 
 class TrimmedMean(Aggregator):
@@ -61,11 +61,11 @@ class TrimmedMean(Aggregator):
             raise ValueError(f"trimmed-mean: trim = {trim!r}; trim must be in [0, 0.5)")
         self.trim = float(trim)
 
-    def aggregate(self, updates: Updates) -> torch.Tensor:
+    def aggregate(self, received: Received) -> torch.Tensor:
         import torch
 
-        stacked = updates.delta
-        n = len(updates)
+        stacked = received.delta
+        n = len(received)
         k = int(math.floor(self.trim * n))
         if k == 0:
             return stacked.mean(0)
@@ -97,11 +97,11 @@ class Krum(Aggregator):
             raise ValueError(f"krum: multi = {multi!r}; multi must be an integer >= 1")
         self.f, self.multi = f, multi
 
-    def aggregate(self, updates: Updates) -> torch.Tensor:
+    def aggregate(self, received: Received) -> torch.Tensor:
         import torch
 
-        X = updates.delta.double()
-        n = len(updates)
+        X = received.delta.double()
+        n = len(received)
         if n == 1:
             return X[0].float()
         d = torch.cdist(X, X) ** 2

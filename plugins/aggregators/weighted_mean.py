@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 
-from fedmedbench import Aggregator, ClientContext, Range, Updates, score
+from fedmedbench import Aggregator, ClientContext, Range, Received, Updates, score
 from fedmedbench import predict_proba as _predict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -103,7 +103,7 @@ class WeightedMean(Aggregator):
             if hold is None or len(hold) == 0:
                 return {"holdout_score": np.array([float("nan")])}
             model = ctx.model(global_params + updates.delta[0])
-            metric = ctx.cell.data.task.metric
+            metric = ctx.cell.task.metric
             return {"holdout_score": np.array([score(metric, hold.y, _predict(model, hold.X))])}
         return {}
 
@@ -115,18 +115,18 @@ class WeightedMean(Aggregator):
         X = np.asarray(site.train.X, dtype=float)
         return float(1.0 - np.isnan(X).mean()) if X.size else 0.0
 
-    def weights(self, updates: Updates) -> np.ndarray:
+    def weights(self, received: Received) -> np.ndarray:
         if self.by == "uniform":
-            raw = np.ones(len(updates))
+            raw = np.ones(len(received))
         elif self.by == "examples":
-            raw = np.array(updates.num_examples, dtype=float)
+            raw = np.array(received.num_examples, dtype=float)
         else:
             key = "quality" if self.by == "quality" else "holdout_score"
-            s = np.asarray(updates.metrics.get(key, np.full(len(updates), np.nan)), dtype=float)
+            s = np.asarray(received.metrics.get(key, np.full(len(received), np.nan)), dtype=float)
             s = np.nan_to_num(np.clip(s, 0.0, None), nan=0.0)  # a missing score counts 0
-            raw = s ** self.power if self.power else np.ones(len(updates))
+            raw = s ** self.power if self.power else np.ones(len(received))
         if raw.sum() <= 0:
-            raw = np.ones(len(updates))
+            raw = np.ones(len(received))
         return raw / raw.sum()
 
 

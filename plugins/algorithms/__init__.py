@@ -14,6 +14,7 @@ from fedmedbench.plugins.algorithms import (
     fedbn,
     feddf,
     fedmd,
+    fednova,
     fedopt,
     fedper,
     fedprox,
@@ -24,7 +25,7 @@ from fedmedbench.plugins.algorithms import (
 )
 
 MODULES: tuple = (fedavg, centralized, local, fedprox, scaffold, fedopt, feddf, fedmd,
-                  fedbn, ditto, fedper, fedrep, finetune)
+                  fedbn, ditto, fedper, fedrep, finetune, fednova)
 
 
 @hookimpl

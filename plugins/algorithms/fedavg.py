@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedmedbench import Algorithm, CellContext, Updates
+from fedmedbench import Algorithm, CellContext, Received
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -25,7 +25,7 @@ class FedAvg(Algorithm):
         pass
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
+                      aggregate: torch.Tensor, received: Received) -> torch.Tensor:
         return global_params + ctx.settings.server_lr * aggregate
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Annotated
 
-from fedmedbench import Algorithm, CellContext, Range, Updates, set_flat_params
+from fedmedbench import Algorithm, CellContext, Range, Received, set_flat_params
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -63,21 +63,21 @@ class FedDF(Algorithm):
         self.temperature = float(temperature)
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
+                      aggregate: torch.Tensor, received: Received) -> torch.Tensor:
         import torch
 
         from fedmedbench.plugins.algorithms._distill import distill
 
         w_avg = global_params + ctx.settings.server_lr * aggregate
-        public = ctx.data.public
-        if public is None or not len(updates):
+        public = ctx.public
+        if public is None or not len(received):
             return w_avg
         X = torch.as_tensor(public.X, dtype=torch.float32)
         T = self.temperature
         teacher_model = ctx.model_factory()
         with torch.no_grad():
             logits = []
-            for delta in updates.delta:
+            for delta in received.delta:  # plaintext only: transports are refused
                 set_flat_params(teacher_model, global_params + delta)
                 teacher_model.eval()
                 logits.append(teacher_model(X))

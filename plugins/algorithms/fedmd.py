@@ -19,7 +19,10 @@ digest → revisit, pipelined so that one engine round holds one client step)::
     server:  consensus_t = mean_i scores_i
 
 Bytes up per client and round are the scores (rows × classes × 4 bytes);
-bytes down the consensus. Utility is measured like ``local`` (each client's
+bytes down the consensus and the round it was formed in (the public rows it
+covers are that round's seeded draw, which every party recomputes). The
+server keeps the consensus in its own state and broadcasts it; each client
+applies its own update and never receives another's. Utility is measured like ``local`` (each client's
 own model). The paper's optional transfer-learning phase on labelled public
 data is the run setting ``pretrain_steps``.
 """
@@ -37,6 +40,7 @@ from fedmedbench import (
     ClientContext,
     ConfigError,
     Range,
+    Received,
     Updates,
     build_model,
 )
@@ -72,6 +76,7 @@ class FedMD(Algorithm):
     name = "fedmd"
     protocol = "personalized"
     sends = ("scores",)
+    broadcasts = ("consensus", "consensus_round")
     needs_public = True
 
     def __init__(self, *, architectures: list = [],  # noqa: B006
@@ -119,13 +124,15 @@ class FedMD(Algorithm):
         a = self.architectures[client % len(self.architectures)]
         return {"model": a} if isinstance(a, str) else dict(a)
 
-    def _round_rows(self, ctx: CellContext) -> np.ndarray:
-        assert ctx.data.public is not None
-        n = len(ctx.data.public)
+    def _round_rows(self, ctx: CellContext, rnd: int) -> np.ndarray:
+        """The public rows of round ``rnd``'s consensus (a seeded draw every
+        party computes alike)."""
+        assert ctx.public is not None
+        n = len(ctx.public)
         if self.public_samples == 0 or self.public_samples >= n:
             return np.arange(n)
-        return np.sort(ctx.rng("fedmd-public", ctx.round).choice(n, self.public_samples,
-                                                                 replace=False))
+        return np.sort(ctx.rng("fedmd-public", rnd).choice(n, self.public_samples,
+                                                           replace=False))
 
     def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
         import torch
@@ -133,39 +140,43 @@ class FedMD(Algorithm):
         from fedmedbench.plugins.algorithms._distill import distill
 
         cell, T = ctx.cell, self.temperature
-        pub = cell.data.public
+        pub = cell.public
         assert pub is not None
         X = torch.as_tensor(pub.X, dtype=torch.float32)
         params = global_params[0]  # under the personalized protocol: the client's own model
-        consensus = cell.state.get("fedmd_consensus")
-        if consensus is not None and self.digest_steps:
-            rows, target = consensus
+        target = ctx.broadcast.get("consensus")
+        if target is not None and self.digest_steps:
+            rows = self._round_rows(cell, int(ctx.broadcast["consensus_round"][0]))
             params = distill(ctx.model(params), X[torch.as_tensor(rows)], target,
                              steps=self.digest_steps, lr=self.digest_lr,
                              batch_size=self.digest_batch, temperature=T,
                              generator=cell.torch_generator("fedmd-digest", ctx.round,
                                                             ctx.client))
         new = ctx.train(params)  # revisit: private data
-        rows = self._round_rows(cell)
+        rows = self._round_rows(cell, ctx.round)
         model = ctx.model(new[0])
         model.eval()
         with torch.no_grad():
             scores = torch.softmax(model(X[torch.as_tensor(rows)]) / T, dim=1)
-        # only the scores leave the client (``sends``); the row ids are the server's own draw
-        return ctx.update(new - global_params, scores=scores.unsqueeze(0), rows=[rows])
+        # only the scores leave the client (``sends``); the row ids are a public draw
+        return ctx.update(new - global_params, scores=scores.unsqueeze(0))
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
-        if ctx.state.get("fedmd_round") != ctx.round:
-            scores = updates.extra.get("scores")
-            if scores is not None and len(scores):
-                ctx.state["fedmd_consensus"] = (updates.extra["rows"][0], scores.mean(0))
+                      aggregate: torch.Tensor, received: Received) -> torch.Tensor:
+        scores = received.rows.get("scores")
+        if scores is not None and len(scores):
+            ctx.state["fedmd_consensus"] = scores.mean(0)
             ctx.state["fedmd_round"] = ctx.round
-        return global_params + aggregate  # each client keeps its own (digested, revisited) model
+        return global_params  # no global model: each client applied its own update
 
-    def bytes_down(self, ctx: CellContext, model_bytes: int) -> int:
+    def broadcast(self, ctx: CellContext) -> dict[str, torch.Tensor]:
+        import torch
+
         consensus = ctx.state.get("fedmd_consensus")
-        return 0 if consensus is None else int(consensus[1].numel() * 4)
+        if consensus is None:
+            return {}
+        return {"consensus": consensus,
+                "consensus_round": torch.tensor([ctx.state["fedmd_round"]], dtype=torch.int32)}
 
 
 COMPONENTS = (FedMD,)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Annotated
 
-from fedmedbench import Algorithm, CellContext, Range, Updates
+from fedmedbench import Algorithm, CellContext, Range, Received
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -81,7 +81,7 @@ class FedOpt(Algorithm):
         ctx.state["fedopt_v"] = torch.full((n,), v0, dtype=torch.float64)
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
+                      aggregate: torch.Tensor, received: Received) -> torch.Tensor:
         import torch
 
         d = aggregate.to(torch.float64)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fedmedbench import Algorithm, CellContext, ClientContext, Range, Updates
+from fedmedbench import Algorithm, CellContext, ClientContext, Range, Received, Updates
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -78,6 +78,8 @@ class Finetune(Algorithm):
         self.inner: Algorithm = inner  # type: ignore[assignment]
         # the declared facts are the wrapped algorithm's (what is sent, how)
         self.sends = tuple(inner.sends)  # type: ignore[misc,attr-defined]
+        self.summed = tuple(inner.summed)  # type: ignore[misc,attr-defined]
+        self.broadcasts = tuple(inner.broadcasts)  # type: ignore[misc,attr-defined]
         self.shares = inner.shares  # type: ignore[misc,attr-defined]
         self.personal_model = inner.personal_model  # type: ignore[misc,attr-defined]
         self.needs_public = inner.needs_public  # type: ignore[misc,attr-defined]
@@ -99,18 +101,24 @@ class Finetune(Algorithm):
     def begin_round(self, round: int) -> None:
         self.inner.begin_round(round)
 
+    def end_round(self, round: int) -> None:
+        self.inner.end_round(round)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def broadcast(self, ctx: CellContext) -> dict[str, torch.Tensor]:
+        return self.inner.broadcast(ctx)
+
     def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
         return self.inner.client_update(ctx, global_params)
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
-        return self.inner.server_update(ctx, global_params, aggregate, updates)
+                      aggregate: torch.Tensor, received: Received) -> torch.Tensor:
+        return self.inner.server_update(ctx, global_params, aggregate, received)
 
     def client_model(self, ctx: CellContext, client: int) -> dict[str, Any] | None:
         return self.inner.client_model(ctx, client)
-
-    def bytes_down(self, ctx: CellContext, model_bytes: int) -> int:
-        return self.inner.bytes_down(ctx, model_bytes)
 
     def shared_mask(self, ctx: CellContext) -> Any:
         return self.inner.shared_mask(ctx)

@@ -22,17 +22,22 @@ correction is ``(y_i - x_next) / (K lr)`` summed over rounds, with ``x_next``
 the example-weighted mean); with every client in every round the two agree
 exactly.
 
-Client control variates live in the algorithm's state for the whole cell
-(the simulation of what each hospital keeps between rounds). Each round a
-client also uploads ``dc`` and downloads ``c``, so SCAFFOLD's traffic is
-twice FedAvg's (the cost counts both, from what is sent).
+Each client's control variate ``c_i`` lives on the clients' side (their
+party state, what each hospital keeps between rounds); the server's ``c``
+lives on the server's side and is broadcast with the model each round.
+Each client uploads ``dc`` beside its update, so SCAFFOLD's traffic is twice
+FedAvg's both ways (the cost counts both, from what is sent). The server
+needs only the sum of the ``dc`` (declared ``summed``): under secure
+aggregation or HE it is protected with the update and the server reads its
+sum only. Under ``control = "examples"`` each client scales its ``dc`` by
+its public share ``n_i / n`` before sending.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedmedbench import CellContext, ClientContext, Updates
+from fedmedbench import CellContext, ClientContext, Received, Updates
 from fedmedbench.plugins.algorithms.fedavg import FedAvg
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,15 +60,18 @@ class Scaffold(FedAvg):
         or weighted by training-set size (FLamby's Scaffold; module docstring).
 
     Each client sends ``control_delta`` beside its update (declared in
-    ``sends``), so the engine refuses SCAFFOLD with a transport mechanism or
-    client-level DP (the control variates would reach the server in the
-    clear). Skipped where option II's arithmetic does not hold: an optimizer
-    other than plain SGD (``adam``, momentum). Under DP-SGD the correction
-    is added to the privatised gradient (post-processing, no ε cost).
+    ``sends`` and ``summed``: a transport protects it with the update, and
+    the server reads only its sum). Client-level DP still refuses it (its
+    noise covers the update only). Skipped where option II's arithmetic does
+    not hold: an optimizer other than plain SGD (``adam``, momentum). Under
+    DP-SGD the correction is added to the privatised gradient
+    (post-processing, no ε cost).
     """
 
     name = "scaffold"
     sends = ("delta", "control_delta")
+    summed = ("control_delta",)
+    broadcasts = ("c",)
 
     def __init__(self, *, control: str = "uniform") -> None:
         if control not in ("uniform", "examples"):
@@ -81,41 +89,42 @@ class Scaffold(FedAvg):
     def setup(self, ctx: CellContext) -> None:
         import torch
 
-        n = ctx.layout.numel
-        ctx.state["scaffold_c"] = torch.zeros(n)
-        ctx.state["scaffold_ci"] = {}
+        if ctx.party == "server":
+            ctx.state["scaffold_c"] = torch.zeros(ctx.layout.numel)
+        else:  # each client's own c_i, on the clients' side
+            ctx.state["scaffold_ci"] = {}
+
+    def broadcast(self, ctx: CellContext) -> dict[str, torch.Tensor]:
+        return {"c": ctx.state["scaffold_c"]}
 
     def client_update(self, ctx: ClientContext, global_params: torch.Tensor) -> Updates:
         import torch
 
-        state = ctx.cell.state
-        c: torch.Tensor = state["scaffold_c"]
+        own = ctx.cell.state["scaffold_ci"]
+        c: torch.Tensor = ctx.broadcast["c"]
         zero = torch.zeros_like(c)
-        ci = torch.stack([state["scaffold_ci"].get(k, zero) for k in ctx.clients])
+        ci = torch.stack([own.get(k, zero) for k in ctx.clients])
         steps = torch.as_tensor(ctx.steps, dtype=torch.float32).unsqueeze(1)
         lr = float(ctx.cell.settings.lr)
         new = ctx.train(global_params, grad_offset=c - ci)
         ci_new = ci - c + (global_params - new) / (steps * lr)
         for j, k in enumerate(ctx.clients):
-            state["scaffold_ci"][k] = ci_new[j]
-        return ctx.update(new - global_params, control_delta=ci_new - ci)
+            own[k] = ci_new[j]
+        dc = ci_new - ci
+        if self.control == "examples":  # n_i / n: public shares
+            total = float(sum(ctx.cell.num_examples))
+            share = torch.as_tensor(ctx.num_examples, dtype=dc.dtype) / total
+            dc = dc * share.unsqueeze(1)
+        return ctx.update(new - global_params, control_delta=dc)
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
-                      aggregate: torch.Tensor, updates: Updates) -> torch.Tensor:
-        import torch
-
-        dc = updates.extra.get("control_delta")
-        if dc is not None and len(dc):
-            if self.control == "examples":
-                n = torch.as_tensor(updates.num_examples, dtype=dc.dtype)
-                total = float(sum(len(c.train) for c in ctx.clients))
-                ctx.state["scaffold_c"] = ctx.state["scaffold_c"] + (n / total) @ dc
-            else:
-                ctx.state["scaffold_c"] = ctx.state["scaffold_c"] + dc.sum(0) / ctx.num_clients
+                      aggregate: torch.Tensor, received: Received) -> torch.Tensor:
+        if len(received):
+            total = received.sum("control_delta")
+            if self.control == "uniform":
+                total = total / ctx.num_clients
+            ctx.state["scaffold_c"] = ctx.state["scaffold_c"] + total
         return global_params + ctx.settings.server_lr * aggregate
-
-    def bytes_down(self, ctx: CellContext, model_bytes: int) -> int:
-        return 2 * model_bytes  # x and c
 
 
 COMPONENTS = (Scaffold,)

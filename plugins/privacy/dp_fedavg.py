@@ -38,6 +38,12 @@ secure transport (secure aggregation) in the stack, where no one sees an
 un-noised sum; without one, the server would see each update with noise of
 multiplier σ/√m, far weaker than what is accounted.
 
+Parties: the clients' instance clips, weights and (distributed) noises each
+update; the server's instance adds central noise, keeps the accountant and,
+with adaptive clipping, counts the clip bits the clients send in the clear
+(``clip_bit``; the server is the trusted party of central DP) and broadcasts
+the next clipping norm (``broadcast``: 8 bytes a client and round).
+
 Noise draws come from seeded torch generators (``ctx.torch_generator``) so
 that a cell is reproducible: right for a benchmark, wrong for a deployment
 (the record says so under ``noise_rng``).
@@ -64,7 +70,7 @@ from fedmedbench.accounting import Ledger, check_accountant, noise_for_epsilon, 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from fedmedbench import CellFacts
+    from fedmedbench import CellFacts, Received
 
 NOISE = ("auto", "central", "distributed")
 LAYERWISE = ("none", "equal", "size")
@@ -218,7 +224,7 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
         self._k = max(1, int(round(ctx.sample_rate * ctx.num_clients)))
         self._client_sampling = ctx.settings.client_sampling
         # bounded weights over the whole population (example counts are public)
-        n = np.array([len(c.train) for c in ctx.clients], dtype=float)
+        n = np.array(ctx.num_examples, dtype=float)
         if getattr(self, "_weighting", "uniform") == "examples":
             cap = self.weight_cap or float(n.max())
             w = np.minimum(n / cap, 1.0)
@@ -247,7 +253,6 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
                 f"(Andrew et al. 2021, Thm 1); count_noise={self._sigma_b:g}, "
                 f"noise_multiplier={self._z(self._z0, 1):g}; raise count_noise")
         self._C = self.clip
-        self._bits: list[float] = []
         self._clip_history: list[float] = []
         # per-tensor shares of the clipping budget (sum of squares = 1)
         sizes = np.asarray(ctx.layout.sizes, dtype=float)
@@ -259,6 +264,28 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
             share = None
         self._slices = list(ctx.layout.slices().values())
         self._share = share
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Sent in the clear with each update: with adaptive clipping, whether
+        the update was within the clip (to the trusted server of central DP)."""
+        return ("clip_bit",) if self.target_quantile else ()
+
+    def contribution_weights(self, ctx: CellContext, received: Received) -> np.ndarray:
+        """Each received client's weight in the sum, ``w_k / (qW)`` (public counts)."""
+        return self._w[list(received.clients)] / self._denom
+
+    def broadcast(self, ctx: CellContext) -> dict[str, torch.Tensor]:
+        """The server's current clipping norm (adaptive clipping only)."""
+        import torch
+
+        if not self.target_quantile:
+            return {}
+        return {"clip": torch.tensor([self._C], dtype=torch.float64)}
+
+    def receive_broadcast(self, ctx: CellContext, fields: dict[str, torch.Tensor]) -> None:
+        if "clip" in fields:
+            self._C = float(fields["clip"][0])
 
     def _z_update(self, rnd: int) -> float:
         """The multiplier of the noise on the sum of updates in round ``rnd``."""
@@ -284,7 +311,7 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
                 part = delta[:, sl]
                 delta[:, sl] = part * (C * s / (part.norm(dim=1) + 1e-12)).clamp(max=1.0) \
                     .unsqueeze(1)
-        self._bits += [1.0 if float(v) <= C else 0.0 for v in norms]
+        bits = np.asarray([1.0 if float(v) <= C else 0.0 for v in norms])
         weight = torch.as_tensor(self._w[updates.clients] / self._denom, dtype=torch.float32)
         delta *= weight.unsqueeze(1)
         if self._mode == "distributed":
@@ -293,11 +320,13 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
             for i, client in enumerate(updates.clients):
                 g = ctx.torch_generator("dp-fedavg-noise", ctx.round, client)
                 delta[i] += torch.randn(delta.shape[1], generator=g) * std
-        return updates.replace(delta=delta, metrics={
-            **updates.metrics, "contribution_weight": weight.numpy().astype(float)})
+        metrics = dict(updates.metrics)
+        if self.target_quantile:
+            metrics["clip_bit"] = bits
+        return updates.replace(delta=delta, metrics=metrics)
 
     def process_aggregate(self, ctx: CellContext, aggregate: torch.Tensor,
-                          updates: Updates) -> torch.Tensor:
+                          received: Received) -> torch.Tensor:
         import torch
 
         rnd, C = ctx.round, self._C
@@ -309,10 +338,11 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
         self._ledger.record(self._z(self._z0, rnd), self._q)
         self._clip_history.append(C)
         if self.target_quantile:
+            bits = received.metrics.get("clip_bit")
+            count = float(np.sum(bits)) if bits is not None else 0.0
             g = ctx.rng("dp-fedavg-count", rnd)
-            b = (sum(self._bits) + g.normal(0.0, self._sigma_b)) / max(1.0, self._q * ctx.num_clients)
+            b = (count + g.normal(0.0, self._sigma_b)) / max(1.0, self._q * ctx.num_clients)
             self._C = C * math.exp(-self.clip_lr * (b - self.target_quantile))
-        self._bits = []
         return out
 
     # -- accounting ------------------------------------------------------------

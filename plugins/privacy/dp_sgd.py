@@ -106,7 +106,7 @@ class DPSGD(PrivacyMechanism, LocalStage):
                                           accountant=self.accountant)
             else:
                 sigma = self.noise_multiplier
-            self._sites[client] = {"site": ctx.clients[client].name, "noise_multiplier": sigma,
+            self._sites[client] = {"site": ctx.client_names[client], "noise_multiplier": sigma,
                                    "sample_rate": q, "planned_steps": planned, "n": n,
                                    "expected_batch": int(n * q), "ledger": None,
                                    "engines": []}

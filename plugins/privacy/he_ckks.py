@@ -36,6 +36,13 @@ Who holds the key and who sees what (the threat model fedmedbench measures):
   rest is masked and only its sum is read;
 - **clients** hold the public context (they encrypt) and receive the new
   global model; an outside party with the final model attacks that model.
+
+The mechanism is the only holder of these parties: no other component is
+handed it. Each round's per-client ciphertexts are dropped when the round
+ends (:meth:`HECKKS.end_round`, also after an aborted round), and the key
+holder with its secret key when training ends (:meth:`HECKKS.close`).
+Fields an algorithm declares ``summed`` (SCAFFOLD's control deltas) follow
+the model's coordinates in each client's vector and are always encrypted.
 """
 
 from __future__ import annotations
@@ -176,11 +183,12 @@ class HECKKS(PrivacyMechanism, TransportStage):
                                  f"{', '.join(ctx.layout.names)}")
         else:
             mask = np.ones(ctx.layout.numel, dtype=bool)
-        self._enc_idx = torch.as_tensor(np.flatnonzero(mask))
+        self._numel = int(ctx.layout.numel)
+        self._mask = mask
         self._rest_idx = torch.as_tensor(np.flatnonzero(~mask))
-        self._rest_mask = ~mask
         self.key_holder = KeyHolder(self.poly_modulus_degree, self.coeff_mod_bit_sizes,
                                     self.scale)
+        self.stats["public_context_bytes"] = len(self.key_holder.public_context)
         self.server = HEServer(self.key_holder.public_context)
         import tenseal as ts
 
@@ -196,12 +204,35 @@ class HECKKS(PrivacyMechanism, TransportStage):
         if self._secagg is not None:
             self._secagg.begin_round(round)
 
+    def end_round(self, round: int) -> None:
+        """The server's copies of this round's per-client ciphertexts are dropped."""
+        if getattr(self, "server", None) is not None:
+            self.server.ciphertexts = []
+        if self._secagg is not None:
+            self._secagg.end_round(round)
+
+    def close(self) -> None:
+        """Training is over: the key holder, its secret key and every context go."""
+        self.key_holder = None  # type: ignore[assignment]
+        self.server = None  # type: ignore[assignment]
+        self._client_context = None
+        if self._secagg is not None:
+            self._secagg.close()
+
+    def _enc_idx(self, n: int) -> torch.Tensor:
+        """The encrypted coordinates of an ``n``-long vector: the selected
+        layers, and every summed field after the model's coordinates."""
+        import torch
+
+        mask = np.concatenate([self._mask, np.ones(max(0, n - self._numel), dtype=bool)])
+        return torch.as_tensor(np.flatnonzero(mask[:n]))
+
     def encode(self, ctx: CellContext, client: int, vector: torch.Tensor) -> Message:
         import tenseal as ts
         import torch
 
         v = vector.detach().to(torch.float64)
-        enc = v[self._enc_idx].numpy()
+        enc = v[self._enc_idx(len(v))].numpy()
         chunks = [ts.ckks_vector(self._client_context, enc[i:i + self._slots].tolist())
                   .serialize() for i in range(0, len(enc), self._slots)]
         nbytes = sum(len(c) for c in chunks)
@@ -219,16 +250,19 @@ class HECKKS(PrivacyMechanism, TransportStage):
                 nbytes += len(plain.numpy().tobytes())
                 self.stats["plaintext_bytes"] += len(plain.numpy().tobytes())
         # the layers left unencrypted in plaintext are readable by the server as sent
-        readable = (self._rest_mask, rest) if rest is not None and self._secagg is None else None
-        return Message(client, {"ciphertexts": chunks, "rest": rest}, nbytes, readable=readable)
+        readable = (~self._mask, rest) if rest is not None and self._secagg is None else None
+        return Message(client, {"ciphertexts": chunks, "rest": rest, "n": len(v)}, nbytes,
+                       readable=readable)
 
     def aggregate(self, ctx: CellContext, messages: list[Message]) -> torch.Tensor:
         import torch
 
+        n = int(messages[0].payload["n"]) if messages else self._numel
+        enc_idx = self._enc_idx(n)
         enc_sum = self.server.add_all([m.payload["ciphertexts"] for m in messages])
-        out = torch.zeros(ctx.layout.numel, dtype=torch.float32)
-        dec = self.key_holder.decrypt(enc_sum, len(self._enc_idx))
-        out[self._enc_idx] = torch.as_tensor(dec, dtype=torch.float32)
+        out = torch.zeros(n, dtype=torch.float32)
+        dec = self.key_holder.decrypt(enc_sum, len(enc_idx))
+        out[enc_idx] = torch.as_tensor(dec, dtype=torch.float32)
         if len(self._rest_idx):
             if self._secagg is not None:
                 sub = [m.payload["rest"] for m in messages]
@@ -245,7 +279,7 @@ class HECKKS(PrivacyMechanism, TransportStage):
         """Per client: the public context, the first time a client takes part."""
         new = [c for c in ctx.participants if c not in self._has_context]
         self._has_context.update(new)
-        per = len(self.key_holder.public_context) * len(new)
+        per = int(self.stats["public_context_bytes"]) * len(new)
         if self._secagg is not None:
             per += self._secagg.bytes_down(ctx) * max(1, len(ctx.participants))
         return int(math.ceil(per / max(1, len(ctx.participants))))
@@ -259,8 +293,7 @@ class HECKKS(PrivacyMechanism, TransportStage):
             "ciphertext_bytes": s["ciphertext_bytes"], "encrypted_values": s["encrypted_values"],
             "expansion": (s["ciphertext_bytes"] / (4 * s["encrypted_values"])
                           if s["encrypted_values"] else None),
-            "public_context_bytes": len(self.key_holder.public_context)
-            if hasattr(self, "key_holder") else None,
+            "public_context_bytes": s.get("public_context_bytes"),
             "determinism": ("CKKS encryption draws its own randomness (TenSEAL cannot be "
                             "seeded), so the decrypted sum carries approximation noise of about "
                             "1e-7 relative that differs between runs; metrics of he-ckks cells "

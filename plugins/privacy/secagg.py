@@ -560,6 +560,17 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
         self._clients = {}  # client secrets of this round are discarded
         return torch.as_tensor(signed, dtype=torch.float32)
 
+    def end_round(self, round: int) -> None:
+        """The round's parties go: every client's key pairs, self-mask seed and
+        shares, and the server's masked inputs and unmasking shares (also
+        after an aborted round)."""
+        self._clients = {}
+        self.server = None
+        self._dropped = set()
+
+    def close(self) -> None:
+        self.end_round(self._round)
+
     def bytes_down(self, ctx: CellContext) -> int:
         n = max(1, getattr(self, "_n", 1))
         return int(math.ceil(getattr(self, "_down", 0) / n))

@@ -1,0 +1,278 @@
+"""Attacks in a separate process (``[evaluate] isolate = true``, ``--isolate-attacks``).
+
+In-process plugins are trusted code: they share the interpreter with the
+engine. A submitted attack is not, so its cell's attacks can run in a
+process of their own that receives only the serialized
+:class:`~fedmedbench.AttackContext` — arrays in an ``.npz`` read with
+``allow_pickle=False`` and values in a JSON file — and the attacks'
+configurations; nothing of the run (no party, no mechanism, no secret)
+exists in that process. It rebuilds the attack components from the plugin
+registry (the same entry points and ``FEDMEDBENCH_PLUGINS``), the model from
+its spec and the cell seed (the same seeded initialisation), and writes the
+results as JSON. The results equal the in-process ones: every attack starts
+from the same seeded generators (``fedmedbench.engine.evaluate_attack``).
+
+Run by the engine as ``python -m fedmedbench.isolate FOLDER``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["serialize", "deserialize", "run_isolated", "main", "DEFAULT_TIMEOUT"]
+
+#: seconds an isolated attack process may run before its attacks are recorded failed
+DEFAULT_TIMEOUT = 3600.0
+_ARRAYS = "arrays.npz"
+_META = "context.json"
+_ATTACKS = "attacks.json"
+_RESULTS = "results.json"
+
+
+class _Arrays:
+    """Numbered arrays for the ``.npz`` (keys ``a0``, ``a1``, ...)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, np.ndarray] = {}
+
+    def put(self, v: Any) -> dict[str, Any] | None:
+        import torch
+
+        if v is None:
+            return None
+        if isinstance(v, torch.Tensor):
+            arr, kind = v.detach().cpu().numpy(), "torch"
+        else:
+            arr, kind = np.asarray(v), "numpy"
+        if arr.dtype == object:
+            raise TypeError("an object array cannot be serialized without pickle")
+        key = f"a{len(self.items)}"
+        self.items[key] = arr
+        return {"key": key, "kind": kind}
+
+
+def _get(arrays: Any, ref: dict[str, Any] | None) -> Any:
+    import torch
+
+    if ref is None:
+        return None
+    arr = arrays[ref["key"]]
+    return torch.from_numpy(np.array(arr)) if ref["kind"] == "torch" else np.array(arr)
+
+
+def _pairs(d: dict[int, Any], put: Any) -> list[list[Any]]:
+    return [[int(k), put(v)] for k, v in d.items()]
+
+
+def serialize(actx: Any, folder: Path, *, shadow_spec: dict[str, Any]) -> None:
+    """Write ``actx`` to ``folder`` (:data:`_META` and :data:`_ARRAYS`)."""
+    import dataclasses
+
+    from fedmedbench.context import BatchReplay
+
+    folder = Path(folder)
+    A = _Arrays()
+    put = A.put
+    d = actx.data
+
+    def split(s: Any) -> dict[str, Any] | None:
+        return None if s is None else {"X": put(s.X), "y": put(s.y)}
+
+    def sites(ss: Any) -> list[dict[str, Any]] | None:
+        if ss is None:
+            return None
+        return [{"name": s.name, "train": split(s.train), "test": split(s.test),
+                 "quality": s.quality} for s in ss]
+
+    views = []
+    for rnd, v in actx.server_views.items():
+        views.append({
+            "round": int(rnd), "kind": v.kind, "clients": [int(c) for c in v.clients],
+            "global_params": put(v.global_params),
+            "updates": _pairs(v.updates, put),
+            "num_examples": [[int(k), int(n)] for k, n in v.num_examples.items()],
+            "aggregate": put(v.aggregate),
+            "readable": _pairs(v.readable, put),
+            "metrics": {k: [[int(c), float(x)] for c, x in m.items()]
+                        for k, m in v.metrics.items()},
+            "extra": {k: _pairs(m, put) for k, m in v.extra.items()},
+            "sent": put(v.sent),
+            "extra_sums": {k: put(t) for k, t in v.extra_sums.items()}})
+    replay = actx.client_batches
+    meta = {
+        "cell": actx.cell, "privacy": actx.privacy, "rounds": int(actx.rounds),
+        "seed": int(actx.seed), "protocol": actx.protocol, "mechanisms": list(actx.mechanisms),
+        "artifacts_dir": actx.artifacts_dir, "chance_level": bool(actx.chance_level),
+        "model_spec": actx.model_spec, "shadow_spec": shadow_spec,
+        "settings": dataclasses.asdict(actx.settings),
+        "task": {**dataclasses.asdict(d.task), "input_shape": list(d.task.input_shape)},
+        "data": {"sites": sites(d.sites), "public": split(d.public), "natural": d.natural,
+                 "pooled_sites": sites(d.pooled_sites)},
+        "final_params": put(actx.final_params),
+        "site_params": _pairs(actx.site_params, put),
+        "initial_params": put(actx.initial_params),
+        "final_buffers": put(actx.final_buffers),
+        "site_buffers": _pairs(actx.site_buffers, put),
+        "views": views,
+        "canaries": None if actx.canaries is None else {
+            "X": put(actx.canaries.X), "y": put(actx.canaries.y),
+            "site": put(actx.canaries.site), "included": put(actx.canaries.included)},
+        "replay": None if not isinstance(replay, BatchReplay) else {
+            "rows": [[int(c), split(s)] for c, s in replay.rows.items()],
+            "seeds": [[int(c), int(x)] for c, x in replay.seeds.items()],
+            "batch_size": int(replay.batch_size)},
+    }
+    np.savez(folder / _ARRAYS, **A.items)
+    (folder / _META).write_text(json.dumps(meta))
+
+
+def deserialize(folder: Path, registry: Any) -> Any:
+    """The :class:`~fedmedbench.AttackContext` :func:`serialize` wrote."""
+    from fedmedbench.cell import model_factory
+    from fedmedbench.components import FederatedData, Site, Split, Task
+    from fedmedbench.context import AttackContext, BatchReplay, Canaries, ShadowTrainer
+    from fedmedbench.messages import ServerView
+    from fedmedbench.training import RunSettings
+
+    folder = Path(folder)
+    meta = json.loads((folder / _META).read_text())
+    with np.load(folder / _ARRAYS, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+
+    def get(ref: Any) -> Any:
+        return _get(arrays, ref)
+
+    def split(s: Any) -> Split | None:
+        return None if s is None else Split(get(s["X"]), get(s["y"]))
+
+    def sites(ss: Any) -> list[Site] | None:
+        if ss is None:
+            return None
+        return [Site(s["name"], split(s["train"]), split(s["test"]), s["quality"]) for s in ss]
+
+    def pairs(p: list[list[Any]]) -> dict[int, Any]:
+        return {int(k): get(v) for k, v in p}
+
+    t = meta["task"]
+    task = Task(kind=t["kind"], num_classes=int(t["num_classes"]),
+                input_shape=tuple(t["input_shape"]), metric=t["metric"], model=t["model"],
+                model_kwargs=t["model_kwargs"], feature_names=t["feature_names"])
+    dd = meta["data"]
+    data = FederatedData(task=task, sites=sites(dd["sites"]), public=split(dd["public"]),
+                         natural=dd["natural"], pooled_sites=sites(dd["pooled_sites"]))
+    seed = int(meta["seed"])
+    shape, classes = tuple(task.input_shape), int(task.num_classes)
+    factory = model_factory(registry.build("model", dict(meta["model_spec"])), shape, classes,
+                            seed)
+    shadow = model_factory(registry.build("model", dict(meta["shadow_spec"])), shape, classes,
+                           seed)
+    settings = RunSettings(**meta["settings"])
+    views = {}
+    for v in meta["views"]:
+        views[int(v["round"])] = ServerView(
+            round=int(v["round"]), kind=v["kind"], clients=list(v["clients"]),
+            global_params=get(v["global_params"]), updates=pairs(v["updates"]),
+            num_examples={int(k): int(n) for k, n in v["num_examples"]},
+            aggregate=get(v["aggregate"]), readable=pairs(v["readable"]),
+            metrics={k: {int(c): float(x) for c, x in m} for k, m in v["metrics"].items()},
+            extra={k: pairs(m) for k, m in v["extra"].items()}, sent=get(v["sent"]),
+            extra_sums={k: get(r) for k, r in v["extra_sums"].items()})
+    can = meta["canaries"]
+    canaries = None if can is None else Canaries(get(can["X"]), get(can["y"]), get(can["site"]),
+                                                 get(can["included"]))
+    rp = meta["replay"]
+    replay = None if rp is None else BatchReplay(
+        rows={int(c): split(s) for c, s in rp["rows"]},
+        seeds={int(c): int(x) for c, x in rp["seeds"]}, batch_size=int(rp["batch_size"]))
+    return AttackContext(
+        cell=meta["cell"], data=data, model_factory=factory,
+        final_params=get(meta["final_params"]), server_views=views, privacy=meta["privacy"],
+        settings=settings, rounds=int(meta["rounds"]), seed=seed, protocol=meta["protocol"],
+        train_shadow=ShadowTrainer(shadow(), settings, int(meta["rounds"])),
+        mechanisms=list(meta["mechanisms"]), site_params=pairs(meta["site_params"]),
+        artifacts_dir=meta["artifacts_dir"], client_batches=replay,
+        chance_level=bool(meta["chance_level"]), canaries=canaries,
+        initial_params=get(meta["initial_params"]), final_buffers=get(meta["final_buffers"]),
+        site_buffers=pairs(meta["site_buffers"]), model_spec=meta["model_spec"])
+
+
+def _failed(message: str, attacks: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    return {key: {"failed": {"type": "IsolatedAttackError", "message": message,
+                             "plugin": None, "component": cfg.get("name"), "hook": "evaluate"}}
+            for key, cfg in attacks}
+
+
+def run_isolated(attacks: list[tuple[str, dict[str, Any]]], actx: Any, *,
+                 shadow_spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``attacks`` (``(key, config)`` pairs) on ``actx`` in a separate
+    process; their results by key (a process that fails or runs past
+    ``timeout`` seconds fails every attack it held, with the reason)."""
+    with tempfile.TemporaryDirectory(prefix="fedmedbench-attacks-") as tmp:
+        folder = Path(tmp)
+        serialize(actx, folder, shadow_spec=shadow_spec)
+        (folder / _ATTACKS).write_text(json.dumps([[k, c] for k, c in attacks]))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        try:
+            proc = subprocess.run([sys.executable, "-m", "fedmedbench.isolate", str(folder)],
+                                  env=env, capture_output=True, text=True,
+                                  timeout=timeout or DEFAULT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return _failed(f"the isolated attack process ran past {timeout or DEFAULT_TIMEOUT:g} "
+                           f"s and was stopped", attacks)
+        out = folder / _RESULTS
+        if proc.returncode != 0 or not out.is_file():
+            tail = (proc.stderr or "").strip().splitlines()[-3:]
+            return _failed(f"the isolated attack process exited with status {proc.returncode}"
+                           f"{': ' + ' | '.join(tail) if tail else ''}", attacks)
+        res = json.loads(out.read_text())
+        if not isinstance(res, dict):
+            return _failed("the isolated attack process wrote no results", attacks)
+        return {k: res.get(k, {"failed": {"type": "IsolatedAttackError",
+                                          "message": "no result for this attack",
+                                          "plugin": None, "component": c.get("name"),
+                                          "hook": "evaluate"}}) for k, c in attacks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedmedbench.isolate FOLDER``: evaluate the attacks of
+    ``FOLDER/attacks.json`` on the context there; write ``results.json``."""
+    import torch
+
+    from fedmedbench.engine import evaluate_attack
+    from fedmedbench.errors import ConfigError
+    from fedmedbench.registry import get_registry
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m fedmedbench.isolate FOLDER", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    folder = Path(args[0])
+    reg = get_registry()
+    actx = deserialize(folder, reg)
+    attacks = json.loads((folder / _ATTACKS).read_text())
+    results: dict[str, Any] = {}
+    for key, cfg in attacks:
+        try:
+            attack = reg.build("attack", dict(cfg))
+        except ConfigError as exc:
+            results[key] = {"failed": {"type": "ConfigError", "message": str(exc),
+                                       "plugin": None, "component": cfg.get("name"),
+                                       "hook": "evaluate"}}
+            continue
+        results[key] = evaluate_attack(attack, actx)
+    (folder / _RESULTS).write_text(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
