@@ -254,8 +254,11 @@ def check_formats(formats: Iterable[str] | None, known: list[str]) -> list[str]:
 
 
 def load(results: str | Path | Iterable[str | Path] = "results", *,
-         skip_invalid: bool = False) -> Results:
+         skip_invalid: bool = False, allow_mixed_versions: bool = False) -> Results:
     """Load the records of one or more results folders, merged by cell id.
+
+    Every record is checked as ``run`` checks it: readable, of this schema,
+    its ``cell_id`` its file name and its config's hash.
 
     Parameters
     ----------
@@ -263,8 +266,12 @@ def load(results: str | Path | Iterable[str | Path] = "results", *,
         A results folder, or several (tox shards, CI artifacts). Where two
         hold a record of the same cell, an ``ok`` record wins.
     skip_invalid
-        Skip malformed or other-schema records (listed in
-        :attr:`Results.skipped`) instead of raising.
+        Skip invalid records (listed in :attr:`Results.skipped`) instead of
+        raising.
+    allow_mixed_versions
+        Merge records written by different versions of fedmedbench or of a
+        plugin's distribution (refused by default: one table's mean would
+        mix two versions of the code).
 
     Returns
     -------
@@ -275,14 +282,112 @@ def load(results: str | Path | Iterable[str | Path] = "results", *,
     fedmedbench.SchemaError
         A folder that does not exist, or an invalid record without
         ``skip_invalid``.
+    fedmedbench.ConfigError
+        Records of different versions (without ``allow_mixed_versions``), or
+        two different cells that would count as the same table entry and
+        seed (a re-labelled or edited copy), naming both.
     """
     from fedmedbench.results import load_records
 
     dirs = [Path(results)] if isinstance(results, (str, Path)) else [Path(d) for d in results]
     if not dirs:
         raise ConfigError("load(): give at least one results folder")
-    records, skipped = load_records(dirs, skip_invalid=skip_invalid)
+    origin: dict[str, list[str]] = {}
+    records, skipped = load_records(dirs, skip_invalid=skip_invalid, origin=origin)
+    if not allow_mixed_versions:
+        check_versions(records, origin)
+    check_duplicates(records, origin)
     return Results(records, dirs=dirs, skipped=skipped)
+
+
+def record_versions(rec: dict[str, Any]) -> dict[str, str]:
+    """``{distribution: version}`` a record was written by: fedmedbench's
+    (``provenance.fedmedbench``) and those of the plugins its config names
+    (``config.versions``)."""
+    out: dict[str, str] = {}
+    cfg = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    vs = cfg.get("versions")
+    if isinstance(vs, dict):
+        out.update({str(k): str(v) for k, v in vs.items() if v})
+    prov = rec.get("provenance") if isinstance(rec.get("provenance"), dict) else {}
+    if isinstance(prov.get("fedmedbench"), str) and prov["fedmedbench"]:
+        out["fedmedbench"] = prov["fedmedbench"]
+    return out
+
+
+def check_versions(records: list[dict[str, Any]], origin: dict[str, list[str]]) -> None:
+    """:class:`ConfigError` when ``records`` were written by different
+    versions of one distribution, naming the versions, how many records each
+    has and the folders they are in."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for r in records:
+        for dist, v in record_versions(r).items():
+            seen.setdefault(dist, {}).setdefault(v, []).append(str(r.get("cell_id")))
+    mixed = {d: vs for d, vs in sorted(seen.items()) if len(vs) > 1}
+    if not mixed:
+        return
+    parts = []
+    for dist, vs in mixed.items():
+        each = []
+        for v, ids in sorted(vs.items()):
+            folders = sorted({f for i in ids for f in origin.get(i, [])})
+            each.append(f"{v} ({len(ids)} record{'s' * (len(ids) != 1)} in "
+                        f"{', '.join(folders) or '?'})")
+        parts.append(f"{dist} " + " and ".join(each))
+    from fedmedbench.errors import printable
+
+    raise ConfigError(printable(
+        f"these records were written by different versions, and one table's mean would mix "
+        f"them: {'; '.join(parts)}. Report each version's folders separately, rerun the old "
+        f"cells with this version (`fedmedbench run MATRIX --out DIR`), or pass "
+        f"--allow-mixed-versions to merge them anyway", keep_newlines=False))
+
+
+def _flat(v: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(v, dict):
+        out: dict[str, Any] = {}
+        for k, x in v.items():
+            out.update(_flat(x, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: v}
+
+
+def check_duplicates(records: list[dict[str, Any]], origin: dict[str, list[str]]) -> None:
+    """:class:`ConfigError` when two different cells would be one table entry
+    and seed (the same label on every axis, the same backend and seed): their
+    seeds would be counted twice. The message names both cells, their folders
+    and where their configs differ."""
+    from fedmedbench.report import AXES, _label, backend_of
+
+    first: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in records:
+        cfg = r.get("config") if isinstance(r.get("config"), dict) else {}
+        key = (*(_label(r, a) for a in AXES), backend_of(r), repr(cfg.get("seed")))
+        other = first.setdefault(key, r)
+        if other is r:
+            continue
+        a, b = _flat(other.get("config")), _flat(cfg)
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        shown = ", ".join(f"{k}: {_brief(a.get(k))} vs {_brief(b.get(k))}" for k in diff[:3])
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+
+        def where(x: dict[str, Any]) -> str:
+            return ", ".join(origin.get(str(x.get("cell_id")), [])) or "?"
+
+        from fedmedbench.errors import printable
+
+        raise ConfigError(printable(
+            f"records {other.get('cell_id')} (in {where(other)}) and {r.get('cell_id')} (in "
+            f"{where(r)}) are different cells but the same table entry "
+            f"({' / '.join(key[:1] + key[3:4] + key[5:6])}, seed {key[-1]}), so that seed would "
+            f"count twice; their configs differ at {shown or 'nothing'}{more}. A record's labels "
+            f"were edited, or folders of different matrices are merged: report them separately",
+            keep_newlines=False))
+
+
+def _brief(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def plan(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
@@ -303,7 +408,8 @@ def plan(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
     shard
         ``"I/N"``: only the cells of shard ``I`` of ``N``.
     backend
-        ``auto``, ``loop`` or ``vectorized`` (not part of the cell ids).
+        ``auto``, ``loop`` or ``vectorized`` (part of the cell ids: the
+        backends' numbers may differ, so their records never merge).
     max_cells
         Refuse a matrix with more cells (default
         :data:`fedmedbench.matrix.MAX_CELLS`).
@@ -332,7 +438,7 @@ def plan(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
         raise ConfigError(f"--max-cells {max_cells}: must be at least 1")
     if shard is not None:
         m.set_shard(shard)
-    if backend is not None:  # an execution option: not part of the cell ids
+    if backend is not None:  # how clients train: part of the cell ids (results may differ)
         from fedmedbench.matrix import EXECUTION_KEYS
 
         if backend not in EXECUTION_KEYS["backend"]:
@@ -425,10 +531,12 @@ def run(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
     with contextlib.ExitStack() as stack:
         try:
             lock = stack.enter_context(results_lock(
-                out, wait=wait, on_wait=lambda msg: say(f"fedmedbench: {msg}")))
+                out, wait=wait, on_wait=lambda msg: say(f"fedmedbench: {msg}"), shard=m.shard))
         except OutputError as exc:  # the lock file could not be written
             raise ConfigError(str(exc)) from None
-        remove_stale_temp_files(out, before=lock.acquired_at)
+        # shards of a split run side by side: only temp files no live writer can own go
+        remove_stale_temp_files(out, before=lock.acquired_at if lock.exclusive
+                                else lock.acquired_at - 3600)
         other, untrusted = scan(out)
         if other and not (skip_invalid or force):
             more = f" ({len(other)} such files)" if len(other) > 1 else ""
@@ -481,4 +589,6 @@ def _to_run(m: Matrix, n: int, done: set[str]) -> tuple[int | None, int | None]:
 
 
 def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    from fedmedbench.errors import printable
+
+    print(printable(msg), file=sys.stderr)

@@ -4,17 +4,75 @@
 
 Exit codes: 0 every cell ok or skipped; 1 some cell failed or diverged (the
 rest still ran and were saved); 2 bad usage or configuration.
+
+Everything printed passes through :func:`fedmedbench.errors.printable`
+(escape sequences from plugin names, site names or records are shown, never
+run), and a reader that closes the pipe early (``| head``) ends nothing but
+the printing: the command finishes its work and exits normally.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from fedmedbench.errors import ConfigError, DataError, SchemaError
+from fedmedbench.errors import ConfigError, DataError, ExecutorLost, SchemaError, printable
+
+
+class _PipeSafe(io.TextIOBase):
+    """A text stream over ``stream`` that turns a closed pipe (``| head``)
+    into silence: the first ``BrokenPipeError`` points the file descriptor at
+    ``/dev/null`` and later writes are dropped."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.broken = stream, False
+
+    def _broke(self) -> None:
+        self.broken = True
+        try:
+            fd = self.stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self._broke()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._broke()
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+def _error(message: object) -> None:
+    print(f"fedmedbench: error: {printable(message)}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
                           "comma-separated; default: all installed)")
     rep.add_argument("--skip-invalid", action="store_true",
                      help="skip malformed or other-schema records and list them")
+    rep.add_argument("--allow-mixed-versions", action="store_true",
+                     help="merge records written by different versions of fedmedbench or of "
+                          "a plugin (refused by default: a mean would mix two codes)")
     rep.add_argument("--no-timings", action="store_true",
                      help="leave out wall-clock seconds, so reports of the same cells from "
                           "different runs compare byte for byte")
@@ -106,16 +167,32 @@ def main(argv: list[str] | None = None) -> int:
     from fedmedbench.errors import install_interrupt_handler
 
     install_interrupt_handler()
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _PipeSafe(out), _PipeSafe(err)
     try:
         return {"run": cmd_run, "report": cmd_report, "plugins": cmd_plugins,
                 "datasets": cmd_datasets, "check": cmd_check}[args.command](args)
     except (ConfigError, SchemaError, DataError) as exc:
-        print(f"fedmedbench: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
+    except ExecutorLost as exc:  # the cluster died: what finished is saved
+        _error(exc)
+        return 1
     except KeyboardInterrupt:
         print("fedmedbench: interrupted; finished cells are saved, run again to resume",
               file=sys.stderr)
         return 130
+    except OSError as exc:  # a path the OS refuses (too long, a loop of links, ...)
+        from fedmedbench.fileio import os_error_message
+
+        where = exc.filename if getattr(exc, "filename", None) else "a path"
+        _error(str(exc) if type(exc).__name__ == "OutputError"
+               else os_error_message(exc, where, option=""))
+        return 2
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = out, err
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -139,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       wait=args.wait, skip_invalid=args.skip_invalid,
                       progress=not args.no_progress, **options)
     except OutputError as exc:
-        print(f"fedmedbench: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 1
     code = results.exit_code
     if not args.no_report:
@@ -158,17 +235,18 @@ def _summary_and_reports(results: Any, out: Path, *, verbose: bool) -> int:
     """Write every report of ``results`` into ``out``, print the headline (or
     every table) and where the reports are; 1 if the reports could not be
     written."""
-    from fedmedbench.fileio import OutputError
+    from fedmedbench.fileio import OutputError, refuse_symlink
 
     if not results.records:
         return 0
     print(results.summary(verbose=verbose))
+    refuse_symlink(out)  # the run's own report folder: never a link to elsewhere
     try:
         paths = results.report(out)
     except OutputError as exc:
-        print(f"fedmedbench: error: the reports could not be written: {exc}", file=sys.stderr)
+        _error(f"the reports could not be written: {exc}")
         return 1
-    print(_written(paths, out))
+    print(printable(_written(paths, out)))
     return 0
 
 
@@ -195,8 +273,8 @@ def _dry_run(m: Any, out: Path, *, force: bool = False) -> int:
         for c in m.iter_cells():
             lab = c["labels"]
             mark = "  done" if c["cell_id"] in done else ""
-            print(c["cell_id"], " ".join(f"{a}={v}" for a, v in lab.items()),
-                  f"seed={c['config']['seed']}{mark}")
+            print(printable(f"{c['cell_id']} {' '.join(f'{a}={v}' for a, v in lab.items())} "
+                            f"seed={c['config']['seed']}{mark}", keep_newlines=False))
             n += 1
             k += bool(mark)
             if n == 1:
@@ -222,9 +300,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     formats = None
     if args.out or args.format:  # every name checked before anything is read or written
         formats = check_formats(args.format, get_registry().names("reporter"))
-    results = load(args.results, skip_invalid=args.skip_invalid)
+    results = load(args.results, skip_invalid=args.skip_invalid,
+                   allow_mixed_versions=args.allow_mixed_versions)
     for s in results.skipped:
-        print(f"skipped: {s}", file=sys.stderr)
+        print(printable(f"skipped: {s}"), file=sys.stderr)
     if results.skipped:
         print(f"skipped {len(results.skipped)} invalid record file(s) of "
               f"{len(results.skipped) + len(results)} read; the report covers the other "
@@ -241,9 +320,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         try:
             paths = results.report(args.out, formats=formats, timings=not args.no_timings)
         except OutputError as exc:
-            print(f"fedmedbench: error: {exc}", file=sys.stderr)
+            _error(exc)
             return 1
-        print(_written(paths, Path(args.out)), file=sys.stderr)
+        print(printable(_written(paths, Path(args.out))), file=sys.stderr)
     return 0
 
 
@@ -256,11 +335,25 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.markdown:
         print(plugins_markdown(reg.all()))
         return 0
-    rows = [[i.family, i.name, i.plugin, i.distribution, i.version, i.doc[:70]]
+    rows = [[printable(x, keep_newlines=False) for x in
+             (i.family, i.name, i.plugin, i.distribution, i.version, i.doc[:70])]
             for i in reg.all()]
     print(tabulate(rows, headers=["family", "name", "plugin", "distribution", "version",
                                   "description"]))
     return 0
+
+
+def _md(text: object) -> str:
+    """Text safe in a markdown table cell, written as plainly as it can be
+    (the README's table of built-ins is this output): control characters
+    shown as escapes, every ``<`` that could open an HTML tag as ``&lt;``
+    (``<script>`` stays text), ``|`` escaped, and the ``![`` / ``](`` of an
+    image or a link broken by a backslash."""
+    import re
+
+    s = printable(str(text).replace("\n", " "), keep_newlines=False)
+    s = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", s).replace("|", "\\|")
+    return s.replace("![", "!\\[").replace("](", "\\](")
 
 
 def plugins_markdown(infos: list[Any]) -> str:
@@ -276,8 +369,8 @@ def plugins_markdown(infos: list[Any]) -> str:
             f"`{n}={p.default!r}`" + (f" ({short_text(rules[n])})"
                                       if n in rules and short_text(rules[n]) else "")
             for n, p in i.cls.param_spec().items())
-        doc = i.doc.replace("|", "\\|").replace("``", "`")
-        lines.append(f"| {i.family} | `{i.name}` | {doc} | {params or '—'} |")
+        doc = _md(i.doc.replace("``", "`"))
+        lines.append(f"| {_md(i.family)} | `{_md(i.name)}` | {doc} | {_md(params) or '—'} |")
     return "\n".join(lines)
 
 
@@ -306,12 +399,12 @@ def dataset_cards() -> list[dict[str, Any]]:
 
 def cmd_datasets(args: argparse.Namespace) -> int:
     cards = dataset_cards()
-    if args.json:
+    if args.json:  # JSON escapes every control character itself
         print(json.dumps(cards, indent=1, default=str))
         return 0
     for c in cards:
         flag = "  (needs files you supply)" if c.get("needs_user_files") else ""
-        print(f"{c['name']}{flag}")
+        print(printable(f"{c['name']}{flag}", keep_newlines=False))
         for key in ("title", "task", "metric", "sites", "licence", "source", "citation",
                     "partition", "preprocessing", "access", "note"):
             if key in c:
@@ -320,9 +413,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
                     v = ", ".join(f"{k}: {x}" for k, x in v.items())
                 elif isinstance(v, list):
                     v = ", ".join(map(str, v))
-                print(f"  {key:<13} {v}")
+                print(printable(f"  {key:<13} {v}", keep_newlines=False))
         if "error" in c:
-            print(f"  error         {c['error']}")
+            print(printable(f"  error         {c['error']}", keep_newlines=False))
         print()
     return 0
 

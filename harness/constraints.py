@@ -23,7 +23,8 @@ Rules beyond the range:
 - every number must be finite, anywhere in a value (NaN never passes; an
   infinity only where the range says ``allow_inf=True``);
 - an ``int`` annotation takes integers only (``1e12`` and ``8.0`` are
-  refused), a ``float`` annotation any number, ``bool`` only ``true``/``false``
+  refused) of at most 64 bits, a ``float`` annotation any number a float
+  can hold (a 401-digit integer is refused, not overflowed), ``bool`` only ``true``/``false``
   and ``str`` only strings; ``X | None`` also takes ``None`` (in TOML: leave
   the key out);
 - a parameter whose annotation cannot be resolved (a name imported only under
@@ -177,6 +178,9 @@ class Rule:
         bad = _type_problem(self, value)
         if bad:
             return bad
+        big = _too_large(value, self.kind or ("float" if _is_number(self.default) else None))
+        if big:
+            return big
         if _is_number(value):
             if self.range is not None:
                 return self.range.problem(value)
@@ -205,6 +209,30 @@ def _kind_of(default: Any) -> str:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: integers from here on do not fit a float (``float(10**309)`` overflows)
+_FLOAT_LIMIT = 2**1024
+#: integers from here on do not fit the 64 bits numpy and torch take
+_INT_LIMIT = 2**63
+
+
+def _too_large(value: Any, kind: str | None) -> str | None:
+    """Why an integer is too large for a parameter of ``kind``, or ``None``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    if kind == "int" and abs(value) >= _INT_LIMIT:
+        return "is too large (an integer parameter holds at most 64 bits, below 2**63)"
+    if abs(value) >= _FLOAT_LIMIT:
+        digits = len(str(abs(value))) if abs(value) < 10**4000 else 4000
+        return f"is too large to be a number ({digits:,} digits; a float holds about 1.8e308)"
+    return None
+
+
+def _short_value(v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**60:
+        return f"<an integer of {len(str(abs(v))) if abs(v) < 10**4000 else 'over 4000':} digits>"
+    return repr(v)
 
 
 def _type_problem(rule: Rule, value: Any) -> str | None:
@@ -323,7 +351,7 @@ def check_values(owner: str, rules: dict[str, Rule], values: dict[str, Any], *,
 
 
 def _show(v: Any) -> str:
-    text = repr(v)
+    text = _short_value(v)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

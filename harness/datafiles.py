@@ -5,6 +5,12 @@ source checkout (editable install) that is the repository's ``datasets/``;
 from a wheel it is ``harness/_datasets`` (the build copies it there).
 ``FEDMEDBENCH_DATASETS_DIR`` overrides both.
 
+:func:`inspect_npz` reads the headers of an ``.npz`` a user supplies before
+any array is loaded: a header that declares more data than the file holds (or
+than the machine has), a compressed member that expands past
+:data:`MAX_NPZ_RATIO` times its size (a zip bomb), or an object array
+(pickle) is a :class:`DataError` naming the file and the array.
+
 Derived arrays (after preprocessing) are cached as ``.npz`` (never pickle)
 under ``FEDMEDBENCH_CACHE_DIR`` (default ``~/.cache/fedmedbench``), keyed by
 the source file's sha256 and the loader's preprocessing version; a cache file
@@ -139,6 +145,88 @@ def verify_checksum(path: Path, expected: str, *, what: str) -> None:
             f"{what}: {path} has sha256 {actual} but {expected} was expected; the file is "
             f"corrupt or a different version: download it again"
         )
+
+
+#: a compressed .npz member larger than :data:`NPZ_RATIO_FROM` that expands more than this
+#: many times is refused as a zip bomb (real arrays compress a few times at most)
+MAX_NPZ_RATIO = 200
+NPZ_RATIO_FROM = 64 * 2**20
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory in bytes (a large number where unknown)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 2**50
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, k in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= k:
+            return f"{n / k:.3g} {unit}"
+    return f"{n} B"
+
+
+def inspect_npz(path: Path, *, what: str, limit: int | None = None
+                ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{array name: (shape, dtype)}`` of an ``.npz`` file, read from the
+    ``.npy`` headers only, after checking that no array declares more bytes
+    than its member holds, that together they fit in ``limit`` bytes (default:
+    the machine's memory), that no compressed member expands more than
+    :data:`MAX_NPZ_RATIO` times past :data:`NPZ_RATIO_FROM` bytes, and that
+    no array holds Python objects (pickle). Raises :class:`DataError` naming
+    the file and the array."""
+    import math
+    import zipfile
+
+    limit = memory_bytes() if limit is None else limit
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                key = info.filename[:-4]
+                if (info.compress_type != zipfile.ZIP_STORED and info.compress_size
+                        and info.file_size > NPZ_RATIO_FROM
+                        and info.file_size > MAX_NPZ_RATIO * info.compress_size):
+                    raise DataError(
+                        f"{what}: {path}: {key} expands from {_fmt_bytes(info.compress_size)} "
+                        f"compressed to {_fmt_bytes(info.file_size)} (a compression ratio over "
+                        f"{MAX_NPZ_RATIO}:1, a zip bomb rather than image data); use the "
+                        f"official file")
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version in ((2, 0), (3, 0)):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f"unknown .npy format version {version}")
+                    header = f.tell()
+                if dtype.hasobject:
+                    raise DataError(f"{what}: {path}: {key} holds Python objects (it would need "
+                                    f"pickle, which fedmedbench never loads); use the official "
+                                    f"file")
+                nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
+                if nbytes != info.file_size - header:
+                    raise DataError(
+                        f"{what}: {path}: {key} declares shape {tuple(shape)} of {dtype} "
+                        f"({_fmt_bytes(nbytes)}) but holds {_fmt_bytes(info.file_size - header)}; "
+                        f"the file is corrupt or forged: download it again")
+                total += nbytes
+                out[key] = (tuple(int(d) for d in shape), dtype)
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise DataError(f"{what}: {path} is not a readable .npz of numeric arrays "
+                        f"({type(exc).__name__}: {exc})") from None
+    if total > limit:
+        raise DataError(f"{what}: {path} declares {_fmt_bytes(total)} of arrays, more than this "
+                        f"machine's {_fmt_bytes(limit)} of memory; use a smaller file")
+    return out
 
 
 def cache_dir() -> Path:

@@ -72,3 +72,37 @@ class SettingWarning(UserWarning):
     """A setting that makes a cell's numbers suspect (a secure-aggregation clip
     range that clips most of an update): recorded in the record's
     ``warnings`` and printed when the cell ends."""
+
+
+# characters that must not reach a terminal or a report as they are: C0 and C1
+# controls (escape sequences, bells, carriage returns), DEL, bidirectional
+# overrides and lone surrogates (which no encoder writes)
+_UNSAFE = {*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), 0x061C, 0x200E, 0x200F,
+           *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000)}
+_KEEP = {0x0A, 0x09}  # newline and tab keep their meaning in printed text
+
+
+def printable(text: object, *, keep_newlines: bool = True) -> str:
+    """``text`` safe to print on a terminal or write into a report: control
+    characters (``ESC`` and every other C0/C1 control, DEL), bidirectional
+    overrides and lone surrogates are written as visible escapes (``\\x1b``,
+    ``\\u202e``, ``\\ud800``); everything else is unchanged. With
+    ``keep_newlines=False`` newlines and tabs are escaped too (one line)."""
+    s = str(text)
+    keep = _KEEP if keep_newlines else set()
+    if not any(ord(c) in _UNSAFE and ord(c) not in keep for c in s):
+        return s
+    out = []
+    for c in s:
+        o = ord(c)
+        if o in _UNSAFE and o not in keep:
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+class ExecutorLost(FedmedbenchError):
+    """The executor's cluster went away mid-run (a dask scheduler killed):
+    finished cells are saved, the cells in flight are recorded failed with the
+    cause; the command line exits 1 with this one-line message."""

@@ -28,7 +28,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import re
 import signal
 import sys
 import threading
@@ -41,11 +40,11 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from fedmedbench.engine import provenance, run_cell
+from fedmedbench import results as _results
+from fedmedbench.engine import run_cell
 from fedmedbench.errors import ConfigError
 from fedmedbench.registry import get_registry
-from fedmedbench.results import clean_json, completed_ids, write_record
-from fedmedbench.schema import SCHEMA
+from fedmedbench.results import RecordNotReadable, clean_json, completed_ids, write_record
 
 EXECUTORS = ("local", "process", "dask")
 #: keys of a matrix file's ``[executor]`` table
@@ -120,11 +119,15 @@ def execute(cells: Iterable[dict[str, Any]], results_dir: Path, *, executor: str
             yield {**c, "artifacts_dir": str(results_dir / "artifacts" / c["cell_id"])}
 
     def finish(rec: dict[str, Any]) -> None:
+        rec = explain(rec)
         try:
             write_record(results_dir, rec)
         except (TypeError, ValueError) as exc:  # a value that is not JSON: name it, go on
             rec = failed_record(rec, f"the cell's record cannot be written as JSON "
                                      f"({type(exc).__name__}: {exc})", "RecordNotJSON")
+            write_record(results_dir, rec)
+        except RecordNotReadable as exc:  # what `run` and `report` could not read back
+            rec = unreadable_record(rec, exc)
             write_record(results_dir, rec)
         result.records.append(rec)
         if on_record:
@@ -179,14 +182,12 @@ def _check_int(value: Any, where: str, *, least: int) -> int:
     return value
 
 
-_ADDRESS = re.compile(r"^[a-z][a-z0-9+.-]*://\S+$")
-
-
 def _check_scheduler(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _ADDRESS.match(value):
-        raise ConfigError(f"{where} = {value!r}: expected a scheduler address such as "
-                          f"tcp://HOST:8786")
-    return value
+    """A usable dask scheduler address (``tcp://HOST:PORT``), checked before
+    anything connects (:func:`fedmedbench.executors_dask.check_address`)."""
+    from fedmedbench.executors_dask import check_address
+
+    return check_address(value, where)
 
 
 def executor_table(raw: Any, *, where: str, base: Path | None = None) -> dict[str, Any]:
@@ -271,16 +272,37 @@ def resolve_settings(table: dict[str, Any], *, executor: str | None = None,
 def failed_record(cell: dict[str, Any], message: str, kind: str, *,
                   tb: str | None = None) -> dict[str, Any]:
     """A ``failed`` record for a cell (or a record) that the executor had to
-    stop or could not get a record for; ``kind`` is the error type."""
-    error: dict[str, Any] = {"type": kind, "message": message, "plugin": None, "hook": None}
-    if tb:
-        error["traceback"] = tb
-    return {
-        "schema": SCHEMA, "cell_id": cell["cell_id"], "status": "failed", "error": error,
-        "labels": cell.get("labels", {}), "matrix": cell.get("matrix"),
-        "config": cell["config"], "metrics": {}, "history": [],
-        "provenance": provenance(get_registry()),
-    }
+    stop or could not get a record for; ``kind`` is the error type
+    (:func:`fedmedbench.results.failed_record`)."""
+    return _results.failed_record(cell, message, kind, tb=tb)
+
+
+def unreadable_record(rec: dict[str, Any], exc: RecordNotReadable) -> dict[str, Any]:
+    """The ``failed`` record that replaces a record ``run`` could not read back
+    (too large, or a value a reader refuses): it names the field and the
+    plugin that reported it."""
+    return _results.failed_record(
+        rec, f"the cell ended {rec.get('status')!r}, but its record cannot be kept: {exc}",
+        "RecordTooLarge" if exc.too_large else "RecordNotReadable", plugin=exc.plugin,
+        component=exc.component)
+
+
+def explain(rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec`` with a cause a reader can act on where the bare error has none:
+    a ``MemoryError`` names the cell's dataset and its parameters."""
+    err = rec.get("error")
+    if not (rec.get("status") == "failed" and isinstance(err, dict)
+            and err.get("type") == "MemoryError"):
+        return rec
+    ds = (rec.get("config") or {}).get("dataset") or {}
+    params = ", ".join(f"{k}={v}" for k, v in sorted(ds.items()) if k != "name")
+    what = f"{ds.get('name')}({params})" if params else str(ds.get("name"))
+    msg = str(err.get("message") or "").strip() or "MemoryError"
+    rec = {**rec, "error": {**err, "message": (
+        f"the cell ran out of memory ({msg}); its dataset {what} may need more memory than "
+        f"this machine has: make the dataset smaller in the matrix, or run the cell on a "
+        f"larger machine")}}
+    return rec
 
 
 def run_one(cell: dict[str, Any], reg: Any,
@@ -299,11 +321,14 @@ def record_json(rec: dict[str, Any], cell: dict[str, Any]) -> str:
     """A record as JSON for the trip from a worker to the driver; a record
     that is not JSON becomes a ``failed`` record that says why."""
     try:
+        _results.encode_record(rec)  # what the driver could not write, it never receives
         return json.dumps(clean_json(rec), allow_nan=False)
     except (TypeError, ValueError) as exc:
         return json.dumps(clean_json(failed_record(
             cell, f"the cell's record cannot be written as JSON ({type(exc).__name__}: {exc})",
             "RecordNotJSON")), allow_nan=False)
+    except RecordNotReadable as exc:
+        return json.dumps(clean_json(unreadable_record(explain(rec), exc)), allow_nan=False)
 
 
 def death_reason(exitcode: int | None) -> str:
@@ -481,13 +506,9 @@ def _worker(conn: Connection, parent_pid: int) -> None:
 
 def failed_record_bare(cell: dict[str, Any], message: str, kind: str, *,
                        tb: str | None = None) -> dict[str, Any]:
-    """:func:`failed_record` without provenance from the registry (for a
+    """:func:`failed_record` without the plugins in the provenance (for a
     worker whose plugins did not load)."""
-    return {"schema": SCHEMA, "cell_id": cell["cell_id"], "status": "failed",
-            "error": {"type": kind, "message": message, "plugin": None, "hook": None,
-                      **({"traceback": tb} if tb else {})},
-            "labels": cell.get("labels", {}), "matrix": cell.get("matrix"),
-            "config": cell["config"], "metrics": {}, "history": [], "provenance": {}}
+    return _results.failed_record(cell, message, kind, tb=tb, registry=False)
 
 
 class _Slot:

@@ -11,11 +11,27 @@ Three ways to get workers (README, "Many machines"):
 
 The driver submits at most as many cells as the workers have threads, so a
 cell starts as soon as it is submitted, and keeps every cell's submission
-time: a cell past ``timeout`` seconds is recorded ``failed`` and the worker
-process running it is killed (a nanny starts a new one). The driver writes
-each record the moment its future completes (``as_completed``). A cell whose
-worker died (``KilledWorker``) is submitted again ``retries`` times, then
-recorded ``failed`` with the reason. Before the first cell, every worker's
+time. The driver writes each record the moment its future completes
+(``as_completed``).
+
+Every failure has a deadline and an honest count. A task tells the scheduler
+when it starts (an event, ``fedmedbench-started``, sent before the cell runs),
+so the driver counts the tries that really ran, however often the scheduler
+itself retried them (an external scheduler keeps its own
+``distributed.scheduler.allowed-failures``). A cell whose worker died
+(``KilledWorker``) is submitted again until ``retries + 1`` tries ran, then
+recorded ``WorkerDied`` with that count; a task that died before it started
+(handed to a worker that was being killed) is resubmitted without counting.
+A cell past ``timeout`` seconds is recorded ``Timeout`` and the worker running
+it is killed (a nanny starts a new one), and no cell is handed out until that
+worker has left; a cell that no worker started by then is ``NotStarted``, not
+a timeout. The scheduler address, the first answer of the scheduler and each
+worker's plugin check have a deadline (``FEDMEDBENCH_DASK_TIMEOUT`` seconds,
+default 30): a scheduler that accepts and never answers, a server that is not
+dask, or a worker whose plugin import hangs is a named configuration error.
+A scheduler that dies mid-run (``kill -9``) stops the run with
+:class:`~fedmedbench.errors.ExecutorLost` (exit 1): the cells it had
+finished are saved, the ones it was running are recorded ``SchedulerLost``. Before the first cell, every worker's
 plugins and versions are compared with the driver's (``Client.run``), and a
 worker that lacks one, or has another version, stops the run with a message
 naming the worker and the plugin; each cell checks again on the worker that
@@ -30,9 +46,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import shlex
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -41,7 +59,7 @@ from typing import Any
 
 import tomllib
 
-from fedmedbench.errors import ConfigError
+from fedmedbench.errors import ConfigError, ExecutorLost
 from fedmedbench.executors import _tb, failed_record, record_json, run_one
 from fedmedbench.registry import Registry, get_registry
 
@@ -53,6 +71,46 @@ JOBQUEUE_KEYS = ("cores", "memory", "walltime", "queue", "account", "job_name",
                  "resource_spec")
 CLUSTER_KINDS = ("slurm", "pbs")
 _POLL_S = 0.05
+#: the event topic a task logs on the scheduler when its cell starts
+STARTED = "fedmedbench-started"
+#: environment variable: seconds to wait for a scheduler's or a worker's answer
+TIMEOUT_ENV = "FEDMEDBENCH_DASK_TIMEOUT"
+#: how often a task that died before it started is handed out again
+_MAX_UNSTARTED = 3
+
+
+def answer_timeout() -> float:
+    """Seconds to wait for the scheduler's or a worker's answer
+    (``FEDMEDBENCH_DASK_TIMEOUT``, default 30)."""
+    raw = os.environ.get(TIMEOUT_ENV, "30")
+    try:
+        v = float(raw)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return v
+
+
+def _bounded(fn: Callable[[], Any], seconds: float, on_timeout: Callable[[], Exception]) -> Any:
+    """``fn()`` in a helper thread, waited for at most ``seconds``; past that,
+    ``on_timeout()`` is raised (the thread is abandoned: it is a daemon)."""
+    box: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=go, name="fedmedbench-dask-call", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise on_timeout()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 #: a worker preload (the text of a module) for the local cluster: Ctrl-C in the
 #: terminal reaches the whole process group; the driver alone handles it
 _IGNORE_SIGINT = """
@@ -126,10 +184,35 @@ def _worker_signature() -> dict[str, dict[str, Any]]:
     return plugin_signature(get_registry())
 
 
-def check_workers(client: Any, want: dict[str, dict[str, Any]]) -> None:
+def check_workers(client: Any, want: dict[str, dict[str, Any]],
+                  timeout: float | None = None) -> None:
     """Compare every worker's plugins with ``want``; :class:`ConfigError`
-    naming the first worker that differs or cannot load its plugins."""
-    found = client.run(_worker_signature, on_error="return")
+    naming the first worker that differs, cannot load its plugins, or does
+    not answer within ``timeout`` seconds (a plugin import that hangs)."""
+    timeout = answer_timeout() if timeout is None else timeout
+    workers = sorted(client.run_on_scheduler(_worker_addresses))
+    found: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def ask(w: str) -> None:
+        res = client.run(_worker_signature, workers=[w], on_error="return")
+        with lock:
+            found.update(res)
+
+    threads = [threading.Thread(target=ask, args=(w,), daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    with lock:
+        silent = [w for w in workers if w not in found]
+    if silent:
+        raise ConfigError(
+            f"dask worker {silent[0]}{f' (and {len(silent) - 1} more)' if len(silent) > 1 else ''}"
+            f" did not answer within {timeout:g} s when asked for its fedmedbench plugins: "
+            f"importing a plugin hangs there, or the worker is stuck; fix or stop that worker "
+            f"(raise the wait with {TIMEOUT_ENV}=SECONDS)")
     for worker, have in sorted(found.items()):
         if isinstance(have, BaseException):
             raise ConfigError(f"worker {worker} cannot load fedmedbench's plugins "
@@ -145,8 +228,25 @@ def check_workers(client: Any, want: dict[str, dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------
 
 
-def run_task(cell_json: str, want: dict[str, dict[str, Any]]) -> str:
+def _mark_started(key: str) -> None:
+    """Tell the scheduler (and wait for its answer) that task ``key`` starts
+    its cell on this worker: the driver counts tries from these events."""
+    try:
+        from distributed import get_worker
+        from distributed.utils import sync
+
+        w = get_worker()
+        sync(w.loop, w.scheduler.log_event, topic=STARTED,
+             msg={"key": key, "worker": w.address, "pid": os.getpid()},
+             callback_timeout=answer_timeout())
+    except Exception:  # not on a worker (tests), or the scheduler is gone: run anyway
+        pass
+
+
+def run_task(cell_json: str, want: dict[str, dict[str, Any]], key: str = "") -> str:
     """One cell on a dask worker: its record as JSON (the driver writes it)."""
+    if key:
+        _mark_started(key)
     import torch
 
     torch.set_num_threads(1)
@@ -180,9 +280,104 @@ def _processing_on(key: str, dask_scheduler: Any = None) -> str | None:
     return ts.processing_on.address if ts is not None and ts.processing_on else None
 
 
+def _worker_addresses(dask_scheduler: Any = None) -> list[str]:
+    """Run on the scheduler: the addresses of its workers."""
+    return list(dask_scheduler.workers)
+
+
+def _started(dask_scheduler: Any = None) -> list[tuple[str, str]]:
+    """Run on the scheduler: ``(task key, worker)`` of every cell start logged."""
+    out = []
+    for _, msg in dask_scheduler.get_events(STARTED):
+        if isinstance(msg, dict):
+            out.append((str(msg.get("key")), str(msg.get("worker"))))
+    return out
+
+
 # --------------------------------------------------------------------------
 # the driver
 # --------------------------------------------------------------------------
+
+_SCHEMES = {
+    "tls": "a tls:// scheduler needs dask's TLS certificates, which fedmedbench does not "
+           "configure (reach it through an SSH tunnel as tcp://)",
+    "ucx": "ucx:// needs UCX (ucx-py), which fedmedbench does not support",
+    "inproc": "inproc:// reaches only a scheduler inside this very process",
+    "ws": "a websocket scheduler is not supported", "wss": "a websocket scheduler is not "
+                                                           "supported",
+}
+
+
+def check_address(value: Any, where: str) -> str:
+    """A dask scheduler address fedmedbench can use: ``tcp://HOST:PORT``
+    with a port from 1 to 65535; else a :class:`ConfigError` that says why."""
+    import re
+
+    fix = "give a dask scheduler address such as tcp://HOST:PORT (tcp://10.0.0.5:8786)"
+    if not isinstance(value, str) or not value.strip() or len(value) > 1000:
+        raise ConfigError(f"{where} = {str(value)[:80]!r}: {fix}")
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        raise ConfigError(f"{where} = {value!r} has no scheme; {fix}: write tcp://{value}")
+    scheme = scheme.lower()
+    if scheme != "tcp":
+        why = _SCHEMES.get(scheme, f"{scheme}:// is not a dask address scheme fedmedbench "
+                                   f"supports")
+        raise ConfigError(f"{where} = {value!r}: {why}; {fix}")
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})/?", rest)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ConfigError(f"{where} = {value!r}: the address needs a host and a port from 1 to "
+                          f"65535 (the scheduler's port, 8786 by default); {fix}")
+    return value
+
+
+async def _probe(address: str, seconds: float) -> Any:
+    """Ask what listens at ``address`` who it is (dask's ``identity``), each
+    step within ``seconds``."""
+    from distributed.comm import connect
+
+    comm = await asyncio.wait_for(connect(address, timeout=seconds), seconds)
+    try:
+        await asyncio.wait_for(comm.write({"op": "identity", "reply": True}), seconds)
+        return await asyncio.wait_for(comm.read(), seconds)
+    finally:
+        comm.abort()
+
+
+def _connect(distributed: Any, scheduler: str, seconds: float) -> Any:
+    """A client of the scheduler at ``scheduler``, or a :class:`ConfigError`
+    within about ``seconds`` whatever is listening there: the address is first
+    asked who it is, and only a dask scheduler gets a client."""
+    def late() -> Exception:
+        return ConfigError(
+            f"--scheduler {scheduler}: no dask scheduler answered there within {seconds:g} s "
+            f"(something accepts the connection but does not speak dask, or the scheduler "
+            f"hangs); check the address and that `dask scheduler` runs there (raise the wait "
+            f"with {TIMEOUT_ENV}=SECONDS)")
+
+    def refused(why: str) -> Exception:
+        return ConfigError(f"--scheduler {scheduler}: not a dask scheduler there ({why}); check "
+                           f"the address and that `dask scheduler` runs there")
+
+    try:
+        ident = _bounded(lambda: asyncio.run(_probe(scheduler, seconds)), seconds * 3 + 5, late)
+    except ConfigError:
+        raise
+    except (asyncio.TimeoutError, TimeoutError):
+        raise late() from None
+    except BaseException as exc:  # refused, reset, or bytes that are not dask's protocol
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise refused(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
+        raise refused(f"it answered {str(ident)[:80]!r} instead of a scheduler's identity")
+    try:
+        return _bounded(lambda: distributed.Client(scheduler, timeout=f"{seconds}s",
+                                                   set_as_default=False), seconds + 10, late)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise refused(f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
 
 
 def run_dask(cells: Iterator[dict[str, Any]], *, workers: int, scheduler: str | None,
@@ -191,17 +386,15 @@ def run_dask(cells: Iterator[dict[str, Any]], *, workers: int, scheduler: str | 
     """Run ``cells`` on dask workers, calling ``finish`` with each record."""
     dask, distributed = _dask()
     want = plugin_signature(get_registry())
+    wait_s = answer_timeout()
     owned = None
     # the driver retries cells whose worker died itself, so the scheduler (ours)
     # gives up on a task at the first death; one task per worker thread at a time
     with dask.config.set({"distributed.scheduler.allowed-failures": 0,
                           "distributed.scheduler.worker-saturation": 1.0}):
         if scheduler:
-            try:
-                client = distributed.Client(scheduler, timeout="30s")
-            except (OSError, TimeoutError) as exc:
-                raise ConfigError(f"--scheduler {scheduler}: cannot connect ({exc}); is a "
-                                  f"dask scheduler running there?") from None
+            check_address(scheduler, "--scheduler")
+            client = _connect(distributed, scheduler, wait_s)
         elif cluster:
             cfg = load_cluster_config(cluster)
             owned = jobqueue_cluster(cfg)
@@ -213,73 +406,132 @@ def run_dask(cells: Iterator[dict[str, Any]], *, workers: int, scheduler: str | 
                                              silence_logs=logging.CRITICAL,
                                              preload=[_IGNORE_SIGINT])
             client = distributed.Client(owned)
+    where = scheduler or (owned.scheduler_address if owned is not None else "the cluster")
     try:
         try:
-            client.wait_for_workers(1, timeout=30)
+            client.wait_for_workers(1, timeout=wait_s)
         except (TimeoutError, distributed.TimeoutError):
-            where = scheduler or "the cluster's queue"
-            print(f"fedmedbench: waiting for a first dask worker ({where})", file=sys.stderr)
-            client.wait_for_workers(1)
-        check_workers(client, want)
+            print(f"fedmedbench: waiting for a first dask worker ({scheduler or 'the cluster'})",
+                  file=sys.stderr)
+            _wait_for_workers(client, where)
+        check_workers(client, want, wait_s)
         _drive(client, distributed, cells, want=want, timeout=timeout, retries=retries,
-               finish=finish)
+               finish=finish, where=where)
     finally:
-        client.close()
+        try:
+            _bounded(lambda: client.close(timeout=wait_s), wait_s + 5, lambda: TimeoutError())
+        except Exception:  # a scheduler that is gone: nothing left to close
+            pass
         if owned is not None:
             owned.close()
 
 
+def _wait_for_workers(client: Any, where: str) -> None:
+    """Wait for a first worker for as long as it takes (a batch queue), but
+    not past the scheduler's death."""
+    while True:
+        if client.status not in ("running", "connecting", "newly-created"):
+            raise ExecutorLost(f"the dask scheduler at {where} went away before a worker "
+                               f"joined; nothing ran")
+        try:
+            client.wait_for_workers(1, timeout=5)
+            return
+        except Exception:  # timed out: look again
+            continue
+
+
 class _Job:
-    def __init__(self, future: Any, cell: dict[str, Any], tries: int) -> None:
-        self.future, self.cell, self.tries = future, cell, tries
+    def __init__(self, future: Any, cell: dict[str, Any], tries: int, unstarted: int) -> None:
+        self.future, self.cell = future, cell
+        #: tries that ran before this submission; submissions that never started
+        self.tries, self.unstarted = tries, unstarted
         self.handed = time.monotonic()
 
 
 def _drive(client: Any, distributed: Any, cells: Iterator[dict[str, Any]], *,
            want: dict[str, dict[str, Any]], timeout: float | None, retries: int,
-           finish: Callable[[dict[str, Any]], None]) -> None:
+           finish: Callable[[dict[str, Any]], None], where: str = "the scheduler") -> None:
     KilledWorker = distributed.KilledWorker  # noqa: N806
     done = distributed.as_completed()
     inflight: dict[str, _Job] = {}
-    again: deque[tuple[dict[str, Any], int]] = deque()
+    again: deque[tuple[dict[str, Any], int, int]] = deque()
     more = True
     capacity, checked = 1, 0.0
+    killing: dict[str, float] = {}  # workers killed for a timeout -> when (none handed out)
+    wait_s = answer_timeout()
 
-    def next_job() -> tuple[dict[str, Any], int] | None:
+    def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """A call to the scheduler, bounded; its death is :class:`ExecutorLost`."""
+        def lost() -> Exception:
+            return ExecutorLost(f"the dask scheduler at {where} stopped answering")
+
+        if client.status not in ("running",):
+            raise lost()
+        try:
+            return _bounded(lambda: fn(*args, **kw), wait_s, lost)
+        except ExecutorLost:
+            raise
+        except (OSError, distributed.comm.CommClosedError, TimeoutError,
+                distributed.TimeoutError, asyncio.CancelledError) as exc:
+            raise ExecutorLost(f"the dask scheduler at {where} went away ({type(exc).__name__}: "
+                               f"{exc})") from None
+
+    def starts() -> dict[str, int]:
+        out: dict[str, int] = {}
+        for key, _ in call(client.run_on_scheduler, _started):
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def next_job() -> tuple[dict[str, Any], int, int] | None:
         nonlocal more
         if again:
             return again.popleft()
         cell = next(cells, None) if more else None
         more = cell is not None
-        return None if cell is None else (cell, 0)
+        return None if cell is None else (cell, 0, 0)
+
+    def handing_out() -> bool:
+        """Nothing is handed out while a worker killed for a timeout is still there
+        (a cell given to it would die with it without having run)."""
+        if not killing:
+            return True
+        alive = set(call(client.run_on_scheduler, _worker_addresses))
+        now = time.monotonic()
+        for addr, t in list(killing.items()):
+            if addr not in alive or now - t > wait_s:
+                killing.pop(addr)
+        return not killing
 
     try:
         while True:
+            if client.status != "running":
+                raise ExecutorLost(f"the dask scheduler at {where} went away (the client is "
+                                   f"{client.status})")
             if time.monotonic() - checked > 2.0:  # workers may come and go
-                capacity = max(1, sum(client.nthreads().values()))
+                capacity = max(1, sum(call(client.nthreads).values()))
                 checked = time.monotonic()
-            while len(inflight) < capacity and (job := next_job()):
-                cell, tries = job
-                fut = client.submit(run_task, json.dumps(cell), want, pure=False,
-                                    key=f"fedmedbench-cell-{cell['cell_id']}-{tries}-"
-                                        f"{os.urandom(4).hex()}")
-                inflight[fut.key] = _Job(fut, cell, tries)
-                done.add(fut)
-            if not inflight:
+            if len(inflight) < capacity and (again or more) and handing_out():
+                while len(inflight) < capacity and (job := next_job()):
+                    cell, tries, unstarted = job
+                    key = (f"fedmedbench-cell-{cell['cell_id']}-{tries}-{unstarted}-"
+                           f"{os.urandom(4).hex()}")
+                    fut = call(client.submit, run_task, json.dumps(cell), want, key, pure=False,
+                               key=key)
+                    inflight[fut.key] = _Job(fut, cell, tries, unstarted)
+                    done.add(fut)
+            if not inflight and not again and not more:
                 return
             batch = done.next_batch(block=False)
             if not batch:
                 if timeout is not None:
                     now = time.monotonic()
-                    for key, j in list(inflight.items()):
-                        if now - j.handed > timeout:
-                            inflight.pop(key)
-                            _stop(client, j.future)
-                            finish(failed_record(
-                                j.cell, f"the cell ran past --cell-timeout={timeout:g} s "
-                                        f"(counted from when it was handed to dask, worker "
-                                        f"start-up included) and its worker process was killed; "
-                                        f"raise the timeout or shrink the cell", "Timeout"))
+                    late = [k for k, j in inflight.items() if now - j.handed > timeout]
+                    if late:
+                        began = starts()
+                        for key in late:
+                            j = inflight.pop(key)
+                            _give_up(client, call, j, key, began.get(key, 0), timeout, killing,
+                                     finish)
                 time.sleep(_POLL_S)
                 continue
             for fut in batch:
@@ -287,26 +539,87 @@ def _drive(client: Any, distributed: Any, cells: Iterator[dict[str, Any]], *,
                 if j is None:  # a cell given up on (timeout): its outcome is ignored
                     continue
                 if fut.status == "finished":
-                    finish(json.loads(fut.result()))
+                    finish(json.loads(call(fut.result)))
                     continue
-                exc = fut.exception() if fut.status == "error" else None
+                if fut.status == "cancelled" or client.status != "running":
+                    inflight[fut.key] = j  # the scheduler is gone: recorded below
+                    raise ExecutorLost(f"the dask scheduler at {where} went away (its tasks "
+                                       f"were cancelled)")
+                exc = call(fut.exception) if fut.status == "error" else None
                 if isinstance(exc, KilledWorker) or exc is None:
-                    if j.tries < retries:
-                        again.append((j.cell, j.tries + 1))
+                    ran = starts().get(fut.key, 0)
+                    tries = j.tries + ran
+                    if ran == 0 and j.unstarted < _MAX_UNSTARTED:
+                        # its worker died before the cell started: not a try of this cell
+                        again.append((j.cell, j.tries, j.unstarted + 1))
+                        continue
+                    if tries < retries + 1:
+                        again.append((j.cell, tries, j.unstarted))
                         continue
                     last = getattr(getattr(exc, "last_worker", None), "address", "?")
-                    tries = f" on each of {j.tries + 1} tries" if j.tries else ""
+                    own = (f"; the scheduler retried it {ran - 1} time(s) itself (its "
+                           f"distributed.scheduler.allowed-failures)" if ran > 1 else "")
                     finish(failed_record(
-                        j.cell, f"the dask worker process running this cell died{tries} (last "
-                                f"on {last}: a crash, the out-of-memory killer, or os._exit in "
-                                f"the cell); other cells were not affected", "WorkerDied"))
+                        j.cell, f"the dask worker process running this cell died on each of "
+                                f"{tries} tries (last on {last}: a crash, the out-of-memory "
+                                f"killer, or os._exit in the cell){own}; other cells were not "
+                                f"affected", "WorkerDied"))
                 else:
                     finish(failed_record(j.cell, f"{type(exc).__name__}: {exc}",
                                          type(exc).__name__, tb=_tb(exc)))
+    except ExecutorLost as lost:
+        for j in inflight.values():
+            finish(failed_record(
+                j.cell, f"{lost}, while this cell was in flight; its result could not be "
+                        f"recovered from the workers: run again to compute it", "SchedulerLost"))
+        raise ExecutorLost(f"{lost}; {len(inflight)} cell(s) in flight were recorded failed "
+                           f"(SchedulerLost), finished cells are saved: start the scheduler "
+                           f"and its workers again and rerun to compute the rest") from None
     except BaseException:  # Ctrl-C or an error: stop what runs, keep what was written
-        if inflight:
-            client.cancel([j.future for j in inflight.values()], force=True)
+        if inflight and client.status == "running":
+            try:
+                _bounded(lambda: client.cancel([j.future for j in inflight.values()],
+                                               force=True), wait_s, lambda: TimeoutError())
+            except Exception:
+                pass
         raise
+
+
+def _give_up(client: Any, call: Callable[..., Any], j: _Job, key: str, ran: int,
+             timeout: float, killing: dict[str, float],
+             finish: Callable[[dict[str, Any]], None]) -> None:
+    """Record a cell past ``timeout`` honestly: ``NotStarted`` when no worker
+    started it, ``WorkerDied`` when its worker died and none took it again,
+    else ``Timeout`` (and the worker running it is killed)."""
+    addr = call(client.run_on_scheduler, _processing_on, key)
+    if ran == 0:
+        n = len(call(client.run_on_scheduler, _worker_addresses))
+        _cancel(client, call, j.future)
+        finish(failed_record(
+            j.cell, f"no dask worker started this cell within --cell-timeout={timeout:g} s "
+                    f"({n} worker(s) connected to the scheduler now): it never ran; add workers "
+                    f"or raise the timeout, and run again", "NotStarted"))
+        return
+    if addr is None:
+        _cancel(client, call, j.future)
+        finish(failed_record(
+            j.cell, f"the dask worker running this cell died ({j.tries + ran} tries ran) and no "
+                    f"worker took it again within --cell-timeout={timeout:g} s; other cells "
+                    f"were not affected", "WorkerDied"))
+        return
+    try:
+        call(client.run, _exit_soon, workers=[addr], on_error="ignore")
+    finally:
+        _cancel(client, call, j.future)
+    killing[addr] = time.monotonic()
+    finish(failed_record(
+        j.cell, f"the cell ran past --cell-timeout={timeout:g} s (counted from when it was "
+                f"handed to dask, worker start-up included) and its worker process was killed; "
+                f"raise the timeout or shrink the cell", "Timeout"))
+
+
+def _cancel(client: Any, call: Callable[..., Any], future: Any) -> None:
+    call(client.cancel, [future], force=True)
 
 
 def _stop(client: Any, future: Any) -> None:

@@ -9,20 +9,32 @@
   a file.
 - :func:`probe_writable`: create a folder (and parents) and prove a file can
   be written there, before any cell spends time training.
+- :func:`output_dir` and :func:`write_output`: what reporters write inside an
+  output folder, with no-follow semantics: a symbolic link where a file or a
+  sub-folder goes is refused (:class:`SymlinkRefused`, a configuration error),
+  and the file itself is replaced by a rename, never written through.
+- :func:`short_path`: a path cut to a readable length for a message.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from fedmedbench.errors import ConfigError
+
 __all__ = ["current_umask", "write_atomic", "os_error_message", "probe_writable",
-           "OutputError"]
+           "OutputError", "SymlinkRefused", "output_dir", "write_output", "short_path",
+           "refuse_symlink"]
+
+#: a path in a message is cut to about this many characters
+SHORT_PATH = 160
 
 _UMASK_LOCK = threading.Lock()
 
@@ -36,6 +48,82 @@ class OutputError(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class SymlinkRefused(ConfigError):
+    """A symbolic link where fedmedbench would write a file or a folder: it is
+    never followed (it could point at any file of the user's)."""
+
+
+def short_path(path: Path | str, limit: int = SHORT_PATH) -> str:
+    """``path`` as text, cut in the middle when longer than ``limit``
+    characters (a 100,000-character path stays a one-line message)."""
+    p = str(path)
+    if len(p) <= limit:
+        return p
+    keep = max(10, (limit - 30) // 2)
+    return f"{p[:keep]}...{p[-keep:]} ({len(p):,} characters)"
+
+
+def refuse_symlink(path: Path, *, option: str = "--out") -> None:
+    """Raise :class:`SymlinkRefused` when ``path`` is a symbolic link (checked
+    with ``lstat``, so the link is never followed); nothing when it is
+    missing or anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(os_error_message(exc, path, option=option), errno_=exc.errno) from None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = f" (to {short_path(os.readlink(path), 80)})"
+        except OSError:
+            target = ""
+        raise SymlinkRefused(
+            f"{short_path(path)} is a symbolic link{target}; fedmedbench never writes through "
+            f"a link, which could overwrite a file of yours: remove the link, or pass {option} "
+            f"with another folder")
+
+
+def output_dir(root: Path, *parts: str, option: str = "--out") -> Path:
+    """``root/parts...``, each part created if missing and refused when it is
+    a symbolic link or not a folder (``root`` itself is the user's choice and
+    may be a link)."""
+    d = Path(root)
+    for part in parts:
+        d = d / part
+        refuse_symlink(d, option=option)
+        try:
+            d.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise OutputError(os_error_message(exc, d, option=option),
+                              errno_=exc.errno) from None
+        if not d.is_dir():
+            raise OutputError(os_error_message(
+                NotADirectoryError(errno.ENOTDIR, "Not a directory"), d, option=option),
+                errno_=errno.ENOTDIR)
+    return d
+
+
+def write_output(root: Path, relpath: str, data: bytes | str, *,
+                 option: str = "--out") -> Path:
+    """Write ``data`` to ``root/relpath`` with no-follow semantics: every
+    folder under ``root`` and the file itself must not be symbolic links
+    (:class:`SymlinkRefused`), and the file is replaced atomically by a
+    rename (:func:`write_atomic`), so a link that appears meanwhile is
+    replaced, never followed. Text is UTF-8; characters UTF-8 cannot hold (a
+    lone surrogate from a record) are written as ``\\udXXX`` escapes."""
+    rel = Path(relpath)
+    d = output_dir(root, *rel.parent.parts, option=option)
+    target = d / rel.name
+    refuse_symlink(target, option=option)
+    if target.is_dir():
+        raise OutputError(f"{short_path(target)} is a folder where a report file goes; move it "
+                          f"away or pass {option} DIR")
+    if isinstance(data, str):
+        data = data.encode("utf-8", errors="backslashreplace")
+    return write_atomic(target, data)
 
 
 def current_umask() -> int:
@@ -81,7 +169,7 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object], *,
 def os_error_message(exc: OSError, path: Path | str, *, option: str = "--out") -> str:
     """One line: what failed on ``path``, why, and the fix (``option`` names
     the command-line option that chooses another path)."""
-    p = str(path)
+    p = short_path(path)
     code = exc.errno
     other = f"pass {option} DIR" if option else "choose another folder"
     if code == errno.ENOSPC:

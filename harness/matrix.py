@@ -26,7 +26,12 @@ A matrix is TOML::
     attacks = ["mia-loss"]
 
 A cell id is a stable hash of the resolved config (component names with all
-parameters, run settings, rounds, seed and the schema version).
+parameters, run settings, rounds, seed, the backend requested, the versions of
+the plugins' distributions and the schema version).
+
+A component may be written in its label form, ``"fedprox(mu=0.1)"`` or
+``"dp-fedavg(noise_multiplier=1.0)+secagg"``, as records and ``--select``
+show it (:func:`parse_label`). Every problem of a matrix is reported at once.
 
 Cells are generated lazily (:meth:`Matrix.iter_cells`) and streamed to the
 executor; :meth:`Matrix.count` counts them without generating them, and a
@@ -60,7 +65,8 @@ AXES = ("dataset", "partitioner", "model", "algorithm", "aggregator", "privacy",
         "adversary")
 FAMILY_OF_AXIS = {a: a for a in AXES}
 OPTIONAL_AXES = ("privacy", "compressor", "adversary")
-#: execution options in [run]: how a cell runs, not what it computes (not in the cell id)
+#: options in [run] that choose how a cell runs; the backend is also part of the cell's
+#: config and id, because its numbers may differ from another backend's (issue 23)
 EXECUTION_KEYS = {"backend": ("auto", "loop", "vectorized")}
 AXIS_DEFAULTS: dict[str, list[Any]] = {
     "partitioner": ["default"],
@@ -72,7 +78,7 @@ AXIS_DEFAULTS: dict[str, list[Any]] = {
 }
 TOP_KEYS = {"name", "description", "rounds", "seeds", "axes", "run", "exclude", "evaluate",
             "executor"}
-EVALUATE_KEYS = {"attacks"}
+EVALUATE_KEYS = {"attacks", "isolate"}
 
 #: a matrix with more cells is refused unless the cap is raised (``--max-cells``)
 MAX_CELLS = 100_000
@@ -167,72 +173,166 @@ def load_matrix(path: str | Path | None = None, *, registry: Registry | None = N
                 select: list[str] | None = None) -> Matrix:
     """Parse and validate a matrix file (``None``: the built-in quickstart),
     apply ``select`` slices (``AXIS=NAME``), and expand its cells."""
+    from fedmedbench.fileio import short_path
+
     p = Path(path) if path is not None else quickstart_path()
+    sp = short_path(p)
     try:
+        if p.stat().st_size > MAX_MATRIX_BYTES:
+            raise ConfigError(f"matrix file {sp} is {p.stat().st_size:,} bytes, larger than a "
+                              f"matrix file may be ({MAX_MATRIX_BYTES:,}); give a matrix TOML "
+                              f"file")
+        if not p.is_file() and not p.is_dir():
+            raise ConfigError(f"matrix file {sp} is not a regular file; give the path of a "
+                              f".toml file")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"matrix file {p} does not exist") from None
+        raise ConfigError(f"matrix file {sp} does not exist") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"matrix file {p} is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+        raise ConfigError(f"matrix file {sp} is not UTF-8 text (byte {exc.object[exc.start]:#04x} "
                           f"at offset {exc.start}: {exc.reason}); TOML files are UTF-8: save it "
                           f"as UTF-8") from None
     except IsADirectoryError:
-        raise ConfigError(f"matrix file {p} is a folder; give the path of a .toml file") from None
+        raise ConfigError(f"matrix file {sp} is a folder; give the path of a .toml file") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read matrix file {p}: {exc.strerror or exc}") from None
+        import errno
+
+        if exc.errno == errno.ENAMETOOLONG:
+            raise ConfigError(f"the matrix file's path {sp} is too long for the file system; "
+                              f"give a shorter path") from None
+        raise ConfigError(f"cannot read matrix file {sp}: {exc.strerror or exc}") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p} is not valid TOML: {exc}") from None
-    return parse_matrix(raw, registry=registry, select=select, source=str(p))
+        raise ConfigError(f"{sp} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{sp}: arrays or tables nested too deeply to read; a matrix is a few "
+                          f"levels deep") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        raise ConfigError(f"{sp} is not a usable matrix: {str(exc)[:160]} (an integer of that "
+                          f"many digits is no parameter value)") from None
+    return parse_matrix(raw, registry=registry, select=select, source=str(sp))
+
+
+#: a matrix file larger than this is refused unread (a matrix is a few kB)
+MAX_MATRIX_BYTES = 16 * 2**20
+
+
+class _Problems:
+    """Collects the configuration errors of a matrix, so that all of them are
+    reported at once (each check goes on after a failure)."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.items: list[str] = []
+
+    def add(self, exc: Exception) -> None:
+        msg = str(exc)
+        self.items.append(msg.removeprefix(f"{self.where}: "))
+
+    def run(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        """``fn(*args, **kw)``, or ``None`` after recording its error."""
+        try:
+            return fn(*args, **kw)
+        except (ConfigError, DataError) as exc:
+            self.add(exc)
+            return None
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        if len(self.items) == 1:
+            raise ConfigError(f"{self.where}: {self.items[0]}")
+        lines = "\n".join(f"  - {x}" for x in self.items)
+        raise ConfigError(f"{self.where}: {len(self.items)} problems:\n{lines}")
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
                  select: list[str] | None = None, source: str = "<memory>") -> Matrix:
+    """Validate a matrix (a dict in the matrix file's shape); every problem is
+    reported at once in one :class:`ConfigError`, before anything trains."""
     reg = registry or get_registry()
     where = source
-    unknown = set(raw) - TOP_KEYS
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a matrix is a table (a dict), got {type(raw).__name__}")
+    errs = _Problems(where)
+    unknown = sorted(set(raw) - TOP_KEYS)
     if unknown:
-        raise ConfigError(f"{where}: unknown top-level key(s) {sorted(unknown)}; allowed: "
-                          f"{sorted(TOP_KEYS)}")
-    name = _typed(raw.get("name", Path(source).stem), str, f"{where}: name")
-    rounds = _typed(raw.get("rounds", 10), int, f"{where}: rounds")
-    if rounds < 1:
-        raise ConfigError(f"{where}: rounds = {rounds}; it must be at least 1")
+        errs.add(ConfigError(
+            f"unknown top-level key(s) "
+            f"{', '.join(repr(k) + _did_you_mean(k, sorted(TOP_KEYS)) for k in unknown)}; "
+            f"allowed: {sorted(TOP_KEYS)}"))
+    name = errs.run(_typed, raw.get("name", Path(source).stem), str, "name") or "matrix"
+    rounds = errs.run(_typed, raw.get("rounds", 10), int, "rounds")
+    if rounds is not None and not 1 <= rounds <= MAX_ROUNDS:
+        errs.add(ConfigError(f"rounds = {_show(rounds)}; it must be at least 1" if rounds < 1
+                             else f"rounds = {_show(rounds)}; it must be at most {MAX_ROUNDS:,}"))
+        rounds = None
     seeds = raw.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
     if not (isinstance(seeds, list) and seeds and all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         what = " (a string, not a list)" if isinstance(seeds, str) else ""
-        raise ConfigError(f"{where}: seeds = {seeds!r}{what}; expected a non-empty list of "
-                          f"integers such as [0, 1, 2]")
+        errs.add(ConfigError(f"seeds = {_show(seeds)}{what}; expected a non-empty list of "
+                             f"integers such as [0, 1, 2]"))
+        seeds = [0]
     for i, s in enumerate(seeds):
         if not 0 <= s < SEED_LIMIT:
-            raise ConfigError(f"{where}: seeds[{i}] = {s}: out of range; seeds are integers in "
-                              f"[0, 2**63)")
+            errs.add(ConfigError(f"seeds[{i}] = {_show(s)}: out of range; seeds are integers "
+                                 f"in [0, 2**63)"))
 
     axes_raw = raw.get("axes")
-    if not isinstance(axes_raw, dict) or "dataset" not in axes_raw or "algorithm" not in axes_raw:
-        raise ConfigError(f"{where}: an [axes] table with at least `dataset` and `algorithm` "
-                          f"lists is required")
-    bad = set(axes_raw) - set(AXES)
-    if bad:
-        raise ConfigError(f"{where}: unknown axis {sorted(bad)}; axes are {list(AXES)}")
     axes: dict[str, list[Any]] = {}
+    if not isinstance(axes_raw, dict):
+        errs.add(ConfigError("an [axes] table with at least `dataset` and `algorithm` lists is "
+                             "required"))
+        axes_raw = {}
+    bad = sorted(set(axes_raw) - set(AXES))
+    for b in bad:
+        errs.add(ConfigError(f"unknown axis {b!r}{_did_you_mean(b, list(AXES))}; axes are "
+                             f"{list(AXES)}"))
+    missing = [a for a in ("dataset", "algorithm") if a not in axes_raw
+               and not any(_did_you_mean(b, [a]) for b in bad)]
+    if missing and isinstance(raw.get("axes"), dict):
+        errs.add(ConfigError(f"the [axes] table needs {' and '.join(f'`{a}`' for a in missing)} "
+                             f"(a list each)"))
+    axes_ok = not missing and not bad
     for axis in AXES:
         vals = axes_raw.get(axis, AXIS_DEFAULTS.get(axis))
+        if vals is None:
+            axes_ok = False
+            continue
         if isinstance(vals, str):
-            raise ConfigError(f"{where}: axes.{axis} = {json.dumps(vals)} is a string, but an "
-                              f"axis is a list: write {axis} = [{json.dumps(vals)}]")
+            errs.add(ConfigError(f"axes.{axis} = {json.dumps(vals)} is a string, but an axis is "
+                                 f"a list: write {axis} = [{json.dumps(vals)}]"))
+            axes_ok = False
+            continue
         if not isinstance(vals, list) or not vals:
-            raise ConfigError(f"{where}: axes.{axis} must be a non-empty list, got {vals!r}")
-        axes[axis] = [_normalize(axis, v, reg, f"{where}: axes.{axis}[{i}]")
-                      for i, v in enumerate(vals)]
+            errs.add(ConfigError(f"axes.{axis} must be a non-empty list, got {_show(vals)}"))
+            axes_ok = False
+            continue
+        out = []
+        for i, v in enumerate(vals):
+            n = len(errs.items)
+            got = errs.run(_normalize, axis, v, reg, f"axes.{axis}[{i}]")
+            if len(errs.items) > n:
+                axes_ok = False
+            else:
+                out.append(got)
+        axes[axis] = out
 
     run_raw = raw.get("run", {})
     if not isinstance(run_raw, dict):
-        raise ConfigError(f"{where}: [run] must be a table")
+        errs.add(ConfigError("[run] must be a table"))
+        run_raw = {}
     fields = RunSettings.fields()
     run: dict[str, Any] = {}
     overrides: dict[str, dict[str, Any]] = {}
@@ -241,51 +341,72 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
     for k, v in run_raw.items():
         if k in EXECUTION_KEYS:
             if v not in EXECUTION_KEYS[k]:
-                raise ConfigError(f"{where}: run.{k} = {v!r}; choose one of "
-                                  f"{', '.join(EXECUTION_KEYS[k])}")
+                errs.add(ConfigError(f"run.{k} = {_show(v)}; choose one of "
+                                     f"{', '.join(EXECUTION_KEYS[k])}"))
             continue
         if isinstance(v, dict):
             if k not in axis_names:
-                raise ConfigError(f"{where}: [run.{k}] overrides run settings for component "
-                                  f"{k!r}, which no axis uses")
+                if axes_ok:
+                    errs.add(ConfigError(f"[run.{k}] overrides run settings for component "
+                                         f"{k!r}, which no axis uses"))
+                continue
+            good = True
             for kk, vv in v.items():
                 if kk == "rounds":  # a component's cells may run their own number of rounds
-                    if _typed(vv, int, f"{where}: run.{k}.rounds") < 1:
-                        raise ConfigError(f"{where}: run.{k}.rounds = {vv}; it must be at "
-                                          f"least 1")
+                    r = errs.run(_typed, vv, int, f"run.{k}.rounds")
+                    if r is None:
+                        good = False
+                    elif not 1 <= r <= MAX_ROUNDS:
+                        errs.add(ConfigError(f"run.{k}.rounds = {_show(vv)}; it must be from 1 "
+                                             f"to {MAX_ROUNDS:,}"))
+                        good = False
                     continue
-                _check_run_key(kk, vv, fields, f"{where}: run.{k}.{kk}")
-            overrides[k] = dict(v)
+                n = len(errs.items)
+                errs.run(_check_run_key, kk, vv, fields, f"run.{k}.{kk}")
+                good = good and len(errs.items) == n
+            if good:
+                overrides[k] = dict(v)
         else:
-            _check_run_key(k, v, fields, f"{where}: run.{k}")
-            run[k] = v
+            n = len(errs.items)
+            errs.run(_check_run_key, k, v, fields, f"run.{k}")
+            if len(errs.items) == n:
+                run[k] = v
 
     exclude = raw.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(e, dict) for e in exclude):
-        raise ConfigError(f"{where}: exclude must be an array of tables ([[exclude]])")
+        errs.add(ConfigError("exclude must be an array of tables ([[exclude]])"))
+        exclude = []
     for e in exclude:
         for k in e:
             if k not in AXES:
-                raise ConfigError(f"{where}: exclude key {k!r} is not an axis; axes are {list(AXES)}")
+                errs.add(ConfigError(f"exclude key {k!r} is not an axis"
+                                     f"{_did_you_mean(k, list(AXES))}; axes are {list(AXES)}"))
 
     ev = raw.get("evaluate", {})
+    attacks: list[Any] = []
     if not isinstance(ev, dict) or set(ev) - EVALUATE_KEYS:
-        raise ConfigError(f"{where}: [evaluate] accepts only {sorted(EVALUATE_KEYS)}")
+        errs.add(ConfigError(f"[evaluate] accepts only {sorted(EVALUATE_KEYS)}"))
+        ev = {}
     attacks_raw = ev.get("attacks", [])
     if isinstance(attacks_raw, str):
-        raise ConfigError(f"{where}: evaluate.attacks = {json.dumps(attacks_raw)} is a string, "
-                          f"but attacks is a list: write attacks = [{json.dumps(attacks_raw)}]")
+        errs.add(ConfigError(f"evaluate.attacks = {json.dumps(attacks_raw)} is a string, but "
+                             f"attacks is a list: write attacks = [{json.dumps(attacks_raw)}]"))
+        attacks_raw = []
     if not isinstance(attacks_raw, list):
-        raise ConfigError(f"{where}: evaluate.attacks = {attacks_raw!r}; expected a list of "
-                          f"attack names or tables")
-    attacks = [_normalize("attack", a, reg, f"{where}: evaluate.attacks[{i}]")
-               for i, a in enumerate(attacks_raw)]
-    attacks = [a for a in attacks if a is not None]
+        errs.add(ConfigError(f"evaluate.attacks = {_show(attacks_raw)}; expected a list of "
+                             f"attack names or tables"))
+        attacks_raw = []
+    for i, a in enumerate(attacks_raw):
+        n = len(errs.items)
+        got = errs.run(_normalize, "attack", a, reg, f"evaluate.attacks[{i}]")
+        if len(errs.items) == n and got is not None:
+            attacks.append(got)
 
     from fedmedbench.executors import executor_table
 
-    execu = executor_table(raw.get("executor", {}), where=f"{where}: [executor]",
-                           base=Path(source).parent if source != "<memory>" else None)
+    execu = errs.run(executor_table, raw.get("executor", {}), where="[executor]",
+                     base=Path(source).parent if source != "<memory>" else None) or {}
+    errs.raise_if_any()
     m = Matrix(name=name, rounds=rounds, seeds=list(seeds), axes=axes, run=run,
                run_overrides=overrides, exclude=exclude, attacks=attacks, source=source,
                execution={k: v for k, v in run_raw.items() if k in EXECUTION_KEYS},
@@ -302,6 +423,17 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
     return m
 
 
+#: the most rounds a cell may run
+MAX_ROUNDS = 1_000_000
+
+
+def _show(v: Any) -> str:
+    from fedmedbench.constraints import _short_value
+
+    text = _short_value(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_run_key(k: str, v: Any, fields: dict[str, Any], where: str) -> None:
     if k not in fields:
         import difflib
@@ -313,12 +445,12 @@ def _check_run_key(k: str, v: Any, fields: dict[str, Any], where: str) -> None:
     rule = rules_of(RunSettings)[k]
     why = rule.problem(v)
     if why:
-        raise ConfigError(f"{where} = {v!r} {why}; allowed: {k} is {rule.allowed()}")
+        raise ConfigError(f"{where} = {_show(v)} {why}; allowed: {k} is {rule.allowed()}")
 
 
 def _typed(v: Any, t: type, where: str) -> Any:
     if not isinstance(v, t) or (t is int and isinstance(v, bool)):
-        raise ConfigError(f"{where} = {v!r}: expected {t.__name__}")
+        raise ConfigError(f"{where} = {_show(v)}: expected {t.__name__}")
     return v
 
 
@@ -328,6 +460,12 @@ def _normalize(axis: str, v: Any, reg: Registry, where: str) -> Any:
     if axis == "privacy":
         if v == NONE or v == []:
             return []
+        if isinstance(v, str) and "+" in v:  # the label form of a stack: "dp-fedavg+secagg"
+            parts = _split_top(v, "+")
+            if parts is None or not all(p.strip() for p in parts):
+                raise ConfigError(f"{where}: {v!r} cannot be read as a privacy stack; write it "
+                                  f"as a list, e.g. [\"dp-fedavg\", \"secagg\"]")
+            v = [p.strip() for p in parts]
         stack = v if isinstance(v, list) else [v]
         out = [_normalize("privacy-one", s, reg, f"{where}[{j}]") for j, s in enumerate(stack)]
         names = [s["name"] for s in out]
@@ -335,8 +473,10 @@ def _normalize(axis: str, v: Any, reg: Registry, where: str) -> Any:
             raise ConfigError(f"{where}: privacy stack {names} names a mechanism twice")
         return out
     family = {"privacy-one": "privacy"}.get(axis, axis)
-    if isinstance(v, str):
-        spec: dict[str, Any] = {"name": v}
+    if isinstance(v, str) and ("(" in v or "[" in v or ")" in v or "]" in v):
+        spec: dict[str, Any] = parse_label(v, where)
+    elif isinstance(v, str):
+        spec = {"name": v}
     elif isinstance(v, dict):
         if "name" not in v or not isinstance(v["name"], str):
             raise ConfigError(f"{where}: a component table needs a string `name`, got {v!r}")
@@ -356,7 +496,65 @@ def _normalize(axis: str, v: Any, reg: Registry, where: str) -> Any:
             comp.check_files()
         except DataError as exc:
             raise DataError(f"{where}: {exc}") from None
+        except MemoryError:
+            raise DataError(f"{where}: {info.name}: checking its files ran out of memory; a "
+                            f"file declares more data than this machine holds") from None
+        except Exception as exc:  # a plugin's check_files with a bug: name it
+            raise DataError(f"{where}: {info.name} (plugin {info.plugin!r}) raised "
+                            f"{type(exc).__name__} while checking its files: {exc}") from None
     return {"name": info.name, **{k: v for k, v in spec.items() if k != "name"}}
+
+
+def parse_label(text: str, where: str) -> dict[str, Any]:
+    """A component written in its label form, ``fedprox(mu=0.1)`` (what
+    records, tables and ``--select`` show), as ``{"name": "fedprox", "mu":
+    0.1}``. Values are read as TOML values (numbers, ``true``, lists) or
+    Python's spelling of them (``True``); anything else is a string. A short
+    display label (``fedprox[μ=0.1]``) or text that does not parse is refused
+    with the table to write instead, so no parameter is ever dropped."""
+    t = text.strip()
+    if "[" in t and "(" not in t:
+        name = t[:t.index("[")]
+        inner = t[t.index("[") + 1:].rstrip("]")
+        back = {v: k for k, v in SYMBOLS.items()}
+        items = []
+        for it in (_split_top(inner, ",") or []):
+            k, eq, val = it.partition("=")
+            if eq:
+                items.append(f"{back.get(k.strip(), k.strip())} = {val.strip()}")
+        table = ", ".join([f'name = "{name}"', *items])
+        raise ConfigError(f"{where}: {text!r} is a short label (for display: its symbols and "
+                          f"rounded numbers do not name parameters); write the component as a "
+                          f"table: {{ {table} }}")
+    ok = t.endswith(")") and "(" in t
+    name, inner = (t[:t.index("(")], t[t.index("(") + 1:-1]) if ok else (t, "")
+    items = _split_top(inner, ",") if ok and inner else ([] if ok else None)
+    if not ok or items is None or not name.strip():
+        raise ConfigError(f"{where}: {text!r} cannot be read as a component: write a name "
+                          f"(\"fedprox\"), the label form \"fedprox(mu=0.1)\", or a table "
+                          f"{{ name = \"fedprox\", mu = 0.1 }}")
+    spec: dict[str, Any] = {"name": name.strip()}
+    for it in items:
+        k, eq, val = it.partition("=")
+        k = k.strip()
+        if not eq or not k.isidentifier() or k == "name" or k in spec:
+            raise ConfigError(f"{where}: {text!r} cannot be read as a component: {it.strip()!r} "
+                              f"is not `key=value`; write a table {{ name = "
+                              f"\"{name.strip()}\", key = value }}")
+        spec[k] = _label_value(val.strip())
+    return spec
+
+
+def _label_value(text: str) -> Any:
+    """One parameter value of a label: TOML's reading of it, Python's
+    ``True``/``False``/``None`` spellings, else the text itself."""
+    py = {"True": True, "False": False}
+    if text in py:
+        return py[text]
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError):
+        return text
 
 
 def _apply_select(m: Matrix, select: list[str]) -> None:
@@ -706,7 +904,9 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
     if problems:
         raise ConfigError(f"{m.source}: run settings for {comps['dataset']['name']} / "
                           f"{comps['algorithm']['name']}: {'; '.join(problems)}")
-    return {**comps, "run": run, "rounds": rounds, "seed": seed,
+    # how clients train is part of what a cell is: backends may differ (float order, batching)
+    backend = m.execution.get("backend", "auto")
+    return {**comps, "run": run, "rounds": rounds, "seed": seed, "backend": backend,
             "versions": plugin_versions(comps, reg)}
 
 

@@ -5,6 +5,12 @@ included, from this project's own ``pyproject.toml``), then in the modules
 named by ``FEDMEDBENCH_PLUGINS`` (comma-separated import paths, for a plugin
 not packaged yet). ``FEDMEDBENCH_DISABLE_PLUGINS`` (comma-separated plugin
 names) blocks plugins.
+
+Loading never ends in a raw traceback: an installed plugin that cannot be
+imported is named with its distribution, its entry point and the
+``FEDMEDBENCH_DISABLE_PLUGINS`` setting that skips it; a hook implementation
+whose name is not a hook gets a did-you-mean; a component whose constructor
+raises is named with its plugin.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ class Registry:
             for impl in getattr(pm.hook, hook).get_hookimpls():
                 pname = impl.plugin_name
                 dist, version = dists.get(id(impl.plugin), ("(not installed)", ""))
+                if dist == "fedmedbench":  # the one version number, even before a reinstall
+                    from fedmedbench import __version__ as version
 
                 def register(cls: type[Component], _f: str = family, _p: str = pname,
                              _d: str = dist, _v: str = version) -> type[Component]:
@@ -93,6 +101,11 @@ class Registry:
         name = getattr(cls, "name", "")
         if not name or not isinstance(name, str):
             raise ConfigError(f"plugin {pname!r} ({dist}) registered {cls.__name__} without a `name`")
+        if not name.isprintable() or any(c.isspace() for c in name):
+            raise ConfigError(
+                f"plugin {pname!r} ({dist}) registered {cls.__name__} as {ascii(name)}: a "
+                f"component name may not hold a control character or white space (it is "
+                f"printed on terminals and written into reports); rename it")
         if name == NONE:
             raise ConfigError(f"plugin {pname!r} ({dist}): 'none' is reserved, pick another name")
         if name in self._by_name:
@@ -143,6 +156,14 @@ class Registry:
             return info.cls(**params)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{key + ': ' if key else ''}{info.name}: {exc}") from exc
+        except (ConfigError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug in the plugin's constructor: name the plugin
+            raise ConfigError(
+                f"{key + ': ' if key else ''}{info.name} (plugin {info.plugin!r}, "
+                f"distribution {info.distribution}) raised {type(exc).__name__}: {exc} in its "
+                f"constructor{_origin(exc)}; fix the plugin, or leave {info.name!r} out of the "
+                f"matrix") from exc
 
     def hooks(self) -> Any:
         return self.pm.hook
@@ -174,7 +195,11 @@ def plugin_manager(*, extra: list[Any] | None = None) -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     for name in disabled_plugins():
         pm.set_blocked(name)
-    pm.load_setuptools_entrypoints("fedmedbench")
+    _import_entry_points(pm)
+    try:
+        pm.load_setuptools_entrypoints("fedmedbench")
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(_validation_message(pm, exc)) from None
     names = env_plugins()
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -200,15 +225,85 @@ def plugin_manager(*, extra: list[Any] | None = None) -> pluggy.PluginManager:
                               f"remove it from FEDMEDBENCH_PLUGINS")
         try:
             pm.register(module, name=modname)
-        except (ValueError, pluggy.PluginValidationError) as exc:
+        except pluggy.PluginValidationError as exc:
+            raise ConfigError(_validation_message(pm, exc)) from None
+        except ValueError as exc:
             raise ConfigError(f"FEDMEDBENCH_PLUGINS names {modname!r}, which cannot be "
                               f"registered: {exc}") from None
     for obj in extra or []:
         name = getattr(obj, "__name__", None) or type(obj).__name__
         if not pm.is_blocked(name):
             pm.register(obj, name=name)
-    pm.check_pending()
+    unknown = _unknown_hooks(pm)
+    if unknown:
+        raise ConfigError("; ".join(unknown))
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(_validation_message(pm, exc)) from None
     return pm
+
+
+def _hook_names() -> list[str]:
+    """The names of fedmedbench's hooks (:mod:`fedmedbench.hookspecs`)."""
+    return sorted(n for n, f in vars(hookspecs).items()
+                  if callable(f) and hasattr(f, "fedmedbench_spec"))
+
+
+def _plugin_label(pm: pluggy.PluginManager, plugin: Any) -> str:
+    name = pm.get_name(plugin) or getattr(plugin, "__name__", repr(plugin))
+    dists = {id(p): f"{d.metadata['name']} {d.version}" for p, d in pm.list_plugin_distinfo()}
+    where = dists.get(id(plugin))
+    return f"plugin {name!r} ({where})" if where else f"plugin {name!r}"
+
+
+def _unknown_hooks(pm: pluggy.PluginManager) -> list[str]:
+    """One message per hook implementation whose name is not a fedmedbench
+    hook (a typo), with a did-you-mean."""
+    names = _hook_names()
+    out = []
+    for hname, caller in sorted(vars(pm.hook).items()):
+        if not isinstance(caller, pluggy.HookCaller) or caller.spec is not None:
+            continue
+        for impl in caller.get_hookimpls():
+            close = difflib.get_close_matches(hname, names, n=1, cutoff=0.6)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            out.append(f"{_plugin_label(pm, impl.plugin)} implements {hname!r}, which is not a "
+                       f"fedmedbench hook;{hint} hooks are: {', '.join(names)}")
+    return out
+
+
+def _validation_message(pm: pluggy.PluginManager, exc: Exception) -> str:
+    plugin = getattr(exc, "plugin", None)
+    who = _plugin_label(pm, plugin) if plugin is not None else "a plugin"
+    text = " ".join(str(exc).split())
+    return (f"{who} does not match fedmedbench's hooks: {text}; see `fedmedbench.hookspecs` "
+            f"for each hook's arguments, or block the plugin with "
+            f"FEDMEDBENCH_DISABLE_PLUGINS={pm.get_name(plugin) if plugin is not None else 'NAME'}")
+
+
+def _import_entry_points(pm: pluggy.PluginManager, group: str = "fedmedbench") -> None:
+    """Import every installed entry point of ``group`` that is not blocked, so
+    that one that fails is named with its distribution, its entry point and the
+    escape hatch (pluggy would raise the bare ImportError)."""
+    from importlib import metadata
+
+    seen: set[str] = set()
+    for dist in metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != group or ep.name in seen or pm.is_blocked(ep.name):
+                continue
+            seen.add(ep.name)
+            try:
+                ep.load()
+            except Exception as exc:
+                name = dist.metadata["name"] if dist.metadata else "?"
+                raise ConfigError(
+                    f"plugin {ep.name!r} cannot be loaded: entry point {ep.name!r} = "
+                    f"{ep.value!r} of the installed distribution {name} {dist.version} raised "
+                    f"{type(exc).__name__}: {exc}{_origin(exc)}; fix or reinstall {name} "
+                    f"(pip install --force-reinstall {name}), uninstall it, or skip it with "
+                    f"FEDMEDBENCH_DISABLE_PLUGINS={ep.name}") from None
 
 
 def _origin(exc: BaseException) -> str:

@@ -77,6 +77,9 @@ CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: an image file larger than this is not embedded in a report
 MAX_IMAGE_BYTES = 16 * 2**20
+#: an image declaring more pixels than this (width x height, read from its header) is
+#: never decoded: a small PNG can declare 14000 x 14000 and decode to gigabytes
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 # --------------------------------------------------------------------------
@@ -94,15 +97,25 @@ def _num(v: Any) -> float:
     return float(v)
 
 
+def _t(text: Any) -> str:
+    """Display text from a record: control characters, bidirectional overrides
+    and lone surrogates shown as escapes, one line (every table, figure and
+    page is made of these, so nothing in a record reaches a terminal or a
+    report raw)."""
+    from fedmedbench.errors import printable
+
+    return printable(str(text), keep_newlines=False)
+
+
 def _label(rec: dict[str, Any], axis: str) -> str:
     lab = _d(rec.get("labels"))
     if axis in lab and lab[axis] is not None:
-        return str(lab[axis])
+        return _t(lab[axis])
     v = _d(rec.get("config")).get(axis)
     if axis == "privacy":
-        return "+".join(str(_d(p).get("name")) for p in v) if isinstance(v, list) and v \
+        return _t("+".join(str(_d(p).get("name")) for p in v)) if isinstance(v, list) and v \
             else "none"
-    return str(v["name"]) if isinstance(v, dict) and "name" in v else "none"
+    return _t(v["name"]) if isinstance(v, dict) and "name" in v else "none"
 
 
 _TOPOLOGY_CACHE: dict[str, str] = {}
@@ -125,6 +138,17 @@ def topology_of(algorithm: str) -> str:
             pass
         _TOPOLOGY_CACHE[algorithm] = topo
     return _TOPOLOGY_CACHE[algorithm]
+
+
+def backend_of(rec: dict[str, Any]) -> str:
+    """The backend a record's clients trained on (``loop``, ``vectorized``):
+    what ran (``backend.name``), else what was asked (``config.backend``),
+    else ``""``."""
+    b = rec.get("backend")
+    if isinstance(b, dict) and isinstance(b.get("name"), str):
+        return b["name"]
+    cb = _d(rec.get("config")).get("backend")
+    return cb if isinstance(cb, str) else ""
 
 
 def _provenance(rec: dict[str, Any]) -> str:
@@ -191,7 +215,7 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         row: dict[str, Any] = {
             "cell_id": str(r.get("cell_id")), "status": r.get("status"),
             **{f"{axis}_spec": _label(r, axis) for axis in AXES},
-            "algorithm_name": str(alg),
+            "algorithm_name": _t(alg), "backend": _t(backend_of(r)),
             "topology": str(TOPOLOGY_OF_PROTOCOL.get(str(r.get("protocol")))
                             or r.get("topology") or topology_of(str(alg))),
             "seed": cfg.get("seed"), "rounds": cfg.get("rounds"),
@@ -208,8 +232,9 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
                            if p.get("accountant") and p.get("unit") else p.get("accountant")),
             "bytes_up": _num(c.get("bytes_up")), "bytes_down": _num(c.get("bytes_down")),
             "warnings": len(r["warnings"]) if isinstance(r.get("warnings"), list) else 0,
-            "error": _d(r.get("error")).get("message"),
-            "provenance": _provenance(r),
+            "error": None if _d(r.get("error")).get("message") is None
+            else _t(_d(r.get("error")).get("message")),
+            "provenance": _t(_provenance(r)),
         }
         row["bytes"] = row["bytes_up"] + row["bytes_down"]
         row["clipped_coordinates"] = _num(c.get("clipped_coordinates"))
@@ -219,19 +244,19 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             if k in c:
                 row[k] = _num(c.get(k))
         for site, v in _d(u.get("per_site")).items():
-            row[f"site:{site}"] = _num(v)
+            row[f"site:{_t(site)}"] = _num(v)
         for name, res in _d(m.get("attacks")).items():
-            res = _d(res)
+            res, name = _d(res), _t(name).replace(":", "_")
             if "not_applicable" in res:
-                row[f"attack:{name}:not_applicable"] = str(res["not_applicable"])
+                row[f"attack:{name}:not_applicable"] = _t(res["not_applicable"])
                 continue
             if "failed" in res:
                 f = _d(res["failed"])
-                row[f"attack:{name}:failed"] = f"{f.get('type')}: {f.get('message')}"
+                row[f"attack:{name}:failed"] = _t(f"{f.get('type')}: {f.get('message')}")
                 continue
             for k, v in res.items():
                 if k != "seconds" and not isinstance(v, bool) and isinstance(v, (int, float)):
-                    row[f"attack:{name}:{k}"] = float(v)
+                    row[f"attack:{name}:{_t(k)}"] = float(v)
             # the empirical privacy audit (Clopper-Pearson lower bound on ε) sits beside
             # the claimed ε in every attack table
             low = _d(res.get("audit")).get("epsilon_lower_bound")
@@ -261,11 +286,17 @@ def short_labels(labels: pd.Series) -> pd.Series:
 
 
 def method_label(df: pd.DataFrame) -> pd.Series:
-    """algorithm, plus partitioner/model/aggregator/compressor/adversary where they vary."""
+    """algorithm, plus partitioner/model/aggregator/compressor/adversary where
+    they vary; ``[loop]``/``[vectorized]`` where one entry's records come from
+    several backends (their numbers may differ: never one mean)."""
     out = df["algorithm"].astype(str)
     for axis in ("partitioner", "model", "aggregator", "compressor", "adversary"):
         if axis in df and df[axis].nunique() > 1:
             out = out + " " + axis[:4] + "=" + df[axis].astype(str)
+    if "backend" in df and df["backend"].nunique() > 1:
+        keys = [df["dataset"].astype(str), out, df["privacy"].astype(str)]
+        n = df.groupby(keys)["backend"].transform("nunique")
+        out = out.where(n < 2, out + " [" + df["backend"].astype(str) + "]")
     return out
 
 
@@ -288,7 +319,7 @@ def legend(records: list[dict[str, Any]], df: pd.DataFrame | None = None) -> pd.
         for lab, spec, cid in zip(df[axis], df[f"{axis}_spec"], df["cell_id"]):
             if lab in seen:
                 continue
-            seen[lab] = [axis, lab, spec, _config_text(conf.get(cid, {}).get(axis))]
+            seen[lab] = [axis, lab, spec, _t(_config_text(conf.get(cid, {}).get(axis)))]
         rows += sorted(seen.values(), key=lambda r: (r[1] != "none", r[1]))
     return pd.DataFrame(rows, columns=cols)
 
@@ -662,7 +693,8 @@ def record_image(rec: dict[str, Any], name: Any) -> Path | None:
     in ``<folder>/artifacts/<cell_id>/``, where the executor keeps a cell's
     files (so results moved or merged from shards keep their images). An
     absolute path is never opened. The file must be a real PNG (its signature
-    bytes) of at most :data:`MAX_IMAGE_BYTES`."""
+    bytes) of at most :data:`MAX_IMAGE_BYTES` whose header declares at most
+    :data:`MAX_IMAGE_PIXELS` pixels (checked before anything decodes it)."""
     if not isinstance(name, str) or not name or "\x00" in name:
         return None
     path = Path(name)
@@ -685,20 +717,58 @@ def record_image(rec: dict[str, Any], name: Any) -> Path | None:
     return None
 
 
+def png_size(p: Path) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG file's header (its IHDR chunk), read
+    without decoding, or ``None`` when the file is not a PNG."""
+    import os
+    import stat
+    import struct
+
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.read(fd, 24)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(head) < 24 or head[:8] != PNG_MAGIC or head[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">II", head[16:24])
+
+
 def _is_png(p: Path) -> bool:
+    """A regular file of at most :data:`MAX_IMAGE_BYTES`, with a PNG signature
+    and a header declaring at most :data:`MAX_IMAGE_PIXELS` pixels."""
     try:
         if not p.is_file() or p.stat().st_size > MAX_IMAGE_BYTES:
             return False
-        with p.open("rb") as f:
-            return f.read(len(PNG_MAGIC)) == PNG_MAGIC
     except OSError:
         return False
+    size = png_size(p)
+    return size is not None and 0 < size[0] * size[1] <= MAX_IMAGE_PIXELS
+
+
+#: markdown characters that could open a link, an image or a code span or end a table
+#: cell: escaped with a backslash in report text
+_MD_SPECIAL = re.compile(r"([\\`\[\]|])")
 
 
 def md_escape(text: Any) -> str:
-    """A string safe in a markdown table cell: HTML escaped (``<script>``
-    shows as text), ``|`` escaped, newlines as spaces."""
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+    """A string safe in a markdown table cell or heading: control characters
+    shown as escapes (:func:`fedmedbench.errors.printable`), HTML escaped
+    (``<script>`` shows as text), the markdown characters of links, images,
+    code spans and table cells backslash-escaped (``![x](url)`` stays text),
+    newlines as spaces."""
+    from fedmedbench.errors import printable
+
+    s = printable(str(text).replace("\n", " "), keep_newlines=False)
+    s = html.escape(s, quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", s)
 
 
 def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
@@ -792,6 +862,8 @@ def headline_table(data: ReportData, ds: str, *, width: int | None = None) -> Ta
     ``width`` characters where given (the terminal)."""
     s = data.summary[(data.summary["dataset"] == ds) & (data.summary["n"] > 0)]
     metric = _first(s["metric"]) or "utility"
+    if s.empty:  # every cell of the dataset failed (a new plugin's first run)
+        return (f"{ds}: no successful cells", [], [])
     ns = sorted(set(s["n"]))
     seeds = (f"n={ns[0]} seed{'s' * (ns[0] != 1)}" if len(ns) == 1
              else f"n={ns[0]}–{ns[-1]} seeds")
@@ -1025,9 +1097,9 @@ def warning_summary(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for w in ws if isinstance(ws, list) else []:
             if not isinstance(w, dict):
                 continue
-            key = (str(w.get("category")), str(w.get("message")))
+            key = (_t(w.get("category")), _t(w.get("message")))
             e = seen.setdefault(key, {"category": key[0], "message": key[1],
-                                      "source": str(w.get("source") or ""), "count": 0,
+                                      "source": _t(w.get("source") or ""), "count": 0,
                                       "cells": 0})
             c = w.get("count")
             e["count"] += int(c) if isinstance(c, int) and not isinstance(c, bool) else 1
@@ -1073,10 +1145,12 @@ def terminal_summary(data: ReportData, *, verbose: bool = False, width: int = 12
     :func:`headline_table` (with ``verbose``, every table of
     :func:`text_tables`), then the library warnings, each once. Lines stay
     within ``width`` columns unless ``verbose``."""
+    from fedmedbench.errors import printable
+
     if not data.records:
         return "no result records\n"
     if verbose:
-        return render_text(data)
+        return printable(render_text(data))
     out: list[str] = []
     for ds in data.datasets:
         title, headers, rows = headline_table(data, ds)
@@ -1109,7 +1183,7 @@ def terminal_summary(data: ReportData, *, verbose: bool = False, width: int = 12
         if len(bad) > 5:
             out.append(f"  ... and {len(bad) - 5} more (the report lists them all)")
         out.append("")
-    return "\n".join(out)
+    return printable("\n".join(out))
 
 
 def _columns(headers: list[str], rows: list[list[str]]) -> list[str]:

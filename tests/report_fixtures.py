@@ -5,7 +5,6 @@ reconstruction images, odd strings, or to reach benchmark scale."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,13 @@ def run(out: Path, *select: str, matrix: str = MATRIX) -> int:
     return main(args)
 
 
-def _cid(*parts: Any) -> str:
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+def seal(rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec`` with the cell id of its (altered) config, as ``run`` would have
+    written it: ``report`` refuses a record whose id is not its config's hash."""
+    from fedmedbench.matrix import cell_id
+
+    rec["cell_id"] = cell_id(rec["config"])
+    return rec
 
 
 def _png(path: Path, seed: int, noise: float, rel: Path | None) -> str:
@@ -68,9 +72,9 @@ def with_privacy_and_attacks(records: list[dict[str, Any]], img_dir: Path | None
             c = copy.deepcopy(r)
             u = c["metrics"]["utility"]
             if eps is not None:
-                c["cell_id"] = _cid(r["cell_id"], eps)
                 c["labels"]["privacy"] = f"dp-fedavg(epsilon={eps:g})"
                 c["config"]["privacy"] = [{"name": "dp-fedavg", "epsilon": eps}]
+                seal(c)
                 drop = 0.2 / (1 + eps)
                 u["global"] -= drop
                 u["per_site"] = {k: v - drop for k, v in u["per_site"].items()}
@@ -117,10 +121,12 @@ def scaled(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
                 break
             c = copy.deepcopy(r)
             k = i // len(records)
-            c["cell_id"] = _cid(r["cell_id"], k)
             c["labels"]["dataset"] = f"dataset-{k % 5}"
-            c["config"]["seed"] = 100 + k // 5 % 4
+            c["config"]["dataset"] = {"name": f"dataset-{k % 5}"}
+            c["config"]["seed"] = 100 + k // 5  # one seed per copy: no seed counted twice
             c["labels"]["algorithm"] = f"{c['labels']['algorithm']}-v{k // 20 % 5}"
+            c["config"]["algorithm"] = {**c["config"]["algorithm"], "variant": k // 20 % 5}
+            seal(c)
             u = c["metrics"]["utility"]
             u["global"] = float(u["global"]) * (1 - 0.01 * (k % 7))
             out.append(c)
@@ -138,9 +144,9 @@ def with_sample_level_dp(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for eps in (1.0, 8.0):
             c = copy.deepcopy(r)
-            c["cell_id"] = _cid(r["cell_id"], "dp-sgd", eps)
             c["labels"]["privacy"] = f"dp-sgd(epsilon={eps})"
             c["config"]["privacy"] = [{"name": "dp-sgd", "epsilon": eps}]
+            seal(c)
             u = c["metrics"]["utility"]
             drop = 0.1 / (1 + eps)
             u["global"] -= drop
@@ -164,8 +170,9 @@ def with_many_sites(records: list[dict[str, Any]], n_sites: int) -> list[dict[st
         if r["status"] != "ok":
             continue
         c = copy.deepcopy(r)
-        c["cell_id"] = _cid(r["cell_id"], "sites", n_sites)
         c["labels"]["dataset"] = f"sites-{n_sites}"
+        c["config"]["dataset"] = {"name": f"sites-{n_sites}"}
+        seal(c)
         rng = np.random.default_rng(int(c["cell_id"][:8], 16))
         u = c["metrics"]["utility"]
         vals = np.clip(u["global"] + rng.normal(0, 0.05, n_sites), 0, 1)

@@ -10,7 +10,7 @@ import pytest
 from fedmedbench import engine, executors
 from fedmedbench.cli import main
 from fedmedbench.errors import ConfigError, PluginConflictError
-from fedmedbench.matrix import load_matrix, parse_matrix
+from fedmedbench.matrix import cell_id, load_matrix, parse_matrix
 from fedmedbench.registry import get_registry, hookimpl
 from fedmedbench.results import load_records, read_record, write_record
 
@@ -140,7 +140,7 @@ def test_select_and_exclude_slice_the_matrix():
     ("rounds = 2\n[axes]\ndataset = ['heart-disease']\nalgorithm = ['fedavg']\n[run]\nlrr = 1",
      "unknown run setting; did you mean 'lr'?"),
     ("rounds = 2\nseed = 3\n[axes]\ndataset = ['heart-disease']\nalgorithm = ['fedavg']",
-     "unknown top-level key(s) ['seed']"),
+     "unknown top-level key(s) 'seed' (did you mean 'seeds'?)"),
     ("rounds = 0\n[axes]\ndataset = ['heart-disease']\nalgorithm = ['fedavg']",
      "rounds = 0; it must be at least 1"),
     ("rounds = 2\n[axes]\ndataset = ['fedavg']\nalgorithm = ['fedavg']",
@@ -226,7 +226,8 @@ def test_other_schema_record_is_refused_and_kept(tmp_path, capsys):
     assert main(["run", "--out", str(tmp_path), "--no-progress", "--select",
                  "algorithm=fedavg", "--select", "seed=0"]) == 2
     assert json.loads(path.read_text())["schema"] == "fedmedbench.result/0"  # not lost
-    write_record(tmp_path, {**rec, "schema": engine.SCHEMA, "cell_id": "0" * 16})
+    other = {**rec, "schema": engine.SCHEMA, "config": {**rec["config"], "seed": 1}}
+    write_record(tmp_path, {**other, "cell_id": cell_id(other["config"])})
     assert main(["report", str(tmp_path), "--skip-invalid"]) == 0
     assert "skipped" in capsys.readouterr().err
 

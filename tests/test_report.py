@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from report_fixtures import run, with_privacy_and_attacks
+from report_fixtures import run, seal, with_privacy_and_attacks
 
 from fedmedbench.cli import main
 from fedmedbench.report import build, comparison_tables
@@ -104,10 +104,11 @@ def rich(real: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, li
             u = r["metrics"]["utility"]
             u["per_site"] = {f'site "{k}" & <b>': v for k, v in u["per_site"].items()}
     failed = json.loads(json.dumps(out[0]))
-    failed.update(cell_id="f" * 16, status="failed",
+    failed.update(status="failed",
                   error={"type": "PluginError", "message": f"boom {evil} \"quoted\" & more"})
+    failed["config"]["seed"] = 99
     failed["metrics"] = {"cost": {"wall_s": 0.1}}
-    out.append(failed)
+    out.append(seal(failed))
     for r in out:
         write_record(d, r)
     return d, out
@@ -255,9 +256,9 @@ def test_report_embeds_only_real_pngs_inside_the_results_folder(real: Path,
     # end to end: records naming the secret, a text file and a link report without them
     for i, name in enumerate([str(secret), "../secret.png", "notpng.png", "link.png"]):
         r = _one(real)
-        r["cell_id"] = f"{i:016x}"
+        r["config"]["seed"] = 1000 + i
         r["metrics"]["attacks"] = {"gradinv-idlg": {"psnr": 20.0, "images": name}}
-        write_record(d, r)
+        write_record(d, seal(r))
     out = tmp_path / "rep"
     assert main(["report", str(d), "--out", str(out), "--quiet",
                  "--format", "figures,html"]) == 0
@@ -271,9 +272,9 @@ def test_markdown_escapes_html_and_pipes_and_csv_has_no_formulas(real: Path,
     for i, lab in enumerate(["<script>alert(1)</script> a|b", "=HYPERLINK(\"http://x\")",
                              "+cmd", "-2+3", "@SUM(A1)"]):
         r = _one(real)
-        r["cell_id"] = f"{i:016x}"
+        r["config"]["seed"] = 1000 + i
         r["labels"]["algorithm"] = lab
-        write_record(d, r)
+        write_record(d, seal(r))
     out = tmp_path / "rep"
     assert main(["report", str(d), "--out", str(out), "--quiet",
                  "--format", "markdown,csv"]) == 0
@@ -312,12 +313,12 @@ def test_report_on_a_full_disk_is_one_line(real: Path, tmp_path: Path, monkeypat
     import errno
     import os
 
-    from fedmedbench.plugins.reporters import tables
+    from fedmedbench import fileio
 
-    def full(self, *a, **k):
+    def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "rep" / "report.md"))
 
-    monkeypatch.setattr(tables.Path, "write_text", full)
+    monkeypatch.setattr(fileio, "write_atomic", full)
     assert main(["report", str(real / "whole"), "--out", str(tmp_path / "rep"), "--quiet",
                  "--format", "markdown"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -178,6 +178,22 @@ def _read(path: Path, cols: list[str] | None, **kw: object) -> pd.DataFrame:
                         f"({type(exc).__name__}: {exc}); download it again. {ACCESS}") from None
 
 
+def _hospital_ids(col: pd.Series, path: Path) -> pd.Series:
+    """``hospitalid`` as numbers (missing stays missing); a value that is not
+    an integer id (``'1x'``, ``1.5``, ``1e30``) is a :class:`DataError`
+    naming the file, the row and the value."""
+    import pandas as pd
+
+    num = pd.to_numeric(col, errors="coerce")
+    bad = col.notna() & (num.isna() | (num % 1 != 0) | (num.abs() >= 2**53))
+    if bad.any():
+        i = bad.idxmax()
+        raise DataError(f"eicu: {path}: hospitalid {col[i]!r} (row {int(i) + 2} of the file) is "
+                        f"not an integer hospital id; eICU-CRD's hospitalid column holds "
+                        f"integers: download the table again. {ACCESS}")
+    return num
+
+
 def preprocess(files: dict[str, Path], min_stays: int) -> dict[str, np.ndarray]:
     """Join the three tables on ``patientunitstayid``; first ICU stay of each
     hospital stay; APACHE IVa where present; -1 (eICU's missing code) -> NaN;
@@ -186,6 +202,8 @@ def preprocess(files: dict[str, Path], min_stays: int) -> dict[str, np.ndarray]:
     import pandas as pd
 
     pat = _read(files["patient"], TABLES["patient"])
+    hid = _hospital_ids(pat["hospitalid"], files["patient"])
+    pat = pat[hid.notna()].assign(hospitalid=hid[hid.notna()].astype(np.int64))
     pat = pat[pat["unitvisitnumber"] == 1]
     status = pat["hospitaldischargestatus"].astype("string").str.strip().str.lower()
     pat = pat[status.isin(["alive", "expired"])].copy()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmedbench import DataError, Dataset, FederatedData, Site, Split, Task, verify_checksum
+from fedmedbench.datafiles import inspect_npz
 
 ENV = "FEDMEDBENCH_MEDMNIST_DIR"
 SPLITS = ("train", "val", "test")
@@ -29,6 +30,9 @@ HOWTO = ("download the official MedMNIST .npz file (https://medmnist.com, or "
          "`python -m medmnist save` / Zenodo record 10519652) and pass path=FILE_OR_DIR or set "
          f"{ENV}=DIR")
 VAL_USES = ("public", "train", "drop")
+#: class labels are integers below this (MedMNIST's subsets have at most 11 classes; a
+#: label of 2**40 would size a model's output layer in petabytes)
+MAX_CLASSES = 1000
 
 
 class MedMNIST(Dataset):
@@ -77,10 +81,21 @@ class MedMNIST(Dataset):
             raise DataError(f"medmnist: {p} does not exist. {HOWTO}")
         return p
 
+    def _inspect(self, p: Path) -> None:
+        """The headers of the file, checked before any array is read
+        (:func:`fedmedbench.datafiles.inspect_npz`): no forged shape, no zip
+        bomb, nothing larger than this machine's memory."""
+        heads = inspect_npz(p, what=f"medmnist {self.subset}")
+        missing = [k for k in KEYS if k not in heads]
+        if missing:
+            raise DataError(f"medmnist: {p} lacks keys {missing} (found {sorted(heads)}); an "
+                            f"official MedMNIST file has {list(KEYS)}")
+
     def arrays(self) -> dict[str, np.ndarray]:
         p = self.file()
         if self.sha256:
             verify_checksum(p, self.sha256, what=f"medmnist {self.subset}")
+        self._inspect(p)
         try:
             with np.load(p, allow_pickle=False) as z:
                 missing = [k for k in KEYS if k not in z.files]
@@ -99,12 +114,9 @@ class MedMNIST(Dataset):
         p = self.file()
         if self.sha256:
             verify_checksum(p, self.sha256, what=f"medmnist {self.subset}")
+        self._inspect(p)
         try:
             with np.load(p, allow_pickle=False) as z:
-                missing = [k for k in KEYS if k not in z.files]
-                if missing:
-                    raise DataError(f"medmnist: {p} lacks keys {missing} (found {z.files}); an "
-                                    f"official MedMNIST file has {list(KEYS)}")
                 for s in SPLITS:
                     _check_labels(z[f"{s}_labels"], s, p)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -155,6 +167,10 @@ def _check_labels(labels: np.ndarray, name: str, path: Path) -> None:
     if labels.size and int(labels.min()) < 0:
         raise DataError(f"medmnist: {path}: {name}_labels holds negative labels (min "
                         f"{int(labels.min())}); class labels are integers from 0. {HOWTO}")
+    if labels.size and int(labels.max()) >= MAX_CLASSES:
+        raise DataError(f"medmnist: {path}: {name}_labels holds the label {int(labels.max())}; "
+                        f"class labels are integers from 0 to {MAX_CLASSES - 1} (MedMNIST's "
+                        f"subsets have at most 11 classes). {HOWTO}")
 
 
 def _split(images: np.ndarray, labels: np.ndarray, name: str) -> Split:

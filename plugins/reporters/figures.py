@@ -651,13 +651,13 @@ def render(data: ReportData, stem: str, fmt: str) -> bytes:
 
 def write_figures(records: list[dict], out_dir: Path, formats: tuple[str, ...]) -> list[Path]:
     """Every figure of the report as ``figures/<stem>.<format>``."""
-    d = Path(out_dir) / "figures"
-    d.mkdir(parents=True, exist_ok=True)
+    from fedmedbench.fileio import output_dir, write_output
+
+    output_dir(Path(out_dir), "figures")  # refused if a link, before anything is drawn
     paths = []
     data = build(records)
     for stem in figures(data):
         for f in formats:
-            p = d / f"{stem}.{f}"
-            p.write_bytes(render(data, stem, f))
-            paths.append(p)
+            paths.append(write_output(Path(out_dir), f"figures/{stem}.{f}",
+                                      render(data, stem, f)))
     return paths

@@ -107,7 +107,9 @@ WRAP_HEADERS = {"provenance", "reason", "value", "configuration", "message", "no
 
 
 def _e(s: object) -> str:
-    return html.escape(str(s), quote=True)
+    from fedmedbench.errors import printable
+
+    return html.escape(printable(str(s)), quote=True)
 
 
 def _table(tid: str, headers: list[str], rows: list[list[str]]) -> str:
@@ -203,6 +205,6 @@ def page(data: ReportData, *, title: str = "fedmedbench leaderboard") -> str:
 
 def write_html(records: list[dict], out_dir: Path, *, title: str) -> list[Path]:
     """The page of :func:`page` as ``index.html``."""
-    path = Path(out_dir) / "index.html"
-    path.write_text(page(build(records), title=title), encoding="utf-8")
-    return [path]
+    from fedmedbench.fileio import write_output
+
+    return [write_output(Path(out_dir), "index.html", page(build(records), title=title))]

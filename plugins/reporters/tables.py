@@ -12,6 +12,10 @@
   (:func:`fedmedbench.report.csv_safe`).
 - ``json`` writes ``report.json``: the same tables as lists of objects
   (schema ``fedmedbench.report/1``), NaN as ``null``.
+
+Every file is written with no-follow semantics
+(:func:`fedmedbench.fileio.write_output`): a symbolic link in the output
+folder is refused, never written through.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedmedbench.fileio import write_output
 from fedmedbench.report import RANKING_RULE, ReportData, build, csv_safe, md_escape, render_text
 
 REPORT_SCHEMA = "fedmedbench.report/1"
@@ -35,24 +40,19 @@ def _header(data: ReportData) -> str:
 def write_markdown(records: list[dict], out_dir: Path) -> list[Path]:
     """Comparison tables and the leaderboard as ``report.md``."""
     data = build(records)
-    path = Path(out_dir) / "report.md"
     text = (f"# fedmedbench report\n\n{_header(data)}\n\n"
             f"**Ranking rule.** {md_escape(RANKING_RULE)}\n\n"
             + render_text(data, escape=md_escape))
-    path.write_text(text, encoding="utf-8")
-    return [path]
+    return [write_output(Path(out_dir), "report.md", text)]
 
 
 def write_csv(records: list[dict], out_dir: Path) -> list[Path]:
     """Every report table as a CSV file under ``tables/``."""
     data = build(records)
-    d = Path(out_dir) / "tables"
-    d.mkdir(parents=True, exist_ok=True)
     paths = []
     for stem, df in data.tables().items():
-        p = d / f"{stem}.csv"
-        csv_safe(df).to_csv(p, index=False, float_format="%.6g", lineterminator="\n")
-        paths.append(p)
+        text = csv_safe(df).to_csv(None, index=False, float_format="%.6g", lineterminator="\n")
+        paths.append(write_output(Path(out_dir), f"tables/{stem}.csv", text))
     return paths
 
 
@@ -72,8 +72,6 @@ def write_json(records: list[dict], out_dir: Path) -> list[Path]:
     for stem, df in data.tables().items():
         doc[stem] = [{k: _clean(v) for k, v in row.items()}
                      for row in df.to_dict(orient="records")]
-    path = Path(out_dir) / "report.json"
-    path.write_text(json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
-                    + "\n", encoding="utf-8")
-    return [path]
+    text = json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    return [write_output(Path(out_dir), "report.json", text)]
 
