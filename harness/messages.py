@@ -377,10 +377,10 @@ def receive(sent: Sent, *, sharing: Sharing, numel: int,
     message layout, with the delta's sum back on the full parameter vector."""
     import torch
 
-    if total is None:
+    if total is None:  # the fields are the Sent's own copies (no other party holds them)
         return Received(round=sent.round, kind="plaintext", clients=sent.clients,
                         num_examples=sent.num_examples, metrics=_frozen(sent.metrics),
-                        rows=_frozen({k: _copy(v) for k, v in sent.fields.items()}))
+                        rows=_frozen(dict(sent.fields)))
     total = total.detach().reshape(-1)
     sums: dict[str, torch.Tensor] = {}
     off = 0

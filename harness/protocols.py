@@ -328,8 +328,9 @@ class Round:
         updates = cl.protect(updates, start)
         cl.check(updates, numel=self.numel)
         loss = self.reported_loss(updates)
-        weights = self.weights(updates)
-        if self.transport is not None:
+        if self.transport is not None:  # the metadata crosses first; clients scale, encode
+            weights = self.weights(receive(cl.metadata(updates), sharing=self.sharing,
+                                           numel=self.numel))
             received = self.through_transport(updates, weights)
             aggregate = received.sums["delta"]
         else:
@@ -337,6 +338,7 @@ class Round:
             self.stages.publish(sent)
             received = receive(sent, sharing=self.sharing, numel=self.numel)
             self.stages.publish(received)
+            weights = self.weights(received)
             aggregate = sv.aggregate(received, weights)
         del updates  # what the clients computed stays on their side
         aggregate = sv.protect(aggregate, received)
@@ -368,19 +370,14 @@ class Round:
                     return np.asarray(w, dtype=float)
         return None
 
-    def weights(self, updates: Updates) -> np.ndarray | None:
-        """The aggregation weights, computed by the server from what crosses
+    def weights(self, received: Received) -> np.ndarray | None:
+        """The aggregation weights, computed by the server from what it reads
         in the clear (``None``: a non-linear rule)."""
         if self.cell.sum_contributions:  # the update stage weighted each row: the server sums
-            return np.ones(len(updates))
+            return np.ones(len(received))
         if not self.server.parts.aggregator.linear:
             return None
-        meta = self.clients.metadata(updates)
-        if self.transport is None:  # the plaintext messages carry the same metadata
-            read = receive(self.clients.seal(updates), sharing=self.sharing, numel=self.numel)
-        else:
-            read = receive(meta, sharing=self.sharing, numel=self.numel)
-        return self.server.weights(read)
+        return self.server.weights(received)
 
     def through_transport(self, updates: Updates, weights: np.ndarray | None) -> Received:
         """Encode on the clients' side, aggregate on the server's (the
