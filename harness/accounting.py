@@ -314,32 +314,32 @@ def _binom_block(alphas: tuple[float, ...], size: int) -> tuple[Any, Any]:
 
 def _log_a_int(sigma: Any, q: Any, alphas: Any) -> Any:
     """log A_α at integer orders (Opacus's ``_compute_log_a_for_int_alpha``):
-    an array (pairs, orders)."""
+    an array (pairs, orders). The σ-free part of each term is cached per q."""
     import numpy as np
 
-    i = np.arange(int(alphas.max()) + 1, dtype=float)[None, None, :]
-    a = alphas[None, :, None]
-    lq, l1q = np.log(q)[:, None, None], np.log(1 - q)[:, None, None]
-    inside = i <= a
-    log_binom = _binom_block(tuple(alphas.tolist()), i.shape[-1])[0][None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_coef = log_binom + i * lq + (a - i) * l1q
-        s = log_coef + (i * i - i) / (2 * (sigma ** 2))[:, None, None]
-    s = np.where(inside, s, -np.inf)
-    return _logsum_dense(s, np.ones_like(s))
-
-
-def _logsum_dense(s: Any, sign: Any) -> Any:
-    """``log Σ sign·exp(s)`` over the last axis, relative to the largest term."""
-    import numpy as np
-
+    qs, inv = np.unique(q, return_inverse=True)
+    base = np.stack([_int_terms(float(v), tuple(alphas.tolist())) for v in qs])[inv]
+    i = np.arange(base.shape[-1], dtype=float)
+    with np.errstate(invalid="ignore"):
+        s = base + (i * i - i) / (2 * (sigma ** 2))[:, None, None]
     m = s.max(axis=-1, keepdims=True)
-    first = np.argmax(s, axis=-1)[..., None]
-    with np.errstate(invalid="ignore", over="ignore"):
-        rel = sign * np.exp(s - m)
-    np.put_along_axis(rel, first, 0.0, axis=-1)
-    lead = np.take_along_axis(sign, first, axis=-1)[..., 0]
-    return _lead_plus(m[..., 0], lead, rel.sum(axis=-1))
+    rel = np.exp(s - m)
+    np.put_along_axis(rel, np.argmax(s, axis=-1)[..., None], 0.0, axis=-1)
+    return m[..., 0] + np.log1p(rel.sum(axis=-1))  # all terms positive: m + log1p(rest)
+
+
+@functools.lru_cache(maxsize=64)
+def _int_terms(q: float, alphas: tuple[float, ...]) -> Any:
+    """``log C(α, i) + i log q + (α - i) log(1 - q)`` for i <= α, -inf beyond."""
+    import numpy as np
+
+    a = np.asarray(alphas)[:, None]
+    i = np.arange(int(max(alphas)) + 1, dtype=float)[None, :]
+    log_binom = _binom_block(alphas, i.shape[-1])[0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(i <= a, log_binom + i * np.log(q) + (a - i) * np.log(1 - q), -np.inf)
+    out.setflags(write=False)
+    return out
 
 
 def _lead_plus(m: Any, lead: Any, rest: Any) -> Any:
@@ -445,8 +445,10 @@ def _logsum_flat(s: Any, sign: Any, starts: Any) -> Any:
 
 
 def _tree(state: tuple, finished: Callable[[tuple], bool], mid: Callable[[tuple], float],
-          update: Callable[[tuple, float, float], tuple], depth: int) -> list[float]:
-    """The midpoints a bisection from ``state`` can visit in its next ``depth`` steps."""
+          update: Callable[[tuple, float, Any], tuple], depth: int,
+          outcomes: tuple = (-math.inf, math.inf)) -> list[float]:
+    """The midpoints a bisection from ``state`` can visit in its next ``depth``
+    steps (``outcomes``: an evaluation that goes each way)."""
     level, out = [state], []
     for _ in range(depth):
         nxt = []
@@ -455,23 +457,23 @@ def _tree(state: tuple, finished: Callable[[tuple], bool], mid: Callable[[tuple]
                 continue
             s = mid(st)
             out.append(s)
-            # both outcomes: an ε above, and one below, any target
-            nxt += [update(st, s, -math.inf), update(st, s, math.inf)]
+            nxt += [update(st, s, o) for o in outcomes]
         level = nxt
     return out
 
 
 def _bisect(state: tuple, finished: Callable[[tuple], bool], mid: Callable[[tuple], float],
-            update: Callable[[tuple, float, float], tuple],
-            evaluate: Callable[[list[float]], list[float]], depth: int,
-            known: dict[float, float] | None = None) -> tuple:
+            update: Callable[[tuple, float, Any], tuple],
+            evaluate: Callable[[list[float]], list[Any]], depth: int,
+            known: dict[float, Any] | None = None,
+            outcomes: tuple = (-math.inf, math.inf)) -> tuple:
     """Run the bisection ``while not finished(state): σ = mid(state); state =
     update(state, σ, ε(σ))`` exactly as written, evaluating ε at every
     midpoint of the next ``depth`` levels of its tree in one call of
     ``evaluate`` (ε already in ``known`` is not evaluated again)."""
     known = {} if known is None else known
     while not finished(state):
-        todo = [s for s in dict.fromkeys(_tree(state, finished, mid, update, depth))
+        todo = [s for s in dict.fromkeys(_tree(state, finished, mid, update, depth, outcomes))
                 if s not in known]
         known.update(zip(todo, evaluate(todo)))
         for _ in range(depth):
@@ -528,8 +530,8 @@ def _solve_uncached(target: float, delta: float, q: float, steps: int, accountan
         rdp = _rdp_rows(np.array(sigmas), np.full(len(sigmas), q), mask=is_int)[:, is_int]
         return [float(e) for e in _eps_rows(rdp * steps, orders[is_int], delta)]
 
-    # 1. Opacus's get_noise_multiplier over the integer orders; overhead-bound,
-    # so the next doublings, and four levels of the bisection, go in one call
+    # 1. Opacus's get_noise_multiplier over the integer orders; the next
+    # doublings, and three levels of the bisection, go in one call
     hi, eps_hi = 10.0, math.inf
     while eps_hi > target:
         cand = [hi * 2 ** (k + 1) for k in range(4)]
@@ -544,17 +546,18 @@ def _solve_uncached(target: float, delta: float, q: float, steps: int, accountan
         return (st[0], s, e) if e < target else (s, st[1], st[2])
 
     _, hi, _ = _bisect((0.0, hi, eps_hi), lambda st: not target - st[2] > tolerance,
-                       lambda st: (st[0] + st[1]) / 2, upd1, ints, depth=4)
+                       lambda st: (st[0] + st[1]) / 2, upd1, ints, depth=3)
 
     # 2. all orders: widen the bracket below hi until it straddles the target,
     # then bisect to 1 % (ε(mid) <= target keeps the upper end). Only
-    # "ε <= target" is needed, so only the orders that can reach the target
-    # are computed (_needed_orders); each is compute-bound: one σ per call.
+    # "ε <= target" is asked, so only the orders that can reach the target
+    # are computed (_needed_orders: short series); one σ per call (evaluating
+    # the likeliest path's ten σ at once measured slower).
     need = _needed_orders(delta, target)
 
     def within(sigma: float) -> bool:
         rdp = np.where(need, _curves([(sigma, q)], need)[0] * steps, np.inf)
-        return float(_eps_rows(rdp[None, :], orders, delta)[0]) <= target
+        return bool(_eps_rows(rdp[None, :], orders, delta)[0] <= target)
 
     lo = hi * 0.95
     while within(lo) and lo > 1e-3:  # the bracket must straddle the target
@@ -617,6 +620,7 @@ def noise_for_schedule(*, target_epsilon: float, delta: float,
 SIGMA_CACHE_SCHEMA = "fedmedbench.sigma/1"
 
 
+@functools.lru_cache(maxsize=1)
 def _opacus_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -658,16 +662,31 @@ def _sigma_cache_get(key: dict[str, Any]) -> float | None:
 
 
 def _sigma_cache_put(key: dict[str, Any], sigma: float) -> None:
-    """Write the solved σ atomically; a read-only or full cache only costs speed."""
-    from fedmedbench.fileio import write_atomic
+    """Write the solved σ atomically (a temporary file renamed over the
+    target: a reader sees the old file or the new one, never a part; no
+    fsync, a lost entry is only solved again); a read-only or full cache
+    only costs speed."""
+    import os
+    import tempfile
 
     path, full = _sigma_cache_path(key)
     data = json.dumps({"key": full, "sigma": float(sigma)}, sort_keys=True, indent=1)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data.encode("utf-8"))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 class Ledger:
@@ -712,6 +731,49 @@ class Ledger:
 #: of its records, never the other way round
 UNITS = ("record", "client")
 
+#: who the guarantee holds against (DESIGN, "Adversaries are named"): the
+#: aggregating **server** (what the transport shows it, and who took part), another
+#: **client** of the federation (the global models it receives, and under secure
+#: aggregation who took part in its rounds), and a party that sees only the
+#: **released** model. The record's headline is the server's.
+ADVERSARIES = ("server", "client", "released")
+
+
+@dataclass(frozen=True)
+class Guarantee:
+    """ε against one adversary (:data:`ADVERSARIES`).
+
+    ``epsilon`` is ``math.inf`` when the mechanism does not protect against
+    that adversary at all (central noise: the server adds it, so it reads
+    what it noises); ``sample_rate`` is the q the accountant used (1.0: no
+    amplification by sampling, because the adversary sees who took part);
+    ``steps`` the compositions counted; ``note`` says why, in words.
+    """
+
+    adversary: str
+    epsilon: float
+    delta: float
+    sample_rate: float | None
+    steps: int
+    amplified: bool
+    note: str
+
+    def __post_init__(self) -> None:
+        if self.adversary not in ADVERSARIES:
+            raise ValueError(f"Guarantee adversary {self.adversary!r}; use one of "
+                             f"{ADVERSARIES}")
+
+    @property
+    def protected(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"adversary": self.adversary,
+                "epsilon": self.epsilon if self.protected else None,
+                "delta": self.delta, "protected": self.protected,
+                "sample_rate": self.sample_rate, "steps": self.steps,
+                "amplified": self.amplified, "note": self.note}
+
 
 @dataclass
 class Accounting:
@@ -726,6 +788,10 @@ class Accounting:
     guarantee differs by site (DP-SGD: each site's records); the top-level
     fields are then those of the site with the largest ε. ``details`` keeps
     mechanism-specific numbers (a noise schedule, clipping history).
+
+    ``adversaries`` gives the guarantee against each adversary the mechanism
+    and the transport make different (:class:`Guarantee`); the top-level
+    ``epsilon`` is the server's when it is given there.
     """
 
     unit: str
@@ -740,12 +806,24 @@ class Accounting:
     target_epsilon: float | None = None
     per_site: dict[str, dict[str, Any]] | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    adversaries: dict[str, Guarantee] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise ValueError(f"Accounting unit {self.unit!r}; use one of {UNITS}")
         if not (isinstance(self.delta, (int, float)) and 0 <= self.delta < 1):
             raise ValueError(f"Accounting delta {self.delta!r}: an ε needs its δ in [0, 1)")
+
+    def against(self, adversary: str) -> Accounting:
+        """These numbers as they hold against ``adversary`` (the top-level ones
+        where the mechanism states no guarantee for it)."""
+        import dataclasses
+
+        g = self.adversaries.get(adversary)
+        if g is None:
+            return self
+        return dataclasses.replace(self, epsilon=g.epsilon, delta=g.delta,
+                                   sample_rate=g.sample_rate, steps=g.steps)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -755,6 +833,9 @@ class Accounting:
             "clip": self.clip, "target_epsilon": self.target_epsilon}
         if self.per_site is not None:
             out["per_site"] = self.per_site
+        if self.adversaries:
+            out["adversaries"] = {k: g.as_dict() for k, g in self.adversaries.items()}
+            out["epsilon"] = self.epsilon if math.isfinite(self.epsilon) else None
         return {**self.details, **out}
 
 
@@ -769,18 +850,36 @@ _FIELDS = ("epsilon", "delta", "unit", "accountant", "noise_multiplier", "sample
            "sampling")
 
 
-def headline(accountings: Mapping[str, Accounting]) -> dict[str, Any]:
-    """The cell's top-level privacy fields from its mechanisms' accountings.
+def headline(accountings: Mapping[str, Accounting], adversary: str = "server"
+             ) -> dict[str, Any]:
+    """The cell's top-level privacy fields from its mechanisms' accountings,
+    against ``adversary`` (the server unless the matrix names another).
 
     Returns ``{"epsilon", "delta", "unit", "accountant", "noise_multiplier",
-    "sample_rate", "steps", "sampling", "mechanism", "by_unit", "rule"}``
-    (``epsilon`` and ``delta`` ``None`` without DP). The result does not
-    depend on the order of the stack (see :data:`HEADLINE_RULE`).
+    "sample_rate", "steps", "sampling", "mechanism", "by_unit", "rule",
+    "adversary", "protected", "by_adversary"}`` (``epsilon`` and ``delta``
+    ``None`` without DP; ``epsilon`` ``None`` and ``protected`` false when no
+    mechanism protects against that adversary). The result does not depend on
+    the order of the stack (see :data:`HEADLINE_RULE`).
     """
+    if adversary not in ADVERSARIES:
+        raise ValueError(f"adversary {adversary!r}; use one of {ADVERSARIES}")
     accs = {k: v for k, v in sorted(accountings.items()) if v is not None}
     empty = {k: None for k in _FIELDS}
     if not accs:
-        return {**empty, "mechanism": None, "by_unit": {}, "rule": HEADLINE_RULE}
+        return {**empty, "mechanism": None, "by_unit": {}, "rule": HEADLINE_RULE,
+                "adversary": adversary, "protected": None, "by_adversary": {}}
+    out = _headline({k: a.against(adversary) for k, a in accs.items()})
+    eps = out["epsilon"]
+    by_adv = {}
+    for adv in ADVERSARIES:
+        e = _headline({k: a.against(adv) for k, a in accs.items()})["epsilon"]
+        by_adv[adv] = e if math.isfinite(e) else None
+    return {**out, "epsilon": eps if math.isfinite(eps) else None, "adversary": adversary,
+            "protected": bool(math.isfinite(eps)), "by_adversary": by_adv}
+
+
+def _headline(accs: Mapping[str, Accounting]) -> dict[str, Any]:
     by_unit: dict[str, dict[str, Any]] = {}
     for unit in UNITS:
         same = {k: a for k, a in accs.items() if a.unit == unit}

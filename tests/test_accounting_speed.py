@@ -240,7 +240,7 @@ def test_sigma_is_cached_on_disk_as_json(fresh, monkeypatch):
 def test_another_opacus_version_is_another_key(fresh, monkeypatch):
     noise_for_epsilon(**_solve_args())
     accounting._solve.cache_clear()
-    monkeypatch.setattr(accounting, "_opacus_version", lambda: "0.0-other")
+    monkeypatch.setattr(accounting, "_opacus_version", lambda: "0.0-other")  # a new install
     calls = []
     real = accounting._solve_uncached
     monkeypatch.setattr(accounting, "_solve_uncached", lambda *a: calls.append(a) or real(*a))
