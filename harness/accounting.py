@@ -14,6 +14,15 @@ mechanism reports numbers computed the same way, by a real accountant:
   does the same for a schedule ``σ_t = σ_0 · f(t)``. Both return the upper end
   of a bisection, so the planned ε never exceeds the target.
 
+Speed (issue 22): Opacus evaluates the RDP of the sampled Gaussian mechanism
+term by term in pure Python, which made σ calibration most of a DP-SGD
+cell. Here the same series are evaluated as arrays (:func:`_rdp_rows`), only
+at the orders that can hold the minimum ε, the bisections evaluate several
+of their next midpoints per call where that is cheaper, and solved σ are
+cached on disk (JSON, one file per key, under ``FEDMEDBENCH_CACHE_DIR``).
+σ is the one the previous solver gave, and :func:`epsilon_for` is Opacus's
+``RDPAccountant.get_epsilon`` to the last bit (tests/test_accounting_speed.py).
+
 Every accountant here assumes **Poisson sampling** with rate ``q`` under
 add/remove-one adjacency; mechanisms state in their records whether the run
 actually sampled that way.
