@@ -301,6 +301,9 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
     federation = Federation(data, pooled=setting.pooled, settings=settings, seed=seed,
                             holdout_fraction=holdout,
                             adversary=adversary if setting.aggregates else None, call=call)
+    # each party's example count as it is public (sent in the clear, declared on the card):
+    # taken before an audit's canaries are inserted, so that no count reveals them
+    public_counts = [len(s.train) for s in federation.clients]
     canaries, canary_attack = _pick_canaries(attacks, data, seed)
     federation.insert_canaries(canaries, pooled=setting.pooled)
     n = federation.n
@@ -314,7 +317,7 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
     clients_ctx = CellContext(
         cell_id=str(cell["cell_id"]), seed=seed, rounds=rounds, settings=settings, task=task,
         client_names=[s.name for s in federation.clients],
-        num_examples=[len(s.train) for s in federation.clients], public=data.public,
+        num_examples=public_counts, public=data.public,
         layout=layout, protocol=setting.name, sample_rate=per_round / n, facts=facts,
         model_factory=factory, party="clients", fixed_steps=fixed_steps,
         planned=alg_c.planned_steps)

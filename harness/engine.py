@@ -128,9 +128,11 @@ class Training:
             if rnd % every == 0 or rnd == cell.rounds:
                 utility = self.round.evaluate()
                 entry["utility"] = utility["global"]
-            if cell.dp:
-                entry["epsilon"] = privacy_block(cell)["epsilon"]
-            entry = {k: v for k, v in entry.items() if v is not None or k == "loss"}
+            if cell.dp:  # against the headline adversary (None: not protected), and each
+                block = privacy_block(cell)
+                entry["epsilon"] = block["epsilon"]
+                entry["epsilon_by_adversary"] = block["by_adversary"]
+            entry = {k: v for k, v in entry.items() if v is not None or k in ("loss", "epsilon")}
             self.history.append(entry)
             if hooks is not None:
                 _observe(hooks.on_round_end, cell=dict(cell.cell), round=rnd,

@@ -155,11 +155,13 @@ def test_dp_fedavg_stacks_and_rejections(run_matrix):
     sched = by["dp-fedavg(layerwise=equal,noise_decay=0.8,noise_multiplier=1.2)"]
     acc = sched["metrics"]["privacy"]["mechanisms"]["dp-fedavg"]
     assert acc["noise_multipliers"] == pytest.approx([1.2, 0.96, 0.768])
-    assert acc["unit"] == "client" and acc["noise"] == "central" and acc["sample_rate"] == 1.0
-    assert acc["epsilon"] == pytest.approx(epsilon_for([(z, 1.0, 1) for z in
-                                                        acc["noise_multipliers"]], 1e-5))
+    released = acc["adversaries"]["released"]  # central noise: nothing against the server
+    assert acc["unit"] == "client" and acc["noise"] == "central"
+    assert released["sample_rate"] == 1.0 and acc["adversaries"]["server"]["protected"] is False
+    assert released["epsilon"] == pytest.approx(epsilon_for([(z, 1.0, 1) for z in
+                                                             acc["noise_multipliers"]], 1e-5))
     adapt = by["dp-fedavg(epsilon=6.0,target_quantile=0.5)"]["metrics"]["privacy"]
-    assert adapt["epsilon"] <= 6.0 and adapt["epsilon"] >= 5.8
+    assert 5.8 <= adapt["by_adversary"]["released"] <= 6.0
     clips = adapt["mechanisms"]["dp-fedavg"]["clip_history"]
     assert len(clips) == 3 and clips[0] == 1.0 and clips[1] != clips[0]  # C moves
     dist = by["dp-fedavg+secagg"]["metrics"]["privacy"]
@@ -192,13 +194,15 @@ def test_dp_fedavg_with_the_default_aggregator_runs_and_its_epsilon_recomputes(r
     assert rec["config"]["run"]["client_sampling"] == "poisson"  # dp-fedavg's default
     p = rec["metrics"]["privacy"]
     acc = p["mechanisms"]["dp-fedavg"]
-    assert acc["weighting"] == "examples" and acc["sample_rate"] == 0.5
+    released = acc["adversaries"]["released"]
+    assert acc["weighting"] == "examples" and released["sample_rate"] == 0.5
     assert "Poisson sampling of clients with rate q = 0.5" in p["sampling"]
-    assert p["steps"] == 4 == rec["config"]["rounds"]  # one accounted step per round
+    assert released["steps"] == 4 == rec["config"]["rounds"]  # one accounted step per round
     ref = RDPAccountant()
-    for _ in range(p["steps"]):
-        ref.step(noise_multiplier=p["noise_multiplier"], sample_rate=p["sample_rate"])
-    assert p["epsilon"] == pytest.approx(ref.get_epsilon(p["delta"]), rel=1e-9)
+    for _ in range(released["steps"]):
+        ref.step(noise_multiplier=p["noise_multiplier"], sample_rate=released["sample_rate"])
+    assert released["epsilon"] == pytest.approx(ref.get_epsilon(p["delta"]), rel=1e-9)
+    assert p["by_adversary"]["released"] == released["epsilon"] and p["epsilon"] is None
     assert p["unit"] == "client" and p["mechanism"] == "dp-fedavg"
     # the rounds' weights are the fixed-denominator ones: w_k / (q W), w_k = n_k / max n
     sizes = {"Cleveland": 199, "Hungary": 172, "Switzerland": 30, "VA Long Beach": 85}
@@ -448,12 +452,13 @@ def test_epsilon_target_is_met_for_the_schedule_applied(run_matrix):
         acc = p["mechanisms"]["dp-fedavg"]
         z = acc["noise_multipliers"]
         assert len(z) == 20 and acc["target_epsilon"] == 1.0
-        assert 0.9 <= p["epsilon"] <= 1.0, p["epsilon"]
-        assert p["epsilon"] == pytest.approx(epsilon_for([(s, 1.0, 1) for s in z], 1e-5))
+        eps = p["by_adversary"]["released"]  # central noise: planned for the released model
+        assert 0.9 <= eps <= 1.0, eps
+        assert eps == pytest.approx(epsilon_for([(s, 1.0, 1) for s in z], 1e-5))
         decay = r["config"]["privacy"][0]["noise_decay"]
         floor = r["config"]["privacy"][0]["min_noise_multiplier"]
         assert z == pytest.approx([max(floor, z[0] * decay ** t) for t in range(20)])
-        assert r["history"][-1]["epsilon"] == p["epsilon"]
+        assert r["history"][-1]["epsilon"] == p["epsilon"] is None  # the server's
     floored = [r for r in recs if r["config"]["privacy"][0]["min_noise_multiplier"] == 10.0][0]
     z = floored["metrics"]["privacy"]["mechanisms"]["dp-fedavg"]["noise_multipliers"]
     assert z[0] > 10.0 and z[-1] == 10.0  # the floor is part of the schedule solved for
@@ -470,7 +475,7 @@ def test_the_record_states_the_sampling_its_accountant_assumes(run_matrix, tmp_p
     assert recs[0]["config"]["run"]["client_sampling"] == "poisson"
     assert p["sampling"] == ("Poisson sampling of clients with rate q = 0.5, as the accountant "
                              "assumes")
-    assert p["sample_rate"] == 0.5
+    assert p["mechanisms"]["dp-fedavg"]["adversaries"]["released"]["sample_rate"] == 0.5
     code, recs = run_matrix(text + 'client_sampling = "fixed"\n', out=tmp_path / "fixed")
     assert code == 0 and recs[0]["status"] == "ok", recs[0]["error"]
     p = recs[0]["metrics"]["privacy"]
@@ -510,3 +515,116 @@ def test_secagg_clipping_is_counted_and_a_range_that_clips_most_warns(run_matrix
     rec = recs[0]
     assert rec["metrics"]["cost"]["clipped_coordinates"] == 0
     assert not [w for w in rec["warnings"] if w["category"] == "SettingWarning"]
+
+
+# --------------------------------------------------------------------------
+# every ε against the adversary it names (issue 19)
+# --------------------------------------------------------------------------
+
+EHR50 = """
+    rounds = 10
+    seeds = [0]
+    [axes]
+    dataset = [{{ name = "synthetic-ehr", n_hospitals = 50, n_patients = 3000 }}]
+    algorithm = ["fedavg"]
+    aggregator = [{{ name = "weighted-mean", by = "uniform" }}]
+    privacy = {privacy}
+    [run]
+    clients_per_round = 0.5
+    local_steps = 2
+"""
+
+
+def _opacus_rdp(zs: list[float], q: float, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    for z in zs:
+        acc.step(noise_multiplier=z, sample_rate=q)
+    return float(acc.get_epsilon(delta))
+
+
+@pytest.mark.parametrize("target", [3.0, 8.0])
+def test_adaptive_clipping_epsilon_equals_an_independent_computation(run_matrix, target):
+    """The count of clip bits is centred (sensitivity 1/2), so the sum noise
+    z_Δ and the count noise σ_b compose to z: the recorded ε equals Opacus's
+    RDP accountant at z_eff = (z_Δ⁻² + (2σ_b)⁻²)^-1/2, recomputed here from the
+    recorded z_Δ and σ_b (0.2 summed uncentred bits of sensitivity 1: its
+    claim held only for (z_Δ⁻² + σ_b⁻²)^-1/2, a far larger ε)."""
+    code, recs = run_matrix(EHR50.format(privacy=(
+        f'[{{name = "dp-fedavg", epsilon = {target}, target_quantile = 0.5}}]')))
+    assert code == 0, recs[0]["error"]
+    p = recs[0]["metrics"]["privacy"]
+    mech = p["mechanisms"]["dp-fedavg"]
+    released = mech["adversaries"]["released"]
+    q, delta, sb = released["sample_rate"], mech["delta"], mech["count_noise"]
+    assert q == 0.5 and mech["adaptive_clipping"] and mech["noise"] == "central"
+    zu = mech["update_noise_multipliers"]
+    assert len(zu) == 10
+    z_eff = [(z ** -2 + (2 * sb) ** -2) ** -0.5 for z in zu]
+    assert released["epsilon"] == pytest.approx(_opacus_rdp(z_eff, q, delta), abs=1e-6)
+    assert 0.97 * target <= released["epsilon"] <= target
+    uncentred = _opacus_rdp([(z ** -2 + sb ** -2) ** -0.5 for z in zu], q, delta)
+    assert uncentred > 1.3 * released["epsilon"]  # what summing 0/1 bits would have cost
+    # central noise: the server adds it and reads what it noises, so no ε against it
+    assert mech["adversaries"]["server"]["protected"] is False
+    assert p["epsilon"] is None and p["adversary"] == "server" and p["protected"] is False
+    assert p["by_adversary"]["released"] == pytest.approx(released["epsilon"])
+    assert "clip_bit" in p["sent_in_clear"]
+
+
+def test_distributed_noise_is_planned_and_recorded_against_the_server(run_matrix):
+    """Under secure aggregation the server knows who took part: its ε uses no
+    amplification by client sampling (each client's rounds compose at q = 1,
+    the client that took part most counts), and the target is planned for
+    it; the released model's ε (amplified at q) is recorded beside it."""
+    code, recs = run_matrix(EHR50.format(privacy='[["dp-fedavg", "secagg"]]').replace(
+        '"dp-fedavg"', '{name = "dp-fedavg", epsilon = 8.0}'))
+    assert code == 0, recs[0]["error"]
+    rec = recs[0]
+    p = rec["metrics"]["privacy"]
+    mech = p["mechanisms"]["dp-fedavg"]
+    server, released = mech["adversaries"]["server"], mech["adversaries"]["released"]
+    assert mech["noise"] == "distributed" and mech["planned_sample_rate"] == 1.0
+    # who took part, from the record's own history (the server saw it)
+    rounds_of: dict[str, int] = {}
+    for h in rec["history"]:
+        for site in h.get("weights", {}):
+            rounds_of[site] = rounds_of.get(site, 0) + 1
+    most = max(rounds_of.values())
+    assert server["steps"] == most and server["sample_rate"] == 1.0 and not server["amplified"]
+    zs = mech["noise_multipliers"]
+    assert server["epsilon"] == pytest.approx(_opacus_rdp(zs[:most], 1.0, mech["delta"]),
+                                              rel=1e-9)
+    assert server["epsilon"] <= 8.0
+    assert released["amplified"] and released["sample_rate"] == 0.5
+    assert released["epsilon"] < server["epsilon"]
+    assert p["epsilon"] == pytest.approx(server["epsilon"]) and p["adversary"] == "server"
+    assert mech["adversaries"]["client"]["epsilon"] == pytest.approx(server["epsilon"])
+
+
+def test_a_canary_more_or_fewer_changes_no_dp_sgd_parameter(run_matrix, tmp_path):
+    """q, σ and the batch divisor come from each site's public count (before
+    canaries), so the audit's canaries cannot change the mechanism."""
+    text = """
+        rounds = 2
+        [axes]
+        dataset = [{ name = "synthetic-tabular", n_samples = 300 }]
+        algorithm = ["fedavg"]
+        privacy = [{ name = "dp-sgd", epsilon = 3.0 }]
+        [run]
+        batch_size = 16
+        local_steps = 3
+        [evaluate]
+        attacks = [{ name = "audit-canary", m = M }]
+    """
+    out = {}
+    for m in (40, 41):
+        code, recs = run_matrix(text.replace("M", str(m)), out=tmp_path / f"m{m}")
+        assert code == 0, recs[0]["error"]
+        rec = recs[0]
+        assert rec["metrics"]["canaries"]["m"] == m
+        out[m] = rec["metrics"]["privacy"]["mechanisms"]["dp-sgd"]["per_site"]
+    assert out[40] == out[41]
+    for site in out[40].values():
+        assert site["records"] * site["sample_rate"] >= site["expected_batch"] >= 1

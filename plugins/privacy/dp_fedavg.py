@@ -11,6 +11,24 @@ quantile γ of the update norms, updated geometrically from a noisy count of
 unclipped updates, ``C ← C · exp(−η_C (b̃ − γ))``; the update noise is raised
 to ``z_Δ = (z⁻² − (2σ_b)⁻²)^{-1/2}`` so that the pair (sum, count) composes to
 the Gaussian mechanism with the requested multiplier z (their Theorem 1).
+That theorem holds for a count of bits centred at ±½ (sensitivity ½, so the
+count noise σ_b is a multiplier 2σ_b): each client's bit is sent as
+``b − ½`` and the server unshifts, ``b̃ = (Σ(b_k − ½) + N(0, σ_b²)) / m + ½``
+(m the expected clients), as TF Privacy's quantile estimator does. (0.2
+summed uncentred bits, of sensitivity 1, and under-counted ε by 1.4–1.5×.)
+
+Adversaries (:data:`fedmedbench.accounting.ADVERSARIES`): with **central**
+noise the server adds it, so it reads each clipped update (or, under a
+transport, the exact sum): there is no guarantee against the server, only
+against other clients and a party that sees the released model, whose ε
+uses amplification by client sampling (they do not see who took part). With
+**distributed** noise under secure aggregation the server sees only the
+noised sum but knows who sent a masked input, so its ε uses no
+amplification: each client's rounds compose at q = 1 and the record takes
+the client that took part most (other clients of a secure-aggregation round
+also learn who took part). A target ``epsilon`` is planned for the headline
+adversary: the released model under central noise (q), the server under
+distributed noise (q = 1, every round).
 
 The review's adaptive noise: a schedule ``σ_t = max(σ_min, σ_0 · decay^(t−1))``
 and a layer-wise split of the clipping budget (per-layer bounds C_l with
@@ -65,7 +83,14 @@ from fedmedbench import (
     Updates,
     UpdateStage,
 )
-from fedmedbench.accounting import Ledger, check_accountant, noise_for_epsilon, noise_for_schedule
+from fedmedbench.accounting import (
+    Guarantee,
+    Ledger,
+    check_accountant,
+    epsilon_for,
+    noise_for_epsilon,
+    noise_for_schedule,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -233,14 +258,20 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
         self._w = w
         self._W = float(w.sum())
         self._denom = self._q * self._W
+        self._transport = ctx.facts.transport is not None
+        #: the q a target ε is planned at: the server sees who took part under distributed
+        #: noise (no amplification), the released model does not
+        self._q_plan = 1.0 if self._mode == "distributed" else self._q
+        #: the rounds each client took part in (the server knows it)
+        self._rounds_of: dict[int, list[int]] = {}
         if self.epsilon is None:
             self._z0 = self.noise_multiplier
         elif self.noise_decay == 1.0:
             self._z0 = noise_for_epsilon(target_epsilon=self.epsilon, delta=self.delta,
-                                         sample_rate=self._q, steps=ctx.rounds,
+                                         sample_rate=self._q_plan, steps=ctx.rounds,
                                          accountant=self.accountant)
         else:  # solve σ_0 for the schedule that is applied: decay and floor included
-            rounds, q = ctx.rounds, self._q
+            rounds, q = ctx.rounds, self._q_plan
             self._z0 = noise_for_schedule(
                 target_epsilon=self.epsilon, delta=self.delta, accountant=self.accountant,
                 schedule=lambda z0: [(self._z(z0, t), q, 1) for t in range(1, rounds + 1)])
@@ -311,7 +342,7 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
                 part = delta[:, sl]
                 delta[:, sl] = part * (C * s / (part.norm(dim=1) + 1e-12)).clamp(max=1.0) \
                     .unsqueeze(1)
-        bits = np.asarray([1.0 if float(v) <= C else 0.0 for v in norms])
+        bits = np.asarray([0.5 if float(v) <= C else -0.5 for v in norms])  # centred
         weight = torch.as_tensor(self._w[updates.clients] / self._denom, dtype=torch.float32)
         delta *= weight.unsqueeze(1)
         if self._mode == "distributed":
@@ -337,11 +368,14 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
                 self._z_update(rnd) * C / self._denom)
         self._ledger.record(self._z(self._z0, rnd), self._q)
         self._clip_history.append(C)
-        if self.target_quantile:
+        for c in received.clients:
+            self._rounds_of.setdefault(int(c), []).append(int(rnd))
+        if self.target_quantile:  # the clients sent b_k - 1/2 (sensitivity 1/2): unshift
             bits = received.metrics.get("clip_bit")
             count = float(np.sum(bits)) if bits is not None else 0.0
             g = ctx.rng("dp-fedavg-count", rnd)
-            b = (count + g.normal(0.0, self._sigma_b)) / max(1.0, self._q * ctx.num_clients)
+            m = max(1.0, self._q * ctx.num_clients)
+            b = (count + g.normal(0.0, self._sigma_b)) / m + 0.5
             self._C = C * math.exp(-self.clip_lr * (b - self.target_quantile))
         return out
 
@@ -361,16 +395,55 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
             text += "; distributed noise assumes every sampled client's noise share reaches the sum"
         return text
 
+    def _guarantees(self) -> dict[str, Guarantee]:
+        """ε against each adversary (module docstring)."""
+        steps = self._ledger.steps
+        released = self._ledger.epsilon(self.delta) if steps else 0.0
+        amplified = self._q < 1.0
+        rel = Guarantee("released", released, self.delta, self._q, steps, amplified,
+                        "sees only released models, not who took part: amplification by "
+                        "client sampling applies" if amplified else
+                        "every client takes part in every round")
+        zs = {t: self._z(self._z0, t) for t in range(1, len(self._clip_history) + 1)}
+        if self._mode == "central":
+            server = Guarantee(
+                "server", math.inf, self.delta, None, steps, False,
+                "central noise: the server adds the noise, so it reads what it noises (each "
+                "client's clipped update, or under a transport the exact sum); central DP "
+                "protects against everyone else")
+            client = Guarantee("client", released, self.delta, self._q, steps, amplified,
+                               "receives the noised global models, not who took part")
+            return {"server": server, "client": client, "released": rel}
+        worst, eps = 0, 0.0
+        for rounds in self._rounds_of.values():
+            e = epsilon_for([(zs[t], 1.0, 1) for t in rounds], self.delta, self.accountant)
+            if e > eps or (e == eps and len(rounds) > worst):
+                eps, worst = e, len(rounds)
+        note = (f"sees the noised secure sum and who sent a masked input: no amplification "
+                f"by sampling; each client's rounds compose at q = 1, the largest for a "
+                f"client in {worst} of {len(zs)} rounds")
+        server = Guarantee("server", eps, self.delta, 1.0, worst, False, note)
+        client = Guarantee("client", eps, self.delta, 1.0, worst, False,
+                           "a client of a secure-aggregation round learns who took part: as "
+                           "the server")
+        return {"server": server, "client": client, "released": rel}
+
     def accounting(self) -> Accounting | None:
         if not hasattr(self, "_q"):
             return None
         steps = self._ledger.steps
+        adversaries = self._guarantees()
         return Accounting(
             unit="client", accountant=self.accountant,
-            epsilon=self._ledger.epsilon(self.delta) if steps else 0.0, delta=self.delta,
-            noise_multiplier=self._z0, sample_rate=self._q, steps=steps,
-            sampling=self._sampling(), clip=self.clip, target_epsilon=self.epsilon,
+            epsilon=adversaries["server"].epsilon, delta=self.delta,
+            noise_multiplier=self._z0, sample_rate=adversaries["server"].sample_rate,
+            steps=steps, sampling=self._sampling(), clip=self.clip,
+            target_epsilon=self.epsilon, adversaries=adversaries,
             details={
+                "planned_against": "server" if self._mode == "distributed" else "released",
+                "planned_sample_rate": self._q_plan,
+                "update_noise_multipliers": [self._z_update(t) for t in range(
+                    1, len(self._clip_history) + 1)],
                 "noise_multipliers": [z for z, _, n in self._ledger.history for _ in range(n)],
                 "clip_history": list(self._clip_history),
                 "adaptive_clipping": self.target_quantile is not None,

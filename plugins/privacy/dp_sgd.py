@@ -6,12 +6,24 @@ Differential Privacy". CCS 2016. Implemented with Opacus (Yousefpour et al.,
 per-example gradients clipped to ``max_grad_norm``, Gaussian noise
 ``noise_multiplier · max_grad_norm`` per step, Poisson sampling of records.
 
-Each client is made private **once per cell** (the engine calls
-:meth:`DPSGD.make_private` once per client) and keeps its Opacus accountant
-across rounds. With ``epsilon`` set, σ is solved per site over the whole
-planned training (every local step the algorithm plans at that site, ``rounds ×
-local steps`` for most, at that site's sample rate) with
-Opacus's ``get_noise_multiplier``, so the planned ε never exceeds the target.
+Each client is made private **once per cell** (the engine asks for one trainer
+per client) and keeps its Opacus accountant across rounds. With ``epsilon``
+set, σ is solved per site over the whole planned training (every local step
+the algorithm plans at that site, ``rounds × local steps`` for most, at that
+site's sample rate), so the planned ε never exceeds the target.
+
+The mechanism's parameters come from public, declared quantities only: the
+sample rate is ``sample_rate`` when given, else ``1 / ceil(n / batch_size)``
+with ``n`` the site's **public** example count (``ctx.num_examples``: what
+the dataset card declares public and the client sends in the clear, before
+an audit's canaries are inserted); the noise is solved from that rate; the
+sum of clipped gradients is divided by the expected batch ``int(n · q)`` of
+that count. So a record more or fewer — a canary the audit includes or not —
+never changes q, σ or the divisor (0.2 took them from the private row count,
+for which add/remove-one adjacency gives no finite ε). Poisson sampling runs
+over the site's actual rows at rate q. The trainer is assembled from Opacus's
+own parts (``GradSampleModule``, ``DPOptimizer``, ``DPDataLoader`` and an
+accountant hook) with those values.
 
 Noise and Poisson sampling draw from seeded torch generators so that a cell is
 reproducible; that is Opacus's ``secure_mode=False`` (not a cryptographically
@@ -28,7 +40,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 
 from fedmedbench import Accounting, CellContext, LocalStage, PrivacyMechanism, Range, Split
-from fedmedbench.accounting import Ledger, check_accountant, epsilon_for, noise_for_epsilon
+from fedmedbench.accounting import (
+    Guarantee,
+    Ledger,
+    check_accountant,
+    epsilon_for,
+    noise_for_epsilon,
+)
 from fedmedbench.training import add_grad_offset, finish_local, flat_params, to_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +78,9 @@ class DPSGD(PrivacyMechanism, LocalStage):
         δ of the (ε, δ) guarantee.
     accountant : {"rdp", "prv"}, default "rdp"
         The Opacus accountant (PRV is tighter and approximate by design).
+    sample_rate : float or None, default None
+        q, the Poisson rate of records per step, declared; ``None`` takes
+        ``1 / ceil(n / batch_size)`` of each site's public count.
     """
 
     name = "dp-sgd"
@@ -69,7 +90,8 @@ class DPSGD(PrivacyMechanism, LocalStage):
                  epsilon: Annotated[float | None, Range(gt=0)] = None,
                  max_grad_norm: Annotated[float, Range(gt=0)] = 1.0,
                  delta: Annotated[float, Range(gt=0, lt=1)] = 1e-5,
-                 accountant: str = "rdp") -> None:
+                 accountant: str = "rdp",
+                 sample_rate: Annotated[float | None, Range(gt=0, le=1)] = None) -> None:
         if not noise_multiplier >= 0:
             raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be >= 0")
         if epsilon is not None and (isinstance(epsilon, bool)
@@ -85,6 +107,7 @@ class DPSGD(PrivacyMechanism, LocalStage):
         self.max_grad_norm = float(max_grad_norm)
         self.delta = float(delta)
         self.accountant = accountant
+        self.sample_rate = None if sample_rate is None else float(sample_rate)
         self._sites: dict[int, dict[str, Any]] = {}
 
     # -- per-site calibration ---------------------------------------------------
@@ -93,12 +116,15 @@ class DPSGD(PrivacyMechanism, LocalStage):
         self._ctx = ctx
         self._sites = {}
 
-    def _site(self, client: int, n: int) -> dict[str, Any]:
-        """σ, q and the planned steps of ``client`` (solved once per cell)."""
+    def _site(self, client: int) -> dict[str, Any]:
+        """σ, q, the expected batch and the planned steps of ``client``, from
+        public quantities only (solved once per cell)."""
         if client not in self._sites:
             ctx = self._ctx
             B = int(ctx.settings.batch_size)
-            q = 1.0 / -(-n // B)  # Opacus's Poisson rate: 1 / len(DataLoader)
+            n = int(ctx.num_examples[client])  # public: before any canary is inserted
+            # Opacus's Poisson rate 1 / len(DataLoader), of the public count
+            q = self.sample_rate if self.sample_rate is not None else 1.0 / -(-n // B)
             planned = ctx.planned_steps(client)  # every trainer's steps (Ditto, fine-tuning)
             if self.epsilon is not None:
                 sigma = noise_for_epsilon(target_epsilon=self.epsilon, delta=self.delta,
@@ -108,7 +134,7 @@ class DPSGD(PrivacyMechanism, LocalStage):
                 sigma = self.noise_multiplier
             self._sites[client] = {"site": ctx.client_names[client], "noise_multiplier": sigma,
                                    "sample_rate": q, "planned_steps": planned, "n": n,
-                                   "expected_batch": int(n * q), "ledger": None,
+                                   "expected_batch": max(1, int(n * q)), "ledger": None,
                                    "engines": []}
         return self._sites[client]
 
@@ -116,7 +142,7 @@ class DPSGD(PrivacyMechanism, LocalStage):
 
     def local_trainer(self, ctx: CellContext, client: int, model: torch.nn.Module,
                       data: Split) -> OpacusTrainer:
-        info = self._site(client, len(data))
+        info = self._site(client)
         # a client's second trainer (Ditto's personal model) draws its own noise and
         # its steps compose with the first's in the site's accounting
         nth = len(info["engines"])
@@ -124,8 +150,9 @@ class DPSGD(PrivacyMechanism, LocalStage):
         tr = OpacusTrainer(model, data, ctx.settings, seed=ctx.batch_seed(client),
                            noise_multiplier=info["noise_multiplier"],
                            max_grad_norm=self.max_grad_norm, accountant=self.accountant,
-                           noise_generator=noise)
-        info["engines"].append(tr.engine)
+                           noise_generator=noise, sample_rate=info["sample_rate"],
+                           expected_batch_size=info["expected_batch"])
+        info["engines"].append(tr)
         return tr
 
     def vector_steps(self, ctx: CellContext) -> VectorDPSGD:
@@ -150,21 +177,33 @@ class DPSGD(PrivacyMechanism, LocalStage):
             per_site[info["site"]] = {
                 "epsilon": info["_eps"], "noise_multiplier": info["noise_multiplier"],
                 "sample_rate": info["sample_rate"], "steps": sum(n for _, _, n in hist),
-                "planned_steps": info["planned_steps"], "records": info["n"]}
+                "planned_steps": info["planned_steps"], "records": info["n"],
+                "expected_batch": info["expected_batch"]}
         worst = max(per_site.items(), key=lambda kv: (kv[1]["epsilon"], kv[0]), default=None)
         top = worst[1] if worst else {"epsilon": 0.0, "noise_multiplier": self.noise_multiplier,
                                       "sample_rate": None, "steps": 0}
+        eps, q, steps = float(top["epsilon"]), top["sample_rate"], int(top["steps"])
+        note = ("record-level: each client samples its own records (Poisson, rate q), which "
+                "no other party sees, so amplification by record sampling holds against "
+                "every party; the server reads each update as the transport shows it")
+        adversaries = {a: Guarantee(a, eps, self.delta, q, steps, True, note)
+                       for a in ("server", "client", "released")}
         return Accounting(
             unit="record", accountant=self.accountant, epsilon=float(top["epsilon"]),
             delta=self.delta, noise_multiplier=top["noise_multiplier"],
             sample_rate=top["sample_rate"], steps=int(top["steps"]),
-            sampling=("record-level Poisson sampling inside each site (q_i = "
-                      "1/ceil(n_i/batch_size), as Opacus's DPDataLoader); ε is per site over "
-                      "that site's records and counts only the steps the site took; no "
-                      "amplification by client sampling is claimed; the cell's ε is the largest "
-                      "over sites" + (f" (site {worst[0]})" if worst else "")),
+            sampling=("record-level Poisson sampling inside each site at rate q_i = " + (
+                f"{self.sample_rate:g} (declared)" if self.sample_rate is not None else
+                "1/ceil(n_i/batch_size) of the site's public count n_i") + "; the noise and "
+                "the expected batch follow from q_i and n_i, never from the private row count; "
+                "ε is per site over that site's records and counts only the steps the site "
+                "took; no amplification by client sampling is claimed; the cell's ε is the "
+                "largest over sites" + (f" (site {worst[0]})" if worst else "")),
             clip=self.max_grad_norm, target_epsilon=self.epsilon, per_site=per_site,
-            details={"noise_rng": NOISE_RNG, "max_grad_norm": self.max_grad_norm})
+            adversaries=adversaries,
+            details={"noise_rng": NOISE_RNG, "max_grad_norm": self.max_grad_norm,
+                     "sample_rate_from": "declared" if self.sample_rate is not None else
+                     "public count"})
 
 
 class OpacusTrainer:
@@ -180,25 +219,34 @@ class OpacusTrainer:
 
     def __init__(self, model: torch.nn.Module, data: Split, settings: Any, *, seed: int,
                  noise_multiplier: float, max_grad_norm: float, accountant: str,
-                 noise_generator: torch.Generator) -> None:
+                 noise_generator: torch.Generator, sample_rate: float,
+                 expected_batch_size: int) -> None:
         import torch
-        from opacus import PrivacyEngine
+        from opacus import GradSampleModule
+        from opacus.accountants import create_accountant
+        from opacus.data_loader import DPDataLoader
+        from opacus.optimizers import DPOptimizer
         from opacus.validators import ModuleValidator
-        from torch.utils.data import DataLoader, TensorDataset
+        from torch.utils.data import TensorDataset
 
         errors = ModuleValidator.validate(model, strict=False)
         if errors:
             raise ValueError(f"dp-sgd cannot wrap this model: {errors[0]} (use a model without "
                              f"BatchNorm, e.g. GroupNorm)")
         X, y = to_tensors(data)
-        loader = DataLoader(TensorDataset(X, y), batch_size=settings.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed))
-        self.engine = PrivacyEngine(accountant=accountant)
-        self.model, self.optimizer, loader = self.engine.make_private(
-            module=model, optimizer=settings.make_optimizer(model.parameters()),
-            data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=True,
-            noise_generator=noise_generator)
+        # what PrivacyEngine.make_private assembles, with q and the expected batch given
+        # (public) instead of read off the private row count
+        self.model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        self.model.forbid_grad_accumulation()
+        self.optimizer = DPOptimizer(
+            settings.make_optimizer(model.parameters()), noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, expected_batch_size=int(expected_batch_size),
+            loss_reduction="mean", generator=noise_generator, secure_mode=False)
+        self.accountant = create_accountant(mechanism=accountant)
+        self.optimizer.attach_step_hook(
+            self.accountant.get_optimizer_hook_fn(sample_rate=float(sample_rate)))
+        loader = DPDataLoader(TensorDataset(X, y), sample_rate=float(sample_rate),
+                              generator=torch.Generator().manual_seed(seed))
         _noise_on_empty_batches(self.optimizer)
         self.loader = loader
         self._it: Any = iter(())
@@ -281,7 +329,7 @@ class VectorDPSGD:
         self.step = 0
 
     def stream(self, client: int, n: int) -> _PoissonStream:
-        info = self.mech._site(client, n)
+        info = self.mech._site(client)
         if info["ledger"] is None:
             info["ledger"] = Ledger(self.mech.accountant)
         return _PoissonStream(n, info["sample_rate"], self.ctx.batch_seed(client))
