@@ -40,7 +40,7 @@ from fedmedbench.components import (
     UpdateStage,
     stages_of,
 )
-from fedmedbench.context import Canaries, CellContext
+from fedmedbench.context import Canaries, CellContext, GradientCanaries
 from fedmedbench.errors import ConfigError, PluginError, Skip
 from fedmedbench.facts import CellFacts, ModelFacts, combination_problem, facts_of, model_problem
 from fedmedbench.federation import Federation, cell_rng, clients_per_round
@@ -104,8 +104,10 @@ class Cell:
     clients_ctx: CellContext
     server_ctx: CellContext
     per_round: int
-    canaries: Canaries | None = None
+    canaries: Canaries | GradientCanaries | None = None
     canary_attack: str | None = None
+    #: why an auditing attack's canaries were not inserted (none could take them)
+    canary_problem: str | None = None
     setup_seconds: float = 0.0
     pretrain_loss: list[float] = field(default_factory=list)
 
@@ -348,6 +350,15 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
     clients = PartyComponents(algorithm=alg_c, aggregator=agg_c, update_stage=tuple(updates_c),
                               local_stage=local, compressor=compressor, adversary=adversary)
     server = PartyComponents(algorithm=alg_s, aggregator=agg_s, server_stage=tuple(servers_s))
+    # gradient-space canaries: the local-stage mechanism takes them into the clients' steps
+    gcan, gattack = _pick_gradient_canaries(attacks, layout, data, seed)
+    problem = None
+    if gcan is not None:
+        if canaries is not None:
+            raise ConfigError(f"attacks {[canary_attack, gattack]} each insert canaries into "
+                              f"training; one run audits one set of canaries: list one "
+                              f"auditing attack per matrix")
+        canaries, canary_attack = gcan, gattack
     built = Cell(
         cell=cell, seed=seed, rounds=rounds, settings=settings, setting=setting, facts=facts,
         data=data, federation=federation, model=model, factory=factory,
@@ -366,11 +377,57 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
             privacy_s += time.perf_counter() - t0
     if setup_clock is not None:
         setup_clock["privacy_s"] = setup_clock.get("privacy_s", 0.0) + privacy_s
+    if isinstance(canaries, GradientCanaries):
+        took = False
+        if local is not None:
+            with calling(local, "insert_gradient_canaries"):  # type: ignore[arg-type]
+                took = bool(local.insert_gradient_canaries(clients_ctx, canaries))
+        if not took:
+            problem = ("gradient-space canaries join a local-stage privacy mechanism's steps "
+                       + (f"and {local.name} does not insert them"  # type: ignore[attr-defined]
+                          if local is not None else "and the cell has none (no DP-SGD)"))
+            import dataclasses
+
+            built = dataclasses.replace(built, canaries=None, canary_problem=problem)
     return built
 
 
 def _on_server(comp: Any, server: PartyComponents) -> bool:
     return any(comp is c for c in server.lifecycle())
+
+
+def _pick_gradient_canaries(attacks: tuple[tuple[str, Attack], ...], layout: ParamLayout,
+                            data: FederatedData, seed: int
+                            ) -> tuple[GradientCanaries | None, str | None]:
+    """The gradient-space canaries of the cell's white-box auditing attack,
+    with inclusion bits drawn here (each in with probability 1/2)."""
+    picked = []
+    for key, a in attacks:
+        with calling(a, "gradient_canaries"):
+            can = a.gradient_canaries(layout, data, cell_rng(seed, "gradient-canary-pick"))
+        if can is None:
+            continue
+        if not isinstance(can, GradientCanaries):
+            raise PluginError(f"gradient_canaries() returned {type(can).__name__}, not "
+                              f"fedmedbench.GradientCanaries (or None)", plugin=a.plugin,
+                              component=a.name, hook="gradient_canaries", exc_type="TypeError")
+        coords = np.asarray(can.coords, dtype=np.int64)
+        site = np.asarray(can.site, dtype=np.int64)
+        if len(coords) and (coords.min() < 0 or coords.max() >= layout.numel
+                            or site.min() < 0 or site.max() >= len(data.sites)):
+            raise PluginError(f"gradient_canaries() gave coordinates outside 0..{layout.numel - 1}"
+                              f" or sites outside 0..{len(data.sites) - 1}", plugin=a.plugin,
+                              component=a.name, hook="gradient_canaries", exc_type="ValueError")
+        picked.append((key, GradientCanaries(coords, site)))
+    if not picked:
+        return None, None
+    if len(picked) > 1:
+        raise ConfigError(f"attacks {[k for k, _ in picked]} each insert canaries into "
+                          f"training; one run audits one set of canaries: list one "
+                          f"auditing attack per matrix")
+    key, can = picked[0]
+    can.included = cell_rng(seed, "gradient-canary-inclusion").random(len(can)) < 0.5
+    return can, key
 
 
 def _pick_canaries(attacks: tuple[tuple[str, Attack], ...], data: FederatedData, seed: int

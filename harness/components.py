@@ -43,7 +43,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fedmedbench.accounting import Accounting
-    from fedmedbench.context import AttackContext, Canaries, CellContext, ClientContext
+    from fedmedbench.context import (
+        AttackContext,
+        Canaries,
+        CellContext,
+        ClientContext,
+        GradientCanaries,
+    )
     from fedmedbench.facts import CellFacts
     from fedmedbench.messages import Received
     from fedmedbench.training import LocalTrainer
@@ -919,6 +925,20 @@ class LocalStage:
         """
         raise NotImplementedError
 
+    def insert_gradient_canaries(self, ctx: CellContext, canaries: GradientCanaries) -> bool:
+        """Take an audit's gradient-space canaries into the clients' steps.
+
+        Called once before round 1 with the canaries the engine included
+        (``canaries.included`` set; only the included ones join steps).
+
+        Returns
+        -------
+        bool
+            True when the mechanism inserts them; False (the default) when it
+            cannot, and the audit then reports ``not_applicable``.
+        """
+        return False
+
     def vector_steps(self, ctx: CellContext) -> Any:
         """The mechanism's form for the vectorized backend.
 
@@ -1192,7 +1212,33 @@ class Attack(Component):
         default): the attack inserts nothing and training is unchanged."""
         return None
 
+    def gradient_canaries(self, layout: ParamLayout, data: FederatedData,
+                          rng: np.random.Generator) -> GradientCanaries | None:
+        """A white-box auditing attack's gradient-space canaries, picked before
+        training (coordinates of ``layout``'s flat vector and their sites).
+
+        The engine includes each with probability 1/2 and hands them to the
+        cell's local-stage privacy mechanism; they come back, with their
+        inclusion bits, in :attr:`AttackContext.canaries`. ``None`` (the
+        default): nothing is inserted.
+        """
+        return None
+
     def evaluate(self, ctx: AttackContext) -> dict[str, Any]:
+        """Attack the cell as its threat model allows.
+
+        Parameters
+        ----------
+        ctx : AttackContext
+            Values only: the final models, the server's views, the ground
+            truth for scoring, the privacy record.
+
+        Returns
+        -------
+        dict
+            JSON metrics, or ``{"not_applicable": reason}`` when the
+            attacker's view gives it nothing.
+        """
         raise NotImplementedError(f"attack {self.name!r} does not implement evaluate()")
 
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.training import ExtraLoss, RunSettings
 
 __all__ = ["CellContext", "ClientContext", "ServerView", "AttackContext", "Canaries",
-           "ShadowTrainer", "BatchReplay", "stable_int"]
+           "GradientCanaries", "ShadowTrainer", "BatchReplay", "stable_int"]
 
 PARTIES = ("clients", "server")
 
@@ -312,6 +312,43 @@ class Canaries:
         return len(self.y)
 
 
+@dataclass
+class GradientCanaries:
+    """White-box audit canaries in gradient space (Dirac canaries; Nasr et al.
+    2023, in the one-run framework of Steinke, Nasr, Jagielski 2023).
+
+    Each canary is a coordinate of the flat parameter vector. An included
+    canary takes part in its site's DP-SGD steps like one more record (each
+    step independently, with the step's sampling rate q): its per-example
+    gradient is the clipping norm C at its coordinate and 0 elsewhere, so
+    clipping leaves it as it is. The local-stage mechanism inserts them
+    (:meth:`fedmedbench.LocalStage.insert_gradient_canaries`).
+
+    Attributes
+    ----------
+    coords : numpy.ndarray of int, shape (m,)
+        Distinct coordinates of the flat parameter vector.
+    site : numpy.ndarray of int, shape (m,)
+        The site whose steps each canary joins.
+    included : numpy.ndarray of bool, shape (m,), or None
+        Set by the engine: each canary in or out with probability 1/2.
+    """
+
+    coords: np.ndarray
+    site: np.ndarray
+    included: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.coords) != len(self.site):
+            raise ValueError(f"GradientCanaries: {len(self.coords)} coordinates and "
+                             f"{len(self.site)} sites; give one of each per canary")
+        if len(np.unique(self.coords)) != len(self.coords):
+            raise ValueError("GradientCanaries: coordinates must be distinct")
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
 class ShadowTrainer:
     """Trains a fresh model with the cell's own recipe (shadow-model attacks).
 
@@ -417,8 +454,9 @@ class AttackContext:
     #: the final model did not beat the majority-class baseline (see the record's
     #: ``utility.majority_baseline`` and ``utility.chance_level``)
     chance_level: bool = False
-    #: the canaries inserted for an auditing attack, with their inclusion bits
-    canaries: Canaries | None = None
+    #: the canaries inserted for an auditing attack, with their inclusion bits: records
+    #: (:class:`Canaries`) or gradient-space coordinates (:class:`GradientCanaries`)
+    canaries: Canaries | GradientCanaries | None = None
     #: the model every run starts from (the cell's seeded initialisation)
     initial_params: torch.Tensor | None = None
     #: running statistics (BatchNorm buffers) of ``final_params`` and of each
@@ -427,6 +465,8 @@ class AttackContext:
     site_buffers: dict[int, torch.Tensor] = field(default_factory=dict)
     #: the architecture ``model_factory`` builds (seeded with ``seed``)
     model_spec: dict[str, Any] | None = None
+    #: why an auditing attack's canaries were not inserted, where they were not
+    canary_problem: str | None = None
 
     def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
         """The architecture with ``params`` (default: the final model), in eval

@@ -177,19 +177,29 @@ class Training:
             chance_level=bool(self.utility.get("chance_level")), canaries=cell.canaries,
             initial_params=None if self.initial_params is None else self.initial_params.clone(),
             final_buffers=None if final_buffers is None else final_buffers.clone(),
-            site_buffers={i: b.clone() for i, b in site_buffers.items()}, model_spec=spec)
+            site_buffers={i: b.clone() for i, b in site_buffers.items()}, model_spec=spec,
+            canary_problem=cell.canary_problem)
 
     def canary_summary(self) -> dict[str, Any] | None:
         """The record's ``metrics.canaries``: what the audit added to training."""
+        from fedmedbench.context import GradientCanaries
+
         can, cell = self.cell.canaries, self.cell
         if can is None:
+            if cell.canary_problem:
+                return {"attack": None, "not_inserted": cell.canary_problem}
             return None
         inc = np.asarray(can.included, dtype=bool)
-        return {"attack": cell.canary_attack, "m": len(can), "included": int(inc.sum()),
+        gradient = isinstance(can, GradientCanaries)
+        return {"attack": cell.canary_attack, "kind": "gradients" if gradient else "records",
+                "m": len(can), "included": int(inc.sum()),
                 "per_site": {s.name: int((inc & (can.site == i)).sum())
                              for i, s in enumerate(cell.data.sites)},
-                "note": "the audit's canary records were trained on (each with probability "
-                        "1/2): every utility and attack number of this cell is of that model"}
+                "note": ("the audit's gradient-space canaries joined the private steps (each "
+                         "with probability 1/2)" if gradient else
+                         "the audit's canary records were trained on (each with probability "
+                         "1/2)") + ": every utility and attack number of this cell is of that "
+                        "model"}
 
     def outcome(self) -> CellOutcome:
         cell = self.cell
@@ -526,7 +536,7 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
             if "utility_global" in record["metrics"]:  # the same chance fields as utility's
                 g = record["metrics"]["utility_global"]
                 record["metrics"]["utility_global"] = {**g, **chance(built.data, g)}
-            if built.canaries is not None:
+            if built.canaries is not None or built.canary_problem:
                 record["metrics"]["canaries"] = training.canary_summary()
             isolate = bool(cell.get("isolate_attacks", False))
             record["metrics"]["attacks"] = run_attacks(

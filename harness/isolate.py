@@ -122,9 +122,8 @@ def serialize(actx: Any, folder: Path, *, shadow_spec: dict[str, Any]) -> None:
         "final_buffers": put(actx.final_buffers),
         "site_buffers": _pairs(actx.site_buffers, put),
         "views": views,
-        "canaries": None if actx.canaries is None else {
-            "X": put(actx.canaries.X), "y": put(actx.canaries.y),
-            "site": put(actx.canaries.site), "included": put(actx.canaries.included)},
+        "canaries": _canaries_meta(actx.canaries, put),
+        "canary_problem": actx.canary_problem,
         "replay": None if not isinstance(replay, BatchReplay) else {
             "rows": [[int(c), split(s)] for c, s in replay.rows.items()],
             "seeds": [[int(c), int(x)] for c, x in replay.seeds.items()],
@@ -134,11 +133,29 @@ def serialize(actx: Any, folder: Path, *, shadow_spec: dict[str, Any]) -> None:
     (folder / _META).write_text(json.dumps(meta))
 
 
+def _canaries_meta(can: Any, put: Any) -> dict[str, Any] | None:
+    from fedmedbench.context import GradientCanaries
+
+    if can is None:
+        return None
+    if isinstance(can, GradientCanaries):
+        return {"kind": "gradients", "coords": put(can.coords), "site": put(can.site),
+                "included": put(can.included)}
+    return {"kind": "records", "X": put(can.X), "y": put(can.y), "site": put(can.site),
+            "included": put(can.included)}
+
+
 def deserialize(folder: Path, registry: Any) -> Any:
     """The :class:`~fedmedbench.AttackContext` :func:`serialize` wrote."""
     from fedmedbench.cell import model_factory
     from fedmedbench.components import FederatedData, Site, Split, Task
-    from fedmedbench.context import AttackContext, BatchReplay, Canaries, ShadowTrainer
+    from fedmedbench.context import (
+        AttackContext,
+        BatchReplay,
+        Canaries,
+        GradientCanaries,
+        ShadowTrainer,
+    )
     from fedmedbench.messages import ServerView
     from fedmedbench.training import RunSettings
 
@@ -186,8 +203,11 @@ def deserialize(folder: Path, registry: Any) -> Any:
             extra={k: pairs(m) for k, m in v["extra"].items()}, sent=get(v["sent"]),
             extra_sums={k: get(r) for k, r in v["extra_sums"].items()})
     can = meta["canaries"]
-    canaries = None if can is None else Canaries(get(can["X"]), get(can["y"]), get(can["site"]),
-                                                 get(can["included"]))
+    canaries: Any = None
+    if can is not None and can["kind"] == "gradients":
+        canaries = GradientCanaries(get(can["coords"]), get(can["site"]), get(can["included"]))
+    elif can is not None:
+        canaries = Canaries(get(can["X"]), get(can["y"]), get(can["site"]), get(can["included"]))
     rp = meta["replay"]
     replay = None if rp is None else BatchReplay(
         rows={int(c): split(s) for c, s in rp["rows"]},
@@ -201,7 +221,8 @@ def deserialize(folder: Path, registry: Any) -> Any:
         artifacts_dir=meta["artifacts_dir"], client_batches=replay,
         chance_level=bool(meta["chance_level"]), canaries=canaries,
         initial_params=get(meta["initial_params"]), final_buffers=get(meta["final_buffers"]),
-        site_buffers=pairs(meta["site_buffers"]), model_spec=meta["model_spec"])
+        site_buffers=pairs(meta["site_buffers"]), model_spec=meta["model_spec"],
+        canary_problem=meta.get("canary_problem"))
 
 
 def _failed(message: str, attacks: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:

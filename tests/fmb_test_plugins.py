@@ -12,6 +12,7 @@ import time
 import torch
 
 from fedmedbench import Algorithm, Attack, hookimpl
+from fedmedbench.plugins.privacy.dp_sgd import DPSGD
 
 
 class Boom(Algorithm):
@@ -192,3 +193,29 @@ def register_attacks(register):
 def register_algorithms(register):
     for cls in (Boom, NaNTraining, Crash, Sleepy, Exits, Interrupts, WrongShape, Chaos):
         register(cls)
+
+
+class WrongAccountantDPSGD(DPSGD):
+    """A deliberately broken accountant: trains with the σ that gives ε =
+    ``actual`` and records ε = ``claim`` (the audit must flag it)."""
+
+    name = "test-dp-sgd-wrong-accountant"
+
+    def __init__(self, *, claim: float = 1.0, actual: float = 50.0) -> None:
+        super().__init__(epsilon=actual)
+        self.claim, self.actual = float(claim), float(actual)
+
+    def accounting(self):
+        import dataclasses
+
+        acc = super().accounting()
+        if acc is None:
+            return None
+        lie = {k: dataclasses.replace(g, epsilon=self.claim) for k, g in acc.adversaries.items()}
+        return dataclasses.replace(acc, epsilon=self.claim, target_epsilon=self.claim,
+                                   adversaries=lie)
+
+
+@hookimpl
+def register_privacy(register):
+    register(WrongAccountantDPSGD)

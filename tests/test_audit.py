@@ -164,3 +164,68 @@ def test_under_dp_sgd_the_bound_never_exceeds_the_claim(reg):
         assert res["claimed_epsilon"] == claim["epsilon"] and res["delta"] == claim["delta"]
         assert res["audited_epsilon"] <= claim["epsilon"], (cell["config"]["seed"], res)
         assert res["within_claim"] is True
+
+
+# --------------------------------------------------------------------------
+# an audit that can fail (issue 19): white-box Dirac canaries in DP-SGD
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wrong_accountant(monkeypatch: pytest.MonkeyPatch):
+    """The registry with tests/fmb_test_plugins.py's broken accountant."""
+    from pathlib import Path
+
+    monkeypatch.setenv("FEDMEDBENCH_PLUGINS", "fmb_test_plugins")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    reg = get_registry(refresh=True)
+    yield reg
+    monkeypatch.delenv("FEDMEDBENCH_PLUGINS")
+    get_registry(refresh=True)
+
+
+def _dirac_cell(reg, privacy: dict, seed: int, backend: str) -> dict:
+    raw = {"name": "audit", "rounds": 10, "seeds": [seed],
+           "axes": {"dataset": ["heart-disease"], "algorithm": ["fedavg"],
+                    "privacy": [privacy], "model": [{"name": "mlp", "hidden": [128]}]},
+           "run": {"local_steps": 20, "batch_size": 64, "lr": 0.1},
+           "evaluate": {"attacks": [{"name": "audit-dirac", "m": 1000}]}}
+    return {**parse_matrix(raw, registry=reg).cells[0], "backend": backend}
+
+
+@pytest.mark.parametrize("seed,backend", [(0, "loop"), (1, "vectorized"), (2, "loop")])
+def test_the_dirac_audit_flags_a_wrong_accountant_and_not_a_right_one(wrong_accountant, seed,
+                                                                      backend):
+    """A broken accountant records ε = 1 while its σ gives ε = 50: the one-run
+    audit with gradient-space canaries certifies more than 1 and flags the
+    claim; the right accountant at ε = 1 is not flagged. Both cells run the
+    same model, data and steps; the audit's power (its ceiling) is above the
+    claim, so it could have caught it."""
+    reg = wrong_accountant
+    recs = {}
+    for name, priv in (("right", {"name": "dp-sgd", "epsilon": 1.0}),
+                       ("wrong", {"name": "test-dp-sgd-wrong-accountant"})):
+        rec = run_cell(_dirac_cell(reg, priv, seed, backend), registry=reg)
+        assert rec["status"] == "ok", rec["error"]
+        recs[name] = rec
+    for name, rec in recs.items():
+        a = rec["metrics"]["attacks"]["audit-dirac"]
+        claim = rec["metrics"]["privacy"]["epsilon"]
+        assert claim == pytest.approx(1.0, abs=0.01)
+        assert a["ceiling"] > 3 and a["no_power"] is False and "certifies at most" in a["power"]
+        assert rec["metrics"]["canaries"]["kind"] == "gradients"
+        assert rec["metrics"]["canaries"]["m"] == 1000
+        if name == "wrong":
+            assert a["audited_epsilon"] > claim and a["contradicts_claim"] is True, a
+        else:
+            assert a["audited_epsilon"] <= claim and a["within_claim"] is True, a
+
+
+def test_the_dirac_audit_is_not_applicable_without_dp_sgd():
+    reg = get_registry()
+    rec = run_cell(_dirac_cell(reg, {"name": "dp-fedavg", "noise_multiplier": 1.0}, 0, "loop")
+                   | {}, registry=reg)
+    assert rec["status"] == "ok", rec["error"]
+    a = rec["metrics"]["attacks"]["audit-dirac"]
+    assert "not_applicable" in a and "local-stage" in a["not_applicable"]
+    assert "not_inserted" in rec["metrics"]["canaries"]

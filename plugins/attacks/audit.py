@@ -38,6 +38,22 @@ add/remove one record) the bound audits that claim. Under a client-level
 claim a canary changes one client's data (replace-one adjacency), which the
 add/remove guarantee covers only with group privacy: the record then
 compares the bound with the claim but does not call it a violation.
+
+``audit-dirac`` is the white-box form with power (Nasr, Hayes, Steinke,
+Balle, Tramèr, Jagielski, Carlini, Terzis, "Tight Auditing of Differentially
+Private Machine Learning", USENIX Security 2023, Dirac canaries, in the
+one-run framework): each canary is a coordinate of the parameter vector
+whose per-example gradient, when the canary is in a step, is the clipping
+norm at that coordinate (:class:`~fedmedbench.GradientCanaries`, inserted by
+DP-SGD). The score is how far the coordinate moved down the canary's
+gradient from the initial model to the final one. A record-level claim then
+faces an audit that a wrong accountant fails: with σ too small for the
+claimed ε the included canaries' coordinates separate from the rest.
+
+Every result states the audit's **power**: ``ceiling``, the largest ε it
+could certify with its canaries (every guess right), and ``contradicts_claim``
+is true only when the bound exceeds the claim; ``no_power`` says when the
+ceiling is below the claim (the audit could not have caught a violation).
 """
 
 from __future__ import annotations
@@ -47,9 +63,18 @@ from typing import Annotated, Any
 
 import numpy as np
 
-from fedmedbench import Attack, AttackContext, Canaries, FederatedData, Range
+from fedmedbench import (
+    Attack,
+    AttackContext,
+    Canaries,
+    FederatedData,
+    GradientCanaries,
+    ParamLayout,
+    Range,
+)
 
-__all__ = ["p_value", "epsilon_lower_bound", "guess_counts", "score_guesses", "CanaryAudit"]
+__all__ = ["p_value", "epsilon_lower_bound", "guess_counts", "score_guesses", "CanaryAudit",
+           "DiracAudit"]
 
 LABEL = "audited ε (lower bound, 95%)"
 
@@ -130,6 +155,12 @@ class CanaryAudit(Attack):
     """
 
     name = "audit-canary"
+    score_text = ("loss decrease of each canary from the initial to the final model "
+                  "(black-box, the final global model; isolated: each site's own model)")
+
+    @staticmethod
+    def canary_type() -> type:
+        return Canaries
 
     def __init__(self, *, m: Annotated[int, Range(ge=2)] = 200,
                  guesses: list = (0.1, 0.2, 0.5, 1.0),
@@ -190,9 +221,10 @@ class CanaryAudit(Attack):
 
     def evaluate(self, ctx: AttackContext) -> dict[str, Any]:
         can = ctx.canaries
-        if can is None or can.included is None:
-            return {"not_applicable": "no canaries were inserted into training (the engine "
-                                      "inserts those of one auditing attack per cell)"}
+        if can is None or can.included is None or not isinstance(can, self.canary_type()):
+            why = ctx.canary_problem or ("the engine inserts the canaries of one auditing "
+                                         "attack per cell")
+            return {"not_applicable": f"no canaries were inserted into training: {why}"}
         m = len(can)
         inc = np.asarray(can.included, dtype=bool)
         claim = ctx.privacy.get("epsilon")
@@ -231,11 +263,16 @@ class CanaryAudit(Attack):
             "claimed_epsilon": claim, "claimed_unit": unit,
             "method": "Steinke, Nasr, Jagielski 2023 (NeurIPS), one training run: canaries "
                       "included independently with probability 1/2, Theorem 5.2 with δ",
-            "score": "loss decrease of each canary from the initial to the final model "
-                     "(black-box, the final global model; isolated: each site's own model)",
+            "score": self.score_text,
         }
+        ceiling = out["ceiling"]
+        out["power"] = (f"with {m} canaries this audit certifies at most ε = {ceiling:.3g} "
+                        f"(every guess right); it can reveal a claim below that")
+        if claim is not None:
+            out["no_power"] = bool(ceiling <= float(claim))
         if claim is not None and unit == "record":
             out["within_claim"] = bool(best["epsilon_lower_bound"] <= float(claim) + 1e-9)
+            out["contradicts_claim"] = not out["within_claim"]
         elif claim is not None:
             out["within_claim"] = None
             out["claim_note"] = (f"the claim is {unit}-level (add/remove one client) and a "
@@ -245,4 +282,59 @@ class CanaryAudit(Attack):
         return out
 
 
-COMPONENTS = (CanaryAudit,)
+class DiracAudit(CanaryAudit):
+    """One-run white-box audit of DP-SGD with gradient-space (Dirac) canaries.
+
+    Parameters
+    ----------
+    m : int, default 1000
+        Canary coordinates (at most the model's parameter count), each
+        included with probability 1/2.
+    guesses, confidence, audit_delta
+        As for ``audit-canary``.
+    """
+
+    name = "audit-dirac"
+    score_text = ("how far each canary's coordinate moved against its gradient, initial "
+                  "minus final model (white-box; isolated: each site's own model)")
+
+    def __init__(self, *, m: Annotated[int, Range(ge=2)] = 1000,
+                 guesses: list = (0.1, 0.2, 0.5, 1.0),
+                 confidence: Annotated[float, Range(gt=0, lt=1)] = 0.95,
+                 audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
+        super().__init__(m=m, guesses=guesses, confidence=confidence, audit_delta=audit_delta)
+
+    @staticmethod
+    def canary_type() -> type:
+        return GradientCanaries
+
+    def canaries(self, data: FederatedData, rng: np.random.Generator) -> None:
+        return None
+
+    def gradient_canaries(self, layout: ParamLayout, data: FederatedData,
+                          rng: np.random.Generator) -> GradientCanaries:
+        """``min(m, D)`` distinct coordinates; sites drawn in proportion to
+        their training sizes."""
+        m = min(self.m, int(layout.numel))
+        sizes = np.array([len(s.train) for s in data.sites], dtype=float)
+        coords = np.sort(rng.choice(int(layout.numel), size=m, replace=False))
+        site = rng.choice(len(data.sites), size=m, p=sizes / sizes.sum())
+        return GradientCanaries(coords.astype(np.int64), site.astype(np.int64))
+
+    def scores(self, ctx: AttackContext, can: Any) -> np.ndarray:
+        init = ctx.initial_params
+        if init is None:
+            raise ValueError("audit-dirac needs the initial model (AttackContext.initial_params)")
+        out = np.zeros(len(can))
+        w0 = init.detach().double().numpy()
+        for s in np.unique(can.site):
+            rows = np.flatnonzero(can.site == s)
+            final = ctx.site_params.get(int(s), ctx.final_params) if ctx.site_params else \
+                ctx.final_params
+            w = final.detach().double().numpy()
+            c = np.asarray(can.coords)[rows]
+            out[rows] = w0[c] - w[c]  # a canary's gradient is +C: descent moves it down
+        return out
+
+
+COMPONENTS = (CanaryAudit, DiracAudit)

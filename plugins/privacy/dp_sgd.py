@@ -25,6 +25,12 @@ over the site's actual rows at rate q. The trainer is assembled from Opacus's
 own parts (``GradSampleModule``, ``DPOptimizer``, ``DPDataLoader`` and an
 accountant hook) with those values.
 
+Audits: white-box gradient-space canaries (:class:`~fedmedbench.GradientCanaries`,
+``audit-dirac``) join a site's steps like records: at every step each
+included canary of the site is present with probability q, and a present
+canary adds the per-example gradient ``C · e_j`` (the clipping norm at its
+coordinate) to the step's clipped sum before the noise, on both backends.
+
 Noise and Poisson sampling draw from seeded torch generators so that a cell is
 reproducible; that is Opacus's ``secure_mode=False`` (not a cryptographically
 secure RNG), which is right for a benchmark and wrong for a deployment: the
@@ -109,12 +115,32 @@ class DPSGD(PrivacyMechanism, LocalStage):
         self.accountant = accountant
         self.sample_rate = None if sample_rate is None else float(sample_rate)
         self._sites: dict[int, dict[str, Any]] = {}
+        self._canaries: dict[int, np.ndarray] = {}
 
     # -- per-site calibration ---------------------------------------------------
 
     def setup(self, ctx: CellContext) -> None:
         self._ctx = ctx
         self._sites = {}
+        self._canaries = {}
+
+    def insert_gradient_canaries(self, ctx: CellContext, canaries: Any) -> bool:
+        """Each included canary joins its site's steps (the pooled party's: all)."""
+        inc = np.asarray(canaries.included, dtype=bool)
+        coords = np.asarray(canaries.coords, dtype=np.int64)
+        site = np.asarray(canaries.site, dtype=np.int64)
+        for client in range(ctx.num_clients):
+            mine = inc if ctx.protocol == "pooled" else inc & (site == client)
+            if mine.any():
+                self._canaries[client] = coords[mine]
+        return True
+
+    def _canary_stream(self, client: int) -> tuple[np.ndarray, Any] | None:
+        """(coordinates, generator) of ``client``'s included canaries, or None."""
+        coords = self._canaries.get(client)
+        if coords is None or not len(coords):
+            return None
+        return coords, self._ctx.torch_generator("dp-sgd-canaries", client)
 
     def _site(self, client: int) -> dict[str, Any]:
         """σ, q, the expected batch and the planned steps of ``client``, from
@@ -151,7 +177,8 @@ class DPSGD(PrivacyMechanism, LocalStage):
                            noise_multiplier=info["noise_multiplier"],
                            max_grad_norm=self.max_grad_norm, accountant=self.accountant,
                            noise_generator=noise, sample_rate=info["sample_rate"],
-                           expected_batch_size=info["expected_batch"])
+                           expected_batch_size=info["expected_batch"],
+                           canaries=None if nth else self._canary_stream(client))
         info["engines"].append(tr)
         return tr
 
@@ -220,7 +247,8 @@ class OpacusTrainer:
     def __init__(self, model: torch.nn.Module, data: Split, settings: Any, *, seed: int,
                  noise_multiplier: float, max_grad_norm: float, accountant: str,
                  noise_generator: torch.Generator, sample_rate: float,
-                 expected_batch_size: int) -> None:
+                 expected_batch_size: int,
+                 canaries: tuple[np.ndarray, torch.Generator] | None = None) -> None:
         import torch
         from opacus import GradSampleModule
         from opacus.accountants import create_accountant
@@ -249,6 +277,8 @@ class OpacusTrainer:
                               generator=torch.Generator().manual_seed(seed))
         _noise_on_empty_batches(self.optimizer)
         self.loader = loader
+        self.q, self.C = float(sample_rate), float(max_grad_norm)
+        self.canaries = canaries
         self._it: Any = iter(())
 
     def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,6 +310,8 @@ class OpacusTrainer:
                 loss.backward()
                 total += loss.detach()
                 count += 1
+            if self.canaries is not None:
+                self._add_canaries(inner)
             if opt.pre_step():  # clip, noise, scale; the accountant counts the step
                 if extra_loss is not None:
                     extra = torch.autograd.grad(extra_loss(flat_params(inner)), plist,
@@ -291,6 +323,27 @@ class OpacusTrainer:
                     add_grad_offset(inner, grad_offset)
                 opt.original_optimizer.step()
         return finish_local(inner, total, count)
+
+    def _add_canaries(self, inner: torch.nn.Module) -> None:
+        """The canaries present at this step (each with probability q) as
+        per-example gradient rows ``C · e_j`` beside the batch's."""
+        import torch
+
+        assert self.canaries is not None
+        coords, gen = self.canaries
+        here = coords[(torch.rand(len(coords), generator=gen) < self.q).numpy()]
+        if not len(here):
+            return
+        off = 0
+        for p in inner.parameters():
+            n = p.numel()
+            rows = torch.zeros((len(here), n), dtype=p.dtype)
+            hit = np.flatnonzero((here >= off) & (here < off + n))
+            rows[torch.as_tensor(hit), torch.as_tensor(here[hit] - off)] = self.C
+            rows = rows.reshape(len(here), *p.shape)
+            g = getattr(p, "grad_sample", None)
+            p.grad_sample = rows if g is None else torch.cat([g, rows])
+            off += n
 
 
 class _PoissonStream:
@@ -327,6 +380,7 @@ class VectorDPSGD:
     def __init__(self, mech: DPSGD, ctx: CellContext) -> None:
         self.mech, self.ctx = mech, ctx
         self.step = 0
+        self._canaries: dict[int, Any] = {}
 
     def stream(self, client: int, n: int) -> _PoissonStream:
         info = self.mech._site(client)
@@ -350,6 +404,17 @@ class VectorDPSGD:
                              dtype=summed.dtype)
         expected = torch.tensor([max(1, i["expected_batch"]) if i else 1 for i in infos],
                                 dtype=summed.dtype)
+        rows = [j for j, a in enumerate(active) if a]
+        for j, c in zip(rows, clients):  # present canaries: C at their coordinates
+            stream = self._canaries.get(c)
+            if stream is None:
+                stream = self._canaries[c] = self.mech._canary_stream(c) or False
+            if stream:
+                coords, cg = stream
+                here = coords[(torch.rand(len(coords), generator=cg) < infos[j]["sample_rate"]
+                               ).numpy()]
+                if len(here):
+                    summed[j, torch.as_tensor(here)] += C
         self.step += 1
         g = self.ctx.torch_generator("dp-sgd-vector-noise", self.ctx.round, self.step)
         noise = torch.randn(summed.shape, generator=g, dtype=summed.dtype) * (sigma * C)[:, None]
