@@ -176,9 +176,10 @@ def check_timeout(value: Any, where: str) -> float | None:
     return float(value)
 
 
-def _check_int(value: Any, where: str, *, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigError(f"{where} = {value!r}: expected an integer of at least {least}")
+def _check_int(value: Any, where: str, *, least: int, most: int = 100_000) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ConfigError(f"{where} = {shown}: expected an integer from {least} to {most:,}")
     return value
 
 

@@ -195,7 +195,10 @@ def check_workers(client: Any, want: dict[str, dict[str, Any]],
     lock = threading.Lock()
 
     def ask(w: str) -> None:
-        res = client.run(_worker_signature, workers=[w], on_error="return")
+        try:
+            res = client.run(_worker_signature, workers=[w], on_error="return")
+        except BaseException as exc:  # the client closed under an abandoned ask
+            res = {w: exc}
         with lock:
             found.update(res)
 
@@ -372,8 +375,8 @@ def _connect(distributed: Any, scheduler: str, seconds: float) -> Any:
     if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
         raise refused(f"it answered {str(ident)[:80]!r} instead of a scheduler's identity")
     try:
-        return _bounded(lambda: distributed.Client(scheduler, timeout=f"{seconds}s",
-                                                   set_as_default=False), seconds + 10, late)
+        return _bounded(lambda: distributed.Client(scheduler, timeout=f"{seconds}s"),
+                        seconds + 10, late)
     except ConfigError:
         raise
     except Exception as exc:
@@ -387,6 +390,27 @@ def run_dask(cells: Iterator[dict[str, Any]], *, workers: int, scheduler: str | 
     dask, distributed = _dask()
     want = plugin_signature(get_registry())
     wait_s = answer_timeout()
+    owned = None
+    # distributed logs its reconnection attempts with tracebacks; what went wrong is
+    # recorded and printed in fedmedbench's own words instead
+    names = ["distributed", *(n for n in logging.root.manager.loggerDict
+                              if n.startswith("distributed."))]
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL)
+    _run_dask(dask, distributed, cells, want=want, wait_s=wait_s, workers=workers,
+              scheduler=scheduler, cluster=cluster, timeout=timeout, retries=retries,
+              finish=finish)
+    # a lost scheduler leaves the client reconnecting in the background: its logs stay
+    # silenced on that path (the run ends with ExecutorLost), restored otherwise
+    for n, lv in levels.items():
+        logging.getLogger(n).setLevel(lv)
+
+
+def _run_dask(dask: Any, distributed: Any, cells: Iterator[dict[str, Any]], *,
+              want: dict[str, dict[str, Any]], wait_s: float, workers: int,
+              scheduler: str | None, cluster: str | Path | None, timeout: float | None,
+              retries: int, finish: Callable[[dict[str, Any]], None]) -> None:
     owned = None
     # the driver retries cells whose worker died itself, so the scheduler (ours)
     # gives up on a task at the first death; one task per worker thread at a time
@@ -505,8 +529,8 @@ def _drive(client: Any, distributed: Any, cells: Iterator[dict[str, Any]], *,
     try:
         while True:
             if client.status != "running":
-                raise ExecutorLost(f"the dask scheduler at {where} went away (the client is "
-                                   f"{client.status})")
+                raise ExecutorLost(f"the dask scheduler at {where} went away (the connection "
+                                   f"to it was lost)")
             if time.monotonic() - checked > 2.0:  # workers may come and go
                 capacity = max(1, sum(call(client.nthreads).values()))
                 checked = time.monotonic()
@@ -662,6 +686,9 @@ def load_cluster_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cluster config file {p} does not exist") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cluster config file {p}: {exc}") from None
+    except (RecursionError, ValueError) as exc:  # nested too deeply; a 5000-digit integer
+        raise ConfigError(f"cluster config file {p} is not a usable cluster file "
+                          f"({type(exc).__name__}: {str(exc)[:120]})") from None
     where = f"cluster config {p}"
     kind = raw.get("kind")
     if kind not in CLUSTER_KINDS:

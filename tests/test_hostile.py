@@ -1027,7 +1027,7 @@ def test_dask_attempt_counts_come_from_the_scheduler(faults, tmp_path):
                           "--scheduler", address, "--retries", "1", timeout=240)
     assert p.returncode == 1, p.stderr[-3000:]
     by = {r["config"]["seed"]: r for r in recs}
-    assert by[1]["status"] == "ok"
+    assert by[1]["status"] == "ok", p.stderr[-3000:]
     err = by[0]["error"]
     assert err["type"] == "WorkerDied"
     n = len(attempts())
