@@ -390,7 +390,6 @@ def run_dask(cells: Iterator[dict[str, Any]], *, workers: int, scheduler: str | 
     dask, distributed = _dask()
     want = plugin_signature(get_registry())
     wait_s = answer_timeout()
-    owned = None
     # distributed logs its reconnection attempts with tracebacks; what went wrong is
     # recorded and printed in fedmedbench's own words instead
     names = ["distributed", *(n for n in logging.root.manager.loggerDict
