@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     # what components see of a running cell
     **{n: "fedmedbench.context" for n in (
         "CellContext", "ClientContext", "ServerView", "AttackContext", "Canaries",
-        "GradientCanaries", "ShadowTrainer", "BatchReplay")},
+        "GradientCanaries", "ClientCanaries", "ShadowTrainer", "BatchReplay")},
     **{n: "fedmedbench.facts" for n in (
         "CellFacts", "AlgorithmFacts", "AggregatorFacts", "PrivacyFacts", "CompressorFacts")},
     **{n: "fedmedbench.accounting" for n in ("Accounting", "Ledger")},

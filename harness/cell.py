@@ -40,7 +40,7 @@ from fedmedbench.components import (
     UpdateStage,
     stages_of,
 )
-from fedmedbench.context import Canaries, CellContext, GradientCanaries
+from fedmedbench.context import Canaries, CellContext, ClientCanaries, GradientCanaries
 from fedmedbench.errors import ConfigError, PluginError, Skip
 from fedmedbench.facts import CellFacts, ModelFacts, combination_problem, facts_of, model_problem
 from fedmedbench.federation import Federation, cell_rng, clients_per_round
@@ -104,8 +104,10 @@ class Cell:
     clients_ctx: CellContext
     server_ctx: CellContext
     per_round: int
-    canaries: Canaries | GradientCanaries | None = None
+    canaries: Canaries | GradientCanaries | ClientCanaries | None = None
     canary_attack: str | None = None
+    #: the ids of the included canary clients (after the real ones)
+    canary_clients: tuple[int, ...] = ()
     #: why an auditing attack's canaries were not inserted (none could take them)
     canary_problem: str | None = None
     setup_seconds: float = 0.0
@@ -316,10 +318,29 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
         fixed_steps = max(1, int(round(q * sum(settings.steps_for(len(s.train))
                                                  for s in data.sites))))
     layout = ParamLayout.of(probe)
+    names = [s.name for s in federation.clients]
+    ccan, cattack = _pick_canary_clients(attacks, layout, data, seed)
+    canary_ids: tuple[int, ...] = ()
+    problem = None
+    if ccan is not None:
+        if canaries is not None:
+            raise ConfigError(f"attacks {[canary_attack, cattack]} each insert canaries into "
+                              f"training; one run audits one set of canaries: list one "
+                              f"auditing attack per matrix")
+        extra = [f for f in alg_s.sends if f != "delta"]
+        if setting.name != "federated" or extra or "delta" not in alg_s.sends:
+            problem = (f"canary clients send a model update and nothing else in a federated "
+                       f"round; {alg_s.name} runs the {setting.name} protocol"
+                       + (f" and sends {extra}" if extra else ""))
+        else:
+            inc = np.asarray(ccan.included, dtype=bool)
+            canary_ids = tuple(range(n, n + int(inc.sum())))
+            names += [f"canary-{j}" for j in np.flatnonzero(inc)]
+            public_counts = public_counts + [max(public_counts)] * len(canary_ids)
+            canaries, canary_attack = ccan, cattack
     clients_ctx = CellContext(
         cell_id=str(cell["cell_id"]), seed=seed, rounds=rounds, settings=settings, task=task,
-        client_names=[s.name for s in federation.clients],
-        num_examples=public_counts, public=data.public,
+        client_names=names, num_examples=public_counts, public=data.public,
         layout=layout, protocol=setting.name, sample_rate=per_round / n, facts=facts,
         model_factory=factory, party="clients", fixed_steps=fixed_steps,
         planned=alg_c.planned_steps)
@@ -352,7 +373,6 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
     server = PartyComponents(algorithm=alg_s, aggregator=agg_s, server_stage=tuple(servers_s))
     # gradient-space canaries: the local-stage mechanism takes them into the clients' steps
     gcan, gattack = _pick_gradient_canaries(attacks, layout, data, seed)
-    problem = None
     if gcan is not None:
         if canaries is not None:
             raise ConfigError(f"attacks {[canary_attack, gattack]} each insert canaries into "
@@ -365,7 +385,8 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
         client_factories=client_factories, model_spec=model.config(), client_specs=client_specs,
         layout=layout, sharing=sharing, clients=clients, server=server, transport=transport,
         privacy=tuple(homes), attacks=attacks, clients_ctx=clients_ctx, server_ctx=server_ctx,
-        per_round=per_round, canaries=canaries, canary_attack=canary_attack)
+        per_round=per_round, canaries=canaries, canary_attack=canary_attack,
+        canary_clients=canary_ids, canary_problem=problem)
     # -- setup: each instance with its own party's context ------------------------------
     privacy_s = 0.0
     for comp in built.all_components():
@@ -394,6 +415,39 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
 
 def _on_server(comp: Any, server: PartyComponents) -> bool:
     return any(comp is c for c in server.lifecycle())
+
+
+def _pick_canary_clients(attacks: tuple[tuple[str, Attack], ...], layout: ParamLayout,
+                         data: FederatedData, seed: int
+                         ) -> tuple[ClientCanaries | None, str | None]:
+    """The canary clients of the cell's client-level auditing attack, with
+    inclusion bits drawn here (each in with probability 1/2)."""
+    picked = []
+    for key, a in attacks:
+        with calling(a, "canary_clients"):
+            can = a.canary_clients(layout, data, cell_rng(seed, "canary-client-pick"))
+        if can is None:
+            continue
+        if not isinstance(can, ClientCanaries):
+            raise PluginError(f"canary_clients() returned {type(can).__name__}, not "
+                              f"fedmedbench.ClientCanaries (or None)", plugin=a.plugin,
+                              component=a.name, hook="canary_clients", exc_type="TypeError")
+        d = np.asarray(can.directions, dtype=np.float32)
+        if d.ndim != 2 or d.shape[1] != layout.numel or not np.isfinite(d).all():
+            raise PluginError(f"canary_clients() gave directions of shape {d.shape}; expected "
+                              f"(m, {layout.numel}) finite values", plugin=a.plugin,
+                              component=a.name, hook="canary_clients", exc_type="ValueError")
+        norms = np.linalg.norm(d, axis=1, keepdims=True)
+        picked.append((key, ClientCanaries(d / np.maximum(norms, 1e-12))))
+    if not picked:
+        return None, None
+    if len(picked) > 1:
+        raise ConfigError(f"attacks {[k for k, _ in picked]} each insert canaries into "
+                          f"training; one run audits one set of canaries: list one "
+                          f"auditing attack per matrix")
+    key, can = picked[0]
+    can.included = cell_rng(seed, "canary-client-inclusion").random(len(can)) < 0.5
+    return can, key
 
 
 def _pick_gradient_canaries(attacks: tuple[tuple[str, Attack], ...], layout: ParamLayout,

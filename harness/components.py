@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
         AttackContext,
         Canaries,
         CellContext,
+        ClientCanaries,
         ClientContext,
         GradientCanaries,
     )
@@ -1221,6 +1222,17 @@ class Attack(Component):
         cell's local-stage privacy mechanism; they come back, with their
         inclusion bits, in :attr:`AttackContext.canaries`. ``None`` (the
         default): nothing is inserted.
+        """
+        return None
+
+    def canary_clients(self, layout: ParamLayout, data: FederatedData,
+                       rng: np.random.Generator) -> ClientCanaries | None:
+        """A client-level auditing attack's canary clients, picked before
+        training (a random direction of ``layout``'s flat vector each).
+
+        The engine includes each with probability 1/2 as a client of its own
+        (federated protocol) and hands them back, with the inclusion bits, in
+        :attr:`AttackContext.canaries`. ``None`` (the default): none.
         """
         return None
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.training import ExtraLoss, RunSettings
 
 __all__ = ["CellContext", "ClientContext", "ServerView", "AttackContext", "Canaries",
-           "GradientCanaries", "ShadowTrainer", "BatchReplay", "stable_int"]
+           "GradientCanaries", "ClientCanaries", "ShadowTrainer", "BatchReplay", "stable_int"]
 
 PARTIES = ("clients", "server")
 
@@ -349,6 +349,35 @@ class GradientCanaries:
         return len(self.coords)
 
 
+@dataclass
+class ClientCanaries:
+    """Audit canaries at client level (Andrew, Kairouz, Oh, Oprea, McMahan,
+    Suriyakumar, "One-shot Empirical Privacy Estimation for Federated
+    Learning", ICLR 2024), in the one-run framework.
+
+    Each canary is a client of its own whose update, every round it is
+    sampled (like any client, at the round's rate q), is a fixed random
+    direction scaled to the round's largest real update norm (so client-level
+    clipping leaves it at the clip); its updates then pass the update-stage
+    privacy, the transport and the aggregation as any client's. The score is
+    the cosine of the final model's change with the direction.
+
+    Attributes
+    ----------
+    directions : numpy.ndarray, shape (m, D)
+        Unit vectors over the flat parameter vector.
+    included : numpy.ndarray of bool, shape (m,), or None
+        Set by the engine: each canary client takes part (in) or never (out),
+        with probability 1/2.
+    """
+
+    directions: np.ndarray
+    included: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.directions)
+
+
 class ShadowTrainer:
     """Trains a fresh model with the cell's own recipe (shadow-model attacks).
 
@@ -456,7 +485,7 @@ class AttackContext:
     chance_level: bool = False
     #: the canaries inserted for an auditing attack, with their inclusion bits: records
     #: (:class:`Canaries`) or gradient-space coordinates (:class:`GradientCanaries`)
-    canaries: Canaries | GradientCanaries | None = None
+    canaries: Canaries | GradientCanaries | ClientCanaries | None = None
     #: the model every run starts from (the cell's seeded initialisation)
     initial_params: torch.Tensor | None = None
     #: running statistics (BatchNorm buffers) of ``final_params`` and of each

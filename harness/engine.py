@@ -182,7 +182,7 @@ class Training:
 
     def canary_summary(self) -> dict[str, Any] | None:
         """The record's ``metrics.canaries``: what the audit added to training."""
-        from fedmedbench.context import GradientCanaries
+        from fedmedbench.context import ClientCanaries, GradientCanaries
 
         can, cell = self.cell.canaries, self.cell
         if can is None:
@@ -190,6 +190,12 @@ class Training:
                 return {"attack": None, "not_inserted": cell.canary_problem}
             return None
         inc = np.asarray(can.included, dtype=bool)
+        if isinstance(can, ClientCanaries):
+            return {"attack": cell.canary_attack, "kind": "clients", "m": len(can),
+                    "included": int(inc.sum()),
+                    "note": "the audit's canary clients took part in the rounds they were "
+                            "sampled in (each included with probability 1/2): every utility "
+                            "and attack number of this cell is of that model"}
         gradient = isinstance(can, GradientCanaries)
         return {"attack": cell.canary_attack, "kind": "gradients" if gradient else "records",
                 "m": len(can), "included": int(inc.sum()),

@@ -134,10 +134,13 @@ def serialize(actx: Any, folder: Path, *, shadow_spec: dict[str, Any]) -> None:
 
 
 def _canaries_meta(can: Any, put: Any) -> dict[str, Any] | None:
-    from fedmedbench.context import GradientCanaries
+    from fedmedbench.context import ClientCanaries, GradientCanaries
 
     if can is None:
         return None
+    if isinstance(can, ClientCanaries):
+        return {"kind": "clients", "directions": put(can.directions),
+                "included": put(can.included)}
     if isinstance(can, GradientCanaries):
         return {"kind": "gradients", "coords": put(can.coords), "site": put(can.site),
                 "included": put(can.included)}
@@ -153,6 +156,7 @@ def deserialize(folder: Path, registry: Any) -> Any:
         AttackContext,
         BatchReplay,
         Canaries,
+        ClientCanaries,
         GradientCanaries,
         ShadowTrainer,
     )
@@ -204,7 +208,9 @@ def deserialize(folder: Path, registry: Any) -> Any:
             extra_sums={k: get(r) for k, r in v["extra_sums"].items()})
     can = meta["canaries"]
     canaries: Any = None
-    if can is not None and can["kind"] == "gradients":
+    if can is not None and can["kind"] == "clients":
+        canaries = ClientCanaries(get(can["directions"]), get(can["included"]))
+    elif can is not None and can["kind"] == "gradients":
         canaries = GradientCanaries(get(can["coords"]), get(can["site"]), get(can["included"]))
     elif can is not None:
         canaries = Canaries(get(can["X"]), get(can["y"]), get(can["site"]), get(can["included"]))

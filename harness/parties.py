@@ -67,6 +67,17 @@ class Clients:
         self.personal_buffers: dict[int, torch.Tensor] = {}
         #: what the round's clients trained, kept until the server has answered
         self.trained: dict[int, torch.Tensor] = {}
+        #: an audit's canary clients (ids after the real clients') and their directions
+        self.canary_ids = tuple(cell.canary_clients)
+        self.canary_directions: dict[int, Any] = {}
+        if self.canary_ids:
+            import torch
+
+            can = cell.canaries
+            rows = np.flatnonzero(np.asarray(can.included, dtype=bool))  # type: ignore[union-attr]
+            d = np.asarray(can.directions, dtype=np.float32)  # type: ignore[union-attr]
+            self.canary_directions = {c: torch.as_tensor(d[j])
+                                      for c, j in zip(self.canary_ids, rows)}
 
     # -- the round on the clients' side ------------------------------------------------
 
@@ -104,8 +115,26 @@ class Clients:
 
     def _local(self, clients: list[int], start: Any, personal: Any,
                fields: Mapping[str, Any]) -> Updates:
-        return self.backend.client_updates(self.parts.algorithm, clients, start,
-                                           personal=personal, broadcast=fields)
+        canaries = [c for c in clients if c in self.canary_directions]
+        if not canaries:
+            return self.backend.client_updates(self.parts.algorithm, clients, start,
+                                               personal=personal, broadcast=fields)
+        real = [c for c in clients if c not in self.canary_directions]
+        parts = [self.backend.client_updates(self.parts.algorithm, real, start,
+                                             personal=personal, broadcast=fields)] if real else []
+        return Updates.concat([*parts, self._canary_updates(canaries, parts)])
+
+    def _canary_updates(self, canaries: list[int], real: list[Updates]) -> Updates:
+        """Canary clients' updates: each its direction, scaled to the round's
+        largest real update norm (1 when no real client took part)."""
+        import torch
+
+        norm = float(real[0].delta.norm(dim=1).max()) if real and len(real[0]) else 1.0
+        delta = torch.stack([self.canary_directions[c] for c in canaries]) * norm
+        metrics = {k: np.full(len(canaries), np.nan) for k in (real[0].metrics if real else {})}
+        return Updates(clients=list(canaries), delta=delta.to(torch.float32),
+                       num_examples=[int(self.ctx.num_examples[c]) for c in canaries],
+                       metrics=metrics)
 
     def _corrupt(self, updates: Updates) -> Updates:
         rows = [i for i, u in enumerate(updates.clients) if u in self.malicious]

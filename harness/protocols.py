@@ -310,7 +310,7 @@ class Round:
         import torch
 
         cl, sv, stage = self.clients, self.server, self.stages.run
-        clients = self.federation.sample(t, self.cell.per_round)
+        clients = self.federation.sample(t, self.cell.per_round) + self.sample_canaries(t)
         self.begin(t, clients)
         if not clients:  # an empty Poisson sample: central noise still runs (skipping it
             return self.empty_round(t)  # would reveal that nobody took part)
@@ -358,6 +358,20 @@ class Round:
             out["weights"] = {names[u]: round(float(x), 6)
                               for u, x in zip(received.clients, shown)}
         return out
+
+    def sample_canaries(self, t: int) -> list[int]:
+        """An audit's canary clients of round ``t``: each independently with the
+        round's rate q (all of them when every client takes part)."""
+        ids = self.cell.canary_clients
+        if not ids:
+            return []
+        q = float(self.cell.clients_ctx.sample_rate)
+        if q >= 1.0:
+            return list(ids)
+        from fedmedbench.federation import cell_rng
+
+        draw = cell_rng(self.cell.seed, "canary-client-sampling", t).random(len(ids))
+        return [c for c, u in zip(ids, draw) if u < q]
 
     def contribution_weights(self, received: Received) -> np.ndarray | None:
         """Under a mechanism that weights the rows itself, the weights its

@@ -12,6 +12,7 @@ import time
 import torch
 
 from fedmedbench import Algorithm, Attack, hookimpl
+from fedmedbench.plugins.privacy.dp_fedavg import DPFedAvg
 from fedmedbench.plugins.privacy.dp_sgd import DPSGD
 
 
@@ -216,6 +217,27 @@ class WrongAccountantDPSGD(DPSGD):
                                    adversaries=lie)
 
 
+class WrongAccountantDPFedAvg(DPFedAvg):
+    """Client-level twin: distributed noise for ε = ``actual`` recorded as ``claim``."""
+
+    name = "test-dp-fedavg-wrong-accountant"
+
+    def __init__(self, *, claim: float = 1.0, actual: float = 50.0) -> None:
+        super().__init__(epsilon=actual)
+        self.claim, self.actual = float(claim), float(actual)
+
+    def accounting(self):
+        import dataclasses
+
+        acc = super().accounting()
+        if acc is None:
+            return None
+        lie = {k: dataclasses.replace(g, epsilon=self.claim) for k, g in acc.adversaries.items()}
+        return dataclasses.replace(acc, epsilon=self.claim, target_epsilon=self.claim,
+                                   adversaries=lie)
+
+
 @hookimpl
 def register_privacy(register):
     register(WrongAccountantDPSGD)
+    register(WrongAccountantDPFedAvg)

@@ -229,3 +229,39 @@ def test_the_dirac_audit_is_not_applicable_without_dp_sgd():
     a = rec["metrics"]["attacks"]["audit-dirac"]
     assert "not_applicable" in a and "local-stage" in a["not_applicable"]
     assert "not_inserted" in rec["metrics"]["canaries"]
+
+
+def _client_audit_cell(reg, privacy: dict, seed: int) -> dict:
+    raw = {"name": "audit", "rounds": 10, "seeds": [seed],
+           "axes": {"dataset": ["heart-disease"], "algorithm": ["fedavg"],
+                    "privacy": [privacy], "model": [{"name": "mlp", "hidden": [128]}],
+                    "aggregator": [{"name": "weighted-mean", "by": "uniform"}]},
+           "run": {"local_steps": 10, "clients_per_round": 1.0},
+           "evaluate": {"attacks": [{"name": "audit-clients", "m": 200}]}}
+    return {**parse_matrix(raw, registry=reg).cells[0], "backend": "vectorized"}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_canary_clients_flag_a_wrong_client_level_accountant_and_not_a_right_one(
+        wrong_accountant, seed):
+    """Client level: canary clients whose updates are random directions
+    (Andrew et al. 2024) in the one-run framework. dp-fedavg with the noise of
+    ε = 50 recorded as ε = 1 is flagged; the right accountant at ε = 1 is not.
+    The audit sees the final model, so it audits the released model's ε."""
+    reg = wrong_accountant
+    for name, priv in (("right", {"name": "dp-fedavg", "epsilon": 1.0, "noise": "central"}),
+                       ("wrong", {"name": "test-dp-fedavg-wrong-accountant"})):
+        rec = run_cell(_client_audit_cell(reg, priv, seed), registry=reg)
+        assert rec["status"] == "ok", rec["error"]
+        a = rec["metrics"]["attacks"]["audit-clients"]
+        claim = rec["metrics"]["privacy"]["by_adversary"]["released"]
+        assert claim == pytest.approx(1.0, abs=0.01) and a["claimed_epsilon"] == claim
+        assert rec["metrics"]["canaries"]["kind"] == "clients"
+        assert a["ceiling"] > 3 and a["no_power"] is False
+        assert "estimate" in a["estimate_note"] and a["epsilon_estimate"] >= 0
+        if name == "wrong":
+            assert a["audited_epsilon"] > claim and a["contradicts_claim"] is True, a
+        else:
+            assert a["audited_epsilon"] <= claim and a["within_claim"] is True, a
+        # canary clients take part like clients: they appear in the rounds' weights
+        assert any(k.startswith("canary-") for k in rec["history"][0]["weights"])
