@@ -725,14 +725,19 @@ def _pooled_X(data: Any) -> np.ndarray:
 
 def _score_sites(metric: str, data: Any, proba: np.ndarray) -> tuple[dict[str, float], float]:
     """Per-site and pooled scores of predictions ``proba`` on the concatenated
-    test splits (one forward pass serves every site)."""
-    per_site, off, ys = {}, 0, []
-    for s in data.sites:
-        n = len(s.test)
-        per_site[s.name] = float("nan") if n == 0 else score(metric, s.test.y, proba[off:off + n])
-        ys.append(s.test.y)
-        off += n
+    test splits (one forward pass serves every site; every site scored in one
+    pass, :func:`fedmedbench.metrics.score_sites`)."""
+    from fedmedbench.metrics import score_sites
+
+    sizes = [len(s.test) for s in data.sites]
+    ys = [s.test.y for s in data.sites]
     y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if len(y):
+        scores = score_sites(metric, y, proba, offsets=offsets, n_sites=len(sizes))
+    else:
+        scores = np.full(len(sizes), np.nan)
+    per_site = {s.name: float(v) for s, v in zip(data.sites, scores)}
     pooled = score(metric, y, proba) if len(y) else float("nan")
     return per_site, pooled
 
