@@ -105,6 +105,9 @@ def execute(cells: Iterable[dict[str, Any]], results_dir: Path, *, executor: str
     workers = default_workers() if workers is None else workers
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    from fedmedbench.fileio import refuse_symlink
+
+    refuse_symlink(results_dir / "artifacts")  # cells write their files there: never a link
     done = set() if force else completed_ids(results_dir)
     if total is None and isinstance(cells, (list, tuple)):
         total = sum(c["cell_id"] not in done for c in cells)

@@ -151,6 +151,25 @@ def test_run_lock_symlink_is_refused_and_its_target_untouched(tmp_path, capsys):
     assert records_in(out) == []
 
 
+def test_links_in_the_results_folder_are_never_followed(results, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    rec = records_in(results)[0]
+    rec.unlink()
+    rec.symlink_to(victim)  # a record file that is a link: kept aside, not followed
+    assert run_in(tmp_path, TINY, "--no-report", out=results) == 0
+    assert victim.read_text() == "precious\n"
+    assert (results / f"{rec.name}.invalid-1").is_symlink()
+    assert results_mod.read_record(rec)["status"] == "ok"
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (results / "artifacts").symlink_to(elsewhere, target_is_directory=True)
+    assert run_in(tmp_path, TINY, "--no-report", "--force", out=results) == 2
+    assert "artifacts" in one_error(capsys.readouterr().err)
+    assert list(elsewhere.iterdir()) == []
+
+
 @pytest.mark.parametrize("target", ["index.html", "report.md", "tables"])
 def test_report_files_through_symlinks_are_refused(results, tmp_path, capsys, target):
     rep = tmp_path / "rep"
