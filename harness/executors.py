@@ -357,10 +357,12 @@ def _tb(exc: BaseException) -> str:
 
 def _desc(cell: dict[str, Any]) -> str:
     """A cell's progress-bar label, from its short labels."""
+    from fedmedbench.errors import printable
     from fedmedbench.matrix import short_label
 
     lab = cell.get("labels", {})
-    return "/".join(short_label(str(lab.get(a, ""))) for a in ("dataset", "algorithm", "privacy"))
+    return printable("/".join(short_label(str(lab.get(a, "")))
+                              for a in ("dataset", "algorithm", "privacy")), keep_newlines=False)
 
 
 def _bar(total: int | None, *, initial: int = 0, enabled: bool = True, leave: bool = True,

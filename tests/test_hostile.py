@@ -832,6 +832,9 @@ def test_escape_sequences_never_reach_the_terminal(hostile, tmp_path, capsys):
     assert "evil.example" in md  # the text is still there, inert
     page = (out / "report" / "index.html").read_text()
     assert ESC not in page
+    from fedmedbench.executors import _desc  # the progress bar's label of a cell
+
+    assert ESC not in _desc({"labels": {"dataset": f"{ESC}[2Jx", "algorithm": "fedavg"}})
 
 
 def test_plugins_markdown_escapes_docstrings(hostile, capsys):
