@@ -110,6 +110,8 @@ class Cell:
     canary_clients: tuple[int, ...] = ()
     #: why an auditing attack's canaries were not inserted (none could take them)
     canary_problem: str | None = None
+    #: what the dataset's preparation computed across sites, outside the federation
+    outside_threat_model: tuple[str, ...] = ()
     setup_seconds: float = 0.0
     pretrain_loss: list[float] = field(default_factory=list)
 
@@ -386,7 +388,8 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
         layout=layout, sharing=sharing, clients=clients, server=server, transport=transport,
         privacy=tuple(homes), attacks=attacks, clients_ctx=clients_ctx, server_ctx=server_ctx,
         per_round=per_round, canaries=canaries, canary_attack=canary_attack,
-        canary_clients=canary_ids, canary_problem=problem)
+        canary_clients=canary_ids, canary_problem=problem,
+        outside_threat_model=tuple(_outside(dataset)))
     # -- setup: each instance with its own party's context ------------------------------
     privacy_s = 0.0
     for comp in built.all_components():
@@ -411,6 +414,16 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
 
             built = dataclasses.replace(built, canaries=None, canary_problem=problem)
     return built
+
+
+def _outside(dataset: Any) -> list[str]:
+    with calling(dataset, "outside_threat_model"):
+        got = dataset.outside_threat_model()
+    if not isinstance(got, (list, tuple)) or not all(isinstance(x, str) for x in got):
+        raise PluginError(f"outside_threat_model() returned {got!r}; return a list of "
+                          f"sentences", plugin=dataset.plugin, component=dataset.name,
+                          hook="outside_threat_model", exc_type="TypeError")
+    return list(got)
 
 
 def _on_server(comp: Any, server: PartyComponents) -> bool:

@@ -561,6 +561,15 @@ class Dataset(Component):
         """A summary for ``fedmedbench datasets`` (card fields are added by the harness)."""
         return {}
 
+    def outside_threat_model(self) -> list[str]:
+        """What this loader computes across sites before training, outside the
+        federation (pooled standardisation statistics): each item a sentence
+        naming what it reads and what it reveals. The record lists them under
+        ``privacy.outside_threat_model``; an empty list (the default) says the
+        preparation reads each site's rows only.
+        """
+        return []
+
     def check_files(self) -> None:
         """Check, before anything trains, that the files :meth:`load` reads are
         there and intact; raise :class:`~fedmedbench.DataError` naming each

@@ -347,7 +347,9 @@ def privacy_block(cell: Cell) -> dict[str, Any]:
     crypto = cell.transport is not None
     level = {(False, False): "none", (True, False): "dp", (False, True): "crypto",
              (True, True): "dp+crypto"}[(bool(accs), crypto)]
-    out = {**headline(accs), "level": level, "mechanisms": mechanisms}
+    adversary = str(cell.cell.get("config", {}).get("headline_adversary") or "server")
+    out = {**headline(accs, adversary), "level": level, "mechanisms": mechanisms}
+    out["outside_threat_model"] = list(cell.outside_threat_model)
     aggregates = cell.setting.aggregates
     out["sent_in_clear"] = sorted({"num_examples", *cell.sent_metric_keys()}) if aggregates \
         else []

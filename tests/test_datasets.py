@@ -35,9 +35,25 @@ SHIPPED = [heart_disease.HeartDisease, support2.Support2, genomics.BladderBatch,
 def test_heart_disease_flamby_split():
     data = heart_disease.HeartDisease().load(seed=0)
     got = {s.name: (len(s.train), len(s.test)) for s in data.sites}
+    # FLamby's split; the default preset drops the test copy of the patient the UCI file
+    # repeats (ids 860 and 908, one copy in training, one in test); FLamby's keeps it
     assert got == {"Cleveland": (199, 104), "Hungary": (172, 89), "Switzerland": (30, 16),
-                   "VA Long Beach": (85, 45)}
-    assert [a + b for a, b in got.values()] == [303, 261, 46, 130]
+                   "VA Long Beach": (85, 44)}
+    flamby = heart_disease.HeartDisease(preprocessing="flamby").load(seed=0)
+    got_f = {s.name: (len(s.train), len(s.test)) for s in flamby.sites}
+    assert got_f == {**got, "VA Long Beach": (85, 45)}
+    assert [a + b for a, b in got_f.values()] == [303, 261, 46, 130]
+    va = data.sites[3]
+    rows = {tuple(r) for r in np.round(va.train.X, 5)}
+    assert not any(tuple(r) in rows for r in np.round(va.test.X, 5))  # no test patient trained on
+    # each hospital standardised with its own training rows (the default); pooled on demand
+    for s in data.sites:
+        assert np.allclose(s.train.X[:, :5].mean(0), 0, atol=1e-5)
+    pooled = heart_disease.HeartDisease(scaling="pooled")
+    assert pooled.outside_threat_model() and not heart_disease.HeartDisease().outside_threat_model()
+    p = pooled.load(seed=0)
+    assert np.allclose(np.concatenate([s.train.X[:, :5] for s in p.sites]).mean(0), 0, atol=1e-5)
+    assert not np.allclose(p.sites[2].train.X[:, :5].mean(0), 0, atol=1e-2)
     assert data.task.input_shape == (data.sites[0].train.X.shape[1],)
     # same split whatever the run seed (FLamby fixes random_state=43)
     other = heart_disease.HeartDisease().load(seed=5)
@@ -98,7 +114,9 @@ def test_test_rows_do_not_change_training_arrays(which):
 def test_heart_disease_and_gse7390_scale_with_training_rows_only():
     path = shipped_file("heart-disease", "heart_disease_uci.csv")
     df = pd.read_csv(path)
-    test_idx = np.concatenate([te.index.to_numpy() for _, te in heart_disease.split_sites(df)])
+    # test rows of every hospital but VA Long Beach (whose duplicated patient the
+    # default preset drops from test only while it equals its training copy)
+    test_idx = np.concatenate([te.index.to_numpy() for _, te in heart_disease.split_sites(df)[:3]])
     pos = df.index.get_indexer(test_idx)
     a = heart_disease._preprocess(df)
     b = heart_disease._preprocess(_perturb(df, pos, heart_disease.NUMERIC))
@@ -481,3 +499,24 @@ def test_support2_long_stay_target_thresholds_the_real_length_of_stay():
     assert data.task.metric == "auroc"
     with pytest.raises(ConfigError, match="target must be one of"):
         reg.build("dataset", {"name": "support2", "target": "los"})
+
+
+def test_the_record_names_preprocessing_done_outside_the_federation():
+    """Pooled standardisation statistics are an explicit option, named in the
+    record; the default preparation reads each site's rows only."""
+    from fedmedbench import run_cell
+    from fedmedbench.matrix import parse_matrix
+
+    raw = {"name": "scope", "rounds": 1, "seeds": [0],
+           "axes": {"dataset": ["heart-disease", {"name": "heart-disease", "scaling": "pooled"},
+                                {"name": "bladderbatch", "n_genes": 50}],
+                    "algorithm": ["fedavg"]}}
+    recs = [run_cell(c) for c in parse_matrix(raw).cells]
+    by = {json.dumps(r["config"]["dataset"], sort_keys=True): r for r in recs}
+    outside = {k: r["metrics"]["privacy"]["outside_threat_model"] for k, r in by.items()}
+    site, pooled, genes = (outside[json.dumps(d, sort_keys=True)] for d in (
+        {"name": "heart-disease", "preprocessing": "fedmedbench", "scaling": "site"},
+        {"name": "heart-disease", "preprocessing": "fedmedbench", "scaling": "pooled"},
+        {"name": "bladderbatch", "n_genes": 50, "scaling": "site"}))
+    assert site == [] and len(pooled) == 1 and "pooled training rows" in pooled[0]
+    assert len(genes) == 1 and "variance" in genes[0]

@@ -146,7 +146,8 @@ def test_matrix_gives_each_method_flambys_recipe():
             assert name == "fedadagrad" or alg["beta2"] == 0.999
     assert cells["fedprox"]["algorithm"]["mu"] == 0.01
     assert cells["scaffold"]["algorithm"]["control"] == "examples"
-    assert cells["fedavg"]["dataset"] == {"name": "heart-disease", "preprocessing": "flamby"}
+    assert cells["fedavg"]["dataset"] == {"name": "heart-disease", "preprocessing": "flamby",
+                                          "scaling": "site"}
 
 
 def test_pooled_party_trains_on_pooled_statistics_and_local_scores_across_sites(run_matrix):

@@ -1,5 +1,6 @@
 """Private helpers shared by the dataset modules: seeded per-site splits,
-scalers fitted on training rows only, and site assembly."""
+scalers fitted on training rows only (each site's own by default), and site
+assembly."""
 
 from __future__ import annotations
 
@@ -47,15 +48,46 @@ def apply_scaler(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray
     return np.nan_to_num(Z, nan=0.0).astype(np.float32)
 
 
+#: how a loader standardises: each site with its own training rows' statistics (what a
+#: hospital can compute alone), or every site with the pooled training rows' (statistics
+#: of all sites' private rows, computed outside the federation)
+SCALINGS = ("site", "pooled")
+
+POOLED_NOTE = ("preprocessing: the numeric columns are standardised with the per-column mean "
+               "and standard deviation of every site's pooled training rows, computed outside "
+               "the federation (scaling = \"pooled\"); no privacy mechanism of the cell covers "
+               "them, and they reveal each column's mean and spread over all hospitals")
+
+
+def check_scaling(scaling: str) -> str:
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling = {scaling!r}; choose 'site' (each site's own training "
+                         f"statistics, the default) or 'pooled' (all sites' training rows: "
+                         f"outside the federated threat model, and the record says so)")
+    return scaling
+
+
 def scaled_arrays(X_all: np.ndarray, y_all: np.ndarray, tr: np.ndarray, te: np.ndarray,
-                  site: np.ndarray, site_test: np.ndarray, **extra: np.ndarray
-                  ) -> dict[str, np.ndarray]:
+                  site: np.ndarray, site_test: np.ndarray, *, scaling: str = "site",
+                  **extra: np.ndarray) -> dict[str, np.ndarray]:
     """The cached arrays of a loader: rows ``tr``/``te`` of ``X_all``
-    standardised with the training rows' statistics only, their labels and
-    sites, the source row numbers, and ``extra`` (features, site names)."""
-    mean, std = fit_scaler(X_all[tr])  # training rows only
-    return {"X": apply_scaler(X_all[tr], mean, std), "y": y_all[tr], "site": site,
-            "X_test": apply_scaler(X_all[te], mean, std), "y_test": y_all[te],
+    standardised with training rows' statistics only — each site's own
+    (``scaling = "site"``) or all sites' pooled (``"pooled"``) — their labels
+    and sites, the source row numbers, and ``extra`` (features, site names)."""
+    site, site_test = np.asarray(site), np.asarray(site_test)
+    X, X_test = X_all[tr], X_all[te]
+    if check_scaling(scaling) == "pooled":
+        mean, std = fit_scaler(X)  # training rows only
+        Z, Z_test = apply_scaler(X, mean, std), apply_scaler(X_test, mean, std)
+    else:
+        Z = np.zeros(X.shape, dtype=np.float32)
+        Z_test = np.zeros(X_test.shape, dtype=np.float32)
+        for s in np.unique(np.concatenate([site, site_test])):
+            a, b = site == s, site_test == s
+            mean, std = fit_scaler(X[a])  # this site's training rows only
+            Z[a] = apply_scaler(X[a], mean, std)
+            Z_test[b] = apply_scaler(X_test[b], mean, std)
+    return {"X": Z, "y": y_all[tr], "site": site, "X_test": Z_test, "y_test": y_all[te],
             "site_test": site_test, "row": tr, "row_test": te, **extra}
 
 

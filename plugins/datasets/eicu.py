@@ -35,6 +35,8 @@ from fedmedbench import (
     verify_checksum,
 )
 from fedmedbench.plugins.datasets._common import (
+    POOLED_NOTE,
+    check_scaling,
     scaled_arrays,
     sites_from_arrays,
     split_indices,
@@ -48,7 +50,7 @@ ACCESS = ("eICU-CRD 2.0 is credentialed-access data: create a PhysioNet account,
           "the required CITI 'Data or Specimens Only Research' training, sign the data use "
           "agreement at https://physionet.org/content/eicu-crd/2.0/ and download the files; "
           f"then pass path=DIR or set {ENV}=DIR")
-PREPROCESSING_VERSION = "eicu-1"
+PREPROCESSING_VERSION = "eicu-2"
 SPLIT_SEED = 5
 TEST_FRACTION = 0.25
 APS_VARS = ["intubated", "vent", "dialysis", "eyes", "motor", "verbal", "meds", "urine", "wbc",
@@ -94,7 +96,7 @@ class EICU(Dataset):
     run_defaults = {"batch_size": 64, "lr": 0.1, "local_steps": 10, "clients_per_round": 0.5}
 
     def __init__(self, *, path: str = "", min_stays: Annotated[int, Range(ge=4)] = 100,
-                 checksums: dict | None = None) -> None:
+                 checksums: dict | None = None, scaling: str = "site") -> None:
         if not isinstance(path, str):
             raise ValueError(f"path must be a string (a folder), got {path!r}")
         if not isinstance(min_stays, int) or min_stays < 4:
@@ -103,6 +105,10 @@ class EICU(Dataset):
                 isinstance(k, str) and isinstance(v, str) for k, v in checksums.items())):
             raise ValueError(f"checksums must map file names to sha256 strings, got {checksums!r}")
         self.path, self.min_stays, self.checksums = path, min_stays, checksums
+        self.scaling = check_scaling(scaling)
+
+    def outside_threat_model(self) -> list[str]:
+        return [POOLED_NOTE] if self.scaling == "pooled" else []
 
     def folder(self) -> Path:
         p = self.path or os.environ.get(ENV, "")
@@ -148,7 +154,8 @@ class EICU(Dataset):
         files = self.files()
         key = [self.name, PREPROCESSING_VERSION, str(self.min_stays),
                *(sha256_file(files[t]) for t in TABLES)]
-        arrays = cached_arrays(key, lambda: preprocess(files, self.min_stays))
+        arrays = cached_arrays(key + [self.scaling],
+                               lambda: preprocess(files, self.min_stays, scaling=self.scaling))
         names = [f"hospital{h}" for h in arrays["site_names"]]
         task = Task(kind="binary", num_classes=2, input_shape=(len(FEATURES),), metric="auroc",
                     model="logistic", feature_names=list(FEATURES))
@@ -194,11 +201,13 @@ def _hospital_ids(col: pd.Series, path: Path) -> pd.Series:
     return num
 
 
-def preprocess(files: dict[str, Path], min_stays: int) -> dict[str, np.ndarray]:
+def preprocess(files: dict[str, Path], min_stays: int, *, scaling: str = "site"
+               ) -> dict[str, np.ndarray]:
     """Join the three tables on ``patientunitstayid``; first ICU stay of each
     hospital stay; APACHE IVa where present; -1 (eICU's missing code) -> NaN;
     per-hospital stratified 75/25 split (fixed seed); standardisation fitted on
-    the pooled training rows only."""
+    training rows only: each hospital's own (``scaling = "site"``) or all
+    hospitals' pooled (``"pooled"``)."""
     import pandas as pd
 
     pat = _read(files["patient"], TABLES["patient"])
@@ -242,7 +251,8 @@ def preprocess(files: dict[str, Path], min_stays: int) -> dict[str, np.ndarray]:
         tr_site.append(np.full(len(a), i)), te_site.append(np.full(len(b), i))
     tr_rows, te_rows = np.concatenate(tr), np.concatenate(te)
     return scaled_arrays(X_all, y_all, tr_rows, te_rows, np.concatenate(tr_site),
-                         np.concatenate(te_site), site_names=np.array(hospitals))
+                         np.concatenate(te_site), scaling=scaling,
+                         site_names=np.array(hospitals))
 
 
 COMPONENTS = (EICU,)

@@ -35,6 +35,8 @@ from fedmedbench import (
 )
 from fedmedbench.plugins.datasets._common import (
     read_csv,
+    POOLED_NOTE,
+    check_scaling,
     scaled_arrays,
     sites_from_arrays,
     sizes,
@@ -60,14 +62,24 @@ class BladderBatch(Dataset):
     name = "bladderbatch"
     card = "bladderbatch"
     FILE = "bladderbatch_expression.csv.gz"
-    PREPROCESSING_VERSION = "bladderbatch-1"
+    PREPROCESSING_VERSION = "bladderbatch-2"
     SPLIT_SEED = 7
     run_defaults = {"batch_size": 8, "lr": 0.05, "local_steps": 5}
 
-    def __init__(self, *, n_genes: Annotated[int, Range(ge=0)] = 1000) -> None:
+    def __init__(self, *, n_genes: Annotated[int, Range(ge=0)] = 1000,
+                 scaling: str = "site") -> None:
         if not isinstance(n_genes, int) or n_genes < 0:
             raise ValueError(f"n_genes must be an integer >= 0 (0 = all probes), got {n_genes!r}")
         self.n_genes = n_genes
+        self.scaling = check_scaling(scaling)
+
+    def outside_threat_model(self) -> list[str]:
+        out = [POOLED_NOTE] if self.scaling == "pooled" else []
+        if self.n_genes:
+            out.append(f"preprocessing: the {self.n_genes} genes kept are those of largest "
+                       f"variance over every batch's pooled training rows, chosen outside the "
+                       f"federation (it reveals which probes vary most across all sites)")
+        return out
 
     def check_files(self) -> None:
         """Every file on the card is present and matches its sha256."""
@@ -76,7 +88,8 @@ class BladderBatch(Dataset):
     def load(self, *, seed: int) -> FederatedData:
         path = shipped_file(self.card, self.FILE)
         arrays = cached_arrays(
-            [self.name, sha256_file(path), self.PREPROCESSING_VERSION, str(self.n_genes)],
+            [self.name, sha256_file(path), self.PREPROCESSING_VERSION, str(self.n_genes),
+             self.scaling],
             lambda: self.preprocess(read_csv(path)))
         names = [str(s) for s in arrays["site_names"]]
         task = Task(kind="binary", num_classes=2, input_shape=(arrays["X"].shape[1],),
@@ -106,7 +119,8 @@ class BladderBatch(Dataset):
             keep = np.sort(np.argsort(-var, kind="stable")[:self.n_genes])
         X_all = X_all[:, keep]
         return scaled_arrays(X_all, y_all, tr_rows, te_rows, np.concatenate(tr_site),
-                             np.concatenate(te_site), features=np.array(genes)[keep],
+                             np.concatenate(te_site), scaling=self.scaling,
+                             features=np.array(genes)[keep],
                              site_names=np.array([f"batch{b}" for b in batches]))
 
     def describe(self) -> dict:
@@ -148,6 +162,11 @@ class GSE7390(Dataset):
                     feature_names=[str(f) for f in arrays["features"]])
         return FederatedData(task=task, sites=sites_from_arrays(arrays, ["GSE7390"]),
                              natural=False)
+
+    def outside_threat_model(self) -> list[str]:
+        return ["preprocessing: one source cohort, standardised with the statistics of all its "
+                "training rows before a partitioner splits it into clients; every client's "
+                "features carry those shared statistics"]
 
     def preprocess(self, path) -> dict[str, np.ndarray]:
         import pandas as pd

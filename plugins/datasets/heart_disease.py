@@ -6,9 +6,13 @@ and Benchmarks; owkin/FLamby ``flamby/datasets/fed_heart_disease/dataset.py``).
 Two preprocessings (``preprocessing``), over the same rows and split:
 
 - ``"fedmedbench"`` (the default): 15 features, every one-hot level of ``cp``
-  and ``restecg`` kept, the 5 numeric columns standardised with the pooled
-  training rows' statistics (population s.d.), binary columns as 0/1;
-  logistic regression with two logits.
+  and ``restecg`` kept, the 5 numeric columns standardised with each
+  hospital's own training rows' statistics (population s.d.; ``scaling =
+  "pooled"`` uses all hospitals' pooled training rows instead, outside the
+  federated threat model, and the record says so), binary columns as 0/1;
+  logistic regression with two logits. The UCI file repeats one VA Long
+  Beach patient (ids 860 and 908, identical rows) and the split puts one
+  copy in training and one in test: this preset drops the test copy.
 - ``"flamby"``: FLamby's loader since its PR #223. 13 features in FLamby's
   order ``age, sex, trestbps, chol, fbs, thalach, exang, oldpeak, cp_2, cp_3,
   cp_4, restecg_1, restecg_2`` (``pd.get_dummies(drop_first=True)``); **all
@@ -17,14 +21,15 @@ Two preprocessings (``preprocessing``), over the same rows and split:
   its test rows alike; the pooled party (the ``centralized`` baseline) holds
   the same rows standardised with the statistics of all 486 training rows
   (:attr:`FederatedData.pooled_sites`); FLamby's model, one logit and a
-  sigmoid (``logistic-ref``).
+  sigmoid (``logistic-ref``). Its rows are FLamby's, the duplicated patient
+  included, so its numbers compare with FLamby's table.
 
 The shipped file and its card live in ``datasets/heart-disease/``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,7 +44,7 @@ from fedmedbench import (
     shipped_file,
 )
 from fedmedbench.datafiles import sha256_file
-from fedmedbench.plugins.datasets._common import read_csv
+from fedmedbench.plugins.datasets._common import POOLED_NOTE, check_scaling, read_csv
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -55,7 +60,7 @@ ONEHOT = {
 FLAMBY_FEATURES = ["age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak",
                    "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2"]
 PREPROCESSINGS = ("fedmedbench", "flamby")
-PREPROCESSING_VERSION = {"fedmedbench": "flamby-1", "flamby": "flamby-pr223-1"}
+PREPROCESSING_VERSION = {"fedmedbench": "fedmedbench-2", "flamby": "flamby-pr223-1"}
 SPLIT_SEED = 43
 
 
@@ -67,21 +72,36 @@ class HeartDisease(Dataset):
     preprocessing : {"fedmedbench", "flamby"}, default "fedmedbench"
         ``"flamby"`` is FLamby's Fed-Heart-Disease preprocessing (13 features
         standardised per hospital, pooled statistics for the pooled party)
-        with FLamby's one-logit model; ``"fedmedbench"`` keeps every one-hot
-        level and standardises the numeric columns with pooled training
-        statistics (module docstring).
+        with FLamby's one-logit model, rows exactly FLamby's (the duplicated
+        VA Long Beach patient kept, for comparability); ``"fedmedbench"``
+        keeps every one-hot level, standardises the numeric columns with each
+        hospital's own training statistics (``scaling``) and drops the test
+        copy of the duplicated patient (module docstring).
+    scaling : {"site", "pooled"}, default "site"
+        (``preprocessing = "fedmedbench"``) Each hospital's own training
+        statistics, or all hospitals' pooled ones: outside the federated
+        threat model, and the record says so.
     """
 
     name = "heart-disease"
     card = "heart-disease"
     run_defaults = {"batch_size": 16, "lr": 0.05, "local_steps": 10, "clients_per_round": 4}
 
-    def __init__(self, *, preprocessing: str = "fedmedbench") -> None:
+    def __init__(self, *, preprocessing: str = "fedmedbench", scaling: str = "site") -> None:
         if preprocessing not in PREPROCESSINGS:
             raise ValueError(f"heart-disease: preprocessing = {preprocessing!r}; choose one of "
                              f"{', '.join(PREPROCESSINGS)} (flamby: FLamby's Fed-Heart-Disease "
                              f"loader)")
+        check_scaling(scaling)
+        if preprocessing == "flamby" and scaling != "site":
+            raise ValueError("heart-disease: scaling applies to preprocessing = 'fedmedbench'; "
+                             "FLamby's preprocessing standardises each hospital with its own "
+                             "statistics")
         self.preprocessing = preprocessing
+        self.scaling = scaling
+
+    def outside_threat_model(self) -> list[str]:
+        return [POOLED_NOTE] if self.scaling == "pooled" else []
 
     def check_files(self) -> None:
         """Every file on the card is present and matches its sha256."""
@@ -90,9 +110,13 @@ class HeartDisease(Dataset):
     def load(self, *, seed: int) -> FederatedData:
         # FLamby's split is fixed (random_state=43) whatever the run seed.
         path = shipped_file(self.card, "heart_disease_uci.csv")
-        build = _preprocess if self.preprocessing == "fedmedbench" else _preprocess_flamby
+        if self.preprocessing == "fedmedbench":
+            def build(df: Any) -> dict[str, np.ndarray]:
+                return _preprocess(df, scaling=self.scaling)
+        else:
+            build = _preprocess_flamby
         arrays = cached_arrays([self.name, sha256_file(path),
-                                PREPROCESSING_VERSION[self.preprocessing]],
+                                PREPROCESSING_VERSION[self.preprocessing], self.scaling],
                                lambda: build(read_csv(path)))
 
         def sites_of(X: str, X_test: str) -> list[Site]:
@@ -149,20 +173,40 @@ def split_sites(df: pd.DataFrame) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
     return out
 
 
-def _preprocess(df: pd.DataFrame) -> dict[str, np.ndarray]:
+def drop_test_duplicates(parts: list[tuple[pd.DataFrame, pd.DataFrame]]
+                         ) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """Drop each test row identical (every column but ``id``) to a training
+    row of its hospital: the UCI file repeats one VA Long Beach patient (ids
+    860 and 908), and FLamby's split puts one copy in training and one in
+    test, so the test set would score a patient the model was trained on."""
+    out = []
+    for tr, te in parts:
+        cols = [c for c in tr.columns if c != "id"]
+        seen = set(map(tuple, tr[cols].astype(str).to_numpy()))
+        keep = [tuple(r) not in seen for r in te[cols].astype(str).to_numpy()]
+        out.append((tr, te[keep]))
+    return out
+
+
+def _preprocess(df: pd.DataFrame, *, scaling: str = "site") -> dict[str, np.ndarray]:
     import pandas as pd
 
-    parts = split_sites(df)
+    parts = drop_test_duplicates(split_sites(df))
     train = pd.concat([features_of(tr) for tr, _ in parts])
-    mean, std = train[NUMERIC].mean(), train[NUMERIC].std(ddof=0).replace(0, 1)
 
-    def scale(f: pd.DataFrame) -> np.ndarray:
+    def stats(f: pd.DataFrame) -> tuple[Any, Any]:
+        return f[NUMERIC].mean(), f[NUMERIC].std(ddof=0).replace(0, 1)
+
+    pooled = stats(train)
+
+    def scale(f: pd.DataFrame, ref: pd.DataFrame) -> np.ndarray:
+        mean, std = pooled if scaling == "pooled" else stats(ref)  # training statistics only
         f = f.copy()
-        f[NUMERIC] = (f[NUMERIC] - mean) / std  # training statistics only
+        f[NUMERIC] = (f[NUMERIC] - mean) / std
         return f.to_numpy(dtype=np.float32)
 
-    X = np.concatenate([scale(features_of(tr)) for tr, _ in parts])
-    X_test = np.concatenate([scale(features_of(te)) for _, te in parts])
+    X = np.concatenate([scale(features_of(tr), features_of(tr)) for tr, _ in parts])
+    X_test = np.concatenate([scale(features_of(te), features_of(tr)) for tr, te in parts])
     return {
         "X": X, "y": np.concatenate([tr["target"].to_numpy() for tr, _ in parts]).astype(np.int64),
         "site": np.concatenate([np.full(len(tr), i) for i, (tr, _) in enumerate(parts)]),

@@ -33,6 +33,8 @@ from fedmedbench import (
 )
 from fedmedbench.plugins.datasets._common import (
     read_csv,
+    POOLED_NOTE,
+    check_scaling,
     scaled_arrays,
     sites_from_arrays,
     sizes,
@@ -43,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 FILE = "support2.csv.gz"
-PREPROCESSING_VERSION = "support2-2"
+PREPROCESSING_VERSION = "support2-3"
 TARGETS = ("hospdead", "long-stay")
 SPLIT_SEED = 2024  # the train/test split is fixed, whatever the run seed
 TEST_FRACTION = 0.3
@@ -80,7 +82,8 @@ class Support2(Dataset):
     run_defaults = {"batch_size": 64, "lr": 0.1, "local_steps": 20}
 
     def __init__(self, *, site_column: str = "dzclass", target: str = "hospdead",
-                 long_stay_days: Annotated[int, Range(ge=1)] = 14) -> None:
+                 long_stay_days: Annotated[int, Range(ge=1)] = 14,
+                 scaling: str = "site") -> None:
         if site_column not in SITE_COLUMNS:
             raise ValueError(f"site_column must be one of {SITE_COLUMNS}, got {site_column!r}")
         if target not in TARGETS:
@@ -90,6 +93,7 @@ class Support2(Dataset):
         self.site_column = site_column
         self.target = target
         self.long_stay_days = long_stay_days
+        self.scaling = check_scaling(scaling)
 
     def check_files(self) -> None:
         """Every file on the card is present and matches its sha256."""
@@ -99,9 +103,9 @@ class Support2(Dataset):
         path = shipped_file(self.card, FILE)
         arrays = cached_arrays(
             [self.name, sha256_file(path), PREPROCESSING_VERSION, self.site_column, self.target,
-             str(self.long_stay_days)],
+             str(self.long_stay_days), self.scaling],
             lambda: preprocess(read_csv(path, skipinitialspace=True), self.site_column,
-                               self.target, self.long_stay_days))
+                               self.target, self.long_stay_days, scaling=self.scaling))
         names = [str(s) for s in arrays["site_names"]]
         features = [str(f) for f in arrays["features"]]
         task = Task(kind="binary", num_classes=2, input_shape=(len(features),), metric="auroc",
@@ -110,6 +114,9 @@ class Support2(Dataset):
 
     def describe(self) -> dict:
         return {"sites": sizes(self.load(seed=0).sites)}
+
+    def outside_threat_model(self) -> list[str]:
+        return [POOLED_NOTE] if self.scaling == "pooled" else []
 
 
 def features_of(df: pd.DataFrame) -> pd.DataFrame:
@@ -128,9 +135,10 @@ def features_of(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def preprocess(df: pd.DataFrame, site_column: str, target: str = "hospdead",
-               long_stay_days: int = 14) -> dict[str, np.ndarray]:
-    """Fixed per-site stratified 70/30 split, then standardisation with the
-    pooled training rows only (a missing value becomes the training mean)."""
+               long_stay_days: int = 14, *, scaling: str = "site") -> dict[str, np.ndarray]:
+    """Fixed per-site stratified 70/30 split, then standardisation with
+    training rows only — each site's own by default, all sites' pooled with
+    ``scaling = "pooled"`` (a missing value becomes the training mean)."""
     import pandas as pd
 
     label = "hospdead" if target == "hospdead" else "slos"
@@ -154,7 +162,8 @@ def preprocess(df: pd.DataFrame, site_column: str, target: str = "hospdead",
         tr_site.append(np.full(len(a), i)), te_site.append(np.full(len(b), i))
     tr, te = np.concatenate(tr_rows), np.concatenate(te_rows)
     return scaled_arrays(X_all, y_all, tr, te, np.concatenate(tr_site), np.concatenate(te_site),
-                         features=np.array(list(feats.columns)), site_names=np.array(names))
+                         scaling=scaling, features=np.array(list(feats.columns)),
+                         site_names=np.array(names))
 
 
 COMPONENTS = (Support2,)

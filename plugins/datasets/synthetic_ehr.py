@@ -17,15 +17,21 @@ not: covariate, prior and measurement shift, as between real ICUs (eICU-CRD
 spans 208 hospitals). Everything is vectorised over patients, so hundreds of
 hospitals and 10^5-10^6 patients take seconds.
 
+Standardisation (``scaling``): each hospital's columns with its own
+training rows' statistics (the default: what a hospital computes alone), or
+with all hospitals' pooled training rows (``"pooled"``, outside the
+federated threat model, and the record says so).
+
 Memory: :meth:`SyntheticEHR.load` never holds the float64 feature matrix. It
 generates one column at a time (a column that is needed twice, before and
 after the labels are drawn, is generated again from a saved generator state:
-the same numbers), standardises it with the training rows' statistics and
+the same numbers), standardises it with training rows' statistics and
 writes it as float32 into one preallocated matrix whose rows are ordered
 hospital by hospital, train then test; every site's splits are views of it.
-The peak is about 1.4x the final data. The numbers are bit for bit those of
-generating the whole float64 matrix first (:meth:`SyntheticEHR.generate`) and
-scaling it with ``fit_scaler`` / ``apply_scaler`` (tests/test_datasets.py).
+The peak is about 1.4x the final data. The numbers are those of generating
+the whole float64 matrix first (:meth:`SyntheticEHR.generate`) and scaling
+it with ``fit_scaler`` / ``apply_scaler`` (per hospital, or once over the
+pooled training rows; tests/test_datasets.py).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Annotated, Any
 import numpy as np
 
 from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
-from fedmedbench.plugins.datasets._common import split_indices
+from fedmedbench.plugins.datasets._common import POOLED_NOTE, check_scaling, split_indices
 
 VITALS = ["heart_rate", "mean_bp", "resp_rate", "temperature", "spo2", "gcs"]
 LABS = ["lactate", "creatinine", "wbc", "bilirubin", "platelets", "sodium"]
@@ -88,6 +94,9 @@ class SyntheticEHR(Dataset):
     test_fraction : float, default 0.25
     data_seed : int, default 0
         Seed of the generated population (the run seed does not change the data).
+    scaling : {"site", "pooled"}, default "site"
+        Standardise each hospital with its own training statistics, or all
+        with the pooled training rows' (outside the federated threat model).
     """
 
     name = "synthetic-ehr"
@@ -102,7 +111,7 @@ class SyntheticEHR(Dataset):
                  missing_rate: Annotated[float, Range(ge=0, lt=0.9)] = 0.1,
                  min_stays: Annotated[int, Range(ge=4)] = 20,
                  test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.25,
-                 data_seed: Seed = 0) -> None:
+                 data_seed: Seed = 0, scaling: str = "site") -> None:
         if not isinstance(n_hospitals, int) or n_hospitals < 1:
             raise ValueError(f"n_hospitals must be an integer >= 1, got {n_hospitals!r}")
         if not isinstance(min_stays, int) or min_stays < 4:
@@ -122,6 +131,10 @@ class SyntheticEHR(Dataset):
         self.case_mix, self.measurement_shift = case_mix, measurement_shift
         self.missing_rate, self.min_stays = missing_rate, min_stays
         self.test_fraction, self.data_seed = test_fraction, data_seed
+        self.scaling = check_scaling(scaling)
+
+    def outside_threat_model(self) -> list[str]:
+        return [POOLED_NOTE] if self.scaling == "pooled" else []
 
     def generate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Raw (recorded) features with NaN for missing, labels, hospital of each
@@ -153,7 +166,10 @@ class SyntheticEHR(Dataset):
         pop.y = None
         X = np.empty((N, len(FEATURES)), dtype=np.float32)
         for j, col in pop.columns():
-            _scale_into(X[:, j], col, perm, is_train)
+            if self.scaling == "pooled":
+                _scale_into(X[:, j], col, perm, is_train)
+            else:
+                _scale_into_sites(X[:, j], col, perm, starts, n_tr)
             del col  # before the next column is generated
         width = len(str(H - 1))
         sites = []
@@ -366,6 +382,31 @@ def _scale_into(out: np.ndarray, col: np.ndarray, perm: np.ndarray,
         z /= std
         z[np.isnan(z)] = 0.0
         out[c] = z
+
+
+def _scale_into_sites(out: np.ndarray, col: np.ndarray, perm: np.ndarray,
+                      starts: np.ndarray, n_tr: np.ndarray) -> None:
+    """``out`` = each hospital's rows standardised with its own training rows'
+    statistics (``fit_scaler``'s: NaN-aware mean and population s.d.; a
+    constant or all-missing column gets mean 0, s.d. 1), missing as 0. Rows
+    are hospital by hospital, training rows first (``starts``, ``n_tr``)."""
+    x = np.asarray(col[perm], dtype=float)
+    H = len(n_tr)
+    sizes = np.diff(starts)
+    hosp = np.repeat(np.arange(H), sizes)
+    pos = np.arange(len(x)) - np.repeat(starts[:-1], sizes)
+    train = (pos < np.repeat(n_tr, sizes)) & ~np.isnan(x)
+    seg = starts[:-1]
+    with np.errstate(all="ignore"):
+        cnt = np.add.reduceat(train.astype(float), seg)
+        mean = np.add.reduceat(np.where(train, x, 0.0), seg) / cnt
+        dev = np.where(train, x - mean[hosp], 0.0)
+        std = np.sqrt(np.add.reduceat(dev * dev, seg) / cnt)
+    mean = np.where(np.isfinite(mean), mean, 0.0)
+    std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
+    z = (x - mean[hosp]) / std[hosp]
+    z[np.isnan(z)] = 0.0
+    out[:] = z
 
 
 def _carry_sum(carry: float | None, x: np.ndarray) -> float | None:
