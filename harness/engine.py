@@ -140,7 +140,7 @@ class Training:
             if progress:
                 progress(rnd)
         assert utility is not None
-        utility = {**utility, **chance(cell.data, utility)}
+        utility = {**utility, **chance(cell.data, utility, self.round.predictions)}
         vdata = cell.federation.validation_data(cell.data)
         if vdata is not None:  # tuning reads this, never the test split
             utility = {**utility, "validation": self.round.evaluate(vdata)}
@@ -289,28 +289,86 @@ def _json_copy(v: Any) -> Any:
     return json.loads(json.dumps(clean_json(v), default=str))
 
 
-def chance(data: FederatedData, utility: dict[str, Any]) -> dict[str, Any]:
-    """``majority_baseline``: the best constant prediction (one class for
-    every row) on the pooled test split, scored with the task's metric
-    (accuracy: the majority class's rate; balanced accuracy and AUROC:
-    0.5); ``chance_level``: the cell's utility does not beat it (``None``
-    when either is undefined)."""
-    from fedmedbench.metrics import score
+CHANCE_TEST = (
+    "one-sided test that the score beats the majority-class baseline, over the test rows "
+    "(accuracy: exact binomial; balanced accuracy: per-class binomials; AUROC: DeLong); "
+    "at chance when p >= 0.05. Global-model cells are tested on the pooled test rows "
+    "against the best constant prediction; cells scored per site (local, personalized) "
+    "on the mean over sites against the mean of each site's own majority class (from its "
+    "training labels)")
+
+
+def chance(data: FederatedData, utility: dict[str, Any],
+           predictions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How the cell's utility compares with what needs no learning.
+
+    ``majority_baseline``: the best constant prediction (one class for every
+    row) on the pooled test split, scored with the task's metric;
+    ``majority_baseline_per_site``: each site predicting its own training
+    labels' majority class on its own test rows (what a hospital gets
+    alone without a model). With the evaluation's ``predictions``: a
+    one-sided test (:data:`CHANCE_TEST`) gives ``chance_p_value``, ``ci95``
+    (the utility's 95% interval over test rows) and ``chance_level`` (not
+    beyond chance at 5%), and per site ``per_site_at_chance``; without
+    them ``chance_level`` is the bare comparison (utility <= baseline)."""
+    from fedmedbench.metrics import beats_chance, score
 
     task = data.task
     ys = [s.test.y for s in data.sites if len(s.test)]
     if not ys:
         return {"majority_baseline": None, "chance_level": None}
     y = np.concatenate(ys)
-    eye = np.eye(int(task.num_classes))
-    base = [score(task.metric, y, np.repeat(eye[[c]], len(y), axis=0))
-            for c in range(int(task.num_classes))]
+    C = int(task.num_classes)
+    eye = np.eye(C)
+
+    def constant(c: int, n: int) -> np.ndarray:
+        return np.repeat(eye[[c]], n, axis=0)
+
+    base = [score(task.metric, y, constant(c, len(y))) for c in range(C)]
     finite = [b for b in base if np.isfinite(b)]
     baseline = max(finite) if finite else None
+    per_site_base: dict[str, float | None] = {}
+    for s in data.sites:
+        if not len(s.test):
+            per_site_base[s.name] = None
+            continue
+        major = int(np.bincount(s.train.y, minlength=C).argmax()) if len(s.train) else 0
+        b = score(task.metric, s.test.y, constant(major, len(s.test)))
+        per_site_base[s.name] = float(b) if np.isfinite(b) else None
     g = utility.get("global")
+    out: dict[str, Any] = {"majority_baseline": baseline,
+                           "majority_baseline_per_site": per_site_base,
+                           "chance_test": CHANCE_TEST}
     level = (None if baseline is None or g is None or not np.isfinite(g)
              else bool(g <= baseline + 1e-12))
-    return {"majority_baseline": baseline, "chance_level": level}
+    if not predictions:
+        return {**out, "chance_level": level}
+    site_tests = {}
+    for name, (ys_, proba) in (predictions.get("sites") or {}).items():
+        b = per_site_base.get(name)
+        site_tests[name] = beats_chance(task.metric, ys_, proba, b) if b is not None and len(
+            ys_) else {"p_value": None, "ci95": None, "se": None, "at_chance": None}
+    out["per_site_at_chance"] = {k: v["at_chance"] for k, v in site_tests.items()}
+    pooled = predictions.get("pooled")
+    if pooled is not None and baseline is not None:
+        t = beats_chance(task.metric, pooled[0], pooled[1], baseline)
+    else:  # scored per site: the mean over sites against the mean of their own baselines
+        from scipy.stats import norm
+
+        ok = [(utility["per_site"][k], per_site_base[k], v["se"]) for k, v in site_tests.items()
+              if v["se"] is not None and per_site_base.get(k) is not None
+              and np.isfinite(utility["per_site"].get(k, float("nan")))]
+        if not ok:
+            return {**out, "chance_level": level}
+        est = float(np.mean([a for a, _, _ in ok]))
+        b = float(np.mean([b for _, b, _ in ok]))
+        se = float(np.sqrt(np.sum(np.square([s for _, _, s in ok]))) / len(ok))
+        p = float(norm.sf((est - b) / se)) if se > 0 else (0.0 if est > b else 1.0)
+        t = {"p_value": p, "ci95": [est - 1.959964 * se, est + 1.959964 * se], "se": se,
+             "at_chance": bool(p >= 0.05)}
+        out["per_site_mean_baseline"] = b
+    return {**out, "chance_level": t["at_chance"], "chance_p_value": t["p_value"],
+            "ci95": t["ci95"], "se": t["se"]}
 
 
 # --------------------------------------------------------------------------

@@ -172,3 +172,79 @@ def _larger_label(y: np.ndarray, site: np.ndarray, S: int) -> np.ndarray:
     top = np.full(S, -np.inf)
     np.maximum.at(top, site, y.astype(float))
     return y.astype(float) == top[site]
+
+
+# --------------------------------------------------------------------------
+# how sure a score is: standard errors, intervals, the test against chance
+# --------------------------------------------------------------------------
+
+
+def _auroc_se(y: np.ndarray, s: np.ndarray) -> float:
+    """DeLong's standard error of the binary AUROC of scores ``s`` (mid-ranks
+    for ties; DeLong, DeLong, Clarke-Pearson 1988, the Sun & Xu 2014 form)."""
+    from scipy.stats import rankdata
+
+    pos, neg = s[y == 1], s[y == 0]
+    m, n = len(pos), len(neg)
+    if m < 2 or n < 2:
+        return float("nan")
+    r_all = rankdata(np.concatenate([pos, neg]))
+    r_pos, r_neg = rankdata(pos), rankdata(neg)
+    v10 = (r_all[:m] - r_pos) / n           # each positive's share of negatives below it
+    v01 = 1.0 - (r_all[m:] - r_neg) / m     # each negative's share of positives above it
+    return float(np.sqrt(v10.var(ddof=1) / m + v01.var(ddof=1) / n))
+
+
+def standard_error(metric: str, y_true: np.ndarray, proba: np.ndarray) -> float:
+    """The standard error of ``score(metric, y_true, proba)`` over test rows:
+    binomial for accuracy, the per-class binomials for balanced accuracy
+    (their mean's variance, classes independent), DeLong for AUROC (the
+    one-vs-rest classes' variances averaged for several classes)."""
+    y, p = np.asarray(y_true), np.asarray(proba)
+    n = len(y)
+    if n == 0:
+        return float("nan")
+    pred = p.argmax(1)
+    if metric == "accuracy":
+        a = float(np.mean(pred == y))
+        return float(np.sqrt(a * (1 - a) / n))
+    if metric == "balanced_accuracy":
+        classes = np.unique(y)
+        var = 0.0
+        for c in classes:
+            r = float(np.mean(pred[y == c] == c))
+            var += r * (1 - r) / max(1, int((y == c).sum()))
+        return float(np.sqrt(var) / len(classes))
+    if metric == "auroc":
+        if p.shape[1] == 2:
+            return _auroc_se((y == 1).astype(int), p[:, 1])
+        ses = [_auroc_se((y == c).astype(int), p[:, c]) for c in range(p.shape[1])]
+        return float(np.sqrt(np.nanmean(np.square(ses))) / np.sqrt(p.shape[1]))
+    raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+
+
+def beats_chance(metric: str, y_true: np.ndarray, proba: np.ndarray, baseline: float
+                 ) -> dict[str, float | bool | None]:
+    """Is the score above ``baseline`` beyond the test rows' sampling noise?
+
+    One-sided: an exact binomial test for accuracy (k correct of n against
+    the baseline rate), a normal test with :func:`standard_error` otherwise.
+    Returns ``{"p_value", "ci95": [lo, hi], "se", "at_chance"}`` where
+    ``at_chance`` is ``p_value >= 0.05`` (``None`` when undefined)."""
+    from scipy.stats import binom, norm
+
+    y, p = np.asarray(y_true), np.asarray(proba)
+    est = score(metric, y, p)
+    se = standard_error(metric, y, p)
+    if not (np.isfinite(est) and np.isfinite(baseline)):
+        return {"p_value": None, "ci95": None, "se": None, "at_chance": None}
+    if metric == "accuracy":
+        k = int(np.sum(p.argmax(1) == y))
+        pval = float(binom.sf(k - 1, len(y), min(max(baseline, 0.0), 1.0)))
+    elif np.isfinite(se) and se > 0:
+        pval = float(norm.sf((est - baseline) / se))
+    else:
+        pval = 0.0 if est > baseline else 1.0
+    ci = [est - 1.959964 * se, est + 1.959964 * se] if np.isfinite(se) else None
+    return {"p_value": pval, "ci95": ci, "se": se if np.isfinite(se) else None,
+            "at_chance": bool(pval >= 0.05)}

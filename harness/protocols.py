@@ -210,6 +210,9 @@ class Round:
             not self.setting.own_models or not self.sharing.partial)
         self.finalizes = type(alg).finalize is not Algorithm.finalize
         self.global_utility: dict[str, Any] | None = None
+        #: the last evaluation's predictions: "pooled" (y, proba) of the global model on
+        #: the pooled test rows, "sites" each site's (y, proba) on its own test rows
+        self.predictions: dict[str, Any] = {}
         from fedmedbench.backends import flat_buffers
 
         #: the running statistics of a freshly built model (no training yet)
@@ -664,7 +667,12 @@ class Round:
         metric = data.task.metric
         model = self.eval_model
         _load(model, self.global_params, self.global_model_buffers())
-        per_site, pooled = _score_sites(metric, data, predict_proba(model, _pooled_X(data)))
+        proba = predict_proba(model, _pooled_X(data))
+        per_site, pooled = _score_sites(metric, data, proba)
+        y = np.concatenate([s.test.y for s in data.sites]) if data.sites else np.zeros(0)
+        off = np.concatenate([[0], np.cumsum([len(s.test) for s in data.sites])])
+        self.predictions = {"pooled": (y, proba), "sites": {
+            s.name: (s.test.y, proba[off[i]:off[i + 1]]) for i, s in enumerate(data.sites)}}
         return _utility(metric, per_site, pooled)
 
     def _evaluate_sites(self, data: Any) -> dict[str, Any]:
@@ -682,13 +690,18 @@ class Round:
         matrix: dict[str, dict[str, float]] = {}
         X = _pooled_X(data)
         own = self.cell.client_factories
+        off = np.concatenate([[0], np.cumsum([len(s.test) for s in data.sites])])
+        sites_pred = {}
         for i, site in enumerate(data.sites):
             model = own[i]() if i in own else self.eval_model
             _load(model, self.clients.models[i], None if i in own else self.site_buffers(i))
-            site_scores, pooled = _score_sites(metric, data, predict_proba(model, X))
+            proba = predict_proba(model, X)
+            site_scores, pooled = _score_sites(metric, data, proba)
             per_site[site.name] = site_scores[site.name]
             on_pooled.append(pooled)
             matrix[site.name] = site_scores
+            sites_pred[site.name] = (site.test.y, proba[off[i]:off[i + 1]])
+        self.predictions = {"pooled": None, "sites": sites_pred}
         cross = {name: float(np.nanmean(list(row.values()))) for name, row in matrix.items()}
         return _utility(metric, per_site, float(np.nanmean(on_pooled)), cross_site=cross,
                         cross_site_matrix=matrix)
