@@ -392,7 +392,8 @@ def _brief(v: Any) -> str:
 
 def plan(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
          select: Iterable[str] | None = None, shard: str | None = None,
-         backend: str | None = None, max_cells: int | None = None) -> Matrix:
+         backend: str | None = None, max_cells: int | None = None,
+         isolate_attacks: bool = False) -> Matrix:
     """Parse and validate a matrix, with the slices and settings of a run,
     without running anything (what :func:`run` and ``--dry-run`` start from).
 
@@ -413,6 +414,9 @@ def plan(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
     max_cells
         Refuse a matrix with more cells (default
         :data:`fedmedbench.matrix.MAX_CELLS`).
+    isolate_attacks
+        Run each cell's attacks in a separate process that receives only
+        the serialized attack context (as ``[evaluate] isolate = true``).
 
     Returns
     -------
@@ -445,6 +449,8 @@ def plan(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
             raise ConfigError(f"backend {backend!r}; choose one of "
                               f"{', '.join(EXECUTION_KEYS['backend'])}")
         m.execution["backend"] = backend
+    if isolate_attacks:
+        m.execution["isolate_attacks"] = True
     m.check_size(max_cells or MAX_CELLS)
     return m
 
@@ -456,7 +462,7 @@ def run(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
         backend: str | None = None, select: Iterable[str] | None = None,
         shard: str | None = None, max_cells: int | None = None, force: bool = False,
         wait: bool = False, skip_invalid: bool = False, progress: bool = True,
-        quiet: bool = False) -> Results:
+        quiet: bool = False, isolate_attacks: bool = False) -> Results:
     """Run a matrix and return its results; ``fedmedbench run`` is this.
 
     Cells already done in ``out`` (an ``ok`` record) are not run again
@@ -495,6 +501,8 @@ def run(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
         Progress bars on stderr.
     quiet
         Print nothing on stderr (no run header, no notices, no bars).
+    isolate_attacks
+        Each cell's attacks in a separate process (``[evaluate] isolate``).
 
     Returns
     -------
@@ -517,7 +525,8 @@ def run(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
     from fedmedbench.results import completed_ids, load_records, remove_stale_temp_files, scan
 
     say: Callable[[str], None] = (lambda msg: None) if quiet else _stderr
-    m = plan(matrix, select=select, shard=shard, backend=backend, max_cells=max_cells)
+    m = plan(matrix, select=select, shard=shard, backend=backend, max_cells=max_cells,
+             isolate_attacks=isolate_attacks)
     settings = resolve_settings(m.executor, executor=executor, workers=workers,
                                 scheduler=scheduler,
                                 cluster=None if cluster is None else str(cluster),

@@ -306,7 +306,8 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
 
     federation = Federation(data, pooled=setting.pooled, settings=settings, seed=seed,
                             holdout_fraction=holdout,
-                            adversary=adversary if setting.aggregates else None, call=call)
+                            adversary=adversary if setting.aggregates else None, call=call,
+                            tuning=cfg.get("tuning"))
     # each party's example count as it is public (sent in the clear, declared on the card):
     # taken before an audit's canaries are inserted, so that no count reveals them
     public_counts = [len(s.train) for s in federation.clients]
@@ -318,7 +319,7 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
     if setting.pooled:  # the pooled party does the work of a federated round at the cell's rate
         q = clients_per_round(len(data.sites), settings) / max(1, len(data.sites))
         fixed_steps = max(1, int(round(q * sum(settings.steps_for(len(s.train))
-                                                 for s in data.sites))))
+                                                 for s in federation.source.sites))))
     layout = ParamLayout.of(probe)
     names = [s.name for s in federation.clients]
     ccan, cattack = _pick_canary_clients(attacks, layout, data, seed)

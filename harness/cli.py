@@ -128,6 +128,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="neither print the headline nor write the reports into OUT/report/")
     r.add_argument("--verbose", "-v", action="store_true",
                    help="print every table of the report, not only the headline")
+    r.add_argument("--isolate-attacks", action="store_true",
+                   help="run each cell's attacks in a separate process that receives only "
+                        "the serialized attack context (as [evaluate] isolate = true)")
+
+    tu = sub.add_parser(
+        "tune", help="choose hyperparameters on rows apart from the published cells', then "
+                     "run the cells with the choice and the tuning protocol in their records")
+    tu.add_argument("matrix", help="matrix TOML file")
+    tu.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
+                    help="a grid axis: a run setting (lr=0.01,0.1) or a component's parameter "
+                         "(dp-sgd.max_grad_norm=0.5,1); repeatable")
+    tu.add_argument("--tune-seeds", default="1001,1002", metavar="S1,S2",
+                    help="the trials' seeds, apart from the matrix's (default 1001,1002)")
+    tu.add_argument("--fraction", type=float, default=0.2,
+                    help="share of each site's training rows reserved for tuning (default 0.2)")
+    tu.add_argument("--validation", type=float, default=0.25,
+                    help="share of the tuning rows the trials validate on (default 0.25)")
+    tu.add_argument("--tolerance", type=float, default=0.0,
+                    help="a grid point within this of the best mean score ties; the first in "
+                         "grid order wins (default 0)")
+    tu.add_argument("--out", default="results", help="results directory (default: results)")
+    tu.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     rep = sub.add_parser(
         "report", help="tables, leaderboard, figures and an HTML page from results directories",
@@ -171,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout, sys.stderr = _PipeSafe(out), _PipeSafe(err)
     try:
         return {"run": cmd_run, "report": cmd_report, "plugins": cmd_plugins,
-                "datasets": cmd_datasets, "check": cmd_check}[args.command](args)
+                "datasets": cmd_datasets, "check": cmd_check,
+                "tune": cmd_tune}[args.command](args)
     except (ConfigError, SchemaError, DataError) as exc:
         _error(exc)
         return 2
@@ -214,7 +237,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         results = run(args.matrix, out=args.out, select=args.select, shard=args.shard,
                       backend=args.backend, max_cells=args.max_cells, force=args.force,
                       wait=args.wait, skip_invalid=args.skip_invalid,
-                      progress=not args.no_progress, **options)
+                      progress=not args.no_progress, isolate_attacks=args.isolate_attacks,
+                      **options)
     except OutputError as exc:
         _error(exc)
         return 1
@@ -288,6 +312,65 @@ def _dry_run(m: Any, out: Path, *, force: bool = False) -> int:
     left = f", {k} already done in {out}/, {n - k} to run" if k else ""
     print(f"{n} cells{left}", file=sys.stderr)
     return 0
+
+
+def _grid_value(text: str) -> Any:
+    """A grid value from the command line: a number when it reads as one."""
+    try:
+        v = float(text)
+    except ValueError:
+        return text
+    return int(v) if v.is_integer() and "." not in text and "e" not in text.lower() else v
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``fedmedbench tune``: :func:`fedmedbench.tuning.tune` on tuning rows,
+    then the published cells with the choice (:mod:`fedmedbench.tuning`)."""
+    import json
+
+    from fedmedbench.matrix import read_matrix_file
+    from fedmedbench.tuning import TuneSpec, published_cells, tune
+
+    grid: dict[str, list[Any]] = {}
+    for p in args.param:
+        name, sep, values = p.partition("=")
+        if not sep or not name or not values:
+            raise ConfigError(f"--param {p!r}: write NAME=V1,V2 (e.g. --param lr=0.01,0.1)")
+        grid[name.strip()] = [_grid_value(v.strip()) for v in values.split(",") if v.strip()]
+    try:
+        seeds = [int(s) for s in args.tune_seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--tune-seeds {args.tune_seeds!r}: integers, comma-separated") from None
+    raw = read_matrix_file(args.matrix)
+    spec = TuneSpec(params=grid, seeds=seeds, fraction=args.fraction,
+                    validation=args.validation, tolerance=args.tolerance)
+    result = tune(raw, spec)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = {"spec": {"params": grid, "seeds": seeds, "fraction": args.fraction,
+                    "validation": args.validation, "tolerance": args.tolerance,
+                    "rule": spec.rule},
+           "choices": result.choices, "trials": result.log}
+    from fedmedbench.fileio import write_atomic
+
+    logdir = out / "tuning"  # beside the records, not among them
+    logdir.mkdir(exist_ok=True)
+    write_atomic(logdir / "log.json", json.dumps(log, indent=1, default=str).encode("utf-8"))
+    for choice in result.choices:
+        print(printable(f"chose {choice['chosen']} for "
+                        f"{' '.join(f'{k}={v}' for k, v in choice['group'].items())}"))
+    from fedmedbench.engine import run_cell
+    from fedmedbench.results import write_record
+
+    counts: dict[str, int] = {}
+    for cell in published_cells(result):
+        rec = run_cell(cell)
+        write_record(out, rec)
+        counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+    print(f"tuning log: {logdir / 'log.json'}; records: {out}/", file=sys.stderr)
+    print("cells: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), file=sys.stderr)
+    return 1 if counts.get("failed") else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

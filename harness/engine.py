@@ -41,13 +41,14 @@ from fedmedbench.accounting import Accounting, headline
 from fedmedbench.cell import Cell, attack_key, build_cell, seed_everything, seed_torch
 from fedmedbench.components import Component, FederatedData, PrivacyMechanism, Site, Split
 from fedmedbench.context import AttackContext, BatchReplay, ShadowTrainer
-from fedmedbench.errors import Diverged, PluginError, SettingWarning, Skip
+from fedmedbench.errors import Diverged, PluginError, SettingWarning, Skip, printable
 from fedmedbench.federation import cell_rng
 from fedmedbench.meters import ByteMeter, Clock, Stages, ViewRecorder, calling, contained_message
 from fedmedbench.messages import ServerView
 from fedmedbench.parties import Clients, Server
 from fedmedbench.protocols import Round
 from fedmedbench.registry import Registry, get_registry
+from fedmedbench.results import error_block, new_record, provenance
 from fedmedbench.schema import SCHEMA
 
 __all__ = ["SCHEMA", "CellOutcome", "run_cell", "provenance", "attack_key", "to_json",
@@ -142,7 +143,13 @@ class Training:
         assert utility is not None
         utility = {**utility, **chance(cell.data, utility, self.round.predictions)}
         vdata = cell.federation.validation_data(cell.data)
-        if vdata is not None:  # tuning reads this, never the test split
+        role = (cell.cell.get("config", {}).get("tuning") or {}).get("role")
+        if vdata is not None and cell.dp and role != "tune":
+            utility = {**utility, "validation": {"not_published": (
+                "a validation score is computed on private rows without noise: a DP cell "
+                "does not publish it (a tuning trial does, inside its protocol: fedmedbench "
+                "tune)")}}
+        elif vdata is not None:  # tuning reads this, never the test split
             utility = {**utility, "validation": self.round.evaluate(vdata)}
         self.utility = utility
         return utility
@@ -550,8 +557,8 @@ def to_json(v: Any, *, plugin: Component, hook: str, _depth: int = 0) -> Any:
 
 
 def _error(exc: PluginError) -> dict[str, Any]:
-    return {"type": exc.exc_type, "message": str(exc), "plugin": exc.plugin,
-            "component": exc.component, "hook": exc.hook, "traceback": _tb(exc)}
+    return error_block(exc.exc_type, str(exc), plugin=exc.plugin, component=exc.component,
+                       hook=exc.hook, tb=_tb(exc))
 
 
 def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
@@ -566,12 +573,7 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     reg = registry or get_registry()
     hooks = reg.hooks()
     t_start = time.perf_counter()
-    record: dict[str, Any] = {
-        "schema": SCHEMA, "cell_id": cell["cell_id"], "status": "ok", "error": None,
-        "labels": cell.get("labels", {}), "matrix": cell.get("matrix"),
-        "config": cell["config"], "metrics": {}, "history": [],
-        "provenance": provenance(reg),
-    }
+    record = new_record(cell, registry=reg)
     built: Cell | None = None
     training: Training | None = None
     clock = Clock()
@@ -612,10 +614,10 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
                 record["metrics"]["attacks_isolated"] = isolate
     except Skip as exc:
         record["status"] = "skipped"
-        record["error"] = {"type": "Skip", "message": str(exc), "plugin": None, "hook": None}
+        record["error"] = error_block("Skip", str(exc))
     except Diverged as exc:
         record["status"] = "diverged"
-        record["error"] = {"type": "Diverged", "message": str(exc), "plugin": None, "hook": None}
+        record["error"] = error_block("Diverged", str(exc))
     except PluginError as exc:
         record["status"] = "failed"
         record["error"] = _error(exc)
@@ -623,8 +625,7 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
         raise
     except Exception as exc:  # a harness or config problem inside the cell: recorded, not lost
         record["status"] = "failed"
-        record["error"] = {"type": type(exc).__name__, "message": str(exc), "plugin": None,
-                           "hook": None, "traceback": _tb(exc)}
+        record["error"] = error_block(type(exc).__name__, str(exc), tb=_tb(exc))
     finally:
         torch.set_num_threads(torch_threads)
         if built is not None and training is None:
@@ -632,7 +633,7 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
     record["warnings"] = _warning_summary(caught, logged)
     for w in record["warnings"]:  # settings that make a cell's numbers suspect: say so now
         if w["category"] == SettingWarning.__name__:
-            print(f"fedmedbench: cell {cell['cell_id']}: warning: {w['message']}",
+            print(printable(f"fedmedbench: cell {cell['cell_id']}: warning: {w['message']}"),
                   file=sys.stderr)
     if record["status"] != "ok" and built is not None:
         with contextlib.suppress(Exception):
@@ -728,76 +729,3 @@ def _tb(exc: BaseException) -> str:
     orig = exc.__cause__ if isinstance(exc, PluginError) and exc.__cause__ else exc
     lines = traceback.format_exception(type(orig), orig, orig.__traceback__, limit=-12)
     return "".join(lines)[-4000:]
-
-
-_PROVENANCE: dict[str, Any] | None = None
-
-
-def provenance(reg: Registry) -> dict[str, Any]:
-    """Versions of fedmedbench, of the plugins of ``reg`` with their
-    distributions, python, torch and platform; the git commit where known."""
-    global _PROVENANCE
-    if _PROVENANCE is None:  # the parts that do not depend on the registry
-        from importlib import metadata
-
-        import torch
-
-        try:
-            version = metadata.version("fedmedbench")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        _PROVENANCE = {
-            "fedmedbench": version, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform(),
-            "git_commit": _git_commit(),
-        }
-    plugins = {i.plugin: {"distribution": i.distribution, "version": i.version}
-               for i in reg.all()}
-    return {**_PROVENANCE, "plugins": plugins}
-
-
-def _git_commit() -> str | None:
-    """The commit of the code that runs, where it can be known:
-
-    - a source checkout (an editable install): its HEAD;
-    - a wheel installed from git (``pip install git+https://...@REV``): the
-      commit pip resolved, from the install's ``direct_url.json`` (PEP 610);
-    - otherwise (a wheel built from a folder, or from an index) the commit
-      named by ``FEDMEDBENCH_GIT_COMMIT`` or GitHub's ``GITHUB_SHA`` (tox and
-      CI set them), else ``None``: the version number identifies the code,
-      and the folder a wheel was built from may have moved on since.
-    """
-    import os
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():
-        return (_direct_url_commit() or os.environ.get("FEDMEDBENCH_GIT_COMMIT")
-                or os.environ.get("GITHUB_SHA") or None)
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _direct_url_commit(text: str | None = None) -> str | None:
-    """The VCS commit in an install's PEP 610 ``direct_url.json`` (``text``,
-    or the installed fedmedbench distribution's), or ``None``."""
-    import json
-    from importlib import metadata
-
-    if text is None:
-        try:
-            text = metadata.distribution("fedmedbench").read_text("direct_url.json")
-        except metadata.PackageNotFoundError:
-            return None
-    try:
-        info = json.loads(text or "")
-    except ValueError:
-        return None
-    vcs = info.get("vcs_info") if isinstance(info, dict) else None
-    commit = vcs.get("commit_id") if isinstance(vcs, dict) else None
-    return commit if isinstance(commit, str) and commit else None

@@ -36,6 +36,32 @@ def validation_rows(seed: int, site: int, n: int, fraction: float
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
+def tuning_rows(data: FederatedData, tuning: dict[str, Any]) -> FederatedData:
+    """``data`` with each site's training rows cut to the tuning rows
+    (``role = "tune"``) or to the others (``role = "rest"``): ``round(fraction
+    · n)`` of each site's training rows (at least 1 where the site has 2),
+    drawn with the tuning seed, never the cell seed, so the two sets are the
+    same for every cell (:mod:`fedmedbench.tuning`)."""
+    role, frac, tseed = tuning["role"], float(tuning["fraction"]), int(tuning["seed"])
+    if role not in ("tune", "rest"):
+        raise ValueError(f"tuning role {role!r}; 'tune' or 'rest'")
+
+    def cut(sites: list[Site]) -> list[Site]:
+        out = []
+        for i, s in enumerate(sites):
+            n = len(s.train)
+            k = min(n - 1, max(1, int(round(frac * n)))) if n >= 2 else 0
+            perm = cell_rng(tseed, "tuning-rows", i).permutation(n)
+            rows = np.sort(perm[:k] if role == "tune" else perm[k:])
+            out.append(Site(s.name, s.train.subset(rows), s.test, s.quality))
+        return out
+
+    return FederatedData(task=data.task, sites=cut(data.sites), public=data.public,
+                         natural=data.natural,
+                         pooled_sites=None if data.pooled_sites is None
+                         else cut(data.pooled_sites))
+
+
 def clients_per_round(n: int, settings: Any) -> int:
     """k of n clients per round from ``clients_per_round``: an integer is a
     count, a float a fraction of n (rounded up), at least 1."""
@@ -75,9 +101,13 @@ class Federation:
 
     def __init__(self, data: FederatedData, *, pooled: bool, settings: Any, seed: int,
                  holdout_fraction: float = 0.0, adversary: Adversary | None = None,
-                 call: Any = None) -> None:
+                 call: Any = None, tuning: dict[str, Any] | None = None) -> None:
         self.seed = seed
         self.settings = settings
+        if tuning:  # hyperparameter selection's rows, apart from the published cells' rows
+            data = tuning_rows(data, tuning)
+        #: the data the parties hold (each site's training rows cut by a tuning role)
+        self.source = data
         sites = list(data.sites)
         own = sites
         if pooled and data.pooled_sites is not None:
@@ -150,6 +180,7 @@ class Federation:
     def trained_data(self, data: FederatedData) -> FederatedData:
         """``data`` with each site's training split (and its pooled copy)
         restricted to the rows trained on: the members an attack scores."""
+        data = self.source
         if all(len(r) == len(s.train) for r, s in zip(self.trained_rows.values(), data.sites)):
             return data
 
@@ -168,6 +199,7 @@ class Federation:
         ``None`` without a validation split."""
         if not self.validation:
             return None
+        data = self.source
         sites = [Site(s.name, s.train, self.validation[i], s.quality)
                  for i, s in enumerate(data.sites)]
         return FederatedData(task=data.task, sites=sites, public=data.public,

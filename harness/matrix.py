@@ -78,7 +78,9 @@ AXIS_DEFAULTS: dict[str, list[Any]] = {
 }
 TOP_KEYS = {"name", "description", "rounds", "seeds", "axes", "run", "exclude", "evaluate",
             "executor"}
-EVALUATE_KEYS = {"attacks", "isolate"}
+EVALUATE_KEYS = {"attacks", "isolate", "adversary"}
+#: who the record's headline ε holds against (fedmedbench.accounting.ADVERSARIES)
+HEADLINE_ADVERSARIES = ("server", "client", "released")
 
 #: a matrix with more cells is refused unless the cap is raised (``--max-cells``)
 MAX_CELLS = 100_000
@@ -104,6 +106,8 @@ class Matrix:
     executor: dict[str, Any] = field(default_factory=dict)
     #: ``(I, N)``: keep only shard I of N (1-based), or ``None`` for every cell
     shard: tuple[int, int] | None = None
+    #: who the records' headline ε holds against (``[evaluate] adversary``)
+    headline_adversary: str = "server"
     registry: Registry | None = field(default=None, repr=False, compare=False)
 
     def iter_cells(self) -> Iterator[dict[str, Any]]:
@@ -176,6 +180,16 @@ def load_matrix(path: str | Path | None = None, *, registry: Registry | None = N
     from fedmedbench.fileio import short_path
 
     p = Path(path) if path is not None else quickstart_path()
+    raw = read_matrix_file(p)
+    return parse_matrix(raw, registry=registry, select=select, source=str(short_path(p)))
+
+
+def read_matrix_file(path: str | Path) -> dict[str, Any]:
+    """The TOML of a matrix file, read with a bounded size and every failure
+    a :class:`ConfigError` naming the file (not yet validated)."""
+    from fedmedbench.fileio import short_path
+
+    p = Path(path)
     sp = short_path(p)
     try:
         if p.stat().st_size > MAX_MATRIX_BYTES:
@@ -211,7 +225,7 @@ def load_matrix(path: str | Path | None = None, *, registry: Registry | None = N
     except ValueError as exc:  # an integer of more digits than Python converts (4300)
         raise ConfigError(f"{sp} is not a usable matrix: {str(exc)[:160]} (an integer of that "
                           f"many digits is no parameter value)") from None
-    return parse_matrix(raw, registry=registry, select=select, source=str(sp))
+    return raw
 
 
 #: a matrix file larger than this is refused unread (a matrix is a few kB)
@@ -401,6 +415,17 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
         got = errs.run(_normalize, "attack", a, reg, f"evaluate.attacks[{i}]")
         if len(errs.items) == n and got is not None:
             attacks.append(got)
+    isolate = ev.get("isolate", False)
+    if not isinstance(isolate, bool):
+        errs.add(ConfigError(f"evaluate.isolate = {_show(isolate)}; write true (each cell's "
+                             f"attacks run in a separate process) or false"))
+        isolate = False
+    adversary = ev.get("adversary", "server")
+    if adversary not in HEADLINE_ADVERSARIES:
+        errs.add(ConfigError(f"evaluate.adversary = {_show(adversary)}; the headline ε holds "
+                             f"against one of {', '.join(HEADLINE_ADVERSARIES)} (default "
+                             f"server)"))
+        adversary = "server"
 
     from fedmedbench.executors import executor_table
 
@@ -409,7 +434,9 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
     errs.raise_if_any()
     m = Matrix(name=name, rounds=rounds, seeds=list(seeds), axes=axes, run=run,
                run_overrides=overrides, exclude=exclude, attacks=attacks, source=source,
-               execution={k: v for k, v in run_raw.items() if k in EXECUTION_KEYS},
+               execution={**{k: v for k, v in run_raw.items() if k in EXECUTION_KEYS},
+                          **({"isolate_attacks": True} if isolate else {})},
+               headline_adversary=adversary,
                executor=execu, registry=reg)
     if select:
         _apply_select(m, select)
@@ -906,7 +933,9 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
                           f"{comps['algorithm']['name']}: {'; '.join(problems)}")
     # how clients train is part of what a cell is: backends may differ (float order, batching)
     backend = m.execution.get("backend", "auto")
-    return {**comps, "run": run, "rounds": rounds, "seed": seed, "backend": backend,
+    extra = ({"headline_adversary": m.headline_adversary}
+             if m.headline_adversary != "server" else {})
+    return {**comps, **extra, "run": run, "rounds": rounds, "seed": seed, "backend": backend,
             "versions": plugin_versions(comps, reg)}
 
 

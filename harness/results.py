@@ -155,17 +155,27 @@ def _git_commit() -> str | None:
             return out.stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             return None
-    try:
-        from importlib import metadata
+    return (_direct_url_commit() or os.environ.get("FEDMEDBENCH_GIT_COMMIT")
+            or os.environ.get("GITHUB_SHA") or None)
 
-        info = json.loads(metadata.distribution("fedmedbench").read_text("direct_url.json")
-                          or "")
-        commit = (info.get("vcs_info") or {}).get("commit_id")
-        if isinstance(commit, str) and commit:
-            return commit
-    except Exception:
-        pass
-    return os.environ.get("FEDMEDBENCH_GIT_COMMIT") or os.environ.get("GITHUB_SHA") or None
+
+def _direct_url_commit(text: str | None = None) -> str | None:
+    """The VCS commit in an install's PEP 610 ``direct_url.json`` (``text``,
+    or the installed fedmedbench distribution's), or ``None``."""
+    from importlib import metadata
+
+    if text is None:
+        try:
+            text = metadata.distribution("fedmedbench").read_text("direct_url.json")
+        except metadata.PackageNotFoundError:
+            return None
+    try:
+        info = json.loads(text or "")
+    except ValueError:
+        return None
+    vcs = info.get("vcs_info") if isinstance(info, dict) else None
+    commit = vcs.get("commit_id") if isinstance(vcs, dict) else None
+    return commit if isinstance(commit, str) and commit else None
 
 
 def error_block(kind: str, message: str, *, plugin: str | None = None,

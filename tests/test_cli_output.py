@@ -266,7 +266,7 @@ def test_a_plugin_distributions_version_is_in_its_cells_ids(monkeypatch, tmp_pat
 
 
 def test_git_commit_of_a_wheel_installed_from_git() -> None:
-    from fedmedbench.engine import _direct_url_commit
+    from fedmedbench.results import _direct_url_commit
 
     sha = "0123456789abcdef0123456789abcdef01234567"
     vcs = {"url": "https://github.com/x/fedmedbench", "vcs_info": {"vcs": "git",
