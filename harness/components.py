@@ -554,7 +554,20 @@ class Dataset(Component):
     needs_user_files: ClassVar[bool] = False
 
     def load(self, *, seed: int) -> FederatedData:
-        """Return the data for ``seed`` (the same data for the same seed)."""
+        """Load (or generate) the federation's data.
+
+        Parameters
+        ----------
+        seed : int
+            The cell's seed; the same seed gives the same data (shipped
+            datasets with a fixed split ignore it).
+
+        Returns
+        -------
+        FederatedData
+            Per-site train and test splits, the task, a public split where
+            there is one.
+        """
         raise NotImplementedError(f"dataset {self.name!r} does not implement load(seed=...)")
 
     def describe(self) -> dict[str, Any]:
@@ -590,6 +603,20 @@ class Partitioner(Component):
     family: ClassVar[str] = "partitioner"
 
     def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
+        """Split ``data`` into the cell's clients.
+
+        Parameters
+        ----------
+        data : FederatedData
+            What the dataset loaded.
+        seed : int
+            The cell's seed (all randomness drawn from it).
+
+        Returns
+        -------
+        FederatedData
+            The clients as sites; test rows never move into a training split.
+        """
         raise NotImplementedError(f"partitioner {self.name!r} does not implement partition()")
 
 
@@ -607,6 +634,20 @@ class Model(Component):
     vectorized: bool = True
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+        """A fresh module, initialised from torch's global generator (the
+        engine seeds it).
+
+        Parameters
+        ----------
+        input_shape : tuple of int
+            One input's shape, after the batch axis.
+        num_classes : int
+
+        Returns
+        -------
+        torch.nn.Module
+            One logit per class for inputs of shape ``(batch, *input_shape)``.
+        """
         raise NotImplementedError(f"model {self.name!r} does not implement build()")
 
 
@@ -1181,6 +1222,21 @@ class Compressor(Component):
     preserves_norm_bound: ClassVar[bool] = False
 
     def compress(self, ctx: CellContext, updates: Updates) -> Updates:
+        """Encode the clients' updates (the clients' side).
+
+        Parameters
+        ----------
+        ctx : CellContext
+            The clients' context (``ctx.rng`` for seeded randomness).
+        updates : Updates
+            What the round's clients send, after update-stage privacy.
+
+        Returns
+        -------
+        Updates
+            The decoded updates the server will use, with ``delta_bytes``:
+            each row's encoded size.
+        """
         raise NotImplementedError(f"compressor {self.name!r} does not implement compress()")
 
 
@@ -1195,6 +1251,21 @@ class Adversary(Component):
         self.fraction = fraction
 
     def corrupt_data(self, split: Split, *, num_classes: int, rng: np.random.Generator) -> Split:
+        """A malicious client's training data, changed once before round 1.
+
+        Parameters
+        ----------
+        split : Split
+            Its training rows.
+        num_classes : int
+        rng : numpy.random.Generator
+            Seeded from the cell.
+
+        Returns
+        -------
+        Split
+            As many rows, labels in ``range(num_classes)`` (default: unchanged).
+        """
         return split
 
     def corrupt_update(self, ctx: CellContext, updates: Updates,
@@ -1269,6 +1340,20 @@ class Reporter(Component):
     family: ClassVar[str] = "reporter"
 
     def write(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """Write reports of ``records`` into ``out_dir``.
+
+        Parameters
+        ----------
+        records : list of dict
+            Result records (``fedmedbench.result/1``), already validated.
+        out_dir : pathlib.Path
+            The report folder (it exists; never write outside it).
+
+        Returns
+        -------
+        list of pathlib.Path
+            The files written.
+        """
         raise NotImplementedError(f"reporter {self.name!r} does not implement write()")
 
 
