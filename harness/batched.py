@@ -168,12 +168,13 @@ def batched_twin(module: torch.nn.Module, example: torch.Tensor, k: int = 2
     this file does not batch (then ``vmap`` runs it). ``example`` (a batch of
     inputs for one client) is used to check the twin against the module."""
     import torch
-    import torch.fx
+
+    from fedmedbench.compiled import traced_graph
 
     if any(len(list(m.buffers(recurse=False))) for m in module.modules()):
         return None  # running statistics (BatchNorm) are updated in place: vmap or loop
     try:
-        graph = torch.fx.symbolic_trace(module).graph
+        graph = traced_graph(module)  # traced once per architecture in a process
     except Exception:  # not traceable (data-dependent control flow): vmap runs it instead,
         return None    # and the record's backend.kernel says "vmap"
     names = [n for n, _ in module.named_parameters()]

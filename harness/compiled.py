@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["CompiledModel", "compile_model", "InPlaceSGD", "InPlaceAdam", "inplace_optimizer",
-           "CompiledTrainer"]
+           "CompiledTrainer", "traced_graph"]
 
 
 class _Unsupported(Exception):
@@ -448,16 +448,17 @@ class CompiledModel:
 
         z, vals = self.forward(P, X)
         k, width, C = z.shape
-        key = (k, width, C, z.dtype)
+        key = (k, width, C, z.dtype, z.device)
         if key not in self._loss_bufs:
             # logits class-major, (k, C, B): log-softmax over a middle axis of length C
             # is ~10x faster than over a last axis of 10 classes
-            rows = torch.arange(k).repeat_interleave(width) * (C * width) \
-                + torch.arange(width).repeat(k)
-            self._loss_bufs[key] = (torch.empty(k, C, width, dtype=z.dtype),
-                                    torch.empty(k, C, width, dtype=z.dtype),
-                                    torch.empty(k, C, width, dtype=z.dtype), rows,
-                                    torch.full((k * width,), -1.0, dtype=z.dtype))
+            dev = z.device
+            rows = torch.arange(k, device=dev).repeat_interleave(width) * (C * width) \
+                + torch.arange(width, device=dev).repeat(k)
+            self._loss_bufs[key] = (torch.empty(k, C, width, dtype=z.dtype, device=dev),
+                                    torch.empty(k, C, width, dtype=z.dtype, device=dev),
+                                    torch.empty(k, C, width, dtype=z.dtype, device=dev), rows,
+                                    torch.full((k * width,), -1.0, dtype=z.dtype, device=dev))
         zt, logp, dz, rows, minus = self._loss_bufs[key]
         zt.copy_(z.transpose(1, 2))
         torch.ops.aten._log_softmax.out(zt, 1, False, out=logp)
@@ -591,20 +592,76 @@ def _function_op(node: Any) -> tuple[_Op, list[Any]]:
     raise _Unsupported(label)
 
 
+_GRAPHS: dict[Any, Any] = {}
+_GRAPHS_MAX = 64
+
+
+def _structure(module: torch.nn.Module) -> Any:
+    """A hashable description of everything a module's trace can depend on:
+    each submodule's class, its plain attributes (sizes, flags, strides) and
+    its parameters' and buffers' names and shapes; ``None`` when a module
+    holds anything else (a hook, a tensor attribute, an object), which makes
+    its trace uncacheable."""
+    plain = (int, float, str, bool, type(None))
+    out = []
+    for name, m in module.named_modules():
+        attrs = []
+        for key, v in vars(m).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(v, plain):
+                attrs.append((key, v))
+            elif isinstance(v, (tuple, list)) and all(isinstance(x, plain) for x in v):
+                attrs.append((key, tuple(v)))
+            elif isinstance(v, (dict, set)) and not v:
+                continue  # empty hook tables and the like
+            else:
+                return None
+        params = tuple((n, tuple(p.shape), p.dtype, bool(p.requires_grad))
+                       for n, p in m._parameters.items() if p is not None)
+        bufs = tuple((n, tuple(b.shape)) for n, b in m._buffers.items() if b is not None)
+        out.append((name, type(m), tuple(attrs), params, bufs))
+    return tuple(out)
+
+
+def traced_graph(module: torch.nn.Module) -> Any:
+    """The module's ``torch.fx`` graph (``Tracer().trace``), traced once per
+    architecture in a process: modules of one class with the same plain
+    attributes and parameter shapes (a cell's fresh instances of its model,
+    the next cell's) share it. The graph names submodules and parameters by
+    their qualified names, so it serves every such instance; a module with
+    hooks or non-plain attributes is traced every time."""
+    import torch.fx
+
+    key = _structure(module)
+    if key is not None:
+        try:
+            hit = _GRAPHS.get(key)
+        except TypeError:  # an unhashable attribute value
+            key, hit = None, None
+        if hit is not None:
+            return hit
+    graph = torch.fx.Tracer().trace(module)
+    if key is not None:
+        if len(_GRAPHS) >= _GRAPHS_MAX:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        _GRAPHS[key] = graph
+    return graph
+
+
 def compile_model(module: torch.nn.Module, example: torch.Tensor | None = None
                   ) -> tuple[CompiledModel | None, str | None]:
     """``(CompiledModel, None)`` for ``module``, or ``(None, reason)`` naming
     the layer that cannot be compiled. With ``example`` (one client's batch
     of inputs) the compiled forward pass is checked against the module."""
     import torch
-    import torch.fx
 
     for name, m in module.named_modules():
         if len(list(m.buffers(recurse=False))):
             return None, (f"{type(m).__name__} (layer '{name}') keeps buffers (running "
                           f"statistics) that training updates in place")
     try:
-        graph = torch.fx.symbolic_trace(module).graph
+        graph = traced_graph(module)
     except Exception as exc:  # data-dependent control flow and the like
         return None, f"the model cannot be traced by torch.fx ({type(exc).__name__}: {exc})"
     names = [n for n, _ in module.named_parameters()]
@@ -825,7 +882,7 @@ class CompiledTrainer:
 
         if active is None:
             if self._all is None or len(self._all) != X.shape[0]:
-                self._all = torch.ones(X.shape[0], dtype=torch.bool)
+                self._all = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
             active = self._all
         L, G = self.model.loss_and_grads(self.P, X, Y, M)
         if self.grad_hook is not None:
@@ -837,4 +894,12 @@ class CompiledTrainer:
         """The parameters as (k, D) rows (``FunctionalModel.join``)."""
         import torch
 
-        return torch.cat([p.reshape(p.shape[0], -1) for p in self.P], dim=1)
+        k = self.P[0].shape[0] if self.P else 0
+        sizes = [p[0].numel() for p in self.P]
+        out = torch.empty(k, sum(sizes), dtype=self.P[0].dtype if self.P else torch.float32,
+                          device=self.P[0].device if self.P else None)
+        a = 0
+        for p, n in zip(self.P, sizes):  # one strided copy each (no reshape copy, no cat)
+            out[:, a:a + n].view(p.shape).copy_(p)
+            a += n
+        return out

@@ -139,18 +139,62 @@ class BatchStream:
 
     def __init__(self, n: int, batch_size: int, seed: int) -> None:
         self.n, self.bs = int(n), int(batch_size)
-        self.rng = np.random.default_rng(int(seed))
+        self.seed = int(seed)
+        self._rng: np.random.Generator | None = None
         self._perm: np.ndarray | None = None
         self._pos = 0
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The stream's generator, made on its first draw (a stream over 0 or 1
+        rows never draws)."""
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.seed)
+        return self._rng
 
     def next_indices(self) -> np.ndarray:
         """The next batch's row indices (int64)."""
         if self._perm is None or self._pos >= self.n:
-            self._perm = self.rng.permutation(self.n)
+            self._perm = (self.rng.permutation(self.n) if self.n > 1  # 0 or 1 rows: no draw
+                          else np.arange(self.n, dtype=np.int64))
             self._pos = 0
         idx = self._perm[self._pos:self._pos + self.bs]
         self._pos += self.bs
         return idx
+
+    def draw(self, steps: int) -> tuple[np.ndarray, int]:
+        """The next ``steps`` batches in one call, exactly as ``steps`` calls of
+        :meth:`next_indices` give them (the same generator draws, the stream
+        left in the same state): ``(perms, first)``.
+
+        ``perms`` concatenates the permutations those batches read (the
+        current epoch's first while it has rows left, then a fresh one per
+        epoch); batch ``i`` of the ``steps`` (from 0) is
+        ``perms[e * n + q * bs : e * n + min((q + 1) * bs, n)]`` with
+        ``e, q = divmod(first + i, ceil(n / bs))``. The vectorized backend
+        turns every client's ``(perms, first)`` into a round's batch indices
+        with a few array operations (:meth:`VectorBackend.plan`). A
+        permutation of 0 or 1 rows draws nothing from the generator, so none
+        is drawn for them here either.
+        """
+        n, bs = self.n, self.bs
+        if steps <= 0:
+            return np.zeros(0, dtype=np.int64), 0
+        if n == 0:  # every batch empty; next_indices would leave this state
+            self._perm, self._pos = np.zeros(0, dtype=np.int64), bs
+            return self._perm, 0
+        per_epoch = -(-n // bs)
+        if self._perm is None or self._pos >= n:
+            parts: list[np.ndarray] = []
+            first = 0
+        else:
+            parts, first = [self._perm], self._pos // bs
+        last = first + int(steps) - 1
+        for _ in range(last // per_epoch + 1 - len(parts)):
+            parts.append(self.rng.permutation(n) if n > 1 else np.arange(n, dtype=np.int64))
+        self._perm = parts[-1]
+        self._pos = (last % per_epoch + 1) * bs
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), first
 
 
 ExtraLoss = Callable[["torch.Tensor"], "torch.Tensor"]

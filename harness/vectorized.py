@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from fedmedbench.training import ExtraLoss
 
-__all__ = ["VectorBackend", "FunctionalModel", "functional_optimizer"]
+__all__ = ["VectorBackend", "FunctionalModel", "functional_optimizer", "resolve_device", "DEVICES"]
 
 
 class FunctionalModel:
@@ -168,16 +168,55 @@ def functional_optimizer(settings: Any) -> _SGD | _Adam:
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; use 'sgd' or 'adam'")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: Any = None) -> torch.device:
+    """The torch device the vectorized backend trains on: ``None`` or
+    ``"cpu"`` the CPU (the default and the reference), ``"cuda"`` (or
+    ``"cuda:N"``) a CUDA device, ``"auto"`` CUDA when one is present, else
+    the CPU. Asking for CUDA where there is none is an error that says so."""
+    import torch
+
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        name = str(device)
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if name.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device {name!r}: one of {', '.join(DEVICES)} (or cuda:N)")
+        dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: torch {torch.__version__} sees no CUDA "
+                         f"device here; use 'cpu' or 'auto'")
+    return dev
+
+
 class VectorBackend(LoopBackend):
-    """All sampled clients of a round in one computation (module docstring)."""
+    """All sampled clients of a round in one computation (module docstring).
+
+    ``kernel`` says which step runs (recorded as the record's
+    ``backend.kernel``): ``"compiled"``, or the path that runs instead with
+    the reason (``"batched layers (not compiled: Dropout (layer '2') with
+    p=0.5 ...)"``, ``"vmap (...)"``, the per-example path of a local-stage
+    mechanism); ``kernel_reason`` holds the reason alone (None when
+    compiled). ``device`` is where the clients' parameters, batches and
+    steps live (:func:`resolve_device`; CPU by default, the reference):
+    ``train`` takes and returns CPU tensors whatever it is.
+    """
 
     name = "vectorized"
 
-    def __init__(self, parts: ClientData) -> None:
+    def __init__(self, parts: ClientData, *, device: Any = None) -> None:
         super().__init__(parts)
         import torch
 
-        self.fmodel = FunctionalModel(parts.factory())
+        self.device = resolve_device(device)
+        module = parts.factory()
+        self.fmodel = FunctionalModel(module)
         xs, ys, self.offset = [], [], []
         off = 0
         for site in parts.sites:
@@ -188,14 +227,37 @@ class VectorBackend(LoopBackend):
             off += len(y)
         self.X = torch.cat(xs) if xs else torch.zeros(0)
         self.y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
+        self._n = np.asarray([len(y) for y in ys], dtype=np.int64)
+        self._row0 = np.asarray(self.offset, dtype=np.int64)
         self.vlocal = (parts.local.vector_steps(self.ctx) if parts.local is not None else None)
         self.streams: dict[int, Any] = {}
-        # one batched kernel per layer when the architecture allows (batched.py); vmap else
-        from fedmedbench.batched import batched_twin
+        self.compiled: Any = None
+        self.twin: Any = None
+        self.kernel_reason: str | None = None
+        if self.vlocal is not None:
+            self.kernel_reason = (f"privacy {getattr(parts.local, 'name', 'local stage')} clips "
+                                  f"per-example gradients")
+            self.kernel = f"vmap per example ({self.kernel_reason})"
+        elif not len(self.X):
+            self.kernel_reason = "no training rows to check the model on"
+            self.kernel = f"vmap ({self.kernel_reason})"
+        else:
+            # ops with analytic backward passes, read from the fx graph once (compiled.py);
+            # else one batched kernel per layer and autograd (batched.py); else vmap
+            from fedmedbench.batched import batched_twin
+            from fedmedbench.compiled import compile_model
 
-        self.twin = (batched_twin(self.fmodel.module, self.X[:2])
-                     if self.vlocal is None and len(self.X) else None)
-        self.kernel = "batched layers" if self.twin is not None else "vmap"
+            self.compiled, why = compile_model(module, self.X[:2])
+            if self.compiled is not None:
+                self.kernel = "compiled"
+            else:
+                self.twin = batched_twin(module, self.X[:2])
+                self.kernel_reason = why
+                self.kernel = (f"{'batched layers' if self.twin is not None else 'vmap'} "
+                               f"(not compiled: {why})")
+        if self.device.type != "cpu":
+            self.X, self.y = self.X.to(self.device), self.y.to(self.device)
+            self.fmodel.module.to(self.device)
 
     def client_updates(self, algorithm: Any, clients: list[int],
                        params: torch.Tensor | dict[int, torch.Tensor], *,
@@ -262,6 +324,76 @@ class VectorBackend(LoopBackend):
             self._off = np.asarray([self.offset[c] for c in clients], dtype=np.int64)
         return self._off
 
+    def plan(self, clients: list[int], steps: list[int], trainer: str = "main"
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every batch of every client for one call of :meth:`train`, from one
+        :meth:`BatchStream.draw` per client and array operations:
+        ``(rows, valid, lens)`` with ``rows`` (S, k, W) the rows of
+        :attr:`X` (0 where padding), ``valid`` (S, k, W) the real rows and
+        ``lens`` (S, k) each batch's size (0 once a client's steps are done),
+        S the most steps and W the largest batch. The rows and their order
+        are those of ``next_indices`` called step by step (the loop
+        backend's), the streams left in the same state.
+
+        Each client's minibatch stream is its own numpy PCG64 generator with
+        its own seed (:meth:`CellContext.batch_seed`): a client's
+        permutations come from one call on its generator per round (numpy's
+        Fisher-Yates with rejection sampling draws a data-dependent number
+        of values, so k generators cannot be advanced by one array
+        operation short of re-implementing PCG64 in numpy).
+        """
+        k = len(clients)
+        S = int(max(steps, default=0))
+        st = np.asarray(steps, dtype=np.int64)
+        cl = np.asarray(clients, dtype=np.int64)
+        n = self._n[cl] if k else np.zeros(0, dtype=np.int64)
+        bs = int(self.ctx.settings.batch_size)
+        streams = self.streams
+        # a client of 0 or 1 rows has one batch an epoch, always the same: no stream, no draw
+        drawn = np.flatnonzero((n > 1) & (st > 0))
+        first = np.zeros(k, dtype=np.int64)
+        sizes = np.minimum(n, 1)
+        parts = []
+        for j in drawn.tolist():  # one call per client per round
+            c = clients[j]
+            perms, first[j] = (streams.get((c, trainer)) or self.stream(c, trainer)).draw(
+                int(st[j]))
+            parts.append(perms)
+            sizes[j] = len(perms)
+        start = np.cumsum(sizes) - sizes
+        flat = np.zeros(int(sizes.sum()), dtype=np.int64)  # one-row clients: row 0
+        if parts:
+            got = sizes[drawn]
+            flat[np.repeat(start[drawn] - (np.cumsum(got) - got), got)
+                 + np.arange(int(got.sum()))] = np.concatenate(parts)
+        per_epoch = np.maximum(-(-n // bs), 1)
+        t = np.arange(S)[:, None]
+        e, q = np.divmod(first + t, per_epoch)  # (S, k): epoch and batch within it
+        lens = np.where(t < st, np.clip(n - q * bs, 0, bs), 0)
+        width = max(1, int(lens.max(initial=0)))
+        r = np.arange(width)
+        valid = r < lens[..., None]
+        if flat.size:
+            stride = np.zeros(k, dtype=np.int64)  # one permutation an epoch, drawn clients only
+            stride[drawn] = n[drawn]
+            pos = np.where(valid, (start + e * stride + q * bs)[..., None] + r, 0)
+            rows = np.where(valid, flat[pos] + self._row0[cl][:, None], 0)
+        else:
+            rows = np.zeros(valid.shape, dtype=np.int64)
+        return rows, valid, lens
+
+    def _batches(self, rows: np.ndarray, valid: np.ndarray, lens: np.ndarray) -> Any:
+        """(X, y, mask) of each step of a :meth:`plan`, padded to the step's
+        largest batch."""
+        import torch
+
+        R = torch.from_numpy(rows).to(self.device)
+        V = torch.from_numpy(valid).to(self.device, torch.float32)
+        widths = np.maximum(lens.max(axis=1, initial=0), 1).tolist() if len(lens) else []
+        for t, w in enumerate(widths):
+            idx = R[t, :, :w]
+            yield self.X[idx], self.y[idx], V[t, :, :w]
+
     def _twin_step(self, P: list[torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
                    M: torch.Tensor, extra_loss: ExtraLoss | None
                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -307,19 +439,23 @@ class VectorBackend(LoopBackend):
               extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None,
               trainable: torch.Tensor | None = None, trainer: str = "main"
               ) -> tuple[torch.Tensor, np.ndarray]:
+        if self.compiled is not None:
+            return self._train_compiled(clients, params, steps, extra_loss=extra_loss,
+                                        grad_offset=grad_offset, trainable=trainable,
+                                        trainer=trainer)
         import torch
         from torch.func import grad, vmap
 
-        from fedmedbench.errors import Diverged
-
         k = len(clients)
         fm = self.fmodel
-        P = [p.clone() for p in fm.split(params.detach().to(torch.float32))]
-        offset = fm.split(grad_offset) if grad_offset is not None else None
+        dev = self.device
+        P = [p.clone() for p in fm.split(params.detach().to(dev, torch.float32))]
+        offset = fm.split(grad_offset.to(dev, torch.float32)) if grad_offset is not None \
+            else None
         opt = functional_optimizer(self.ctx.settings)
-        n_steps = torch.as_tensor(steps)
-        loss_sum = torch.zeros(k, dtype=torch.float64)
-        loss_cnt = torch.zeros(k, dtype=torch.float64)
+        n_steps = torch.as_tensor(steps, device=dev)
+        loss_sum = torch.zeros(k, dtype=torch.float64, device=dev)
+        loss_cnt = torch.zeros(k, dtype=torch.float64, device=dev)
         ce = torch.nn.functional.cross_entropy
 
         def batch_loss(ps: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -341,9 +477,13 @@ class VectorBackend(LoopBackend):
         # back after each step (weight decay and momentum would move them otherwise)
         frozen = self._frozen(trainable)
         fixed = {j: P[j].clone() for j in frozen}
+        # every step's batches drawn at once (a local-stage mechanism's sampler: step by step)
+        batches = self._batches(*self.plan(clients, steps, trainer)) if self.vlocal is None \
+            else None
         for s in range(int(max(steps, default=0))):
             active = [s < st for st in steps]
-            X, Y, M = self._gather(clients, active, trainer)
+            X, Y, M = (next(batches) if batches is not None
+                       else self._gather(clients, active, trainer))
             act = n_steps > s
             if self.twin is not None:
                 G, L = self._twin_step(P, X, Y, M, extra_loss)
@@ -364,12 +504,75 @@ class VectorBackend(LoopBackend):
             for j in frozen:
                 P[j] = fixed[j]
             seen = (M.sum(1) > 0) & act
-            loss_sum += torch.where(seen, L.detach().double(), torch.zeros((), dtype=torch.float64))
+            loss_sum += torch.where(seen, L.detach().double(), torch.zeros((), dtype=torch.float64,
+                                                                           device=dev))
             loss_cnt += seen.double()
-        W = fm.join(P)
-        mean = torch.where(loss_cnt > 0, loss_sum / loss_cnt.clamp(min=1), torch.nan).numpy()
+        return self._finish(clients, fm.join(P), loss_sum, loss_cnt)
+
+    def _train_compiled(self, clients: list[int], params: torch.Tensor, steps: list[int], *,
+                        extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None,
+                        trainable: torch.Tensor | None, trainer: str
+                        ) -> tuple[torch.Tensor, np.ndarray]:
+        """:meth:`train` on the compiled step (:class:`~fedmedbench.compiled.CompiledTrainer`:
+        analytic gradients into preallocated buffers, the optimizer in place).
+        SCAFFOLD's ``grad_offset`` and ``extra_loss``'s gradient (FedProx's
+        proximal term: data-independent, so its gradient is computed apart,
+        by ``torch.func``, and added to the batch gradient, as on the
+        per-example path) enter through the trainer's gradient hook, which
+        also zeroes the gradients of frozen tensors; those are put back
+        after each step (weight decay and momentum would move them)."""
+        import torch
+
+        from fedmedbench.compiled import CompiledTrainer, inplace_optimizer
+
+        fm, dev = self.fmodel, self.device
+        rows, valid, lens = self.plan(clients, steps, trainer)
+        frozen = self._frozen(trainable)
+        tr = CompiledTrainer(self.compiled, fm.split(params.detach().to(dev, torch.float32)),
+                             inplace_optimizer(self.ctx.settings))
+        offset = fm.split(grad_offset.to(dev, torch.float32)) if grad_offset is not None \
+            else None
+        extra_grads = None
+        if extra_loss is not None:
+            from torch.func import grad, vmap
+
+            extra_grads = vmap(grad(lambda ps: extra_loss(fm.flat(ps))))
+        if offset is not None or extra_grads is not None or frozen:
+            def hook(G: list[torch.Tensor]) -> None:
+                if offset is not None:
+                    torch._foreach_add_(G, offset)
+                if extra_grads is not None:
+                    torch._foreach_add_(G, [g.detach() for g in extra_grads(tr.P)])
+                for j in frozen:
+                    G[j].zero_()
+
+            tr.grad_hook = hook
+        fixed = [(tr.P[j], tr.P[j].clone()) for j in frozen]
+        act = torch.from_numpy(np.arange(rows.shape[0])[:, None] < np.asarray(steps)).to(dev)
+        losses = []
+        for s, (X, Y, M) in enumerate(self._batches(rows, valid, lens)):
+            losses.append(tr.step(X, Y, M, act[s]))
+            for p, keep in fixed:
+                p.copy_(keep)
+        seen = torch.from_numpy(lens > 0).to(dev)
+        if losses:
+            L = torch.stack(losses).double()
+            loss_sum = torch.where(seen, L, torch.zeros((), dtype=L.dtype, device=dev)).sum(0)
+        else:
+            loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=dev)
+        return self._finish(clients, tr.flat(), loss_sum, seen.double().sum(0))
+
+    def _finish(self, clients: list[int], W: torch.Tensor, loss_sum: torch.Tensor,
+                loss_cnt: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """(the new (k, D) rows on the CPU, each client's mean loss); raises
+        :class:`~fedmedbench.errors.Diverged` on a non-finite one."""
+        import torch
+
+        from fedmedbench.errors import Diverged
+
+        mean = torch.where(loss_cnt > 0, loss_sum / loss_cnt.clamp(min=1), torch.nan).cpu().numpy()
         bad = [c for c, v, n in zip(clients, mean, loss_cnt.tolist()) if n and not np.isfinite(v)]
         if bad:
             raise Diverged(f"local training loss became {mean[clients.index(bad[0])]} "
                            f"(client {bad[0]})")
-        return W, mean
+        return W.cpu(), mean

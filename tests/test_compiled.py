@@ -4,6 +4,8 @@ and the reasons it gives for models it does not compile."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -231,3 +233,107 @@ def test_grad_hook_sees_and_changes_the_gradients():
     trainer.step(X, Y, M)
     assert torch.equal(trainer.P[0], P0[0]) and not torch.equal(trainer.P[1], P0[1])
     assert len(seen) == 1 and float(seen[0][0][0].abs().sum()) > 0
+
+
+# --------------------------------------------------------------------------
+# the vectorized backend on the compiled step
+# --------------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fedmedbench-rescnn"
+
+
+@pytest.fixture(scope="module")
+def example_reg():
+    """The registry with the residual CNN of examples/ (as FEDMEDBENCH_PLUGINS
+    would load it: the module imported by name from its folder)."""
+    import importlib
+
+    from fedmedbench.registry import get_registry
+
+    sys.path.insert(0, str(EXAMPLE))
+    try:
+        module = importlib.import_module("rescnn_plugin")
+    finally:
+        sys.path.remove(str(EXAMPLE))
+    return get_registry(extra=[module])
+
+
+def _cells(reg, axes, *, rounds=2, run=None):
+    from fedmedbench.matrix import parse_matrix
+
+    return parse_matrix({"name": "compiled", "rounds": rounds, "axes": axes, "run": run or {}},
+                        registry=reg).cells
+
+
+def _both(reg, cell):
+    from fedmedbench import run_cell
+
+    return [run_cell({**cell, "backend": b}, registry=reg, keep_run=True)
+            for b in ("loop", "vectorized")]
+
+
+def _same(out, tol=1e-5):
+    (a, ra), (b, rb) = out
+    assert a["status"] == b["status"] == "ok", (a["error"], b["error"])
+    assert b["backend"]["name"] == "vectorized"
+    for i, p in ra.final_params.items():
+        assert float((p - rb.final_params[i]).abs().max()) <= tol, i
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha["loss"] == pytest.approx(hb["loss"], abs=tol)
+
+
+def test_the_record_names_the_compiled_step_or_why_not(example_reg):
+    """The MLP, FedProx's extra_loss and SCAFFOLD's offset all run on the
+    compiled step; DP-SGD keeps its per-example path; a model with a layer
+    the compiler lacks (SiLU) runs on vmap, and the record names the layer."""
+    cells = _cells(example_reg, {
+        "dataset": ["heart-disease"],
+        "algorithm": ["fedavg", {"name": "fedprox", "mu": 0.1}, "scaffold"],
+        "privacy": ["none", [{"name": "dp-sgd", "noise_multiplier": 0.0,
+                              "max_grad_norm": 0.5}]]}, rounds=1)
+    from fedmedbench import run_cell
+
+    kernels = {(c["labels"]["algorithm"], c["labels"]["privacy"]):
+               run_cell({**c, "backend": "vectorized"}, registry=example_reg)["backend"]["kernel"]
+               for c in cells}
+    for (alg, priv), kernel in kernels.items():
+        if priv == "none":
+            assert kernel == "compiled", (alg, kernel)
+        else:
+            assert kernel.startswith("vmap per example (privacy dp-sgd"), (alg, kernel)
+    img = {"name": "synthetic-imaging", "n_sites": 2, "n_per_site": 16}
+    drop = _cells(example_reg, {"dataset": [img], "algorithm": ["fedavg"],
+                                "model": [{"name": "rescnn", "width": 4, "blocks": 1,
+                                           "act": "silu"}]}, rounds=1,
+                  run={"local_steps": 1})[0]
+    rec = run_cell({**drop, "backend": "vectorized"}, registry=example_reg)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["backend"]["kernel"] == (  # the batched twin has no residual add: vmap
+        "vmap (not compiled: SiLU (layer 'blocks.0.act1'))"), rec["backend"]
+
+
+def test_the_example_residual_cnn_runs_compiled_and_agrees_with_the_loop(example_reg):
+    """examples/fedmedbench-rescnn: a `+` skip, GroupNorm, max- and adaptive
+    pooling on the compiled step; FedAvg and FedProx equal to the loop
+    backend (lr 0.01: see test_engine's CNN note on ReLU/max-pool rounding)."""
+    img = {"name": "synthetic-imaging", "n_sites": 3, "n_per_site": 24}
+    for c in _cells(example_reg, {"dataset": [img],
+                                  "algorithm": ["fedavg", {"name": "fedprox", "mu": 0.1}],
+                                  "model": [{"name": "rescnn", "width": 8, "blocks": 2}]},
+                    rounds=2, run={"local_steps": 2, "lr": 0.01, "batch_size": 8}):
+        out = _both(example_reg, c)
+        assert out[1][0]["backend"]["kernel"] == "compiled"
+        _same(out, tol=1e-5)
+
+
+def test_frozen_tensors_and_weight_decay_on_the_compiled_step(example_reg):
+    """FedRep's frozen phases (``trainable``) with momentum and weight decay:
+    the frozen tensors do not move on the compiled step, and it equals the
+    loop backend."""
+    mlp = {"name": "mlp", "hidden": [8], "norm": "layer"}
+    for c in _cells(example_reg, {"dataset": ["heart-disease"], "model": [mlp],
+                                  "algorithm": ["fedrep"]}, rounds=2,
+                    run={"momentum": 0.9, "weight_decay": 0.01}):
+        out = _both(example_reg, c)
+        assert out[1][0]["backend"]["kernel"] == "compiled"
+        _same(out)

@@ -275,3 +275,63 @@ def test_fast_metrics_equal_scikit_learn():
             warnings.simplefilter("ignore", UserWarning)
             want = skm.balanced_accuracy_score(y, pred)
         assert score("balanced_accuracy", y, proba) == pytest.approx(want, abs=1e-12)
+
+
+# --------------------------------------------------------------------------
+# the vectorized backend draws the loop backend's batches
+# --------------------------------------------------------------------------
+
+
+def test_a_stream_draws_many_batches_as_step_by_step():
+    """BatchStream.draw(steps) gives the batches of `steps` calls of
+    next_indices (the loop backend's) and leaves the stream in the same state,
+    for sizes around the batch size, across rounds of unequal step counts."""
+    from fedmedbench.training import BatchStream
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n, bs = int(rng.integers(0, 80)), int(rng.integers(1, 20))
+        a, b = BatchStream(n, bs, seed=trial), BatchStream(n, bs, seed=trial)
+        per_epoch = max(1, -(-n // bs))
+        for _ in range(4):
+            steps = int(rng.integers(0, 3 * per_epoch + 2))
+            want = [a.next_indices() for _ in range(steps)]
+            perms, first = b.draw(steps)
+            for i, w in enumerate(want):
+                e, q = divmod(first + i, per_epoch)
+                got = perms[e * n + q * bs:e * n + min((q + 1) * bs, n)]
+                np.testing.assert_array_equal(got, w)
+    # a stream over one row never draws: its generator is never made
+    one = BatchStream(1, 4, seed=3)
+    assert [one.next_indices().tolist() for _ in range(3)] == [[0]] * 3 and one._rng is None
+
+
+def test_the_vectorized_plan_is_every_clients_loop_stream():
+    """VectorBackend.plan (one draw per client, array operations) against
+    each client's BatchStream called step by step: the same rows, padding
+    masked, over rounds where clients have unequal sizes and step counts."""
+    from types import SimpleNamespace
+
+    from fedmedbench.training import BatchStream
+    from fedmedbench.vectorized import VectorBackend
+
+    rng = np.random.default_rng(1)
+    sizes = np.array([0, 1, 2, 5, 16, 17, 40, 3, 1, 33])
+    bs = 8
+    row0 = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    fake = SimpleNamespace(_n=sizes, _row0=row0, streams={},
+                           ctx=SimpleNamespace(settings=SimpleNamespace(batch_size=bs)))
+    fake.stream = lambda c, t="main": fake.streams.setdefault(
+        (c, t), BatchStream(int(sizes[c]), bs, seed=100 + c))
+    ref = {c: BatchStream(int(sizes[c]), bs, seed=100 + c) for c in range(len(sizes))}
+    for _ in range(5):
+        clients = sorted(rng.choice(len(sizes), size=6, replace=False).tolist())
+        steps = rng.integers(0, 9, size=6).tolist()
+        rows, valid, lens = VectorBackend.plan(fake, clients, steps)
+        assert rows.shape[:2] == (max(steps), 6)
+        for j, c in enumerate(clients):
+            for s in range(max(steps)):
+                want = ref[c].next_indices() + row0[c] if s < steps[j] else np.zeros(0, int)
+                assert lens[s, j] == len(want)
+                np.testing.assert_array_equal(rows[s, j][valid[s, j]], want)
+                assert not rows[s, j][~valid[s, j]].any()
