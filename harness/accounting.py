@@ -380,7 +380,7 @@ def _log_a_frac(sigma: Any, q: Any, alphas: Any) -> Any:
     active = np.arange(R)
     rows_l, s0_l, s1_l, sg_l = [], [], [], []
     lo, size = 0, 64
-    last_lc = last_sg = None  # log|C(α, lo - 1)| and its sign, per active row
+    last_lc = last_sg = np.empty(0)  # log|C(α, lo - 1)|, its sign, per active row
     while active.size:
         if lo > _MAX_TERMS:
             raise ValueError("the RDP series of the sampled Gaussian mechanism does not "

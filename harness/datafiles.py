@@ -249,7 +249,7 @@ def cached_arrays(key_parts: list[str], build: Callable[[], dict[str, np.ndarray
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temp_files(path.parent)
         # the temp file never outlives a failure (a full disk, an interrupt)
-        write_atomic(path, lambda f: np.savez(f, **arrays))
+        write_atomic(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     except OSError:
         pass  # a read-only or full cache dir only costs speed
     return arrays

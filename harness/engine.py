@@ -603,7 +603,8 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
                                  "privacy": privacy_block(built)}
             if "utility_global" in record["metrics"]:  # the same chance fields as utility's
                 g = record["metrics"]["utility_global"]
-                record["metrics"]["utility_global"] = {**g, **chance(built.data, g)}
+                record["metrics"]["utility_global"] = {
+                    **g, **chance(built.data, g, training.round.global_predictions)}
             if built.canaries is not None or built.canary_problem:
                 record["metrics"]["canaries"] = training.canary_summary()
             isolate = bool(cell.get("isolate_attacks", False))

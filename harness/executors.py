@@ -445,7 +445,8 @@ def _run_local(cells: Iterator[dict[str, Any]], *, finish: Callable[[dict[str, A
     for cell in cells:
         cell = copy.deepcopy(cell)  # cells of one point share sub-dicts; a plugin may mutate
         rb = _bar(cell["config"]["rounds"], enabled=progress, leave=False, desc=_desc(cell))
-        rec = run_one(cell, reg, progress=(lambda r, rb=rb: rb.update(1)) if rb else None)
+        tick: Callable[[int], Any] | None = (lambda r, rb=rb: rb.update(1)) if rb else None
+        rec = run_one(cell, reg, progress=tick)
         if rb is not None:
             rb.close()
         finish(rec)

@@ -558,7 +558,7 @@ def _drive(client: Any, distributed: Any, cells: Iterator[dict[str, Any]], *,
                 time.sleep(_POLL_S)
                 continue
             for fut in batch:
-                j = inflight.pop(fut.key, None)
+                j = inflight.pop(fut.key, None)  # type: ignore[arg-type]
                 if j is None:  # a cell given up on (timeout): its outcome is ignored
                     continue
                 if fut.status == "finished":

@@ -129,7 +129,7 @@ def serialize(actx: Any, folder: Path, *, shadow_spec: dict[str, Any]) -> None:
             "seeds": [[int(c), int(x)] for c, x in replay.seeds.items()],
             "batch_size": int(replay.batch_size)},
     }
-    np.savez(folder / _ARRAYS, **A.items)
+    np.savez(folder / _ARRAYS, **A.items)  # type: ignore[arg-type]
     (folder / _META).write_text(json.dumps(meta))
 
 

@@ -16,6 +16,8 @@ validation costs about 4 ms a call, which at 100 sites is most of a round.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 METRICS = ("accuracy", "balanced_accuracy", "auroc")
@@ -224,7 +226,7 @@ def standard_error(metric: str, y_true: np.ndarray, proba: np.ndarray) -> float:
 
 
 def beats_chance(metric: str, y_true: np.ndarray, proba: np.ndarray, baseline: float
-                 ) -> dict[str, float | bool | None]:
+                 ) -> dict[str, Any]:
     """Is the score above ``baseline`` beyond the test rows' sampling noise?
 
     One-sided: an exact binomial test for accuracy (k correct of n against

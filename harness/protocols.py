@@ -213,6 +213,8 @@ class Round:
         #: the last evaluation's predictions: "pooled" (y, proba) of the global model on
         #: the pooled test rows, "sites" each site's (y, proba) on its own test rows
         self.predictions: dict[str, Any] = {}
+        #: the global model's, where personal models are scored beside one
+        self.global_predictions: dict[str, Any] = {}
         from fedmedbench.backends import flat_buffers
 
         #: the running statistics of a freshly built model (no training yet)
@@ -658,7 +660,9 @@ class Round:
             return self._evaluate_global(data)
         out = self._evaluate_sites(data)
         if self.setting.aggregates and self.has_global:
+            sites_pred = self.predictions
             self.global_utility = self._evaluate_global(data)
+            self.global_predictions, self.predictions = self.predictions, sites_pred
         return out
 
     def _evaluate_global(self, data: Any) -> dict[str, Any]:

@@ -376,7 +376,8 @@ def owner_of(rec: dict[str, Any], where: str) -> tuple[str, str, str, str] | Non
     from fedmedbench.errors import ConfigError
 
     parts = where.split(".")
-    cfg = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    cfg: dict[str, Any] = rec["config"] if isinstance(rec.get("config"), dict) else {}
+    name: str | None
     if parts[:2] == ["metrics", "attacks"] and len(parts) > 2:
         family, name = "attack", parts[2].split("(")[0]
     elif parts[0] in ("metrics", "history"):
@@ -618,10 +619,10 @@ def completed_ids(results_dir: Path) -> set[str]:
     file is ignored here: its cell runs again, and :func:`write_record` keeps
     the old file aside. (``fedmedbench run`` refuses beforehand to touch
     records of another schema unless ``--skip-invalid``: :func:`scan`.)"""
-    done = set()
+    done: set[str] = set()
     for p in iter_record_paths(results_dir):
         v = _verdict(p)
-        if v.problem is None and v.status == "ok":
+        if v.problem is None and v.status == "ok" and v.cell_id is not None:
             done.add(v.cell_id)
     return done
 
@@ -632,7 +633,8 @@ def scan(results_dir: Path) -> tuple[list[str], list[str]]:
     another schema are the other version's results (the run refuses them
     unless told to skip them); untrusted ones (malformed, or failing
     :func:`trust_problem`) are recomputed when their cell runs."""
-    other, untrusted = [], []
+    other: list[str] = []
+    untrusted: list[str] = []
     for p in iter_record_paths(results_dir):
         v = _verdict(p)
         if v.problem is not None:
@@ -681,7 +683,7 @@ def remove_stale_temp_files(results_dir: Path, *, before: float) -> list[Path]:
     left in ``results_dir``, if last modified before ``before`` (a
     ``time.time()``; the caller holds the run lock, so no live writer's file
     is older than the lock). Returns the files removed."""
-    gone = []
+    gone: list[Path] = []
     d = Path(results_dir)
     if not d.is_dir():
         return gone

@@ -150,8 +150,8 @@ def _groups(raw: dict[str, Any], registry: Any) -> list[dict[str, Any]]:
 
 
 def _entry(cfg: dict[str, Any], axis: str) -> Any:
-    v = cfg.get(axis)
-    if axis == "privacy":
+    v: Any = cfg.get(axis)
+    if axis == "privacy" and isinstance(v, list):
         return v if len(v) != 1 else v[0]
     return v
 

@@ -44,7 +44,7 @@ def _digest(arrays) -> str:
 @pytest.mark.parametrize("key", sorted(PINNED))
 def test_the_numbers_are_those_of_the_generator_before(key):
     H, N, seed = key
-    ds = SyntheticEHR(n_hospitals=H, n_patients=N, data_seed=seed)
+    ds = SyntheticEHR(n_hospitals=H, n_patients=N, data_seed=seed, scaling="pooled")
     assert _digest_load(ds.load(seed=0)) == PINNED[key][0]
     assert _digest(ds.generate()) == PINNED[key][1]
 
@@ -55,10 +55,13 @@ def test_the_numbers_are_those_of_the_generator_before(key):
     dict(n_hospitals=9, n_patients=70_000, size_skew=1.2, case_mix=0.0, data_seed=5),
     dict(n_hospitals=2, n_patients=140_000, measurement_shift=0.0, missing_rate=0.5),
 ])
-def test_load_is_generate_then_the_scaler(kw):
+@pytest.mark.parametrize("scaling", ["site", "pooled"])
+def test_load_is_generate_then_the_scaler(kw, scaling):
     """load() against the float64 path it replaces, written out with the
-    shared helpers (also for columns longer than one block of CHUNK rows)."""
-    ds = SyntheticEHR(**kw)
+    shared helpers (also for columns longer than one block of CHUNK rows):
+    each hospital's own training rows fit its scaler (the default), or the
+    pooled training rows fit one (``scaling="pooled"``)."""
+    ds = SyntheticEHR(**kw, scaling=scaling)
     X, y, hosp, miss = ds.generate()
     rng = np.random.default_rng([ds.data_seed, 32])
     tr, te = [], []
@@ -66,9 +69,10 @@ def test_load_is_generate_then_the_scaler(kw):
         rows = np.flatnonzero(hosp == h)
         a, b = split_indices(y[rows], ds.test_fraction, rng)
         tr.append(rows[a]), te.append(rows[b])
-    mean, std = fit_scaler(X[np.concatenate(tr)])
+    pooled = fit_scaler(X[np.concatenate(tr)])
     data = ds.load(seed=0)
     for h, s in enumerate(data.sites):
+        mean, std = pooled if scaling == "pooled" else fit_scaler(X[tr[h]])
         np.testing.assert_array_equal(s.train.X, apply_scaler(X[tr[h]], mean, std))
         np.testing.assert_array_equal(s.test.X, apply_scaler(X[te[h]], mean, std))
         np.testing.assert_array_equal(s.train.y, y[tr[h]])

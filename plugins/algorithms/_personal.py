@@ -4,12 +4,17 @@ FedRep and FedPer)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from fedmedbench import CellContext
 
+if TYPE_CHECKING:
+    from torch import nn
 
-def norm_types() -> tuple[type, ...]:
+
+def norm_types() -> tuple[type[nn.Module], ...]:
     """The module types whose parameters are normalisation parameters (FedBN)."""
     from torch import nn
 

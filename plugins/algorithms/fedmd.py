@@ -105,9 +105,9 @@ class FedMD(Algorithm):
                 raise ValueError(f"fedmd: {n} = {v!r}; {n} must be an integer >= 0")
         if not isinstance(digest_batch, int) or isinstance(digest_batch, bool) or digest_batch < 1:
             raise ValueError(f"fedmd: digest_batch = {digest_batch!r}; must be an integer >= 1")
-        for n, v in (("digest_lr", digest_lr), ("temperature", temperature)):
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"fedmd: {n} = {v!r}; {n} must be a number > 0")
+        for n, x in (("digest_lr", digest_lr), ("temperature", temperature)):
+            if not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+                raise ValueError(f"fedmd: {n} = {x!r}; {n} must be a number > 0")
         self.architectures = archs
         self.public_samples, self.digest_steps = public_samples, digest_steps
         self.digest_lr, self.digest_batch = float(digest_lr), digest_batch

@@ -70,6 +70,7 @@ ceiling is below the claim (the audit could not have caught a violation).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -173,7 +174,7 @@ class CanaryAudit(Attack):
                   "(black-box, the final global model; isolated: each site's own model)")
 
     @staticmethod
-    def canary_type() -> type:
+    def canary_type() -> type[Canaries | GradientCanaries | ClientCanaries]:
         return Canaries
 
     def extra_results(self, scores: np.ndarray, included: np.ndarray, delta: float
@@ -182,20 +183,20 @@ class CanaryAudit(Attack):
         return {}
 
     def __init__(self, *, m: Annotated[int, Range(ge=2)] = 200,
-                 guesses: list = (0.1, 0.2, 0.5, 1.0),
+                 guesses: Sequence[float] = (0.1, 0.2, 0.5, 1.0),
                  confidence: Annotated[float, Range(gt=0, lt=1)] = 0.95,
                  audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
         if not isinstance(m, int) or isinstance(m, bool) or m < 2:
             raise ValueError(f"audit-canary: m = {m!r}; use an integer >= 2 canaries")
-        guesses = [float(g) for g in guesses]
-        if not guesses or not all(0 < g <= 1 for g in guesses):
-            raise ValueError(f"audit-canary: guesses = {guesses!r}; give fractions of m in "
+        fractions = [float(g) for g in guesses]
+        if not fractions or not all(0 < g <= 1 for g in fractions):
+            raise ValueError(f"audit-canary: guesses = {fractions!r}; give fractions of m in "
                              f"(0, 1], e.g. [0.1, 0.5, 1.0]")
         if not 0 < confidence < 1:
             raise ValueError(f"audit-canary: confidence = {confidence!r}; it must be in (0, 1)")
         if not 0 <= audit_delta < 1:
             raise ValueError(f"audit-canary: audit_delta = {audit_delta!r}; it must be in [0, 1)")
-        self.m, self.guesses = m, guesses
+        self.m, self.guesses = m, fractions
         self.confidence, self.audit_delta = float(confidence), float(audit_delta)
 
     # -- before training -------------------------------------------------------
@@ -245,7 +246,7 @@ class CanaryAudit(Attack):
                                          "attack per cell")
             return {"not_applicable": f"no canaries were inserted into training: {why}"}
         m = len(can)
-        inc = np.asarray(can.included, dtype=bool)
+        inc: np.ndarray = np.asarray(can.included, dtype=bool)
         # the audit sees the final model only: it audits the released model's guarantee
         # (the weakest view; every other adversary's ε is at least as large)
         claim = (ctx.privacy.get("by_adversary") or {}).get("released",
@@ -322,13 +323,13 @@ class DiracAudit(CanaryAudit):
                   "minus final model (white-box; isolated: each site's own model)")
 
     def __init__(self, *, m: Annotated[int, Range(ge=2)] = 1000,
-                 guesses: list = (0.1, 0.2, 0.5, 1.0),
+                 guesses: Sequence[float] = (0.1, 0.2, 0.5, 1.0),
                  confidence: Annotated[float, Range(gt=0, lt=1)] = 0.95,
                  audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
         super().__init__(m=m, guesses=guesses, confidence=confidence, audit_delta=audit_delta)
 
     @staticmethod
-    def canary_type() -> type:
+    def canary_type() -> type[Canaries | GradientCanaries | ClientCanaries]:
         return GradientCanaries
 
     def canaries(self, data: FederatedData, rng: np.random.Generator) -> None:
@@ -399,7 +400,7 @@ class ClientAudit(CanaryAudit):
                   "client's direction (white-box, the final global model)")
 
     @staticmethod
-    def canary_type() -> type:
+    def canary_type() -> type[Canaries | GradientCanaries | ClientCanaries]:
         return ClientCanaries
 
     def canaries(self, data: FederatedData, rng: np.random.Generator) -> None:

@@ -268,15 +268,16 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
             with torch.no_grad():
                 x.clamp_(0, 1)
         else:
-            opt = torch.optim.Adam(opt_vars, lr=step_size)
+            adam = torch.optim.Adam(opt_vars, lr=step_size)
             sched = torch.optim.lr_scheduler.MultiStepLR(
-                opt, milestones=[int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)], gamma=0.1)
+                adam, milestones=[int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)], gamma=0.1)
             for _ in range(iterations):
-                opt.zero_grad()
+                adam.zero_grad()
                 loss = match() + tv * total_variation(x)
                 loss.backward()
+                assert x.grad is not None
                 x.grad.sign_()
-                opt.step()
+                adam.step()
                 sched.step()
                 with torch.no_grad():
                     x.clamp_(0, 1)

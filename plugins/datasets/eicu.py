@@ -247,8 +247,10 @@ def preprocess(files: dict[str, Path], min_stays: int, *, scaling: str = "site"
     for i, h in enumerate(hospitals):
         rows = np.flatnonzero(hid == h)
         a, b = split_indices(y_all[rows], TEST_FRACTION, rng)
-        tr.append(rows[a]), te.append(rows[b])
-        tr_site.append(np.full(len(a), i)), te_site.append(np.full(len(b), i))
+        tr.append(rows[a])
+        te.append(rows[b])
+        tr_site.append(np.full(len(a), i))
+        te_site.append(np.full(len(b), i))
     tr_rows, te_rows = np.concatenate(tr), np.concatenate(te)
     return scaled_arrays(X_all, y_all, tr_rows, te_rows, np.concatenate(tr_site),
                          np.concatenate(te_site), scaling=scaling,

@@ -34,9 +34,9 @@ from fedmedbench import (
     shipped_file,
 )
 from fedmedbench.plugins.datasets._common import (
-    read_csv,
     POOLED_NOTE,
     check_scaling,
+    read_csv,
     scaled_arrays,
     sites_from_arrays,
     sizes,
@@ -110,8 +110,10 @@ class BladderBatch(Dataset):
         for i, b in enumerate(batches):
             rows = np.flatnonzero((df["batch"] == b).to_numpy())
             a, c = split_indices(y_all[rows], TEST_FRACTION, rng)
-            tr.append(rows[a]), te.append(rows[c])
-            tr_site.append(np.full(len(a), i)), te_site.append(np.full(len(c), i))
+            tr.append(rows[a])
+            te.append(rows[c])
+            tr_site.append(np.full(len(a), i))
+            te_site.append(np.full(len(c), i))
         tr_rows, te_rows = np.concatenate(tr), np.concatenate(te)
         keep = np.arange(len(genes))
         if self.n_genes and self.n_genes < len(genes):  # variance filter: training rows only

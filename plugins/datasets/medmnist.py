@@ -71,10 +71,10 @@ class MedMNIST(Dataset):
         self.path, self.subset, self.sha256, self.val = path, subset, sha256.lower(), val
 
     def file(self) -> Path:
-        p = self.path or os.environ.get(ENV, "")
-        if not p:
+        given = self.path or os.environ.get(ENV, "")
+        if not given:
             raise DataError(f"medmnist: no file given (expected {self.subset}.npz). {HOWTO}")
-        p = Path(p).expanduser()
+        p = Path(given).expanduser()
         if p.is_dir():
             p = p / f"{self.subset}.npz"
         if not p.is_file():

@@ -32,9 +32,9 @@ from fedmedbench import (
     shipped_file,
 )
 from fedmedbench.plugins.datasets._common import (
-    read_csv,
     POOLED_NOTE,
     check_scaling,
+    read_csv,
     scaled_arrays,
     sites_from_arrays,
     sizes,
@@ -158,8 +158,10 @@ def preprocess(df: pd.DataFrame, site_column: str, target: str = "hospdead",
     for i, name in enumerate(names):
         rows = np.flatnonzero((df[site_column] == name).to_numpy())
         a, b = split_indices(y_all[rows], TEST_FRACTION, rng)
-        tr_rows.append(rows[a]), te_rows.append(rows[b])
-        tr_site.append(np.full(len(a), i)), te_site.append(np.full(len(b), i))
+        tr_rows.append(rows[a])
+        te_rows.append(rows[b])
+        tr_site.append(np.full(len(a), i))
+        te_site.append(np.full(len(b), i))
     tr, te = np.concatenate(tr_rows), np.concatenate(te_rows)
     return scaled_arrays(X_all, y_all, tr, te, np.concatenate(tr_site), np.concatenate(te_site),
                          scaling=scaling, features=np.array(list(feats.columns)),

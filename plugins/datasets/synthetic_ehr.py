@@ -36,7 +36,7 @@ pooled training rows; tests/test_datasets.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -144,10 +144,12 @@ class SyntheticEHR(Dataset):
         X = np.empty((pop.n, len(FEATURES)))
         for j, col in pop.columns():
             X[:, j] = col
+        assert pop.y is not None
         return X, pop.y, pop.hosp.astype(np.int64), pop.miss_rate
 
     def load(self, *, seed: int) -> FederatedData:
         pop = self._population()
+        assert pop.y is not None
         H, N = self.n_hospitals, pop.n
         rng = np.random.default_rng([self.data_seed, 32])
         starts = np.concatenate([[0], np.cumsum(pop.size)])  # hospitals are contiguous
@@ -282,7 +284,7 @@ def _true_column(f: Callable, sd_draw: float, a: Callable[[slice], np.ndarray],
                  out=out)
 
 
-def _generator(state: dict) -> np.random.Generator:
+def _generator(state: Mapping[str, Any]) -> np.random.Generator:
     g = np.random.Generator(np.random.PCG64())
     g.bit_generator.state = state
     return g
@@ -302,10 +304,10 @@ class _Population:
     sex: np.ndarray | None
     emergency: np.ndarray
     acu_mu: np.ndarray
-    acuity_state: dict
-    true_states: list[dict]
+    acuity_state: Mapping[str, Any]
+    true_states: list[Mapping[str, Any]]
     record: list[tuple]
-    missing_state: dict
+    missing_state: Mapping[str, Any]
 
     def _acuity(self) -> Callable[[slice], np.ndarray]:
         """a = acuity + 0.3 * emergency, block by block, drawn again (blocks
@@ -319,10 +321,12 @@ class _Population:
         missing, or bool for the 0/1 columns. The float64 columns share one
         buffer: use each before asking for the next."""
         N, hosp = self.n, self.hosp
-        yield 0, self.age
-        self.age = None
-        yield 1, self.sex
-        self.sex = None
+        age, sex, self.age, self.sex = self.age, self.sex, None, None  # dropped once used
+        assert age is not None and sex is not None, "columns() runs once"
+        yield 0, age
+        del age
+        yield 1, sex
+        del sex
         yield 2, self.emergency
         v = np.empty(N)
         miss = _generator(self.missing_state)
@@ -375,8 +379,8 @@ def _scale_into(out: np.ndarray, col: np.ndarray, perm: np.ndarray,
             x[nan] = 0.0
             sq = _carry_sum(sq, x * x)
         std = np.sqrt(np.float64(0.0 if sq is None else sq) / cnt)
-    mean = mean if np.isfinite(mean) else 0.0
-    std = std if np.isfinite(std) and std > 1e-8 else 1.0
+    mean = mean if np.isfinite(mean) else np.float64(0.0)
+    std = std if np.isfinite(std) and std > 1e-8 else np.float64(1.0)
     for c in _chunks(len(perm)):
         z = np.subtract(col[perm[c]], mean, dtype=float)
         z /= std
@@ -391,19 +395,23 @@ def _scale_into_sites(out: np.ndarray, col: np.ndarray, perm: np.ndarray,
     constant or all-missing column gets mean 0, s.d. 1), missing as 0. Rows
     are hospital by hospital, training rows first (``starts``, ``n_tr``)."""
     x = np.asarray(col[perm], dtype=float)
-    H = len(n_tr)
     sizes = np.diff(starts)
-    hosp = np.repeat(np.arange(H), sizes)
-    pos = np.arange(len(x)) - np.repeat(starts[:-1], sizes)
-    train = (pos < np.repeat(n_tr, sizes)) & ~np.isnan(x)
-    seg = starts[:-1]
+    mean, std = np.zeros(len(n_tr)), np.ones(len(n_tr))
     with np.errstate(all="ignore"):
-        cnt = np.add.reduceat(train.astype(float), seg)
-        mean = np.add.reduceat(np.where(train, x, 0.0), seg) / cnt
-        dev = np.where(train, x - mean[hosp], 0.0)
-        std = np.sqrt(np.add.reduceat(dev * dev, seg) / cnt)
-    mean = np.where(np.isfinite(mean), mean, 0.0)
-    std = np.where(np.isfinite(std) & (std > 1e-8), std, 1.0)
+        for h, (lo, k) in enumerate(zip(starts[:-1], n_tr)):  # row after row, as fit_scaler
+            v = x[lo:lo + k].copy()
+            nan = np.isnan(v)
+            cnt = k - int(nan.sum())
+            v[nan] = 0.0
+            m = np.float64(_carry_sum(None, v) or 0.0) / cnt
+            v = x[lo:lo + k] - m
+            v[nan] = 0.0
+            sd = np.sqrt(np.float64(_carry_sum(None, v * v) or 0.0) / cnt)
+            if np.isfinite(m):
+                mean[h] = m
+            if np.isfinite(sd) and sd > 1e-8:
+                std[h] = sd
+    hosp = np.repeat(np.arange(len(n_tr)), sizes)
     z = (x - mean[hosp]) / std[hosp]
     z[np.isnan(z)] = 0.0
     out[:] = z

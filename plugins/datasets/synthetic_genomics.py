@@ -70,10 +70,10 @@ class SyntheticGenomics(Dataset):
         if not isinstance(n_samples, int) or n_samples < 8 * n_sites:
             raise ValueError(f"n_samples must be an integer >= 8 * n_sites = {8 * n_sites}, "
                              f"got {n_samples!r}")
-        for k, v in (("batch_strength", batch_strength), ("effect_size", effect_size),
+        for k, x in (("batch_strength", batch_strength), ("effect_size", effect_size),
                      ("label_skew", label_skew)):
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{k} must be a number >= 0, got {v!r}")
+            if not isinstance(x, (int, float)) or x < 0:
+                raise ValueError(f"{k} must be a number >= 0, got {x!r}")
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
         self.n_genes, self.n_samples, self.n_sites = n_genes, n_samples, n_sites
@@ -128,9 +128,9 @@ class SyntheticGenomics(Dataset):
         std[std < 1e-8] = 1.0
         mean32, inv32 = mean.astype(np.float32), (1 / std).astype(np.float32)
         for c in range(0, N, CHUNK):
-            blk = X[c:c + CHUNK]
-            blk -= mean32
-            blk *= inv32
+            rows = X[c:c + CHUNK]
+            rows -= mean32
+            rows *= inv32
         sites = []
         for s in range(S):
             a, b, e = starts[s], starts[s + 1] - n_test[s], starts[s + 1]

@@ -117,11 +117,14 @@ class SmallCNN(nn.Module):
         stride = 2 if pool == "none" else 1
 
         def down() -> list[nn.Module]:
-            return {"max": [nn.MaxPool2d(2)], "avg": [nn.AvgPool2d(2)], "none": []}[pool]
+            pools: dict[str, list[nn.Module]] = {"max": [nn.MaxPool2d(2)],
+                                                 "avg": [nn.AvgPool2d(2)], "none": []}
+            return pools[pool]
 
         def normed(c: int) -> list[nn.Module]:
-            return {"group": [nn.GroupNorm(4, c)], "batch": [nn.BatchNorm2d(c)],
-                    "none": []}[norm]
+            norms: dict[str, list[nn.Module]] = {"group": [nn.GroupNorm(4, c)],
+                                                 "batch": [nn.BatchNorm2d(c)], "none": []}
+            return norms[norm]
 
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, stride=stride, padding=1), *normed(width),

@@ -15,6 +15,7 @@ running statistics each model is scored with (:mod:`fedmedbench.protocols`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fedmedbench import Model, Range
@@ -116,18 +117,18 @@ class MLPModel(Model):
 
     name = "mlp"
 
-    def __init__(self, *, hidden: list = (64,),  # noqa: B006
+    def __init__(self, *, hidden: Sequence[int] = (64,),
                  dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0,
                  norm: str = "none") -> None:
-        hidden = list(hidden)
-        if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
-                                 for h in hidden):
-            raise ValueError(f"mlp: hidden = {hidden!r}; give a list of positive integer widths")
+        widths = list(hidden)
+        if not widths or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
+                                 for h in widths):
+            raise ValueError(f"mlp: hidden = {widths!r}; give a list of positive integer widths")
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"mlp: dropout = {dropout!r}; it must be in [0, 1)")
         if norm not in NORMS_MLP:
             raise ValueError(f"mlp: norm = {norm!r}; choose one of {', '.join(NORMS_MLP)}")
-        self.hidden, self.dropout, self.norm = hidden, float(dropout), norm
+        self.hidden, self.dropout, self.norm = widths, float(dropout), norm
         # dropout draws at random and BatchNorm updates its buffers in place: loop only
         self.vectorized = self.dropout == 0 and norm != "batch"
 

@@ -207,7 +207,7 @@ class DPSGD(PrivacyMechanism, LocalStage):
                 "planned_steps": info["planned_steps"], "records": info["n"],
                 "expected_batch": info["expected_batch"]}
         worst = max(per_site.items(), key=lambda kv: (kv[1]["epsilon"], kv[0]), default=None)
-        top = worst[1] if worst else {"epsilon": 0.0, "noise_multiplier": self.noise_multiplier,
+        top: dict[str, Any] = worst[1] if worst else {"epsilon": 0.0, "noise_multiplier": self.noise_multiplier,
                                       "sample_rate": None, "steps": 0}
         eps, q, steps = float(top["epsilon"]), top["sample_rate"], int(top["steps"])
         note = ("record-level: each client samples its own records (Poisson, rate q), which "
@@ -341,8 +341,9 @@ class OpacusTrainer:
             hit = np.flatnonzero((here >= off) & (here < off + n))
             rows[torch.as_tensor(hit), torch.as_tensor(here[hit] - off)] = self.C
             rows = rows.reshape(len(here), *p.shape)
-            g = getattr(p, "grad_sample", None)
-            p.grad_sample = rows if g is None else torch.cat([g, rows])
+            held: Any = p  # Opacus keeps per-example gradients on the parameter
+            g = getattr(held, "grad_sample", None)
+            held.grad_sample = rows if g is None else torch.cat([g, rows])
             off += n
 
 
@@ -408,10 +409,12 @@ class VectorDPSGD:
         for j, c in zip(rows, clients):  # present canaries: C at their coordinates
             stream = self._canaries.get(c)
             if stream is None:
-                stream = self._canaries[c] = self.mech._canary_stream(c) or False
+                stream = self._canaries[c] = self.mech._canary_stream(c) or ()
             if stream:
                 coords, cg = stream
-                here = coords[(torch.rand(len(coords), generator=cg) < infos[j]["sample_rate"]
+                info = infos[j]
+                assert info is not None
+                here = coords[(torch.rand(len(coords), generator=cg) < info["sample_rate"]
                                ).numpy()]
                 if len(here):
                     summed[j, torch.as_tensor(here)] += C

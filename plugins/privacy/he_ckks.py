@@ -48,6 +48,7 @@ the model's coordinates in each client's vector and are always encrypted.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
@@ -134,8 +135,8 @@ class HECKKS(PrivacyMechanism, TransportStage):
     server_view = "ciphertext"
 
     def __init__(self, *, poly_modulus_degree: int = 8192,
-                 coeff_mod_bit_sizes: list = (60, 40, 60),
-                 scale: Annotated[float, Range(gt=1)] = 2.0**40, layers: list = (),
+                 coeff_mod_bit_sizes: Sequence[int] = (60, 40, 60),
+                 scale: Annotated[float, Range(gt=1)] = 2.0**40, layers: Sequence[str] = (),
                  rest: str = "plaintext") -> None:
         if poly_modulus_degree not in MAX_COEFF_BITS:
             raise ValueError(f"poly_modulus_degree={poly_modulus_degree!r}; choose one of "
