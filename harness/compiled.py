@@ -418,6 +418,8 @@ class CompiledModel:
                 self._consumers[i] += 1
         self._loss_bufs: dict[tuple, Any] = {}
         self._grads: dict[tuple, list[torch.Tensor]] = {}
+        self._grads_of: Any = None
+        self._grads_last: list[torch.Tensor] = []
 
     def forward(self, P: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Logits (k, B, C) and every slot's value (for the backward pass).
@@ -432,10 +434,13 @@ class CompiledModel:
         """Preallocated parameter gradients (zeros for parameters no op uses)."""
         import torch
 
-        key = tuple((tuple(p.shape), p.dtype, str(p.device)) for p in P)
+        if P is self._grads_of:  # the trainer's own list, step after step
+            return self._grads_last
+        key = tuple((tuple(p.shape), p.stride(), p.dtype, str(p.device)) for p in P)
         if key not in self._grads:
             self._grads[key] = [torch.zeros_like(p) for p in P]
-        return self._grads[key]
+        self._grads_of, self._grads_last = P, self._grads[key]  # holds P: its id stays its own
+        return self._grads_last
 
     def loss_and_grads(self, P: list[torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
                        M: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -747,10 +752,14 @@ class InPlaceSGD:
         self._started = False
         self._tmp: list[torch.Tensor] | None = None
 
-    def step(self, P: list[torch.Tensor], G: list[torch.Tensor], active: torch.Tensor) -> None:
+    def step(self, P: list[torch.Tensor], G: list[torch.Tensor], active: torch.Tensor,
+             every: bool | None = None) -> None:
+        """One step of the rows ``active`` marks; ``every``: whether that is all
+        of them, when the caller knows (saves a device-to-host read)."""
         import torch
 
-        every = bool(active.all())
+        if every is None:
+            every = bool(active.all())
         if self.momentum == 0 and self.wd == 0 and every:
             torch._foreach_add_(P, G, alpha=-self.lr)
             return
@@ -796,7 +805,8 @@ class InPlaceAdam:
         self._tmp: list[torch.Tensor] | None = None
         self._den: list[torch.Tensor] | None = None
 
-    def step(self, P: list[torch.Tensor], G: list[torch.Tensor], active: torch.Tensor) -> None:
+    def step(self, P: list[torch.Tensor], G: list[torch.Tensor], active: torch.Tensor,
+             every: bool | None = None) -> None:
         import torch
 
         if self.m is None:
@@ -808,7 +818,8 @@ class InPlaceAdam:
         self.t += 1
         bc1 = 1 - self.b1 ** self.t
         bc2 = 1 - self.b2 ** self.t
-        every = bool(active.all())
+        if every is None:
+            every = bool(active.all())
         for j, (w, g) in enumerate(zip(P, G)):
             if self.wd != 0:
                 g = torch.add(g, w, alpha=self.wd, out=self._tmp[j])
@@ -880,14 +891,15 @@ class CompiledTrainer:
              active: torch.Tensor | None = None) -> torch.Tensor:
         import torch
 
+        every = None
         if active is None:
             if self._all is None or len(self._all) != X.shape[0]:
                 self._all = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
-            active = self._all
+            active, every = self._all, True
         L, G = self.model.loss_and_grads(self.P, X, Y, M)
         if self.grad_hook is not None:
             self.grad_hook(G)
-        self.opt.step(self.P, G, active)
+        self.opt.step(self.P, G, active, every)
         return L
 
     def flat(self) -> torch.Tensor:

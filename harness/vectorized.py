@@ -548,10 +548,12 @@ class VectorBackend(LoopBackend):
 
             tr.grad_hook = hook
         fixed = [(tr.P[j], tr.P[j].clone()) for j in frozen]
-        act = torch.from_numpy(np.arange(rows.shape[0])[:, None] < np.asarray(steps)).to(dev)
+        act_np = np.arange(rows.shape[0])[:, None] < np.asarray(steps)
+        every = act_np.all(axis=1).tolist()
+        act = torch.from_numpy(act_np).to(dev)
         losses = []
         for s, (X, Y, M) in enumerate(self._batches(rows, valid, lens)):
-            losses.append(tr.step(X, Y, M, act[s]))
+            losses.append(tr.step(X, Y, M, None if every[s] else act[s]))
             for p, keep in fixed:
                 p.copy_(keep)
         seen = torch.from_numpy(lens > 0).to(dev)
