@@ -888,10 +888,11 @@ class CompiledTrainer:
         self._all: torch.Tensor | None = None
 
     def step(self, X: torch.Tensor, Y: torch.Tensor, M: torch.Tensor,
-             active: torch.Tensor | None = None) -> torch.Tensor:
+             active: torch.Tensor | None = None, every: bool | None = None) -> torch.Tensor:
+        """One step; ``active`` None: every row (``every``: whether ``active``
+        marks every row, when the caller knows)."""
         import torch
 
-        every = None
         if active is None:
             if self._all is None or len(self._all) != X.shape[0]:
                 self._all = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)

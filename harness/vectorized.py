@@ -553,7 +553,7 @@ class VectorBackend(LoopBackend):
         act = torch.from_numpy(act_np).to(dev)
         losses = []
         for s, (X, Y, M) in enumerate(self._batches(rows, valid, lens)):
-            losses.append(tr.step(X, Y, M, None if every[s] else act[s]))
+            losses.append(tr.step(X, Y, M, None if every[s] else act[s], every[s]))
             for p, keep in fixed:
                 p.copy_(keep)
         seen = torch.from_numpy(lens > 0).to(dev)

@@ -337,3 +337,52 @@ def test_frozen_tensors_and_weight_decay_on_the_compiled_step(example_reg):
         out = _both(example_reg, c)
         assert out[1][0]["backend"]["kernel"] == "compiled"
         _same(out)
+
+
+def test_the_compiled_path_keeps_every_tensor_on_the_backends_device(example_reg):
+    """No CUDA here: the ``meta`` device stands in for one. A tensor made on the
+    CPU inside the compiled path (a buffer, an index, a mask) would meet the
+    meta tensors and raise, so one round on ``meta`` -- unequal step counts,
+    SCAFFOLD's offset, FedProx's extra_loss, frozen tensors -- shows the
+    path keeps to its device; the CPU twin of each call gives finite rows."""
+    import dataclasses
+
+    from fedmedbench.backends import ClientData
+    from fedmedbench.cell import build_cell
+    from fedmedbench.models import get_flat_params
+    from fedmedbench.vectorized import VectorBackend, resolve_device
+
+    assert resolve_device(None).type == resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="one of auto, cpu, cuda"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+    cell = _cells(example_reg, {"dataset": ["heart-disease"], "algorithm": ["fedavg"],
+                                "model": [{"name": "mlp", "hidden": [8], "norm": "layer"}]},
+                  run={"momentum": 0.9, "weight_decay": 0.01})[0]
+    built = build_cell(cell, example_reg)
+    parts = ClientData(ctx=built.clients_ctx, sites=list(built.federation.clients),
+                       holdout=dict(built.federation.holdout),
+                       factories=dict(built.client_factories), factory=built.factory,
+                       local=built.clients.local_stage)
+    w = get_flat_params(built.factory())
+    k, D = 4, w.numel()
+    frozen = torch.ones(D, dtype=torch.bool)
+    frozen[:15 * 8] = False  # the first layer's weight
+    calls = [{}, {"grad_offset": torch.full((k, D), 0.01)},
+             {"extra_loss": lambda v: 0.05 * (v ** 2).sum()}, {"trainable": frozen}]
+    for device in ("cpu", torch.device("meta")):
+        backend = VectorBackend(dataclasses.replace(parts), device=device)
+        assert backend.kernel == "compiled" and backend.device.type == str(device)
+        if str(device) == "meta":  # no values to read back on meta
+            backend._finish = lambda clients, W, s, c: (W, None)
+        for kw in calls:
+            W, _ = backend.train(list(range(k)), w.unsqueeze(0).expand(k, -1), [3, 1, 2, 3],
+                                 **{"extra_loss": None, "grad_offset": None, **kw})
+            assert W.shape == (k, D) and W.device.type == str(device)
+            if str(device) == "cpu":
+                assert bool(torch.isfinite(W).all())
+                if "trainable" in kw:  # frozen under momentum and weight decay
+                    assert torch.equal(W[:, ~frozen], w.expand(k, -1)[:, ~frozen])
