@@ -884,8 +884,10 @@ def headline(accountings: Mapping[str, Accounting], adversary: str = "server"
     for adv in ADVERSARIES:
         e = _headline({k: a.against(adv) for k, a in accs.items()})["epsilon"]
         by_adv[adv] = e if math.isfinite(e) else None
+    by_unit = {u: {**g, "epsilon": g["epsilon"] if math.isfinite(g["epsilon"]) else None}
+               for u, g in out["by_unit"].items()}  # no guarantee is None, never infinity
     return {**out, "epsilon": eps if math.isfinite(eps) else None, "adversary": adversary,
-            "protected": bool(math.isfinite(eps)), "by_adversary": by_adv}
+            "protected": bool(math.isfinite(eps)), "by_adversary": by_adv, "by_unit": by_unit}
 
 
 def _headline(accs: Mapping[str, Accounting]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -60,7 +61,7 @@ __all__ = [
     "Dataset", "Partitioner", "Model", "Algorithm", "Aggregator", "PrivacyMechanism",
     "LocalStage", "UpdateStage", "TransportStage", "ServerStage", "Compressor", "Adversary",
     "Attack", "Reporter", "FAMILIES", "STAGES", "PROTOCOLS", "WEIGHTINGS", "Sharing", "SHARES",
-    "PERSONAL_MODELS",
+    "PERSONAL_MODELS", "Network", "SiteProfile", "Availability", "RoundAborted", "DROP_PHASES",
 ]
 
 
@@ -91,6 +92,28 @@ class Component:
     plugin: ClassVar[str] = ""
     distribution: ClassVar[str] = ""
     version: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check every constructor call against the parameters' annotations
+        (:class:`~fedmedbench.Range`, ``Literal``, the types): the same
+        rules, and the same :class:`~fedmedbench.errors.ParameterError`,
+        whether a matrix builds the component or code calls ``FedProx(mu=-1)``,
+        so a constructor does not re-check what its annotations state."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "__fedmedbench_checked__", False):
+            return
+        import functools
+
+        from fedmedbench.constraints import check_values, rules_of
+
+        @functools.wraps(init)
+        def checked(self: Any, *args: Any, **params: Any) -> None:
+            check_values(type(self).name or type(self).__name__, rules_of(cls), params)
+            init(self, *args, **params)
+
+        checked.__fedmedbench_checked__ = True  # type: ignore[attr-defined]
+        cls.__init__ = checked  # type: ignore[method-assign]
 
     @classmethod
     def param_spec(cls) -> dict[str, inspect.Parameter]:
@@ -652,7 +675,7 @@ class Model(Component):
 
 
 #: round protocols an algorithm may declare (:mod:`fedmedbench.protocols`)
-PROTOCOLS = ("federated", "pooled", "isolated", "personalized")
+PROTOCOLS = ("federated", "pooled", "isolated", "personalized", "buffered")
 
 
 class Algorithm(Component):
@@ -1082,6 +1105,37 @@ class TransportStage:
         """Extra bytes sent to each participating client per round (keys)."""
         return 0
 
+    def drop(self, ctx: CellContext, dropped: dict[int, str]) -> bool:
+        """The network twin's dropouts of this round (:mod:`fedmedbench.clock`).
+
+        Called on the server's side after every client of the round encoded
+        (:meth:`encode`) and before :meth:`aggregate`, only in rounds where
+        some client drops.
+
+        Parameters
+        ----------
+        ctx : CellContext
+            The server's context.
+        dropped : dict of int to str
+            Each dropped client and when it dropped (:data:`DROP_PHASES`):
+            ``"masking"`` (its encoded input never reached the server: it
+            went offline or missed the deadline before its upload ended) or
+            ``"unmasking"`` (its input arrived, then it went offline before
+            the protocol's last step).
+
+        Returns
+        -------
+        bool
+            ``True`` when the protocol takes them through its own recovery
+            (secure aggregation: their masks are reconstructed away, or the
+            round aborts with :class:`RoundAborted` past the threshold); then
+            :meth:`aggregate`, given every message, returns the **unscaled**
+            sum of the inputs that reached the server (the engine rescales).
+            ``False`` (the default): the engine leaves the ``"masking"``
+            dropouts' messages out of :meth:`aggregate` itself.
+        """
+        return False
+
 
 class ServerStage:
     """Privacy at the **server** stage: transforms the aggregate (central DP).
@@ -1357,6 +1411,169 @@ class Reporter(Component):
         raise NotImplementedError(f"reporter {self.name!r} does not implement write()")
 
 
+# --------------------------------------------------------------------------
+# networks: the hospital-network twin (fedmedbench.clock)
+# --------------------------------------------------------------------------
+
+#: when a dropped client dropped out of a round (:meth:`TransportStage.drop`)
+DROP_PHASES = ("masking", "unmasking")
+
+
+class RoundAborted(RuntimeError):
+    """A transport could not complete the round (too few clients left to
+    unmask the sum): nothing is released and the global model is not
+    updated. Under a network that drops clients the engine records the
+    round as aborted and goes on (``history[t]["aborted"]``); otherwise the
+    cell fails, as before the twin."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    """When a site is online: ``kind`` is ``"always"``; ``"onoff"`` (an
+    alternating renewal process: exponential online periods of mean
+    ``mean_up_s`` and offline periods of mean ``mean_down_s`` seconds,
+    started in its stationary state); or ``"trace"`` (``intervals``: the
+    (start, end) seconds of each online period, repeated every
+    ``period_s`` seconds; offline between them)."""
+
+    kind: str = "always"
+    mean_up_s: float = math.inf
+    mean_down_s: float = 0.0
+    intervals: tuple[tuple[float, float], ...] = ()
+    period_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("always", "onoff", "trace"):
+            raise ValueError(f"availability kind {self.kind!r}; one of always, onoff, trace")
+        if self.kind == "onoff" and not (self.mean_up_s > 0 and self.mean_down_s >= 0):
+            raise ValueError(f"on/off availability needs mean_up_s > 0 and mean_down_s >= 0, "
+                             f"got {self.mean_up_s!r} and {self.mean_down_s!r}")
+        if self.kind == "trace":
+            if not self.intervals:
+                raise ValueError("a trace availability needs at least one online interval")
+            last = -math.inf
+            for a, b in self.intervals:
+                if not (math.isfinite(a) and math.isfinite(b) and a >= last and b > a):
+                    raise ValueError(f"trace intervals must be increasing (start, end) pairs "
+                                     f"with end > start; got {self.intervals[:4]!r}...")
+                last = b
+            if not self.period_s >= last:
+                raise ValueError(f"a trace's period_s ({self.period_s!r}) must be at least the "
+                                 f"end of its last interval ({last})")
+
+    @property
+    def always(self) -> bool:
+        return self.kind == "always" or (self.kind == "onoff" and self.mean_down_s == 0)
+
+    def describe(self) -> dict[str, Any]:
+        if self.kind == "onoff":
+            return {"kind": "onoff", "mean_up_s": self.mean_up_s,
+                    "mean_down_s": self.mean_down_s}
+        if self.kind == "trace":
+            return {"kind": "trace", "intervals": len(self.intervals),
+                    "period_s": self.period_s}
+        return {"kind": "always"}
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """One site's compute, links and availability (a :class:`Network` gives one per client).
+
+    Attributes
+    ----------
+    speed : float
+        Compute speed relative to this machine: a local step takes
+        ``reference_step_s / speed`` seconds (the reference step time of
+        the cell's model, measured here: :func:`fedmedbench.clock.reference_step`).
+        The mechanisms' cryptographic seconds are scaled the same way.
+    up_mbps, down_mbps : float
+        Uplink and downlink bandwidth in megabits (10^6 bits) per second;
+        ``math.inf`` is a link of no transfer time.
+    latency_ms : float
+        One-way latency in milliseconds, paid once per message each way.
+    availability : Availability
+    preset : str
+        The name of the preset the profile comes from (for the record).
+    """
+
+    speed: float = 1.0
+    up_mbps: float = math.inf
+    down_mbps: float = math.inf
+    latency_ms: float = 0.0
+    availability: Availability = field(default_factory=Availability)
+    preset: str = "uniform"
+
+    def __post_init__(self) -> None:
+        for k in ("speed", "up_mbps", "down_mbps"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and v > 0) or math.isnan(v):
+                raise ValueError(f"site profile {self.preset!r}: {k} = {v!r}; it must be > 0")
+        if not (self.latency_ms >= 0 and math.isfinite(self.latency_ms)):
+            raise ValueError(f"site profile {self.preset!r}: latency_ms = {self.latency_ms!r}; "
+                             f"it must be a finite number >= 0")
+
+    @property
+    def ideal(self) -> bool:
+        """Equal speed, infinite links, no latency, always online (``uniform``)."""
+        return (self.speed == 1.0 and self.up_mbps == math.inf and self.down_mbps == math.inf
+                and self.latency_ms == 0 and self.availability.always)
+
+    def describe(self) -> dict[str, Any]:
+        def num(x: float) -> float | None:
+            return None if math.isinf(x) else float(x)
+
+        return {"preset": self.preset, "speed": float(self.speed), "up_mbps": num(self.up_mbps),
+                "down_mbps": num(self.down_mbps), "latency_ms": float(self.latency_ms),
+                "availability": self.availability.describe()}
+
+
+class Network(Component):
+    """Site profiles of a federation: the hospital-network twin's input
+    (:mod:`fedmedbench.clock`).
+
+    :meth:`profiles` gives each training party a :class:`SiteProfile`
+    (compute speed relative to this machine, links, availability); the
+    engine's virtual clock turns them, the round's steps and the bytes each
+    message carried into virtual seconds, stragglers and dropouts. The base
+    class is ``uniform``: every site at this machine's speed, with links of
+    no transfer time and always online, which changes no result.
+
+    Declared facts: ``card`` (where each preset number comes from: a dict
+    with ``sources`` and ``notes``, kept in the record); ``deadline_s``
+    (synchronous rounds end at this many virtual seconds and the clients not
+    done are dropouts; ``None``: the server waits for the slowest client);
+    ``reference_step_s`` (pin the reference step time instead of measuring
+    it on this machine, for numbers comparable across machines; ``None``:
+    measured).
+    """
+
+    family: ClassVar[str] = "network"
+    card: ClassVar[dict[str, Any]] = {}
+    deadline_s: float | None = None
+    reference_step_s: float | None = None
+
+    def profiles(self, names: Sequence[str], num_examples: Sequence[int],
+                 rng: np.random.Generator) -> Sequence[SiteProfile]:
+        """Each training party's profile.
+
+        Parameters
+        ----------
+        names : sequence of str
+            The parties' names (the sites; ``"pooled"`` under the pooled
+            protocol).
+        num_examples : sequence of int
+            Their training-set sizes (public metadata).
+        rng : numpy.random.Generator
+            Seeded from the cell: draw any random assignment from it.
+
+        Returns
+        -------
+        sequence of SiteProfile
+            One per party, in order.
+        """
+        return [SiteProfile() for _ in names]
+
+
 #: the plugin families by name, and the base class of each
 FAMILIES: dict[str, type[Component]] = {
     "dataset": Dataset,
@@ -1369,5 +1586,6 @@ FAMILIES: dict[str, type[Component]] = {
     "adversary": Adversary,
     "attack": Attack,
     "reporter": Reporter,
+    "network": Network,
 }
 

@@ -27,8 +27,15 @@ Rules beyond the range:
   can hold (a 401-digit integer is refused, not overflowed), ``bool`` only ``true``/``false``
   and ``str`` only strings; ``X | None`` also takes ``None`` (in TOML: leave
   the key out);
+- ``Literal["a", "b"]`` takes exactly one of the listed values (the plugin
+  table lists them);
 - a parameter whose annotation cannot be resolved (a name imported only under
   ``TYPE_CHECKING``) is checked against the type of its default, as before.
+
+The same rules run when a matrix cell is built (``Registry.build``) and when
+a component is constructed directly (``FedProx(mu=-1)``): one validation
+path, so a constructor never re-checks what its annotations state (it keeps
+only checks that relate several parameters).
 
 Annotations are read with ``typing.get_type_hints(..., include_extras=True)``,
 so modules may use ``from __future__ import annotations``.
@@ -45,7 +52,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fedmedbench.errors import ConfigError
+from fedmedbench.errors import ParameterError
 
 __all__ = ["Range", "Seed", "SEED_LIMIT", "Rule", "rules_of", "check_values", "short_text",
            "violations", "rule_problems"]
@@ -147,7 +154,8 @@ class Rule:
     """What one parameter (or run setting) accepts.
 
     ``kind`` is ``"int"``, ``"float"``, ``"bool"``, ``"str"`` or ``None``
-    (not a scalar, or not resolvable: then ``default`` decides the type).
+    (not a scalar, or not resolvable: then ``default`` decides the type);
+    ``choices`` the values of a ``Literal`` annotation.
     """
 
     name: str
@@ -157,12 +165,15 @@ class Rule:
     default: Any
     #: the annotation could not be resolved (why), so only the default's type is checked
     unresolved: str | None = None
+    choices: tuple[Any, ...] | None = None
 
     def allowed(self) -> str:
         """What the parameter takes, in words: ``an integer in [1, 16]``."""
         kind = self.kind or _kind_of(self.default)
         noun = {"int": "an integer", "float": "a finite number", "bool": "true or false",
                 "str": "a string", "list": "a list", "dict": "a table"}.get(kind, "a value")
+        if self.choices is not None:
+            noun = "one of " + ", ".join(repr(c) for c in self.choices)
         if kind == "float" and self.range is not None and self.range.allow_inf:
             noun = "a number"
         text = f"{noun} {self.range}" if self.range is not None else noun
@@ -175,6 +186,9 @@ class Rule:
         int``), or ``None`` when it is."""
         if value is None:
             return None if (self.optional or self.default is None) else "is null; a value is required"
+        if self.choices is not None:
+            ok = any(value == c and type(value) is type(c) for c in self.choices)
+            return None if ok else "is not one of the choices"
         bad = _type_problem(self, value)
         if bad:
             return bad
@@ -286,7 +300,8 @@ def _non_finite_inside(value: Any, path: str = "") -> str | None:
 
 
 def _split_hint(hint: Any) -> tuple[Any, bool, Range | None]:
-    """``Annotated[float | None, Range(gt=0)]`` → ``(float, True, Range(gt=0))``."""
+    """``Annotated[float | None, Range(gt=0)]`` → ``(float, True, Range(gt=0))``;
+    a ``Literal`` comes back whole (its values are the choices)."""
     rng = None
     if typing.get_origin(hint) is Annotated:
         base, *meta = typing.get_args(hint)
@@ -318,7 +333,7 @@ def rules_of(obj: type) -> dict[str, Rule]:
         target: Any = obj
         defaults = {f.name: f.default for f in dataclasses.fields(obj)}
     else:
-        target = obj.__init__  # type: ignore[misc]
+        target = inspect.unwrap(obj.__init__)  # type: ignore[misc]
         sig = inspect.signature(target)
         defaults = {n: p.default for n, p in sig.parameters.items()
                     if n != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -330,24 +345,30 @@ def rules_of(obj: type) -> dict[str, Rule]:
     out = {}
     for name, default in defaults.items():
         base, optional, rng = _split_hint(hints.get(name))
+        choices = None
+        if typing.get_origin(base) is typing.Literal:
+            choices = typing.get_args(base)
+            kinds = {_KINDS.get(type(c)) for c in choices}
+            base = type(choices[0]) if len(kinds) == 1 else None
         out[name] = Rule(name=name, kind=_KINDS.get(base), optional=optional, range=rng,
-                         default=default, unresolved=unresolved)
+                         default=default, unresolved=unresolved, choices=choices)
     _RULES[obj] = out
     return out
 
 
 def check_values(owner: str, rules: dict[str, Rule], values: dict[str, Any], *,
                  where: str = "") -> None:
-    """Raise :class:`ConfigError` for the first value a rule refuses; the
-    message names ``owner.key``, the value and what is allowed."""
+    """Raise :class:`~fedmedbench.errors.ParameterError` (a ``ConfigError``)
+    for the first value a rule refuses; the message names ``owner.key``, the
+    value and what is allowed."""
     for k, v in values.items():
         rule = rules.get(k)
         if rule is None:
             continue
         why = rule.problem(v)
         if why:
-            raise ConfigError(f"{where}{owner}.{k} = {_show(v)} {why}; allowed: {k} is "
-                              f"{rule.allowed()}")
+            raise ParameterError(f"{where}{owner}.{k} = {_show(v)} {why}; allowed: {k} is "
+                                 f"{rule.allowed()}")
 
 
 def _show(v: Any) -> str:
@@ -358,6 +379,8 @@ def _show(v: Any) -> str:
 def short_text(rule: Rule) -> str:
     """The constraint as the plugin table shows it next to the default
     (``>= 0``, ``in (0, 1)``, ``integer in [1, 16]``); empty when none."""
+    if rule.choices is not None:
+        return "one of " + ", ".join(str(c) for c in rule.choices)
     if rule.range is None:
         return ""
     return f"{'integer ' if rule.kind == 'int' else ''}{rule.range}"
@@ -369,6 +392,8 @@ def violations(cls: type) -> list[tuple[str, Any]]:
     conformance kit builds each one and expects a ``ConfigError``)."""
     out: list[tuple[str, Any]] = []
     for name, rule in rules_of(cls).items():
+        if rule.choices is not None:
+            out.append((name, "<not one of the choices>"))
         r = rule.range
         if r is None:
             continue

@@ -14,6 +14,12 @@ class ConfigError(FedmedbenchError):
     the value and what is allowed."""
 
 
+class ParameterError(ConfigError, ValueError):
+    """A parameter value its annotation refuses (type, ``Range``, ``Literal``
+    choices), raised where a matrix cell is built and where a component is
+    constructed directly; a :class:`ValueError` too."""
+
+
 class PluginConflictError(ConfigError):
     """Two plugins registered the same component name."""
 

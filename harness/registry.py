@@ -44,6 +44,7 @@ _HOOK_OF_FAMILY = {
     "adversary": "register_adversaries",
     "attack": "register_attacks",
     "reporter": "register_reporters",
+    "network": "register_networks",
 }
 
 
@@ -154,10 +155,10 @@ class Registry:
         check_params(info.cls, params, key=key)
         try:
             return info.cls(**params)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{key + ': ' if key else ''}{info.name}: {exc}") from exc
         except (ConfigError, KeyboardInterrupt):
             raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key + ': ' if key else ''}{info.name}: {exc}") from exc
         except Exception as exc:  # a bug in the plugin's constructor: name the plugin
             raise ConfigError(
                 f"{key + ': ' if key else ''}{info.name} (plugin {info.plugin!r}, "

@@ -468,9 +468,12 @@ def check_privacy(cls: type[Component], registry: Registry) -> None:
     if acc.get("epsilon") is not None and (acc.get("delta") is None or not acc.get("accountant")):
         raise _fail(cls, "check_privacy", f"accounting {acc} gives ε without δ or accountant",
                     "return fedmedbench.Accounting(epsilon=..., delta=..., accountant=...)")
-    if cls.dp_unit is not None and acc.get("epsilon") is None:  # type: ignore[attr-defined]
+    against = [g.get("epsilon") for g in (acc.get("adversaries") or {}).values()]
+    if cls.dp_unit is not None and all(  # type: ignore[attr-defined]
+            e is None for e in [acc.get("epsilon"), *against]):
         raise _fail(cls, "check_privacy", f"it declares dp_unit={cls.dp_unit!r} but its "  # type: ignore[attr-defined]
-                    f"accounting() reported no ε", "return an Accounting from accounting()")
+                    f"accounting() reported no ε against any adversary",
+                    "return an Accounting from accounting()")
 
 
 def check_model(cls: type[Component], registry: Registry) -> None:

@@ -18,7 +18,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 import pytest
@@ -213,6 +213,58 @@ def test_constraint_rules_of_a_third_party_component():
     assert probs and "cannot be resolved" in probs[0] and "NotImportedAnywhere" in probs[0]
     assert rules_of(Unresolvable)["x"].problem("a") == "has type str; expected a number"
     assert rules_of(Unresolvable)["x"].problem(math.nan) == "is not a number (NaN)"
+
+
+def test_one_validation_path_for_matrices_and_direct_construction():
+    """The annotations are the only check a constructor needs: building from a
+    matrix and calling the class refuse the same values with the same message
+    (a ParameterError, which is a ConfigError and a ValueError), ``Literal``
+    choices included; a check the annotations cannot state (two parameters
+    together) stays in the constructor."""
+    from fedmedbench import Algorithm
+    from fedmedbench.errors import ParameterError
+    from fedmedbench.testing import kit_registry
+
+    class Chooser(Algorithm):
+        name = "fmb-test-chooser"
+
+        def __init__(self, *, mode: Literal["fast", "exact"] = "fast",
+                     lo: Annotated[float, Range(ge=0)] = 0.0,
+                     hi: Annotated[float, Range(ge=0)] = 1.0) -> None:
+            if lo > hi:
+                raise ValueError(f"lo = {lo!r} must not exceed hi = {hi!r}")
+            self.mode, self.lo, self.hi = mode, lo, hi
+
+    class Sub(Chooser):  # inherits the checked constructor
+        name = "fmb-test-chooser-sub"
+
+    for make, fragment in [(lambda: Chooser(mode="slow"),
+                            "fmb-test-chooser.mode = 'slow' is not one of the choices; allowed: "
+                            "mode is one of 'fast', 'exact'"),
+                           (lambda: Chooser(lo=-1.0), "fmb-test-chooser.lo = -1.0 is out of range"),
+                           (lambda: Sub(hi=math.nan), "fmb-test-chooser-sub.hi = nan is not a "
+                                                      "number (NaN)")]:
+        with pytest.raises(ParameterError) as err:
+            make()
+        assert fragment in str(err.value) and isinstance(err.value, (ValueError, ConfigError))
+    with pytest.raises(ValueError, match="must not exceed"):
+        Chooser(lo=2.0, hi=1.0)
+    assert Chooser(mode="exact").params() == {"mode": "exact", "lo": 0.0, "hi": 1.0}
+    r = rules_of(Chooser)["mode"]
+    assert r.choices == ("fast", "exact") and r.kind == "str"
+    assert ("mode", "<not one of the choices>") in violations(Chooser)
+
+    class Plug:
+        from fedmedbench import hookimpl
+
+        @hookimpl
+        def register_algorithms(self, register):
+            register(Chooser)
+
+    reg = kit_registry(extra=[Plug()])
+    with pytest.raises(ConfigError, match=r"fmb-test-chooser\.mode = 'slow' is not one of"):
+        reg.build("algorithm", {"name": "fmb-test-chooser", "mode": "slow"})
+    assert "`mode='fast'` (one of fast, exact)" in plugins_markdown(reg.all())
 
 
 # --------------------------------------------------------------------------
