@@ -57,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     **{n: "fedmedbench.api" for n in ("run", "load", "plan", "Results")},
     "score": "fedmedbench.metrics",
     "hookimpl": "fedmedbench.registry",
+    "build_component": "fedmedbench.registry",
     "SCHEMA": "fedmedbench.engine",
     "run_cell": "fedmedbench.engine",
 }

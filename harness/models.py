@@ -25,10 +25,12 @@ def model_spec(name: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *,
                 registry: Registry | None = None, **kwargs: Any) -> nn.Module:
-    """Build the registered architecture ``name`` with parameters ``kwargs``."""
-    from fedmedbench.registry import get_registry
+    """Build the registered architecture ``name`` with parameters ``kwargs``
+    (from ``registry``, else the registry building the calling component, else
+    the installed plugins)."""
+    from fedmedbench.registry import current_registry
 
-    reg = registry or get_registry()
+    reg = registry or current_registry()
     comp = reg.build("model", model_spec(name, kwargs), key="model")
     return comp.build(tuple(int(s) for s in input_shape), int(num_classes))  # type: ignore[attr-defined]
 

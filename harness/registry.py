@@ -15,6 +15,7 @@ raises is named with its plugin.
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import importlib
 import os
@@ -153,6 +154,7 @@ class Registry:
         info = self.get(family, spec["name"], key=key)
         params = {k: v for k, v in spec.items() if k != "name"}
         check_params(info.cls, params, key=key)
+        token = _BUILDING.set(self)  # a component that builds another uses this registry
         try:
             return info.cls(**params)
         except (ConfigError, KeyboardInterrupt):
@@ -165,6 +167,8 @@ class Registry:
                 f"distribution {info.distribution}) raised {type(exc).__name__}: {exc} in its "
                 f"constructor{_origin(exc)}; fix the plugin, or leave {info.name!r} out of the "
                 f"matrix") from exc
+        finally:
+            _BUILDING.reset(token)
 
     def hooks(self) -> Any:
         return self.pm.hook
@@ -330,6 +334,45 @@ def disabled_plugins() -> list[str]:
 
 
 _CACHE: dict[tuple, Registry] = {}
+
+
+#: the registry whose ``build`` is running (a component that wraps or builds
+#: another, like ``finetune``, builds it from the same plugins)
+_BUILDING: contextvars.ContextVar[Registry | None] = contextvars.ContextVar(
+    "fedmedbench_building", default=None)
+
+
+def current_registry() -> Registry:
+    """The registry building the current component, else the installed plugins'."""
+    return _BUILDING.get() or get_registry()
+
+
+def build_component(family: str, spec: str | dict[str, Any], *, key: str | None = None
+                    ) -> Component:
+    """Build another component from its matrix spec (``"fedprox"`` or
+    ``{"name": "fedprox", "mu": 0.1}``) with the registry that is building
+    the caller, checked as a matrix entry is: for components that wrap or
+    build others (``finetune`` wraps an algorithm).
+
+    Parameters
+    ----------
+    family : str
+        One of :data:`fedmedbench.FAMILIES`.
+    spec : str or dict
+        The component's name, or a table with ``name`` and its parameters.
+    key : str, optional
+        Where the spec came from, for error messages (``"finetune.algorithm"``).
+
+    Raises
+    ------
+    ConfigError
+        Unknown name (with a did-you-mean), or a parameter its rules refuse.
+    """
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    if not isinstance(spec.get("name"), str):
+        raise ConfigError(f"{key + ': ' if key else ''}a component spec needs a string `name`, "
+                          f"got {spec!r}")
+    return current_registry().build(family, spec, key=key)
 
 
 def get_registry(*, extra: list[Any] | None = None, refresh: bool = False) -> Registry:

@@ -468,3 +468,31 @@ def test_attacks_score_batchnorm_models_with_their_own_running_statistics(alg):
     got = predict_proba(model, X)
     np.testing.assert_allclose(got, predict_proba(want, X), rtol=1e-6, atol=1e-7)
     assert not np.allclose(got, predict_proba(fresh, X))
+
+
+def test_finetune_wraps_an_algorithm_of_the_registry_that_builds_it():
+    """A wrapper builds what it wraps with the registry building it (through
+    the public ``fedmedbench.build_component``), so an algorithm known only
+    to that registry (a plugin passed to the kit, a test's plugin) can be
+    wrapped; the installed plugins alone do not know it."""
+    import fedmedbench as fmb
+    from fedmedbench import hookimpl
+    from fedmedbench.errors import ConfigError
+    from fedmedbench.plugins.algorithms.fedprox import FedProx
+    from fedmedbench.registry import get_registry
+
+    class OnlyHere(FedProx):
+        name = "fmb-test-only-here"
+
+    class Plug:
+        @hookimpl
+        def register_algorithms(self, register):
+            register(OnlyHere)
+
+    spec = {"name": "finetune", "algorithm": "fmb-test-only-here", "steps": 2}
+    with pytest.raises(ConfigError, match="no algorithm 'fmb-test-only-here'"):
+        get_registry().build("algorithm", spec)
+    wrapped = get_registry(extra=[Plug()]).build("algorithm", spec)
+    assert isinstance(wrapped.inner, OnlyHere)
+    with pytest.raises(ConfigError, match="did you mean 'fedprox'"):
+        fmb.build_component("algorithm", {"name": "fedproxx"}, key="x")
