@@ -32,10 +32,12 @@ from fedmedbench.components import (
     FederatedData,
     LocalStage,
     Model,
+    Network,
     ParamLayout,
     PrivacyMechanism,
     ServerStage,
     Sharing,
+    SiteProfile,
     TransportStage,
     UpdateStage,
     stages_of,
@@ -114,6 +116,13 @@ class Cell:
     outside_threat_model: tuple[str, ...] = ()
     setup_seconds: float = 0.0
     pretrain_loss: list[float] = field(default_factory=list)
+    #: the network twin's input (:mod:`fedmedbench.clock`): the network (``None``: the twin
+    #: is off, ``network = "none"``), its label, and each training party's profile
+    network: Network | None = None
+    network_label: str = "uniform"
+    site_profiles: tuple[SiteProfile, ...] = ()
+    #: (buffered protocol) buffer size, concurrency and maximum staleness
+    buffer_plan: tuple[int, int, int] | None = None
 
     @property
     def id(self) -> str:
@@ -315,6 +324,12 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
     federation.insert_canaries(canaries, pooled=setting.pooled)
     n = federation.n
     per_round = federation.per_round(everyone=not setting.samples_clients)
+    buffer_plan = None
+    if setting.name == "buffered":  # a release is one buffer: k = the buffer's size
+        from fedmedbench.protocols import buffered_plan
+
+        buffer_plan = buffered_plan(alg_s, n, per_round)
+        per_round = buffer_plan[0]
     fixed_steps = None
     if setting.pooled:  # the pooled party does the work of a federated round at the cell's rate
         q = clients_per_round(len(data.sites), settings) / max(1, len(data.sites))
@@ -382,6 +397,16 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
                               f"training; one run audits one set of canaries: list one "
                               f"auditing attack per matrix")
         canaries, canary_attack = gcan, gattack
+    network, net_label, profiles = _network(cfg, reg, federation, public_counts, seed,
+                                            pooled=setting.pooled)
+    if network is None and setting.asynchronous:
+        raise Skip(f"{alg_s.name} runs the buffered (asynchronous) protocol, whose rounds the "
+                   f"virtual clock orders; give the cell a network (the default, uniform, "
+                   f"or another), not network = \"none\"")
+    if network is not None:
+        reason = _network_problem(network, profiles, transport, setting, alg_s, agg_s)
+        if reason:
+            raise Skip(reason)
     built = Cell(
         cell=cell, seed=seed, rounds=rounds, settings=settings, setting=setting, facts=facts,
         data=data, federation=federation, model=model, factory=factory,
@@ -390,7 +415,8 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
         privacy=tuple(homes), attacks=attacks, clients_ctx=clients_ctx, server_ctx=server_ctx,
         per_round=per_round, canaries=canaries, canary_attack=canary_attack,
         canary_clients=canary_ids, canary_problem=problem,
-        outside_threat_model=tuple(_outside(dataset)))
+        outside_threat_model=tuple(_outside(dataset)), network=network,
+        network_label=net_label, site_profiles=tuple(profiles), buffer_plan=buffer_plan)
     # -- setup: each instance with its own party's context ------------------------------
     privacy_s = 0.0
     for comp in built.all_components():
@@ -415,6 +441,47 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
 
             built = dataclasses.replace(built, canaries=None, canary_problem=problem)
     return built
+
+
+def _network(cfg: Mapping[str, Any], reg: Registry, federation: Federation,
+             counts: list[int], seed: int, *, pooled: bool
+             ) -> tuple[Network | None, str, list[SiteProfile]]:
+    """The cell's network (the base :class:`Network` is ``uniform``; ``None``:
+    the twin is off), its label and each training party's profile (the
+    pooled protocol's one party, the baseline, computes at this machine's
+    speed and sends nothing)."""
+    from fedmedbench.clock import network_label, profiles_of
+
+    if "network" in cfg and cfg["network"] is None:
+        return None, "none", []
+    spec = cfg.get("network")
+    network = reg.build("network", spec) if spec else Network()
+    if pooled:
+        return network, network_label(spec), [SiteProfile(preset="pooled")]
+    names = [s.name for s in federation.clients]
+    profiles = profiles_of(network, names, counts[:len(names)], seed)
+    return network, network_label(spec), profiles
+
+
+def _network_problem(network: Network, profiles: list[SiteProfile],
+                     transport: TransportStage | None, setting: Setting, alg: Algorithm,
+                     agg: Aggregator) -> str | None:
+    """Combinations the twin cannot run (the reason a cell is skipped)."""
+    drops = setting.name != "buffered" and (  # asynchronous arrivals drop no protocol's input
+        network.deadline_s is not None or not all(p.availability.always for p in profiles))
+    if drops and transport is not None and type(transport).drop is TransportStage.drop:
+        return (f"network {network.name or 'uniform'} drops clients (availability or a "
+                f"deadline), and {transport.name} has no dropout path for the twin "
+                f"(TransportStage.drop): its sum would be left with clients whose inputs "
+                f"never arrived; implement drop(), or use a network without outages")
+    if drops and transport is not None and transport.drops_clients:
+        return (f"{transport.name} injects its own random dropouts and network "
+                f"{network.name} decides who drops out: set {transport.name}'s dropout rate "
+                f"to 0 under a network, or use the uniform network")
+    if setting.name == "buffered" and not agg.linear:
+        return (f"{alg.name} scales each buffered update by its staleness inside a weighted "
+                f"mean, and aggregator {agg.name} is not linear; use weighted-mean")
+    return None
 
 
 def _outside(dataset: Any) -> list[str]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import platform
 import sys
 import time
 import traceback
@@ -38,13 +37,13 @@ from typing import Any
 import numpy as np
 
 from fedmedbench.accounting import Accounting, headline
-from fedmedbench.cell import Cell, attack_key, build_cell, seed_everything, seed_torch
-from fedmedbench.components import Component, FederatedData, PrivacyMechanism, Site, Split
+from fedmedbench.cell import Cell, attack_key, build_cell, seed_torch
+from fedmedbench.components import Component, FederatedData, Site, Split
 from fedmedbench.context import AttackContext, BatchReplay, ShadowTrainer
 from fedmedbench.errors import Diverged, PluginError, SettingWarning, Skip, printable
 from fedmedbench.federation import cell_rng
-from fedmedbench.meters import ByteMeter, Clock, Stages, ViewRecorder, calling, contained_message
 from fedmedbench.messages import ServerView
+from fedmedbench.meters import ByteMeter, Clock, Stages, ViewRecorder, calling, contained_message
 from fedmedbench.parties import Clients, Server
 from fedmedbench.protocols import Round
 from fedmedbench.registry import Registry, get_registry
@@ -88,6 +87,11 @@ class Training:
 
         self.server = Server(cell, self.stages, transport_bytes_down=transport_bytes)
         self.round = Round(cell, self.clients, self.server, self.stages)
+        from fedmedbench.clock import twin_of
+
+        #: the network twin's virtual clock (:mod:`fedmedbench.clock`), ``None`` when off
+        self.twin = twin_of(cell)
+        self.round.twin = self.twin
         self.history: list[dict[str, Any]] = []
         self.utility: dict[str, Any] = {}
         self.initial_params: Any = None
@@ -601,6 +605,13 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
                 _close(built)
             record["metrics"] = {"utility": utility, **training.round.record_metrics(),
                                  "privacy": privacy_block(built)}
+            if training.twin is not None:
+                from fedmedbench.clock import clock_record
+
+                record["metrics"]["clock"] = clock_record(
+                    training.twin, training.history, settings=cell.get("clock"),
+                    accounting=record["metrics"]["privacy"],
+                    asynchronous=built.setting.asynchronous)
             if "utility_global" in record["metrics"]:  # the same chance fields as utility's
                 g = record["metrics"]["utility_global"]
                 record["metrics"]["utility_global"] = {

@@ -109,6 +109,17 @@ def register_reporters(register: Any) -> None:
     (markdown, HTML, CSV, figures) from result records."""
 
 
+@hookspec
+def register_networks(register: Any) -> None:
+    """Register :class:`fedmedbench.Network` subclasses: site profiles for
+    the hospital-network twin (the matrix's ``network`` axis). A network
+    gives each site a :class:`~fedmedbench.components.SiteProfile`: compute
+    speed relative to this machine, uplink and downlink in Mbit/s, latency
+    in ms, and an availability process; the virtual clock turns them into
+    seconds per round, stragglers and dropouts (:mod:`fedmedbench.clock`).
+    State where each number comes from on the class's ``card``."""
+
+
 # --------------------------------------------------------------------------
 # observers
 # --------------------------------------------------------------------------

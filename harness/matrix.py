@@ -47,6 +47,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -62,7 +63,7 @@ from fedmedbench.schema import SCHEMA
 from fedmedbench.training import RunSettings
 
 AXES = ("dataset", "partitioner", "model", "algorithm", "aggregator", "privacy", "compressor",
-        "adversary")
+        "adversary", "network")
 FAMILY_OF_AXIS = {a: a for a in AXES}
 OPTIONAL_AXES = ("privacy", "compressor", "adversary")
 #: options in [run] that choose how a cell runs; the backend is also part of the cell's
@@ -75,10 +76,16 @@ AXIS_DEFAULTS: dict[str, list[Any]] = {
     "privacy": [NONE],
     "compressor": [NONE],
     "adversary": [NONE],
+    "network": [{"name": "uniform"}],
 }
+#: the default network: this machine's speed, links of no transfer time, always online. A
+#: cell on it has no ``network`` key in its config (its id and numbers are those of a cell
+#: from before the twin); ``network = "none"`` turns the twin off (no clock in the record)
+DEFAULT_NETWORK = {"name": "uniform"}
 TOP_KEYS = {"name", "description", "rounds", "seeds", "axes", "run", "exclude", "evaluate",
             "executor"}
-EVALUATE_KEYS = {"attacks", "isolate", "adversary"}
+EVALUATE_KEYS = {"attacks", "isolate", "adversary", "targets", "target_fraction",
+                 "pooled_baseline", "time_budget_h"}
 #: who the record's headline ε holds against (fedmedbench.accounting.ADVERSARIES)
 HEADLINE_ADVERSARIES = ("server", "client", "released")
 
@@ -427,6 +434,8 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
                              f"server)"))
         adversary = "server"
 
+    clock = errs.run(_clock_table, ev) or {}
+
     from fedmedbench.executors import executor_table
 
     execu = errs.run(executor_table, raw.get("executor", {}), where="[executor]",
@@ -435,7 +444,8 @@ def parse_matrix(raw: dict[str, Any], *, registry: Registry | None = None,
     m = Matrix(name=name, rounds=rounds, seeds=list(seeds), axes=axes, run=run,
                run_overrides=overrides, exclude=exclude, attacks=attacks, source=source,
                execution={**{k: v for k, v in run_raw.items() if k in EXECUTION_KEYS},
-                          **({"isolate_attacks": True} if isolate else {})},
+                          **({"isolate_attacks": True} if isolate else {}),
+                          **({"clock": clock} if clock else {})},
                headline_adversary=adversary,
                executor=execu, registry=reg)
     if select:
@@ -475,6 +485,38 @@ def _check_run_key(k: str, v: Any, fields: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where} = {_show(v)} {why}; allowed: {k} is {rule.allowed()}")
 
 
+def _clock_table(ev: dict[str, Any]) -> dict[str, Any]:
+    """The time-to-target settings of ``[evaluate]`` (:mod:`fedmedbench.clock`):
+    ``targets`` (utilities), ``target_fraction`` (of the pooled baseline,
+    default 0.95), ``pooled_baseline`` (that baseline's utility, when known
+    beforehand) and ``time_budget_h`` (virtual hours). They change no
+    training, so they are not part of a cell's id."""
+    out: dict[str, Any] = {}
+
+    def number(k: str, v: Any, *, lo: float, hi: float | None = None) -> float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and v > lo and (hi is None or v <= hi)
+        if not ok:
+            rng = f"in ({lo:g}, {hi:g}]" if hi is not None else f"> {lo:g}"
+            raise ConfigError(f"evaluate.{k} = {_show(v)}; it must be a number {rng}")
+        return float(v)
+
+    if "targets" in ev:
+        t = ev["targets"]
+        t = [t] if isinstance(t, (int, float)) and not isinstance(t, bool) else t
+        if not isinstance(t, list) or not t:
+            raise ConfigError(f"evaluate.targets = {_show(ev['targets'])}; expected a list of "
+                              f"utilities, e.g. targets = [0.8, 0.85]")
+        out["targets"] = [number("targets[]", x, lo=-math.inf) for x in t]
+    if "target_fraction" in ev:
+        out["target_fraction"] = number("target_fraction", ev["target_fraction"], lo=0, hi=1)
+    if "pooled_baseline" in ev:
+        out["pooled_baseline"] = number("pooled_baseline", ev["pooled_baseline"], lo=-math.inf)
+    if "time_budget_h" in ev:
+        out["budget_s"] = 3600.0 * number("time_budget_h", ev["time_budget_h"], lo=0)
+    return out
+
+
 def _typed(v: Any, t: type, where: str) -> Any:
     if not isinstance(v, t) or (t is int and isinstance(v, bool)):
         raise ConfigError(f"{where} = {_show(v)}: expected {t.__name__}")
@@ -499,6 +541,11 @@ def _normalize(axis: str, v: Any, reg: Registry, where: str) -> Any:
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}: privacy stack {names} names a mechanism twice")
         return out
+    if axis == "network":
+        if v == NONE:
+            return None  # the twin off: no clock in the record
+        if v == DEFAULT_NETWORK["name"] or v == DEFAULT_NETWORK:
+            return dict(DEFAULT_NETWORK)  # known without a registry (plugins may be blocked)
     family = {"privacy-one": "privacy"}.get(axis, axis)
     if isinstance(v, str) and ("(" in v or "[" in v or ")" in v or "]" in v):
         spec: dict[str, Any] = parse_label(v, where)
@@ -795,6 +842,8 @@ class _Points:
 def _component_key(family: str, v: Any, reg: Registry) -> str:
     if v is None or v == []:
         return NONE
+    if family == "network":
+        return json.dumps(network_config(v, reg), sort_keys=True, default=str)
     specs = v if isinstance(v, list) else [v]
     return json.dumps([reg.build(family, s).config() for s in specs], sort_keys=True,
                       default=str)
@@ -914,6 +963,8 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
         if point["adversary"] else None,
         "attacks": [reg.build("attack", a).config() for a in m.attacks],
     }
+    network = point.get("network", DEFAULT_NETWORK)
+    net_cfg = network_config(network, reg)
     # run settings: defaults < the dataset's < what the cell's other components' guarantees
     # assume (dp-fedavg: Poisson client sampling) < the matrix [run] < [run.<component>]
     comp_defaults: dict[str, Any] = {}
@@ -923,7 +974,8 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
     run = {**RunSettings.fields(), **ds_info.cls.run_defaults, **comp_defaults, **m.run}
     names = [comps["dataset"]["name"], comps["partitioner"]["name"], comps["algorithm"]["name"],
              comps["aggregator"]["name"], *(p["name"] for p in comps["privacy"]),
-             *(comps[a]["name"] for a in ("compressor", "adversary") if comps[a])]
+             *(comps[a]["name"] for a in ("compressor", "adversary") if comps[a]),
+             *([net_cfg["name"]] if net_cfg else [])]
     for n in names:
         run.update(m.run_overrides.get(n, {}))
     rounds = int(run.pop("rounds", m.rounds))
@@ -935,8 +987,10 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
     backend = m.execution.get("backend", "auto")
     extra = ({"headline_adversary": m.headline_adversary}
              if m.headline_adversary != "server" else {})
+    if network is None or net_cfg is not None:  # the default network leaves no key: the cell
+        extra["network"] = net_cfg  # is the one of before the twin (same id, same numbers)
     return {**comps, **extra, "run": run, "rounds": rounds, "seed": seed, "backend": backend,
-            "versions": plugin_versions(comps, reg)}
+            "versions": plugin_versions({**comps, "network": net_cfg}, reg)}
 
 
 #: the distribution name of plugins that are not installed (``FEDMEDBENCH_PLUGINS`` modules)
@@ -955,7 +1009,8 @@ def plugin_versions(comps: dict[str, Any], reg: Registry) -> dict[str, str]:
     ``--force``."""
     fams = {"dataset": "dataset", "partitioner": "partitioner", "model": "model",
             "algorithm": "algorithm", "aggregator": "aggregator", "privacy": "privacy",
-            "compressor": "compressor", "adversary": "adversary", "attacks": "attack"}
+            "compressor": "compressor", "adversary": "adversary", "attacks": "attack",
+            "network": "network"}
     out: dict[str, str] = {}
     for key, family in fams.items():
         v = comps.get(key)
@@ -966,6 +1021,20 @@ def plugin_versions(comps: dict[str, Any], reg: Registry) -> dict[str, str]:
             if info.distribution != UNVERSIONED and info.version:
                 out[info.distribution] = info.version
     return dict(sorted(out.items()))
+
+
+def network_config(v: Any, reg: Registry) -> dict[str, Any] | None:
+    """A network axis value's config for a cell: ``None`` for the default
+    (``uniform`` with its defaults: the config then has no ``network`` key)
+    and for ``none`` (the caller tells them apart: ``none`` is written as
+    ``"network": null``)."""
+    if v is None or v == DEFAULT_NETWORK:
+        return None
+    cfg = reg.build("network", v).config()
+    if cfg["name"] == DEFAULT_NETWORK["name"] and all(x is None for k, x in cfg.items()
+                                                      if k != "name"):
+        return None
+    return cfg
 
 
 def cell_id(cfg: dict[str, Any]) -> str:

@@ -199,9 +199,24 @@ class Received:
         default_factory=lambda: _frozen({}))
     weights: np.ndarray | None = None
     transport: str | None = None
+    #: clients of the round whose input did not reach the sum (the network twin's
+    #: dropouts under a transport; the server knows who sent no input)
+    dropped: tuple[int, ...] = ()
+    #: per client, how many server updates happened since the model it trained
+    #: from was sent (asynchronous protocols; the server knows it); empty otherwise
+    staleness: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.clients)
+
+    @property
+    def contributors(self) -> tuple[int, ...]:
+        """The clients whose update reached what the server applies
+        (:attr:`clients` less :attr:`dropped`)."""
+        if not self.dropped:
+            return self.clients
+        out = set(self.dropped)
+        return tuple(c for c in self.clients if c not in out)
 
     def _hidden(self, what: str) -> RowsHidden:
         return RowsHidden(
@@ -247,7 +262,8 @@ class Received:
             metrics=_frozen({k: np.asarray(v)[sel] for k, v in self.metrics.items()}),
             rows=_frozen({k: (v[sel] if not isinstance(v, list) else [v[i] for i in sel])
                           for k, v in self.rows.items()}),
-            weights=None if self.weights is None else np.asarray(self.weights)[sel])
+            weights=None if self.weights is None else np.asarray(self.weights)[sel],
+            staleness=tuple(self.staleness[i] for i in sel) if self.staleness else ())
 
 
 @dataclass

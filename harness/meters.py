@@ -38,7 +38,7 @@ TIME_BUCKETS = {
     "local": "train_s", "pretrain": "train_s", "finalize": "train_s",
     "update": "privacy_s", "encode": "privacy_s", "secure_aggregate": "privacy_s",
     "server": "privacy_s", "privacy_setup": "privacy_s", "begin_round": "privacy_s",
-    "end_round": "privacy_s", "privacy_broadcast": "privacy_s",
+    "end_round": "privacy_s", "privacy_broadcast": "privacy_s", "drop": "privacy_s",
 }
 
 

@@ -67,6 +67,9 @@ class Clients:
         self.personal_buffers: dict[int, torch.Tensor] = {}
         #: what the round's clients trained, kept until the server has answered
         self.trained: dict[int, torch.Tensor] = {}
+        #: (buffered protocol) each client's update, trained and waiting on its side
+        #: until it arrives at the server (the virtual clock's arrival)
+        self.pending: dict[int, Updates] = {}
         #: an audit's canary clients (ids after the real clients') and their directions
         self.canary_ids = tuple(cell.canary_clients)
         self.canary_directions: dict[int, Any] = {}
@@ -93,11 +96,24 @@ class Clients:
         """What the clients do to their updates before sending: the
         aggregator's client-side scores, the adversary, the update-stage
         privacy and the compressor."""
+        return self.protect_sending(self.protect_trained(updates, start))
+
+    def protect_trained(self, updates: Updates, start: torch.Tensor) -> Updates:
+        """The first half of :meth:`protect`, right after training (it needs
+        the model the clients started from): the aggregator's client-side
+        scores and the adversary."""
         p, stage = self.parts, self.stages.run
         updates = stage("client_metrics", p.aggregator, "client_metrics",
                         self.backend.client_metrics, p.aggregator, updates, start)
         if p.adversary is not None:
             updates = stage("adversary", p.adversary, "corrupt_update", self._corrupt, updates)
+        return updates
+
+    def protect_sending(self, updates: Updates) -> Updates:
+        """The second half of :meth:`protect`, when the updates leave (under
+        the buffered protocol, for the clients of one buffer): the
+        update-stage privacy and the compressor."""
+        p, stage = self.parts, self.stages.run
         for m in p.update_stage:
             updates = stage("update", m, "process_update", m.process_update, self.ctx, updates)
         if p.compressor is not None:

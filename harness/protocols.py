@@ -14,7 +14,26 @@ and each protocol is a :class:`Setting` of the same :class:`Round`:
 - ``pooled`` — one party holding every site's training rows (the
   ``centralized`` upper baseline), with the work of a federated round;
 - ``isolated`` — each site trains alone and is scored with its own model
-  (the ``local`` lower baseline).
+  (the ``local`` lower baseline);
+- ``buffered`` — asynchronous rounds on the virtual clock
+  (:class:`fedmedbench.clock.AsyncTwin`): the server keeps ``concurrency``
+  clients training, each arriving update joins a buffer with its staleness,
+  and ``buffer_size`` arrivals make one server update (FedBuff, Nguyen et
+  al. 2022; FedAsync, Xie et al. 2019, is a buffer of one). Clients sent
+  the same model version train together (one backend call: the vectorized
+  backend's window). Under a transport (secure aggregation) the protocol
+  runs over each buffer's clients, so the server reads the buffer's sum
+  only (the FedBuff paper's secure aggregation over the buffer, there in a
+  trusted execution environment); client-level DP (dp-fedavg) clips each
+  update and noises each buffer's sum: one release per server update.
+
+Every round runs beside the network twin's virtual clock
+(:mod:`fedmedbench.clock`) when the cell has one: it adds ``clock_s`` and
+``bytes`` to the round's history entry, and under a network with outages or
+a deadline the clients that drop out go through the transport's own dropout
+path (:meth:`~fedmedbench.components.TransportStage.drop`); the server reads
+what the others sent. Under the default ``uniform`` network nobody drops and
+the round is the one without a clock.
 
 One federated round, by the types that cross (:mod:`fedmedbench.messages`)::
 
@@ -40,8 +59,10 @@ they stay on the clients (FedBN).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +109,7 @@ class Setting:
     samples_clients: bool
     pooled: bool = False
     own_models: bool = False
+    asynchronous: bool = False
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in (
@@ -95,6 +117,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("personalized", aggregates=True, samples_clients=True, own_models=True),
     Setting("pooled", aggregates=False, samples_clients=False, pooled=True),
     Setting("isolated", aggregates=False, samples_clients=False, own_models=True),
+    Setting("buffered", aggregates=True, samples_clients=True, asynchronous=True),
 )}
 #: the protocols algorithms may declare
 PROTOCOLS = tuple(SETTINGS)
@@ -107,6 +130,36 @@ def setting_for(alg: Algorithm) -> Setting:
                           f"{', '.join(SETTINGS)}", plugin=alg.plugin, component=alg.name,
                           hook="protocol", exc_type="ValueError")
     return SETTINGS[name]
+
+
+def buffered_plan(alg: Algorithm, num_clients: int, per_round: int) -> tuple[int, int, int]:
+    """(buffer size K, concurrency M, maximum staleness) of an algorithm of
+    the ``buffered`` protocol, for ``num_clients`` clients and the cell's
+    ``per_round`` clients per round: its ``plan(num_clients, per_round)``
+    (every algorithm of the protocol declares it, with ``staleness_weight``),
+    checked: 1 <= K <= M <= num_clients, staleness >= 0 (0: unbounded)."""
+    from fedmedbench.meters import calling
+
+    for need in ("plan", "staleness_weight"):
+        if not callable(getattr(alg, need, None)):
+            raise PluginError(f"declares protocol 'buffered' and has no {need}(): an algorithm "
+                              f"of the buffered protocol declares plan(num_clients, per_round) "
+                              f"-> (buffer_size, concurrency, max_staleness) and "
+                              f"staleness_weight(staleness) -> float", plugin=alg.plugin,
+                              component=alg.name, hook=need, exc_type="TypeError")
+    with calling(alg, "plan"):
+        got = alg.plan(int(num_clients), int(per_round))  # type: ignore[attr-defined]
+    try:
+        K, M, S = (int(x) for x in got)
+    except (TypeError, ValueError):
+        K = M = S = -1
+    if not (1 <= K <= M <= num_clients and S >= 0):
+        raise PluginError(f"plan({num_clients}, {per_round}) returned {got!r}; return "
+                          f"(buffer_size, concurrency, max_staleness) with 1 <= buffer_size <= "
+                          f"concurrency <= {num_clients} (the clients) and max_staleness >= 0",
+                          plugin=alg.plugin, component=alg.name, hook="plan",
+                          exc_type="ValueError")
+    return K, M, S
 
 
 def sharing_of(alg: Algorithm, ctx: CellContext, facts: CellFacts,
@@ -221,6 +274,15 @@ class Round:
         self.buffers0 = flat_buffers(cell.factory())
         self.eval_model = cell.factory()
         self.numel = cell.layout.numel
+        #: the network twin's virtual clock (:mod:`fedmedbench.clock`; set by the engine);
+        #: ``None``: no clock (``network = "none"``)
+        self.twin: Any = None
+        #: measured seconds of the transport's per-round key setup (``begin_round``)
+        self._transport_begin_s = 0.0
+        #: why the transport aborted the last aborted round
+        self._aborted = ""
+        self._last_sent_bytes = 0
+        self._last_row_bytes: list[int] = []
 
     # -- models ------------------------------------------------------------------------
 
@@ -267,6 +329,8 @@ class Round:
     # -- the round -----------------------------------------------------------------------
 
     def run(self, t: int) -> dict[str, Any]:
+        if self.setting.asynchronous:
+            return self.buffered_round(t)
         if self.setting.pooled:
             return self.pooled_round(t)
         if not self.setting.aggregates:
@@ -291,10 +355,15 @@ class Round:
             self._lifecycle(comp, "end_round", t)
 
     def _lifecycle(self, comp: Any, hook: str, t: int) -> None:
+        import time
+
         from fedmedbench.components import PrivacyMechanism
 
         stage = hook if isinstance(comp, PrivacyMechanism) else ""
+        t0 = time.perf_counter()
         self.stages.run(stage, comp, hook, getattr(comp, hook), t)
+        if comp is self.transport and hook == "begin_round":  # the clients' key setup
+            self._transport_begin_s = time.perf_counter() - t0
 
     def reported_loss(self, updates: Updates) -> float | None:
         """The round's mean client training loss for the history; under DP the
@@ -315,10 +384,18 @@ class Round:
         import torch
 
         cl, sv, stage = self.clients, self.server, self.stages.run
+        twin = self.twin
         clients = self.federation.sample(t, self.cell.per_round) + self.sample_canaries(t)
+        unavailable: list[int] = []
+        if twin is not None:  # the sampled clients offline at the round's start take no part
+            clients, unavailable = twin.available(clients)
         self.begin(t, clients)
         if not clients:  # an empty Poisson sample: central noise still runs (skipping it
-            return self.empty_round(t)  # would reveal that nobody took part)
+            out = self.empty_round(t)  # would reveal that nobody took part)
+            if twin is not None:
+                out.update(twin.close_round(twin.timeline([], down_bytes=0, up_bytes=[]),
+                                            unavailable=unavailable, round=t))
+            return out
         bc = sv.broadcast(clients)
         self.stages.publish(bc)
         cl.deliver(bc)
@@ -333,16 +410,37 @@ class Round:
         updates = cl.protect(updates, start)
         cl.check(updates, numel=self.numel)
         loss = self.reported_loss(updates)
+        clock = _RoundClock(twin, clients, bc) if twin is not None else None
         if self.transport is not None:  # the metadata crosses first; clients scale, encode
             weights = self.weights(receive(cl.metadata(updates), sharing=self.sharing,
                                            numel=self.numel))
-            received = self.through_transport(updates, weights)
+            got = self.through_transport(updates, weights, clock)
+            if got is None:  # the transport aborted (the twin's dropouts): nothing released
+                return {"clients": len(clients), "loss": loss,
+                        **clock.close(t, unavailable=unavailable, contributors=(),  # type: ignore[union-attr]
+                                      aborted=self._aborted)}
+            received = got
             aggregate = received.sums["delta"]
         else:
             sent = stage("send", None, "", cl.seal, updates)
+            if clock is not None and twin.drops:  # whose message never arrived
+                clock.timeline(up_bytes=sent.row_bytes)
+                if clock.tl is not None and clock.tl.lost:
+                    sent = _without(sent, clock.tl.lost)
             self.stages.publish(sent)
             received = receive(sent, sharing=self.sharing, numel=self.numel)
+            if clock is not None and clock.tl is not None and clock.tl.lost:
+                received = dataclasses.replace(received, dropped=tuple(sorted(clock.tl.lost)))
             self.stages.publish(received)
+            if clock is not None:
+                clock.sent(sent)
+            if not len(received):  # every message was lost on the way
+                del updates
+                out = self.lost_round(t, received)
+                out.update({"clients": len(clients), "loss": loss})
+                out.update(clock.close(t, unavailable=unavailable,  # type: ignore[union-attr]
+                                       contributors=()))
+                return out
             weights = self.weights(received)
             aggregate = sv.aggregate(received, weights)
         del updates  # what the clients computed stays on their side
@@ -362,7 +460,16 @@ class Round:
             names = self.cell.clients_ctx.client_names
             out["weights"] = {names[u]: round(float(x), 6)
                               for u, x in zip(received.clients, shown)}
+        if clock is not None:
+            out.update(clock.close(t, unavailable=unavailable,
+                                   contributors=received.contributors))
         return out
+
+    def lost_round(self, t: int, received: Received) -> dict[str, Any]:
+        """Every client's message was lost (the twin): the server has nothing
+        to aggregate; its server-stage privacy still runs on a zero
+        aggregate, as after an empty sample."""
+        return self.empty_round(t)
 
     def sample_canaries(self, t: int) -> list[int]:
         """An audit's canary clients of round ``t``: each independently with the
@@ -398,34 +505,86 @@ class Round:
             return None
         return self.server.weights(received)
 
-    def through_transport(self, updates: Updates, weights: np.ndarray | None) -> Received:
+    def through_transport(self, updates: Updates, weights: np.ndarray | None,
+                          clock: _RoundClock | None = None, *,
+                          staleness: Sequence[int] = ()) -> Received | None:
         """Encode on the clients' side, aggregate on the server's (the
-        transport's parties), and read the sums."""
-        from fedmedbench.components import Message
+        transport's parties), and read the sums. With the twin's dropouts
+        the transport takes them through its own recovery
+        (:meth:`~fedmedbench.components.TransportStage.drop`); ``None`` when
+        it aborted the round (under a network that drops clients)."""
+        import time
+
+        from fedmedbench.components import Message, RoundAborted, TransportStage
 
         t, cl, sv = self.transport, self.clients, self.server
         assert t is not None and weights is not None
+        encode_s: dict[int, float] = {}
 
         def encode(client: int, vector: torch.Tensor) -> Message:
+            t0 = time.perf_counter()
             msg = t.encode(cl.ctx, client, vector)
+            encode_s[int(client)] = time.perf_counter() - t0
             if not isinstance(msg, Message):
                 raise TypeError(f"encode returned {type(msg).__module__}."
                                 f"{type(msg).__name__}, not fedmedbench.Message")
             return msg
 
         sent = self.stages.run("encode", t, "encode", cl.seal, updates, weights, encode)
-        total = self.stages.run("secure_aggregate", t, "aggregate", t.aggregate, sv.ctx,
-                                list(sent.messages))
+        messages = list(sent.messages)
+        lost: set[int] = set()
+        if clock is not None:  # each client's cryptographic seconds: its key setup share and
+            share = self._transport_begin_s / max(1, len(sent.clients))  # its encoding
+            clock.crypto = {c: share + encode_s.get(c, 0.0) for c in sent.clients}
+            recovers = type(t).drop is not TransportStage.drop
+            clock.timeline(up_bytes=[int(m.nbytes) for m in messages], unmasking=recovers)
+            dropped = clock.tl.phases if clock.tl is not None else {}
+            if dropped:
+                took = bool(self.stages.run("drop", t, "drop", t.drop, sv.ctx, dict(dropped)))
+                lost = set(clock.tl.lost)  # type: ignore[union-attr]
+                if not took:
+                    messages = [m for m in messages if m.client not in lost]
+        t0 = time.perf_counter()
+        try:
+            total = self.stages.run("secure_aggregate", t, "aggregate", t.aggregate, sv.ctx,
+                                    messages)
+        except PluginError as exc:
+            if clock is None or not clock.twin.drops or not isinstance(exc.__cause__,
+                                                                       RoundAborted):
+                raise
+            clock.server_s = time.perf_counter() - t0
+            self._aborted = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+            self.stages.publish(sent)  # what crossed before the abort
+            clock.sent(sent)
+            return None
+        if clock is not None:
+            clock.server_s = time.perf_counter() - t0
         expect = sum(n for _, n in sent.layout)
         if tuple(total.reshape(-1).shape) != (expect,):
             raise PluginError(f"aggregate returned a tensor of shape {tuple(total.shape)}; the "
                               f"encoded vectors have {expect} values, so their sum of shape "
                               f"({expect},) is expected", plugin=t.plugin, component=t.name,
                               hook="aggregate", exc_type="ValueError")
+        if lost and not self.cell.sum_contributions and tuple(total.shape) == (expect,):
+            # the mean over the clients whose input arrived: the delta's weighted sum over
+            # them, divided by their weights' share (a fixed-denominator estimator, where
+            # an update stage weights the rows itself, takes a missing row as zero)
+            keep = [i for i, c in enumerate(sent.clients) if c not in lost]
+            share = float(np.asarray(weights, dtype=float)[keep].sum())
+            total = total.reshape(-1).clone()
+            n = sent.layout[0][1]
+            if share > 0:
+                total[:n] = total[:n] / share
         self.stages.publish(sent)  # its messages' bytes are final once the sum is out
         received = receive(sent, sharing=self.sharing, numel=self.numel, total=total,
                            transport=t.name)
+        if lost or staleness:
+            received = dataclasses.replace(received, dropped=tuple(sorted(lost)),
+                                           staleness=tuple(int(x) for x in staleness))
         self.stages.publish(received)
+        self._last_sent_bytes, self._last_row_bytes = sent.nbytes, sent.row_bytes
+        if clock is not None:
+            clock.sent(sent)
         return received
 
     def empty_round(self, t: int) -> dict[str, Any]:
@@ -586,7 +745,13 @@ class Round:
         import torch
 
         sv.params = sv.update(torch.zeros(self.numel), received)
-        return {"clients": len(clients), "loss": loss}
+        out = {"clients": len(clients), "loss": loss}
+        if self.twin is not None:  # timed; the twin drops no client of a prediction round
+            tl = self.twin.timeline(list(sent.clients), down_bytes=bc.per_client_bytes,
+                                    up_bytes=sent.row_bytes, dropping=False)
+            out.update(self.twin.close_round(tl, contributors=sent.clients, round=t,
+                                             bytes_up=sent.nbytes, bytes_down=bc.nbytes))
+        return out
 
     # -- the other settings --------------------------------------------------------------
 
@@ -602,7 +767,11 @@ class Round:
             cl.models[u] = self.stages.run(
                 "server_update", alg, "server_update", alg.server_update, sv.ctx,
                 cl.models[u], _delta(updates, i).detach().clone(), local_received(updates, i))
-        return {"clients": len(clients), "loss": self.reported_loss(updates)}
+        out = {"clients": len(clients), "loss": self.reported_loss(updates)}
+        if self.twin is not None:  # each site alone: the round lasts its slowest site's training
+            out.update(self.twin.close_round(None, compute_only=clients,
+                                             contributors=clients, round=t))
+        return out
 
     def pooled_round(self, t: int) -> dict[str, Any]:
         """One party trains on the pooled rows: the work of a federated round."""
@@ -615,8 +784,93 @@ class Round:
         sv.params = self.stages.run("server_update", alg, "server_update", alg.server_update,
                                     sv.ctx, w.detach().clone(), updates.delta[0].detach().clone(),
                                     local_received(updates, 0))
-        return {"clients": 1, "loss": self.reported_loss(updates),
-                "steps": self.cell.clients_ctx.fixed_steps}
+        out = {"clients": 1, "loss": self.reported_loss(updates),
+               "steps": self.cell.clients_ctx.fixed_steps}
+        if self.twin is not None:  # one party trains on the pooled rows, at this machine's speed
+            out.update(self.twin.close_round(None, compute_only=[0], contributors=[0], round=t))
+        return out
+
+    # -- the buffered (asynchronous) protocol ------------------------------------------
+
+    def buffered_round(self, t: int) -> dict[str, Any]:
+        """One server update of an asynchronous protocol (module docstring):
+        the twin runs dispatches and arrivals until the buffer is full; the
+        clients sent the current model train together now (their updates
+        wait on their side until they arrive); the buffer's updates are
+        protected, sent (through the transport: one secure sum per buffer)
+        and aggregated with their staleness weights."""
+
+        cl, sv, stage = self.clients, self.server, self.stages.run
+        twin = self.twin
+        alg = sv.parts.algorithm
+        entries, arrived = twin.next_buffer()
+        buffer = sorted(entries, key=lambda e: e.client)
+        clients = [e.client for e in buffer]
+        version = twin.version
+        staleness = [version - e.version for e in buffer]
+        self.begin(t, clients)
+        batch = twin.to_train(version)
+        bc = None
+        if batch:  # one window: every client sent model `version` trains in one call
+            bc = sv.broadcast(batch)
+            self.stages.publish(bc)
+            cl.deliver(bc)
+            w = bc.params
+            if self.sharing.buffers == "sent":
+                for c in batch:
+                    cl.backend.load_buffers(c, sv.buffers)
+            trained = cl.train(batch, w, bc)
+            trained = self.keep_personal(batch, w, trained)
+            trained = cl.protect_trained(trained, w)
+            for j, c in enumerate(trained.clients):
+                cl.pending[int(c)] = trained.rows([j])
+            twin.observe_down(bc.per_client_bytes)
+        updates = Updates.concat([cl.pending.pop(c) for c in clients])
+        cl.pending = {c: u for c, u in cl.pending.items() if twin.in_flight_since(c) is not None}
+        updates = cl.protect_sending(updates)
+        cl.check(updates, numel=self.numel)
+        loss = self.reported_loss(updates)
+        with_staleness = stage("staleness", alg, "staleness_weight", _staleness_weights, alg,
+                               staleness)
+        t0_server = time.perf_counter()
+        if self.transport is not None:
+            weights = self.weights(receive(cl.metadata(updates), sharing=self.sharing,
+                                           numel=self.numel))
+            weights = _scaled(weights, with_staleness)
+            got = self.through_transport(updates, weights, None, staleness=staleness)
+            assert got is not None
+            received = got
+            aggregate = received.sums["delta"]
+            sent_bytes, row_bytes = self._last_sent_bytes, self._last_row_bytes
+        else:
+            sent = stage("send", None, "", cl.seal, updates)
+            self.stages.publish(sent)
+            sent_bytes, row_bytes = sent.nbytes, sent.row_bytes
+            received = dataclasses.replace(receive(sent, sharing=self.sharing, numel=self.numel),
+                                           staleness=tuple(staleness))
+            self.stages.publish(received)
+            weights = _scaled(self.weights(received), with_staleness)
+            aggregate = sv.aggregate(received, weights)
+        del updates
+        aggregate = sv.protect(aggregate, received)
+        self._check_aggregate(t, aggregate)
+        new = sv.update(aggregate, received)
+        self._check_vector(new, alg, "server_update")
+        sv.params = new
+        self.after_server(received, weights)
+        server_s = time.perf_counter() - t0_server if self.transport is not None else 0.0
+        twin.observe_up(row_bytes)
+        out: dict[str, Any] = {"clients": len(clients), "loss": loss, "trained": len(batch)}
+        shown = self.contribution_weights(received) if self.cell.sum_contributions \
+            else weights
+        if shown is not None:
+            names = self.cell.clients_ctx.client_names
+            out["weights"] = {names[u]: round(float(x), 6)
+                              for u, x in zip(received.clients, shown)}
+        out.update(twin.applied(buffer, arrived, server_s=server_s, bytes_up=sent_bytes,
+                                bytes_down=bc.nbytes if bc is not None else 0, round=t,
+                                contributors=received.contributors))
+        return out
 
     def check_finite(self, t: int) -> None:
         import torch
@@ -718,6 +972,75 @@ class Round:
         if self.global_utility is not None:
             out["utility_global"] = self.global_utility
         return out
+
+
+class _RoundClock:
+    """One synchronous round's bookkeeping for the twin: the clients it
+    timed, what crossed, the cryptographic seconds measured."""
+
+    def __init__(self, twin: Any, clients: list[int], broadcast: Broadcast) -> None:
+        self.twin = twin
+        self.clients = list(clients)
+        self.broadcast = broadcast
+        self.tl: Any = None
+        #: per client: its share of the transport's key setup and its encoding (seconds)
+        self.crypto: dict[int, float] = {}
+        #: the server's (the transport's aggregating party's) seconds
+        self.server_s = 0.0
+        self.bytes_up = 0
+
+    def timeline(self, *, up_bytes: Sequence[int], unmasking: bool = False) -> None:
+        self.tl = self.twin.timeline(self.clients, down_bytes=self.broadcast.per_client_bytes,
+                                     up_bytes=list(up_bytes), crypto_s=self.crypto,
+                                     unmasking=unmasking)
+
+    def sent(self, sent: Any) -> None:
+        self.bytes_up = int(sent.nbytes)
+        if self.tl is None:
+            self.timeline(up_bytes=sent.row_bytes)
+
+    def close(self, t: int, *, unavailable: Sequence[int], contributors: Iterable[int],
+              aborted: str | None = None) -> dict[str, Any]:
+        if self.tl is None:
+            self.timeline(up_bytes=[0] * len(self.clients))
+        return self.twin.close_round(self.tl, unavailable=unavailable,
+                                     contributors=contributors, server_s=self.server_s,
+                                     client_crypto_s=sum(self.crypto.values()),
+                                     aborted=aborted, round=t, bytes_up=self.bytes_up,
+                                     bytes_down=self.broadcast.nbytes)
+
+
+def _without(sent: Any, lost: set[int]) -> Any:
+    """``sent`` without the messages of ``lost`` (plaintext: they never arrived)."""
+    keep = [i for i, c in enumerate(sent.clients) if c not in lost]
+
+    def take(v: Any) -> Any:
+        return [v[i] for i in keep] if isinstance(v, (list, tuple)) else v[keep]
+
+    return dataclasses.replace(
+        sent, clients=tuple(sent.clients[i] for i in keep),
+        num_examples=tuple(sent.num_examples[i] for i in keep),
+        metrics=_frozen({k: np.asarray(v)[keep] for k, v in sent.metrics.items()}),
+        fields=_frozen({k: take(v) for k, v in sent.fields.items()}),
+        field_bytes=_frozen({k: tuple(v[i] for i in keep) for k, v in sent.field_bytes.items()}))
+
+
+def _staleness_weights(alg: Algorithm, staleness: Sequence[int]) -> np.ndarray:
+    """The algorithm's weight of each buffered update, from its staleness."""
+    out = np.array([float(alg.staleness_weight(int(s))) for s in staleness],  # type: ignore[attr-defined]
+                   dtype=float)
+    if not (np.isfinite(out).all() and (out >= 0).all()):
+        raise ValueError(f"staleness_weight gave {out.tolist()} for staleness "
+                         f"{list(staleness)}; return finite weights >= 0")
+    return out
+
+
+def _scaled(weights: np.ndarray | None, s: np.ndarray) -> np.ndarray | None:
+    """Aggregation weights times staleness weights (unchanged when every
+    update is fresh and weighs 1)."""
+    if weights is None or bool((s == 1.0).all()):
+        return weights
+    return np.asarray(weights, dtype=float) * s
 
 
 def _with_buffers(updates: Updates, backend: Any) -> Updates:

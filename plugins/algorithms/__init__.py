@@ -10,8 +10,10 @@ from fedmedbench import hookimpl
 from fedmedbench.plugins.algorithms import (
     centralized,
     ditto,
+    fedasync,
     fedavg,
     fedbn,
+    fedbuff,
     feddf,
     fedmd,
     fednova,
@@ -25,7 +27,7 @@ from fedmedbench.plugins.algorithms import (
 )
 
 MODULES: tuple = (fedavg, centralized, local, fedprox, scaffold, fedopt, feddf, fedmd,
-                  fedbn, ditto, fedper, fedrep, finetune, fednova)
+                  fedbn, ditto, fedper, fedrep, finetune, fednova, fedbuff, fedasync)
 
 
 @hookimpl

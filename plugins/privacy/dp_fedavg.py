@@ -262,8 +262,13 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
         #: the q a target ε is planned at: the server sees who took part under distributed
         #: noise (no amplification), the released model does not
         self._q_plan = 1.0 if self._mode == "distributed" else self._q
-        #: the rounds each client took part in (the server knows it)
+        #: the rounds each client took part in (the server knows it): those whose update
+        #: reached the sum (a client that dropped out of a round is not counted in it)
         self._rounds_of: dict[int, list[int]] = {}
+        #: the noise multiplier each released round actually carried (by round)
+        self._z_of_round: dict[int, float] = {}
+        #: rounds whose sum lacked dropped clients' noise shares: round -> (arrived, sampled)
+        self._short_rounds: dict[int, tuple[int, int]] = {}
         if self.epsilon is None:
             self._z0 = self.noise_multiplier
         elif self.noise_decay == 1.0:
@@ -366,9 +371,19 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
             g = ctx.torch_generator("dp-fedavg-central-noise", rnd)
             out = aggregate + torch.randn(aggregate.shape, generator=g) * (
                 self._z_update(rnd) * C / self._denom)
-        self._ledger.record(self._z(self._z0, rnd), self._q)
+        z = self._z(self._z0, rnd)
+        contributors = getattr(received, "contributors", received.clients)
+        m, got = len(ctx.participants), len(contributors)
+        if self._mode == "distributed" and 0 < got < m:
+            # dropouts (the network twin): only the noise shares of the clients whose update
+            # reached the sum are in it, each of variance σ²C²/(qW)²/m, so the sum carries
+            # multiplier z·sqrt(got/m): the round is accounted at the noise it has
+            z = z * math.sqrt(got / m)
+            self._short_rounds[int(rnd)] = (got, m)
+        self._ledger.record(z, self._q)
+        self._z_of_round[int(rnd)] = z
         self._clip_history.append(C)
-        for c in received.clients:
+        for c in contributors:
             self._rounds_of.setdefault(int(c), []).append(int(rnd))
         if self.target_quantile:  # the clients sent b_k - 1/2 (sensitivity 1/2): unshift
             bits = received.metrics.get("clip_bit")
@@ -405,6 +420,7 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
                         "client sampling applies" if amplified else
                         "every client takes part in every round")
         zs = {t: self._z(self._z0, t) for t in range(1, len(self._clip_history) + 1)}
+        zs.update(self._z_of_round)  # the noise each released round carried (dropouts, aborts)
         if self._mode == "central":
             server = Guarantee(
                 "server", math.inf, self.delta, None, steps, False,
@@ -421,7 +437,11 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
                 eps, worst = e, len(rounds)
         note = (f"sees the noised secure sum and who sent a masked input: no amplification "
                 f"by sampling; each client's rounds compose at q = 1, the largest for a "
-                f"client in {worst} of {len(zs)} rounds")
+                f"client in {worst} of {len(self._z_of_round) or len(zs)} rounds")
+        if self._short_rounds:
+            note += (f"; counting only the rounds whose update reached the sum, each at the "
+                     f"noise it carried ({len(self._short_rounds)} round(s) lacked dropped "
+                     f"clients' noise shares)")
         server = Guarantee("server", eps, self.delta, 1.0, worst, False, note)
         client = Guarantee("client", eps, self.delta, 1.0, worst, False,
                            "a client of a secure-aggregation round learns who took part: as "
@@ -452,6 +472,9 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
                 "estimator": "fixed denominator Σ_k w_k Δ_k / (q W) (McMahan et al. 2018)",
                 "weight_denominator": self._denom,
                 "history": [list(h) for h in self._ledger.history],
+                **({"dropout_rounds": {str(t): {"arrived": a, "sampled": b}
+                                       for t, (a, b) in sorted(self._short_rounds.items())}}
+                   if self._short_rounds else {}),
                 "noise_rng": ("seeded torch generators for reproducibility (not a "
                               "cryptographically secure RNG)")})
 

@@ -26,6 +26,14 @@ than n − t dropouts the protocol aborts with :class:`SecAggAborted`: no sum
 is released, the global model of that round is never updated, and the cell is
 recorded as ``failed`` with the reason.
 
+Under a network twin (:mod:`fedmedbench.clock`) the dropouts are the twin's:
+the clients that went offline or missed the deadline, each with its phase,
+given by :meth:`PairwiseMasking.drop` after encoding; the same recovery
+runs on them, the sum returned is the survivors' (unscaled: the engine
+divides by their weights' share), and an abort is a
+:class:`~fedmedbench.components.RoundAborted` that the engine records as an
+aborted round (the model is not updated) before going on.
+
 The protocol is written once, over a *masking graph*: client u masks with,
 and shares its secrets among, its neighbours N(u). This module's ``secagg``
 uses the complete graph (every other client of the round); ``secagg-plus``
@@ -67,6 +75,7 @@ from fedmedbench import (
     SettingWarning,
     TransportStage,
 )
+from fedmedbench.components import RoundAborted
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -82,7 +91,7 @@ PRG_BATCH_BYTES = 4 << 20
 _CTR = modes.CTR(bytes(16))  # one key per stream, so a fixed counter block is safe
 
 
-class SecAggAborted(RuntimeError):
+class SecAggAborted(RoundAborted):
     """Too many clients dropped out for the server to unmask the sum."""
 
 
@@ -413,6 +422,8 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
         self._clients: dict[int, _Client] = {}
         self.stats: dict[str, Any] = {"rounds": 0, "clipped_coordinates": 0, "dropouts": 0}
         self._warned = False
+        #: the network twin's dropouts of the round: client -> "masking" | "unmasking"
+        self._twin_dropped: dict[int, str] = {}
 
     @property
     def drops_clients(self) -> bool:
@@ -499,6 +510,23 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
 
     # -- transport stage ---------------------------------------------------------
 
+    def drop(self, ctx: CellContext, dropped: dict[int, str]) -> bool:
+        """The network twin's dropouts of this round, after every client
+        encoded: a ``"masking"`` dropout's masked input never reaches the
+        server (its pairwise masks are reconstructed away), an
+        ``"unmasking"`` one sends no unmasking shares (its input counts and
+        its self mask is reconstructed). :meth:`aggregate` then returns the
+        survivors' unscaled sum, or raises :class:`SecAggAborted` past the
+        threshold."""
+        bad = sorted(c for c in dropped if c not in self._clients)
+        if bad:
+            raise ValueError(f"clients {bad} are not participants of round {ctx.round}")
+        phases = set(dropped.values()) - set(PHASES)
+        if phases:
+            raise ValueError(f"dropout phase(s) {sorted(phases)}; one of {', '.join(PHASES)}")
+        self._twin_dropped = {int(c): str(p) for c, p in dropped.items()}
+        return True
+
     def encode(self, ctx: CellContext, client: int, vector: torch.Tensor) -> Message:
         if ctx.round != self._round:
             raise RuntimeError(f"{self.name}: round {ctx.round} was not started (the engine "
@@ -536,14 +564,21 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
 
         server = self.server
         assert server is not None
+        twin = self._twin_dropped
+        for m in messages:  # a masking dropout's input never arrived: only its key setup did
+            if twin.get(m.client) == "masking":
+                m.payload = None
+                m.nbytes = self._up[m.client]
         server.masked = {m.client: m.payload for m in messages if m.payload is not None}
         server.unmask_shares = {}
+        self.stats["dropouts"] += len(twin)
         numel = next((m.payload.size for m in messages if m.payload is not None), 0)
         self.check_alive(ctx.round, "masking", len(server.masked))
         survivors = set(server.masked)
         dropped_before = set(server.public_keys) - survivors
         responders = [u for u in sorted(survivors)
-                      if not (u in self._dropped and self.dropout_phase == "unmasking")]
+                      if not (u in self._dropped and self.dropout_phase == "unmasking")
+                      and twin.get(u) != "unmasking"]
         self.check_alive(ctx.round, "unmasking", len(responders))
         by_client = {m.client: m for m in messages}
         for u in responders:
@@ -553,9 +588,12 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
         total, included = server.unmasked_sum(numel)
         k = len(included)
         signed = total.astype(np.float64) / self._scale - k * self.clip_range
-        if k < len(messages):  # inputs left out by dropouts: a mean over the survivors
-            # (exact for uniform weights, the only weighting the engine allows with dropouts)
+        if k < len(messages) and not twin:  # inputs left out by its own dropouts: a mean over
+            # the survivors (exact for uniform weights, the only weighting the engine allows
+            # with them); the twin's: the survivors' sum, which the engine rescales
             signed *= len(messages) / k
+        if twin:
+            self.stats["recovered_rounds"] = self.stats.get("recovered_rounds", 0) + 1
         self.stats["rounds"] += 1
         self._clients = {}  # client secrets of this round are discarded
         return torch.as_tensor(signed, dtype=torch.float32)
@@ -567,6 +605,7 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
         self._clients = {}
         self.server = None
         self._dropped = set()
+        self._twin_dropped = {}
 
     def close(self) -> None:
         self.end_round(self._round)
