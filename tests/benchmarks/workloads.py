@@ -117,7 +117,96 @@ def bare_fedavg(n_clients: int, *, seed: int = 0, rounds: int = ROUNDS) -> float
         return float((model(Xt).argmax(1).numpy() == yt).mean())
 
 
+def vmap_fedavg(n_clients: int, *, seed: int = 0, rounds: int = ROUNDS) -> float:
+    """FedAvg on the workload as a raw ``torch.func`` ensemble (PyTorch's
+    model-ensembling recipe): every client's MLP a slice of stacked
+    parameters, one ``vmap(grad(loss))`` call per local step for all
+    clients, plain SGD on the stacks, the weighted mean between rounds. Each
+    epoch's batch order for all clients comes from one ``argsort`` of random
+    keys (padding rows last); a client with fewer batches gets masked, empty
+    batches (no gradient, no step). Returns the final test accuracy."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    shards = digits_shards(n_clients)
+    X = torch.as_tensor(np.concatenate([tr.X for tr, _ in shards]))
+    y = torch.as_tensor(np.concatenate([tr.y for tr, _ in shards]))
+    sizes = torch.tensor([len(tr.y) for tr, _ in shards])
+    offsets = torch.cumsum(sizes, 0) - sizes
+    widest = int(sizes.max())
+    model = torch.nn.Sequential(torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(),
+                                torch.nn.Linear(HIDDEN, 10))
+    names = [n for n, _ in model.named_parameters()]
+    w = [p.detach().clone() for p in model.parameters()]
+    weights = sizes.to(torch.float32) / sizes.sum()
+    gen = torch.Generator().manual_seed(seed)
+    pad = torch.arange(widest)[None, :] >= sizes[:, None]
+
+    def loss(ps, xb, yb, mb):
+        out = functional_call(model, dict(zip(names, ps)), (xb,))
+        ce = torch.nn.functional.cross_entropy(out, yb, reduction="none")
+        return (ce * mb).sum() / mb.sum().clamp(min=1.0)
+
+    step = vmap(grad(loss))
+    for _ in range(rounds):
+        P = [p.unsqueeze(0).repeat(n_clients, *([1] * p.dim())) for p in w]
+        for _ in range(EPOCHS):
+            keys = torch.rand(n_clients, widest, generator=gen).masked_fill_(pad, 2.0)
+            order = keys.argsort(1)
+            for start in range(0, widest, BATCH):
+                idx = order[:, start:start + BATCH]
+                m = (start + torch.arange(idx.shape[1]))[None, :] < sizes[:, None]
+                rows = torch.where(m, idx + offsets[:, None], 0)
+                G = step(P, X[rows], y[rows], m.to(torch.float32))
+                P = [p - LR * g for p, g in zip(P, G)]
+        w = [(weights.view(-1, *([1] * (p.dim() - 1))) * p).sum(0) for p in P]
+    Xt = torch.as_tensor(np.concatenate([te.X for _, te in shards]))
+    yt = np.concatenate([te.y for _, te in shards])
+    with torch.no_grad():
+        out = functional_call(model, dict(zip(names, w)), (Xt,))
+    return float((out.argmax(1).numpy() == yt).mean())
+
+
+def workload_flops(n_clients: int, *, rounds: int = ROUNDS) -> float:
+    """Floating-point operations of the workload's arithmetic: per training
+    example and epoch the forward pass (2·(64·H + H·10)), the weight
+    gradients of both layers (the same again) and the second layer's input
+    gradient (2·H·10; the first layer's input needs none); one evaluation
+    of the test rows at the end (``eval_every = ROUNDS``). Biases, the
+    activation, the loss and the optimizer are left out (a lower bound)."""
+    shards = digits_shards(n_clients)
+    train = sum(len(tr.y) for tr, _ in shards)
+    test = sum(len(te.y) for _, te in shards)
+    fwd = 2 * (64 * HIDDEN + HIDDEN * 10)
+    return float((2 * fwd + 2 * HIDDEN * 10) * train * EPOCHS * rounds + fwd * test)
+
+
+def sgemm_gflops(size: int = 1024, k: int = 5) -> float:
+    """This core's float32 matrix-multiply rate (GFLOP/s, one thread): the
+    best of ``k`` timed ``size``-square products."""
+    torch.set_num_threads(1)
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    c = torch.empty(size, size)
+    return 2.0 * size ** 3 / best_time(lambda: torch.mm(a, b, out=c), k) / 1e9
+
+
 DIGITS_PLUGIN = DigitsPlugin()
+
+
+def best_times(fns: dict[str, Callable[[], object]], k: int = 3) -> dict[str, float]:
+    """The fastest of ``k`` calls of each function in seconds, the calls
+    interleaved (one of each in turn, after one untimed warm call each), so
+    that a change of the machine's load reaches every contender alike."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(k):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def best_time(fn: Callable[[], object], k: int = 3, *, warm: bool = True) -> float:
