@@ -1,10 +1,20 @@
-"""Shared fixtures: an isolated cache, and a helper that runs a matrix text."""
+"""Shared fixtures: an isolated cache, a helper that runs a matrix text, and
+background jobs for the tests that mostly wait."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import textwrap
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +25,34 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("FEDMEDBENCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def quickstart_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The records of one ``fedmedbench run`` of the quickstart matrix (the
+    default, 18 cells), made once per test session (``--no-report``)."""
+    import io
+
+    from fedmedbench.cli import main
+
+    out = tmp_path_factory.mktemp("quickstart") / "results"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["run", "--out", str(out), "--no-progress", "--no-report"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def quickstart(tmp_path: Path, quickstart_results: Path) -> Callable[[str], Path]:
+    """``quickstart(name)``: a copy of the session's quickstart records in
+    ``tmp_path / name``. ``fedmedbench run --out`` that folder finds every
+    cell done, so it prints and reports what the records hold (the run
+    itself was the session's)."""
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(quickstart_results, tmp_path / name))
+
+    return copy
 
 
 @pytest.fixture
@@ -33,3 +71,111 @@ def run_matrix(tmp_path: Path):
         return code, records
 
     return _run
+
+
+# --------------------------------------------------------------------------
+# tests that mostly wait: started in the background when the session starts
+# --------------------------------------------------------------------------
+#
+# A few end-to-end tests spend most of their wall time waiting on other
+# processes: a cell that hangs until its --cell-timeout, a driver killed at
+# random moments. Their subprocess work is a *job* (a module-level function
+# ``job(tmp, spawn) -> result`` that only runs subprocesses and reads files);
+# the test is marked ``@pytest.mark.background(job=job)`` and takes the
+# ``background`` fixture, which returns the job's result for the test to check.
+# When the session starts, the selected tests' jobs run one after another in
+# one background thread while the other tests run; the marked tests run last,
+# so by their turn the waiting is mostly done. Nothing checked changes: the
+# same commands, the same assertions. Run alone (or with --collect-only), a
+# job runs in the test itself.
+
+
+class _Background:
+    """The session's background jobs, their processes and scratch folders."""
+
+    def __init__(self) -> None:
+        self.pool: ThreadPoolExecutor | None = None
+        self.futures: dict[str, Future] = {}
+        self.procs: list[subprocess.Popen] = []
+        self.dirs: list[str] = []
+        self.lock = threading.Lock()
+
+    def spawn(self, args: list[str], **kw: Any) -> subprocess.Popen:
+        """``subprocess.Popen`` in a session of its own, killed with the test
+        session if it is still running then."""
+        p = subprocess.Popen(args, start_new_session=True, **kw)
+        with self.lock:
+            self.procs.append(p)
+        return p
+
+    def scratch(self) -> Path:
+        d = tempfile.mkdtemp(prefix="fmb-background-")
+        self.dirs.append(d)
+        return Path(d)
+
+    def start(self, nodeid: str, job: Callable[..., Any]) -> None:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmb-background")
+        self.futures[nodeid] = self.pool.submit(job, self.scratch(), self.spawn)
+
+    def result(self, nodeid: str, job: Callable[..., Any]) -> Any:
+        fut = self.futures.get(nodeid)
+        if fut is None:  # not started with the session: run it here
+            return job(self.scratch(), self.spawn)
+        return fut.result()
+
+    def close(self) -> None:
+        for p in self.procs:  # an interrupted session: end what is still running
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+_BACKGROUND = _Background()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "background(job=fn): the test's subprocess work (fn) starts in the background "
+                   "when the session starts; the test runs last and checks its result")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests with a background job run last (their jobs had the whole session)."""
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    jobs = [(item.nodeid, mark.kwargs["job"]) for item in session.items
+            for mark in [item.get_closest_marker("background")]
+            if mark is not None and not _skipped(item)]
+    if jobs and "FEDMEDBENCH_CACHE_DIR" not in os.environ:
+        # the jobs' processes start before any fixture: the isolated cache is set up here
+        os.environ["FEDMEDBENCH_CACHE_DIR"] = str(_BACKGROUND.scratch())
+    for nodeid, job in jobs:
+        _BACKGROUND.start(nodeid, job)
+
+
+def _skipped(item: pytest.Item) -> bool:
+    """Marked ``skip``, or ``skipif`` with a condition already True (a missing
+    optional dependency): its job would be wasted."""
+    return item.get_closest_marker("skip") is not None or any(
+        m.args and m.args[0] is True for m in item.iter_markers("skipif"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _BACKGROUND.close()
+
+
+@pytest.fixture
+def background(request: pytest.FixtureRequest) -> Any:
+    """The result of the test's background job (``@pytest.mark.background(job)``)."""
+    mark = request.node.get_closest_marker("background")
+    assert mark is not None, "the background fixture needs @pytest.mark.background(job=...)"
+    return _BACKGROUND.result(request.node.nodeid, mark.kwargs["job"])

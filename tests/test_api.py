@@ -206,7 +206,8 @@ def _readme_snippet() -> str:
 
 
 @pytest.mark.slow
-def test_readme_quickstart_in_python_equals_the_cli_run(tmp_path) -> None:
+def test_readme_quickstart_in_python_equals_the_cli_run(tmp_path, quickstart) -> None:
+    quickstart("cli")  # the command line's cells, run once for the session (conftest.py)
     here = os.getcwd()
     os.chdir(tmp_path)  # the snippet and the command line write into ./results, ./cli
     try:

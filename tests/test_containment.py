@@ -98,38 +98,51 @@ attacks = [{ name = "test-value-attack", kind = "tensor" }]
 """
 
 
-def _run(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fedmedbench.cli", "run", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-
-
-@pytest.mark.slow
-def test_chaos_every_cell_ends_with_an_attributed_record(tmp_path):
-    """40 cells under the process executor: plugins that raise, call sys.exit,
-    hang, allocate until a limit, return torch values; three kill -9s of the
-    driver at random moments, a rerun after each. Every cell ends with a
-    record, every fault is attributed, no temp file remains, and the healthy
-    cells' metrics equal a clean in-process run's."""
-    matrix = tmp_path / "chaos.toml"
+def _chaos_job(tmp: Path, spawn) -> dict:
+    """The chaos run's subprocess work (a background job, tests/conftest.py):
+    three kill -9s of the driver at random moments and a rerun after each,
+    then a clean in-process run of the healthy cells."""
+    matrix = tmp / "chaos.toml"
     matrix.write_text(CHAOS)
-    out = tmp_path / "out"
+    out = tmp / "out"
     env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_test_plugins",
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     args = [str(matrix), "--out", str(out), "--executor", "process", "--workers", "2",
             "--cell-timeout", "45", "--retries", "0", "--no-progress", "--no-report"]
+    cli = [sys.executable, "-m", "fedmedbench.cli", "run"]
     rng = random.Random(0)
     for _ in range(3):
-        p = _run(args, env)
+        p = spawn([*cli, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(4, 12))
         os.kill(p.pid, signal.SIGKILL)  # the driver only; its workers must follow it
         p.wait()
-    p = _run(args, env)
+    p = spawn([*cli, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, err = p.communicate(timeout=900)
-    assert p.returncode == 1, err.decode()[-2000:]  # the faulty cells failed
-    recs = [json.loads(f.read_text()) for f in out.glob("*.json")]
+    clean = tmp / "clean"
+    res = subprocess.run([*cli, str(matrix), "--out", str(clean), "--select",
+                          "algorithm=fedavg,local,centralized", "--no-progress", "--no-report"],
+                         env=env, capture_output=True)
+    return {"code": p.returncode, "err": err.decode(), "clean_code": res.returncode,
+            "clean_err": res.stderr.decode(),
+            "recs": [json.loads(f.read_text()) for f in out.glob("*.json")],
+            "temps": list(out.glob(".*.tmp")) + list(out.glob("*.tmp")),
+            "clean": [json.loads(f.read_text()) for f in clean.glob("*.json")]}
+
+
+@pytest.mark.slow
+@pytest.mark.background(job=_chaos_job)
+def test_chaos_every_cell_ends_with_an_attributed_record(background):
+    """40 cells under the process executor: plugins that raise, call sys.exit,
+    hang, allocate until a limit, return torch values; three kill -9s of the
+    driver at random moments, a rerun after each. Every cell ends with a
+    record, every fault is attributed, no temp file remains, and the healthy
+    cells' metrics equal a clean in-process run's. (The runs are a
+    background job: they start with the test session, see tests/conftest.py.)"""
+    run = background
+    assert run["code"] == 1, run["err"][-2000:]  # the faulty cells failed
+    recs = run["recs"]
     assert len(recs) == 40, len(recs)
-    assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+    assert not run["temps"]
     sys.path.insert(0, str(HERE))
     from fmb_test_plugins import CHAOS_BY_SEED
 
@@ -148,13 +161,8 @@ def test_chaos_every_cell_ends_with_an_attributed_record(tmp_path):
             assert (err["plugin"], err["component"], err["hook"]) == (
                 "fmb_test_plugins", "test-chaos", "client_update")
     # the healthy cells equal a clean in-process run
-    clean = tmp_path / "clean"
-    res = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "run", str(matrix), "--out",
-                          str(clean), "--select", "algorithm=fedavg,local,centralized",
-                          "--no-progress", "--no-report"], env=env, capture_output=True)
-    assert res.returncode == 0, res.stderr.decode()[-2000:]
-    want = {json.loads(f.read_text())["cell_id"]: json.loads(f.read_text())
-            for f in clean.glob("*.json")}
+    assert run["clean_code"] == 0, run["clean_err"][-2000:]
+    want = {w["cell_id"]: w for w in run["clean"]}
     got = {r["cell_id"]: r for r in recs if r["cell_id"] in want}
     assert len(want) == 30 and set(got) == set(want)
     for cid, w in want.items():

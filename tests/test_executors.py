@@ -7,6 +7,7 @@ Faults are injected by ``tests/fmb_executor_plugins.py`` (an observer hook).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import json
@@ -279,17 +280,40 @@ def test_record_that_is_not_json_becomes_a_failed_record():
 # --------------------------------------------------------------------------
 
 
+def _fault_run(fault: str, seeds: str, args: tuple[str, ...], tmp: Path, spawn) -> dict:
+    """``fedmedbench run`` of FAULTY with the fault plugin armed with ``fault``,
+    in a driver process of its own (a background job, tests/conftest.py, for
+    the runs that wait out a cell timeout): its exit status and pid, the
+    records, the attempts log."""
+    (tmp / "faults").mkdir()
+    (tmp / "matrix.toml").write_text(FAULTY.format(seeds=seeds))
+    env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_executor_plugins",
+           "FMB_FAULT_DIR": str(tmp / "faults"), "FMB_FAULT": fault,
+           "PYTHONPATH": os.pathsep.join([str(TESTS),
+                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
+    p = spawn([sys.executable, "-m", "fedmedbench.cli", "run", str(tmp / "matrix.toml"),
+               "--out", str(tmp / "results"), "--no-progress", "--no-report", *args],
+              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = p.communicate(timeout=600)
+    records, _ = load_records([tmp / "results"]) if (tmp / "results").exists() else ([], [])
+    log = tmp / "faults" / "attempts"
+    lines = log.read_text().split() if log.exists() else []
+    return {"code": p.returncode, "pid": p.pid, "err": err.decode(), "records": records,
+            "attempts": [(int(a), int(b)) for a, b in zip(lines[::2], lines[1::2])]}
+
+
 @pytest.mark.slow
-def test_local_executor_enforces_the_cell_timeout(faults, run_matrix):
-    attempts = faults("hang:1")
-    code, records = run_matrix(FAULTY.format(seeds="0, 1"), "--cell-timeout", "20")
-    assert code == 1  # returned at all: the hung cell was stopped
+@pytest.mark.background(job=functools.partial(_fault_run, "hang:1", "0, 1",
+                                              ("--cell-timeout", "20")))
+def test_local_executor_enforces_the_cell_timeout(background):
+    code, records = background["code"], background["records"]
+    assert code == 1, background["err"][-2000:]  # returned at all: the hung cell was stopped
     by = _by_seed(records)
     assert by[0]["status"] == "ok"
     assert by[1]["status"] == "failed" and by[1]["error"]["type"] == "Timeout"
     assert "--cell-timeout=20 s" in by[1]["error"]["message"]
-    (_, pid), = attempts()  # the hung cell ran in a child, which was killed
-    assert pid != os.getpid() and not _alive(pid)
+    (_, pid), = background["attempts"]  # the hung cell ran in a child, which was killed
+    assert pid != background["pid"] and not _alive(pid)
 
 
 def test_timeout_counts_from_hand_out_so_a_hang_at_import_is_stopped(faults, run_matrix,
@@ -415,14 +439,14 @@ def test_dask_local_cluster_matches_local_and_retries_a_dead_worker(faults, run_
 
 @needs_dask
 @pytest.mark.slow
-def test_dask_stops_a_hung_cell_and_kills_its_worker(faults, run_matrix):
-    attempts = faults("hang:0")
-    code, records = run_matrix(FAULTY.format(seeds="0"), "--executor", "dask",
-                               "--workers", "1", "--cell-timeout", "20")
-    assert code == 1
+@pytest.mark.background(job=functools.partial(_fault_run, "hang:0", "0", (
+    "--executor", "dask", "--workers", "1", "--cell-timeout", "20")))
+def test_dask_stops_a_hung_cell_and_kills_its_worker(background):
+    code, records = background["code"], background["records"]
+    assert code == 1, background["err"][-2000:]
     (rec,) = records
     assert rec["error"]["type"] == "Timeout" and "--cell-timeout=20 s" in rec["error"]["message"]
-    ((_, hung),) = attempts()
+    ((_, hung),) = background["attempts"]
     _wait_for(lambda: not _alive(hung), 30, "the hung cell's worker to be killed")
 
 

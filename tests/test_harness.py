@@ -31,11 +31,13 @@ def test_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
 
 
-def test_quickstart_prints_table_with_every_hospital(tmp_path, capsys):
-    # every table, per-site ones included, is --verbose (the default is the headline)
+def test_quickstart_prints_table_with_every_hospital(quickstart, capsys):
+    # every table, per-site ones included, is --verbose (the default is the headline); the
+    # quickstart's cells ran once for the session (conftest.quickstart_results)
+    tmp_path = quickstart("results")
     code = main(["run", "--out", str(tmp_path), "--no-progress", "--verbose"])
-    out = capsys.readouterr().out
-    assert code == 0
+    out, err = capsys.readouterr()
+    assert code == 0 and "18 already done, 0 to run" in err
     for word in ("fedavg", "centralized", "local", "fedprox", "dp-sgd", "secagg", "Cleveland",
                  "Hungary", "Switzerland", "VA Long Beach", "accuracy"):
         assert word in out
@@ -192,16 +194,41 @@ def test_real_training_that_overflows_is_diverged(run_matrix):
     assert by["centralized"]["status"] == "ok"  # the other cell is unaffected
 
 
-def test_process_executor_survives_crash_and_timeout(test_plugins, run_matrix, tmp_path):
-    text = """
-        rounds = 2
-        [axes]
-        dataset = [{ name = "synthetic-tabular", n_samples = 200 }]
-        algorithm = ["test-crash", "fedavg", "test-sleepy", "local"]
-    """
-    code, records = run_matrix(text, "--executor", "process", "--workers", "2",
-                               "--cell-timeout", "40")  # worker start-up counts too
-    assert code == 1
+CRASH_AND_SLEEP = """
+    rounds = 2
+    [axes]
+    dataset = [{ name = "synthetic-tabular", n_samples = 200 }]
+    algorithm = ["test-crash", "fedavg", "test-sleepy", "local"]
+"""
+
+
+def _crash_and_timeout_job(tmp: Path, spawn) -> dict:
+    """``fedmedbench run`` of CRASH_AND_SLEEP under the process executor (a
+    background job, tests/conftest.py: the sleepy cell waits out its timeout)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    here = Path(__file__).parent
+    (tmp / "matrix.toml").write_text(textwrap.dedent(CRASH_AND_SLEEP))
+    env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_test_plugins",
+           "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    p = spawn([sys.executable, "-m", "fedmedbench.cli", "run", str(tmp / "matrix.toml"),
+               "--out", str(tmp / "results"), "--no-progress", "--no-report",
+               "--executor", "process", "--workers", "2",
+               "--cell-timeout", "40"],  # worker start-up counts too
+              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = p.communicate(timeout=600)
+    records, _ = load_records([tmp / "results"])
+    return {"code": p.returncode, "err": err.decode(), "records": records}
+
+
+@pytest.mark.background(job=_crash_and_timeout_job)
+def test_process_executor_survives_crash_and_timeout(test_plugins, run_matrix, tmp_path,
+                                                     background):
+    code, records = background["code"], background["records"]
+    assert code == 1, background["err"][-2000:]
     by = {r["config"]["algorithm"]["name"]: r for r in records}
     assert by["test-crash"]["status"] == "failed"
     assert by["test-crash"]["error"]["type"] == "WorkerDied"
@@ -209,7 +236,8 @@ def test_process_executor_survives_crash_and_timeout(test_plugins, run_matrix, t
     assert by["test-sleepy"]["error"]["type"] == "Timeout"
     assert by["fedavg"]["status"] == "ok" and by["local"]["status"] == "ok"
     # the pool gives the same metrics as the in-process executor
-    _, local = run_matrix(text, "--select", "algorithm=fedavg,local", out=tmp_path / "local")
+    _, local = run_matrix(CRASH_AND_SLEEP, "--select", "algorithm=fedavg,local",
+                          out=tmp_path / "local")
     assert sorted((r["cell_id"], json.dumps(r["metrics"]["utility"])) for r in local) == sorted(
         (r["cell_id"], json.dumps(r["metrics"]["utility"])) for r in records
         if r["status"] == "ok")
