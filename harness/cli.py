@@ -173,6 +173,68 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--verbose", "-v", action="store_true",
                      help="print every table of the report, not only the headline")
 
+    tr = sub.add_parser("tracks", help="the benchmark tracks: data, model, budget, seeds, "
+                                       "privacy tiers, attacks, tuning rule",
+                        description="List the versioned benchmark tracks, or show one.")
+    tr.add_argument("track", nargs="?", help="a track id: show its whole definition")
+    tr.add_argument("--json", action="store_true", help="the definitions as JSON")
+
+    sb = sub.add_parser(
+        "submit", help="run a plugin package (or the built-in baselines) on a track and write "
+                       "a submission folder",
+        description="Run PACKAGE (a wheel, a source folder or a pinned requirement NAME==VER) "
+                    "on TRACK in a fresh environment and write a submission folder: records, "
+                    "the wheel and its hashes, the environment, seeds and the tuning log. "
+                    "Without PACKAGE the track's built-in baselines run.")
+    sb.add_argument("track", help="track id (`fedmedbench tracks` lists them)")
+    sb.add_argument("package", nargs="?", default=None,
+                    help="wheel file, source folder or NAME==VERSION; omit for the baselines")
+    sb.add_argument("--out", required=True, help="the submission folder to write")
+    sb.add_argument("--entry", action="append", default=None, metavar="SPEC",
+                    help="an entry: KEY=NAME[,KEY=NAME] (algorithm=fedavgm) or a JSON object "
+                         "with algorithm, aggregator, privacy or protections; repeatable "
+                         "(default: every algorithm, privacy mechanism and aggregator the "
+                         "package registers)")
+    sb.add_argument("--tier", action="append", default=[], metavar="TIER",
+                    help="only the protections aiming at this tier (all, eps8, eps1); "
+                         "repeatable (default: every tier)")
+    sb.add_argument("--tune", action="append", default=[], metavar="NAME=V1,V2,...",
+                    help="tune this setting under the track's rule (at most its max trials); "
+                         "repeatable")
+    sb.add_argument("--env", default="fresh", choices=["fresh", "current"],
+                    help="fresh: a new virtual environment over this one's packages, other "
+                         "plugins blocked (default); current: this process, the package "
+                         "already installed")
+    sb.add_argument("--signed-off-by", default="", metavar="NAME <EMAIL>",
+                    help="who vouches for the submission (a sign-off statement, not a "
+                         "cryptographic signature)")
+
+    vf = sub.add_parser(
+        "verify", help="check a submission folder's hashes and track; --rerun runs it again "
+                       "and compares every number",
+        description="Check a submission folder as `leaderboard` does. With --rerun, run every "
+                    "cell again from scratch in this environment and compare each record with "
+                    "the submitted one: on CPU every number must be equal; each difference "
+                    "is listed and the exit code is 1.")
+    vf.add_argument("submission", help="a submission folder")
+    vf.add_argument("--rerun", action="store_true", help="rerun every cell and compare")
+    vf.add_argument("--install", action="store_true",
+                    help="first install the submission's wheel here (its hash checked), then "
+                         "rerun in a new process (what the CI template does)")
+    vf.add_argument("--report", default=None, metavar="FILE",
+                    help="write the comparison as JSON to FILE")
+
+    lb = sub.add_parser(
+        "leaderboard", help="verify submission folders and merge them into a static "
+                            "leaderboard site",
+        description="Verify each submission folder (hashes, track version, records made for "
+                    "the track) and write one self-contained HTML folder: a page per track "
+                    "with the ranked entries, verified claims, the protection scorecard, "
+                    "figures and each row's provenance.")
+    lb.add_argument("submissions", nargs="+", help="submission folders")
+    lb.add_argument("--out", required=True, help="the site folder to write")
+    lb.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
     pl = sub.add_parser("plugins", help="list every component: family, name, distribution, version")
     pl.add_argument("--markdown", action="store_true",
                     help="a markdown table with each component's parameters and defaults "
@@ -194,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "report": cmd_report, "plugins": cmd_plugins,
                 "datasets": cmd_datasets, "check": cmd_check,
-                "tune": cmd_tune}[args.command](args)
+                "tune": cmd_tune, "tracks": cmd_tracks, "submit": cmd_submit,
+                "verify": cmd_verify, "leaderboard": cmd_leaderboard}[args.command](args)
     except (ConfigError, SchemaError, DataError) as exc:
         _error(exc)
         return 2
@@ -406,6 +469,182 @@ def cmd_report(args: argparse.Namespace) -> int:
             _error(exc)
             return 1
         print(printable(_written(paths, Path(args.out))), file=sys.stderr)
+    return 0
+
+
+def cmd_tracks(args: argparse.Namespace) -> int:
+    """``fedmedbench tracks [TRACK]``: the track table, or one track in full."""
+    from fedmedbench.tracks import TRACKS, get_track
+
+    if args.track:
+        t = get_track(args.track)
+        if args.json:
+            print(json.dumps({**t.definition(), "digest": t.digest}, indent=1,
+                             ensure_ascii=False))
+            return 0
+        print(printable(track_text(t)))
+        return 0
+    if args.json:
+        print(json.dumps([{**t.definition(), "title": t.title, "digest": t.digest}
+                          for t in TRACKS], indent=1, ensure_ascii=False))
+        return 0
+    print(printable(tracks_table()))
+    return 0
+
+
+def tracks_table(width: int = 100) -> str:
+    """The tracks as a table of at most ``width`` columns, each title under it."""
+    import textwrap
+
+    from fedmedbench.tracks import TRACKS
+
+    rows = []
+    for t in TRACKS:
+        n = sum(len(ps) for _, ps in t.baselines)
+        rows.append([t.ref, _dataset_text(t.dataset), str(t.rounds),
+                     ",".join(map(str, t.seeds)), str(len(t.protections)), str(n),
+                     "files you supply" if t.needs_user_files else "shipped"])
+    headers = ["track", "dataset", "rounds", "seeds", "protections", "baselines", "data"]
+    from fedmedbench.report import columns
+
+    out = columns(headers, rows)
+    out.append("")
+    for t in TRACKS:
+        out += textwrap.wrap(f"{t.ref}: {t.title}", width, subsequent_indent="  ")
+    out.append("")
+    out.append("`fedmedbench tracks ID` shows a whole definition; `fedmedbench submit ID` runs "
+               "its baselines.")
+    return "\n".join(out)
+
+
+def _dataset_text(spec: dict) -> str:
+    params = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
+    return f"{spec['name']}[{params}]" if params else spec["name"]
+
+
+def track_text(t: Any, width: int = 100) -> str:
+    """One track in full, wrapped to ``width`` columns."""
+    import textwrap
+
+    def para(key: str, text: str) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=f"{key:<13}",
+                             subsequent_indent=" " * 13, break_on_hyphens=False) or [key]
+
+    def stack(s: Any) -> str:
+        items = s if isinstance(s, list) else [s]
+        def one(x: Any) -> str:
+            if isinstance(x, str):
+                return x
+            params = ", ".join(f"{k}={v}" for k, v in x.items() if k != "name")
+            return f"{x['name']}({params})" if params else str(x["name"])
+
+        return " + ".join(one(x) for x in items)
+
+    lines = [f"{t.ref}: {t.title}", ""]
+    lines += para("summary", t.summary)
+    lines += para("provenance", t.provenance)
+    lines += para("dataset", _dataset_text(t.dataset) + f"; partitioner {t.partitioner}; "
+                  f"model {t.model if isinstance(t.model, str) else t.model['name']}")
+    lines += para("budget", f"{t.rounds} rounds; " + ", ".join(f"{k}={v}" for k, v in
+                                                                t.run.items()))
+    if t.run_overrides:
+        lines += para("", "; ".join(f"{c}: " + ", ".join(f"{k}={v}" for k, v in o.items())
+                                    for c, o in t.run_overrides.items()))
+    lines += para("seeds", ", ".join(map(str, t.seeds)))
+    lines += para("aggregator", stack(t.aggregator))
+    lines += para("tiers", "; ".join(f"{x.id}: {x.name}" for x in t.tiers))
+    for p in t.protections:
+        lines += para("protection", f"{p.id} ({p.tier}): {stack(p.stack)}")
+    lines += para("baselines", "; ".join(f"{a if isinstance(a, str) else stack(a)} under "
+                                         f"{', '.join(ps)}" for a, ps in t.baselines))
+    lines += para("attacks", ", ".join(stack(a) for a in t.attacks) + " on every entry")
+    for unit, a in t.audits.items():
+        model = a.get("model")
+        lines += para("audit", f"{unit}-level claims: {stack(a['attack'])}"
+                      + (f" on {stack(model)} (same mechanism and settings)" if model else ""))
+    lines += para("tuning", t.tuning.text())
+    lines += para("metric", f"the dataset's metric on the pooled test set; {t.metric_ci}")
+    lines += para("digest", t.digest)
+    return "\n".join(lines)
+
+
+def _grid(items: list[str]) -> dict[str, list[Any]]:
+    grid: dict[str, list[Any]] = {}
+    for p in items:
+        name, sep, values = p.partition("=")
+        if not sep or not name or not values:
+            raise ConfigError(f"--tune {p!r}: write NAME=V1,V2 (e.g. --tune lr=0.01,0.1)")
+        grid[name.strip()] = [_grid_value(v.strip()) for v in values.split(",") if v.strip()]
+    return grid
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """``fedmedbench submit TRACK [PACKAGE]``: :func:`fedmedbench.submit.submit`."""
+    from fedmedbench.submit import parse_entry, submit
+
+    entries = [parse_entry(e) for e in args.entry] if args.entry else None
+    if entries and args.package is None:
+        raise ConfigError("--entry names entries of a PACKAGE; without one the track's "
+                          "baselines run")
+    command = "fedmedbench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith(
+        "fedmedbench") else "fedmedbench submit " + args.track
+    path = submit(args.track, args.package, args.out, entries=entries, tiers=args.tier,
+                  tune=_grid(args.tune) or None, env=args.env,
+                  signed_off_by=args.signed_off_by, command=command,
+                  say=lambda m: print(printable(m), file=sys.stderr, flush=True))
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    n = sum(1 for k in doc["files"] if k.startswith("records/"))
+    print(printable(f"submission: {path.parent}/ ({n} records, track "
+                    f"{doc['track']['id']}@{doc['track']['version']}, digest "
+                    f"{doc['digest'][:16]})"))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``fedmedbench verify DIR [--rerun] [--install]``."""
+    import subprocess
+
+    from fedmedbench.submit import install_wheel, rerun, verify
+
+    if args.install:
+        verify(args.submission)
+        install_wheel(args.submission)
+        cmd = [sys.executable, "-m", "fedmedbench.cli", "verify", args.submission]
+        cmd += ["--rerun"] if args.rerun else []
+        cmd += ["--report", args.report] if args.report else []
+        return subprocess.run(cmd).returncode
+    sub = verify(args.submission)
+    print(printable(f"{args.submission}: verified: {len(sub.records)} records of "
+                    f"{sub.label} for track {sub.track.ref}; every file matches its hash"))
+    if not args.rerun:
+        return 0
+    res = rerun(args.submission, say=lambda m: print(printable(m), file=sys.stderr, flush=True))
+    if args.report:
+        from fedmedbench.fileio import write_atomic
+
+        write_atomic(Path(args.report), (json.dumps(res, indent=1, default=str) + "\n")
+                     .encode("utf-8"))
+    print(printable(f"rerun: {res['identical']} of {res['cells']} records identical"))
+    for m in res["mismatched"]:
+        lab = m.get("labels") or {}
+        print(printable(f"MISMATCH {m['cell_id']} {lab.get('algorithm')} / "
+                        f"{lab.get('privacy')}:"))
+        for d in m["differences"]:
+            print(printable(f"  {d}"))
+    for cid in res["missing"]:
+        print(printable(f"MISSING in the rerun: {cid}"))
+    for cid in res["extra"]:
+        print(printable(f"EXTRA in the rerun (not submitted): {cid}"))
+    return 1 if res["mismatched"] or res["missing"] or res["extra"] else 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """``fedmedbench leaderboard DIR... --out SITE``."""
+    from fedmedbench.leaderboard import build_site
+
+    paths = build_site(args.submissions, args.out)
+    if not args.quiet:
+        print(printable(f"leaderboard: {Path(args.out) / 'index.html'} ({len(paths)} files)"))
     return 0
 
 

@@ -34,24 +34,28 @@ AXES = ("dataset", "partitioner", "model", "algorithm", "aggregator", "privacy",
 #: privacy tiers of the leaderboard: (name, largest ε admitted); nested, each named
 #: for what it holds
 TIERS: tuple[tuple[str, float], ...] = (
-    ("any guarantee", math.inf), ("ε ≤ 8", 8.0), ("ε ≤ 1", 1.0))
+    ("every entry", math.inf), ("ε ≤ 8 against the server", 8.0),
+    ("ε ≤ 1 against the server", 1.0))
 #: decimals of utility at which two entries tie (the precision the tables show)
 TIE_DECIMALS = 3
 RANKING_RULE = (
     "Entries are (method, privacy setting) pairs of one dataset, over the seeds whose cell "
-    "finished ok. Tiers are nested by the guarantee an entry meets: 'ε ≤ 1' lists entries "
-    "whose largest ε over seeds is at most 1 (each at its own δ, shown), 'ε ≤ 8' those at "
-    "most 8 (so it includes the 'ε ≤ 1' entries), and 'any guarantee' lists every entry, "
-    "with or without differential privacy (no privacy, or cryptographic protection only). "
-    "Within a tier entries are ranked by mean utility on the pooled test set (higher is "
-    "better). Utilities equal to the 3 decimals shown are a tie, broken first by the weaker "
-    "guarantee (larger ε; no DP counts as ε = ∞), so that a setting with a stronger "
-    "guarantee never outranks a weaker one on the noise of its worst site, then by the mean "
-    "worst-site utility, then by fewer bytes communicated, then by name. The centralized "
-    "(pooled data) and local-only baselines are ranked like any other entry. Sample-level ε "
-    "(dp-sgd: one patient record) and client-level ε (dp-fedavg: a whole hospital) protect "
-    "different units; the unit column says which, and entries of both kinds share a tier. "
-    "Entries marked † do not beat the majority-class baseline in at least one seed.")
+    "finished ok. Tiers are nested and named for what they hold: 'every entry' lists all, "
+    "with or without differential privacy (no privacy, or cryptographic protection only); "
+    "'ε ≤ 8 against the server' those whose ε against an honest-but-curious server "
+    "(largest over seeds, each at its own δ) is at most 8, so it includes the 'ε ≤ 1' "
+    "entries; an entry whose mechanism does not protect against the server (central noise "
+    "added by a trusted server) is in no ε tier. Within a tier entries are ranked by mean "
+    "utility on the pooled test set (higher is better). Utilities equal at the 3 decimals "
+    "shown are a tie and share a rank (shown as '2='); their order is by the stronger "
+    "guarantee (smaller ε; no DP counts as ε = ∞), then fewer bytes communicated, then "
+    "less wall time per cell, then name. 'vs above' is a paired t-test over the seeds two "
+    "neighbours share: ≈ marks an entry not distinguishable from the one above it at the "
+    "5% level (with 3 seeds most are not). The centralized (pooled data) and local-only "
+    "baselines are ranked like any other entry. Sample-level ε (dp-sgd: one patient "
+    "record) and client-level ε (dp-fedavg: a whole hospital) protect different units; "
+    "the unit column says which. Entries marked † do not beat the majority-class baseline "
+    "in at least one seed (a one-sided test on the test rows).")
 # attack metrics shown first, in this order; other numeric keys follow by name
 ATTACK_METRICS = ("auc", "advantage", "balanced_accuracy", "tpr_at_1pct_fpr",
                   "tpr_at_0.1pct_fpr", "audited_epsilon", "mse", "psnr", "ssim",
@@ -65,10 +69,7 @@ TOPOLOGY_OF_PROTOCOL = {"pooled": "centralized", "isolated": "local", "federated
                         "personalized": "personalized"}
 #: per-site tables list every site up to this many sites, and a distribution past it
 MAX_SITE_COLUMNS = 12
-#: what the headline's columns mean (printed under it in the terminal)
-HEADLINE_KEY = ("worst site: the weakest hospital's score",
-                "vs local: its gain over each site training alone",
-                "bytes/round: sent up + down")
+
 #: the mark of an entry whose utility does not beat the majority-class baseline
 CHANCE_MARK = "†"
 #: the first characters that make a spreadsheet read a CSV cell as a formula (OWASP)
@@ -236,6 +237,20 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             else _t(_d(r.get("error")).get("message")),
             "provenance": _t(_provenance(r)),
         }
+        row.update(run_settings(r))
+        row.update(privacy_used(r))
+        ci = u.get("ci95")
+        row["utility_se"] = _num(u.get("se"))
+        row["ci_low"], row["ci_high"] = ((_num(ci[0]), _num(ci[1])) if isinstance(ci, list)
+                                         and len(ci) == 2 else (math.nan, math.nan))
+        row["chance_p_value"] = _num(u.get("chance_p_value"))
+        row["audit_cell"] = is_audit_cell(r)
+        row["clock_s"] = final_clock_s(r)
+        for site, v in _d(u.get("per_site_at_chance")).items():
+            if isinstance(v, bool):
+                row[f"site_chance:{_t(site)}"] = v
+        for site, v in _d(u.get("majority_baseline_per_site")).items():
+            row[f"site_baseline:{_t(site)}"] = _num(v)
         row["bytes"] = row["bytes_up"] + row["bytes_down"]
         row["clipped_coordinates"] = _num(c.get("clipped_coordinates"))
         rounds = _num(cfg.get("rounds"))
@@ -257,6 +272,10 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             for k, v in res.items():
                 if k != "seconds" and not isinstance(v, bool) and isinstance(v, (int, float)):
                     row[f"attack:{name}:{_t(k)}"] = float(v)
+                elif k in AUDIT_FLAGS and isinstance(v, bool):
+                    row[f"auditflag:{name}:{k}"] = v
+            if isinstance(res.get("claimed_unit"), str):
+                row[f"auditflag:{name}:claimed_unit"] = _t(res["claimed_unit"])
             # the empirical privacy audit (Clopper-Pearson lower bound on ε) sits beside
             # the claimed ε in every attack table
             low = _d(res.get("audit")).get("epsilon_lower_bound")
@@ -270,6 +289,91 @@ def frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         df.insert(df.columns.get_loc(f"{axis}_spec"), axis, short_labels(df[f"{axis}_spec"]))
     df["method"] = method_label(df)
     return df
+
+
+#: run settings every table and frame carries (``config.run``, the dataset's defaults
+#: resolved), in this order
+SETTING_KEYS = ("lr", "local_steps", "local_epochs", "batch_size", "clients_per_round",
+                "optimizer", "momentum", "weight_decay", "server_lr")
+
+
+def run_settings(rec: dict[str, Any]) -> dict[str, Any]:
+    """The resolved training settings of a record (``config.run``, dataset
+    defaults included), and its tuning: ``tuned`` (the values tuning chose,
+    as text), ``tuning`` (the protocol sentence), ``tuning_trials``."""
+    run = _d(_d(rec.get("config")).get("run"))
+    out: dict[str, Any] = {}
+    for k in SETTING_KEYS:
+        v = run.get(k)
+        out[k] = v if isinstance(v, str) else _num(v)
+    tun = _d(_d(rec.get("config")).get("tuning"))
+    chosen = _d(tun.get("chosen"))
+    out["tuned"] = (_t(", ".join(f"{k}={v}" for k, v in sorted(chosen.items())))
+                    if chosen else None)
+    out["tuning"] = _t(tun["protocol"]) if isinstance(tun.get("protocol"), str) else None
+    out["tuning_trials"] = _num(tun.get("trials")) if tun else math.nan
+    out["epsilon_selection"] = _num(tun.get("epsilon_selection")) if tun else math.nan
+    return out
+
+
+def _range(values: list[float]) -> tuple[float, float]:
+    v = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)
+         and math.isfinite(x)]
+    return (float(min(v)), float(max(v))) if v else (math.nan, math.nan)
+
+
+def privacy_used(rec: dict[str, Any]) -> dict[str, Any]:
+    """What the DP mechanisms of a record actually used and spent, read from
+    ``metrics.privacy`` (never from the config, whose defaults a target ε
+    overrides): σ (``sigma_min``/``sigma_max`` over sites and rounds), the
+    clipping norm, the sampling rate, steps taken and planned, the target ε,
+    and ε against each adversary (``eps_server``, ``eps_client``,
+    ``eps_released``; NaN where a mechanism does not protect against it)."""
+    p = _d(_d(rec.get("metrics")).get("privacy"))
+    sig, clip, q, steps, planned, target = [], [], [], [], [], []
+    for m in _d(p.get("mechanisms")).values():
+        m = _d(m)
+        if "noise_multiplier" not in m and "epsilon" not in m:
+            continue  # a transport (secagg, HE): no σ
+        sites = _d(m.get("per_site"))
+        for e in (sites.values() if sites else [m]):
+            e = _d(e)
+            sig.append(_num(e.get("noise_multiplier")))
+            q.append(_num(e.get("sample_rate")))
+            steps.append(_num(e.get("steps")))
+            planned.append(_num(e.get("planned_steps", m.get("planned_steps"))))
+        for x in m.get("noise_multipliers") or []:
+            sig.append(_num(x))
+        clip.append(_num(m.get("clip", m.get("max_grad_norm"))))
+        target.append(_num(m.get("target_epsilon")))
+    by = _d(p.get("by_adversary"))
+    out = {"sigma_min": _range(sig)[0], "sigma_max": _range(sig)[1],
+           "clip": _range(clip)[1], "sample_rate_min": _range(q)[0],
+           "sample_rate_max": _range(q)[1], "steps": _range(steps)[1],
+           "planned_steps": _range(planned)[1], "target_epsilon": _range(target)[1],
+           "eps_adversary": p.get("adversary") if isinstance(p.get("adversary"), str) else None,
+           "protected": p.get("protected") if isinstance(p.get("protected"), bool) else None}
+    for a in ("server", "client", "released"):
+        out[f"eps_{a}"] = _num(by.get(a))
+    return out
+
+
+def is_audit_cell(rec: dict[str, Any]) -> bool:
+    """Whether an audit inserted canaries into this cell's training (then its
+    utility and attacks are of that model, not of the entry's)."""
+    c = _d(_d(rec.get("metrics")).get("canaries"))
+    return bool(c) and "not_inserted" not in c and bool(c.get("m"))
+
+
+def final_clock_s(rec: dict[str, Any]) -> float:
+    """Virtual seconds at the end of the run (the last ``history[t]["clock_s"]``,
+    else ``metrics.clock.total_s``); NaN without a virtual clock."""
+    h = rec.get("history")
+    for e in reversed(h if isinstance(h, list) else []):
+        v = _d(e).get("clock_s")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return _num(_d(_d(rec.get("metrics")).get("clock")).get("total_s"))
 
 
 def short_labels(labels: pd.Series) -> pd.Series:
@@ -311,17 +415,82 @@ def legend(records: list[dict[str, Any]], df: pd.DataFrame | None = None) -> pd.
     if df.empty:
         return pd.DataFrame(columns=cols)
     conf: dict[str, Any] = {str(r.get("cell_id")): _d(r.get("config")) for r in records}
+    byid = {str(r.get("cell_id")): r for r in records}
     rows = []
     for axis in AXES:
         if axis not in ("dataset", "algorithm", "privacy") and df[axis].nunique() < 2:
             continue
         seen: dict[str, list[str]] = {}
+        ids: dict[str, list[str]] = {}
         for lab, spec, cid in zip(df[axis], df[f"{axis}_spec"], df["cell_id"]):
+            ids.setdefault(lab, []).append(cid)
             if lab in seen:
                 continue
             seen[lab] = [axis, lab, spec, _t(_config_text(conf.get(cid, {}).get(axis)))]
+        if axis == "privacy":  # what the run used, never a default it overrode
+            for lab, row in seen.items():
+                row[3] = _t(privacy_text([byid[c] for c in ids[lab] if c in byid]))
         rows += sorted(seen.values(), key=lambda r: (r[1] != "none", r[1]))
     return pd.DataFrame(rows, columns=cols)
+
+
+def _fmt_range(lo: float, hi: float, digits: int = 3) -> str:
+    if math.isnan(lo) and math.isnan(hi):
+        return ""
+    a, b = f"{lo:.{digits}g}", f"{hi:.{digits}g}"
+    return a if a == b else f"{a}–{b}"
+
+
+#: mechanism parameters that a target ε (or the data) replaces: shown as used, not as set
+SOLVED_PARAMS = ("noise_multiplier", "sample_rate")
+
+
+def privacy_text(records: list[dict[str, Any]]) -> str:
+    """A privacy stack as it ran, over ``records`` (the seeds of one label):
+    each mechanism's parameters, without those a target ε or the data set
+    instead (σ, the sampling rate), then what the mechanisms used (σ, clip,
+    sampling rate, steps taken of planned, over sites, rounds and seeds)
+    and the ε spent against each adversary."""
+    if not records:
+        return "none"
+    cfg = _d(records[0].get("config")).get("privacy")
+    if not cfg:
+        return "none"
+    mechs = _d(_d(_d(records[0].get("metrics")).get("privacy")).get("mechanisms"))
+    parts = []
+    for spec in cfg if isinstance(cfg, list) else [cfg]:
+        spec = _d(spec)
+        m = _d(mechs.get(spec.get("name")))
+        solved = m.get("target_epsilon") is not None or "per_site" in m
+        params = ", ".join(
+            f"{k}={json.dumps(x, default=str, ensure_ascii=False)}"
+            for k, x in sorted(spec.items())
+            if k != "name" and not (k in SOLVED_PARAMS and (solved or x is None)))
+        parts.append(f"{spec.get('name')}({params})" if params else str(spec.get("name")))
+    text = " + ".join(parts)
+    used = [privacy_used(r) for r in records]
+
+    def rng(lo: str, hi: str) -> str:
+        return _fmt_range(min((u[lo] for u in used), default=math.nan),
+                          max((u[hi] for u in used), default=math.nan))
+
+    got = []
+    if rng("sigma_min", "sigma_max"):
+        got.append(f"σ={rng('sigma_min', 'sigma_max')}")
+    if rng("clip", "clip"):
+        got.append(f"C={rng('clip', 'clip')}")
+    if rng("sample_rate_min", "sample_rate_max"):
+        got.append(f"q={rng('sample_rate_min', 'sample_rate_max')}")
+    if rng("steps", "steps"):
+        got.append(f"{rng('steps', 'steps')} steps of {rng('planned_steps', 'planned_steps')} "
+                   f"planned")
+    eps = [f"{a} {rng(f'eps_{a}', f'eps_{a}')}" for a in ("server", "client", "released")
+           if rng(f"eps_{a}", f"eps_{a}")]
+    if got:
+        text += "; used: " + ", ".join(got)
+    if eps:
+        text += "; ε spent against " + ", ".join(eps)
+    return text
 
 
 def _config_text(v: Any) -> str:
@@ -386,43 +555,81 @@ def _join(v: pd.Series) -> str:
 KEYS = ["dataset", "method", "privacy"]
 
 
-def _ci95(sd: pd.Series, n: pd.Series) -> pd.Series:
-    """Half-width of the 95% t-interval of a mean (NaN for fewer than 2)."""
+def _ci95(sd: pd.Series, n: pd.Series, se2: pd.Series | None = None) -> pd.Series:
+    """Half-width of the 95% interval of a mean over seeds (:data:`CI_RULE`):
+    the t-interval of the seeds' spread (0 for one seed) combined with the
+    test set's sampling error ``se2`` (mean squared standard error); NaN
+    when neither is known."""
     n = n.astype(float)
     t = stats.t.ppf(0.975, np.maximum(n - 1, 1))
-    return pd.Series(np.where(n >= 2, t * sd / np.sqrt(n), np.nan), index=sd.index)
+    seeds = np.where(n >= 2, t * sd.fillna(0) / np.sqrt(np.maximum(n, 1)), 0.0)
+    test = (1.96 ** 2 * se2.astype(float)) if se2 is not None else pd.Series(math.nan,
+                                                                              index=sd.index)
+    both = np.sqrt(seeds ** 2 + test.fillna(0).to_numpy())
+    known = (n >= 2) | test.notna().to_numpy()
+    return pd.Series(np.where(known, both, np.nan), index=sd.index)
+
+
+#: the confidence interval of utility (every table's "95% CI")
+CI_RULE = ("95% interval of the mean over seeds: the seeds' spread (Student t over n seeds) "
+           "combined with the test set's own sampling error (each record's standard error, "
+           "shared by the seeds, so it does not shrink with more of them): half-width "
+           "sqrt((t·sd/√n)² + (1.96·se)²)")
+#: one definition of the worst site, used by every table and figure
+WORST_SITE_RULE = ("worst site: the site with the lowest mean over seeds of its own test "
+                   "score, each site scored with the model that site would use (the global "
+                   "model; its own under local training; its personal model under a "
+                   "personalized method)")
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset × method × privacy over its seeds: cell counts by
-    status, utility mean/std/95% interval, worst site and its gain over
-    ``local`` (:func:`worst_site_gain`), the mean over seeds of
-    ``per_site_mean`` (the unweighted mean over sites), ε (largest over seeds) with δ, unit
-    and accountant, the majority-class baseline and in how many seeds the
-    utility does not beat it (``chance_seeds``), bytes (per cell and per
+    status, utility mean/std and its 95% interval (:data:`CI_RULE`), the
+    worst site (:data:`WORST_SITE_RULE`) and its gain over ``local``
+    (:func:`worst_site_gain`), the mean over seeds of ``per_site_mean``
+    (the unweighted mean over sites), ε (largest over seeds) with δ, unit,
+    accountant and ε against each adversary, the majority-class baseline
+    and in how many seeds the utility does not beat it (``chance_seeds``),
+    the resolved training settings and what the DP mechanisms used (σ, clip,
+    sampling rate, steps), the tuning protocol, bytes (per cell and per
     round) and seconds (means over ok seeds)."""
     cols = ["dataset", "method", "privacy", "topology", "metric", "n", "cells", "failed",
-            "utility_mean", "utility_std", "utility_ci95", "worst_site_mean",
-            "worst_site_gain", "per_site_mean", "majority_baseline", "chance_seeds", "epsilon", "delta", "unit",
-            "accountant", "privacy_level", "rounds", "bytes_up", "bytes_down", "bytes",
-            "bytes_per_round", "wall_s", "train_s", "privacy_s", "clipped_coordinates", "seeds",
-            "provenance"]
+            "utility_mean", "utility_std", "utility_ci95", "worst_site_mean", "worst_site",
+            "worst_site_gain", "per_site_mean", "majority_baseline", "chance_seeds", "epsilon",
+            "delta", "unit", "accountant", "privacy_level", "eps_server", "eps_client",
+            "eps_released", "protected", "target_epsilon", "sigma_min", "sigma_max", "clip",
+            "sample_rate_min", "sample_rate_max", "steps", "planned_steps", "rounds",
+            *SETTING_KEYS, "tuned", "tuning", "tuning_trials", "epsilon_selection",
+            "bytes_up", "bytes_down", "bytes", "bytes_per_round", "wall_s", "train_s",
+            "privacy_s", "clock_s", "clipped_coordinates", "seeds", "provenance"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     allg = (df.assign(_bad=df["status"] != "ok").groupby(KEYS, sort=True)
             .agg(topology=("topology", "first"), cells=("cell_id", "size"),
                  failed=("_bad", "sum")))
     ok = df[df["status"] == "ok"].assign(
-        _chance=lambda d: d["chance_level"].map(lambda v: v is True).astype(int))
+        _chance=lambda d: d["chance_level"].map(lambda v: v is True).astype(int),
+        _se2=lambda d: d["utility_se"] ** 2 if "utility_se" in d else math.nan)
     spec = {"metric": ("metric", "first"), "n": ("utility", "count"),
             "utility_mean": ("utility", "mean"), "utility_std": ("utility", "std"),
-            "worst_site_mean": ("worst_site", "mean"),
+            "_se2": ("_se2", "mean"),
             "per_site_mean": ("per_site_mean", "mean"),
             "majority_baseline": ("majority_baseline", "mean"),
             "chance_seeds": ("_chance", "sum"), "epsilon": ("epsilon", "max"),
             "delta": ("delta", "max"), "unit": ("unit", _first),
             "accountant": ("accountant", _first), "privacy_level": ("privacy_level", "first"),
             "rounds": ("rounds", "max")}
+    for k in ("eps_server", "eps_client", "eps_released", "target_epsilon", "sigma_max",
+              "clip", "sample_rate_max", "steps", "planned_steps", "clock_s"):
+        if k in ok:
+            spec[k] = (k, "max")
+    for k in ("sigma_min", "sample_rate_min"):
+        if k in ok:
+            spec[k] = (k, "min")
+    for k in ("protected", "tuned", "tuning", "tuning_trials", "epsilon_selection",
+              *SETTING_KEYS):
+        if k in ok:
+            spec[k] = (k, _first)
     for k in ("bytes_up", "bytes_down", "bytes", "bytes_per_round", *TIMING_KEYS,
               "clipped_coordinates"):
         if k in ok:
@@ -431,11 +638,21 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     okg["seeds"] = ok.groupby(KEYS, sort=True)["seed"].agg(
         lambda v: ",".join(str(int(x)) for x in sorted(v.dropna())))
     okg["provenance"] = ok.groupby(KEYS, sort=True)["provenance"].agg(_join)
+    # one definition of the worst site: the lowest mean over seeds of a site's own score
+    site_cols = [c for c in ok.columns if c.startswith("site:")]
+    if site_cols:
+        means = ok.groupby(KEYS, sort=True)[site_cols].mean()
+        okg["worst_site_mean"] = means.min(axis=1, skipna=True)
+        okg["worst_site"] = means.apply(
+            lambda r: r.idxmin()[5:] if r.notna().any() else None, axis=1)
+    else:
+        okg["worst_site_mean"] = ok.groupby(KEYS, sort=True)["worst_site"].mean()
+        okg["worst_site"] = None
     out = allg.join(okg, how="left").reset_index()
     out["n"] = out["n"].fillna(0).astype(int)
     out["chance_seeds"] = out["chance_seeds"].fillna(0).astype(int)
     out["failed"] = out["failed"].astype(int)
-    out["utility_ci95"] = _ci95(out["utility_std"], out["n"])
+    out["utility_ci95"] = _ci95(out["utility_std"], out["n"], out.get("_se2"))
     out.loc[out["n"] < 2, "utility_std"] = math.nan
     out["worst_site_gain"] = worst_site_gain(out)
     out = _sort_entries(out)
@@ -461,21 +678,37 @@ def worst_site_gain(summ: pd.DataFrame) -> pd.Series:
 
 
 def sites(df: pd.DataFrame) -> pd.DataFrame:
-    """Long format: dataset, method, privacy, site, mean utility over ok seeds;
-    the row ``site == "(worst)"`` holds the mean worst-site utility."""
-    cols = ["dataset", "method", "privacy", "topology", "site", "utility_mean", "n"]
+    """Long format: dataset, method, privacy, site, mean utility over ok
+    seeds, the site's own majority-class baseline and in how many seeds the
+    site's score does not beat it (``chance_seeds``, from the records'
+    ``per_site_at_chance``: judged on the numbers this table shows); the row
+    ``site == "(worst)"`` holds the worst site (:data:`WORST_SITE_RULE`)."""
+    cols = ["dataset", "method", "privacy", "topology", "site", "utility_mean", "n",
+            "majority_baseline", "chance_seeds"]
     ok = df[df["status"] == "ok"] if not df.empty else df
     site_cols = [c for c in ok.columns if c.startswith("site:")]
-    if ok.empty:
+    if ok.empty or not site_cols:
         return pd.DataFrame(columns=cols)
-    long = ok.melt(id_vars=[*KEYS, "topology"], value_vars=[*site_cols, "worst_site"],
-                   var_name="site", value_name="u").dropna(subset=["u"])
-    order = {c: i for i, c in enumerate([*site_cols, "worst_site"])}
-    g = (long.groupby([*KEYS, "topology", "site"], sort=False)["u"]
-         .agg(["mean", "count"]).reset_index())
-    g = g.assign(_o=g["site"].map(order)).sort_values("_o", kind="mergesort")
-    g["site"] = [s[5:] if s.startswith("site:") else "(worst)" for s in g["site"]]
-    out = g.rename(columns={"mean": "utility_mean", "count": "n"})[cols]
+    rows = []
+    for key, g in ok.groupby([*KEYS, "topology"], sort=False):
+        best: tuple[float, str] | None = None
+        for c in site_cols:
+            v = g[c].dropna()
+            if v.empty:
+                continue
+            name = c[5:]
+            ch = g.get(f"site_chance:{name}")
+            base = g.get(f"site_baseline:{name}")
+            m = float(v.mean())
+            rows.append([*key, name, m, int(v.count()),
+                         float(base.mean()) if base is not None and base.notna().any()
+                         else math.nan,
+                         int(sum(x is True for x in ch)) if ch is not None else 0])
+            if best is None or m < best[0]:
+                best = (m, name)
+        if best is not None:
+            rows.append([*key, "(worst)", best[0], int(g["utility"].count()), math.nan, 0])
+    out = pd.DataFrame(rows, columns=cols)
     return _sort_entries(out.reset_index(drop=True))
 
 
@@ -520,7 +753,17 @@ def attacks(df: pd.DataFrame) -> pd.DataFrame:
     return _sort_entries(g[cols].reset_index(drop=True))
 
 
-def baseline_comparison(summ: pd.DataFrame) -> pd.DataFrame:
+def _reference_key(g: pd.DataFrame, topology: str) -> tuple[str, str] | None:
+    """(method, privacy) of the baseline :func:`_reference` reads."""
+    v = g[(g["topology"] == topology) & (g["privacy"] == "none")].dropna(
+        subset=["utility_mean"])
+    if v.empty:
+        return None
+    r = v.loc[v["utility_mean"].idxmax()]
+    return str(r["method"]), str(r["privacy"])
+
+
+def baseline_comparison(summ: pd.DataFrame, df: pd.DataFrame | None = None) -> pd.DataFrame:
     """The review's central comparison: every federated or personalized
     entry against the centralized (pooled data) and local-only baselines of
     the same dataset *without* privacy (the reference a collaboration has to
@@ -529,51 +772,323 @@ def baseline_comparison(summ: pd.DataFrame) -> pd.DataFrame:
     ``vs_centralized`` = FL − centralized, ``vs_local`` = FL − local,
     ``gap_closed`` = (FL − local) / (centralized − local): 1 means FL matches
     pooling the data, 0 means it is no better than each site alone; and
-    ``worst_site_gain`` = worst site − local's worst site."""
+    ``worst_site_gain`` = worst site − local's worst site. ``p_centralized``
+    and ``p_local`` are paired t-tests over shared seeds (:func:`paired_test`)."""
     cols = ["dataset", "method", "privacy", "metric", "utility_mean", "n", "centralized",
             "local", "vs_centralized", "vs_local", "gap_closed", "worst_site_mean",
-            "local_worst_site", "worst_site_gain", "chance_seeds"]
+            "local_worst_site", "worst_site_gain", "chance_seeds", "p_centralized", "p_local"]
     rows = []
     if summ.empty:
         return pd.DataFrame(columns=cols)
+    seeds = seed_utilities(df) if df is not None else {}
     for ds, g in summ.groupby("dataset", sort=True):
         cen, loc = _reference(g, "centralized"), _reference(g, "local")
+        kc, kl = _reference_key(g, "centralized"), _reference_key(g, "local")
         loc_w = _reference(g, "local", "worst_site_mean")
         for r in g[g["topology"].isin(["federated", "personalized"])].itertuples():
             u = r.utility_mean
             gap = (u - loc) / (cen - loc) if abs(cen - loc) > 1e-12 else math.nan
+            mine = seeds.get((ds, r.method, r.privacy), {})
+            pc = paired_test(mine, seeds.get((ds, *kc), {}))[2] if kc else math.nan
+            pl = paired_test(mine, seeds.get((ds, *kl), {}))[2] if kl else math.nan
             rows.append([ds, r.method, r.privacy, r.metric, u, r.n, cen, loc, u - cen,
                          u - loc, gap, r.worst_site_mean, loc_w, r.worst_site_mean - loc_w,
-                         r.chance_seeds])
+                         r.chance_seeds, pc, pl])
     return pd.DataFrame(rows, columns=cols)
 
 
-def leaderboard(summ: pd.DataFrame) -> pd.DataFrame:
+def seed_utilities(df: pd.DataFrame) -> dict[tuple[str, str, str], dict[Any, float]]:
+    """``{(dataset, method, privacy): {seed: utility}}`` over ok cells."""
+    out: dict[tuple[str, str, str], dict[Any, float]] = {}
+    if df.empty:
+        return out
+    ok = df[df["status"] == "ok"]
+    for d, m, p, sd, u in zip(ok["dataset"], ok["method"], ok["privacy"], ok["seed"],
+                              ok["utility"]):
+        if isinstance(u, float) and math.isnan(u):
+            continue
+        out.setdefault((d, m, p), {})[sd] = float(u)
+    return out
+
+
+#: the level of the paired test that says two entries are distinguishable
+ALPHA = 0.05
+
+
+def paired_test(a: dict[Any, float], b: dict[Any, float]) -> tuple[int, float, float]:
+    """A paired t-test over the seeds two entries share (same seeds: same
+    splits, same initial models): ``(n, mean of a − b, two-sided p)``. With
+    fewer than 2 shared seeds p is NaN; when every difference is the same,
+    p is 1 if it is 0 and 0 otherwise (no spread to test against)."""
+    common = sorted(set(a) & set(b), key=str)
+    d = np.array([a[k] - b[k] for k in common], dtype=float)
+    n = len(d)
+    if n == 0:
+        return 0, math.nan, math.nan
+    mean = float(d.mean())
+    if n < 2:
+        return n, mean, math.nan
+    if np.allclose(d, d[0], rtol=0, atol=1e-12):
+        return n, mean, 1.0 if abs(d[0]) <= 1e-12 else 0.0
+    return n, mean, float(stats.ttest_rel([a[k] for k in common], [b[k] for k in common])
+                          .pvalue)
+
+
+def paired_ci(a: dict[Any, float], b: dict[Any, float]) -> tuple[int, float, float]:
+    """``(n, mean of a − b, half-width of its 95% t-interval)`` over shared seeds."""
+    common = sorted(set(a) & set(b), key=str)
+    d = np.array([a[k] - b[k] for k in common], dtype=float)
+    if len(d) == 0:
+        return 0, math.nan, math.nan
+    if len(d) < 2:
+        return len(d), float(d.mean()), math.nan
+    return len(d), float(d.mean()), float(stats.t.ppf(0.975, len(d) - 1)
+                                           * d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def tier_epsilon(summ: pd.DataFrame, adversary: str = "server") -> pd.Series:
+    """The ε a tier counts: against ``adversary`` where records say it
+    (``by_adversary``); the headline ε for records without that block; NaN
+    where a mechanism does not protect against the adversary."""
+    col = f"eps_{adversary}"
+    eps = summ[col] if col in summ else pd.Series(math.nan, index=summ.index)
+    if "protected" in summ:
+        old = summ["protected"].isna() & eps.isna()
+    else:
+        old = pd.Series(True, index=summ.index)
+    return eps.where(~old, summ["epsilon"])
+
+
+def leaderboard(summ: pd.DataFrame, df: pd.DataFrame | None = None) -> pd.DataFrame:
     """Entries ranked per dataset within each privacy tier (:data:`TIERS`,
-    rule in :data:`RANKING_RULE`)."""
-    cols = ["dataset", "tier", "rank", "method", "privacy", "metric", "utility_mean",
-            "utility_std", "utility_ci95", "n", "worst_site_mean", "worst_site_gain",
-            "chance_seeds", "epsilon", "delta", "unit", "accountant", "bytes", "provenance"]
+    rule in :data:`RANKING_RULE`): ties at the displayed precision share a
+    rank (``rank_text`` ``2=``); ``vs_above_p`` is the paired test over
+    seeds against the entry ranked just above, ``distinguishable`` whether
+    it is below :data:`ALPHA` (``None`` with fewer than 2 shared seeds)."""
+    cols = ["dataset", "tier", "rank", "rank_text", "method", "privacy", "metric",
+            "utility_mean", "utility_std", "utility_ci95", "n", "worst_site_mean",
+            "worst_site", "worst_site_gain", "chance_seeds", "epsilon", "delta", "unit",
+            "accountant", "bytes", "bytes_per_round", "wall_s", "vs_above_p",
+            "distinguishable", "provenance"]
     ok = summ[summ["n"] > 0] if not summ.empty else summ
+    seeds = seed_utilities(df) if df is not None else {}
     rows = []
     for ds, g in ok.groupby("dataset", sort=True):
+        g = g.assign(k_eps=tier_epsilon(g))
         for tier, bound in TIERS:
-            if math.isinf(bound):
-                t = g
-            else:
-                t = g[g["epsilon"].notna() & (g["epsilon"] <= bound)]
+            t = g if math.isinf(bound) else g[g["k_eps"].notna() & (g["k_eps"] <= bound)]
             if t.empty:
                 continue
-            t = t.assign(_u=-t["utility_mean"].round(TIE_DECIMALS).fillna(-math.inf),
-                         _e=-t["epsilon"].fillna(math.inf),
-                         _w=-t["worst_site_mean"].fillna(-math.inf),
-                         _b=t["bytes"].fillna(math.inf))
-            t = t.sort_values(["_u", "_e", "_w", "_b", "method", "privacy"], kind="mergesort")
+            wall = t["wall_s"] if "wall_s" in t else pd.Series(math.nan, index=t.index)
+            t = t.assign(k_u=-t["utility_mean"].round(TIE_DECIMALS).fillna(-math.inf),
+                         k_e=t["k_eps"].fillna(math.inf), k_b=t["bytes"].fillna(math.inf),
+                         k_s=wall.fillna(math.inf))
+            t = t.sort_values(["k_u", "k_e", "k_b", "k_s", "method", "privacy"],
+                              kind="mergesort")
+            rank, prev_u, above = 0, None, None
+            tied = t["k_u"].map(t["k_u"].value_counts()) > 1
             for i, r in enumerate(t.itertuples(), 1):
-                rows.append([ds, tier, i, r.method, r.privacy, r.metric, r.utility_mean,
-                             r.utility_std, r.utility_ci95, r.n, r.worst_site_mean,
-                             r.worst_site_gain, r.chance_seeds, r.epsilon, r.delta, r.unit,
-                             r.accountant, r.bytes, r.provenance])
+                if r.k_u != prev_u:
+                    rank, prev_u = i, r.k_u
+                p = math.nan
+                if above is not None:
+                    _, _, p = paired_test(seeds.get((ds, above.method, above.privacy), {}),
+                                          seeds.get((ds, r.method, r.privacy), {}))
+                dist = None if math.isnan(p) else bool(p < ALPHA)
+                rows.append([ds, tier, rank, f"{rank}=" if tied.loc[r.Index] else str(rank),
+                             r.method, r.privacy, r.metric, r.utility_mean, r.utility_std,
+                             r.utility_ci95, r.n, r.worst_site_mean, r.worst_site,
+                             r.worst_site_gain, r.chance_seeds, r.k_eps, r.delta, r.unit,
+                             r.accountant, r.bytes, r.bytes_per_round, getattr(r, "wall_s",
+                                                                                math.nan),
+                             p, dist, r.provenance])
+                above = r
+    return pd.DataFrame(rows, columns=cols)
+
+
+#: the attack metric every leaderboard row shows for membership inference
+MIA_METRIC = "tpr_at_0.1pct_fpr"
+#: what counts as an attack succeeding in the scorecard: membership inference with an AUC
+#: of at least this; gradient inversion with a PSNR of at least this (dB)
+MIA_SUCCESS_AUC = 0.6
+INVERSION_SUCCESS_PSNR = 20.0
+#: the unit of an audit attack's claim when its record does not say (``claimed_unit``)
+AUDIT_UNITS = {"audit-canary": "record", "audit-dirac": "record", "audit-clients": "client"}
+
+
+def _entry_rows(df: pd.DataFrame, ds: str, method: str, privacy: str) -> pd.DataFrame:
+    if df is None or df.empty:
+        return pd.DataFrame()
+    return df[(df["dataset"] == ds) & (df["method"] == method) & (df["privacy"] == privacy)
+              & (df["status"] == "ok")]
+
+
+def _attack_best(rows: pd.DataFrame, metric: str) -> tuple[str | None, float, float]:
+    """``(attack, mean over seeds, n)`` of the attack with the highest mean
+    ``metric`` among ``rows``' attacks."""
+    best: tuple[str | None, float, float] = (None, math.nan, 0)
+    for c in rows.columns if not rows.empty else []:
+        if c.startswith("attack:") and c.endswith(f":{metric}"):
+            v = rows[c].dropna()
+            if len(v) and (best[0] is None or float(v.mean()) > best[1]):
+                best = (c.split(":")[1], float(v.mean()), len(v))
+    return best
+
+
+def _not_applicable(rows: pd.DataFrame, kind: str) -> str | None:
+    for c in rows.columns if not rows.empty else []:
+        if c.startswith(f"attack:{kind}") and c.endswith(":not_applicable"):
+            v = rows[c].dropna()
+            if len(v):
+                return str(v.iloc[0])
+    return None
+
+
+def audit_summary(rows: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """Per unit (``record``, ``client``), the audits of an entry's cells:
+    the largest audited lower bound over seeds, the smallest ceiling (the
+    audit's power), the claim, the seeds, and the flag: ``contradicts the
+    claim`` when some seed's bound exceeds its claim, ``no power`` when the
+    ceiling is below the claim (the audit could not have caught a
+    violation), else ``within the claim``."""
+    out: dict[str, dict[str, Any]] = {}
+    for c in rows.columns if not rows.empty else []:
+        if not (c.startswith("attack:") and c.endswith(":audited_epsilon")):
+            continue
+        name = c.split(":")[1]
+        v = rows[c].dropna()
+        if v.empty:
+            continue
+        unit_col = rows.get(f"auditflag:{name}:claimed_unit")
+        unit = (str(unit_col.dropna().iloc[0]) if unit_col is not None and
+                unit_col.notna().any() else AUDIT_UNITS.get(name, "record"))
+        ceil = rows.get(f"attack:{name}:ceiling")
+        claim = rows.get(f"attack:{name}:claimed_epsilon")
+        contra = rows.get(f"auditflag:{name}:contradicts_claim")
+        nopow = rows.get(f"auditflag:{name}:no_power")
+        e = {"attack": name, "bound": float(v.max()), "n": int(len(v)),
+             "ceiling": float(ceil.min()) if ceil is not None and ceil.notna().any()
+             else math.nan,
+             "claim": float(claim.max()) if claim is not None and claim.notna().any()
+             else math.nan,
+             "contradicts": bool(contra is not None and any(x is True for x in contra)),
+             "no_power": bool(nopow is not None and any(x is True for x in nopow))}
+        e["flag"] = ("contradicts the claim" if e["contradicts"] else
+                     "no power" if e["no_power"] else "within the claim")
+        if unit not in out or e["bound"] > out[unit]["bound"]:
+            out[unit] = e
+    return out
+
+
+def claims(summ: pd.DataFrame, df: pd.DataFrame, adf: pd.DataFrame | None = None
+           ) -> pd.DataFrame:
+    """Verified claims, one row per entry: the accountant's ε against each
+    adversary (server, another client, a party that sees only the released
+    model) with δ and unit; the audited lower bound at sample (record) and
+    client level with its ceiling and flag (:func:`audit_summary`, from the
+    entry's audit cells and its own cells); the strongest membership
+    inference at :data:`MIA_METRIC` and the best reconstruction PSNR, each
+    beside the same method without protection."""
+    cols = ["dataset", "method", "privacy", "unit", "delta", "eps_server", "eps_client",
+            "eps_released", "protected", "accountant",
+            "audit_record", "audit_record_ceiling", "audit_record_claim", "audit_record_n",
+            "audit_record_flag", "audit_client", "audit_client_ceiling", "audit_client_claim",
+            "audit_client_n", "audit_client_flag", "flagged",
+            "mia_attack", "mia_tpr", "mia_auc", "mia_tpr_unprotected", "mia_auc_unprotected",
+            "inv_attack", "psnr", "psnr_unprotected", "inv_note"]
+    rows = []
+    ok = summ[summ["n"] > 0] if not summ.empty else summ
+    for r in ok.itertuples():
+        mine = _entry_rows(df, r.dataset, r.method, r.privacy)
+        aud = pd.concat([mine, _entry_rows(adf, r.dataset, r.method, r.privacy)],
+                        ignore_index=True) if adf is not None and not adf.empty else mine
+        au = audit_summary(aud)
+        base = _entry_rows(df, r.dataset, r.method, "none") if r.privacy != "none" else mine
+        ma, mtpr, _ = _attack_best(mine, MIA_METRIC)
+        mauc = (float(mine[f"attack:{ma}:auc"].mean()) if ma and f"attack:{ma}:auc" in mine
+                else math.nan)
+        btpr = _attack_best(base, MIA_METRIC)[1]
+        bauc = (float(base[f"attack:{ma}:auc"].mean()) if ma and f"attack:{ma}:auc" in base
+                and not base.empty else math.nan)
+        ia, psnr, _ = _attack_best(mine, "psnr")
+        rec, cli = au.get("record", {}), au.get("client", {})
+        rows.append([r.dataset, r.method, r.privacy, r.unit, r.delta,
+                     getattr(r, "eps_server", math.nan), getattr(r, "eps_client", math.nan),
+                     getattr(r, "eps_released", math.nan), getattr(r, "protected", None),
+                     r.accountant,
+                     rec.get("bound", math.nan), rec.get("ceiling", math.nan),
+                     rec.get("claim", math.nan), rec.get("n", 0), rec.get("flag"),
+                     cli.get("bound", math.nan), cli.get("ceiling", math.nan),
+                     cli.get("claim", math.nan), cli.get("n", 0), cli.get("flag"),
+                     bool(rec.get("contradicts") or cli.get("contradicts")),
+                     ma, mtpr, mauc, btpr, bauc,
+                     ia, psnr, _attack_best(base, "psnr")[1],
+                     None if ia else _not_applicable(mine, "gradinv")])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _verdict(without: float, with_: float, success: Callable[[float], bool]) -> str:
+    if math.isnan(without) and math.isnan(with_):
+        return "—"
+    if not math.isnan(with_) and success(with_):
+        return "not stopped"
+    if math.isnan(without) or not success(without):
+        return "nothing to stop"
+    return "stopped"
+
+
+def scorecard(summ: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """The protection scorecard: per dataset, each protected entry against
+    the same method without protection: Δ utility (paired over shared seeds,
+    with its 95% t-interval and p), Δ worst site, × wall time, × bytes per
+    round, and what the attacks achieved with and without it (membership
+    inference: :data:`MIA_METRIC` and AUC; gradient inversion: PSNR), with a
+    verdict: ``stopped`` (the attack succeeds without the protection, not
+    with it: AUC ≥ :data:`MIA_SUCCESS_AUC`, PSNR ≥
+    :data:`INVERSION_SUCCESS_PSNR` dB), ``not stopped``, ``nothing to stop``."""
+    cols = ["dataset", "privacy", "method", "n", "d_utility", "d_utility_ci", "d_utility_p",
+            "d_worst_site", "time_x", "bytes_x", "eps_server", "mia_attack",
+            "mia_tpr", "mia_tpr_unprotected", "mia_auc", "mia_auc_unprotected", "mia_verdict",
+            "inv_attack", "psnr", "psnr_unprotected", "inv_verdict"]
+    rows = []
+    if summ.empty:
+        return pd.DataFrame(columns=cols)
+    seeds = seed_utilities(df)
+    ok = summ[summ["n"] > 0]
+    for r in ok[ok["privacy"] != "none"].itertuples():
+        ref = ok[(ok["dataset"] == r.dataset) & (ok["method"] == r.method)
+                 & (ok["privacy"] == "none")]
+        if ref.empty:
+            continue
+        b = ref.iloc[0]
+        n, d, ci = paired_ci(seeds.get((r.dataset, r.method, r.privacy), {}),
+                             seeds.get((r.dataset, r.method, "none"), {}))
+        p = paired_test(seeds.get((r.dataset, r.method, r.privacy), {}),
+                        seeds.get((r.dataset, r.method, "none"), {}))[2]
+
+        def ratio(a: Any, z: Any) -> float:
+            a, z = _num(a), _num(z)
+            return a / z if z and z > 0 and not math.isnan(a) else math.nan
+
+        mine = _entry_rows(df, r.dataset, r.method, r.privacy)
+        base = _entry_rows(df, r.dataset, r.method, "none")
+        ma, mtpr, _ = _attack_best(mine, MIA_METRIC)
+        def auc(x: pd.DataFrame, ma: str | None = ma) -> float:
+            col = f"attack:{ma}:auc"
+            return float(x[col].mean()) if ma and col in x and not x.empty else math.nan
+
+        ia, psnr, _ = _attack_best(mine, "psnr")
+        bpsnr = (float(base[f"attack:{ia}:psnr"].mean()) if ia and f"attack:{ia}:psnr"
+                 in base and not base.empty else math.nan)
+        rows.append([r.dataset, r.privacy, r.method, n, d, ci, p,
+                     r.worst_site_mean - b["worst_site_mean"],
+                     ratio(getattr(r, "wall_s", math.nan), b.get("wall_s")),
+                     ratio(r.bytes_per_round, b["bytes_per_round"]),
+                     getattr(r, "eps_server", math.nan), ma, mtpr,
+                     _attack_best(base, MIA_METRIC)[1], auc(mine), auc(base),
+                     _verdict(auc(base), auc(mine), lambda x: x >= MIA_SUCCESS_AUC),
+                     ia, psnr, bpsnr,
+                     _verdict(bpsnr, psnr, lambda x: x >= INVERSION_SUCCESS_PSNR)])
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -637,6 +1152,10 @@ class ReportData:
     failures: pd.DataFrame
     legend: pd.DataFrame = field(default_factory=pd.DataFrame)
     counts: dict[str, int] = field(default_factory=dict)
+    claims: pd.DataFrame = field(default_factory=pd.DataFrame)
+    scorecard: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: the audit cells attached to entries (one row per cell, under the entry's labels)
+    audit_cells: pd.DataFrame = field(default_factory=pd.DataFrame)
     cache: dict[Any, Any] = field(default_factory=dict)  # for reporters (rendered figures)
 
     @property
@@ -647,9 +1166,10 @@ class ReportData:
         """The exported tables by file stem (``cells`` has one row per record,
         ``legend`` maps the short labels to full configurations)."""
         return {"leaderboard": self.leaderboard, "summary": self.summary,
+                "claims": self.claims, "scorecard": self.scorecard,
                 "baselines": self.baselines, "sites": self.sites, "attacks": self.attacks,
                 "convergence": self.convergence, "failures": self.failures,
-                "cells": self.cells, "legend": self.legend}
+                "cells": self.cells, "audit_cells": self.audit_cells, "legend": self.legend}
 
 
 _LAST: list[Any] = [None, None]
@@ -668,15 +1188,60 @@ def build(records: list[dict[str, Any]]) -> ReportData:
     return data
 
 
+#: the attack keys that hold an audit's verdict (booleans, kept by :func:`frame`)
+AUDIT_FLAGS = ("contradicts_claim", "no_power", "within_claim")
+
+
+def _entry_key(df: pd.DataFrame) -> pd.Series:
+    """What makes an audit cell belong to an entry: every axis label but the
+    model (an audit may train an instrumented model), the backend and the
+    tuning choice."""
+    parts = [df[f"{a}_spec"].astype(str) for a in AXES if a != "model"]
+    parts.append(df["backend"].astype(str))
+    parts.append(df["tuned"].astype(str) if "tuned" in df else "")
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + "\x1f" + p
+    return out
+
+
+def split_audits(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
+                                                          list[dict[str, Any]]]:
+    """``(measured, audits)``: records whose training an audit changed
+    (canaries inserted) and that belong to a measured entry (the same labels
+    but the model) go to ``audits``; they give the entry's verified claims,
+    never its utility. An audit cell with no such entry stays measured."""
+    if not records:
+        return records, []
+    df = frame(records)
+    if df.empty or not df["audit_cell"].any():
+        return records, []
+    key = _entry_key(df)
+    measured_keys = set(key[~df["audit_cell"]])
+    attach = set(df["cell_id"][df["audit_cell"] & key.isin(measured_keys)])
+    return ([r for r in records if str(r.get("cell_id")) not in attach],
+            [r for r in records if str(r.get("cell_id")) in attach])
+
+
 def _build(records: list[dict[str, Any]]) -> ReportData:
     records = sorted(records, key=lambda r: str(r.get("cell_id")))
-    df = frame(records)
+    measured, audit_recs = split_audits(records)
+    df = frame(measured)
     summ = summary(df)
+    adf = frame(audit_recs) if audit_recs else pd.DataFrame()
+    if not adf.empty:  # each audit cell under its entry's labels
+        names = dict(zip(_entry_key(df), zip(df["method"], df["privacy"])))
+        k = _entry_key(adf)
+        adf["method"] = [names[x][0] for x in k]
+        adf["privacy"] = [names[x][1] for x in k]
+    at = attacks(df)
     return ReportData(
-        records=records, cells=df, summary=summ, sites=sites(df), attacks=attacks(df),
-        baselines=baseline_comparison(summ), leaderboard=leaderboard(summ),
-        convergence=convergence(records, df), failures=failures(df),
-        legend=legend(records, df), counts=summary_counts(records))
+        records=records, cells=df, summary=summ, sites=sites(df), attacks=at,
+        baselines=baseline_comparison(summ, df), leaderboard=leaderboard(summ, df),
+        convergence=convergence(measured, df), failures=failures(frame(records)),
+        legend=legend(measured, df), counts=summary_counts(records),
+        claims=claims(summ, df, adf), scorecard=scorecard(summ, df),
+        audit_cells=adf)
 
 
 # --------------------------------------------------------------------------
@@ -842,6 +1407,9 @@ def short(msg: Any, n: int = 120) -> str:
 
 Table = tuple[str, list[str], list[list[str]]]
 
+#: the widest a terminal table may be (columns)
+TERMINAL_WIDTH = 100
+
 
 def headline_metric(data: ReportData, ds: str) -> tuple[str, str] | None:
     """The one attack metric a dataset's headline shows: ``(attack, metric)``
@@ -855,11 +1423,50 @@ def headline_metric(data: ReportData, ds: str) -> tuple[str, str] | None:
     return None
 
 
+def fmt_ci(mean: float, half: float, n: int = 0) -> str:
+    """``0.783 ± 0.054``: a mean with the half-width of its 95% interval."""
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    if half is None or (isinstance(half, float) and math.isnan(half)):
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {half:.3f}"
+
+
+def fmt_eps_short(eps: Any, unit: Any) -> str:
+    """``3.0 rec`` / ``8.0 cli`` / ``—`` (no guarantee against the adversary)."""
+    if eps is None or (isinstance(eps, float) and math.isnan(eps)):
+        return "—"
+    u = {"record": "rec", "client": "cli"}.get(str(unit), "")
+    return f"{eps:.2g} {u}".strip() if eps < 10 else f"{eps:.0f} {u}".strip()
+
+
+def fmt_seconds(s: Any) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "—"
+    return f"{s:.2g}" if s < 10 else f"{s:.0f}"
+
+
+def fmt_x(v: Any) -> str:
+    """A ratio: ``×1.8``."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"×{v:.2g}" if v < 10 else f"×{v:.0f}"
+
+
+def fmt_p(p: Any) -> str:
+    """A paired test's verdict: ``≈ (p=0.41)`` not distinguishable, ``p=0.01``
+    distinguishable, ``—`` untestable (fewer than 2 shared seeds)."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "—"
+    return f"≈ (p={p:.2f})" if p >= ALPHA else f"p={p:.2g}"
+
+
 def headline_table(data: ReportData, ds: str, *, width: int | None = None) -> Table:
     """The headline of one dataset: per method × privacy entry, utility (mean
-    ± std over seeds), the worst site and its gain over local training, ε
-    with δ and unit, bytes per round and one attack metric. Labels are cut to
-    ``width`` characters where given (the terminal)."""
+    ± its 95% interval, :data:`CI_RULE`), the worst site
+    (:data:`WORST_SITE_RULE`), ε against the server (unit: ``rec`` a patient
+    record, ``cli`` a hospital), bytes per round, seconds per cell and one
+    attack metric. Labels are cut to ``width`` characters where given."""
     s = data.summary[(data.summary["dataset"] == ds) & (data.summary["n"] > 0)]
     metric = _first(s["metric"]) or "utility"
     if s.empty:  # every cell of the dataset failed (a new plugin's first run)
@@ -869,40 +1476,56 @@ def headline_table(data: ReportData, ds: str, *, width: int | None = None) -> Ta
              else f"n={ns[0]}–{ns[-1]} seeds")
     att = headline_metric(data, ds)
     a = data.attacks
-    headers = ["method", "privacy", metric, "worst site", "vs local", "ε (δ, unit)",
-               "bytes/round"]
+    headers = ["method", "privacy", metric, "worst site", "ε server", "bytes/round", "s/cell"]
     if att:
         headers.append(f"{att[0]} {att[1]}")
+    eps = tier_epsilon(s)
     rows = []
-    for r in s.itertuples():
+    for r, e in zip(s.itertuples(), eps):
         row = [short(r.method, width) if width else r.method,
                short(r.privacy, width) if width else r.privacy,
-               _chance(fmt_utility(r.utility_mean, r.utility_std, int(r.n), with_n=False),
-                       r.chance_seeds),
-               fmt(r.worst_site_mean), _signed(r.worst_site_gain),
-               fmt_eps(r.epsilon, r.delta, r.unit), fmt_bytes(r.bytes_per_round)]
+               _chance(fmt_ci(r.utility_mean, r.utility_ci95), r.chance_seeds),
+               fmt(r.worst_site_mean), fmt_eps_short(e, r.unit),
+               fmt_bytes(r.bytes_per_round), fmt_seconds(getattr(r, "wall_s", math.nan))]
         if att:
             v = a[(a["dataset"] == ds) & (a["method"] == r.method) & (a["privacy"] == r.privacy)
                   & (a["attack"] == att[0]) & (a["metric"] == att[1])]["mean"]
             row.append(fmt(float(v.iloc[0])) if len(v) else "—")
         rows.append(row)
-    # a column with nothing to say (no local baseline, no attack) is left out
+    # a column with nothing to say (no timings, no attack) is left out
     keep = [j for j in range(len(headers)) if j < 3 or any(r[j] != "—" for r in rows)]
     headers = [headers[j] for j in keep]
     rows = [[r[j] for j in keep] for r in rows]
-    return (f"{ds}: {metric} on the pooled test set (mean ± std over seeds, {seeds})",
+    return (f"{ds}: {metric} on the pooled test set (mean over seeds ± 95% CI, {seeds})",
             headers, rows)
 
 
+#: what the headline's columns mean (printed under it in the terminal)
+HEADLINE_KEY = ("95% CI: seeds and test set (the report's CI rule)",
+                "worst site: the lowest site's mean over seeds",
+                "ε server: against an honest-but-curious server, rec = per patient record, "
+                "cli = per hospital, — = no guarantee against it",
+                "bytes/round: sent up + down", "s/cell: wall seconds on this machine")
+
+
 def chance_note(data: ReportData, ds: str) -> str | None:
-    """The footnote for :data:`CHANCE_MARK` on a dataset, if some entry has it."""
+    """The footnote for :data:`CHANCE_MARK` on a dataset, if some entry or
+    site has it."""
     s = data.summary[(data.summary["dataset"] == ds) & (data.summary["chance_seeds"] > 0)]
-    if s.empty:
-        return None
-    base = s["majority_baseline"].dropna()
-    at = f" ({fmt(float(base.iloc[0]))})" if len(base) else ""
-    return (f"{CHANCE_MARK} does not beat the majority-class baseline{at} in at least one "
-            f"seed: {', '.join(f'{m} / {p}' for m, p in zip(s['method'], s['privacy']))}")
+    st = data.sites
+    st = st[(st["dataset"] == ds) & (st["chance_seeds"] > 0)] if "chance_seeds" in st else st[:0]
+    parts = []
+    if not s.empty:
+        base = s["majority_baseline"].dropna()
+        at = f" ({fmt(float(base.iloc[0]))})" if len(base) else ""
+        parts.append(f"{CHANCE_MARK} does not beat the majority-class baseline{at} in at "
+                     f"least one seed (one-sided test on the test rows): "
+                     f"{', '.join(f'{m} / {p}' for m, p in zip(s['method'], s['privacy']))}")
+    if not st.empty:
+        parts.append(f"{CHANCE_MARK} on a site's score: it does not beat that site's own "
+                     f"majority class in at least one seed ({len(st)} site score"
+                     f"{'s' * (len(st) != 1)})")
+    return "; ".join(parts) or None
 
 
 def _site_table(data: ReportData, ds: str, metric: str) -> Table | None:
@@ -917,10 +1540,23 @@ def _site_table(data: ReportData, ds: str, metric: str) -> Table | None:
     rows = []
     if len(names) <= MAX_SITE_COLUMNS:
         for (m, p), e in st.groupby(["method", "privacy"], sort=False):
-            vals = dict(zip(e["site"], e["utility_mean"]))
-            rows.append([m, p, *(fmt(vals.get(n)) for n in names), fmt(vals.get("(worst)")),
+            vals = {r.site: r for r in e.itertuples()}
+
+            def cell(n: str, vals: dict[str, Any] = vals) -> str:
+                r = vals.get(n)
+                if r is None:
+                    return "—"
+                return _chance(fmt(r.utility_mean), r.chance_seeds)
+
+            worst = vals.get("(worst)")
+            rows.append([m, p, *(cell(n) for n in names),
+                         fmt(worst.utility_mean) if worst is not None else "—",
                          fmt(psm.get((m, p)))])
-        return (f"per-site {metric} (mean over seeds), the worst site and the mean over sites",
+        base = {r.site: r.majority_baseline for r in st.itertuples()}
+        if any(not math.isnan(_num(base.get(n))) for n in names):
+            rows.append(["(majority class)", "", *(fmt(base.get(n)) for n in names), "", ""])
+        return (f"per-site {metric} (mean over seeds; † the site does not beat its own majority "
+                f"class in some seed), the worst site and the mean over sites",
                 ["method", "privacy", *names, "worst", "site mean"], rows)
     for (m, p), e in st.groupby(["method", "privacy"], sort=False):
         e = e[e["site"] != "(worst)"].dropna(subset=["utility_mean"])
@@ -929,12 +1565,13 @@ def _site_table(data: ReportData, ds: str, metric: str) -> Table | None:
             continue
         worst = e.iloc[int(np.argmin(v))]["site"]
         q = np.percentile(v, [10, 50, 90])
+        at_chance = int((e["chance_seeds"] > 0).sum()) if "chance_seeds" in e else 0
         rows.append([m, p, str(len(v)), fmt(float(v.min())), str(worst), fmt(q[0]), fmt(q[1]),
-                     fmt(q[2]), fmt(float(v.max())), fmt(psm.get((m, p)))])
+                     fmt(q[2]), fmt(float(v.max())), fmt(psm.get((m, p))), str(at_chance)])
     return (f"per-site {metric} over {len(names)} sites (mean over seeds; every site in "
             f"tables/sites.csv)",
             ["method", "privacy", "sites", "worst", "worst site", "10th pct", "median",
-             "90th pct", "best", "site mean"], rows)
+             "90th pct", "best", "site mean", "sites at chance"], rows)
 
 
 def _attack_table(data: ReportData, ds: str) -> Table | None:
@@ -963,11 +1600,108 @@ def _attack_table(data: ReportData, ds: str) -> Table | None:
     return ("attacks (mean ± std over seeds; every metric in tables/attacks.csv)", headers, rows)
 
 
+def _audit_text(bound: float, ceiling: float, n: int, flag: Any) -> str:
+    if not n:
+        return "—"
+    mark = {"contradicts the claim": "⚠ CONTRADICTS THE CLAIM",
+            "no power": "no power"}.get(str(flag), "within")
+    return f"≥ {bound:.2f} (ceiling {ceiling:.2g}; {mark})"
+
+
+def claims_table(data: ReportData, ds: str) -> Table | None:
+    """Verified claims per entry (:func:`claims`)."""
+    c = data.claims[data.claims["dataset"] == ds] if not data.claims.empty else data.claims
+    if c.empty:
+        return None
+    rows = []
+    for r in c.itertuples():
+        eps = [fmt_eps_short(getattr(r, f"eps_{a}"), r.unit) for a in
+               ("server", "client", "released")]
+        if r.protected is False and eps[0] == "—":
+            eps[0] = "— (not protected)"
+        mia = ("—" if r.mia_attack is None else
+               f"{fmt(r.mia_tpr)} (none {fmt(r.mia_tpr_unprotected)})")
+        inv = (f"{r.psnr:.1f} dB (none {r.psnr_unprotected:.1f})" if r.inv_attack and not
+               math.isnan(r.psnr) and not math.isnan(_num(r.psnr_unprotected)) else
+               f"{r.psnr:.1f} dB" if r.inv_attack and not math.isnan(r.psnr) else
+               ("n/a" if r.inv_note else "—"))
+        rows.append([r.method, r.privacy, *eps,
+                     _audit_text(r.audit_record, r.audit_record_ceiling, r.audit_record_n,
+                                 r.audit_record_flag),
+                     _audit_text(r.audit_client, r.audit_client_ceiling, r.audit_client_n,
+                                 r.audit_client_flag), mia, inv])
+    headers = ["method", "privacy", "ε server", "ε client", "ε released",
+               "audited ε record-level", "audited ε client-level",
+               "MIA TPR@0.1%FPR", "best PSNR"]
+    keep = [j for j in range(len(headers)) if j < 3 or any(r[j] != "—" for r in rows)]
+    return ("verified claims: the accountant's ε per adversary; the audited lower bound "
+            "(95%, largest over seeds) with the audit's ceiling (the most it could certify) "
+            "and verdict; the strongest attack, beside the same method without protection",
+            [headers[j] for j in keep], [[r[j] for j in keep] for r in rows])
+
+
+def scorecard_table(data: ReportData, ds: str) -> Table | None:
+    """The protection scorecard (:func:`scorecard`)."""
+    sc = data.scorecard[data.scorecard["dataset"] == ds] if not data.scorecard.empty \
+        else data.scorecard
+    if sc.empty:
+        return None
+    rows = []
+    for r in sc.itertuples():
+        du = ("—" if math.isnan(r.d_utility) else
+              f"{r.d_utility:+.3f}" + ("" if math.isnan(r.d_utility_ci) else
+                                       f" ± {r.d_utility_ci:.3f}")
+              + (" ≈" if not math.isnan(r.d_utility_p) and r.d_utility_p >= ALPHA else ""))
+        mia = ("—" if r.mia_attack is None else
+               f"AUC {fmt(r.mia_auc_unprotected)} → {fmt(r.mia_auc)}: {r.mia_verdict}")
+        inv = ("—" if r.inv_attack is None or math.isnan(r.psnr) else
+               f"{_num(r.psnr_unprotected):.1f} → {r.psnr:.1f} dB: {r.inv_verdict}")
+        rows.append([r.privacy, r.method, du, _signed(r.d_worst_site), fmt_x(r.time_x),
+                     fmt_x(r.bytes_x), mia, inv])
+    headers = ["protection", "method", "Δ utility (95% CI)", "Δ worst site", "× time",
+               "× bytes/round", "membership inference", "gradient inversion"]
+    keep = [j for j in range(len(headers)) if j < 3 or any(r[j] != "—" for r in rows)]
+    return ("protection scorecard: each protection against the same method without it "
+            "(paired over seeds; ≈ not distinguishable at 5%); attacks without → with it",
+            [headers[j] for j in keep], [[r[j] for j in keep] for r in rows])
+
+
+def settings_table(data: ReportData, ds: str) -> Table | None:
+    """The resolved training settings and what DP used, per entry."""
+    s = data.summary[(data.summary["dataset"] == ds) & (data.summary["n"] > 0)]
+    if s.empty:
+        return None
+    rows = []
+    for r in s.itertuples():
+        def g(k: str, r: Any = r) -> Any:
+            return getattr(r, k, math.nan)
+
+        sig = _fmt_range(_num(g("sigma_min")), _num(g("sigma_max")))
+        q = _fmt_range(_num(g("sample_rate_min")), _num(g("sample_rate_max")))
+        steps = ("—" if math.isnan(_num(g("steps"))) else
+                 f"{int(g('steps'))}/{int(g('planned_steps'))}"
+                 if not math.isnan(_num(g("planned_steps"))) else f"{int(g('steps'))}")
+        tuned = g("tuned")
+        rows.append([r.method, r.privacy, fmt(g("rounds")), fmt(g("lr"), 3).rstrip("0")
+                     .rstrip(".") if isinstance(g("lr"), float) else fmt(g("lr")),
+                     fmt(g("local_steps"), 0), fmt(g("batch_size"), 0),
+                     fmt(g("clients_per_round"), 2).rstrip("0").rstrip("."),
+                     fmt(g("optimizer")), sig or "—", fmt(g("clip"), 2) if sig else "—",
+                     q or "—", steps,
+                     (f"{tuned} ({int(g('tuning_trials'))} trials)" if isinstance(tuned, str)
+                      and tuned else "not tuned" if isinstance(g("tuning"), str) else "—")])
+    return ("training settings as resolved (dataset defaults included) and what the DP "
+            "mechanisms used: σ (noise multiplier) over sites and rounds, clip C, sampling "
+            "rate q, steps taken/planned; tuning under the stated protocol",
+            ["method", "privacy", "rounds", "lr", "local steps", "batch", "clients/round",
+             "optimizer", "σ used", "C", "q", "steps", "tuned"], rows)
+
+
 def text_tables(data: ReportData) -> dict[str, list[Table]]:
     """Per dataset, the display tables as (title, headers, rows) of strings;
-    the key ``""`` holds tables that span datasets (labels, warnings,
-    failures). The markdown, terminal and HTML writers all render these, so
-    they show the same cells."""
+    the key ``""`` holds tables that span datasets (labels, tuning protocols,
+    warnings, failures). The markdown, terminal and HTML writers all render
+    these, so they show the same cells."""
     out: dict[str, list[Table]] = {}
     s = data.summary
     for ds in data.datasets:
@@ -979,61 +1713,81 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
             out[ds] = [(f"{ds}: no successful cells", [], [])]
             continue
         tabs.append(headline_table(data, ds))
-        privs = sorted(ok["privacy"].unique(), key=lambda p: (p != "none", p))
-        methods = list(dict.fromkeys(ok["method"]))
-        cell = {(r.method, r.privacy): _chance(fmt_utility(r.utility_mean, r.utility_std,
-                                                           int(r.n)), r.chance_seeds)
-                for r in ok.itertuples()}
-        grid = [[m, *(cell.get((m, p), "—") for p in privs)] for m in methods]
-        tabs.append((f"{metric} on the pooled test set (mean ± std over seeds, n seeds)",
-                     ["method \\ privacy", *privs], grid))
         lb = data.leaderboard[data.leaderboard["dataset"] == ds]
         for tier, _ in TIERS:
             t = lb[lb["tier"] == tier]
             if t.empty:
                 continue
             tabs.append((f"leaderboard, {tier}",
-                         ["rank", "method", "privacy", metric, "95% CI", "worst site",
-                          "vs local", "ε (δ)", "unit", "bytes", "provenance"],
-                         [[str(r.rank), r.method, r.privacy,
-                           _chance(fmt_utility(r.utility_mean, r.utility_std, r.n),
-                                   r.chance_seeds),
-                           "—" if math.isnan(r.utility_ci95) else f"± {r.utility_ci95:.3f}",
+                         ["rank", "method", "privacy", f"{metric} (95% CI)", "worst site",
+                          "vs local", "ε (δ)", "unit", "bytes/round", "s/cell", "vs above",
+                          "provenance"],
+                         [[r.rank_text, r.method, r.privacy,
+                           _chance(fmt_ci(r.utility_mean, r.utility_ci95), r.chance_seeds),
                            fmt(r.worst_site_mean), _signed(r.worst_site_gain),
-                           fmt_eps(r.epsilon, r.delta), fmt(r.unit), fmt_bytes(r.bytes),
-                           r.provenance] for r in t.itertuples()]))
+                           fmt_eps(r.epsilon, r.delta), fmt(r.unit),
+                           fmt_bytes(r.bytes_per_round), fmt_seconds(r.wall_s),
+                           fmt_p(r.vs_above_p), r.provenance] for r in t.itertuples()]))
+        ct = claims_table(data, ds)
+        if ct:
+            tabs.append(ct)
+        sc = scorecard_table(data, ds)
+        if sc:
+            tabs.append(sc)
+        privs = sorted(ok["privacy"].unique(), key=lambda p: (p != "none", natural_key(p)))
+        methods = list(dict.fromkeys(ok["method"]))
+        cell = {(r.method, r.privacy): _chance(fmt_ci(r.utility_mean, r.utility_ci95),
+                                               r.chance_seeds)
+                for r in ok.itertuples()}
+        grid = [[m, *(cell.get((m, p), "—") for p in privs)] for m in methods]
+        tabs.append((f"{metric} on the pooled test set (mean ± 95% CI over seeds and test rows)",
+                     ["method \\ privacy", *privs], grid))
         b = data.baselines[data.baselines["dataset"] == ds]
         if not b.empty:
+            def d(v: float, p: float) -> str:
+                return _signed(v) + (" ≈" if not math.isnan(_num(p)) and p >= ALPHA else "")
+
             tabs.append(("federated learning against centralized and local training "
-                         "(baselines without privacy)",
+                         "(baselines without privacy; ≈ not distinguishable, paired over "
+                         "seeds)",
                          ["method", "privacy", metric, "centralized", "local", "Δ centralized",
                           "Δ local", "gap closed", "worst site", "local worst site",
                           "worst site vs local"],
                          [[r.method, r.privacy, _chance(fmt(r.utility_mean), r.chance_seeds),
-                           fmt(r.centralized), fmt(r.local), _signed(r.vs_centralized),
-                           _signed(r.vs_local), fmt(r.gap_closed, 2), fmt(r.worst_site_mean),
-                           fmt(r.local_worst_site), _signed(r.worst_site_gain)]
+                           fmt(r.centralized), fmt(r.local), d(r.vs_centralized, r.p_centralized),
+                           d(r.vs_local, r.p_local), fmt(r.gap_closed, 2),
+                           fmt(r.worst_site_mean), fmt(r.local_worst_site),
+                           _signed(r.worst_site_gain)]
                           for r in b.itertuples()]))
-        if ok["epsilon"].notna().any() or (ok["privacy"] != "none").any():
-            tabs.append(("privacy",
-                         ["method", "privacy", "level", "ε (δ)", "unit", "accountant"],
-                         [[r.method, r.privacy, fmt(r.privacy_level), fmt_eps(r.epsilon, r.delta),
-                           fmt(r.unit), fmt(r.accountant)] for r in ok.itertuples()]))
-        cost_cols = [k for k in TIMING_KEYS if k in ok and ok[k].notna().any()]
+        st = settings_table(data, ds)
+        if st:
+            tabs.append(st)
+        cost_cols = [k for k in ("wall_s", "train_s") if k in ok and ok[k].notna().any()]
         # coordinates a secure-aggregation transport clipped (shown when any cell clipped)
         if "clipped_coordinates" in ok and (ok["clipped_coordinates"].fillna(0) > 0).any():
             cost_cols.append("clipped_coordinates")
-        tabs.append(("cost (mean per cell over seeds)",
+        has_clock = "clock_s" in ok and ok["clock_s"].notna().any()
+        ref = {m: r for m, r in zip(ok["method"], ok.itertuples()) if r.privacy == "none"}
+        time_x = [fmt_x(_num(r.wall_s) / _num(ref[r.method].wall_s))
+                  if "wall_s" in cost_cols and r.method in ref and _num(ref[r.method].wall_s)
+                  else "—" for r in ok.itertuples()]
+        tabs.append(("cost (mean per cell over seeds; × time: wall time against the same "
+                     "method without protection, which includes DP-SGD's per-example work; "
+                     "privacy_s in tables/summary.csv counts only separate privacy stages)",
                      ["method", "privacy", "bytes up", "bytes down", "bytes/round",
-                      *[{"wall_s": "wall s", "train_s": "train s", "privacy_s": "privacy s",
-                         "clipped_coordinates": "clipped coords"}[k] for k in cost_cols]],
+                      *[{"wall_s": "wall s", "train_s": "train s",
+                         "clipped_coordinates": "clipped coords"}[k] for k in cost_cols],
+                      *(["× time"] if "wall_s" in cost_cols else []),
+                      *(["virtual h"] if has_clock else [])],
                      [[r["method"], r["privacy"], fmt_bytes(r["bytes_up"]),
                        fmt_bytes(r["bytes_down"]), fmt_bytes(r.get("bytes_per_round")),
-                       *[fmt(r[k], 0 if k == "clipped_coordinates" else 2) for k in cost_cols]]
-                      for _, r in ok.iterrows()]))
-        st = _site_table(data, ds, metric)
-        if st:
-            tabs.append(st)
+                       *[fmt(r[k], 0 if k == "clipped_coordinates" else 2) for k in cost_cols],
+                       *([tx] if "wall_s" in cost_cols else []),
+                       *([fmt(_num(r.get("clock_s")) / 3600, 2)] if has_clock else [])]
+                      for (_, r), tx in zip(ok.iterrows(), time_x)]))
+        sit = _site_table(data, ds, metric)
+        if sit:
+            tabs.append(sit)
         at = _attack_table(data, ds)
         if at:
             tabs.append(at)
@@ -1041,9 +1795,16 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
                                       if r.chance_seeds > 0})
     span: list[Table] = []
     if not data.legend.empty:
-        span.append(("labels: each short label and the full configuration it stands for",
+        span.append(("labels: each short label and the configuration it ran (privacy: the "
+                     "parameters set, then what the mechanisms used and spent)",
                      ["axis", "label", "configuration"],
                      [[r.axis, r.label, r.config] for r in data.legend.itertuples()]))
+    tp = s.dropna(subset=["tuning"]) if "tuning" in s else s[:0]
+    if not tp.empty:
+        span.append(("tuning protocols of tuned cells",
+                     ["dataset", "method", "privacy", "protocol"],
+                     [[r.dataset, r.method, r.privacy, str(r.tuning)]
+                      for r in tp.itertuples()]))
     warn = warning_summary(data.records)
     if warn:
         span.append(("warnings raised by libraries while cells ran (captured in the records)",
@@ -1109,18 +1870,68 @@ def warning_summary(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def comparison_tables(records: list[dict[str, Any]], *, fmt: str = "github") -> str:
     """The report's tables as text (markdown by default): per dataset the
-    headline, the method × privacy utility grid, the leaderboard tiers, FL
-    against the baselines, privacy, cost, per-site utility and attacks; the
-    label legend, warnings and the cells that did not finish ok after."""
+    headline, the leaderboard tiers, verified claims, the protection
+    scorecard, the method × privacy utility grid, FL against the baselines,
+    training settings, cost, per-site utility and attacks; the label legend,
+    tuning protocols, warnings and the cells that did not finish ok after."""
     if not records:
         return "no result records\n"
     return render_text(build(records), tablefmt=fmt)
 
 
+def fit_table(headers: list[str], rows: list[list[str]], width: int
+              ) -> tuple[list[list[str]], list[list[list[str]]], list[str]]:
+    """A table made to fit ``width`` columns of plain text: long labels in
+    the ``method``/``privacy``/``label`` columns become keys (``L1`` ...)
+    listed in a legend; if it is still too wide its other columns are split
+    into blocks, each repeating the label columns. Returns the header blocks,
+    the row blocks and the legend lines."""
+    def wide(h: list[str], rs: list[list[str]]) -> int:
+        ws = [max(len(str(x)) for x in col) for col in zip(h, *rs)]
+        return sum(ws) + 2 * (len(ws) - 1)
+
+    label_cols = [j for j, h in enumerate(headers) if h in ("method", "privacy", "label",
+                                                            "protection", "method \\ privacy")]
+    rows = [list(r) for r in rows]
+    legend: dict[str, str] = {}
+    if wide(headers, rows) > width and label_cols:
+        longs = sorted({r[j] for r in rows for j in label_cols if len(r[j]) > 12},
+                       key=lambda x: -len(x))
+        for text in longs:
+            if wide(headers, rows) <= width:
+                break
+            key = f"L{len(legend) + 1}"
+            legend[key] = text
+            rows = [[key if (j in label_cols and c == text) else c for j, c in enumerate(r)]
+                    for r in rows]
+    hblocks, rblocks = [headers], [rows]
+    if wide(headers, rows) > width:
+        lead = label_cols[:2]
+        fixed = (list(range(max(lead) + 1)) if lead and max(lead) < 4 else lead) or [0]
+        rest = [j for j in range(len(headers)) if j not in fixed]
+        hblocks, rblocks, cur = [], [], []
+        for j in rest:
+            trial = fixed + cur + [j]
+            if cur and wide([headers[i] for i in trial], [[r[i] for i in trial]
+                                                          for r in rows]) > width:
+                hblocks.append([headers[i] for i in fixed + cur])
+                rblocks.append([[r[i] for i in fixed + cur] for r in rows])
+                cur = []
+            cur.append(j)
+        if cur:
+            hblocks.append([headers[i] for i in fixed + cur])
+            rblocks.append([[r[i] for i in fixed + cur] for r in rows])
+    lines = [f"{k} = {v}" for k, v in legend.items()]
+    return hblocks, rblocks, lines
+
+
 def render_text(data: ReportData, *, tablefmt: str = "github", level: int = 2,
-                escape: Callable[[Any], str] | None = None) -> str:
+                escape: Callable[[Any], str] | None = None,
+                width: int | None = None) -> str:
     """Every table of :func:`text_tables` as text; ``escape`` (e.g.
-    :func:`md_escape`) is applied to every title, header and cell."""
+    :func:`md_escape`) is applied to every title, header and cell. With
+    ``width`` (the terminal) each table is made to fit (:func:`fit_table`)
+    and titles wrap."""
     esc = escape or str
     h = "#" * level
     out: list[str] = []
@@ -1128,46 +1939,62 @@ def render_text(data: ReportData, *, tablefmt: str = "github", level: int = 2,
         if ds:
             out.append(f"{h} {esc(ds)}\n")
         for title, headers, rows in tabs:
-            out.append(f"{h}# {esc(title)}\n" if ds else f"{h} {esc(title)}\n")
+            head = f"{h}# {esc(title)}" if ds else f"{h} {esc(title)}"
+            out.append("\n".join(textwrap.wrap(head, width)) + "\n" if width else head + "\n")
             if headers:
-                out.append(tabulate([[esc(c) for c in r] for r in rows],
-                                    headers=[esc(x) for x in headers], tablefmt=tablefmt,
-                                    disable_numparse=True))
+                if width:
+                    if title.startswith("labels:") or title.startswith("tuning protocols"):
+                        rows = [[*r[:-1], short(r[-1], max(20, width - 40))] for r in rows]
+                    hb, rb, leg = fit_table(headers, rows, width)
+                    for hh, rr in zip(hb, rb):
+                        out.append("\n".join(columns(hh, rr)))
+                        out.append("")
+                    out += leg
+                else:
+                    out.append(tabulate([[esc(c) for c in r] for r in rows],
+                                        headers=[esc(x) for x in headers], tablefmt=tablefmt,
+                                        disable_numparse=True))
             out.append("")
         note = chance_note(data, ds) if ds else None
         if note:
-            out += [esc(note), ""]
+            out += [*(textwrap.wrap(esc(note), width) if width else [esc(note)]), ""]
     return "\n".join(out) + "\n"
 
 
-def terminal_summary(data: ReportData, *, verbose: bool = False, width: int = 120) -> str:
+def terminal_summary(data: ReportData, *, verbose: bool = False,
+                     width: int = TERMINAL_WIDTH) -> str:
     """What ``fedmedbench run`` and ``report`` print: per dataset the
     :func:`headline_table` (with ``verbose``, every table of
-    :func:`text_tables`), then the library warnings, each once. Lines stay
-    within ``width`` columns unless ``verbose``."""
+    :func:`text_tables`), then the library warnings, each once. Every line
+    fits ``width`` columns: long labels become keys listed under the table."""
     from fedmedbench.errors import printable
 
     if not data.records:
         return "no result records\n"
     if verbose:
-        return printable(render_text(data))
+        return printable(render_text(data, tablefmt="simple", width=width))
     out: list[str] = []
     for ds in data.datasets:
         title, headers, rows = headline_table(data, ds)
         if not rows:
             out += [f"{ds}: no successful cells", ""]
             continue
-        key = [k for k in HEADLINE_KEY if k.split(":")[0] in headers]
-        out += [*textwrap.wrap(title, width), *_columns(headers, rows),
-                *textwrap.wrap("; ".join(key), width)]
+        key = [k for k in HEADLINE_KEY if k.split(":")[0] in headers
+               or k.startswith("95% CI")]
+        hb, rb, leg = fit_table(headers, rows, width)
+        out += textwrap.wrap(title, width)
+        for hh, rr in zip(hb, rb):
+            out += columns(hh, rr)
+        out += leg
+        out += textwrap.wrap("; ".join(key), width)
         note = chance_note(data, ds)
         if note:
             out += textwrap.wrap(note, width)
         out.append("")
     warn = warning_summary(data.records)
     if warn:
-        out.append(f"{len(warn)} distinct warning(s) from libraries, captured in the records "
-                   f"(all of them: --verbose, or the report):")
+        out += textwrap.wrap(f"{len(warn)} distinct warning(s) from libraries, captured in the "
+                             f"records (all of them: --verbose, or the report):", width)
         for w in warn[:5]:
             out.append(short(f"  {w['category']} ×{w['count']} in {w['cells']} cell(s): "
                              f"{w['message']}", width))
@@ -1186,7 +2013,7 @@ def terminal_summary(data: ReportData, *, verbose: bool = False, width: int = 12
     return printable("\n".join(out))
 
 
-def _columns(headers: list[str], rows: list[list[str]]) -> list[str]:
+def columns(headers: list[str], rows: list[list[str]]) -> list[str]:
     """A plain table: columns two spaces apart, a rule under the headers."""
     w = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda r: "  ".join(str(x).ljust(n) for x, n in zip(r, w)).rstrip()  # noqa: E731

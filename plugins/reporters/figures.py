@@ -1,39 +1,40 @@
 """Figures of a report (matplotlib, Agg canvas; PNG and SVG).
 
-Per dataset:
+One encoding for the whole report (:class:`Encoding`): each **method** has
+one colour in every figure, each **privacy configuration** one marker (full
+and partial CKKS, or DP at two ε, are different configurations), so every
+entry (method × privacy) has a (colour, marker) pair of its own. Per
+dataset:
 
 - ``<dataset>-tradeoff``: the privacy–utility–cost view. Utility against ε
   (log scale) with one panel per unit of protection — sample-level ε (one
   patient record, ``dp-sgd``) and client-level ε (a whole hospital,
-  ``dp-fedavg``) never share an axis — and utility against bytes per round
-  (log scale). Colour is the method, the marker is the privacy mechanism
-  (each mechanism its own series, joined across its ε values); entries
-  without a DP guarantee sit at "no DP", entries that send nothing at
-  "nothing sent".
-- ``<dataset>-attacks``: attack success (the first metric of
-  :data:`fedmedbench.report.ATTACK_HEADLINE` an attack reports: AUC for
-  membership inference, PSNR for gradient inversion) against ε, one panel
-  per attack and unit, the same colours and markers, with the chance or
-  recognisability line.
-- ``<dataset>-convergence``: utility and training loss per round, one
-  colour per entry.
-- ``<dataset>-sites``: per-site utility: a dot per site and entry, sites
-  sorted by utility, up to :data:`fedmedbench.report.MAX_SITE_COLUMNS`
-  sites; past that a distribution per entry (box and points) with the worst
-  site named, so 50 or 500 hospitals stay legible at one size.
+  ``dp-fedavg``) never share an axis — utility against bytes per round and
+  against wall seconds per cell (log scales). Entries without a DP
+  guarantee sit at "no DP"; the dashed line is the majority-class baseline.
+- ``<dataset>-attacks``: attack success against ε, one panel per attack,
+  metric and unit, each metric on a **fixed scale anchored at chance** (AUC
+  and balanced accuracy 0.5–1, advantage and SSIM 0–1, PSNR 0–40 dB,
+  TPR at a fixed FPR on a log axis 10⁻⁴–1; :data:`METRIC_RANGE`), so that
+  no panel zooms into noise.
+- ``<dataset>-roc``: membership inference's ROC curve on log–log axes
+  (10⁻⁴–1) with the diagonal (chance): TPR at the low FPRs that matter.
+- ``<dataset>-convergence``: utility and training loss per round.
+- ``<dataset>-sites``: per-site utility (the site's own majority class as a
+  grey bar), up to :data:`fedmedbench.report.MAX_SITE_COLUMNS` sites;
+  past that a distribution per entry with the worst site named.
+- ``<dataset>-clock``: utility against virtual hours (only when the records
+  carry a virtual clock, ``history[t]["clock_s"]``).
 - ``<dataset>-reconstructions``: gradient-inversion reconstructions under the
   originals, where attack records name PNG files inside the results folder
-  (keys containing ``orig`` and ``recon``, as lists of paths or a list of
-  ``{original, reconstruction}`` objects, or one ready grid under ``images``
-  with the originals on top, as the built-in gradient-inversion attacks save;
-  see :func:`fedmedbench.report.record_image` for what is read).
+  (see :func:`fedmedbench.report.record_image` for what is read).
 
-Labels are the tables' short labels (the report's legend maps each to its
-full configuration). Every figure is laid out by matplotlib's constrained
-layout within at most :data:`MAX_WIDTH_IN` inches, so no text falls outside
-it and the HTML page shows it at full size. Output is deterministic for the
-same records (SVG ids are salted with a constant and no dates are written),
-so reports of shards and of a whole run compare byte for byte.
+Every figure is laid out by matplotlib's constrained layout within at most
+:data:`MAX_WIDTH_IN` inches, so no text falls outside it (a figure-lint
+test checks this, the fixed scales and the encoding on every figure). Each
+artist drawn for an entry carries ``_fmb_entry = (method, privacy)`` and
+each attack panel ``_fmb_metric``, for that test. Output is deterministic
+for the same records.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from fedmedbench.report import (
     ReportData,
     build,
     fmt_bytes,
+    natural_key,
     record_image,
 )
 
@@ -82,7 +84,17 @@ HORIZONTAL = ({"orientation": "horizontal"} if "orientation" in
               inspect.signature(matplotlib.axes.Axes.boxplot).parameters else {"vert": False})
 #: reference lines of attack metrics: (value, what it means)
 REFERENCE = {"auc": (0.5, "chance"), "advantage": (0.0, "chance"),
-             "balanced_accuracy": (0.5, "chance"), "psnr": (25.0, "recognisable above")}
+             "balanced_accuracy": (0.5, "chance"), "psnr": (20.0, "recognisable above")}
+#: the fixed y range of each attack metric's panel: (low, high, log scale)
+METRIC_RANGE: dict[str, tuple[float, float, bool]] = {
+    "auc": (0.5, 1.0, False), "balanced_accuracy": (0.5, 1.0, False),
+    "advantage": (0.0, 1.0, False), "ssim": (0.0, 1.0, False),
+    "label_accuracy": (0.0, 1.0, False), "psnr": (0.0, 40.0, False),
+    "mse": (0.0, 1.0, False), "tpr_at_1pct_fpr": (1e-4, 1.0, True),
+    "tpr_at_0.1pct_fpr": (1e-4, 1.0, True)}
+#: the ROC figure's axes (log–log, both)
+ROC_RANGE = (1e-4, 1.0)
+CHANCE_STYLE = {"color": "0.45", "lw": 0.9, "ls": "--"}
 
 
 def slug(s: str) -> str:
@@ -93,7 +105,7 @@ def slug(s: str) -> str:
     return base
 
 
-# -- encodings shared by the figures of a dataset ------------------------------------
+# -- one encoding for the whole report ---------------------------------------------
 
 
 def palette(n: int) -> list[Any]:
@@ -108,7 +120,7 @@ def palette(n: int) -> list[Any]:
 
 def mechanism(privacy: str) -> str:
     """A privacy label without parameters: ``dp-fedavg[ε=8,C=1]+secagg`` →
-    ``dp-fedavg+secagg`` (a series of the trade-off figures)."""
+    ``dp-fedavg+secagg`` (the series a line joins across ε)."""
     out, depth = [], 0
     for ch in str(privacy):
         if ch in "([{":
@@ -120,52 +132,55 @@ def mechanism(privacy: str) -> str:
     return "".join(out) or str(privacy)
 
 
+def tag(artist: Any, method: str, privacy: str) -> Any:
+    """Mark ``artist`` as drawn for the entry (read by the figure-lint test)."""
+    artist._fmb_entry = (str(method), str(privacy))
+    return artist
+
+
 class Encoding:
-    """How the trade-off figures of a dataset draw an entry: the marker is
-    its privacy mechanism; the colour its method or, when the dataset has a
-    single method, its mechanism too (so that every series has a colour of
-    its own). A series is a (method, mechanism) pair; each has a fixed
-    horizontal offset so that equal points stay apart."""
+    """The report-wide encoding: colour by method (the same in every figure
+    and dataset), marker by privacy configuration (filled for the first 12,
+    open after), a fixed horizontal offset per series so equal points stay
+    apart."""
 
-    def __init__(self, data: ReportData, ds: str) -> None:
-        s = data.summary[data.summary["dataset"] == ds]
-        self.methods = list(dict.fromkeys(s["method"]))
-        self.mechs = sorted({mechanism(p) for p in s["privacy"]},
-                            key=lambda m: (m != "none", m))
-        self.marker = {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(self.mechs)}
-        self.by_mechanism = len(self.methods) == 1
-        keys = self.mechs if self.by_mechanism else self.methods
-        self.color = dict(zip(keys, palette(len(keys))))
-        self.series = list(dict.fromkeys(zip(s["method"], map(mechanism, s["privacy"]))))
+    def __init__(self, data: ReportData) -> None:
+        s = data.summary
+        self.methods = list(dict.fromkeys(s["method"])) if not s.empty else []
+        privs = sorted(dict.fromkeys(s["privacy"]) if not s.empty else [],
+                       key=lambda p: (p != "none", natural_key(p)))
+        self.privacies = privs
+        self.color = dict(zip(self.methods, palette(len(self.methods))))
+        self.marker = {p: (MARKERS[i % len(MARKERS)], i >= len(MARKERS))
+                       for i, p in enumerate(privs)}
 
-    def color_of(self, method: str, mech: str) -> Any:
-        return self.color.get(mech if self.by_mechanism else method, "0.3")
+    def style(self, method: str, privacy: str, *, ms: float = 6) -> dict[str, Any]:
+        c = self.color.get(method, "0.3")
+        m, hollow = self.marker.get(privacy, ("o", False))
+        return {"color": c, "marker": m, "ms": ms, "mec": c if hollow else "white",
+                "mfc": "white" if hollow else c, "mew": 1.1 if hollow else 0.6}
 
-    def style(self, method: str, mech: str) -> dict[str, Any]:
-        return {"color": self.color_of(method, mech), "marker": self.marker.get(mech, "o"),
-                "ms": 6, "mec": "white", "mew": 0.6}
-
-    def dodge(self, method: str, mech: str, step: float) -> float:
-        k = self.series.index((method, mech)) if (method, mech) in self.series else 0
-        return _dodge(k, len(self.series), step)
-
-    def legend(self, fig: Figure, series: list[tuple[str, str]]) -> None:
-        """One legend under the panels, for the series drawn."""
-        methods = [m for m in self.methods if m in {x for x, _ in series}]
-        mechs = [m for m in self.mechs if m in {x for _, x in series}]
-        if self.by_mechanism:
-            handles = [Line2D([], [], ls="-", lw=1.2, label=f"privacy: {m}",
-                              **self.style(self.methods[0], m)) for m in mechs]
-            heading = f"{self.methods[0]}; colour and marker: privacy mechanism"
-        else:
-            handles = [Line2D([], [], color=self.color[m], marker="o", ls="-", lw=1.5, ms=5,
-                              label=m) for m in methods]
-            handles += [Line2D([], [], color="0.35", marker=self.marker[m], ls="", ms=6,
-                               label=f"privacy: {m}") for m in mechs]
-            heading = "colour: method · marker: privacy mechanism"
+    def legend(self, fig: Figure, entries: list[tuple[str, str]], *,
+               heading: str = "colour: method · marker: privacy configuration") -> None:
+        """One legend under the panels, for the entries drawn."""
+        methods = [m for m in self.methods if m in {x for x, _ in entries}]
+        privs = [p for p in self.privacies if p in {x for _, x in entries}]
+        handles = [Line2D([], [], color=self.color[m], marker="", ls="-", lw=2, label=m)
+                   for m in methods]
+        for p in privs:
+            st = self.style("", p)
+            st.update(color="0.35", mec="0.35" if st["mfc"] == "white" else "white",
+                      mfc="white" if st["mfc"] == "white" else "0.35")
+            handles.append(Line2D([], [], ls="", label=f"privacy: {p}", **st))
         ncol = legend_columns([h.get_label() for h in handles], fig.get_figwidth())
         fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False,
                    title=wrap(heading, fig.get_figwidth() - 0.3, 8), title_fontsize=8)
+
+
+def _encoding(data: ReportData) -> Encoding:
+    if "encoding" not in data.cache:
+        data.cache["encoding"] = Encoding(data)
+    return data.cache["encoding"]
 
 
 def _entry(method: str, privacy: str) -> str:
@@ -177,6 +192,19 @@ def _metric(data: ReportData, ds: str) -> str:
     return str(m.iloc[0]) if len(m) else "utility"
 
 
+def _chance_level(data: ReportData, ds: str) -> float:
+    v = data.summary[data.summary["dataset"] == ds]["majority_baseline"].dropna()
+    return float(v.mean()) if len(v) else math.nan
+
+
+def _chance_line(ax: Any, level: float) -> None:
+    if not math.isnan(level):
+        ax.axhline(level, **CHANCE_STYLE)
+        ax.annotate(f"majority class ({level:.2f})", (0.01, level),
+                    xycoords=("axes fraction", "data"), fontsize=7, color="0.35",
+                    va="bottom")
+
+
 def _top_entries(data: ReportData, ds: str) -> list[tuple[str, str]]:
     """The entries drawn where a figure has room for :data:`MAX_ENTRIES`:
     the best by the leaderboard's rank in its first tier (which holds every
@@ -186,6 +214,11 @@ def _top_entries(data: ReportData, ds: str) -> list[tuple[str, str]]:
         return []
     lb = lb[(lb["dataset"] == ds) & (lb["tier"] == lb["tier"].iloc[0])]
     return [(r.method, r.privacy) for r in lb.head(MAX_ENTRIES).itertuples()]
+
+
+def _series_offsets(entries: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    series = list(dict.fromkeys((m, mechanism(p)) for m, p in entries))
+    return {s: i for i, s in enumerate(series)}
 
 
 def _dodge(k: int, n: int, step: float) -> float:
@@ -214,39 +247,56 @@ def _eps_axis(ax: Any, eps: np.ndarray, nodp: float | None, unit: str | None) ->
         ticks, labels = [*ticks, nodp], [*labels, "no DP"]
     ax.set_xticks(ticks, labels)
     ax.minorticks_off()
-    ax.set_xlabel(UNIT_TEXT.get(unit or "", "ε") + (", each at its own δ" if unit else ""))
+    ax.set_xlabel(UNIT_TEXT.get(unit or "", "ε") + ("\neach at its own δ" if unit else ""))
 
 
-def _draw(ax: Any, g: pd.DataFrame, enc: Encoding, *, x: str, y: str, err: str,
-          join: bool, step: float) -> None:
-    """``g`` (columns method, _mech, ``x``, ``y``, ``err``) as series per
-    (method, mechanism): markers, error bars (std over seeds), and a line
-    where ``join`` and the series' x values are distinct."""
+def _draw(ax: Any, g: pd.DataFrame, enc: Encoding, *, x: str, y: str, err: str | None,
+          join: bool, step: float, clamp: tuple[float, float] | None = None) -> None:
+    """``g`` (columns method, privacy, ``x``, ``y``, ``err``) as one marker
+    per entry (its colour and marker), error bars, and a line per series
+    (method × mechanism) where ``join`` and its x values are distinct."""
+    offsets = _series_offsets(list(zip(g["method"], g["privacy"])))
+    n = len(offsets)
+    g = g.assign(_mech=[mechanism(p) for p in g["privacy"]])
     for (method, mech), h in g.groupby(["method", "_mech"], sort=False):
         h = h.sort_values(x)
-        xs = h[x].to_numpy(dtype=float) * enc.dodge(method, mech, step)
+        k = offsets.get((method, mech), 0)
+        xs = h[x].to_numpy(dtype=float) * _dodge(k, n, step)
+        ys = h[y].to_numpy(dtype=float)
+        if clamp is not None:
+            ys = np.clip(ys, clamp[0], clamp[1])
         distinct = len(set(np.round(h[x].to_numpy(dtype=float), 9))) == len(h)
-        ls = "-" if join and distinct and len(h) > 1 else ""
-        st = enc.style(method, mech)
-        ax.errorbar(xs, h[y].to_numpy(dtype=float), yerr=h[err].fillna(0).to_numpy(dtype=float),
-                    ls=ls, lw=1.2, capsize=2, elinewidth=0.8, ecolor=st["color"], **st)
+        color = enc.color.get(method, "0.3")
+        if join and distinct and len(h) > 1:
+            tag(ax.plot(xs, ys, ls="-", lw=1.1, color=color, marker="")[0], method,
+                h["privacy"].iloc[0])
+        es = h[err].fillna(0).to_numpy(dtype=float) if err else None
+        for xi, yi, ei, priv in zip(xs, ys, es if es is not None else [None] * len(xs),
+                                    h["privacy"]):
+            st = enc.style(method, priv)
+            if ei:
+                ax.errorbar([xi], [yi], yerr=[ei], ls="", color=st["color"], capsize=2,
+                            elinewidth=0.8, marker="")
+            tag(ax.plot([xi], [yi], ls="", clip_on=clamp is None, **st)[0], method, priv)
 
 
 def _eps_panel(ax: Any, g: pd.DataFrame, enc: Encoding, unit: str | None, *, y: str,
-               err: str) -> list[tuple[str, str]]:
+               err: str | None, clamp: tuple[float, float] | None = None
+               ) -> list[tuple[str, str]]:
     """One ε panel: the DP entries of ``unit`` on a log ε axis, the entries
-    without DP in the "no DP" slot; returns the series drawn."""
+    without DP in the "no DP" slot; returns the entries drawn."""
     dp = g[(g["unit"] == unit) & g["epsilon"].notna()] if unit else g.iloc[0:0]
     nodp_rows = g[g["epsilon"].isna()]
     eps = dp["epsilon"].to_numpy(dtype=float)
     nodp = _no_dp_x(eps) if len(nodp_rows) else None
-    _draw(ax, dp.assign(_x=eps), enc, x="_x", y=y, err=err, join=True, step=0.05)
+    _draw(ax, dp.assign(_x=eps), enc, x="_x", y=y, err=err, join=True, step=0.05, clamp=clamp)
     if nodp:
-        _draw(ax, nodp_rows.assign(_x=nodp), enc, x="_x", y=y, err=err, join=False, step=0.16)
+        _draw(ax, nodp_rows.assign(_x=nodp), enc, x="_x", y=y, err=err, join=False,
+              step=0.16, clamp=clamp)
     _eps_axis(ax, eps, nodp, unit)
     ax.grid(True, axis="y", color="0.92", lw=0.6)
-    return list(dict.fromkeys([*zip(dp["method"], dp["_mech"]),
-                               *zip(nodp_rows["method"], nodp_rows["_mech"])]))
+    return list(dict.fromkeys([*zip(dp["method"], dp["privacy"]),
+                               *zip(nodp_rows["method"], nodp_rows["privacy"])]))
 
 
 def _units(g: pd.DataFrame) -> list[str]:
@@ -256,50 +306,64 @@ def _units(g: pd.DataFrame) -> list[str]:
                                                                                  "client"})
 
 
+def _log_panel(ax: Any, s: pd.DataFrame, enc: Encoding, col: str, *, zero_label: str,
+               fmt_tick: Any, xlabel: str, title_text: str) -> list[tuple[str, str]]:
+    """Utility against a positive quantity on a log axis; zeros in a slot on the left."""
+    b = s[col].fillna(0).to_numpy(dtype=float)
+    pos = b[b > 0]
+    zero_x = float(pos.min()) / 10
+    g = s.assign(_x=np.where(b > 0, b, zero_x))
+    _draw(ax, g, enc, x="_x", y="utility_mean", err="utility_std", join=False, step=0.06)
+    ax.set_xscale("log")
+    hi = float(pos.max()) * 3
+    ax.set_xlim(zero_x / 2.5 if (b == 0).any() else float(pos.min()) / 3, hi)
+    dec = range(math.floor(math.log10(float(pos.min()) / 3)) + 1, math.ceil(math.log10(hi)))
+    ticks = [10.0 ** d for d in dec]
+    if len(ticks) > 5:
+        ticks = ticks[::math.ceil(len(ticks) / 5)]
+    labels = [fmt_tick(t) for t in ticks]
+    if (b == 0).any():
+        ax.axvline(zero_x * 3.2, color="0.8", lw=0.8, ls=":")
+        ticks, labels = [zero_x, *ticks], [zero_label, *labels]
+    ax.set_xticks(ticks, labels)
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title_text)
+    ax.grid(True, axis="y", color="0.92", lw=0.6)
+    return list(zip(s["method"], s["privacy"]))
+
+
 def _tradeoff(data: ReportData, ds: str) -> Figure | None:
     s = data.summary[(data.summary["dataset"] == ds) & (data.summary["n"] > 0)]
     if s.empty:
         return None
-    s = s.assign(_mech=[mechanism(p) for p in s["privacy"]])
-    enc = Encoding(data, ds)
+    enc = _encoding(data)
     units = _units(s)
     b = s["bytes_per_round"].fillna(0).to_numpy(dtype=float)
+    t = (s["wall_s"].fillna(0).to_numpy(dtype=float) if "wall_s" in s
+         else np.zeros(len(s)))
+    extra = [k for k, v in (("bytes", b), ("time", t)) if (v > 0).any()]
     panels: list[str | None] = [*units] or [None]
-    w = min(MAX_WIDTH_IN, 1.2 + 3.3 * (len(panels) + bool((b > 0).any())))
-    fig = Figure(figsize=(w, 4.8), layout="constrained")
-    axes = fig.subplots(1, len(panels) + bool((b > 0).any()), sharey=True, squeeze=False)[0]
+    n = len(panels) + len(extra)
+    fig = Figure(figsize=(min(MAX_WIDTH_IN, 1.2 + 3.1 * n), 4.9), layout="constrained")
+    axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
     drawn: list[tuple[str, str]] = []
+    chance = _chance_level(data, ds)
     for ax, unit in zip(axes, panels):
         drawn += _eps_panel(ax, s, enc, unit, y="utility_mean", err="utility_std")
-        for m in dict.fromkeys(s[s["unit"] == unit]["method"]):  # the same method without privacy
-            ref = s[(s["method"] == m) & (s["privacy"] == "none")]["utility_mean"]
-            if len(ref):
-                ax.axhline(float(ref.iloc[0]), color=enc.color_of(m, "none"), lw=0.8, ls=":")
-        ax.set_title("utility against " + (UNIT_TEXT[unit].split(" (")[0] if unit in UNIT_TEXT
-                                           else "ε (no entry has a DP guarantee)"))
-    if (b > 0).any():
-        ax = axes[-1]
-        pos = b[b > 0]
-        zero_x = float(pos.min()) / 10
-        g = s.assign(_x=np.where(b > 0, b, zero_x))
-        _draw(ax, g, enc, x="_x", y="utility_mean", err="utility_std", join=False, step=0.06)
-        ax.set_xscale("log")
-        hi = float(pos.max()) * 3
-        ax.set_xlim(zero_x / 2.5 if (b == 0).any() else float(pos.min()) / 3, hi)
-        dec = range(math.floor(math.log10(float(pos.min()) / 3)) + 1, math.ceil(math.log10(hi)))
-        ticks = [10.0 ** d for d in dec]
-        if len(ticks) > 5:
-            ticks = ticks[::math.ceil(len(ticks) / 5)]
-        labels = [fmt_bytes(t) for t in ticks]
-        if (b == 0).any():
-            ax.axvline(zero_x * 3.2, color="0.8", lw=0.8, ls=":")
-            ticks, labels = [zero_x, *ticks], ["nothing\nsent", *labels]
-        ax.set_xticks(ticks, labels)
-        ax.minorticks_off()
-        ax.set_xlabel("bytes per round (up + down, log scale)")
-        ax.set_title("utility against communication")
-        ax.grid(True, axis="y", color="0.92", lw=0.6)
-        drawn += list(zip(s["method"], s["_mech"]))
+        ax.set_title("against " + (UNIT_TEXT[unit].split(" (")[0] if unit in UNIT_TEXT
+                                   else "ε (no entry has a DP guarantee)"))
+    rest = list(axes[len(panels):])
+    if "bytes" in extra:
+        drawn += _log_panel(rest.pop(0), s, enc, "bytes_per_round", zero_label="nothing\nsent",
+                            fmt_tick=fmt_bytes, xlabel="bytes per round (up + down, log)",
+                            title_text="against communication")
+    if "time" in extra:
+        drawn += _log_panel(rest.pop(0), s, enc, "wall_s", zero_label="0",
+                            fmt_tick=lambda v: f"{v:g} s", xlabel="wall seconds per cell (log)",
+                            title_text="against time")
+    for ax in axes:
+        _chance_line(ax, chance)
     axes[0].set_ylabel(f"{_metric(data, ds)} (mean ± std over seeds)")
     title(fig, f"{ds}: privacy, utility and cost")
     enc.legend(fig, list(dict.fromkeys(drawn)))
@@ -311,8 +375,7 @@ def _attacks(data: ReportData, ds: str) -> Figure | None:
                      & ~data.attacks["metric"].isin(["not_applicable", "failed"])]
     if a.empty:
         return None
-    a = a.assign(_mech=[mechanism(p) for p in a["privacy"]])
-    enc = Encoding(data, ds)
+    enc = _encoding(data)
     panels = []
     for name in sorted(set(a["attack"])):
         g = a[a["attack"] == name]
@@ -321,26 +384,112 @@ def _attacks(data: ReportData, ds: str) -> Figure | None:
         g = g[g["metric"] == metric]
         for u in _units(g) or [None]:
             panels.append((name, metric, u, g))
+        if "tpr_at_0.1pct_fpr" in set(a[a["attack"] == name]["metric"]):
+            gt = a[(a["attack"] == name) & (a["metric"] == "tpr_at_0.1pct_fpr")]
+            for u in _units(gt) or [None]:
+                panels.append((name, "tpr_at_0.1pct_fpr", u, gt))
     ncol = min(3, len(panels))
     nrow = math.ceil(len(panels) / ncol)
-    fig = Figure(figsize=(min(MAX_WIDTH_IN, 6.0 if ncol == 1 else 1.2 + 3.3 * ncol),
-                          3.3 * nrow + 1.4),
-                 layout="constrained")
+    fig = Figure(figsize=(min(MAX_WIDTH_IN, 6.0 if ncol == 1 else 1.2 + 3.2 * ncol),
+                          3.3 * nrow + 1.6), layout="constrained")
     axes = fig.subplots(nrow, ncol, squeeze=False).ravel()
     drawn: list[tuple[str, str]] = []
     for ax, (name, metric, unit, g) in zip(axes, panels):
-        drawn += _eps_panel(ax, g, enc, unit, y="mean", err="std")
+        lo, hi, log = METRIC_RANGE.get(metric, (math.nan, math.nan, False))
+        fixed = not math.isnan(lo)
+        drawn += _eps_panel(ax, g, enc, unit, y="mean", err=None if log else "std",
+                            clamp=(lo, hi) if fixed else None)
+        if log:
+            ax.set_yscale("log")
+        if fixed:
+            ax.set_ylim(lo, hi)
+            ax._fmb_metric = metric
         ref = REFERENCE.get(metric)
+        if metric.startswith("tpr_at_"):  # chance: TPR equals the FPR it is read at
+            fpr = 0.001 if "0.1pct" in metric else 0.01
+            ref = (fpr, "chance (TPR = FPR)")
         if ref:
-            ax.axhline(ref[0], color="0.55", lw=0.8, ls="--")
+            ax.axhline(ref[0], **CHANCE_STYLE)
             ax.annotate(f"{ref[1]} ({ref[0]:g})", (0.01, ref[0]),
-                        xycoords=("axes fraction", "data"), fontsize=7, color="0.4",
+                        xycoords=("axes fraction", "data"), fontsize=7, color="0.35",
                         va="bottom")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{name}: {metric}" + (f", {unit}-level ε" if unit else ""))
+        ax.set_ylabel(metric.replace("tpr_at_0.1pct_fpr", "TPR at 0.1% FPR")
+                      .replace("tpr_at_1pct_fpr", "TPR at 1% FPR"))
+        ax.set_title(f"{name}" + (f", {unit}-level ε" if unit else ""))
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    title(fig, f"{ds}: attack success against ε")
+    title(fig, f"{ds}: attack success against ε, each metric on a fixed scale from chance "
+               f"(values below chance drawn at chance)")
+    enc.legend(fig, list(dict.fromkeys(drawn)))
+    return fig
+
+
+def _roc_curves(data: ReportData, ds: str) -> dict[str, dict[tuple[str, str], np.ndarray]]:
+    """Per attack, per entry: the mean ROC (TPR on a log FPR grid) over seeds,
+    from the records' ``roc`` ({fpr, tpr})."""
+    grid = np.logspace(math.log10(ROC_RANGE[0]), 0, 41)
+    meta = data.cells.set_index("cell_id")[["dataset", "method", "privacy", "status"]] \
+        if not data.cells.empty else None
+    acc: dict[str, dict[tuple[str, str], list[np.ndarray]]] = {}
+    for r in data.records:
+        cid = str(r.get("cell_id"))
+        if meta is None or cid not in meta.index:
+            continue
+        m = meta.loc[cid]
+        if m["dataset"] != ds or m["status"] != "ok":
+            continue
+        for name, res in sorted((((r.get("metrics") or {}).get("attacks")) or {}).items()):
+            roc = res.get("roc") if isinstance(res, dict) else None
+            if not isinstance(roc, dict):
+                continue
+            f, t = roc.get("fpr"), roc.get("tpr")
+            if not (isinstance(f, list) and isinstance(t, list) and len(f) == len(t) >= 2):
+                continue
+            try:
+                fa, ta = np.asarray(f, dtype=float), np.asarray(t, dtype=float)
+            except (TypeError, ValueError):
+                continue
+            if not (np.isfinite(fa).all() and np.isfinite(ta).all()):
+                continue
+            order = np.argsort(fa, kind="mergesort")
+            acc.setdefault(name, {}).setdefault((m["method"], m["privacy"]), []).append(
+                np.interp(grid, fa[order], ta[order]))
+    return {a: {e: np.mean(v, axis=0) for e, v in d.items()} for a, d in acc.items()}
+
+
+def _roc(data: ReportData, ds: str) -> Figure | None:
+    curves = _roc_curves(data, ds)
+    if not curves:
+        return None
+    enc = _encoding(data)
+    top = set(_top_entries(data, ds))
+    names = sorted(curves)
+    ncol = min(3, len(names))
+    fig = Figure(figsize=(min(MAX_WIDTH_IN, 1.4 + 3.4 * ncol), 4.6), layout="constrained")
+    axes = fig.subplots(1, ncol, squeeze=False)[0]
+    grid = np.logspace(math.log10(ROC_RANGE[0]), 0, 41)
+    drawn: list[tuple[str, str]] = []
+    for ax, name in zip(axes, names):
+        for (m, p), tpr in curves[name].items():
+            if top and (m, p) not in top:
+                continue
+            st = enc.style(m, p, ms=4.5)
+            tag(ax.plot(grid, np.clip(tpr, ROC_RANGE[0], 1), lw=1.2, markevery=8, **st)[0],
+                m, p)
+            drawn.append((m, p))
+        ax.plot(ROC_RANGE, ROC_RANGE, **CHANCE_STYLE)
+        ax.annotate("chance (TPR = FPR)", (2e-4, 2.6e-4), fontsize=7, color="0.35",
+                    rotation=0)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(*ROC_RANGE)
+        ax.set_ylim(*ROC_RANGE)
+        ax._fmb_metric = "roc"
+        ax.set_xlabel("false positive rate (log)")
+        ax.set_ylabel("true positive rate (log)")
+        ax.set_title(f"{name}: ROC, mean over seeds")
+        ax.grid(True, color="0.93", lw=0.6)
+    title(fig, f"{ds}: membership inference at low false-positive rates")
     enc.legend(fig, list(dict.fromkeys(drawn)))
     return fig
 
@@ -353,19 +502,20 @@ def _convergence(data: ReportData, ds: str) -> Figure | None:
     entries = [e for e in top if ((c["method"] == e[0]) & (c["privacy"] == e[1])).any()]
     if not entries:
         return None
+    enc = _encoding(data)
     total = len(set(zip(c["method"], c["privacy"])))
-    fig = Figure(figsize=(9.0, 4.4), layout="constrained")
+    fig = Figure(figsize=(9.0, 4.6), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    colors = palette(len(entries))
-    handles = []
-    for k, ((method, priv), color) in enumerate(zip(entries, colors)):
+    for method, priv in entries:
         g = c[(c["method"] == method) & (c["privacy"] == priv)]
-        # a dash pattern as well as a colour, so that equal curves stay visible
-        style = {"color": color, "lw": 1.4, "ls": LINE_STYLES[k % len(LINE_STYLES)]}
+        st = enc.style(method, priv, ms=4.5)
+        k = enc.privacies.index(priv) if priv in enc.privacies else 0
+        style = {**st, "lw": 1.3, "ls": LINE_STYLES[k % len(LINE_STYLES)],
+                 "markevery": max(1, len(g) // 5)}
         u = g.dropna(subset=["utility"])
-        ax1.plot(u["round"], u["utility"], **style)
-        ax2.plot(g["round"], g["loss"], **style)
-        handles.append(Line2D([], [], label=_entry(str(method), str(priv)), **style))
+        tag(ax1.plot(u["round"], u["utility"], **style)[0], method, priv)
+        tag(ax2.plot(g["round"], g["loss"], **style)[0], method, priv)
+    _chance_line(ax1, _chance_level(data, ds))
     ax1.set_ylabel(_metric(data, ds) + " (pooled test set)")
     ax2.set_ylabel("training loss (mean over clients)")
     if c["loss"].isna().all():
@@ -377,8 +527,7 @@ def _convergence(data: ReportData, ds: str) -> Figure | None:
         ax.grid(True, color="0.93", lw=0.6)
     more = f", the top {len(entries)} of {total} entries" if total > len(entries) else ""
     title(fig, f"{ds}: convergence (mean over seeds{more})")
-    fig.legend(handles=handles, loc="outside lower center", frameon=False,
-               ncol=legend_columns([h.get_label() for h in handles], fig.get_figwidth()))
+    enc.legend(fig, entries)
     return fig
 
 
@@ -394,63 +543,67 @@ def _sites(data: ReportData, ds: str) -> Figure | None:
     if not names or not entries:
         return None
     metric = _metric(data, ds)
-    colors = palette(len(entries))
     if len(names) <= MAX_SITE_COLUMNS:
-        return _site_dots(ds, metric, per, names, entries, colors)
-    return _site_distribution(ds, metric, per, names, entries, colors)
+        return _site_dots(data, ds, metric, per, entries)
+    return _site_distribution(data, ds, metric, per, names, entries)
 
 
-def _site_dots(ds: str, metric: str, per: pd.DataFrame, names: list[str],
-               entries: list[tuple[str, str]], colors: list[Any]) -> Figure:
+def _site_dots(data: ReportData, ds: str, metric: str, per: pd.DataFrame,
+               entries: list[tuple[str, str]]) -> Figure:
     """A dot per site and entry; sites sorted by their mean utility (the
-    weakest at the bottom)."""
+    weakest at the bottom); each site's own majority class as a grey bar."""
+    enc = _encoding(data)
     order = per.groupby("site")["utility_mean"].mean().sort_values().index.tolist()
-    fig = Figure(figsize=(8.0, 1.9 + 0.32 * len(order) + 0.2 * math.ceil(len(entries) / 3)),
+    fig = Figure(figsize=(8.0, 2.1 + 0.34 * len(order) + 0.2 * math.ceil(len(entries) / 3)),
                  layout="constrained")
     ax = fig.add_subplot()
     y = {s: i for i, s in enumerate(order)}
     n = len(entries)
-    handles = []
-    for k, ((m, p), color) in enumerate(zip(entries, colors)):
+    for k, (m, p) in enumerate(entries):
         e = per[(per["method"] == m) & (per["privacy"] == p)]
         off = (k - (n - 1) / 2) * min(0.12, 0.7 / max(n, 1))
         ys = np.array([y[s] for s in e["site"]], dtype=float) + off
-        ax.plot(e["utility_mean"], ys, ls="", marker=MARKERS[k % len(MARKERS)], color=color,
-                ms=5.5)
-        handles.append(Line2D([], [], ls="", marker=MARKERS[k % len(MARKERS)], color=color,
-                              ms=5.5, label=_entry(str(m), str(p))))
+        tag(ax.plot(e["utility_mean"], ys, ls="", **enc.style(m, p, ms=5.5))[0], m, p)
+    if "majority_baseline" in per:
+        base = per.groupby("site")["majority_baseline"].mean()
+        bx = [base.get(s, math.nan) for s in order]
+        if any(not math.isnan(v) for v in bx):
+            ax.plot(bx, range(len(order)), ls="", marker="|", ms=14, mew=2, color="0.55")
     ax.set_yticks(range(len(order)), [str(s) for s in order])
     ax.set_ylim(-0.6, len(order) - 0.4)
     ax.set_xlabel(f"{metric} on the site's own test split (mean over seeds)")
     ax.grid(True, axis="x", color="0.92", lw=0.6)
-    ax.set_title("sites sorted by mean utility, the weakest at the bottom", fontsize=8,
-                 color="0.3")
+    ax.set_title("sites sorted by mean utility, the weakest at the bottom; grey bar: the "
+                 "site's own majority class", fontsize=8, color="0.3")
     title(fig, f"{ds}: utility per site")
-    fig.legend(handles=handles, loc="outside lower center", frameon=False,
-               ncol=legend_columns([h.get_label() for h in handles], fig.get_figwidth()))
+    enc.legend(fig, entries)
     return fig
 
 
-def _site_distribution(ds: str, metric: str, per: pd.DataFrame, names: list[str],
-                       entries: list[tuple[str, str]], colors: list[Any]) -> Figure:
+def _site_distribution(data: ReportData, ds: str, metric: str, per: pd.DataFrame,
+                       names: list[str], entries: list[tuple[str, str]]) -> Figure:
     """Per entry, the distribution of its sites' utility (box: quartiles,
-    whiskers: 5th–95th percentile, points: every site), the worst site
-    marked and named."""
-    fig = Figure(figsize=(8.5, 1.6 + 0.55 * len(entries)), layout="constrained")
+    whiskers: 5th–95th percentile, points: every site), the median marked
+    with the entry's marker, the worst site marked and named."""
+    enc = _encoding(data)
+    fig = Figure(figsize=(8.5, 1.8 + 0.55 * len(entries)), layout="constrained")
     ax = fig.add_subplot()
     rng = np.random.default_rng(0)
     labels = []
-    for k, ((m, p), color) in enumerate(zip(entries, colors)):
+    for k, (m, p) in enumerate(entries):
+        color = enc.color.get(m, "0.3")
         e = per[(per["method"] == m) & (per["privacy"] == p)]
         v = e["utility_mean"].to_numpy(dtype=float)
         yk = len(entries) - 1 - k
         ax.boxplot([v], positions=[yk], **HORIZONTAL, widths=0.5, whis=(5, 95),
                    showfliers=False, patch_artist=True,
-                   boxprops={"facecolor": (*color[:3], 0.25), "edgecolor": color},
+                   boxprops={"facecolor": (*matplotlib.colors.to_rgb(color), 0.25),
+                             "edgecolor": color},
                    medianprops={"color": color, "lw": 1.5},
                    whiskerprops={"color": color}, capprops={"color": color})
         ax.plot(v, yk + rng.uniform(-0.17, 0.17, len(v)), ls="", marker=".", ms=2.5,
                 color=color, alpha=0.55)
+        tag(ax.plot([float(np.median(v))], [yk], ls="", **enc.style(m, p, ms=6))[0], m, p)
         j = int(np.argmin(v))
         ax.plot([v[j]], [yk], ls="", marker="x", color="#b2182b", ms=7, mew=1.6)
         ax.annotate(f"worst: {str(e['site'].iloc[j])[:18]} ({v[j]:.3f})", (v[j], yk + 0.3),
@@ -464,7 +617,53 @@ def _site_distribution(ds: str, metric: str, per: pd.DataFrame, names: list[str]
     ax.set_xlabel(f"{metric} on each site's own test split (mean over seeds)")
     ax.grid(True, axis="x", color="0.92", lw=0.6)
     title(fig, f"{ds}: utility over {len(names)} sites (box: quartiles, whiskers: 5th–95th "
-               f"percentile, ×: the site with the lowest mean over seeds)")
+               f"percentile, marker: median, ×: the site with the lowest mean over seeds)")
+    enc.legend(fig, entries)
+    return fig
+
+
+def _clock(data: ReportData, ds: str) -> Figure | None:
+    """Utility against virtual hours, per entry (records with a virtual clock only)."""
+    meta = data.cells.set_index("cell_id")[["dataset", "method", "privacy", "status"]] \
+        if not data.cells.empty else None
+    rows = []
+    for r in data.records:
+        cid = str(r.get("cell_id"))
+        if meta is None or cid not in meta.index:
+            continue
+        m = meta.loc[cid]
+        if m["dataset"] != ds or m["status"] != "ok":
+            continue
+        for h in r.get("history") or []:
+            if not isinstance(h, dict):
+                continue
+            cs, u = h.get("clock_s"), h.get("utility")
+            if isinstance(cs, (int, float)) and isinstance(u, (int, float)) \
+                    and not isinstance(cs, bool) and not isinstance(u, bool) \
+                    and math.isfinite(cs) and math.isfinite(u):
+                rows.append((m["method"], m["privacy"], h.get("round"), cs / 3600.0, u))
+    if not rows:
+        return None
+    c = pd.DataFrame(rows, columns=["method", "privacy", "round", "hours", "utility"])
+    c = c.groupby(["method", "privacy", "round"], sort=False).mean().reset_index()
+    enc = _encoding(data)
+    top = _top_entries(data, ds)
+    entries = [e for e in top if ((c["method"] == e[0]) & (c["privacy"] == e[1])).any()]
+    if not entries:
+        return None
+    fig = Figure(figsize=(8.0, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for m, p in entries:
+        g = c[(c["method"] == m) & (c["privacy"] == p)].sort_values("round")
+        st = enc.style(m, p, ms=4.5)
+        tag(ax.plot(g["hours"], g["utility"], lw=1.3, markevery=max(1, len(g) // 5),
+                    **st)[0], m, p)
+    _chance_line(ax, _chance_level(data, ds))
+    ax.set_xlabel("virtual hours (the simulated network's clock, end of each round)")
+    ax.set_ylabel(f"{_metric(data, ds)} (pooled test set, mean over seeds)")
+    ax.grid(True, color="0.93", lw=0.6)
+    title(fig, f"{ds}: utility against virtual time, per protection")
+    enc.legend(fig, entries)
     return fig
 
 
@@ -561,7 +760,8 @@ def _reconstructions(data: ReportData, ds: str) -> Figure | None:
             if grid is None:
                 continue
             psnr = res.get("psnr")
-            lab = "\n".join([*textwrap.wrap(_entry(meta[1], meta[2]), 36), f"{name}, seed {meta[3]}",
+            lab = "\n".join([*textwrap.wrap(_entry(meta[1], meta[2]), 36),
+                             f"{name}, seed {meta[3]}",
                              *([f"PSNR {psnr:.1f} dB"] if isinstance(psnr, (int, float))
                                and not isinstance(psnr, bool) else [])])
             rows.append((lab, grid))
@@ -611,8 +811,8 @@ def legend_columns(labels: list[str], width_in: float, fontsize: float = 8) -> i
     return 1
 
 
-KINDS = {"tradeoff": _tradeoff, "attacks": _attacks, "convergence": _convergence,
-         "sites": _sites, "reconstructions": _reconstructions}
+KINDS = {"tradeoff": _tradeoff, "attacks": _attacks, "roc": _roc, "clock": _clock,
+         "convergence": _convergence, "sites": _sites, "reconstructions": _reconstructions}
 
 
 def figures(data: ReportData) -> dict[str, tuple[str, str, Figure]]:

@@ -4,8 +4,9 @@ These classes are what the registry lists; each ``write`` imports its
 implementation (pandas, matplotlib) only when a report is written, so
 ``fedmedbench plugins``, ``datasets`` and ``run --dry-run`` never pay for
 those imports. The tables are :mod:`fedmedbench.plugins.reporters.tables`,
-the figures :mod:`~fedmedbench.plugins.reporters.figures` and the page
-:mod:`~fedmedbench.plugins.reporters.html`.
+the figures :mod:`~fedmedbench.plugins.reporters.figures`, the page
+:mod:`~fedmedbench.plugins.reporters.html` and the leaderboard site
+:mod:`~fedmedbench.plugins.reporters.site`.
 """
 
 from __future__ import annotations
@@ -95,4 +96,20 @@ class Html(Reporter):
         return write_html(records, out_dir, title=self.title)
 
 
-COMPONENTS = (Markdown, Csv, Json, Figures, Html)
+class Site(Reporter):
+    """The static leaderboard site of verified submissions (``fedmedbench
+    leaderboard``): a page per track with verified claims on every row;
+    writes nothing for records that carry no track."""
+
+    name = "site"
+
+    def __init__(self) -> None:
+        pass
+
+    def write(self, records: list[dict], out_dir: Path) -> list[Path]:
+        from fedmedbench.plugins.reporters.site import write_site
+
+        return write_site(records, out_dir)
+
+
+COMPONENTS = (Markdown, Csv, Json, Figures, Html, Site)
