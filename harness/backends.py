@@ -89,6 +89,8 @@ class LoopBackend:
     """
 
     name = "loop"
+    #: where the clients train: the loop backend (and Opacus's trainers) on the CPU
+    device = "cpu"
 
     def __init__(self, parts: ClientData) -> None:
         self.parts = parts

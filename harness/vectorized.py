@@ -256,8 +256,16 @@ class VectorBackend(LoopBackend):
                 self.kernel = (f"{'batched layers' if self.twin is not None else 'vmap'} "
                                f"(not compiled: {why})")
         if self.device.type != "cpu":
-            self.X, self.y = self.X.to(self.device), self.y.to(self.device)
-            self.fmodel.module.to(self.device)
+            self.to(self.device)
+
+    def to(self, device: Any) -> VectorBackend:
+        """Train on ``device`` from now on (:func:`resolve_device`): the clients'
+        rows and the architecture move there; ``train`` still takes and
+        returns CPU tensors."""
+        self.device = resolve_device(device)
+        self.X, self.y = self.X.to(self.device), self.y.to(self.device)
+        self.fmodel.module.to(self.device)
+        return self
 
     def client_updates(self, algorithm: Any, clients: list[int],
                        params: torch.Tensor | dict[int, torch.Tensor], *,
@@ -314,8 +322,9 @@ class VectorBackend(LoopBackend):
                     rows[j, :len(i)] = i
         mask = np.arange(width)[None, :] < lens[:, None]
         rows = np.where(mask, rows + self._offsets(clients)[:, None], 0)
-        rows_t = torch.from_numpy(rows)
-        return self.X[rows_t], self.y[rows_t], torch.from_numpy(mask.astype(np.float32))
+        rows_t = torch.from_numpy(rows).to(self.device)
+        return (self.X[rows_t], self.y[rows_t],
+                torch.from_numpy(mask.astype(np.float32)).to(self.device))
 
     def _offsets(self, clients: list[int]) -> np.ndarray:
         key = tuple(clients)

@@ -374,7 +374,8 @@ def test_the_compiled_path_keeps_every_tensor_on_the_backends_device(example_reg
     calls = [{}, {"grad_offset": torch.full((k, D), 0.01)},
              {"extra_loss": lambda v: 0.05 * (v ** 2).sum()}, {"trainable": frozen}]
     for device in ("cpu", torch.device("meta")):
-        backend = VectorBackend(dataclasses.replace(parts), device=device)
+        backend = (VectorBackend(dataclasses.replace(parts), device=device) if device == "cpu"
+                   else VectorBackend(dataclasses.replace(parts)).to(device))
         assert backend.kernel == "compiled" and backend.device.type == str(device)
         if str(device) == "meta":  # no values to read back on meta
             backend._finish = lambda clients, W, s, c: (W, None)
