@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedmedbench.backends import ClientData, LoopBackend, _checked
-from fedmedbench.components import Updates
+from fedmedbench.components import Split, Updates
 from fedmedbench.context import ClientContext
 from fedmedbench.training import BatchStream, to_tensors
 
@@ -217,18 +217,17 @@ class VectorBackend(LoopBackend):
         self.device = resolve_device(device)
         module = parts.factory()
         self.fmodel = FunctionalModel(module)
-        xs, ys, self.offset = [], [], []
-        off = 0
-        for site in parts.sites:
-            X, y = to_tensors(site.train)
-            xs.append(X)
-            ys.append(y)
-            self.offset.append(off)
-            off += len(y)
-        self.X = torch.cat(xs) if xs else torch.zeros(0)
-        self.y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
-        self._n = np.asarray([len(y) for y in ys], dtype=np.int64)
-        self._row0 = np.asarray(self.offset, dtype=np.int64)
+        # every site's rows in one tensor (as to_tensors converts them), one copy each
+        trains = [site.train for site in parts.sites]
+        self._n = np.asarray([len(t.y) for t in trains], dtype=np.int64)
+        self._row0 = np.cumsum(self._n) - self._n
+        self.offset = self._row0.tolist()
+        rows = [t for t in trains if len(t.y)]
+        if rows:
+            self.X, self.y = to_tensors(Split(np.concatenate([np.asarray(t.X) for t in rows]),
+                                              np.concatenate([np.asarray(t.y) for t in rows])))
+        else:
+            self.X, self.y = torch.zeros(0), torch.zeros(0, dtype=torch.long)
         self.vlocal = (parts.local.vector_steps(self.ctx) if parts.local is not None else None)
         self.streams: dict[int, Any] = {}
         self.compiled: Any = None
@@ -582,8 +581,7 @@ class VectorBackend(LoopBackend):
         from fedmedbench.errors import Diverged
 
         mean = torch.where(loss_cnt > 0, loss_sum / loss_cnt.clamp(min=1), torch.nan).cpu().numpy()
-        bad = [c for c, v, n in zip(clients, mean, loss_cnt.tolist()) if n and not np.isfinite(v)]
-        if bad:
-            raise Diverged(f"local training loss became {mean[clients.index(bad[0])]} "
-                           f"(client {bad[0]})")
+        bad = np.flatnonzero((loss_cnt.cpu().numpy() > 0) & ~np.isfinite(mean))
+        if len(bad):
+            raise Diverged(f"local training loss became {mean[bad[0]]} (client {clients[bad[0]]})")
         return W.cpu(), mean
