@@ -11,6 +11,9 @@ an ``entry_points.txt`` naming this module), exactly as a third-party plugin.
   :class:`~fedmedbench.AttackContext` (and from itself).
 - ``redteam-undeclared`` puts a field on its update that ``sends`` does not
   declare (a copy of the delta, smuggled to the server).
+- ``redteam-fedbuff`` is ``redteam-fedavg`` on the buffered (asynchronous)
+  protocol (FedBuff): its clients' updates wait on their side until they
+  arrive, and its server half walks what each buffer hands it.
 - an ``on_round_end`` observer walks what it is given.
 
 The walk follows attributes (``__dict__``, ``__slots__``), containers,
@@ -37,6 +40,7 @@ import torch
 
 from fedmedbench import Attack, hookimpl
 from fedmedbench.plugins.algorithms.fedavg import FedAvg
+from fedmedbench.plugins.algorithms.fedbuff import FedBuff
 
 #: (round, client) -> {"start": array, "delta": array}: what each client computed
 TRUTH: dict[tuple[int, int], dict[str, np.ndarray]] = {}
@@ -210,6 +214,29 @@ class RedTeamFedAvg(FedAvg):
         return super().server_update(ctx, global_params, aggregate, received)
 
 
+class RedTeamFedBuff(FedBuff):
+    """FedBuff with redteam-fedavg's truth-recording client half and walking server half."""
+
+    name = "redteam-fedbuff"
+    vectorized = True
+
+    def client_update(self, ctx, global_params):
+        upd = super().client_update(ctx, global_params)
+        start = global_params if global_params.dim() == 2 else \
+            global_params.unsqueeze(0).expand(len(ctx.clients), -1)
+        for j, c in enumerate(ctx.clients):
+            TRUTH[(int(ctx.round), int(c))] = {
+                "start": start[j].detach().double().numpy().copy(),
+                "delta": upd.delta[j].detach().double().numpy().copy()}
+        return upd
+
+    def server_update(self, ctx, global_params, aggregate, received):
+        found = walk(self, ctx, global_params, aggregate, received)
+        found["round"] = int(ctx.round)
+        FOUND["server_update"].append(found)
+        return super().server_update(ctx, global_params, aggregate, received)
+
+
 class Undeclared(FedAvg):
     """Smuggles a copy of each delta in a field it does not declare."""
 
@@ -241,6 +268,7 @@ class WalkAttack(Attack):
 @hookimpl
 def register_algorithms(register):
     register(RedTeamFedAvg)
+    register(RedTeamFedBuff)
     register(Undeclared)
 
 

@@ -26,6 +26,7 @@ that close to any single client's delta.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ import pytest
 from fedmedbench import run_cell
 from fedmedbench.matrix import parse_matrix
 from fedmedbench.registry import get_registry
+
+ROOT = Path(__file__).resolve().parent.parent
 
 HERE = Path(__file__).parent
 COS = 0.999
@@ -161,6 +164,44 @@ def test_no_party_reaches_what_the_threat_model_hides(rt, scenario, backend):
     assert not problems, "\n".join(problems)
 
 
+#: the buffered protocol (FedBuff) over a network whose sites differ, so that updates
+#: arrive stale: secure aggregation runs over each buffer's clients
+BUFFERED = {"secagg": ["secagg"], "dp-fedavg+secagg": [["dp-fedavg", "secagg"]]}
+
+
+@pytest.mark.parametrize("backend", ["loop", "vectorized"])
+@pytest.mark.parametrize("scenario", list(BUFFERED))
+def test_the_buffered_protocol_passes_the_same_walk(rt, scenario, backend):
+    """FedBuff's clients keep their trained updates on their side until they
+    arrive; the server half (every buffer), the attack and the observer reach
+    nothing individual: the transport runs over each buffer's clients."""
+    mod, reg = rt
+    mod.reset()
+    alg = {"name": "redteam-fedbuff", "buffer_size": 2, "concurrency": 4}
+    net = {"name": "hospital-mix", "academic": 0.5, "community": 0.0, "clinic": 0.5,
+           "assign": "size", "outages": False}
+    extra = {"axes": {"dataset": ["heart-disease"], "algorithm": [alg],
+                      "privacy": BUFFERED[scenario], "network": [net],
+                      "model": [{"name": "mlp", "hidden": [8]}]},
+             "run": {"clients_per_round": 1.0}}
+    rec = run_cell(_cell(reg, BUFFERED[scenario], backend=backend, rounds=8, extra=extra),
+                   registry=reg)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["metrics"]["clock"]["staleness"]["max"] >= 1  # updates arrived stale
+    truth = dict(mod.TRUTH)
+    assert len({c for _, c in truth}) == 4
+    d = next(iter(truth.values()))["delta"].size
+    mask = np.ones(d, dtype=bool)
+    problems = []
+    assert len(mod.FOUND["server_update"]) == 8
+    for who in ("server_update", "attack", "observer"):
+        for found in mod.FOUND[who]:
+            problems += [f"{who} reached {x}" for x in _leaks(found, truth, mask,
+                                                              lambda r: False)]
+            problems += [f"{who} reached a secret: {s}" for s in found["secrets"]]
+    assert not problems, "\n".join(problems)
+
+
 @pytest.mark.parametrize("privacy", [["none"], ["secagg"], ["he-ckks"]])
 def test_an_undeclared_field_is_refused_naming_plugin_and_field(rt, privacy):
     _, reg = rt
@@ -245,3 +286,39 @@ def test_a_transport_keeps_no_secret_after_training(rt, privacy, status):
     found = mod.walk(transport)
     assert found["visited"] > 5 and found["secrets"] == []
     assert getattr(transport, "server", None) is None
+
+
+def _attacks_by_cell(out) -> dict:
+    from fedmedbench.results import load_records
+
+    records, _ = load_records([out])
+    strip = ("seconds",)
+    return {json.dumps({k: v for k, v in r["config"].items() if k != "isolate_attacks"},
+                       sort_keys=True, default=str):
+            {n: {k: v for k, v in a.items() if k not in strip}
+             for n, a in r["metrics"]["attacks"].items()}
+            for r in records if r["status"] == "ok"}
+
+
+@pytest.mark.slow
+def test_isolated_attacks_of_the_quickstart_and_attacks_toml_equal_in_process(
+        quickstart_results, tmp_path):
+    """Issue 18: with ``--isolate-attacks`` every attack of the quickstart and
+    of matrices/attacks.toml (at 2 rounds, so that it fits a test) gives the
+    numbers it gives in process, to the last digit (wall seconds aside)."""
+    import tomllib
+
+    import fedmedbench as fmb
+
+    fmb.run(None, out=tmp_path / "qs-isolated", isolate_attacks=True, progress=False,
+            quiet=True)
+    a, b = _attacks_by_cell(quickstart_results), _attacks_by_cell(tmp_path / "qs-isolated")
+    assert a == b and sum(len(v) for v in a.values()) > 0
+    raw = tomllib.loads((ROOT / "matrices" / "attacks.toml").read_text())
+    raw["rounds"] = 2
+    raw["evaluate"]["attacks"] = ["mia-loss", {"name": "mia-lira", "n_shadows": 2},
+                                  {"name": "audit-canary", "m": 40}]
+    for name, iso in (("in-process", False), ("isolated", True)):
+        fmb.run(raw, out=tmp_path / name, isolate_attacks=iso, progress=False, quiet=True)
+    a, b = _attacks_by_cell(tmp_path / "in-process"), _attacks_by_cell(tmp_path / "isolated")
+    assert len(a) == 12 and a == b

@@ -330,6 +330,8 @@ class HospitalMix(Network):
     time_scale : float, default 1.0
         Multiplies every preset's mean online and offline periods (below 1:
         outages more often, for short runs).
+    outages : bool, default True
+        ``False``: every site always online (stragglers, no outages).
     deadline_s : float or None, default None
         Synchronous rounds end after this many virtual seconds; later clients drop out.
     reference_step_s : float or None, default None
@@ -341,7 +343,7 @@ class HospitalMix(Network):
     def __init__(self, *, academic: Annotated[float, Range(ge=0)] = 0.2,
                  community: Annotated[float, Range(ge=0)] = 0.5,
                  clinic: Annotated[float, Range(ge=0)] = 0.3, assign: str = "random",
-                 time_scale: Annotated[float, Range(gt=0)] = 1.0,
+                 time_scale: Annotated[float, Range(gt=0)] = 1.0, outages: bool = True,
                  deadline_s: Annotated[float | None, Range(gt=0)] = None,
                  reference_step_s: Annotated[float | None, Range(gt=0)] = None) -> None:
         if not academic + community + clinic > 0:
@@ -352,6 +354,7 @@ class HospitalMix(Network):
             float(clinic)
         self.assign = assign
         self.time_scale = float(time_scale)
+        self.outages = bool(outages)
         self.deadline_s = None if deadline_s is None else float(deadline_s)
         self.reference_step_s = None if reference_step_s is None else float(reference_step_s)
 
@@ -359,17 +362,17 @@ class HospitalMix(Network):
     def card(self) -> dict[str, Any]:  # type: ignore[override]
         return {"mix": {"academic-hospital": self.academic,
                         "community-hospital": self.community, "clinic-mobile": self.clinic},
-                "assign": self.assign, "time_scale": self.time_scale,
+                "assign": self.assign, "time_scale": self.time_scale, "outages": self.outages,
                 "presets": {k: _card(k) for k in PRESETS}}
 
     def _profile(self, preset: str) -> SiteProfile:
         p = PRESETS[preset]
         scale = self.time_scale
+        avail = Availability("onoff", mean_up_s=p["mean_up_h"] * 3600.0 * scale,
+                             mean_down_s=p["mean_down_min"] * 60.0 * scale) \
+            if self.outages else Availability()
         return SiteProfile(speed=p["speed"], up_mbps=p["up_mbps"], down_mbps=p["down_mbps"],
-                           latency_ms=p["latency_ms"], preset=preset,
-                           availability=Availability("onoff",
-                                                     mean_up_s=p["mean_up_h"] * 3600.0 * scale,
-                                                     mean_down_s=p["mean_down_min"] * 60.0 * scale))
+                           latency_ms=p["latency_ms"], preset=preset, availability=avail)
 
     def profiles(self, names: Sequence[str], num_examples: Sequence[int],
                  rng: np.random.Generator) -> list[SiteProfile]:
