@@ -217,7 +217,7 @@ def test_pretraining_on_public_split(reg):
 
 @pytest.mark.parametrize("entry, words", [
     ('{ name = "fedprox", mu = -0.1 }', ["fedprox", "mu", "-0.1", ">= 0"]),
-    ('{ name = "fedopt", optimizer = "rmsprop" }', ["optimizer", "rmsprop", "adam, yogi"]),
+    ('{ name = "fedopt", optimizer = "rmsprop" }', ["optimizer", "rmsprop", "'adam', 'yogi'"]),
     ('{ name = "fedadam", beta1 = 1.5 }', ["beta1", "1.5"]),
     ('{ name = "fedmd", architectures = ["transformer"] }', ["architectures[0]", "transformer"]),
     ('{ name = "feddf", steps = 0 }', ["steps", ">= 1"]),

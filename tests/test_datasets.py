@@ -497,7 +497,7 @@ def test_support2_long_stay_target_thresholds_the_real_length_of_stay():
                        skipinitialspace=True)["slos"].dropna()
     assert len(y) == len(slos) and y.sum() == int((slos > 10).sum())
     assert data.task.metric == "auroc"
-    with pytest.raises(ConfigError, match="target must be one of"):
+    with pytest.raises(ConfigError, match=r"support2\.target = 'los' is not one of the choices"):
         reg.build("dataset", {"name": "support2", "target": "los"})
 
 

@@ -25,8 +25,8 @@ weights of every round are recorded in the result's history
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Annotated, Any
+import typing
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 
@@ -36,7 +36,9 @@ from fedmedbench import predict_proba as _predict
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-WEIGHTINGS = ("examples", "uniform", "quality", "performance")
+#: how the updates are weighted (``by``)
+Weighting = Literal["examples", "uniform", "quality", "performance"]
+WEIGHTINGS: tuple[str, ...] = typing.get_args(Weighting)
 
 
 class WeightedMean(Aggregator):
@@ -44,8 +46,9 @@ class WeightedMean(Aggregator):
 
     Parameters
     ----------
-    by : str, default "examples"
-        ``"examples"``, ``"uniform"``, ``"quality"`` or ``"performance"``.
+    by : {"examples", "uniform", "quality", "performance"}, default "examples"
+        Number of training examples, equal weights, data-quality scores or
+        each client's held-out performance.
     scores : dict, default {}
         ``by="quality"`` only: site name → quality score in [0, 1], overriding
         the dataset's ``Site.quality`` for the sites named.
@@ -60,19 +63,13 @@ class WeightedMean(Aggregator):
     name = "weighted-mean"
     linear = True
 
-    def __init__(self, *, by: str = "examples", scores: dict = {},  # noqa: B006
+    def __init__(self, *, by: Weighting = "examples", scores: dict = {},  # noqa: B006
                  holdout: Annotated[float, Range(gt=0, lt=1)] = 0.2,
                  power: Annotated[float, Range(ge=0)] = 1.0) -> None:
-        if by not in WEIGHTINGS:
-            raise ValueError(f"weighted-mean: by = {by!r}; choose one of {', '.join(WEIGHTINGS)}")
         for site, s in scores.items():
             if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 <= s <= 1:
                 raise ValueError(f"weighted-mean: scores[{site!r}] = {s!r}; quality scores "
                                  f"must be numbers in [0, 1]")
-        if not isinstance(holdout, (int, float)) or not 0 < holdout < 1:
-            raise ValueError(f"weighted-mean: holdout = {holdout!r}; must be in (0, 1)")
-        if not isinstance(power, (int, float)) or not math.isfinite(power) or power < 0:
-            raise ValueError(f"weighted-mean: power = {power!r}; must be a number >= 0")
         self.by, self.scores = by, dict(scores)
         self.holdout, self.power = float(holdout), float(power)
 

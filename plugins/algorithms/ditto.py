@@ -31,7 +31,6 @@ them all (so a site's ε is that of twice FedAvg's steps with the default
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Annotated
 
 from fedmedbench import ClientContext, Range, Updates
@@ -63,14 +62,6 @@ class Ditto(FedAvg):
 
     def __init__(self, *, lam: Annotated[float, Range(ge=0)] = 1.0,
                  personal_steps: Annotated[int, Range(ge=0)] = 0) -> None:
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or \
-                not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"ditto: lam = {lam!r}; use a finite number >= 0 (0: local "
-                             f"training)")
-        if not isinstance(personal_steps, int) or isinstance(personal_steps, bool) or \
-                personal_steps < 0:
-            raise ValueError(f"ditto: personal_steps = {personal_steps!r}; use an integer >= 0 "
-                             f"(0: the round's local steps)")
         self.lam, self.personal_steps = float(lam), personal_steps
 
     def validate(self, facts: CellFacts) -> str | None:

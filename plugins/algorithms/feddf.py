@@ -19,7 +19,6 @@ FedDF is skipped under secure aggregation or HE, and it needs a public split
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Annotated
 
 from fedmedbench import Algorithm, CellContext, Range, Received, set_flat_params
@@ -52,13 +51,6 @@ class FedDF(Algorithm):
                  lr: Annotated[float, Range(gt=0)] = 1e-3,
                  batch_size: Annotated[int, Range(ge=1)] = 64,
                  temperature: Annotated[float, Range(gt=0)] = 1.0) -> None:
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"feddf: steps = {steps!r}; steps must be an integer >= 1")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"feddf: batch_size = {batch_size!r}; must be an integer >= 1")
-        for n, v in (("lr", lr), ("temperature", temperature)):
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"feddf: {n} = {v!r}; {n} must be a number > 0")
         self.steps, self.lr, self.batch_size = steps, float(lr), batch_size
         self.temperature = float(temperature)
 

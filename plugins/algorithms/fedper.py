@@ -40,9 +40,6 @@ class FedPer(FedAvg):
     shares = "part"
 
     def __init__(self, *, head_layers: Annotated[int, Range(ge=0)] = 1) -> None:
-        if not isinstance(head_layers, int) or isinstance(head_layers, bool) or head_layers < 0:
-            raise ValueError(f"{self.name}: head_layers = {head_layers!r}; use an integer >= 0 "
-                             f"(0: no head, FedAvg)")
         self.head_layers = head_layers
 
     def shared_mask(self, ctx: CellContext) -> np.ndarray:

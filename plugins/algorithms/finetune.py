@@ -56,16 +56,12 @@ class Finetune(Algorithm):
         from fedmedbench.errors import ConfigError
         from fedmedbench.registry import get_registry
 
-        if not isinstance(algorithm, str):
-            raise ValueError(f"finetune: algorithm = {algorithm!r}; give an algorithm name")
-        if not isinstance(algorithm_params, dict) or "name" in algorithm_params:
+        if "name" in algorithm_params:
             raise ValueError(f"finetune: algorithm_params = {algorithm_params!r}; give a table "
                              f"of the algorithm's parameters (without `name`)")
         spec = {"name": algorithm, **algorithm_params}
         if spec["name"] == self.name:
             raise ValueError("finetune: algorithm = 'finetune'; wrap a training algorithm")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"finetune: steps = {steps!r}; use an integer >= 0")
         try:
             inner = get_registry().build("algorithm", spec, key="finetune.algorithm")
         except ConfigError as exc:

@@ -35,7 +35,7 @@ its public share ``n_i / n`` before sending.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fedmedbench import CellContext, ClientContext, Received, Updates
 from fedmedbench.plugins.algorithms.fedavg import FedAvg
@@ -73,10 +73,7 @@ class Scaffold(FedAvg):
     summed = ("control_delta",)
     broadcasts = ("c",)
 
-    def __init__(self, *, control: str = "uniform") -> None:
-        if control not in ("uniform", "examples"):
-            raise ValueError(f"scaffold: control = {control!r}; choose 'uniform' (the paper's "
-                             f"1/N) or 'examples' (by training-set size, as FLamby)")
+    def __init__(self, *, control: Literal["uniform", "examples"] = "uniform") -> None:
         self.control = control
 
     def validate(self, facts: CellFacts) -> str | None:

@@ -157,10 +157,10 @@ class CanaryAudit(Attack):
     Parameters
     ----------
     m : int, default 200
-        Canary records, each included in training with probability 1/2.
+        Canary records (>= 2), each included in training with probability 1/2.
     guesses : list of float, default [0.1, 0.2, 0.5, 1.0]
-        The declared grid of guess counts, as fractions of m (half guessed
-        in, half out); the bound is Bonferroni-corrected over it.
+        The declared grid of guess counts, as fractions of m in (0, 1] (half
+        guessed in, half out); the bound is Bonferroni-corrected over it.
     confidence : float, default 0.95
         1 − β of the lower bound.
     audit_delta : float, default 1e-5
@@ -186,16 +186,10 @@ class CanaryAudit(Attack):
                  guesses: Sequence[float] = (0.1, 0.2, 0.5, 1.0),
                  confidence: Annotated[float, Range(gt=0, lt=1)] = 0.95,
                  audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
-        if not isinstance(m, int) or isinstance(m, bool) or m < 2:
-            raise ValueError(f"audit-canary: m = {m!r}; use an integer >= 2 canaries")
         fractions = [float(g) for g in guesses]
         if not fractions or not all(0 < g <= 1 for g in fractions):
             raise ValueError(f"audit-canary: guesses = {fractions!r}; give fractions of m in "
                              f"(0, 1], e.g. [0.1, 0.5, 1.0]")
-        if not 0 < confidence < 1:
-            raise ValueError(f"audit-canary: confidence = {confidence!r}; it must be in (0, 1)")
-        if not 0 <= audit_delta < 1:
-            raise ValueError(f"audit-canary: audit_delta = {audit_delta!r}; it must be in [0, 1)")
         self.m, self.guesses = m, fractions
         self.confidence, self.audit_delta = float(confidence), float(audit_delta)
 

@@ -54,9 +54,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import typing
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -68,8 +69,15 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-LABEL_MODES = ("optimize", "idlg", "known")
-STEP_MODES = ("average", "simulate")
+#: how the labels are found: optimised jointly (DLG), read from the gradient (iDLG), or
+#: given (the true labels)
+LabelMode = Literal["optimize", "idlg", "known"]
+LABEL_MODES: tuple[str, ...] = typing.get_args(LabelMode)
+#: ``labels``: a label mode, or empty for the attack's default
+Labels = Literal["", LabelMode]
+#: how K local steps are inverted (``local_steps_mode``)
+StepMode = Literal["average", "simulate"]
+STEP_MODES: tuple[str, ...] = typing.get_args(StepMode)
 
 
 # --------------------------------------------------------------------------
@@ -295,33 +303,43 @@ def invert(model: nn.Module, observed: torch.Tensor, *, shape: tuple[int, ...], 
 
 
 class _GradInv(Attack):
-    """Shared evaluation: the round-1 view, ground truth, scoring, PNG."""
+    """Shared evaluation: the round-1 view, ground truth, scoring, PNG.
+
+    Parameters
+    ----------
+    client : int, default 0
+        Index of the attacked client (>= 0).
+    iterations : int, default 300 (500 for gradinv-ig)
+        Optimiser iterations per restart (>= 1).
+    labels : {"", "optimize", "idlg", "known"}, default ""
+        How the labels are found: optimised jointly, read from the gradient
+        (iDLG) or given; empty: the attack's default (``optimize`` for DLG,
+        ``idlg`` for iDLG and IG).
+    max_images : int, default 4
+        Images reconstructed at most (>= 1).
+    local_steps_mode : {"average", "simulate"}, default "average"
+        How an update of K local steps is inverted (module docstring).
+    restarts : int, default 1
+        Random restarts (>= 1); the best matching loss is kept.
+    tv : float, default 1e-4
+        Weight of the total-variation prior (>= 0; IG).
+    step_size : float, default 0.1
+        Adam step size (> 0; IG).
+    save_images : bool, default True
+        Whether the reconstructions are saved as PNG.
+    """
 
     method: ClassVar[str] = "dlg"
     default_labels: ClassVar[str] = "optimize"
 
     def __init__(self, *, client: Annotated[int, Range(ge=0)] = 0,
-                 iterations: Annotated[int, Range(ge=1)] = 300, labels: str = "",
-                 max_images: Annotated[int, Range(ge=1)] = 4, local_steps_mode: str = "average",
+                 iterations: Annotated[int, Range(ge=1)] = 300, labels: Labels = "",
+                 max_images: Annotated[int, Range(ge=1)] = 4,
+                 local_steps_mode: StepMode = "average",
                  restarts: Annotated[int, Range(ge=1)] = 1,
                  tv: Annotated[float, Range(ge=0)] = 1e-4,
                  step_size: Annotated[float, Range(gt=0)] = 0.1,
                  save_images: bool = True) -> None:
-        if not isinstance(client, int) or client < 0:
-            raise ValueError(f"client = {client!r}; use a client index >= 0")
-        if not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations = {iterations!r}; use an integer >= 1")
-        if labels not in ("", *LABEL_MODES):
-            raise ValueError(f"labels = {labels!r}; choose one of {LABEL_MODES} "
-                             f"(empty: the attack's default)")
-        if not isinstance(max_images, int) or max_images < 1:
-            raise ValueError(f"max_images = {max_images!r}; use an integer >= 1")
-        if local_steps_mode not in STEP_MODES:
-            raise ValueError(f"local_steps_mode = {local_steps_mode!r}; choose one of {STEP_MODES}")
-        if not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f"restarts = {restarts!r}; use an integer >= 1")
-        if tv < 0 or step_size <= 0:
-            raise ValueError(f"tv = {tv!r} must be >= 0 and step_size = {step_size!r} > 0")
         self.client, self.iterations, self.labels = client, iterations, labels
         self.max_images, self.local_steps_mode, self.restarts = max_images, local_steps_mode, restarts
         self.tv, self.step_size, self.save_images = tv, step_size, save_images
@@ -504,8 +522,9 @@ class GradInvIG(_GradInv):
     default_labels = "idlg"
 
     def __init__(self, *, client: Annotated[int, Range(ge=0)] = 0,
-                 iterations: Annotated[int, Range(ge=1)] = 500, labels: str = "",
-                 max_images: Annotated[int, Range(ge=1)] = 4, local_steps_mode: str = "average",
+                 iterations: Annotated[int, Range(ge=1)] = 500, labels: Labels = "",
+                 max_images: Annotated[int, Range(ge=1)] = 4,
+                 local_steps_mode: StepMode = "average",
                  restarts: Annotated[int, Range(ge=1)] = 1,
                  tv: Annotated[float, Range(ge=0)] = 1e-4,
                  step_size: Annotated[float, Range(gt=0)] = 0.1,

@@ -39,7 +39,8 @@ on random halves of it with the cell's own recipe (``train_shadow``).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated, Any
+import typing
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 
@@ -50,7 +51,9 @@ from ._metrics import estimate_epsilon, roc_summary
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-TARGETS = ("global", "client")
+#: the attacked model (``target``; threat models in the module docstring)
+Target = Literal["global", "client"]
+TARGETS: tuple[str, ...] = typing.get_args(Target)
 
 
 # --------------------------------------------------------------------------
@@ -272,31 +275,32 @@ def _finish(ctx: AttackContext, scores_in: np.ndarray, scores_out: np.ndarray,
     return res
 
 
-def _check_common(max_examples: int, audit_delta: float) -> None:
-    if not isinstance(max_examples, int) or max_examples < 0:
-        raise ValueError(f"max_examples = {max_examples!r}; use an integer >= 0 (0: all)")
-    if not 0 <= audit_delta < 1:
-        raise ValueError(f"audit_delta = {audit_delta!r}; it must be in [0, 1)")
-
-
 # --------------------------------------------------------------------------
 # attacks
 # --------------------------------------------------------------------------
 
 
 class MiaLoss(Attack):
-    """Loss-threshold membership inference (Yeom et al. 2018)."""
+    """Loss-threshold membership inference (Yeom et al. 2018).
+
+    Parameters
+    ----------
+    target : {"global", "client"}, default "global"
+        The final global model (an outside party) or what the server read of
+        one client in the last round (module docstring).
+    client : int, default 0
+        ``target = "client"``: index of the attacked client (>= 0).
+    max_examples : int, default 5000
+        Members and non-members scored at most, each (>= 0; 0: all).
+    audit_delta : float, default 1e-5
+        δ of the leakage estimate when the cell has no DP claim, in [0, 1).
+    """
 
     name = "mia-loss"
 
-    def __init__(self, *, target: str = "global", client: Annotated[int, Range(ge=0)] = 0,
+    def __init__(self, *, target: Target = "global", client: Annotated[int, Range(ge=0)] = 0,
                  max_examples: Annotated[int, Range(ge=0)] = 5000,
                  audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
-        if target not in TARGETS:
-            raise ValueError(f"target = {target!r}; choose one of {TARGETS}")
-        if not isinstance(client, int) or client < 0:
-            raise ValueError(f"client = {client!r}; use a client index >= 0")
-        _check_common(max_examples, audit_delta)
         self.target, self.client = target, client
         self.max_examples, self.audit_delta = max_examples, audit_delta
 
@@ -318,14 +322,21 @@ class MiaLoss(Attack):
 
 
 class _ShadowAttack(Attack):
-    """Shared machinery: k shadow models on random halves of the population."""
+    """Shared machinery: k shadow models on random halves of the population.
+
+    Parameters
+    ----------
+    n_shadows : int, default 8
+        Shadow models k (>= 2).
+    max_examples : int, default 1000
+        Members and non-members scored at most, each (>= 0; 0: all).
+    audit_delta : float, default 1e-5
+        δ of the leakage estimate when the cell has no DP claim, in [0, 1).
+    """
 
     def __init__(self, *, n_shadows: Annotated[int, Range(ge=2)] = 8,
                  max_examples: Annotated[int, Range(ge=0)] = 1000,
                  audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
-        if not isinstance(n_shadows, int) or n_shadows < 2:
-            raise ValueError(f"n_shadows = {n_shadows!r}; use an integer >= 2")
-        _check_common(max_examples, audit_delta)
         self.n_shadows, self.max_examples, self.audit_delta = n_shadows, max_examples, audit_delta
 
     def population(self, ctx: AttackContext) -> tuple[torch.Tensor, Split, np.ndarray,
@@ -369,16 +380,28 @@ class _ShadowAttack(Attack):
 
 
 class MiaLira(_ShadowAttack):
-    """Likelihood-ratio membership inference with shadow models (Carlini et al. 2022)."""
+    """Likelihood-ratio membership inference with shadow models (Carlini et al. 2022).
+
+    Parameters
+    ----------
+    n_shadows, max_examples, audit_delta
+        As mia-shadow's: shadow models (>= 2), members and non-members
+        scored at most (>= 0; 0: all), δ when the cell has no DP claim.
+    mode : {"online", "offline"}, default "online"
+        Online: the likelihood ratio of Gaussians fitted to IN and OUT
+        shadow models; offline: the one-sided OUT z-score.
+    fixed_variance : bool, default True
+        One variance per side across all examples (the paper's advice for
+        few shadow models); false: one per example.
+    """
 
     name = "mia-lira"
 
-    def __init__(self, *, n_shadows: Annotated[int, Range(ge=2)] = 8, mode: str = "online",
+    def __init__(self, *, n_shadows: Annotated[int, Range(ge=2)] = 8,
+                 mode: Literal["online", "offline"] = "online",
                  fixed_variance: bool = True, max_examples: Annotated[int, Range(ge=0)] = 1000,
                  audit_delta: Annotated[float, Range(ge=0, lt=1)] = 1e-5) -> None:
         super().__init__(n_shadows=n_shadows, max_examples=max_examples, audit_delta=audit_delta)
-        if mode not in ("online", "offline"):
-            raise ValueError(f"mode = {mode!r}; choose 'online' or 'offline'")
         self.mode, self.fixed_variance = mode, fixed_variance
 
     def evaluate(self, ctx: AttackContext) -> dict[str, Any]:

@@ -77,8 +77,6 @@ class Quantize(Compressor):
     name = "quantize"
 
     def __init__(self, *, bits: Annotated[int, Range(ge=1, le=16)] = 8) -> None:
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
-            raise ValueError(f"quantize: bits = {bits!r}; bits must be an integer from 1 to 16")
         self.bits = bits
 
     def nbytes(self, n: int) -> int:

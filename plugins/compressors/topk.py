@@ -68,13 +68,6 @@ class TopK(Compressor):
 
     def __init__(self, *, fraction: Annotated[float, Range(gt=0, le=1)] = 0.1,
                  error_feedback: bool = True) -> None:
-        if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
-                or not math.isfinite(fraction) or not 0 < fraction <= 1):
-            raise ValueError(f"top-k: fraction = {fraction!r}; fraction (the share of entries "
-                             f"sent) must be a number in (0, 1]")
-        if not isinstance(error_feedback, bool):
-            raise ValueError(f"top-k: error_feedback = {error_feedback!r}; error_feedback must "
-                             f"be true or false")
         self.fraction = float(fraction)
         self.error_feedback = error_feedback
         self._residual: dict[int, torch.Tensor] = {}

@@ -4,6 +4,9 @@ assembly."""
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import numpy as np
 
 from fedmedbench import Site, Split
@@ -51,7 +54,8 @@ def apply_scaler(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray
 #: how a loader standardises: each site with its own training rows' statistics (what a
 #: hospital can compute alone), or every site with the pooled training rows' (statistics
 #: of all sites' private rows, computed outside the federation)
-SCALINGS = ("site", "pooled")
+Scaling = Literal["site", "pooled"]
+SCALINGS: tuple[str, ...] = typing.get_args(Scaling)
 
 POOLED_NOTE = ("preprocessing: the numeric columns are standardised with the per-column mean "
                "and standard deviation of every site's pooled training rows, computed outside "
@@ -60,6 +64,9 @@ POOLED_NOTE = ("preprocessing: the numeric columns are standardised with the per
 
 
 def check_scaling(scaling: str) -> str:
+    """``scaling`` if it is one of :data:`SCALINGS`, else ValueError (for
+    :func:`scaled_arrays`; a loader's ``scaling`` parameter is checked by its
+    :data:`Scaling` annotation)."""
     if scaling not in SCALINGS:
         raise ValueError(f"scaling = {scaling!r}; choose 'site' (each site's own training "
                          f"statistics, the default) or 'pooled' (all sites' training rows: "

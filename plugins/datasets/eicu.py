@@ -36,7 +36,7 @@ from fedmedbench import (
 )
 from fedmedbench.plugins.datasets._common import (
     POOLED_NOTE,
-    check_scaling,
+    Scaling,
     scaled_arrays,
     sites_from_arrays,
     split_indices,
@@ -88,6 +88,10 @@ class EICU(Dataset):
     checksums : dict or None, default None
         Optional ``{file name: sha256}`` to verify (e.g. the SHA256SUMS that
         PhysioNet publishes); a mismatch is an error.
+    scaling : {"site", "pooled"}, default "site"
+        Standardise each hospital with its own training statistics (the
+        default), or all hospitals with the pooled training rows' statistics:
+        outside the federated threat model, and the record says so.
     """
 
     name = "eicu"
@@ -96,16 +100,12 @@ class EICU(Dataset):
     run_defaults = {"batch_size": 64, "lr": 0.1, "local_steps": 10, "clients_per_round": 0.5}
 
     def __init__(self, *, path: str = "", min_stays: Annotated[int, Range(ge=4)] = 100,
-                 checksums: dict | None = None, scaling: str = "site") -> None:
-        if not isinstance(path, str):
-            raise ValueError(f"path must be a string (a folder), got {path!r}")
-        if not isinstance(min_stays, int) or min_stays < 4:
-            raise ValueError(f"min_stays must be an integer >= 4, got {min_stays!r}")
+                 checksums: dict | None = None, scaling: Scaling = "site") -> None:
         if checksums is not None and not (isinstance(checksums, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in checksums.items())):
             raise ValueError(f"checksums must map file names to sha256 strings, got {checksums!r}")
         self.path, self.min_stays, self.checksums = path, min_stays, checksums
-        self.scaling = check_scaling(scaling)
+        self.scaling = scaling
 
     def outside_threat_model(self) -> list[str]:
         return [POOLED_NOTE] if self.scaling == "pooled" else []

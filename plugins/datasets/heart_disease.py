@@ -29,7 +29,8 @@ The shipped file and its card live in ``datasets/heart-disease/``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -44,7 +45,7 @@ from fedmedbench import (
     shipped_file,
 )
 from fedmedbench.datafiles import sha256_file
-from fedmedbench.plugins.datasets._common import POOLED_NOTE, check_scaling, read_csv
+from fedmedbench.plugins.datasets._common import POOLED_NOTE, Scaling, read_csv
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -59,7 +60,8 @@ ONEHOT = {
 #: FLamby's 13 features, in the column order of its loader
 FLAMBY_FEATURES = ["age", "sex", "trestbps", "chol", "fbs", "thalach", "exang", "oldpeak",
                    "cp_2", "cp_3", "cp_4", "restecg_1", "restecg_2"]
-PREPROCESSINGS = ("fedmedbench", "flamby")
+Preprocessing = Literal["fedmedbench", "flamby"]
+PREPROCESSINGS: tuple[str, ...] = typing.get_args(Preprocessing)
 PREPROCESSING_VERSION = {"fedmedbench": "fedmedbench-2", "flamby": "flamby-pr223-1"}
 SPLIT_SEED = 43
 
@@ -87,12 +89,8 @@ class HeartDisease(Dataset):
     card = "heart-disease"
     run_defaults = {"batch_size": 16, "lr": 0.05, "local_steps": 10, "clients_per_round": 4}
 
-    def __init__(self, *, preprocessing: str = "fedmedbench", scaling: str = "site") -> None:
-        if preprocessing not in PREPROCESSINGS:
-            raise ValueError(f"heart-disease: preprocessing = {preprocessing!r}; choose one of "
-                             f"{', '.join(PREPROCESSINGS)} (flamby: FLamby's Fed-Heart-Disease "
-                             f"loader)")
-        check_scaling(scaling)
+    def __init__(self, *, preprocessing: Preprocessing = "fedmedbench",
+                 scaling: Scaling = "site") -> None:
         if preprocessing == "flamby" and scaling != "site":
             raise ValueError("heart-disease: scaling applies to preprocessing = 'fedmedbench'; "
                              "FLamby's preprocessing standardises each hospital with its own "

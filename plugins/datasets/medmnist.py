@@ -15,8 +15,10 @@ clients). The official validation split becomes the public split by default
 from __future__ import annotations
 
 import os
+import typing
 import zipfile
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -29,7 +31,9 @@ KEYS = tuple(f"{s}_{k}" for s in SPLITS for k in ("images", "labels"))
 HOWTO = ("download the official MedMNIST .npz file (https://medmnist.com, or "
          "`python -m medmnist save` / Zenodo record 10519652) and pass path=FILE_OR_DIR or set "
          f"{ENV}=DIR")
-VAL_USES = ("public", "train", "drop")
+#: where the official validation split goes (``val``)
+ValUse = Literal["public", "train", "drop"]
+VAL_USES: tuple[str, ...] = typing.get_args(ValUse)
 #: class labels are integers below this (MedMNIST's subsets have at most 11 classes; a
 #: label of 2**40 would size a model's output layer in petabytes)
 MAX_CLASSES = 1000
@@ -58,16 +62,12 @@ class MedMNIST(Dataset):
     run_defaults = {"batch_size": 32, "lr": 0.05, "local_steps": 10, "clients_per_round": 64}
 
     def __init__(self, *, path: str = "", subset: str = "pneumoniamnist", sha256: str = "",
-                 val: str = "public") -> None:
-        if not isinstance(path, str):
-            raise ValueError(f"path must be a string, got {path!r}")
-        if not isinstance(subset, str) or not subset or "/" in subset:
+                 val: ValUse = "public") -> None:
+        if not subset or "/" in subset:
             raise ValueError(f"subset must be a file stem such as 'pathmnist', got {subset!r}")
-        if not isinstance(sha256, str) or (sha256 and (len(sha256) != 64 or any(
-                c not in "0123456789abcdef" for c in sha256.lower()))):
+        if sha256 and (len(sha256) != 64 or any(c not in "0123456789abcdef"
+                                                for c in sha256.lower())):
             raise ValueError(f"sha256 must be empty or 64 hex digits, got {sha256!r}")
-        if val not in VAL_USES:
-            raise ValueError(f"val must be one of {VAL_USES}, got {val!r}")
         self.path, self.subset, self.sha256, self.val = path, subset, sha256.lower(), val
 
     def file(self) -> Path:

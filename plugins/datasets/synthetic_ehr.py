@@ -43,7 +43,7 @@ from typing import Annotated, Any
 import numpy as np
 
 from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
-from fedmedbench.plugins.datasets._common import POOLED_NOTE, check_scaling, split_indices
+from fedmedbench.plugins.datasets._common import POOLED_NOTE, Scaling, split_indices
 
 VITALS = ["heart_rate", "mean_bp", "resp_rate", "temperature", "spo2", "gcs"]
 LABS = ["lactate", "creatinine", "wbc", "bilirubin", "platelets", "sodium"]
@@ -111,27 +111,15 @@ class SyntheticEHR(Dataset):
                  missing_rate: Annotated[float, Range(ge=0, lt=0.9)] = 0.1,
                  min_stays: Annotated[int, Range(ge=4)] = 20,
                  test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.25,
-                 data_seed: Seed = 0, scaling: str = "site") -> None:
-        if not isinstance(n_hospitals, int) or n_hospitals < 1:
-            raise ValueError(f"n_hospitals must be an integer >= 1, got {n_hospitals!r}")
-        if not isinstance(min_stays, int) or min_stays < 4:
-            raise ValueError(f"min_stays must be an integer >= 4, got {min_stays!r}")
-        if not isinstance(n_patients, int) or n_patients < n_hospitals * min_stays:
-            raise ValueError(f"n_patients must be an integer >= n_hospitals * min_stays "
+                 data_seed: Seed = 0, scaling: Scaling = "site") -> None:
+        if n_patients < n_hospitals * min_stays:
+            raise ValueError(f"n_patients must be >= n_hospitals * min_stays "
                              f"= {n_hospitals * min_stays}, got {n_patients!r}")
-        for k, v in (("size_skew", size_skew), ("case_mix", case_mix),
-                     ("measurement_shift", measurement_shift)):
-            if not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{k} must be a number >= 0, got {v!r}")
-        if not 0 <= missing_rate < 0.9:
-            raise ValueError(f"missing_rate must be in [0, 0.9), got {missing_rate!r}")
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
         self.n_hospitals, self.n_patients, self.size_skew = n_hospitals, n_patients, size_skew
         self.case_mix, self.measurement_shift = case_mix, measurement_shift
         self.missing_rate, self.min_stays = missing_rate, min_stays
         self.test_fraction, self.data_seed = test_fraction, data_seed
-        self.scaling = check_scaling(scaling)
+        self.scaling = scaling
 
     def outside_threat_model(self) -> list[str]:
         return [POOLED_NOTE] if self.scaling == "pooled" else []

@@ -24,19 +24,22 @@ sigmoid LeNet that downsamples by stride, not pooling).
 
 from __future__ import annotations
 
+import typing
 from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 
 from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
 from fedmedbench.plugins.datasets._common import split_indices
+from fedmedbench.plugins.models.architectures import CnnAct, CnnPool
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
 HARMONICS = np.arange(2, 10)
-MODEL_ACTS = ("relu", "sigmoid", "tanh")
-MODEL_POOLS = ("max", "avg", "none")
+#: the default SmallCNN's activations and downsamplings (those of the ``cnn`` model)
+MODEL_ACTS: tuple[str, ...] = typing.get_args(CnnAct)
+MODEL_POOLS: tuple[str, ...] = typing.get_args(CnnPool)
 
 
 class SyntheticImaging(Dataset):
@@ -82,30 +85,14 @@ class SyntheticImaging(Dataset):
                  acquisition_shift: Annotated[float, Range(ge=0)] = 1.0,
                  label_alpha: Annotated[float, Range(gt=0)] = 2.0,
                  test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.25, data_seed: Seed = 0,
-                 model_act: str = "relu", model_width: Annotated[int, Range(ge=4, le=1024)] = 8,
-                 model_pool: str = "max") -> None:
-        if not isinstance(n_sites, int) or n_sites < 1:
-            raise ValueError(f"n_sites must be an integer >= 1, got {n_sites!r}")
-        if not isinstance(n_per_site, int) or n_per_site < 8:
-            raise ValueError(f"n_per_site must be an integer >= 8, got {n_per_site!r}")
-        if num_classes not in (2, 3):
-            raise ValueError(f"num_classes must be 2 or 3, got {num_classes!r}")
-        if not isinstance(image_size, int) or image_size < 16 or image_size % 4:
-            raise ValueError(f"image_size must be a multiple of 4 and >= 16, got {image_size!r}")
-        if not isinstance(acquisition_shift, (int, float)) or acquisition_shift < 0:
-            raise ValueError(f"acquisition_shift must be a number >= 0, got {acquisition_shift!r}")
-        if not label_alpha > 0:
-            raise ValueError(f"label_alpha must be > 0, got {label_alpha!r}")
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-        if model_act not in MODEL_ACTS:
-            raise ValueError(f"model_act must be one of {MODEL_ACTS}, got {model_act!r}")
-        if (not isinstance(model_width, int) or isinstance(model_width, bool)
-                or model_width < 4 or model_width % 4):
-            raise ValueError(f"model_width must be a positive multiple of 4 (GroupNorm has 4 "
-                             f"groups), got {model_width!r}")
-        if model_pool not in MODEL_POOLS:
-            raise ValueError(f"model_pool must be one of {MODEL_POOLS}, got {model_pool!r}")
+                 model_act: CnnAct = "relu",
+                 model_width: Annotated[int, Range(ge=4, le=1024)] = 8,
+                 model_pool: CnnPool = "max") -> None:
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size!r}")
+        if model_width % 4:
+            raise ValueError(f"model_width must be a multiple of 4 (GroupNorm has 4 groups), "
+                             f"got {model_width!r}")
         self.model_act, self.model_width, self.model_pool = model_act, model_width, model_pool
         self.n_sites, self.n_per_site, self.num_classes = n_sites, n_per_site, num_classes
         self.image_size, self.acquisition_shift = image_size, acquisition_shift

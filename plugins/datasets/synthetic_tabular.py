@@ -28,10 +28,9 @@ class SyntheticTabular(Dataset):
                  heterogeneity: Annotated[float, Range(ge=0)] = 0.5,
                  test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.25,
                  data_seed: Seed = 0) -> None:
-        if n_sites < 1 or n_samples < 4 * n_sites or n_features < 1:
-            raise ValueError("need n_sites >= 1, n_features >= 1 and n_samples >= 4 * n_sites")
-        if heterogeneity < 0 or not 0 < test_fraction < 1:
-            raise ValueError("heterogeneity must be >= 0 and test_fraction in (0, 1)")
+        if n_samples < 4 * n_sites:
+            raise ValueError(f"n_samples must be >= 4 * n_sites = {4 * n_sites}, "
+                             f"got {n_samples!r}")
         self.n_sites, self.n_samples, self.n_features = n_sites, n_samples, n_features
         self.heterogeneity, self.test_fraction, self.data_seed = heterogeneity, test_fraction, data_seed
 

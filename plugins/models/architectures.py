@@ -15,8 +15,9 @@ running statistics each model is scored with (:mod:`fedmedbench.protocols`).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fedmedbench import Model, Range
 
@@ -24,10 +25,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 
-NORMS_MLP = ("none", "batch", "layer")
-NORMS_CNN = ("group", "batch", "none")
-CNN_ACTS = ("relu", "sigmoid", "tanh")
-CNN_POOLS = ("max", "avg", "none")
+#: the choices of the MLP's ``norm``, the CNN's ``norm``, ``act`` and ``pool``
+NormMLP = Literal["none", "batch", "layer"]
+NormCNN = Literal["group", "batch", "none"]
+CnnAct = Literal["relu", "sigmoid", "tanh"]
+CnnPool = Literal["max", "avg", "none"]
+NORMS_MLP: tuple[str, ...] = typing.get_args(NormMLP)
+NORMS_CNN: tuple[str, ...] = typing.get_args(NormCNN)
+CNN_ACTS: tuple[str, ...] = typing.get_args(CnnAct)
+CNN_POOLS: tuple[str, ...] = typing.get_args(CnnPool)
 
 #: the module classes, importable from here as before (loaded with torch on first use)
 MODULE_CLASSES = ("Logistic", "BatchNorm1dAnyBatch", "ReferenceLogistic", "MLP", "SmallCNN")
@@ -42,7 +48,9 @@ def __getattr__(name: str) -> Any:
 
 
 def check_cnn(*, width: int, act: str, pool: str, norm: str) -> None:
-    """Refuse a :class:`SmallCNN` configuration, naming the option and the choices."""
+    """Refuse a :class:`SmallCNN` configuration, naming the option and the choices
+    (the module is built from a task's ``model_kwargs``, not checked as a
+    component's parameters are)."""
     if act not in CNN_ACTS:
         raise ValueError(f"act = {act!r}; choose one of {CNN_ACTS}")
     if pool not in CNN_POOLS:
@@ -119,15 +127,11 @@ class MLPModel(Model):
 
     def __init__(self, *, hidden: Sequence[int] = (64,),
                  dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0,
-                 norm: str = "none") -> None:
+                 norm: NormMLP = "none") -> None:
         widths = list(hidden)
         if not widths or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
                                  for h in widths):
             raise ValueError(f"mlp: hidden = {widths!r}; give a list of positive integer widths")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"mlp: dropout = {dropout!r}; it must be in [0, 1)")
-        if norm not in NORMS_MLP:
-            raise ValueError(f"mlp: norm = {norm!r}; choose one of {', '.join(NORMS_MLP)}")
         self.hidden, self.dropout, self.norm = widths, float(dropout), norm
         # dropout draws at random and BatchNorm updates its buffers in place: loop only
         self.vectorized = self.dropout == 0 and norm != "batch"
@@ -155,9 +159,11 @@ class CNNModel(Model):
 
     name = "cnn"
 
-    def __init__(self, *, width: Annotated[int, Range(ge=4, le=1024)] = 16, act: str = "relu",
-                 pool: str = "max", norm: str = "group") -> None:
-        check_cnn(width=width, act=act, pool=pool, norm=norm)
+    def __init__(self, *, width: Annotated[int, Range(ge=4, le=1024)] = 16,
+                 act: CnnAct = "relu", pool: CnnPool = "max", norm: NormCNN = "group") -> None:
+        if width % 4:
+            raise ValueError(f"cnn: width = {width!r}; use a multiple of 4 (GroupNorm has 4 "
+                             f"groups)")
         self.width, self.act, self.pool, self.norm = width, act, pool, norm
         # BatchNorm updates its running statistics (buffers) in place: loop backend only
         self.vectorized = norm != "batch"

@@ -26,18 +26,6 @@ from fedmedbench import FederatedData, Partitioner, Range, Site, Split
 _PUBLIC_STREAM = 7  # rng stream of the public carve-out, independent of the split streams
 
 
-def _check_public(public_fraction: float) -> float:
-    if not isinstance(public_fraction, (int, float)) or not 0.0 <= public_fraction < 1.0:
-        raise ValueError(f"public_fraction must be a number in [0, 1), got {public_fraction!r}")
-    return float(public_fraction)
-
-
-def _check_clients(n_clients: int) -> int:
-    if not isinstance(n_clients, int) or n_clients < 1:
-        raise ValueError(f"n_clients must be an integer >= 1, got {n_clients!r}")
-    return n_clients
-
-
 def _merge_public(existing: Split | None, carved: Split | None) -> Split | None:
     parts = [s for s in (existing, carved) if s is not None and len(s)]
     return Split.concat(parts) if parts else existing
@@ -73,7 +61,7 @@ class Natural(Partitioner):
     name = "natural"
 
     def __init__(self, *, public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
-        self.public_fraction = _check_public(public_fraction)
+        self.public_fraction = float(public_fraction)
 
     def partition(self, data: FederatedData, *, seed: int) -> FederatedData:
         if self.public_fraction == 0.0:
@@ -134,8 +122,8 @@ class IID(PooledPartitioner):
 
     def __init__(self, *, n_clients: Annotated[int, Range(ge=1)] = 4,
                  public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
-        self.n_clients = _check_clients(n_clients)
-        self.public_fraction = _check_public(public_fraction)
+        self.n_clients = n_clients
+        self.public_fraction = float(public_fraction)
 
     def split(self, train: Split, test: Split, rng: np.random.Generator
               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -168,13 +156,9 @@ class Dirichlet(PooledPartitioner):
                  alpha: Annotated[float, Range(gt=0)] = 0.5,
                  min_size: Annotated[int, Range(ge=0)] = 2,
                  public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
-        self.n_clients = _check_clients(n_clients)
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if min_size < 0:
-            raise ValueError(f"min_size must be >= 0, got {min_size!r}")
+        self.n_clients = n_clients
         self.alpha, self.min_size = alpha, min_size
-        self.public_fraction = _check_public(public_fraction)
+        self.public_fraction = float(public_fraction)
 
     def split(self, train: Split, test: Split, rng: np.random.Generator
               ) -> tuple[list[np.ndarray], list[np.ndarray]]:

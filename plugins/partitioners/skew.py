@@ -16,7 +16,7 @@ from typing import Annotated
 import numpy as np
 
 from fedmedbench import FederatedData, Range, Site, Split
-from fedmedbench.plugins.partitioners.basic import PooledPartitioner, _check_clients, _check_public
+from fedmedbench.plugins.partitioners.basic import PooledPartitioner
 
 
 def _dirichlet_sizes(n: int, k: int, alpha: float, min_size: int,
@@ -53,13 +53,9 @@ class Quantity(PooledPartitioner):
                  alpha: Annotated[float, Range(gt=0)] = 0.5,
                  min_size: Annotated[int, Range(ge=1)] = 8,
                  public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
-        self.n_clients = _check_clients(n_clients)
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
-        if not isinstance(min_size, int) or min_size < 1:
-            raise ValueError(f"min_size must be an integer >= 1, got {min_size!r}")
+        self.n_clients = n_clients
         self.alpha, self.min_size = alpha, min_size
-        self.public_fraction = _check_public(public_fraction)
+        self.public_fraction = float(public_fraction)
 
     def split(self, train: Split, test: Split, rng: np.random.Generator
               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -102,11 +98,9 @@ class FeatureShift(PooledPartitioner):
     def __init__(self, *, n_clients: Annotated[int, Range(ge=1)] = 4,
                  strength: Annotated[float, Range(ge=0)] = 1.0,
                  public_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.0) -> None:
-        self.n_clients = _check_clients(n_clients)
-        if not isinstance(strength, (int, float)) or strength < 0:
-            raise ValueError(f"strength must be a number >= 0, got {strength!r}")
+        self.n_clients = n_clients
         self.strength = float(strength)
-        self.public_fraction = _check_public(public_fraction)
+        self.public_fraction = float(public_fraction)
 
     def split(self, train: Split, test: Split, rng: np.random.Generator
               ) -> tuple[list[np.ndarray], list[np.ndarray]]:

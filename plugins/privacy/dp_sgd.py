@@ -40,16 +40,17 @@ record says so under ``noise_rng``.
 from __future__ import annotations
 
 import types
+import typing
 import warnings
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 
 from fedmedbench import Accounting, CellContext, LocalStage, PrivacyMechanism, Range, Split
 from fedmedbench.accounting import (
+    ACCOUNTANTS,
     Guarantee,
     Ledger,
-    check_accountant,
     epsilon_for,
     noise_for_epsilon,
 )
@@ -62,6 +63,12 @@ if TYPE_CHECKING:  # pragma: no cover
 # every step that the input needs no gradient, which is expected here
 warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
+
+#: the Opacus accountants (``accountant``), those of fedmedbench.accounting.ACCOUNTANTS
+Accountant = Literal["rdp", "prv"]
+if typing.get_args(Accountant) != ACCOUNTANTS:  # pragma: no cover
+    raise ImportError(f"dp-sgd: the accountant choices {typing.get_args(Accountant)} differ "
+                      f"from fedmedbench.accounting.ACCOUNTANTS {ACCOUNTANTS}")
 
 NOISE_RNG = ("seeded torch generator for reproducibility (Opacus secure_mode off: not a "
              "cryptographically secure RNG)")
@@ -96,18 +103,8 @@ class DPSGD(PrivacyMechanism, LocalStage):
                  epsilon: Annotated[float | None, Range(gt=0)] = None,
                  max_grad_norm: Annotated[float, Range(gt=0)] = 1.0,
                  delta: Annotated[float, Range(gt=0, lt=1)] = 1e-5,
-                 accountant: str = "rdp",
+                 accountant: Accountant = "rdp",
                  sample_rate: Annotated[float | None, Range(gt=0, le=1)] = None) -> None:
-        if not noise_multiplier >= 0:
-            raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be >= 0")
-        if epsilon is not None and (isinstance(epsilon, bool)
-                                    or not isinstance(epsilon, (int, float)) or epsilon <= 0):
-            raise ValueError(f"epsilon={epsilon!r}; it must be a number > 0 (or left out)")
-        if not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={max_grad_norm!r}; it must be > 0")
-        if not 0 < delta < 1:
-            raise ValueError(f"delta={delta!r}; it must be in (0, 1)")
-        check_accountant(accountant)
         self.noise_multiplier = float(noise_multiplier)
         self.epsilon = None if epsilon is None else float(epsilon)
         self.max_grad_norm = float(max_grad_norm)

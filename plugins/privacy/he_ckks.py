@@ -48,8 +48,9 @@ the model's coordinates in each client's vector and are always encrypted.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 
@@ -60,9 +61,14 @@ from .secagg import SecAgg
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+#: the ring degrees N (``poly_modulus_degree``)
+PolyModulusDegree = Literal[1024, 2048, 4096, 8192, 16384, 32768]
 #: SEAL's largest total coefficient modulus (bits) at 128-bit security, by degree
-MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
-RESTS = ("plaintext", "secagg")
+MAX_COEFF_BITS: dict[int, int] = dict(zip(typing.get_args(PolyModulusDegree),
+                                          (27, 54, 109, 218, 438, 881), strict=True))
+#: how the parameters outside ``layers`` travel (``rest``)
+Rest = Literal["plaintext", "secagg"]
+RESTS: tuple[str, ...] = typing.get_args(Rest)
 
 
 class KeyHolder:
@@ -118,7 +124,7 @@ class HECKKS(PrivacyMechanism, TransportStage):
 
     Parameters
     ----------
-    poly_modulus_degree : int, default 8192
+    poly_modulus_degree : {1024, 2048, 4096, 8192, 16384, 32768}, default 8192
         N; a ciphertext holds N/2 values.
     coeff_mod_bit_sizes : list of int, default [60, 40, 60]
         Bit sizes of the coefficient modulus primes (sum within SEAL's
@@ -134,13 +140,10 @@ class HECKKS(PrivacyMechanism, TransportStage):
     name = "he-ckks"
     server_view = "ciphertext"
 
-    def __init__(self, *, poly_modulus_degree: int = 8192,
+    def __init__(self, *, poly_modulus_degree: PolyModulusDegree = 8192,
                  coeff_mod_bit_sizes: Sequence[int] = (60, 40, 60),
                  scale: Annotated[float, Range(gt=1)] = 2.0**40, layers: Sequence[str] = (),
-                 rest: str = "plaintext") -> None:
-        if poly_modulus_degree not in MAX_COEFF_BITS:
-            raise ValueError(f"poly_modulus_degree={poly_modulus_degree!r}; choose one of "
-                             f"{sorted(MAX_COEFF_BITS)}")
+                 rest: Rest = "plaintext") -> None:
         bits = list(coeff_mod_bit_sizes)
         if len(bits) < 2 or not all(isinstance(b, int) and 10 <= b <= 60 for b in bits):
             raise ValueError(f"coeff_mod_bit_sizes={bits!r}; give at least two integer prime "
@@ -149,14 +152,12 @@ class HECKKS(PrivacyMechanism, TransportStage):
             raise ValueError(f"coeff_mod_bit_sizes={bits!r} sum to {sum(bits)} bits, above the "
                              f"{MAX_COEFF_BITS[poly_modulus_degree]} bits allowed at 128-bit "
                              f"security for poly_modulus_degree={poly_modulus_degree}")
-        if not scale > 1 or math.log2(scale) >= max(bits):
-            raise ValueError(f"scale={scale!r}; it must be > 1 and below 2**{max(bits)} (the "
+        if math.log2(scale) >= max(bits):
+            raise ValueError(f"scale={scale!r}; it must be below 2**{max(bits)} (the "
                              f"largest coefficient prime)")
         if not all(isinstance(x, str) and x for x in layers):
             raise ValueError(f"layers={list(layers)!r}; give parameter-name prefixes such as "
                              f"['fc']")
-        if rest not in RESTS:
-            raise ValueError(f"rest={rest!r}; choose one of {', '.join(RESTS)}")
         self.poly_modulus_degree = int(poly_modulus_degree)
         self.coeff_mod_bit_sizes = bits
         self.scale = float(scale)
