@@ -401,7 +401,9 @@ class Twin:
         self.steps = np.asarray(steps, dtype=float)
         #: seconds of one round's local training per party
         self.compute = self.steps * self.ref / self.speed
-        self.avail = [availability_process(p.availability, cell_rng(seed, "availability", i))
+        always = _Always()
+        self.avail = [always if p.availability.always else
+                      availability_process(p.availability, cell_rng(seed, "availability", i))
                       for i, p in enumerate(profiles)]
         #: some site can be offline, or a deadline cuts rounds: clients can drop out
         self.drops = self.deadline is not None or not all(p.availability.always

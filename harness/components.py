@@ -1571,7 +1571,8 @@ class Network(Component):
         sequence of SiteProfile
             One per party, in order.
         """
-        return [SiteProfile() for _ in names]
+        one = SiteProfile()  # frozen: one value serves every site
+        return [one] * len(names)
 
 
 #: the plugin families by name, and the base class of each
