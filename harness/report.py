@@ -30,7 +30,7 @@ from scipy import stats
 from tabulate import tabulate
 
 AXES = ("dataset", "partitioner", "model", "algorithm", "aggregator", "privacy", "compressor",
-        "adversary")
+        "adversary", "network")
 #: privacy tiers of the leaderboard: (name, largest ε admitted); nested, each named
 #: for what it holds
 TIERS: tuple[tuple[str, float], ...] = (
@@ -169,12 +169,18 @@ def _provenance(rec: dict[str, Any]) -> str:
 
 def strip_timings(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copies of ``records`` without wall-clock measurements (cost ``wall_s``,
-    ``train_s``, ``privacy_s`` and attack ``seconds``), so that reports of
-    the same cells from different runs compare byte for byte."""
+    ``train_s``, ``privacy_s``, attack ``seconds``, and the virtual clock,
+    which scales a step time measured on the machine: ``history[t]
+    ["clock_s"]``, ``metrics.clock``), so that reports of the same cells
+    from different runs compare byte for byte."""
     out = []
     for r in records:
         r = dict(r)
         m = dict(_d(r.get("metrics")))
+        m.pop("clock", None)
+        if isinstance(r.get("history"), list):
+            r["history"] = [{k: v for k, v in e.items() if k != "clock_s"}
+                            if isinstance(e, dict) else e for e in r["history"]]
         if "cost" in m:
             m["cost"] = {k: v for k, v in _d(m["cost"]).items() if k not in TIMING_KEYS}
         if "attacks" in m:
@@ -365,9 +371,20 @@ def is_audit_cell(rec: dict[str, Any]) -> bool:
     return bool(c) and "not_inserted" not in c and bool(c.get("m"))
 
 
+def simulated_network(rec: dict[str, Any]) -> bool:
+    """Whether the record's cell ran on a simulated network (a ``network`` in
+    its config). The default network (``uniform``: this machine's speed, no
+    transfer time) leaves no key, and its virtual clock is only this
+    machine's compute: reports show virtual time for simulated networks."""
+    return isinstance(_d(rec.get("config")).get("network"), dict)
+
+
 def final_clock_s(rec: dict[str, Any]) -> float:
-    """Virtual seconds at the end of the run (the last ``history[t]["clock_s"]``,
-    else ``metrics.clock.total_s``); NaN without a virtual clock."""
+    """Virtual seconds at the end of the run on a simulated network (the last
+    ``history[t]["clock_s"]``, else ``metrics.clock.total_s``); NaN without
+    a virtual clock or on the default network (:func:`simulated_network`)."""
+    if not simulated_network(rec):
+        return math.nan
     h = rec.get("history")
     for e in reversed(h if isinstance(h, list) else []):
         v = _d(e).get("clock_s")
@@ -1416,7 +1433,14 @@ def headline_metric(data: ReportData, ds: str) -> tuple[str, str] | None:
     for the first metric of :data:`ATTACK_HEADLINE` that an attack reports."""
     a = data.attacks[(data.attacks["dataset"] == ds)
                      & ~data.attacks["metric"].isin(["not_applicable", "failed"])]
-    for metric in ATTACK_HEADLINE:  # membership inference's AUC first, where there is one
+    # an attack that succeeds somewhere first (what a protection has to stop), then
+    # membership inference's AUC, where there is one
+    wins = {"auc": MIA_SUCCESS_AUC, "psnr": INVERSION_SUCCESS_PSNR}
+    for metric, bar in wins.items():
+        names = sorted(set(a[(a["metric"] == metric) & (a["mean"] >= bar)]["attack"]))
+        if names:
+            return names[0], metric
+    for metric in ATTACK_HEADLINE:
         names = sorted(set(a[a["metric"] == metric]["attack"]))
         if names:
             return names[0], metric

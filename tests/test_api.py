@@ -226,7 +226,7 @@ def test_readme_quickstart_in_python_equals_the_cli_run(tmp_path, quickstart) ->
     assert "full report: cli/report/index.html" in out.getvalue()
     # the DataFrame's numbers are the records of the command line's run
     recs, _ = load_records([tmp_path / "cli"])
-    assert len(recs) == len(df) == 18
+    assert len(recs) == len(df) == 27
     by = df.set_index("cell_id")
     for r in recs:
         row = by.loc[r["cell_id"]]

@@ -23,8 +23,10 @@ dataset:
 - ``<dataset>-sites``: per-site utility (the site's own majority class as a
   grey bar), up to :data:`fedmedbench.report.MAX_SITE_COLUMNS` sites;
   past that a distribution per entry with the worst site named.
-- ``<dataset>-clock``: utility against virtual hours (only when the records
-  carry a virtual clock, ``history[t]["clock_s"]``).
+- ``<dataset>-clock``: utility against virtual hours per protection, when
+  records carry a virtual clock (``history[t]["clock_s"]``) from a simulated
+  network (a ``network`` in their config; the default ``uniform`` network's
+  clock is only this machine's compute, so it is left out).
 - ``<dataset>-reconstructions``: gradient-inversion reconstructions under the
   originals, where attack records name PNG files inside the results folder
   (see :func:`fedmedbench.report.record_image` for what is read).
@@ -65,6 +67,7 @@ from fedmedbench.report import (
     fmt_bytes,
     natural_key,
     record_image,
+    simulated_network,
 )
 
 RC = {"svg.hashsalt": "fedmedbench", "svg.fonttype": "path", "font.size": 9,
@@ -632,7 +635,7 @@ def _clock(data: ReportData, ds: str) -> Figure | None:
         if meta is None or cid not in meta.index:
             continue
         m = meta.loc[cid]
-        if m["dataset"] != ds or m["status"] != "ok":
+        if m["dataset"] != ds or m["status"] != "ok" or not simulated_network(r):
             continue
         for h in r.get("history") or []:
             if not isinstance(h, dict):
