@@ -41,7 +41,9 @@ _EXPORTS: dict[str, str] = {
         "GradientCanaries", "ClientCanaries", "ShadowTrainer", "BatchReplay")},
     **{n: "fedmedbench.facts" for n in (
         "CellFacts", "AlgorithmFacts", "AggregatorFacts", "PrivacyFacts", "CompressorFacts")},
-    **{n: "fedmedbench.accounting" for n in ("Accounting", "Ledger")},
+    **{n: "fedmedbench.accounting" for n in (
+        "Accounting", "Ledger", "Guarantee", "ADVERSARIES", "Accountant", "epsilon_for",
+        "noise_for_epsilon", "noise_for_schedule", "check_accountant")},
     **{n: "fedmedbench.training" for n in (
         "RunSettings", "LocalTrainer", "SGDTrainer", "BatchStream", "predict_proba",
         "per_example_loss")},

@@ -34,14 +34,17 @@ import functools
 import hashlib
 import json
 import math
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-ACCOUNTANTS = ("rdp", "prv")
+#: an Opacus accountant: annotate a mechanism's ``accountant`` parameter with it
+Accountant = Literal["rdp", "prv"]
+ACCOUNTANTS: tuple[str, ...] = typing.get_args(Accountant)
 MAX_SIGMA = 1e6
 
-__all__ = ["ACCOUNTANTS", "Accounting", "Ledger", "make_accountant", "epsilon_for",
+__all__ = ["ACCOUNTANTS", "Accountant", "Accounting", "Guarantee", "ADVERSARIES", "Ledger", "make_accountant", "epsilon_for",
            "noise_for_epsilon", "noise_for_schedule", "check_accountant", "headline",
            "UNITS"]
 
@@ -849,8 +852,9 @@ class Accounting:
 
 
 HEADLINE_RULE = (
-    "The cell's headline guarantee is the one for the strongest unit any mechanism "
-    "protects (client over record). Two mechanisms of that unit compose: their ε and δ "
+    "The cell's headline guarantee, against the named adversary, is the one for the "
+    "strongest unit a mechanism protects against that adversary (client over record; "
+    "none: unprotected). Two mechanisms of that unit compose: their ε and δ "
     "add (basic composition). A client-level guarantee is also a record-level one, so the "
     "record-level guarantee is the smallest ε among all mechanisms (each holds for the "
     "whole run by post-processing).")
@@ -902,8 +906,11 @@ def _headline(accs: Mapping[str, Accounting]) -> dict[str, Any]:
             continue
         by_unit[unit] = _compose(same) if len(same) > 1 else {
             **_one(next(iter(same.values()))), "mechanism": next(iter(same))}
-    top = max((u for u in UNITS if any(a.unit == u for a in accs.values())),
-              key=UNITS.index)
+    # the strongest unit with a guarantee against this adversary; none at all: the
+    # strongest unit, unprotected (ε = ∞)
+    units = [u for u in UNITS if u in by_unit]
+    finite = [u for u in units if math.isfinite(by_unit[u]["epsilon"])]
+    top = max(finite or units, key=UNITS.index)
     return {**by_unit[top], "by_unit": by_unit, "rule": HEADLINE_RULE}
 
 

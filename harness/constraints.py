@@ -380,7 +380,7 @@ def short_text(rule: Rule) -> str:
     """The constraint as the plugin table shows it next to the default
     (``>= 0``, ``in (0, 1)``, ``integer in [1, 16]``); empty when none."""
     if rule.choices is not None:
-        return "one of " + ", ".join(str(c) for c in rule.choices)
+        return "one of " + ", ".join(repr(c) if c == "" else str(c) for c in rule.choices)
     if rule.range is None:
         return ""
     return f"{'integer ' if rule.kind == 'int' else ''}{rule.range}"

@@ -4,6 +4,8 @@ the vectorized backend computes what the loop computes."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -100,14 +102,33 @@ def test_headline_epsilon_does_not_depend_on_the_stack_order(reg):
     top = ("epsilon", "delta", "unit", "accountant", "noise_multiplier", "sample_rate", "steps",
            "mechanism")
     assert {k: a[k] for k in top} == {k: b[k] for k in top}
-    # client-level is the stronger unit: the headline is dp-fedavg's, whole
-    fed = a["mechanisms"]["dp-fedavg"]
-    assert a["unit"] == "client" and a["mechanism"] == "dp-fedavg"
-    assert (a["epsilon"], a["noise_multiplier"], a["sample_rate"]) == (
-        fed["epsilon"], fed["noise_multiplier"], fed["sample_rate"])
-    # a record-level guarantee holds by either mechanism: the smaller ε
-    rec_eps = min(fed["epsilon"], a["mechanisms"]["dp-sgd"]["epsilon"])
-    assert a["by_unit"]["record"]["epsilon"] == rec_eps == b["by_unit"]["record"]["epsilon"]
+    fed, sgd = a["mechanisms"]["dp-fedavg"], a["mechanisms"]["dp-sgd"]
+    # against the server, dp-fedavg's central noise protects nothing (the server adds
+    # it): the headline is the strongest unit that holds, dp-sgd's record-level ε
+    assert fed["adversaries"]["server"]["epsilon"] is None
+    assert a["adversary"] == "server" and a["protected"] is True
+    assert a["unit"] == "record" and a["mechanism"] == "dp-sgd"
+    assert (a["epsilon"], a["noise_multiplier"]) == (sgd["epsilon"], sgd["noise_multiplier"])
+    assert a["by_unit"]["client"]["epsilon"] is None
+    # against a party that sees only the released model, client level holds: the
+    # stronger unit, dp-fedavg's ε; a record-level guarantee by either: the smaller ε
+    released = fed["adversaries"]["released"]["epsilon"]
+    assert a["by_adversary"]["released"] == released == b["by_adversary"]["released"]
+    from fedmedbench.accounting import Accounting, Guarantee, headline
+
+    def acc(m: dict) -> Accounting:
+        gs = {k: Guarantee(k, v["epsilon"] if v["epsilon"] is not None else math.inf,
+                           v["delta"], v["sample_rate"], v["steps"], v["amplified"], v["note"])
+              for k, v in m["adversaries"].items()}
+        return Accounting(unit=m["unit"], accountant=m["accountant"], epsilon=math.inf,
+                          delta=m["delta"], noise_multiplier=m["noise_multiplier"],
+                          sample_rate=m["sample_rate"], steps=m["steps"],
+                          sampling=m["sampling"], adversaries=gs)
+
+    rel = headline({"dp-fedavg": acc(fed), "dp-sgd": acc(sgd)}, "released")
+    assert rel["unit"] == "client" and rel["epsilon"] == released
+    assert rel["by_unit"]["record"]["epsilon"] == min(
+        released, sgd["adversaries"]["released"]["epsilon"])
     assert a["level"] == "dp" and "rule" in a
 
 

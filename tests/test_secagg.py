@@ -344,7 +344,8 @@ def test_secagg_plus_round_parameters():
         SecAggPlus(corrupt_fraction=0.45, dropout_fraction=0.45).parameters_for(5)
     for kwargs, msg in [({"neighbours": 5}, "even degree"), ({"threshold": 1}, "threshold=1"),
                         ({"corrupt_fraction": 0.5, "dropout_fraction": 0.5}, "> 0.9"),
-                        ({"dropout_fraction": 1.0}, "dropout_fraction=1.0")]:
+                        ({"dropout_fraction": 1.0},
+                         r"secagg-plus\.dropout_fraction = 1\.0 is out of range")]:
         with pytest.raises(ValueError, match=msg):
             SecAggPlus(**kwargs)
 

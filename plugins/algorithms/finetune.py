@@ -24,7 +24,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fedmedbench import Algorithm, CellContext, ClientContext, Range, Received, Updates
+from fedmedbench import (
+    Algorithm,
+    CellContext,
+    ClientContext,
+    Range,
+    Received,
+    Updates,
+    build_component,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -53,19 +61,13 @@ class Finetune(Algorithm):
     def __init__(self, *, algorithm: str = "fedavg",
                  algorithm_params: dict = {},  # noqa: B006
                  steps: Annotated[int, Range(ge=0)] = 5) -> None:
-        from fedmedbench.errors import ConfigError
-        from fedmedbench.registry import get_registry
-
         if "name" in algorithm_params:
             raise ValueError(f"finetune: algorithm_params = {algorithm_params!r}; give a table "
                              f"of the algorithm's parameters (without `name`)")
         spec = {"name": algorithm, **algorithm_params}
         if spec["name"] == self.name:
             raise ValueError("finetune: algorithm = 'finetune'; wrap a training algorithm")
-        try:
-            inner = get_registry().build("algorithm", spec, key="finetune.algorithm")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+        inner = build_component("algorithm", spec, key="finetune.algorithm")
         if inner.protocol not in ("federated", "personalized"):  # type: ignore[attr-defined]
             raise ValueError(f"finetune: algorithm {spec['name']!r} runs on the "
                              f"{inner.protocol} protocol; wrap a federated or "  # type: ignore[attr-defined]

@@ -40,17 +40,21 @@ record says so under ``noise_rng``.
 from __future__ import annotations
 
 import types
-import typing
 import warnings
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 
-from fedmedbench import Accounting, CellContext, LocalStage, PrivacyMechanism, Range, Split
-from fedmedbench.accounting import (
-    ACCOUNTANTS,
+from fedmedbench import (
+    Accountant,
+    Accounting,
+    CellContext,
     Guarantee,
     Ledger,
+    LocalStage,
+    PrivacyMechanism,
+    Range,
+    Split,
     epsilon_for,
     noise_for_epsilon,
 )
@@ -63,12 +67,6 @@ if TYPE_CHECKING:  # pragma: no cover
 # every step that the input needs no gradient, which is expected here
 warnings.filterwarnings("ignore", message="Secure RNG turned off", module="opacus")
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients")
-
-#: the Opacus accountants (``accountant``), those of fedmedbench.accounting.ACCOUNTANTS
-Accountant = Literal["rdp", "prv"]
-if typing.get_args(Accountant) != ACCOUNTANTS:  # pragma: no cover
-    raise ImportError(f"dp-sgd: the accountant choices {typing.get_args(Accountant)} differ "
-                      f"from fedmedbench.accounting.ACCOUNTANTS {ACCOUNTANTS}")
 
 NOISE_RNG = ("seeded torch generator for reproducibility (Opacus secure_mode off: not a "
              "cryptographically secure RNG)")
