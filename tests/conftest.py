@@ -30,7 +30,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def quickstart_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The records of one ``fedmedbench run`` of the quickstart matrix (the
-    default, 18 cells), made once per test session (``--no-report``)."""
+    default matrix), made once per test session (``--no-report``)."""
     import io
 
     from fedmedbench.cli import main
