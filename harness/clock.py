@@ -51,6 +51,32 @@ measured each run. ``uniform`` (the default network: this machine's speed,
 links of no transfer time, always online, no deadline) changes no result:
 no client is ever dropped, and the round runs exactly as without a clock.
 
+Record fields (the report's figures read them; names are kept):
+
+- ``history[t]["clock_s"]``: virtual seconds at the end of round ``t`` (a
+  server update under the buffered protocol);
+- ``history[t]["bytes"]``: ``{"up", "down"}``, bytes crossed so far;
+- ``history[t]["dropouts"]`` (rounds with any): ``{reason: [site, ...]}``,
+  reasons ``unavailable`` (offline at the round's start: took no part),
+  ``offline`` (went offline before its upload ended), ``deadline``,
+  ``unmasking`` (offline before secure aggregation's last step: its input
+  counted) and, asynchronous, ``stale`` (discarded past ``max_staleness``);
+- ``history[t]["aborted"]`` (a transport aborted the round: nothing
+  released, the model unchanged); ``history[t]["staleness"]``
+  (``{"mean", "max"}``) and ``history[t]["trained"]`` (buffered protocol);
+- ``metrics["clock"]``: ``profile`` (the network's label), ``presets``
+  (sites per preset), ``preset_profiles``, ``card``, ``reference_step_s``
+  and ``reference_step`` (``measured``, ``cached`` or ``pinned``),
+  ``deadline_s``, ``total_s``, ``total_h``, ``per_round_s``,
+  ``time_to_target`` (:func:`cell_targets`), ``participation`` (per site,
+  the rounds whose update reached the aggregate), ``dropouts`` (a count),
+  ``dropouts_by_reason``, ``dropouts_by_site``, ``aborted_rounds``,
+  ``crypto_s`` (the measured cryptographic seconds, before scaling),
+  ``bytes_up``, ``bytes_down``; asynchronous: ``async`` (buffer size,
+  concurrency, maximum staleness) and ``staleness`` (mean, max,
+  histogram); ``privacy_note`` where an ε's amplification does not carry
+  over to asynchronous arrivals.
+
 Time to target (:func:`time_to_target`) reads a record's history:
 ``history[t]["clock_s"]``, ``history[t]["bytes"]`` (cumulative bytes up and
 down) and ``history[t]["utility"]``. The default target, a fraction of the
@@ -902,8 +928,12 @@ def completion_probability(records: Sequence[Mapping[str, Any]], *, budget_s: fl
             continue
         cfg = {k: v for k, v in (r.get("config") or {}).items() if k != "seed"}
         lab = r.get("labels") or {}
-        key = " / ".join(f"{v}" for _, v in sorted(lab.items())) if lab else json.dumps(
-            cfg, sort_keys=True, default=str)
+        order = ("dataset", "partitioner", "model", "algorithm", "aggregator", "privacy",
+                 "compressor", "adversary", "network")
+        shown = [str(lab[a]) for a in order if a in lab
+                 and lab[a] not in ("none", "default", "weighted-mean", "uniform")]
+        shown += [str(v) for k, v in sorted(lab.items()) if k not in order]
+        key = " / ".join(shown) if lab else json.dumps(cfg, sort_keys=True, default=str)
         groups.setdefault(key, []).append(r)
     out: dict[str, dict[str, Any]] = {}
     for key, recs in groups.items():
