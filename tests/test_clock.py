@@ -419,3 +419,43 @@ def test_fedbuff_under_secagg_and_dp_notes_what_amplification_does_not_cover(reg
     assert dp["noise"] == "distributed" and dp["sample_rate"] == 1.0
     assert sum(rec["metrics"]["clock"]["participation"].values()) == 2 * 4
     assert "Poisson" in rec["metrics"]["clock"]["privacy_note"]
+
+
+def _trace_network(tmp_path, offline_site: str, names: list[str]) -> dict:
+    """Every site online for good, except ``offline_site``: online for the
+    first microsecond only (it drops out of round 1, then is unavailable)."""
+    rows = ["site,start_s,end_s"] + [f"{n},0,1000000000" for n in names if n != offline_site]
+    rows.append(f"{offline_site},0,0.000001")
+    path = tmp_path / "trace.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return {"name": "community-hospital", "trace": str(path), "up_mbps": math.inf,
+            "down_mbps": math.inf, "latency_ms": 0.0}
+
+
+@pytest.mark.parametrize("transport", [
+    "secagg", {"name": "secagg-plus", "dropout_fraction": 0.3}])
+def test_secure_aggregation_recovers_the_twins_dropout_to_the_plaintext_mean(
+        reg, tmp_path, transport):
+    """One hospital drops out of round 1 (an availability trace file) and is
+    offline afterwards: the secure sum, recovered and divided by the
+    survivors' weights, gives the model the plaintext round gives."""
+    names = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
+    net = _trace_network(tmp_path, "Hungary", names)
+    plain, pout = run_cell(_one(reg, {"network": [net]}, rounds=3), registry=reg,
+                           keep_run=True)
+    masked, mout = run_cell(_one(reg, {"network": [net], "privacy": [[transport]]},
+                                 rounds=3), registry=reg, keep_run=True)
+    assert plain["status"] == masked["status"] == "ok", (plain["error"], masked["error"])
+    for rec in (plain, masked):
+        clock = rec["metrics"]["clock"]
+        assert clock["card"]["trace"] == net["trace"]
+        assert rec["history"][0]["dropouts"] == {"offline": ["Hungary"]}
+        assert rec["history"][1]["dropouts"] == {"unavailable": ["Hungary"]}
+        assert clock["participation"] == {"Cleveland": 3, "Hungary": 0, "Switzerland": 3,
+                                          "VA Long Beach": 3}
+    mech = masked["metrics"]["privacy"]["mechanisms"]
+    name = transport if isinstance(transport, str) else transport["name"]
+    assert mech[name]["recovered_rounds"] == 1 and mech[name]["dropouts"] == 1
+    assert masked["history"][0]["clients"] == 4 and "aborted" not in masked["history"][0]
+    diff = float((pout.global_params - mout.global_params).abs().max())
+    assert diff < 1e-4, diff
