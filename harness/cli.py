@@ -502,15 +502,15 @@ def tracks_table(width: int = 100) -> str:
     for t in TRACKS:
         n = sum(len(ps) for _, ps in t.baselines)
         rows.append([t.ref, _dataset_text(t.dataset), str(t.rounds),
-                     ",".join(map(str, t.seeds)), str(len(t.protections)), str(n),
-                     "files you supply" if t.needs_user_files else "shipped"])
-    headers = ["track", "dataset", "rounds", "seeds", "protections", "baselines", "data"]
+                     ",".join(map(str, t.seeds)), str(len(t.protections)), str(n)])
+    headers = ["track", "dataset", "rounds", "seeds", "protections", "baselines"]
     from fedmedbench.report import columns
 
     out = columns(headers, rows)
     out.append("")
     for t in TRACKS:
-        out += textwrap.wrap(f"{t.ref}: {t.title}", width, subsequent_indent="  ")
+        data = " (data: files you supply)" if t.needs_user_files else ""
+        out += textwrap.wrap(f"{t.ref}: {t.title}{data}", width, subsequent_indent="  ")
     out.append("")
     out.append("`fedmedbench tracks ID` shows a whole definition; `fedmedbench submit ID` runs "
                "its baselines.")

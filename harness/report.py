@@ -1213,13 +1213,10 @@ def _entry_key(df: pd.DataFrame) -> pd.Series:
     """What makes an audit cell belong to an entry: every axis label but the
     model (an audit may train an instrumented model), the backend and the
     tuning choice."""
-    parts = [df[f"{a}_spec"].astype(str) for a in AXES if a != "model"]
-    parts.append(df["backend"].astype(str))
-    parts.append(df["tuned"].astype(str) if "tuned" in df else "")
-    out = parts[0]
-    for p in parts[1:]:
-        out = out + "\x1f" + p
-    return out
+    cols = [f"{a}_spec" for a in AXES if a != "model" and f"{a}_spec" in df]
+    cols += [c for c in ("backend", "tuned") if c in df]
+    return pd.Series(["\x1f".join(str(v) for v in row) for row in zip(*(df[c] for c in cols))],
+                     index=df.index, dtype=object)
 
 
 def split_audits(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],

@@ -608,10 +608,22 @@ def test_verified_claims_and_the_scorecard(real: Path) -> None:
             "contradicts_claim": r["config"]["seed"] == 1, "no_power": False,
             "within_claim": r["config"]["seed"] != 1}}
         extra.append(seal(a))
+        for x in (c, a):  # a second DP entry, whose audit finds nothing: kept apart
+            y = json.loads(json.dumps(x))
+            y["labels"]["privacy"] = "dp-sgd(epsilon=8.0)"
+            y["config"]["privacy"] = [{"name": "dp-sgd", "epsilon": 8.0}]
+            if "audit-dirac" in y["metrics"]["attacks"]:
+                y["metrics"]["attacks"]["audit-dirac"].update(
+                    audited_epsilon=0.5, claimed_epsilon=8.0, contradicts_claim=False,
+                    no_power=True, within_claim=True)
+            extra.append(seal(y))
     data = build(recs + extra)
+    c8 = data.claims.set_index(["method", "privacy"]).loc[("fedavg", "dp-sgd[ε=8]")]
+    assert c8["audit_record"] == 0.5 and c8["audit_record_flag"] == "no power"
+    assert not c8["flagged"]
     s = data.summary.set_index(["method", "privacy"])
     assert s.loc[("fedavg", "dp-sgd[ε=1]"), "utility_mean"] > 0.5  # the audit cells kept apart
-    assert len(data.audit_cells) == len(fed)
+    assert len(data.audit_cells) == 2 * len(fed)
     c = data.claims.set_index(["method", "privacy"]).loc[("fedavg", "dp-sgd[ε=1]")]
     assert c["eps_server"] == 1.0 and c["audit_record_n"] == len(fed)
     assert c["audit_record"] == pytest.approx(2.5 + max(r["config"]["seed"] for r in fed))
