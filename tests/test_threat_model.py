@@ -291,9 +291,9 @@ def test_a_transport_keeps_no_secret_after_training(rt, privacy, status):
 
 
 def _attacks_by_cell(out) -> dict:
-    from fedmedbench.results import load_records
-
     import hashlib
+
+    from fedmedbench.results import load_records
 
     def value(k: str, v):  # an image file: its bytes, wherever the folder is
         return hashlib.sha256(Path(v).read_bytes()).hexdigest() if k == "images" else v
@@ -327,4 +327,16 @@ def test_isolated_attacks_of_the_quickstart_and_attacks_toml_equal_in_process(
     for name, iso in (("in-process", False), ("isolated", True)):
         fmb.run(raw, out=tmp_path / name, isolate_attacks=iso, progress=False, quiet=True)
     a, b = _attacks_by_cell(tmp_path / "in-process"), _attacks_by_cell(tmp_path / "isolated")
-    assert len(a) == 12 and a == b
+    assert len(a) == len(b) == 12
+    # CKKS encryption draws its noise from SEAL's own randomness, so two trainings
+    # of a he-ckks cell differ in the 7th digit whatever runs the attacks: those
+    # cells agree to 1e-4, every other cell exactly
+    he = {k for k in a if '"he-ckks"' in k}
+    assert len(he) == 2
+    assert {k: v for k, v in a.items() if k not in he} == \
+        {k: v for k, v in b.items() if k not in he}
+    for k in he:
+        for n, res in a[k].items():
+            for key, v in res.items():
+                if isinstance(v, float):
+                    assert v == pytest.approx(b[k][n][key], rel=1e-4, abs=1e-6), (n, key)
