@@ -91,7 +91,9 @@ def with_privacy_and_attacks(records: list[dict[str, Any]], img_dir: Path | None
                 "mia-loss": {"auc": 0.5 + 0.1 * e + 0.01 * seed, "advantage": 0.12 * e,
                              "tpr_at_1pct_fpr": 0.02 * e, "tpr_at_0.1pct_fpr": 0.002 * e,
                              "audit": {"epsilon_lower_bound": 0.4 * e},
-                             "roc": [[0, 0], [1, 1]],
+                             "roc": {"fpr": [0.0, 1e-4, 1e-3, 1e-2, 0.1, 1.0],
+                                     "tpr": [0.0, 1e-4 + 0.002 * e, 1e-3 + 0.01 * e,
+                                             1e-2 + 0.05 * e, 0.1 + 0.1 * e, 1.0]},
                              "seconds": 0.5}}
             if alg == "centralized":
                 att["gradinv-idlg"] = {"not_applicable": "centralized training sends no "
@@ -180,4 +182,27 @@ def with_many_sites(records: list[dict[str, Any]], n_sites: int) -> list[dict[st
         u["per_site"] = {f"hospital-{i:03d}": float(v) for i, v in enumerate(vals)}
         u["worst_site"] = float(vals.min())
         out.append(c)
+    return out
+
+
+def with_network_clock(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of the ok federated records as dataset ``clocked`` run on a
+    simulated network (``config.network``), with a virtual clock in their
+    history (``clock_s``) and, for FedAvg, a secure-aggregation twin whose
+    rounds take longer."""
+    out = []
+    for r in records:
+        if r["status"] != "ok" or r["config"]["algorithm"]["name"] != "fedavg":
+            continue
+        for priv, slow in (("none", 1.0), ("secagg", 2.5)):
+            c = copy.deepcopy(r)
+            c["labels"]["dataset"] = "clocked"
+            c["config"]["dataset"] = {"name": "clocked"}
+            c["config"]["network"] = {"name": "hospital-mix"}
+            c["labels"]["privacy"] = priv
+            c["config"]["privacy"] = [] if priv == "none" else [{"name": priv}]
+            seal(c)
+            for h in c["history"]:
+                h["clock_s"] = 1800.0 * slow * h["round"]
+            out.append(c)
     return out

@@ -25,6 +25,7 @@ import pytest
 from report_fixtures import (
     run,
     with_many_sites,
+    with_network_clock,
     with_privacy_and_attacks,
     with_sample_level_dp,
 )
@@ -103,7 +104,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_page_renders_sorts_and_raises_no_script_error(page: Path, tmp_path: Path) -> None:
     src = page.read_text(encoding="utf-8")
-    lb_id = re.search(r"<h3>leaderboard, any guarantee</h3>\s*<table class=\"sortable\" "
+    lb_id = re.search(r"<h3>leaderboard, every entry</h3>\s*<table class=\"sortable\" "
                       r'id="([^"]+)"', src).group(1)
     # sort the open leaderboard by utility, ascending, through the URL
     url = page.as_uri() + f"#sort={lb_id}:3:asc"
@@ -120,10 +121,11 @@ def test_page_renders_sorts_and_raises_no_script_error(page: Path, tmp_path: Pat
     assert not console, console
     # the rows are there: 6 entries (3 methods, fedavg also at 3 ε), sorted ascending
     lb = dom.tables[lb_id]
-    assert lb[0][:4] == ["rank", "method", "privacy", "accuracy"]
+    assert lb[0][:4] == ["rank", "method", "privacy", "accuracy (95% CI)"]
     body = lb[1:]
     assert len(body) == 6
-    assert [int(r[0]) for r in body] == [6, 5, 4, 3, 2, 1]
+    utility = [float(r[3].split()[0]) for r in body]
+    assert utility == sorted(utility)  # ascending, as the URL asked
     assert lb[0][3] and all(len(r) == len(lb[0]) for r in body)
     # the hostile label is text in a cell, and only the page's own script exists
     assert EVIL in {r[1] for r in body}
@@ -336,6 +338,7 @@ def rich(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     res = base / "results"
     out = with_privacy_and_attacks(recs, res / "images", rel=res)
     out += with_sample_level_dp(recs) + with_many_sites(recs, 50) + with_many_sites(recs, 500)
+    out += with_network_clock(recs)  # issue 21's figure: utility against virtual hours
     for r in out:
         write_record(res, r)
     rep = base / "report"
@@ -348,7 +351,9 @@ def test_every_figure_fits_the_page_with_no_text_cut_off(rich, tmp_path: Path) -
     records, page = rich
     m = check_figures(records, page, tmp_path)
     kinds = {f["id"].rsplit("-", 1)[1] for f in m["figures"]}
-    assert kinds == {"tradeoff", "attacks", "convergence", "sites", "reconstructions"}
+    assert kinds == {"tradeoff", "attacks", "roc", "convergence", "sites", "reconstructions",
+                     "clock"}
+    assert [f["id"] for f in m["figures"] if f["id"].endswith("-clock")] == ["f-clocked-clock"]
     # 50 and 500 sites: one figure each, the same size whatever the number of sites
     sizes = {f["id"]: (f["natural"], f["naturalH"]) for f in m["figures"]
              if f["id"].endswith("-sites") and "sites-" in f["id"]}
@@ -371,14 +376,18 @@ def test_figures_keep_units_apart_and_colours_distinct(rich) -> None:
     assert any("bytes per round" in x and ax.get_xscale() == "log"
                for ax, x in zip(trade.axes, labels))
     att = next(f for (ds, k, f) in figs.values() if k == "attacks" and "tabular" in ds)
-    titles = [ax.get_title() for ax in att.axes if ax.get_visible()]
-    assert "mia-loss: auc, record-level ε" in titles and "mia-loss: auc, client-level ε" in titles
+    panels = [(ax.get_title(), getattr(ax, "_fmb_metric", None)) for ax in att.axes
+              if ax.get_visible()]
+    assert ("mia-loss, record-level ε", "auc") in panels
+    assert ("mia-loss, client-level ε", "auc") in panels
     legend = att.legends[0]
     texts = [t.get_text() for t in legend.get_texts()]
-    assert "privacy: dp-fedavg" in texts and "privacy: dp-sgd" in texts and "fedavg" in texts
+    assert "privacy: dp-fedavg[ε=3]" in texts and "privacy: dp-sgd[ε=1]" in texts
+    assert "fedavg" in texts
     conv = next(f for (ds, k, f) in figs.values() if k == "convergence" and "tabular" in ds)
-    cols = [to_hex(h.get_color()) for h in conv.legends[0].legend_handles]
-    assert len(cols) == len(set(cols)) >= 5  # one colour per entry
+    drawn = {(getattr(ln, "_fmb_entry", None), to_hex(ln.get_color()), ln.get_marker())
+             for ln in conv.axes[0].lines if getattr(ln, "_fmb_entry", None)}
+    assert len({(c, mk) for _, c, mk in drawn}) == len(drawn) >= 5  # one style per entry
 
 
 @pytest.mark.skipif(not os.environ.get("FEDMEDBENCH_SCREENSHOTS"),
@@ -441,3 +450,146 @@ def test_the_checks_catch_cut_text_and_a_figure_wider_than_the_page(tmp_path: Pa
     finally:
         b.close()
     assert f["natural"] > 10_000 and f["width"] < f["natural"] / 10  # shrunk to a sliver
+
+
+# --------------------------------------------------------------------------
+# the leaderboard site (issue 20.6): 1,400 and 800 px, sorting, filtering,
+# JavaScript off, no console errors, no clipped labels
+# --------------------------------------------------------------------------
+
+#: what the browser reports of a site page: overflow of the page and of every table,
+#: and every cell whose text is cut (its content wider than its box)
+LAYOUT = """JSON.stringify({
+  inner: window.innerWidth,
+  scroll: document.documentElement.scrollWidth,
+  wide: Array.from(document.querySelectorAll('table')).filter(
+    t => t.getBoundingClientRect().right > window.innerWidth + 0.5
+         || t.scrollWidth > t.clientWidth + 1).map(t => t.id),
+  clipped: Array.from(document.querySelectorAll('th, td, h1, h2, h3, figcaption')).filter(
+    e => e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).display !== 'none'
+  ).map(e => e.textContent.slice(0, 40)),
+  figures: Array.from(document.querySelectorAll('figure img')).map(
+    i => [i.getBoundingClientRect().right, i.naturalWidth, i.getBoundingClientRect().width]),
+  rows: document.querySelectorAll('table.lb tbody tr').length,
+  errors: document.body.getAttribute('data-errors')
+})"""
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The leaderboard of heart-disease's built-in baselines without DP and at
+    ε ≤ 1 (with its audits), written by ``fedmedbench leaderboard``. With
+    ``FEDMEDBENCH_SCREENSHOT_SUBMISSIONS=DIR,DIR`` the site of those
+    submission folders instead (the README's screenshots)."""
+    from fedmedbench.submit import submit
+
+    base = tmp_path_factory.mktemp("site")
+    subs = [p for p in os.environ.get("FEDMEDBENCH_SCREENSHOT_SUBMISSIONS", "").split(",") if p]
+    if not subs:
+        subs = [str(base / "baseline")]
+        submit("heart-disease", None, subs[0], tiers=["all", "eps1"])
+    assert main(["leaderboard", *subs, "--out", str(base / "site"), "--quiet"]) == 0
+    return base / "site"
+
+
+@pytest.mark.parametrize("width", [1400, 800])
+def test_site_layout_has_no_sideways_scroll_and_no_cut_text(site: Path, tmp_path: Path,
+                                                           width: int) -> None:
+    import json
+
+    shots = os.environ.get("FEDMEDBENCH_SCREENSHOTS")
+    for page in ("index.html", "track-heart-disease.html"):
+        b = Browser(tmp_path, width=width, height=1200)
+        try:
+            b.open((site / page).as_uri())
+            m = json.loads(b.eval(LAYOUT))
+            if shots and page != "index.html":
+                Path(shots).mkdir(parents=True, exist_ok=True)
+                b.screenshot(Path(shots) / f"leaderboard-{width}.png", height=1200)
+        finally:
+            b.close()
+        assert m["errors"] is None, m["errors"]
+        assert m["scroll"] <= m["inner"], (page, width, m["scroll"])
+        assert m["wide"] == [], (page, width, m["wide"])
+        assert m["clipped"] == [], (page, width, m["clipped"])
+        for right, natural, shown in m["figures"]:
+            assert right <= m["inner"] + 0.5
+            if width >= 1400:  # full size on a wide screen; shrunk to fit on a narrow one
+                assert shown >= natural - 1, (natural, shown)
+        if page != "index.html":
+            assert m["rows"] >= 6
+
+
+def test_site_pages_raise_no_console_error(site: Path, tmp_path: Path) -> None:
+    for page in ("index.html", "track-heart-disease.html"):
+        proc = _chromium(tmp_path, "--virtual-time-budget=3000", "--dump-dom",
+                         (site / page).as_uri())
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        dom = Tables()
+        dom.feed(proc.stdout)
+        assert dom.body.get("data-ready") == "1" and "data-errors" not in dom.body
+        console = [ln for ln in proc.stderr.splitlines()
+                   if "Uncaught" in ln or "Refused to" in ln or "Content Security Policy" in ln
+                   or ("CONSOLE" in ln and "error" in ln.lower())]
+        assert not console, console
+        assert dom.scripts == 1
+
+
+SORT_AND_FILTER = """(() => {
+  const t = document.querySelector('table.lb');
+  const heads = Array.from(t.tHead.rows[0].cells).map(c => c.textContent);
+  const col = heads.indexOf('s/ cell');
+  t.tHead.rows[0].cells[col].click();
+  const asc = Array.from(t.tBodies[0].rows).map(r => parseFloat(r.cells[col].textContent));
+  t.tHead.rows[0].cells[col].click();
+  const desc = Array.from(t.tBodies[0].rows).map(r => parseFloat(r.cells[col].textContent));
+  const box = document.querySelector('input.filter[data-for="' + t.id + '"]');
+  box.value = 'secagg';
+  box.dispatchEvent(new Event('input'));
+  const shown = Array.from(t.tBodies[0].rows).filter(r => !r.hidden);
+  return JSON.stringify({asc, desc, shown: shown.map(r => r.textContent),
+                         total: t.tBodies[0].rows.length, attr: t.getAttribute('data-shown'),
+                         sort: t.tHead.rows[0].cells[col].getAttribute('aria-sort')});
+})()"""
+
+
+def test_site_tables_sort_and_filter(site: Path, tmp_path: Path) -> None:
+    import json
+
+    b = Browser(tmp_path, width=1400)
+    try:
+        b.open((site / "track-heart-disease.html").as_uri())
+        m = json.loads(b.eval(SORT_AND_FILTER))
+    finally:
+        b.close()
+    assert m["asc"] == sorted(m["asc"]) and m["desc"] == sorted(m["desc"], reverse=True)
+    assert m["sort"] == "descending"
+    assert m["shown"] and all("secagg" in r for r in m["shown"])
+    assert len(m["shown"]) < m["total"] and m["attr"] == str(len(m["shown"]))
+
+
+def test_site_reads_as_static_tables_with_javascript_off(site: Path, tmp_path: Path) -> None:
+    import json
+    import time
+
+    b = Browser(tmp_path, width=1400)
+    try:
+        b.page("Emulation.setScriptExecutionDisabled", value=True)
+        b.page("Page.navigate", url=(site / "track-heart-disease.html").as_uri())
+        for _ in range(100):
+            if b.eval("document.readyState") == "complete":
+                break
+            time.sleep(0.1)
+        m = json.loads(b.eval("""JSON.stringify({
+          ready: document.body.getAttribute('data-ready'),
+          filters: document.querySelectorAll('input.filter').length,
+          rows: Array.from(document.querySelectorAll('table.lb tbody tr')).filter(
+            r => r.offsetParent !== null).length,
+          total: document.querySelectorAll('table.lb tbody tr').length,
+          note: document.body.innerText.includes('JavaScript is off'),
+          first: document.querySelector('table.lb tbody tr td').textContent})"""))
+    finally:
+        b.close()
+    assert m["ready"] == "0"  # the script did not run
+    assert m["filters"] == 0 and m["rows"] == m["total"] >= 6  # every row, static
+    assert m["note"] and m["first"].startswith("1")  # in rank order

@@ -148,7 +148,7 @@ table{border-collapse:collapse;margin:.3em 0 1em;font-size:.86em;width:100%}
 th,td{border-bottom:1px solid #e4e8ef;padding:.28em .45em;text-align:left;vertical-align:top;
 overflow-wrap:break-word}
 td.n{white-space:nowrap}table.lb{font-size:.8em}table.lb th{font-size:.95em}
-th{background:#eef2f8;cursor:pointer;user-select:none}
+th{background:#eef2f8;cursor:pointer;user-select:none;overflow-wrap:anywhere}
 th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
 tbody tr:nth-child(odd){background:#fafbfd}td.wrap{min-width:12em}
 tr.flagged td{background:#fdecea}tr.flagged td:first-child{border-left:4px solid #b2182b}
@@ -185,8 +185,9 @@ def _e(s: object) -> str:
 
 
 def _numeric(text: str) -> bool:
+    """A short number-like cell, kept on one line (longer ones may wrap)."""
     t = text.strip().lstrip("+-×≥≤ ")
-    return bool(t) and (t[0].isdigit() or t[0] in "∞—.")
+    return bool(t) and len(text) <= 10 and (t[0].isdigit() or t[0] in "∞—.")
 
 
 def table(tid: str, headers: list[str], rows: list[list[str]], *,
