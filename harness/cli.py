@@ -246,6 +246,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def cli_reference(width: int = 100) -> str:
+    """The command-line reference (docs/cli.md's generated part): the help of
+    ``fedmedbench`` and of every subcommand, from the argument parser itself,
+    wrapped at ``width`` columns."""
+    import functools
+
+    p = _parser()
+    fmt = functools.partial(argparse.HelpFormatter, width=width, max_help_position=30)
+    p.formatter_class = fmt
+    subs = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    out = ["```text", p.format_help().rstrip(), "```", ""]
+    for name, sp in subs.choices.items():
+        sp.formatter_class = fmt
+        out += [f"### fedmedbench {name}", "", "```text", sp.format_help().rstrip(), "```", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from fedmedbench.errors import install_interrupt_handler
