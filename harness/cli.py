@@ -238,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plugins", help="list every component: family, name, distribution, version")
     pl.add_argument("--markdown", action="store_true",
                     help="a markdown table with each component's parameters and defaults "
-                         "(the README's table of built-ins is this output)")
+                         "(docs/plugins.md is this output)")
     ds = sub.add_parser("datasets", help="dataset cards: sites, sizes, task, licence")
     ds.add_argument("--json", action="store_true")
     ck = sub.add_parser("check", help="run the conformance kit against a plugin or component")
@@ -684,7 +684,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def _md(text: object) -> str:
     """Text safe in a markdown table cell, written as plainly as it can be
-    (the README's table of built-ins is this output): control characters
+    (docs/plugins.md is this output): control characters
     shown as escapes, every ``<`` that could open an HTML tag as ``&lt;``
     (``<script>`` stays text), ``|`` escaped, and the ``![`` / ``](`` of an
     image or a link broken by a backslash."""
