@@ -74,8 +74,7 @@ class PartyComponents:
     def lifecycle(self) -> list[Component]:
         out: list[Any] = [self.algorithm, self.aggregator, self.local_stage, *self.update_stage,
                           *self.server_stage, self.compressor, self.adversary]
-        seen: set[int] = set()
-        return [c for c in out if c is not None and not (id(c) in seen or seen.add(id(c)))]
+        return _unique(out)
 
 
 @dataclass(frozen=True)
@@ -145,8 +144,7 @@ class Cell:
         """Every built instance with lifecycle hooks (both parties, the transport)."""
         out: list[Any] = [self.model, *self.clients.lifecycle(), *self.server.lifecycle(),
                           self.transport]
-        seen: set[int] = set()
-        return [c for c in out if c is not None and not (id(c) in seen or seen.add(id(c)))]
+        return _unique(out)
 
     def sent_metric_keys(self) -> set[str]:
         """Client-side numbers that reach the server in the clear: the
@@ -600,3 +598,14 @@ def _pick_canaries(attacks: tuple[tuple[str, Attack], ...], data: FederatedData,
                    np.asarray(can.site, dtype=np.int64))
     can.included = cell_rng(seed, "canary-inclusion").random(len(can)) < 0.5
     return can, key
+
+
+def _unique(items: list[Any]) -> list[Any]:
+    """``items`` without ``None`` and without a second reference to the same object."""
+    seen: set[int] = set()
+    out = []
+    for c in items:
+        if c is not None and id(c) not in seen:
+            seen.add(id(c))
+            out.append(c)
+    return out

@@ -29,7 +29,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -48,8 +48,11 @@ __all__ = ["Broadcast", "Sent", "Received", "ServerView", "seal", "receive", "vi
 #: (the personalized protocol's separate personal model)
 CLIENT_ONLY_FIELDS = ("personal",)
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
-def _frozen(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
+
+def _frozen(d: Mapping[_K, _V] | None) -> Mapping[_K, _V]:
     return types.MappingProxyType(dict(d or {}))
 
 
@@ -344,7 +347,7 @@ def seal(updates: Updates, *, round: int, sharing: Sharing, sends: Sequence[str]
     k = len(updates)
     metrics = _frozen({key: np.asarray(v, dtype=float).copy()
                        for key, v in updates.metrics.items() if key in metric_keys})
-    common = {"round": int(round), "clients": tuple(int(c) for c in updates.clients),
+    common: dict[str, Any] = {"round": int(round), "clients": tuple(int(c) for c in updates.clients),
               "num_examples": tuple(int(n) for n in updates.num_examples), "metrics": metrics}
     if encode is None:
         fields: dict[str, Any] = {}
@@ -439,7 +442,7 @@ def view_of(received: Received, broadcast: Broadcast, *, sharing: Sharing,
     becomes ``"aggregate"``, DESIGN's threat model)."""
     sent_mask = sharing.mask.copy() if sharing.partial else None
     clients = list(received.clients)
-    base = dict(
+    base: dict[str, Any] = dict(
         round=received.round, clients=clients, global_params=broadcast.params.clone(),
         num_examples=dict(zip(clients, received.num_examples)),
         metrics={k: dict(zip(clients, (float(x) for x in np.asarray(v))))

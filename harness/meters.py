@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fedmedbench.components import Component, Sharing, Updates
@@ -95,7 +95,7 @@ class Stages:
     """Runs the stages of a round (timed, attributed, type-checked) and
     publishes the messages that cross between parties to their subscribers."""
 
-    def __init__(self, clock: Clock, subscribers: list[Any] = ()) -> None:
+    def __init__(self, clock: Clock, subscribers: Sequence[Any] = ()) -> None:
         self.clock = clock
         self._subs: dict[type, list[Callable[[Any], None]]] = {}
         for s in subscribers:

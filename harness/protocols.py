@@ -391,7 +391,7 @@ class Round:
             clients, unavailable = twin.available(clients)
         self.begin(t, clients)
         if not clients:  # an empty Poisson sample: central noise still runs (skipping it
-            out = self.empty_round(t)  # would reveal that nobody took part)
+            out: dict[str, Any] = self.empty_round(t)  # would reveal that nobody took part)
             if twin is not None:
                 out.update(twin.close_round(twin.timeline([], down_bytes=0, up_bytes=[]),
                                             unavailable=unavailable, round=t))
@@ -453,7 +453,7 @@ class Round:
         self._check_vector(new, sv.parts.algorithm, "server_update")
         sv.params = new
         self.after_server(received, weights)
-        out: dict[str, Any] = {"clients": len(clients), "loss": loss}
+        out = {"clients": len(clients), "loss": loss}
         shown = self.contribution_weights(received) if self.cell.sum_contributions \
             else weights
         if shown is not None:

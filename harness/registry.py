@@ -77,7 +77,9 @@ class Registry:
                 pname = impl.plugin_name
                 dist, version = dists.get(id(impl.plugin), ("(not installed)", ""))
                 if dist == "fedmedbench":  # the one version number, even before a reinstall
-                    from fedmedbench import __version__ as version
+                    from fedmedbench import __version__
+
+                    version = __version__
 
                 def register(cls: type[Component], _f: str = family, _p: str = pname,
                              _d: str = dist, _v: str = version) -> type[Component]:
