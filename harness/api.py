@@ -357,12 +357,14 @@ def check_duplicates(records: list[dict[str, Any]], origin: dict[str, list[str]]
     and seed (the same label on every axis, the same backend and seed): their
     seeds would be counted twice. The message names both cells, their folders
     and where their configs differ."""
-    from fedmedbench.report import AXES, _label, backend_of
+    from fedmedbench.report import AXES, _label, backend_of, is_audit_cell
 
     first: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in records:
         cfg = r.get("config") if isinstance(r.get("config"), dict) else {}
-        key = (*(_label(r, a) for a in AXES), backend_of(r), repr(cfg.get("seed")))
+        # an audit cell (canaries in its training) is its entry's, never one of its seeds
+        key = (*(_label(r, a) for a in AXES), backend_of(r), repr(cfg.get("seed")),
+               is_audit_cell(r))
         other = first.setdefault(key, r)
         if other is r:
             continue
@@ -379,7 +381,7 @@ def check_duplicates(records: list[dict[str, Any]], origin: dict[str, list[str]]
         raise ConfigError(printable(
             f"records {other.get('cell_id')} (in {where(other)}) and {r.get('cell_id')} (in "
             f"{where(r)}) are different cells but the same table entry "
-            f"({' / '.join(key[:1] + key[3:4] + key[5:6])}, seed {key[-1]}), so that seed would "
+            f"({' / '.join(key[:1] + key[3:4] + key[5:6])}, seed {key[-2]}), so that seed would "
             f"count twice; their configs differ at {shown or 'nothing'}{more}. A record's labels "
             f"were edited, or folders of different matrices are merged: report them separately",
             keep_newlines=False))

@@ -727,7 +727,11 @@ def dataset_cards() -> list[dict[str, Any]]:
             except DataError as exc:
                 card = {"error": str(exc)}
         entry = {"name": info.name, "plugin": info.plugin,
-                 "needs_user_files": cls.needs_user_files, **card}
+                 "needs_user_files": cls.needs_user_files, **card,
+                 # the run settings a cell of this dataset trains with unless the matrix
+                 # sets them (issue 19.6: every card says how its results were trained)
+                 "run_defaults": dict(getattr(cls, "run_defaults", {}) or {}),
+                 "default_partitioner": getattr(cls, "default_partitioner", None)}
         try:
             entry.update(cls().describe())
         except Exception as exc:  # a card must still print when describe fails
@@ -745,7 +749,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         flag = "  (needs files you supply)" if c.get("needs_user_files") else ""
         print(printable(f"{c['name']}{flag}", keep_newlines=False))
         for key in ("title", "task", "metric", "sites", "licence", "source", "citation",
-                    "partition", "preprocessing", "access", "note"):
+                    "partition", "preprocessing", "access", "note", "run_defaults"):
             if key in c:
                 v = c[key]
                 if isinstance(v, dict):

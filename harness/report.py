@@ -1522,16 +1522,17 @@ def headline_table(data: ReportData, ds: str, *, width: int | None = None) -> Ta
 
 
 #: what the headline's columns mean (printed under it in the terminal)
-HEADLINE_KEY = ("95% CI: seeds and test set (the report's CI rule)",
+HEADLINE_KEY = ("95% CI: over seeds and test rows",
                 "worst site: the lowest site's mean over seeds",
                 "ε server: against an honest-but-curious server, rec = per patient record, "
                 "cli = per hospital, — = no guarantee against it",
                 "bytes/round: sent up + down", "s/cell: wall seconds on this machine")
 
 
-def chance_note(data: ReportData, ds: str) -> str | None:
+def chance_note(data: ReportData, ds: str, *, sites: bool = True) -> str | None:
     """The footnote for :data:`CHANCE_MARK` on a dataset, if some entry or
-    site has it."""
+    (with ``sites``, for the tables that show per-site scores) some site
+    has it."""
     s = data.summary[(data.summary["dataset"] == ds) & (data.summary["chance_seeds"] > 0)]
     st = data.sites
     st = st[(st["dataset"] == ds) & (st["chance_seeds"] > 0)] if "chance_seeds" in st else st[:0]
@@ -1542,7 +1543,7 @@ def chance_note(data: ReportData, ds: str) -> str | None:
         parts.append(f"{CHANCE_MARK} does not beat the majority-class baseline{at} in at "
                      f"least one seed (one-sided test on the test rows): "
                      f"{', '.join(f'{m} / {p}' for m, p in zip(s['method'], s['privacy']))}")
-    if not st.empty:
+    if sites and not st.empty:
         parts.append(f"{CHANCE_MARK} on a site's score: it does not beat that site's own "
                      f"majority class in at least one seed ({len(st)} site score"
                      f"{'s' * (len(st) != 1)})")
@@ -1995,23 +1996,25 @@ def terminal_summary(data: ReportData, *, verbose: bool = False,
     if verbose:
         return printable(render_text(data, tablefmt="simple", width=width))
     out: list[str] = []
+    keys: list[str] = []
     for ds in data.datasets:
         title, headers, rows = headline_table(data, ds)
         if not rows:
             out += [f"{ds}: no successful cells", ""]
             continue
-        key = [k for k in HEADLINE_KEY if k.split(":")[0] in headers
-               or k.startswith("95% CI")]
+        keys += [k for k in HEADLINE_KEY if (k.split(":")[0] in headers
+                                             or k.startswith("95% CI")) and k not in keys]
         hb, rb, leg = fit_table(headers, rows, width)
         out += textwrap.wrap(title, width)
         for hh, rr in zip(hb, rb):
             out += columns(hh, rr)
         out += leg
-        out += textwrap.wrap("; ".join(key), width)
-        note = chance_note(data, ds)
+        note = chance_note(data, ds, sites=False)
         if note:
             out += textwrap.wrap(note, width)
         out.append("")
+    if keys:  # what the columns mean, once under every headline
+        out += [*textwrap.wrap("; ".join(keys), width), ""]
     warn = warning_summary(data.records)
     if warn:
         out += textwrap.wrap(f"{len(warn)} distinct warning(s) from libraries, captured in the "
