@@ -361,13 +361,13 @@ class VectorBackend(LoopBackend):
         drawn = np.flatnonzero((n > 1) & (st > 0))
         first = np.zeros(k, dtype=np.int64)
         sizes = np.minimum(n, 1)
-        parts = []
-        for j in drawn.tolist():  # one call per client per round
-            c = clients[j]
-            perms, first[j] = (streams.get((c, trainer)) or self.stream(c, trainer)).draw(
-                int(st[j]))
-            parts.append(perms)
-            sizes[j] = len(perms)
+        steps_of = st.tolist()
+        got = [(streams.get((clients[j], trainer)) or self.stream(clients[j], trainer)).draw(
+            steps_of[j]) for j in drawn.tolist()]  # one call per client per round
+        parts = [g[0] for g in got]
+        if got:
+            first[drawn] = [g[1] for g in got]
+            sizes[drawn] = [len(g[0]) for g in got]
         start = np.cumsum(sizes) - sizes
         flat = np.zeros(int(sizes.sum()), dtype=np.int64)  # one-row clients: row 0
         if parts:
