@@ -27,50 +27,60 @@ def _env(extra_path: Path, cwd_free: bool = True) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
-def test_example_plugin_is_discovered_and_runs(tmp_path):
+def _example_plugin_job(tmp_path: Path, spawn) -> dict:
+    """Install examples/fedmedbench-fedavgm with pip into a target folder, list
+    the plugins, run its matrix and check it (a background job, tests/conftest.py:
+    it only runs subprocesses)."""
     site = tmp_path / "site"
     _pip("--no-build-isolation", "--target", str(site), str(ROOT / "examples/fedmedbench-fedavgm"))
     env = _env(site)
-    out = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "plugins"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in out.splitlines() if " fedavgm " in ln)
-    assert "fedmedbench-fedavgm" in line and "0.1.0" in line
-    res = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "run",
+    listed = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "plugins"], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, check=True)
+    run = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "run",
                           str(ROOT / "examples/fedmedbench-fedavgm/matrix.toml"),
                           "--out", str(tmp_path / "r"), "--no-progress"],
                          env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert "fedavgm[β=0.5]" in res.stdout  # its short label
-    recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
-    fedavgm = next(r for r in recs if r["config"]["algorithm"]["name"] == "fedavgm")
-    assert fedavgm["status"] == "ok"
-    assert fedavgm["provenance"]["plugins"]["fedavgm"]["distribution"] == "fedmedbench-fedavgm"
-    res = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "check", "fedavgm"], env=env,
-                         cwd=tmp_path, capture_output=True, text=True)
-    assert res.returncode == 0 and "all checks passed" in res.stdout
+    check = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "check", "fedavgm"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True)
+    return {"plugins": listed.stdout, "run": run, "check": check,
+            "recs": [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]}
 
 
 @pytest.mark.slow
-def test_wheel_installs_one_import_package_and_ignores_shadowing_folders(tmp_path):
+@pytest.mark.background(job=_example_plugin_job)
+def test_example_plugin_is_discovered_and_runs(background):
+    line = next(ln for ln in background["plugins"].splitlines() if " fedavgm " in ln)
+    assert "fedmedbench-fedavgm" in line and "0.1.0" in line
+    res = background["run"]
+    assert res.returncode == 0, res.stderr
+    assert "fedavgm[β=0.5]" in res.stdout  # its short label
+    fedavgm = next(r for r in background["recs"] if r["config"]["algorithm"]["name"] == "fedavgm")
+    assert fedavgm["status"] == "ok"
+    assert fedavgm["provenance"]["plugins"]["fedavgm"]["distribution"] == "fedmedbench-fedavgm"
+    res = background["check"]
+    assert res.returncode == 0 and "all checks passed" in res.stdout
+
+
+def _wheel_job(tmp_path: Path, spawn) -> dict:
     """Build the wheel, install it into a separate target, and use it from a
-    directory whose own ``plugins/`` and ``harness/`` packages come first on
-    ``sys.path``: discovery, the shipped data and a quickstart run still work,
-    and the wheel holds no top-level ``harness`` or ``plugins``."""
+    project folder with its own ``plugins/`` and ``harness/`` packages (a
+    background job, tests/conftest.py: it only runs subprocesses)."""
     import zipfile
 
     dist = tmp_path / "dist"
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                           str(dist), str(ROOT)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
+    out: dict = {"wheel": res}
+    if res.returncode != 0:
+        return out
     wheel = next(dist.glob("fedmedbench-*.whl"))
-    tops = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
-    assert {t for t in tops if not t.endswith(".dist-info")} == {"fedmedbench"}, tops
+    out["tops"] = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     site = tmp_path / "site"
     _pip("--target", str(site), str(wheel))
-    assert (site / "fedmedbench/_datasets/heart-disease/heart_disease_uci.csv").is_file()
-    assert not (site / "datasets").exists() and not (site / "reports").exists()
-    assert not (site / "harness").exists() and not (site / "plugins").exists()
+    out["site"] = site
+    out["installed"] = {p: (site / p).exists() for p in (
+        "datasets", "reports", "harness", "plugins")}
+    out["csv"] = (site / "fedmedbench/_datasets/heart-disease/heart_disease_uci.csv").is_file()
     # a project directory with packages named like our repository folders
     proj = tmp_path / "project"
     for pkg in ("plugins", "harness"):
@@ -84,20 +94,42 @@ def test_wheel_installs_one_import_package_and_ignores_shadowing_folders(tmp_pat
             "d = reg.build('dataset', {'name': 'heart-disease'}).load(seed=0); "
             "print(json.dumps([fedmedbench.__file__, str(datasets_dir()), len(d.sites), "
             "len(reg.all())]))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=proj,
-                         capture_output=True, text=True)
+    out["code"] = subprocess.run([sys.executable, "-c", code], env=env, cwd=proj,
+                                 capture_output=True, text=True)
+    out["listed"] = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "plugins"],
+                                   env=env, cwd=proj, capture_output=True, text=True)
+    out["run"] = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "run", "--select",
+                                 "seed=0", "--out", str(tmp_path / "r"), "--no-progress"],
+                                env=env, cwd=proj, capture_output=True, text=True)
+    out["recs"] = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.background(job=_wheel_job)
+def test_wheel_installs_one_import_package_and_ignores_shadowing_folders(background):
+    """Build the wheel, install it into a separate target, and use it from a
+    directory whose own ``plugins/`` and ``harness/`` packages come first on
+    ``sys.path``: discovery, the shipped data and a quickstart run still work,
+    and the wheel holds no top-level ``harness`` or ``plugins``."""
+    b = background
+    assert b["wheel"].returncode == 0, b["wheel"].stderr
+    tops = b["tops"]
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"fedmedbench"}, tops
+    site, installed = b["site"], b["installed"]
+    assert b["csv"]
+    assert not installed["datasets"] and not installed["reports"]
+    assert not installed["harness"] and not installed["plugins"]
+    out = b["code"]
     assert out.returncode == 0, out.stderr
     path, ddir, n, n_components = json.loads(out.stdout)
     assert path.startswith(str(site)) and ddir.startswith(str(site)) and n == 4
-    listed = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "plugins"], env=env,
-                            cwd=proj, capture_output=True, text=True)
+    listed = b["listed"]
     assert listed.returncode == 0, listed.stderr
     for name in ("heart-disease", "fedavg", "dp-sgd", "secagg", "mia-loss", "html"):
         assert f" {name} " in listed.stdout
     assert n_components == sum(1 for ln in listed.stdout.splitlines()[2:] if ln.strip())
-    run = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "run", "--select", "seed=0",
-                          "--out", str(tmp_path / "r"), "--no-progress"], env=env, cwd=proj,
-                         capture_output=True, text=True)
+    run = b["run"]
     assert run.returncode == 0, run.stderr
-    recs = [json.loads(p.read_text()) for p in (tmp_path / "r").glob("*.json")]
+    recs = b["recs"]
     assert len(recs) == 6 and all(r["status"] == "ok" for r in recs)
