@@ -32,7 +32,8 @@ _EXPORTS: dict[str, str] = {
         "FAMILIES", "STAGES", "PROTOCOLS", "WEIGHTINGS", "Component", "Dataset", "Partitioner",
         "Model", "Algorithm", "Aggregator", "PrivacyMechanism", "LocalStage", "UpdateStage",
         "TransportStage", "ServerStage", "Compressor", "Adversary", "Attack", "Reporter",
-        "Split", "Site", "Task", "FederatedData", "ParamLayout", "Updates", "Message")},
+        "Split", "Site", "Task", "FederatedData", "ParamLayout", "Updates", "Message",
+        "Network", "SiteProfile", "Availability", "RoundAborted", "DROP_PHASES")},
     # what crosses between the parties of a round
     **{n: "fedmedbench.messages" for n in ("Broadcast", "Sent", "Received", "RowsHidden")},
     # what components see of a running cell

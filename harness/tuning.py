@@ -153,6 +153,8 @@ def _entry(cfg: dict[str, Any], axis: str) -> Any:
     v: Any = cfg.get(axis)
     if axis == "privacy" and isinstance(v, list):
         return v if len(v) != 1 else v[0]
+    if axis == "network":  # not in the config: the default network; None: the twin off
+        return "none" if axis in cfg and v is None else (v or "uniform")
     return v
 
 

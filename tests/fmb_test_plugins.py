@@ -11,9 +11,10 @@ import time
 
 import torch
 
-from fedmedbench import Algorithm, Attack, hookimpl
+from fedmedbench import Algorithm, Attack, TransportStage, hookimpl
 from fedmedbench.plugins.privacy.dp_fedavg import DPFedAvg
 from fedmedbench.plugins.privacy.dp_sgd import DPSGD
+from fedmedbench.plugins.privacy.secagg import SecAgg
 
 
 class Boom(Algorithm):
@@ -237,7 +238,16 @@ class WrongAccountantDPFedAvg(DPFedAvg):
                                    adversaries=lie)
 
 
+class NoDropSecAgg(SecAgg):
+    """A transport with no dropout path for the network twin (the base
+    class's ``drop``): a cell whose network drops clients is skipped."""
+
+    name = "test-secagg-no-drop"
+    drop = TransportStage.drop
+
+
 @hookimpl
 def register_privacy(register):
     register(WrongAccountantDPSGD)
     register(WrongAccountantDPFedAvg)
+    register(NoDropSecAgg)

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
@@ -45,18 +46,23 @@ def undocumented(module: object, names: list[str]) -> list[str]:
     the line above its assignment in the harness source."""
     sources = {p: p.read_text(encoding="utf-8").splitlines()
                for p in (ROOT / "harness").glob("*.py")}
+    def commented(name: str) -> bool:
+        pat = re.compile(rf"^{re.escape(name)}\s*(:[^=]*)?=")
+        return any(pat.match(line) and i > 0 and lines[i - 1].lstrip().startswith("#:")
+                   for lines in sources.values() for i, line in enumerate(lines))
+
     bad = []
     for name in names:
         obj = getattr(module, name)
-        if inspect.isclass(obj):
+        if typing.get_origin(obj) is not None:  # a type alias (Literal[...]): as a constant
+            ok = commented(name)
+        elif inspect.isclass(obj):
             ok = bool((vars(obj).get("__doc__") or "").strip())
         elif inspect.isfunction(obj) or inspect.ismodule(obj) or inspect.isbuiltin(obj) \
                 or callable(obj):
             ok = bool((getattr(obj, "__doc__", None) or "").strip())
         else:
-            pat = re.compile(rf"^{re.escape(name)}\s*(:[^=]*)?=")
-            ok = any(pat.match(line) and i > 0 and lines[i - 1].lstrip().startswith("#:")
-                     for lines in sources.values() for i, line in enumerate(lines))
+            ok = commented(name)
         if not ok:
             bad.append(name)
     return bad

@@ -339,9 +339,11 @@ def test_secagg_under_community_hospital_outages_recovers_aborts_and_counts(reg)
 
 
 @pytest.mark.parametrize("privacy,why", [
-    (["he-ckks"], "no dropout path"),
+    (["test-secagg-no-drop"], "no dropout path"),
     ([{"name": "secagg", "dropout_rate": 0.25}], "dropout rate to 0")])
-def test_transports_that_cannot_take_the_twins_dropouts_are_skipped(reg, privacy, why):
+def test_transports_that_cannot_take_the_twins_dropouts_are_skipped(monkeypatch, privacy, why):
+    monkeypatch.setenv("FEDMEDBENCH_PLUGINS", "fmb_test_plugins")  # test-secagg-no-drop
+    reg = get_registry()
     net = {"name": "community-hospital", "mean_up_h": 0.001}
     aggregator = [{"name": "weighted-mean", "by": "uniform"}]
     c = _one(reg, {"network": [net], "privacy": [privacy], "aggregator": aggregator},
@@ -433,12 +435,13 @@ def _trace_network(tmp_path, offline_site: str, names: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("transport", [
-    "secagg", {"name": "secagg-plus", "dropout_fraction": 0.3}])
+    "secagg", {"name": "secagg-plus", "dropout_fraction": 0.3}, "he-ckks"])
 def test_secure_aggregation_recovers_the_twins_dropout_to_the_plaintext_mean(
         reg, tmp_path, transport):
     """One hospital drops out of round 1 (an availability trace file) and is
     offline afterwards: the secure sum, recovered and divided by the
-    survivors' weights, gives the model the plaintext round gives."""
+    survivors' weights, gives the model the plaintext round gives (CKKS:
+    the encrypted sum of the ciphertexts that arrived)."""
     names = ["Cleveland", "Hungary", "Switzerland", "VA Long Beach"]
     net = _trace_network(tmp_path, "Hungary", names)
     plain, pout = run_cell(_one(reg, {"network": [net]}, rounds=3), registry=reg,

@@ -35,8 +35,7 @@ from typing import Annotated, Any, ClassVar
 
 import numpy as np
 
-from fedmedbench import Range
-from fedmedbench.components import Availability, Network, SiteProfile
+from fedmedbench import Availability, Network, Range, SiteProfile
 
 FCC = ("FCC, Health Care Broadband in America, OBI Technical Paper No. 5 (Aug. 2010), and the "
        "ONC's minimum broadband recommendations for health care (HealthIT.gov)")

@@ -197,6 +197,7 @@ class HECKKS(PrivacyMechanism, TransportStage):
         self._client_context = ts.context_from(self.key_holder.public_context)
         self._slots = self.poly_modulus_degree // 2
         self._has_context: set[int] = set()
+        self._dropped: set[int] = set()  # this round's clients whose ciphertexts never arrived
         self._secagg = SecAgg() if self.rest == "secagg" and len(self._rest_idx) else None
         if self._secagg is not None:
             self._secagg.setup(ctx)
@@ -210,8 +211,23 @@ class HECKKS(PrivacyMechanism, TransportStage):
         """The server's copies of this round's per-client ciphertexts are dropped."""
         if getattr(self, "server", None) is not None:
             self.server.ciphertexts = []
+        self._dropped = set()
         if self._secagg is not None:
             self._secagg.end_round(round)
+
+    def drop(self, ctx: CellContext, dropped: dict[int, str]) -> bool:
+        """The network twin's dropouts: a client whose ciphertexts never
+        reached the server (``"masking"``: offline before its upload ended) is
+        left out of the encrypted sum; CKKS has no later step a client must
+        stay for, so an ``"unmasking"`` dropout's input counts. The layers
+        sent under secure aggregation (``rest = "secagg"``) go through its own
+        recovery."""
+        self._dropped = {int(c) for c, phase in dropped.items() if phase == "masking"}
+        self.stats["dropouts"] = self.stats.get("dropouts", 0) + len(dropped)
+        self.stats["recovered_rounds"] = self.stats.get("recovered_rounds", 0) + 1
+        if self._secagg is not None:
+            self._secagg.drop(ctx, dropped)
+        return True
 
     def close(self) -> None:
         """Training is over: the key holder, its secret key and every context go."""
@@ -261,7 +277,8 @@ class HECKKS(PrivacyMechanism, TransportStage):
 
         n = int(messages[0].payload["n"]) if messages else self._numel
         enc_idx = self._enc_idx(n)
-        enc_sum = self.server.add_all([m.payload["ciphertexts"] for m in messages])
+        arrived = [m for m in messages if int(m.client) not in self._dropped]
+        enc_sum = self.server.add_all([m.payload["ciphertexts"] for m in arrived])
         out = torch.zeros(n, dtype=torch.float32)
         dec = self.key_holder.decrypt(enc_sum, len(enc_idx))
         out[enc_idx] = torch.as_tensor(dec, dtype=torch.float32)
@@ -273,7 +290,7 @@ class HECKKS(PrivacyMechanism, TransportStage):
                 for m, s, b in zip(messages, sub, before):  # + secagg's unmasking shares
                     m.nbytes += s.nbytes - b
             else:
-                out[self._rest_idx] = torch.stack([m.payload["rest"] for m in messages]).sum(0)
+                out[self._rest_idx] = torch.stack([m.payload["rest"] for m in arrived]).sum(0)
         self.stats["rounds"] += 1
         return out
 
@@ -296,6 +313,7 @@ class HECKKS(PrivacyMechanism, TransportStage):
             "expansion": (s["ciphertext_bytes"] / (4 * s["encrypted_values"])
                           if s["encrypted_values"] else None),
             "public_context_bytes": s.get("public_context_bytes"),
+            "dropouts": s.get("dropouts", 0), "recovered_rounds": s.get("recovered_rounds", 0),
             "determinism": ("CKKS encryption draws its own randomness (TenSEAL cannot be "
                             "seeded), so the decrypted sum carries approximation noise of about "
                             "1e-7 relative that differs between runs; metrics of he-ckks cells "

@@ -72,10 +72,10 @@ from fedmedbench import (
     Message,
     PrivacyMechanism,
     Range,
+    RoundAborted,
     SettingWarning,
     TransportStage,
 )
-from fedmedbench.components import RoundAborted
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
