@@ -274,6 +274,14 @@ def test_dropouts_need_uniform_weights_and_cannot_carry_distributed_noise(run_ma
         out=tmp_path / "distributed")
     assert code == 0 and len(recs) == 1 and recs[0]["status"] == "skipped"
     assert "drops clients" in recs[0]["error"]["message"]
+    # central noise too: secagg's own dropouts rescale the survivors' sum by n/k, which
+    # multiplies each clipped contribution past the bound the noise is calibrated to
+    code, recs = run_matrix(HEART.format(
+        rounds=1, privacy='[[{name = "dp-fedavg", noise = "central"}, '
+                          '{name = "secagg", dropout_rate = 0.25}]]'), out=tmp_path / "central")
+    assert code == 0 and len(recs) == 1 and recs[0]["status"] == "skipped"
+    msg = recs[0]["error"]["message"]
+    assert "rescales the survivors' sum" in msg and "network" in msg
 
 
 # --------------------------------------------------------------------------
