@@ -281,7 +281,7 @@ def test_dropouts_need_uniform_weights_and_cannot_carry_distributed_noise(run_ma
                           '{name = "secagg", dropout_rate = 0.25}]]'), out=tmp_path / "central")
     assert code == 0 and len(recs) == 1 and recs[0]["status"] == "skipped"
     msg = recs[0]["error"]["message"]
-    assert "rescales the survivors' sum" in msg and "network" in msg
+    assert "rescale the survivors' sum" in msg and "network" in msg
 
 
 # --------------------------------------------------------------------------

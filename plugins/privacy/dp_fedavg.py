@@ -228,6 +228,13 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
             return ("distributed noise needs every sampled client's noise share in the sum, and "
                     f"{transport.name if transport else 'the stack'} drops clients: the "
                     f"achieved noise would be below what is accounted")
+        if facts.drops_clients:
+            return (f"central noise is calibrated to each client's clipped contribution "
+                    f"w_k/(qW), and {transport.name if transport else 'the stack'}'s own "
+                    f"dropouts leave clients out and rescale the survivors' sum by n/k, which "
+                    f"multiplies every contribution past that bound; drop clients with a "
+                    f"network (the network axis), whose dropouts dp-fedavg accounts, or set "
+                    f"dropout_rate = 0")
         if mode == "distributed" and self.target_quantile is not None:
             return ("adaptive clipping needs each client's clipped-or-not bit, and with "
                     "distributed noise there is no trusted server to count them in private "
