@@ -502,28 +502,50 @@ def test_dask_driver_killed_then_rerun_computes_only_missing_cells(faults, tmp_p
     assert all((out / n).read_bytes() == b for n, b in before.items())  # untouched
 
 
-@needs_dask
-@pytest.mark.slow
-def test_dask_ctrl_c_cancels_the_futures_and_keeps_finished_records(faults, tmp_path):
-    faults("hang:2")  # cells 0 and 1 finish, cell 2 would never
-    proc, out = _spawn_driver(tmp_path, FAULTY.format(seeds="0, 1, 2"), "--executor", "dask",
-                              "--workers", "2")
+def _ctrl_c_job(tmp: Path, spawn) -> dict:
+    """A dask run whose cell 2 hangs, interrupted by a Ctrl-C to its process
+    group once cells 0 and 1 are recorded (a background job, tests/conftest.py)."""
+    import psutil
+
+    (tmp / "faults").mkdir()
+    (tmp / "driver.toml").write_text(textwrap.dedent(FAULTY.format(seeds="0, 1, 2")))
+    out = tmp / "results"
+    env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_executor_plugins",
+           "FMB_FAULT_DIR": str(tmp / "faults"), "FMB_FAULT": "hang:2",
+           "PYTHONPATH": os.pathsep.join([str(TESTS),
+                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = spawn([sys.executable, "-m", "fedmedbench.cli", "run", str(tmp / "driver.toml"),
+                  "--out", str(out), "--no-progress", "--no-report", "--executor", "dask",
+                  "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for(lambda: len(list(out.glob("*.json"))) >= 2, 120, "two records")
-        import psutil
-
         kids = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
-        assert proc.wait(timeout=60) == 130
+        code = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     err = proc.stderr.read().decode()
-    assert "interrupted; finished cells are saved" in err and "Traceback" not in err
     records, _ = load_records([out])
+    workers_exited = True
+    try:
+        _wait_for(lambda: not any(_alive(k.pid) for k in kids), 45, "the workers to exit")
+    except AssertionError:
+        workers_exited = False
+    return {"code": code, "err": err, "records": records, "workers_exited": workers_exited}
+
+
+@needs_dask
+@pytest.mark.slow
+@pytest.mark.background(job=_ctrl_c_job)  # cells 0 and 1 finish, cell 2 would never
+def test_dask_ctrl_c_cancels_the_futures_and_keeps_finished_records(background):
+    assert background["code"] == 130
+    err = background["err"]
+    assert "interrupted; finished cells are saved" in err and "Traceback" not in err
+    records = background["records"]
     assert sorted(r["config"]["seed"] for r in records) == [0, 1]
     assert all(r["status"] == "ok" for r in records)
-    _wait_for(lambda: not any(_alive(k.pid) for k in kids), 45, "the workers to exit")
+    assert background["workers_exited"], "timed out waiting for the workers to exit"
 
 
 def test_jobqueue_slurm_and_pbs_job_scripts(tmp_path):
