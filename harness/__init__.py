@@ -33,7 +33,8 @@ _EXPORTS: dict[str, str] = {
         "Model", "Algorithm", "Aggregator", "PrivacyMechanism", "LocalStage", "UpdateStage",
         "TransportStage", "ServerStage", "Compressor", "Adversary", "Attack", "Reporter",
         "Split", "Site", "Task", "FederatedData", "ParamLayout", "Updates", "Message",
-        "Network", "SiteProfile", "Availability", "RoundAborted", "DROP_PHASES")},
+        "Network", "SiteProfile", "Availability", "RoundAborted", "DROP_PHASES",
+        "DropPhase")},
     # what crosses between the parties of a round
     **{n: "fedmedbench.messages" for n in ("Broadcast", "Sent", "Received", "RowsHidden")},
     # what components see of a running cell

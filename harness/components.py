@@ -32,9 +32,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -61,7 +62,7 @@ __all__ = [
     "Dataset", "Partitioner", "Model", "Algorithm", "Aggregator", "PrivacyMechanism",
     "LocalStage", "UpdateStage", "TransportStage", "ServerStage", "Compressor", "Adversary",
     "Attack", "Reporter", "FAMILIES", "STAGES", "PROTOCOLS", "WEIGHTINGS", "Sharing", "SHARES",
-    "PERSONAL_MODELS", "Network", "SiteProfile", "Availability", "RoundAborted", "DROP_PHASES",
+    "PERSONAL_MODELS", "Network", "SiteProfile", "Availability", "RoundAborted", "DROP_PHASES", "DropPhase",
 ]
 
 
@@ -1416,7 +1417,9 @@ class Reporter(Component):
 # --------------------------------------------------------------------------
 
 #: when a dropped client dropped out of a round (:meth:`TransportStage.drop`)
-DROP_PHASES = ("masking", "unmasking")
+DropPhase = Literal["masking", "unmasking"]
+#: the values of :data:`DropPhase`
+DROP_PHASES: tuple[str, ...] = typing.get_args(DropPhase)
 
 
 class RoundAborted(RuntimeError):

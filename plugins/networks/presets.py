@@ -31,7 +31,7 @@ import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -341,14 +341,13 @@ class HospitalMix(Network):
 
     def __init__(self, *, academic: Annotated[float, Range(ge=0)] = 0.2,
                  community: Annotated[float, Range(ge=0)] = 0.5,
-                 clinic: Annotated[float, Range(ge=0)] = 0.3, assign: str = "random",
+                 clinic: Annotated[float, Range(ge=0)] = 0.3,
+                 assign: Literal["random", "size"] = "random",
                  time_scale: Annotated[float, Range(gt=0)] = 1.0, outages: bool = True,
                  deadline_s: Annotated[float | None, Range(gt=0)] = None,
                  reference_step_s: Annotated[float | None, Range(gt=0)] = None) -> None:
         if not academic + community + clinic > 0:
             raise ValueError("academic + community + clinic must be > 0 (proportions of sites)")
-        if assign not in ("random", "size"):
-            raise ValueError(f"assign={assign!r}; choose random or size")
         self.academic, self.community, self.clinic = float(academic), float(community), \
             float(clinic)
         self.assign = assign

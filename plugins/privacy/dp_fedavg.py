@@ -70,23 +70,22 @@ that a cell is reproducible: right for a benchmark, wrong for a deployment
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Annotated
+import typing
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 
 from fedmedbench import (
+    Accountant,
     Accounting,
     CellContext,
+    Guarantee,
+    Ledger,
     PrivacyMechanism,
     Range,
     ServerStage,
     Updates,
     UpdateStage,
-)
-from fedmedbench.accounting import (
-    Guarantee,
-    Ledger,
-    check_accountant,
     epsilon_for,
     noise_for_epsilon,
     noise_for_schedule,
@@ -97,8 +96,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from fedmedbench import CellFacts, Received
 
-NOISE = ("auto", "central", "distributed")
-LAYERWISE = ("none", "equal", "size")
+#: where the noise is added (``noise``)
+Noise = Literal["auto", "central", "distributed"]
+NOISE: tuple[str, ...] = typing.get_args(Noise)
+#: how the clipping budget is split over parameter tensors (``layerwise``)
+Layerwise = Literal["none", "equal", "size"]
+LAYERWISE: tuple[str, ...] = typing.get_args(Layerwise)
 
 
 class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
@@ -145,41 +148,15 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
     def __init__(self, *, noise_multiplier: Annotated[float, Range(gt=0)] = 1.0,
                  epsilon: Annotated[float | None, Range(gt=0)] = None,
                  clip: Annotated[float, Range(gt=0)] = 1.0,
-                 delta: Annotated[float, Range(gt=0, lt=1)] = 1e-5, accountant: str = "rdp",
-                 noise: str = "auto",
+                 delta: Annotated[float, Range(gt=0, lt=1)] = 1e-5,
+                 accountant: Accountant = "rdp", noise: Noise = "auto",
                  target_quantile: Annotated[float | None, Range(gt=0, lt=1)] = None,
                  clip_lr: Annotated[float, Range(gt=0)] = 0.2,
                  count_noise: Annotated[float, Range(ge=0)] = 0.0,
                  noise_decay: Annotated[float, Range(gt=0, le=1)] = 1.0,
                  min_noise_multiplier: Annotated[float, Range(ge=0)] = 0.0,
-                 layerwise: str = "none",
+                 layerwise: Layerwise = "none",
                  weight_cap: Annotated[float, Range(ge=0)] = 0.0) -> None:
-        if not noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier={noise_multiplier!r}; it must be > 0")
-        if epsilon is not None and (isinstance(epsilon, bool)
-                                    or not isinstance(epsilon, (int, float)) or epsilon <= 0):
-            raise ValueError(f"epsilon={epsilon!r}; it must be a number > 0 (or left out)")
-        if not clip > 0:
-            raise ValueError(f"clip={clip!r}; it must be > 0")
-        if not 0 < delta < 1:
-            raise ValueError(f"delta={delta!r}; it must be in (0, 1)")
-        check_accountant(accountant)
-        if noise not in NOISE:
-            raise ValueError(f"noise={noise!r}; choose one of {', '.join(NOISE)}")
-        if target_quantile is not None and (isinstance(target_quantile, bool) or not isinstance(
-                target_quantile, (int, float)) or not 0 < target_quantile < 1):
-            raise ValueError(f"target_quantile={target_quantile!r}; it must be in (0, 1) "
-                             f"(or left out for a fixed clip)")
-        if not clip_lr > 0:
-            raise ValueError(f"clip_lr={clip_lr!r}; it must be > 0")
-        if count_noise < 0:
-            raise ValueError(f"count_noise={count_noise!r}; it must be >= 0 (0: clients/20)")
-        if not 0 < noise_decay <= 1:
-            raise ValueError(f"noise_decay={noise_decay!r}; it must be in (0, 1]")
-        if min_noise_multiplier < 0:
-            raise ValueError(f"min_noise_multiplier={min_noise_multiplier!r}; it must be >= 0")
-        if layerwise not in LAYERWISE:
-            raise ValueError(f"layerwise={layerwise!r}; choose one of {', '.join(LAYERWISE)}")
         self.noise_multiplier = float(noise_multiplier)
         self.epsilon = None if epsilon is None else float(epsilon)
         self.clip = float(clip)
@@ -191,8 +168,6 @@ class DPFedAvg(PrivacyMechanism, UpdateStage, ServerStage):
         self.count_noise = float(count_noise)
         self.noise_decay = float(noise_decay)
         self.min_noise_multiplier = float(min_noise_multiplier)
-        if not weight_cap >= 0:
-            raise ValueError(f"weight_cap={weight_cap!r}; it must be >= 0 (0: the largest client)")
         self.layerwise = layerwise
         self.weight_cap = float(weight_cap)
         self._mode = "distributed" if noise == "distributed" else "central"

@@ -67,8 +67,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedmedbench import (
+    DROP_PHASES,
     CellContext,
     ConfigError,
+    DropPhase,
     Message,
     PrivacyMechanism,
     Range,
@@ -80,7 +82,6 @@ from fedmedbench import (
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-PHASES = ("masking", "unmasking")
 #: Shamir's field: the Mersenne prime 2^521 - 1 (holds a 32-byte secret)
 PRIME = 2**521 - 1
 SHARE_BYTES = 66
@@ -403,16 +404,6 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
 
     def _init_common(self, *, field_bits: int, clip_range: float, dropout_rate: float,
                      dropout_phase: str) -> None:
-        if isinstance(field_bits, bool) or not isinstance(field_bits, int) \
-                or not 8 <= field_bits <= 64:
-            raise ValueError(f"field_bits={field_bits!r}; it must be an integer in [8, 64]")
-        if not clip_range > 0:
-            raise ValueError(f"clip_range={clip_range!r}; it must be > 0")
-        if not 0 <= dropout_rate < 1:
-            raise ValueError(f"dropout_rate={dropout_rate!r}; it must be in [0, 1)")
-        if dropout_phase not in PHASES:
-            raise ValueError(f"dropout_phase={dropout_phase!r}; choose one of "
-                             f"{', '.join(PHASES)}")
         self.field_bits = field_bits
         self.clip_range = float(clip_range)
         self.dropout_rate = float(dropout_rate)
@@ -521,9 +512,9 @@ class PairwiseMasking(PrivacyMechanism, TransportStage):
         bad = sorted(c for c in dropped if c not in self._clients)
         if bad:
             raise ValueError(f"clients {bad} are not participants of round {ctx.round}")
-        phases = set(dropped.values()) - set(PHASES)
+        phases = set(dropped.values()) - set(DROP_PHASES)
         if phases:
-            raise ValueError(f"dropout phase(s) {sorted(phases)}; one of {', '.join(PHASES)}")
+            raise ValueError(f"dropout phase(s) {sorted(phases)}; one of {', '.join(DROP_PHASES)}")
         self._twin_dropped = {int(c): str(p) for c, p in dropped.items()}
         return True
 
@@ -654,10 +645,7 @@ class SecAgg(PairwiseMasking):
                  field_bits: Annotated[int, Range(ge=8, le=64)] = 32,
                  clip_range: Annotated[float, Range(gt=0)] = 1.0,
                  dropout_rate: Annotated[float, Range(ge=0, lt=1)] = 0.0,
-                 dropout_phase: str = "masking") -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-            raise ValueError(f"threshold={threshold!r}; use an integer t >= 1, or 0 for an "
-                             f"honest majority")
+                 dropout_phase: DropPhase = "masking") -> None:
         self.threshold = threshold
         self._init_common(field_bits=field_bits, clip_range=clip_range,
                           dropout_rate=dropout_rate, dropout_phase=dropout_phase)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 
-from fedmedbench import CellContext, ConfigError, Range
+from fedmedbench import CellContext, ConfigError, DropPhase, Range
 
 from .secagg import PairwiseMasking, SecAggAborted
 
@@ -199,21 +199,13 @@ class SecAggPlus(PairwiseMasking):
                  field_bits: Annotated[int, Range(ge=8, le=64)] = 32,
                  clip_range: Annotated[float, Range(gt=0)] = 1.0,
                  dropout_rate: Annotated[float, Range(ge=0, lt=1)] = 0.0,
-                 dropout_phase: str = "masking") -> None:
-        for key, v in (("neighbours", neighbours), ("threshold", threshold)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{key}={v!r}; use a positive integer, or 0 for the "
-                                 f"SecAgg+ parameter rule")
+                 dropout_phase: DropPhase = "masking") -> None:
         if neighbours % 2:
             raise ValueError(f"neighbours={neighbours}; the Harary graph needs an even degree "
                              f"(k/2 on each side of the ring): use {neighbours + 1}")
         if threshold == 1:
             raise ValueError("threshold=1 would make every share the secret itself; use "
                              "threshold >= 2, or 0 for the SecAgg+ parameter rule")
-        for key, v in (("corrupt_fraction", corrupt_fraction),
-                       ("dropout_fraction", dropout_fraction)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
-                raise ValueError(f"{key}={v!r}; it must be a number in [0, 1)")
         if corrupt_fraction + dropout_fraction > 0.9:
             raise ValueError(f"corrupt_fraction + dropout_fraction = "
                              f"{corrupt_fraction + dropout_fraction:g} > 0.9: no graph is "
