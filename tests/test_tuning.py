@@ -81,3 +81,25 @@ def test_tune_refuses_the_matrix_seeds(tmp_path: Path, capsys):
     assert "seeds [0] are both the matrix's and the tuning's" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["tune", str(mfile), "--param"])
+
+
+def test_tune_groups_keep_their_own_run_tables(tmp_path: Path):
+    """A matrix with several cell groups and a ``[run.<component>]`` table for
+    one of them (privacy.toml's shape): each group is tuned with the tables
+    that apply to it, and its published cells keep them."""
+    mfile = tmp_path / "m.toml"
+    mfile.write_text(MATRIX.replace('privacy = [{ name = "dp-sgd", epsilon = 3.0 }]',
+                                    'privacy = ["none", { name = "dp-sgd", epsilon = 3.0 }]')
+                     .replace("rounds = 2", "rounds = 1")
+                     + "[run.dp-sgd]\nlocal_steps = 3\n")
+    out = tmp_path / "out"
+    assert main(["tune", str(mfile), "--param", "lr=0.05,0.5", "--tune-seeds", "1001",
+                 "--out", str(out), "--no-progress"]) == 0
+    recs = {r["labels"]["privacy"]: r for r in (json.loads(p.read_text())
+                                                for p in out.glob("*.json"))}
+    assert set(recs) == {"none", "dp-sgd(epsilon=3.0)"}
+    assert all(r["status"] == "ok" and "tuning" in r["config"] for r in recs.values())
+    assert recs["dp-sgd(epsilon=3.0)"]["config"]["run"]["local_steps"] == 3
+    assert recs["none"]["config"]["run"]["local_steps"] != 3
+    log = json.loads((out / "tuning" / "log.json").read_text())
+    assert len(log["choices"]) == 2 and len(log["trials"]) == 4
