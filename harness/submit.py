@@ -312,7 +312,7 @@ def run_plan(track: Track, groups: list[Group], out: Path, *, registry: Any = No
             choices += [{**c, "entry": g.entry, "protection": g.protection.id}
                         for c in result.choices]
             cells = published_cells(result, registry=reg)
-            raw_chosen, block = result.matrix["groups"][0]
+            raw_chosen, block, _labels = result.matrix["groups"][0]
             # the labels of the entry as the track names it (labels are not part of a
             # cell's id): the tuned values are in config.tuning, never in the label
             cells = [{**c, "labels": labels} for c in cells]

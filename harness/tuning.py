@@ -149,6 +149,25 @@ def _groups(raw: dict[str, Any], registry: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _for_group(raw: dict[str, Any], axes: dict[str, list[Any]]) -> dict[str, Any]:
+    """``raw`` as the single-group matrix of ``axes``: the ``[run.<component>]``
+    tables of components the group does not use are left out (the matrix
+    refuses a table no axis uses)."""
+    names = set()
+    stack: list[Any] = [v for vals in axes.values() for v in vals]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            names.add(v)
+        elif isinstance(v, dict) and isinstance(v.get("name"), str):
+            names.add(v["name"])
+    run = {k: v for k, v in (raw.get("run") or {}).items()
+           if not isinstance(v, dict) or k in names}
+    return {**raw, "axes": axes, "run": run}
+
+
 def _entry(cfg: dict[str, Any], axis: str) -> Any:
     v: Any = cfg.get(axis)
     if axis == "privacy" and isinstance(v, list):
@@ -183,7 +202,7 @@ def tune(raw: dict[str, Any], spec: TuneSpec, *, registry: Any = None,
         scores: list[float] = []
         eps_trials: list[tuple[float, float]] = []
         for point in grid:
-            trial = _apply({**raw, "axes": group["axes"], "seeds": spec.seeds}, point)
+            trial = _apply({**_for_group(raw, group["axes"]), "seeds": spec.seeds}, point)
             trial.setdefault("run", {})["validation"] = spec.validation
             vals = []
             for cell in parse_matrix(trial, registry=reg).iter_cells():
@@ -228,7 +247,8 @@ def tune(raw: dict[str, Any], spec: TuneSpec, *, registry: Any = None,
                 "selection)")}
         choices.append({"group": group["labels"], "chosen": grid[pick],
                         "scores": dict(zip(map(json.dumps, grid), scores))})
-        published.append((_apply({**raw, "axes": group["axes"]}, grid[pick]), block))
+        published.append((_apply(_for_group(raw, group["axes"]), grid[pick]), block,
+                          group["labels"]))
     return TuningResult(matrix={"groups": published}, choices=choices, log=log)
 
 
@@ -248,9 +268,11 @@ def published_cells(result: TuningResult, *, registry: Any = None) -> list[dict[
 
     reg = registry or get_registry()
     out = []
-    for raw, block in result.matrix["groups"]:
+    for raw, block, labels in result.matrix["groups"]:
         for cell in parse_matrix(raw, registry=reg).iter_cells():
-            out.append(_with_tuning(cell, block, reg))
+            # the labels the matrix gave the group (its one-point matrix spells every
+            # parameter out)
+            out.append({**_with_tuning(cell, block, reg), "labels": dict(labels)})
     return out
 
 
