@@ -1116,7 +1116,8 @@ def convergence(records: list[dict[str, Any]], df: pd.DataFrame) -> pd.DataFrame
             "epsilon", "n"]
     if df.empty:
         return pd.DataFrame(columns=cols)
-    meta = df.set_index("cell_id")[["dataset", "method", "privacy", "topology", "status"]]
+    meta = df.drop_duplicates("cell_id").set_index("cell_id")[
+        ["dataset", "method", "privacy", "topology", "status"]]
     rows = []
     for r in records:
         cid = str(r.get("cell_id"))

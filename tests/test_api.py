@@ -139,8 +139,9 @@ def test_run_returns_results_whose_frame_is_the_records(tiny) -> None:
 def test_tables_report_and_load(tiny, tmp_path) -> None:
     res, out = tiny
     tabs = res.tables()
-    assert list(tabs) == ["leaderboard", "summary", "baselines", "sites", "attacks",
-                          "convergence", "failures", "cells", "legend"]
+    assert list(tabs) == ["leaderboard", "summary", "claims", "scorecard", "baselines",
+                          "sites", "attacks", "convergence", "failures", "cells",
+                          "audit_cells", "legend"]
     s = tabs["summary"].set_index("method")
     assert s.loc["fedavg", "n"] == 2 and s.loc["fedavg", "worst_site_gain"] == pytest.approx(
         s.loc["fedavg", "worst_site_mean"] - s.loc["local", "worst_site_mean"])

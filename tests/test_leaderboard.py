@@ -309,6 +309,14 @@ def test_a_row_whose_claim_the_audit_contradicts_is_flagged(tmp_path: Path) -> N
                  "--entry", '{"algorithm": "fedavg", "privacy": '
                             '{"name": "test-dp-sgd-wrong-accountant"}}',
                  "--entry", '{"algorithm": "fedavg", "protections": ["dp-sgd-1"]}']) == 0
+    # the package's own attack ran sealed: in a separate process, on every entry
+    doc = json.loads((sub / MANIFEST).read_text())
+    assert doc["attacks_isolated"] is True
+    assert {"family": "attack", "name": "test-value-attack"} in doc["components"]
+    for r in verify(sub).records:
+        assert r["metrics"]["attacks_isolated"] is True
+        if "audit-dirac" not in r["metrics"]["attacks"]:
+            assert "test-value-attack" in r["metrics"]["attacks"]
     site = tmp_path / "site"
     assert main(["leaderboard", str(sub), "--out", str(site), "--quiet"]) == 0
     page = (site / "track-heart-disease.html").read_text()

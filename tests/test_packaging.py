@@ -132,4 +132,4 @@ def test_wheel_installs_one_import_package_and_ignores_shadowing_folders(backgro
     run = b["run"]
     assert run.returncode == 0, run.stderr
     recs = b["recs"]
-    assert len(recs) == 6 and all(r["status"] == "ok" for r in recs)
+    assert len(recs) == 9 and all(r["status"] == "ok" for r in recs)

@@ -135,7 +135,7 @@ def test_html_escapes_every_record_string(rich: tuple[Path, list[dict]], tmp_pat
     for needle in ("http://", "https://", "src=\"//", "<link", "@import"):
         assert needle not in page, needle
     assert "default-src &#x27;none&#x27;" in page  # CSP: no other source
-    assert page.count('src="data:image/svg+xml;base64,') == 5
+    assert page.count('src="data:image/svg+xml;base64,') == 6  # 6 figure kinds
     assert '-reconstructions" data-kind="reconstructions"><img alt=' in page
     # exports keep the raw strings (they are data, not markup)
     rep = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
@@ -188,8 +188,8 @@ def test_leaderboard_tiers_ranking_attacks_and_baselines(rich: tuple[Path, list[
     from fedmedbench.plugins.reporters.figures import figures
 
     kinds = {k for _, k, _ in figures(data).values()}
-    assert kinds == {"tradeoff", "attacks", "convergence", "sites", "reconstructions"}
-    # no virtual clock in these records: no clock figure
+    # no virtual clock on a simulated network in these records: no clock figure
+    assert kinds == {"tradeoff", "attacks", "roc", "convergence", "sites", "reconstructions"}
     text = comparison_tables(recs)
     assert "ε ≤ 1" in text and "0.5 (δ=1e-05)" in text and "gap closed" in text
 

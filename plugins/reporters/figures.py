@@ -431,7 +431,8 @@ def _roc_curves(data: ReportData, ds: str) -> dict[str, dict[tuple[str, str], np
     """Per attack, per entry: the mean ROC (TPR on a log FPR grid) over seeds,
     from the records' ``roc`` ({fpr, tpr})."""
     grid = np.logspace(math.log10(ROC_RANGE[0]), 0, 41)
-    meta = data.cells.set_index("cell_id")[["dataset", "method", "privacy", "status"]] \
+    meta = data.cells.drop_duplicates("cell_id").set_index("cell_id")[
+        ["dataset", "method", "privacy", "status"]] \
         if not data.cells.empty else None
     acc: dict[str, dict[tuple[str, str], list[np.ndarray]]] = {}
     for r in data.records:
@@ -627,7 +628,8 @@ def _site_distribution(data: ReportData, ds: str, metric: str, per: pd.DataFrame
 
 def _clock(data: ReportData, ds: str) -> Figure | None:
     """Utility against virtual hours, per entry (records with a virtual clock only)."""
-    meta = data.cells.set_index("cell_id")[["dataset", "method", "privacy", "status"]] \
+    meta = data.cells.drop_duplicates("cell_id").set_index("cell_id")[
+        ["dataset", "method", "privacy", "status"]] \
         if not data.cells.empty else None
     rows = []
     for r in data.records:

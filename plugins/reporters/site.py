@@ -4,7 +4,9 @@
 submission folder and hands this reporter the records, each annotated with
 ``_track`` (the track's definition) and ``_submission`` (what the manifest
 says: package, hashes, environment, sign-off). Records without ``_track``
-(an ordinary ``fedmedbench report``) give no site.
+(an ordinary ``fedmedbench report``) give ``site/index.html``: the same
+leaderboard layout (tiers with verified claims, the scorecard) of those
+results, marked unverified.
 
 The site is one folder, nothing fetched (the page style, script and CSP of
 :mod:`~fedmedbench.plugins.reporters.html`):
@@ -131,6 +133,8 @@ def leaderboard_rows(data: ReportData, ds: str, tier: str,
             fmt_p(r.vs_above_p).replace("≈ (p=", "≈ p=").rstrip(")")])
         classes.append("flagged" if flagged else "")
     keep = [j for j in range(len(headers)) if j < 5 or any(r[j] != "—" for r in rows)]
+    if not subs:  # results of a run, not submissions: no submission column
+        keep = [j for j in keep if headers[j] != "submission"]
     return [headers[j] for j in keep], [[r[j] for j in keep] for r in rows], classes
 
 
@@ -288,6 +292,33 @@ def index_page(tracks: list[tuple[dict[str, Any], list[dict[str, Any]], ReportDa
     return document("fedmedbench leaderboard", body)
 
 
+def results_page(records: list[dict[str, Any]]) -> str:
+    """The leaderboard layout for results that are not submissions (``fedmedbench
+    report``): per dataset, the tiers with verified claims on every row and the
+    scorecard; the full report is ``../index.html``."""
+    data = build(records)
+    body = ["<header><p><a href=\"../index.html\">← the full report</a></p>"
+            "<h1>leaderboard view of these results</h1>",
+            '<p class="meta">Not a track: these cells are the ones this report was made '
+            "from, unverified. `fedmedbench leaderboard` builds the verified site of "
+            "submissions to tracks.</p>", rules_box(), "</header>"]
+    for ds in data.datasets:
+        body.append(f"<section><h2>{_e(ds)}</h2>")
+        for i, (tier, _) in enumerate(TIERS):
+            headers, rows, classes = leaderboard_rows(data, ds, tier, {})
+            if rows:
+                body.append(f"<h3>{_e(tier)}</h3>")
+                body.append(table(f"lb-{slug(ds)}-{i}", headers, rows, row_classes=classes,
+                                  css="lb"))
+        sc = [x for x in text_tables(data).get(ds, [])
+              if x[0].startswith("protection scorecard")]
+        if sc:
+            body.append(f"<h3>{_e(sc[0][0])}</h3>")
+            body.append(table(f"sc-{slug(ds)}", sc[0][1], sc[0][2]))
+        body.append("</section>")
+    return document("fedmedbench: leaderboard view", body)
+
+
 def write_site(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """The site's pages (none when no record carries ``_track``)."""
     from fedmedbench.fileio import write_output
@@ -303,8 +334,8 @@ def write_site(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         meta[t["id"]] = t
         s = r.get("_submission") or {}
         subs.setdefault(t["id"], {})[int(s.get("index", 0))] = s
-    if not by:
-        return []
+    if not by:  # the results of a run: one page in the leaderboard's layout
+        return [write_output(Path(out_dir), "site/index.html", results_page(records))]
     paths, done = [], []
     for tid in sorted(by):
         ss = [subs[tid][k] for k in sorted(subs[tid])]

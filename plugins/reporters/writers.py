@@ -98,8 +98,8 @@ class Html(Reporter):
 
 class Site(Reporter):
     """The static leaderboard site of verified submissions (``fedmedbench
-    leaderboard``): a page per track with verified claims on every row;
-    writes nothing for records that carry no track."""
+    leaderboard``): a page per track with verified claims on every row; for
+    plain results, `site/index.html` in the same layout."""
 
     name = "site"
 

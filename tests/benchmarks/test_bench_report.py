@@ -52,7 +52,7 @@ def test_bench_report(benchmark, records: list[dict], tmp_path: Path, n: int) ->
     seconds = time.perf_counter() - t0
     benchmark.extra_info.update(records=n, files=files, seconds=round(seconds, 2))
     print(f"\nreport over {n} records: {files} files in {seconds:.2f} s")
-    assert files == 9 + 5 * 4 * 2 + 3  # 9 tables, 20 figures as PNG and SVG, html/json/md
+    assert files == 12 + 5 * 5 * 2 + 3  # 12 tables, 25 figures as PNG and SVG, html/json/md
     if benchmark.enabled:  # the target: a report over 1,000 records within a minute
         assert seconds < 60, f"a report over {n} records took {seconds:.1f} s"
     page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
