@@ -222,9 +222,9 @@ class Training:
         cell = self.cell
         fed = cell.federation
         return CellOutcome(
-            final_params=self.round.params_by_model(), views=dict(self.views.views),
+            final_models=self.round.params_by_model(), views=dict(self.views.views),
             history=self.history, global_params=self.round.global_params,
-            clients=list(fed.clients), holdout=dict(fed.holdout),
+            sites=list(fed.clients), holdout=dict(fed.holdout),
             validation=dict(fed.validation), malicious=set(fed.malicious), data=cell.data,
             model_factory=cell.factory, layout=cell.layout, sharing=cell.sharing,
             sent_fields=tuple(cell.sharing.fields), backend=self.clients.backend_name,
@@ -243,11 +243,14 @@ class CellOutcome:
     the final models, the server's views by round and the history, and the
     federation's parties and held-out rows."""
 
-    final_params: dict[int, Any]
+    #: each model's final parameters by model index (0: the global model; under the
+    #: personalized and isolated protocols, each site's own)
+    final_models: dict[int, Any]
     views: dict[int, ServerView]
     history: list[dict[str, Any]]
     global_params: Any
-    clients: list[Site]
+    #: each client's rows (a :class:`Site` per client index)
+    sites: list[Site]
     holdout: dict[int, Split]
     validation: dict[int, Split]
     malicious: set[int]

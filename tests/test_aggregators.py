@@ -47,7 +47,7 @@ def test_performance_weights_come_from_client_holdout_scores(reg):
                   rounds=3)[0]
     run = run_one(reg, cell)
     # each client trained on 75% of its rows; the other 25% stayed on the client
-    for i, site in enumerate(run.clients):
+    for i, site in enumerate(run.sites):
         assert len(run.holdout[i]) == 30 and len(site.train) == 90
     ws = [h["weights"] for h in run.history]
     for w in ws:

@@ -91,10 +91,10 @@ def test_fedprox_mu0_equals_fedavg_exactly_and_mu_pulls_towards_global(reg):
                      "algorithm": ["fedavg", {"name": "fedprox", "mu": 0.0},
                                    {"name": "fedprox", "mu": 1.0}]})
     avg, prox0, prox1 = (run_one(reg, c) for c in cs)
-    assert torch.equal(avg.final_params[0], prox0.final_params[0])
+    assert torch.equal(avg.final_models[0], prox0.final_models[0])
     assert [h["loss"] for h in avg.history] == [h["loss"] for h in prox0.history]
     # the proximal term changes training (the test above could fail)
-    assert not torch.allclose(avg.final_params[0], prox1.final_params[0])
+    assert not torch.allclose(avg.final_models[0], prox1.final_models[0])
 
 
 def test_fedavg_with_one_client_equals_centralized(reg):
@@ -103,7 +103,7 @@ def test_fedavg_with_one_client_equals_centralized(reg):
     fed, cen = (run_one(reg, c) for c in cs)
     steps = fed.ctx.steps_for(0) * 4
     assert steps == cen.ctx.steps_for(0) * 4 == 40
-    torch.testing.assert_close(fed.final_params[0], cen.final_params[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(fed.final_models[0], cen.final_models[0], rtol=0, atol=1e-6)
     assert fed.history[-1]["utility"] == pytest.approx(cen.history[-1]["utility"])
 
 
@@ -113,8 +113,8 @@ def test_scaffold_on_identical_clients_tracks_fedavg(reg):
                          "algorithm": ["fedavg", "scaffold"]}, rounds=6,
                    run={"local_steps": 10, "lr": 0.1, "batch_size": 16})
         a, s = (run_one(reg, c) for c in cs)
-        moved = torch.linalg.norm(a.final_params[0] - _flat0(a))  # how far FedAvg travelled
-        gap = torch.linalg.norm(a.final_params[0] - s.final_params[0])
+        moved = torch.linalg.norm(a.final_models[0] - _flat0(a))  # how far FedAvg travelled
+        gap = torch.linalg.norm(a.final_models[0] - s.final_models[0])
         return float(gap / moved), a, s
 
     rel_same, a, s = pair(True)
@@ -139,11 +139,11 @@ def test_fedadam_server_step_equals_hand_computed_adam(reg):
                                               "beta2": b2, "tau": tau}]}, rounds=1)
     avg, adam = (run_one(reg, c) for c in cs)
     w0 = _flat0(avg).double()
-    delta = avg.final_params[0].double() - w0  # the round-1 aggregate (server_lr = 1)
+    delta = avg.final_models[0].double() - w0  # the round-1 aggregate (server_lr = 1)
     m = (1 - b1) * delta
     v = b2 * tau ** 2 + (1 - b2) * delta ** 2
     expect = w0 + eta * m / (torch.sqrt(v) + tau)
-    torch.testing.assert_close(adam.final_params[0].double(), expect, rtol=0, atol=1e-6)
+    torch.testing.assert_close(adam.final_models[0].double(), expect, rtol=0, atol=1e-6)
 
     # two server steps in isolation, Adam, Yogi and Adagrad against numpy
     from fedmedbench.plugins.algorithms.fedopt import FedOpt
@@ -181,7 +181,7 @@ def test_fedmd_two_architectures_and_feddf_run_end_to_end(reg):
                                     "public_samples": 50},
                                    "feddf", "local"]}, rounds=4)
     md = run_one(reg, cs[0])
-    sizes = [p.numel() for p in md.final_params.values()]
+    sizes = [p.numel() for p in md.final_models.values()]
     assert sizes[0] == sizes[2] == 6 * 3 + 3  # logistic clients
     assert sizes[1] > 100  # the MLP client
     rec = {c["config"]["algorithm"]["name"]: run_cell(c, registry=reg) for c in cs}
@@ -263,7 +263,7 @@ def test_fedprox_proximal_term_survives_dp_sgd(backend):
     out = {c["labels"]["algorithm"]: run_cell(c, keep_run=True) for c in m.cells}
     assert all(rec["status"] == "ok" and rec["backend"]["name"] == backend
                for rec, _ in out.values())
-    w = {k: run.final_params[0] for k, (_, run) in out.items()}
+    w = {k: run.final_models[0] for k, (_, run) in out.items()}
     u = {k: rec["metrics"]["utility"]["global"] for k, (rec, _) in out.items()}
     assert torch.equal(w["fedprox(mu=0.0)"], w["fedavg"]) and u["fedprox(mu=0.0)"] == u["fedavg"]
     assert not torch.allclose(w["fedprox(mu=1.0)"], w["fedavg"])

@@ -277,8 +277,8 @@ def _same(out, tol=1e-5):
     (a, ra), (b, rb) = out
     assert a["status"] == b["status"] == "ok", (a["error"], b["error"])
     assert b["backend"]["name"] == "vectorized"
-    for i, p in ra.final_params.items():
-        assert float((p - rb.final_params[i]).abs().max()) <= tol, i
+    for i, p in ra.final_models.items():
+        assert float((p - rb.final_models[i]).abs().max()) <= tol, i
     for ha, hb in zip(a["history"], b["history"]):
         assert ha["loss"] == pytest.approx(hb["loss"], abs=tol)
 

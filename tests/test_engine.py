@@ -147,8 +147,8 @@ def test_a_third_party_model_is_chosen_on_the_model_axis(reg):
     assert tiny[0]["config"]["model"] == {"name": "test-tiny-net", "width": 5}
     assert tiny[0]["labels"]["model"] == "test-tiny-net(width=5)"
     n_features = 15
-    assert tiny[1].final_params[0].numel() == n_features * 5 + 5 + 5 * 2 + 2
-    assert default[1].final_params[0].numel() == n_features * 2 + 2  # the dataset's logistic
+    assert tiny[1].final_models[0].numel() == n_features * 5 + 5 + 5 * 2 + 2
+    assert default[1].final_models[0].numel() == n_features * 2 + 2  # the dataset's logistic
     kit.check_model(TinyNet, reg)  # and it passes the conformance kit's model check
 
 
@@ -177,8 +177,8 @@ def _assert_equivalent(out, tol=1e-5, param_tol=None):
         assert a["error"]["message"] == b["error"]["message"]
         return None
     assert a["backend"]["name"] == "loop" and b["backend"]["name"] == "vectorized", b["backend"]
-    for i, p in ra.final_params.items():
-        diff = float((p - rb.final_params[i]).abs().max())
+    for i, p in ra.final_models.items():
+        diff = float((p - rb.final_models[i]).abs().max())
         assert diff <= (param_tol or tol), (i, diff)
     ua, ub = a["metrics"]["utility"], b["metrics"]["utility"]
     assert ua["global"] == pytest.approx(ub["global"], abs=tol)
@@ -188,7 +188,7 @@ def _assert_equivalent(out, tol=1e-5, param_tol=None):
         if ha.get("loss") is not None:
             assert ha["loss"] == pytest.approx(hb["loss"], abs=tol)
     assert a["metrics"]["cost"]["bytes_up"] == b["metrics"]["cost"]["bytes_up"]
-    return float(max((p - rb.final_params[i]).abs().max() for i, p in ra.final_params.items()))
+    return float(max((p - rb.final_models[i]).abs().max() for i, p in ra.final_models.items()))
 
 
 def test_backends_agree_on_heart_disease(reg):
@@ -232,7 +232,7 @@ def test_backends_agree_on_50_unequal_hospitals_and_the_cnn(reg):
         _assert_equivalent(out, param_tol=1e-4 if c in img else None)
         if sizes is None and out["loop"][0]["status"] == "ok":
             run = out["loop"][1]
-            sizes = sorted(len(s.train) for s in run.clients)
+            sizes = sorted(len(s.train) for s in run.sites)
     assert sizes is not None and sizes[0] < sizes[-1] / 3  # really unequal hospitals
 
 
@@ -266,7 +266,7 @@ def test_dp_sgd_backends_agree_in_distribution_over_seeds(reg):
             rec, run = run_cell({**c, "backend": backend}, registry=reg, keep_run=True)
             assert rec["status"] == "ok"
             w0 = torch.cat([p.detach().reshape(-1) for p in run.model_factory().parameters()])
-            stat[backend].append(float((run.final_params[0] - w0).norm()))
+            stat[backend].append(float((run.final_models[0] - w0).norm()))
             eps.add(round(rec["metrics"]["privacy"]["epsilon"], 12))
     res = stats.ks_2samp(stat["loop"], stat["vectorized"])
     print(f"KS p = {res.pvalue:.3f}; mean |w - w0| loop {np.mean(stat['loop']):.4f}, "

@@ -51,7 +51,7 @@ def assert_same_run(a: tuple[dict, CellOutcome], b: tuple[dict, CellOutcome], *,
     g = xa.global_params
     assert torch.equal(g, xb.global_params)
     if personal:  # every site's own model is the global one
-        for p in xb.final_params.values():
+        for p in xb.final_models.values():
             assert torch.equal(p, g)
     ua, ub = ra["metrics"]["utility"], rb["metrics"]["utility"]
     assert ua["per_site"] == ub["per_site"] and ua["worst_site"] == ub["worst_site"]
@@ -76,7 +76,7 @@ def test_fedbn_without_normalisation_layers_is_fedavg_bit_for_bit(backend):
     assert out[(plain, "fedbn")][0]["backend"]["name"] == backend
     # with LayerNorm, FedBN keeps it local: the sites' models differ from each other
     rec, run = out[(normed, "fedbn")]
-    ps = list(run.final_params.values())
+    ps = list(run.final_models.values())
     assert not all(torch.equal(ps[0], p) for p in ps[1:])
     kept = rec["metrics"]["sharing"]["kept_on_clients"]
     assert kept == ["body.1.weight", "body.1.bias"]
@@ -90,7 +90,7 @@ def test_fedper_with_an_empty_head_is_fedavg_bit_for_bit_also_under_secagg():
         assert_same_run(out["fedavg"], out["fedper(head_layers=0)"])
         # a real head changes the sites' models (the test above could fail)
         assert not torch.equal(out["fedavg"][1].global_params,
-                               out["fedper"][1].final_params[0])
+                               out["fedper"][1].final_models[0])
 
 
 def test_finetune_with_zero_steps_is_the_wrapped_algorithm():
@@ -116,8 +116,8 @@ def test_ditto_lambda_zero_is_local_training_and_its_global_model_is_fedavg(back
                rounds=4, run={"backend": backend})
     out = by_label(cs)
     (_, local), (_, avg), (rec, ditto) = out["local"], out["fedavg"], out["ditto(lam=0.0)"]
-    for i, p in local.final_params.items():
-        assert torch.equal(p, ditto.final_params[i]), i
+    for i, p in local.final_models.items():
+        assert torch.equal(p, ditto.final_models[i]), i
     assert torch.equal(avg.global_params, ditto.global_params)
     assert rec["metrics"]["utility"]["per_site"] == out["local"][0]["metrics"]["utility"][
         "per_site"]
@@ -133,7 +133,7 @@ def test_ditto_large_lambda_pins_personal_models_to_the_global_one():
         _, run = run_ok(c)
         w = run.views[4].global_params  # the global model the last round started from
         gap[c["config"]["algorithm"]["lam"]] = max(float((p - w).abs().max())
-                                                   for p in run.final_params.values())
+                                                   for p in run.final_models.values())
     print(f"max |v_i - w| by lambda: {gap}")
     assert gap[1e9] < 1e-6
     assert gap[0.0] > gap[1.0] > gap[1e9]
@@ -161,12 +161,12 @@ def test_the_server_view_never_holds_the_head(algorithm):
             assert torch.any(u[torch.as_tensor(body)] != 0)
             np.testing.assert_array_equal(view.readable[cl], body)
     # bytes: the body's float32 values up and down, per client and round
-    n = len(run.clients)
+    n = len(run.sites)
     assert rec["metrics"]["cost"]["bytes_up"] == 3 * n * 4 * int(body.sum())
     assert rec["metrics"]["cost"]["bytes_down"] == 3 * n * 4 * int(body.sum())
     assert rec["metrics"]["sharing"]["kept_on_clients"] == ["fc.weight", "fc.bias"]
     # each site keeps its own head; the body is the server's
-    ps = [run.final_params[i] for i in range(n)]
+    ps = [run.final_models[i] for i in range(n)]
     g = run.global_params
     for p in ps:
         assert torch.equal(p[torch.as_tensor(body)], g[torch.as_tensor(body)])
@@ -230,7 +230,7 @@ def test_batchnorm_statistics_stay_local_under_fedbn_and_are_sent_under_fedavg()
     norm = torch.as_tensor(~run_mask(fbn))
     for cl in v_bn.clients:
         assert torch.all(v_bn.updates[cl][norm] == 0)
-    n = len(avg.clients)
+    n = len(avg.sites)
     D = avg.ctx.layout.numel
     sent_bn = D - int(norm.sum())
     assert ra["metrics"]["cost"]["bytes_up"] == 2 * n * 4 * (D + stats)
@@ -331,7 +331,7 @@ def test_fedrep_freezes_what_it_does_not_train(backend):
         head = torch.as_tensor(head_of(run))
         w0 = torch.cat([p.detach().reshape(-1) for p in run.model_factory().parameters()])
         g = run.global_params
-        ps = list(run.final_params.values())
+        ps = list(run.final_models.values())
         if c["config"]["algorithm"]["head_fraction"] == 1.0:
             assert torch.equal(g, w0)
             assert all(not torch.equal(p[head], w0[head]) for p in ps)
@@ -369,8 +369,8 @@ def test_backends_agree_on_the_personalized_methods():
     for c in cs:
         (ra, a), (rb, b) = (run_ok(c, backend=k) for k in ("loop", "vectorized"))
         assert rb["backend"]["name"] == "vectorized"
-        for i, p in a.final_params.items():
-            worst = max(worst, float((p - b.final_params[i]).abs().max()))
+        for i, p in a.final_models.items():
+            worst = max(worst, float((p - b.final_models[i]).abs().max()))
         assert float((a.global_params - b.global_params).abs().max()) \
             <= 1e-5
         for s, v in ra["metrics"]["utility"]["per_site"].items():
@@ -432,8 +432,8 @@ def test_dp_sgd_backends_agree_without_noise_on_the_personalized_methods():
     for c in cs:
         (_, a), (rb, b) = (run_ok(c, backend=k) for k in ("loop", "vectorized"))
         assert rb["backend"]["name"] == "vectorized"
-        for i, p in a.final_params.items():
-            assert float((p - b.final_params[i]).abs().max()) <= 1e-5, c["labels"]
+        for i, p in a.final_models.items():
+            assert float((p - b.final_models[i]).abs().max()) <= 1e-5, c["labels"]
     # with noise, FedRep's frozen head phase never moves the body under Opacus either
     c = cells({"dataset": ["heart-disease"], "model": [MLP],
                "algorithm": [{"name": "fedrep", "head_fraction": 1.0}],

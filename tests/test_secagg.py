@@ -255,7 +255,7 @@ def test_secagg_abort_leaves_the_global_model_unchanged():
     assert rec["status"] == "failed" and "n - t = 1 dropouts" in rec["error"]["message"]
     assert rec["error"]["component"] == "secagg" and rec["error"]["hook"] == "aggregate"
     assert len(rec["history"]) == 0  # round 1 (4 clients, t = 3, 2 drop) aborted
-    assert torch.equal(run.final_params[0], get_flat_params(run.model_factory()))
+    assert torch.equal(run.final_models[0], get_flat_params(run.model_factory()))
 
 
 def test_round_keys_are_set_up_once_per_round_at_begin_round():

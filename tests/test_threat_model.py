@@ -231,7 +231,7 @@ def test_declared_summed_fields_run_under_secagg_and_are_billed(rt, alg, field, 
     fed, _ = _run_keep(reg, "fedavg", secagg)
     for r in (plain, masked, fed):
         assert r["status"] == "ok", r["error"]
-    d = prun.final_params[0].numel()
+    d = prun.final_models[0].numel()
     per_value = 4  # secagg's default field_bits = 32: one uint32 per value
     extra_values = d if values == "model" else values
     rounds, clients = 3, 4
@@ -239,7 +239,7 @@ def test_declared_summed_fields_run_under_secagg_and_are_billed(rt, alg, field, 
         rounds * clients * extra_values * per_value
     assert masked["metrics"]["cost"]["clipped_coordinates"] == 0
     # the secure sum is the plaintext sum up to secagg's fixed-point step
-    diff = float((prun.final_params[0] - mrun.final_params[0]).abs().max())
+    diff = float((prun.final_models[0] - mrun.final_models[0]).abs().max())
     assert diff < 1e-3, diff
     assert masked["metrics"]["privacy"]["sent_in_clear"] == plain["metrics"]["privacy"][
         "sent_in_clear"]
