@@ -48,28 +48,37 @@ _EXPORTS: dict[str, str] = {
         "noise_for_epsilon", "noise_for_schedule", "check_accountant")},
     **{n: "fedmedbench.training" for n in (
         "RunSettings", "LocalTrainer", "SGDTrainer", "BatchStream", "predict_proba",
-        "per_example_loss")},
+        "per_example_loss", "to_tensors", "finish_local")},
     **{n: "fedmedbench.errors" for n in (
-        "ConfigError", "DataError", "Diverged", "FedmedbenchError", "PluginConflictError",
+        "printable", "ParameterError", "ConfigError", "DataError", "Diverged", "FedmedbenchError", "PluginConflictError",
         "PluginError", "SchemaError", "SettingWarning")},
     **{n: "fedmedbench.datafiles" for n in (
-        "cached_arrays", "check_card_files", "check_gzip", "load_card", "sha256_file",
+        "cached_arrays", "check_card_files", "check_gzip", "inspect_npz", "load_card",
+        "sha256_file",
         "shipped_file", "verify_checksum")},
     **{n: "fedmedbench.constraints" for n in ("Range", "Seed")},
-    **{n: "fedmedbench.models" for n in ("build_model", "get_flat_params", "set_flat_params")},
+    **{n: "fedmedbench.models" for n in (
+        "build_model", "get_flat_params", "set_flat_params", "add_flat_grad",
+        "get_flat_buffers", "set_flat_buffers")},
     # the Python API: run a matrix, load results, DataFrames and reports
     **{n: "fedmedbench.api" for n in ("run", "load", "plan", "Results")},
     "score": "fedmedbench.metrics",
+    **{n: "fedmedbench.fileio" for n in ("write_output", "output_dir")},
     "hookimpl": "fedmedbench.registry",
     "build_component": "fedmedbench.registry",
     "SCHEMA": "fedmedbench.engine",
     "run_cell": "fedmedbench.engine",
 }
 
-__all__ = ["__version__", *sorted(_EXPORTS)]
+#: public modules: the report model reporter plugins build on (``fedmedbench.report``)
+_MODULES = ("report",)
+
+__all__ = ["__version__", *sorted(_EXPORTS), *_MODULES]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"fedmedbench.{name}")
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'fedmedbench' has no attribute {name!r}")
@@ -79,4 +88,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_MODULES))

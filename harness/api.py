@@ -199,11 +199,9 @@ class Results:
             probe_writable(out)
         except OutputError as exc:
             raise ConfigError(str(exc)) from None
-        recs = self._with_dirs()
-        if not timings:
-            from fedmedbench.report import strip_timings
+        from fedmedbench.report import RecordList, strip_timings
 
-            recs = strip_timings(recs)
+        recs = RecordList(self._with_dirs() if timings else strip_timings(self._with_dirs()))
         paths: list[Path] = []
         for rep in reporters:
             try:

@@ -29,6 +29,7 @@ import numpy as np
 from fedmedbench.components import LocalStage, Site, Split, Updates
 from fedmedbench.context import CellContext, ClientContext
 from fedmedbench.meters import calling
+from fedmedbench.models import get_flat_buffers, set_flat_buffers
 from fedmedbench.training import SGDTrainer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,8 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.cell import Cell
     from fedmedbench.training import ExtraLoss, LocalTrainer
 
-__all__ = ["BACKENDS", "ClientData", "LoopBackend", "choose_backend", "make_backend",
-           "flat_buffers", "load_flat_buffers"]
+__all__ = ["BACKENDS", "ClientData", "LoopBackend", "choose_backend", "make_backend"]
 
 BACKENDS = ("auto", "loop", "vectorized")
 
@@ -179,10 +179,10 @@ class LoopBackend:
         module = self.modules[key]
         factory = self.factory_for(key[0])
         if factory not in self._fresh_buffers:
-            self._fresh_buffers[factory] = flat_buffers(factory())
+            self._fresh_buffers[factory] = get_flat_buffers(factory())
         if not self._fresh_buffers[factory].numel():
             return False
-        load_flat_buffers(module, self._buffers.get(key, self._fresh_buffers[factory]))
+        set_flat_buffers(module, self._buffers.get(key, self._fresh_buffers[factory]))
         return True
 
     # -- the ClientContext service --------------------------------------------
@@ -211,7 +211,7 @@ class LoopBackend:
                     for p in frozen:
                         p.requires_grad_(True)
             if has_buffers:
-                self._buffers[(c, trainer)] = flat_buffers(self.modules[(c, trainer)])
+                self._buffers[(c, trainer)] = get_flat_buffers(self.modules[(c, trainer)])
             self._wipe(c, trainer)
             rows.append(new)
             losses.append(loss)
@@ -300,31 +300,6 @@ class LoopBackend:
 
     def factory_for(self, client: int) -> Callable[[], torch.nn.Module]:
         return self.parts.factory_for(client)
-
-
-def flat_buffers(module: torch.nn.Module) -> torch.Tensor:
-    """The module's floating-point buffers (BatchNorm running mean and
-    variance) as one float32 vector (a copy; empty without any)."""
-    import torch
-
-    bufs = [b.detach().reshape(-1).to(torch.float32) for _, b in module.named_buffers()
-            if b.is_floating_point()]
-    return torch.cat(bufs).clone() if bufs else torch.zeros(0)
-
-
-def load_flat_buffers(module: torch.nn.Module, flat: torch.Tensor) -> None:
-    """Copy ``flat`` (from :func:`flat_buffers`) into the module's buffers."""
-    import torch
-
-    off = 0
-    with torch.no_grad():
-        for _, b in module.named_buffers():
-            if b.is_floating_point():
-                n = b.numel()
-                b.copy_(flat[off:off + n].view_as(b))
-                off += n
-    if off != flat.numel():
-        raise ValueError(f"buffer vector has {flat.numel()} values, the module has {off}")
 
 
 def _freeze(module: torch.nn.Module, trainable: torch.Tensor | None) -> list[Any]:

@@ -503,8 +503,7 @@ class AttackContext:
         tensor), the model also gets that model's running statistics; any
         other vector gets the initial ones (what a server holds of statistics
         it was never sent)."""
-        from fedmedbench.backends import load_flat_buffers
-        from fedmedbench.models import set_flat_params
+        from fedmedbench.models import set_flat_buffers, set_flat_params
 
         m = self.model_factory()
         p = self.final_params if params is None else params
@@ -512,6 +511,6 @@ class AttackContext:
         bufs = self.final_buffers if p is self.final_params else next(
             (self.site_buffers.get(i) for i, q in self.site_params.items() if q is p), None)
         if bufs is not None and bufs.numel():
-            load_flat_buffers(m, bufs)
+            set_flat_buffers(m, bufs)
         m.eval()
         return m

@@ -167,8 +167,8 @@ def sharing_of(alg: Algorithm, ctx: CellContext, facts: CellFacts,
     """The typed description of what each client sends
     (:class:`~fedmedbench.components.Sharing`), from the algorithm's declared
     ``sends``, ``shares`` and :meth:`~fedmedbench.Algorithm.shared_mask`."""
-    from fedmedbench.backends import flat_buffers
     from fedmedbench.meters import calling
+    from fedmedbench.models import get_flat_buffers
 
     layout = ctx.layout
     af = facts.algorithm
@@ -181,7 +181,7 @@ def sharing_of(alg: Algorithm, ctx: CellContext, facts: CellFacts,
             got = alg.shared_mask(ctx)
         if got is not None:
             mask = _checked_mask(got, layout, alg)
-    bufs = int(flat_buffers(factory()).numel())
+    bufs = int(get_flat_buffers(factory()).numel())
     mode = "none" if bufs == 0 else ("local" if af.shares == "part" else "sent")
     fields = tuple(alg.sends) + (("buffers",) if mode == "sent" else ())
     return Sharing(layout, mask, delta=True, buffers=mode, buffer_numel=bufs, fields=fields)
@@ -206,12 +206,11 @@ def _checked_mask(got: Any, layout: Any, alg: Algorithm) -> np.ndarray:
 
 
 def _load(model: Any, params: torch.Tensor, buffers: torch.Tensor | None) -> None:
-    from fedmedbench.backends import load_flat_buffers
-    from fedmedbench.models import set_flat_params
+    from fedmedbench.models import set_flat_buffers, set_flat_params
 
     set_flat_params(model, params)
     if buffers is not None and buffers.numel():
-        load_flat_buffers(model, buffers)
+        set_flat_buffers(model, buffers)
 
 
 def local_received(updates: Updates, i: int) -> Received:
@@ -268,10 +267,10 @@ class Round:
         self.predictions: dict[str, Any] = {}
         #: the global model's, where personal models are scored beside one
         self.global_predictions: dict[str, Any] = {}
-        from fedmedbench.backends import flat_buffers
+        from fedmedbench.models import get_flat_buffers
 
         #: the running statistics of a freshly built model (no training yet)
-        self.buffers0 = flat_buffers(cell.factory())
+        self.buffers0 = get_flat_buffers(cell.factory())
         self.eval_model = cell.factory()
         self.numel = cell.layout.numel
         #: the network twin's virtual clock (:mod:`fedmedbench.clock`; set by the engine);

@@ -10,10 +10,16 @@ were read in or the directories (shards) they came from.
 :func:`terminal_summary` is what ``fedmedbench run`` and ``report`` print (the
 headline of each dataset; every table with ``--verbose``); :func:`legend`
 maps the short labels of tables and figures to full configurations.
+
+This module is public API for reporter plugins (``from fedmedbench.report
+import build``): the names in ``__all__`` -- the report data, the rules the
+tables state, the formatters and the escaping helpers -- are kept stable
+like the rest of ``fedmedbench``'s exports.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -28,6 +34,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from tabulate import tabulate
+
+__all__ = [
+    "AXES", "TIERS", "CHANCE_MARK", "RANKING_RULE", "CI_RULE", "WORST_SITE_RULE",
+    "ATTACK_HEADLINE", "MAX_SITE_COLUMNS", "ReportData", "RecordList", "build", "frame",
+    "legend", "chance_note", "chance_text", "text_tables", "render_text", "terminal_summary",
+    "strip_timings", "record_image", "simulated_network", "natural_key", "md_escape",
+    "csv_safe", "fmt", "fmt_bytes", "fmt_ci", "fmt_eps", "fmt_eps_short", "fmt_p",
+    "fmt_seconds", "fmt_utility"]
 
 AXES = ("dataset", "partitioner", "model", "algorithm", "aggregator", "privacy", "compressor",
         "adversary", "network")
@@ -526,18 +540,6 @@ def _config_text(v: Any) -> str:
 # --------------------------------------------------------------------------
 # aggregation
 # --------------------------------------------------------------------------
-
-
-def _stats(v: pd.Series) -> tuple[float, float, float, int]:
-    """mean, sample std, half-width of the 95% t-interval, count."""
-    x = v.dropna().to_numpy(dtype=float)
-    n = len(x)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    if n == 1:
-        return float(x[0]), math.nan, math.nan, 1
-    sd = float(x.std(ddof=1))
-    return float(x.mean()), sd, float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)), n
 
 
 def natural_key(text: Any) -> tuple[Any, ...]:
@@ -1190,20 +1192,21 @@ class ReportData:
                 "cells": self.cells, "audit_cells": self.audit_cells, "legend": self.legend}
 
 
-_LAST: list[Any] = [None, None]
+class RecordList(list):  # type: ignore[type-arg]
+    """The records handed to reporters: a list that builds its report data
+    once (:attr:`report`), however many reporters write it."""
+
+    @functools.cached_property
+    def report(self) -> ReportData:
+        return _build(list(self))
 
 
 def build(records: list[dict[str, Any]]) -> ReportData:
-    """All report tables from ``records`` (merged, one per cell id).
-
-    Reporters run one after another on the same list: the last result is
-    reused while the very same list object comes again."""
-    key = (len(records), tuple(id(r) for r in records))
-    if _LAST[0] is not None and _LAST[0][0] is records and _LAST[0][1] == key:
-        return _LAST[1]
-    data = _build(records)
-    _LAST[:] = [(records, key), data]
-    return data
+    """All report tables from ``records`` (merged, one per cell id); a
+    :class:`RecordList`'s own, built once."""
+    if isinstance(records, RecordList):
+        return records.report
+    return _build(records)
 
 
 #: the attack keys that hold an audit's verdict (booleans, kept by :func:`frame`)
@@ -1409,7 +1412,7 @@ def fmt_utility(mean: float, sd: float, n: int, *, with_n: bool = True) -> str:
     return f"{mean:.3f} ± {sd:.3f}{tail}"
 
 
-def _chance(text: str, seeds: Any) -> str:
+def chance_text(text: str, seeds: Any) -> str:
     """``text`` with :data:`CHANCE_MARK` when some seed is at chance level."""
     return f"{text} {CHANCE_MARK}" if isinstance(seeds, (int, np.integer)) and seeds > 0 \
         else text
@@ -1506,7 +1509,7 @@ def headline_table(data: ReportData, ds: str, *, width: int | None = None) -> Ta
     for r, e in zip(s.itertuples(), eps):
         row = [short(r.method, width) if width else r.method,
                short(r.privacy, width) if width else r.privacy,
-               _chance(fmt_ci(r.utility_mean, r.utility_ci95), r.chance_seeds),
+               chance_text(fmt_ci(r.utility_mean, r.utility_ci95), r.chance_seeds),
                fmt(r.worst_site_mean), fmt_eps_short(e, r.unit),
                fmt_bytes(r.bytes_per_round), fmt_seconds(getattr(r, "wall_s", math.nan))]
         if att:
@@ -1569,7 +1572,7 @@ def _site_table(data: ReportData, ds: str, metric: str) -> Table | None:
                 r = vals.get(n)
                 if r is None:
                     return "—"
-                return _chance(fmt(r.utility_mean), r.chance_seeds)
+                return chance_text(fmt(r.utility_mean), r.chance_seeds)
 
             worst = vals.get("(worst)")
             rows.append([m, p, *(cell(n) for n in names),
@@ -1746,7 +1749,7 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
                           "vs local", "ε (δ)", "unit", "bytes/round", "s/cell", "vs above",
                           "provenance"],
                          [[r.rank_text, r.method, r.privacy,
-                           _chance(fmt_ci(r.utility_mean, r.utility_ci95), r.chance_seeds),
+                           chance_text(fmt_ci(r.utility_mean, r.utility_ci95), r.chance_seeds),
                            fmt(r.worst_site_mean), _signed(r.worst_site_gain),
                            fmt_eps(r.epsilon, r.delta), fmt(r.unit),
                            fmt_bytes(r.bytes_per_round), fmt_seconds(r.wall_s),
@@ -1759,7 +1762,7 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
             tabs.append(sc)
         privs = sorted(ok["privacy"].unique(), key=lambda p: (p != "none", natural_key(p)))
         methods = list(dict.fromkeys(ok["method"]))
-        cell = {(r.method, r.privacy): _chance(fmt_ci(r.utility_mean, r.utility_ci95),
+        cell = {(r.method, r.privacy): chance_text(fmt_ci(r.utility_mean, r.utility_ci95),
                                                r.chance_seeds)
                 for r in ok.itertuples()}
         grid = [[m, *(cell.get((m, p), "—") for p in privs)] for m in methods]
@@ -1776,7 +1779,7 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
                          ["method", "privacy", metric, "centralized", "local", "Δ centralized",
                           "Δ local", "gap closed", "worst site", "local worst site",
                           "worst site vs local"],
-                         [[r.method, r.privacy, _chance(fmt(r.utility_mean), r.chance_seeds),
+                         [[r.method, r.privacy, chance_text(fmt(r.utility_mean), r.chance_seeds),
                            fmt(r.centralized), fmt(r.local), d(r.vs_centralized, r.p_centralized),
                            d(r.vs_local, r.p_local), fmt(r.gap_closed, 2),
                            fmt(r.worst_site_mean), fmt(r.local_worst_site),
@@ -1814,7 +1817,7 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
         at = _attack_table(data, ds)
         if at:
             tabs.append(at)
-        out[ds] = _mark_chance(tabs, {(r.method, r.privacy) for r in ok.itertuples()
+        out[ds] = _markchance_text(tabs, {(r.method, r.privacy) for r in ok.itertuples()
                                       if r.chance_seeds > 0})
     span: list[Table] = []
     if not data.legend.empty:
@@ -1844,7 +1847,7 @@ def text_tables(data: ReportData) -> dict[str, list[Table]]:
     return out
 
 
-def _mark_chance(tabs: list[Table], at_chance: set[tuple[str, str]]) -> list[Table]:
+def _markchance_text(tabs: list[Table], at_chance: set[tuple[str, str]]) -> list[Table]:
     """Every table's rows of an entry at chance level carry :data:`CHANCE_MARK`:
     on the utility where the table shows one, else on the method."""
     if not at_chance:

@@ -32,6 +32,7 @@ import numpy as np
 from fedmedbench.components import Split
 from fedmedbench.constraints import Range
 from fedmedbench.errors import Diverged
+from fedmedbench.models import add_flat_grad, get_flat_params
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -126,6 +127,8 @@ class RunSettings:
 
 
 def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's rows as float32 features and int64 labels (no copy where
+    the arrays already have those types)."""
     import torch
 
     return torch.as_tensor(split.X, dtype=torch.float32), torch.as_tensor(split.y, dtype=torch.long)
@@ -211,23 +214,6 @@ class LocalTrainer(Protocol):
         ...  # pragma: no cover
 
 
-def flat_params(model: nn.Module) -> torch.Tensor:
-    """The model's parameters as one differentiable flat vector."""
-    import torch
-
-    return torch.cat([p.reshape(-1) for p in model.parameters()])
-
-
-def add_grad_offset(model: nn.Module, offset: torch.Tensor) -> None:
-    """Add the flat ``offset`` to the parameters' ``.grad`` in place."""
-    off = 0
-    for p in model.parameters():
-        k = p.numel()
-        if p.grad is not None:
-            p.grad.add_(offset[off:off + k].view_as(p))
-        off += k
-
-
 def flat_buffer(model: nn.Module) -> torch.Tensor:
     """One flat tensor holding the model's parameters, which become views into
     it (made once per model): loading and reading a client's parameters is
@@ -277,10 +263,11 @@ class SGDTrainer:
             idx = torch.from_numpy(self.stream.next_indices())
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(self.X[idx]), self.y[idx])
-            full = loss + extra_loss(flat_params(model)) if extra_loss is not None else loss
+            full = (loss + extra_loss(get_flat_params(model, grad=True)) if extra_loss is not None
+                    else loss)
             full.backward()
             if grad_offset is not None:
-                add_grad_offset(model, grad_offset)
+                add_flat_grad(model, grad_offset)
             opt.step()
             total += loss.detach()
             count += 1
@@ -291,25 +278,12 @@ def finish_local(model: nn.Module, total: torch.Tensor, count: int,
                  flat: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """(new flat parameters, mean loss) after local steps; raises
     :class:`Diverged` on a non-finite measured loss (checked once per round)."""
-    import torch
-
     mean = float(total) / count if count else float("nan")
     if count and not math.isfinite(mean):
         raise Diverged(f"local training loss became {mean}")
     if flat is not None:
         return flat.detach().clone(), mean
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), mean
-
-
-def train_pooled(model: nn.Module, data: Split, settings: RunSettings, steps: int, *,
-                 seed: int) -> torch.Tensor:
-    """Plain SGD steps on ``data`` from the model's current parameters (shadow
-    models, pretraining); returns the new flat parameters."""
-    from fedmedbench.models import get_flat_params
-
-    tr = SGDTrainer(model, data, settings, seed=seed)
-    new, _ = tr.train(get_flat_params(model), steps)
-    return new
+    return get_flat_params(model), mean
 
 
 def predict_proba(model: nn.Module, X: np.ndarray, *, batch_size: int = 2048) -> np.ndarray:

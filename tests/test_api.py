@@ -247,3 +247,40 @@ def test_readme_quickstart_in_python_equals_the_cli_run(tmp_path, quickstart) ->
         assert row["bytes_up"] == m["cost"]["bytes_up"]
         assert row["bytes_down"] == m["cost"]["bytes_down"]
         assert row["attack:mia-loss:auc"] == m["attacks"]["mia-loss"]["auc"]
+
+
+def test_builtins_import_only_the_public_api() -> None:
+    """DESIGN: a plugin imports what ``fedmedbench`` exports (and libraries);
+    the built-ins are plugins like any other, so none of them imports an
+    engine module (``fedmedbench.training``, ``fedmedbench.report``, ...)
+    directly. Within a family one built-in may build on another
+    (``fedmedbench.plugins.<family>``), never across families; the report
+    model (``fedmedbench.report``) is a public module for reporters."""
+    import ast
+
+    bad = []
+    for path in sorted((ROOT / "plugins").rglob("*.py")):
+        family = path.relative_to(ROOT / "plugins").parts[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for mod in names:
+                parts = mod.split(".")
+                if parts[0] != "fedmedbench":
+                    continue
+                if len(parts) == 1:  # from fedmedbench import name: an exported name
+                    bad += [f"{path.relative_to(ROOT)}:{node.lineno} imports fedmedbench."
+                            f"{a.name}, which fedmedbench does not export"
+                            for a in (node.names if isinstance(node, ast.ImportFrom) else [])
+                            if a.name not in fmb.__all__]
+                    continue
+                if parts[1] == "plugins" and len(parts) > 2 and parts[2] == family:
+                    continue
+                if len(parts) == 2 and parts[1] in fmb.__all__:  # a public module (report)
+                    continue
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {mod}")
+    assert bad == [], "\n".join(bad)

@@ -520,3 +520,15 @@ def test_the_record_names_preprocessing_done_outside_the_federation():
         {"name": "bladderbatch", "n_genes": 50, "scaling": "site"}))
     assert site == [] and len(pooled) == 1 and "pooled training rows" in pooled[0]
     assert len(genes) == 1 and "variance" in genes[0]
+
+
+def test_synthetic_imaging_offers_the_cnn_models_choices():
+    """synthetic-imaging states the cnn model's activation and pooling choices
+    itself (families never import each other): they must stay the same."""
+    from fedmedbench.constraints import rules_of
+    from fedmedbench.plugins.datasets.synthetic_imaging import SyntheticImaging
+    from fedmedbench.plugins.models.architectures import CNNModel
+
+    data, cnn = rules_of(SyntheticImaging), rules_of(CNNModel)
+    assert data["model_act"].choices == cnn["act"].choices
+    assert data["model_pool"].choices == cnn["pool"].choices

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedmedbench import get_flat_params
+
 
 def distill(model: nn.Module, X: torch.Tensor, teacher: torch.Tensor, *, steps: int,
             lr: float, batch_size: int, temperature: float,
@@ -22,4 +24,4 @@ def distill(model: nn.Module, X: torch.Tensor, teacher: torch.Tensor, *, steps: 
         loss = nn.functional.kl_div(log_p, teacher[idx], reduction="batchmean")
         (loss * temperature * temperature).backward()
         opt.step()
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    return get_flat_params(model)

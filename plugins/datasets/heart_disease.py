@@ -42,9 +42,9 @@ from fedmedbench import (
     Task,
     cached_arrays,
     check_card_files,
+    sha256_file,
     shipped_file,
 )
-from fedmedbench.datafiles import sha256_file
 from fedmedbench.plugins.datasets._common import POOLED_NOTE, Scaling, read_csv
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -22,8 +22,16 @@ from typing import Literal
 
 import numpy as np
 
-from fedmedbench import DataError, Dataset, FederatedData, Site, Split, Task, verify_checksum
-from fedmedbench.datafiles import inspect_npz
+from fedmedbench import (
+    DataError,
+    Dataset,
+    FederatedData,
+    Site,
+    Split,
+    Task,
+    inspect_npz,
+    verify_checksum,
+)
 
 ENV = "FEDMEDBENCH_MEDMNIST_DIR"
 SPLITS = ("train", "val", "test")

@@ -25,21 +25,24 @@ sigmoid LeNet that downsamples by stride, not pooling).
 from __future__ import annotations
 
 import typing
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 
 from fedmedbench import Dataset, FederatedData, Range, Seed, Site, Split, Task
 from fedmedbench.plugins.datasets._common import split_indices
-from fedmedbench.plugins.models.architectures import CnnAct, CnnPool
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
 HARMONICS = np.arange(2, 10)
-#: the default SmallCNN's activations and downsamplings (those of the ``cnn`` model)
-MODEL_ACTS: tuple[str, ...] = typing.get_args(CnnAct)
-MODEL_POOLS: tuple[str, ...] = typing.get_args(CnnPool)
+#: the default model's activations and downsamplings: the ``cnn`` model's choices,
+#: stated again here because plugin families never import each other
+#: (tests/test_datasets.py checks that they stay the same)
+ModelAct = Literal["relu", "sigmoid", "tanh"]
+ModelPool = Literal["max", "avg", "none"]
+MODEL_ACTS: tuple[str, ...] = typing.get_args(ModelAct)
+MODEL_POOLS: tuple[str, ...] = typing.get_args(ModelPool)
 
 
 class SyntheticImaging(Dataset):
@@ -85,9 +88,9 @@ class SyntheticImaging(Dataset):
                  acquisition_shift: Annotated[float, Range(ge=0)] = 1.0,
                  label_alpha: Annotated[float, Range(gt=0)] = 2.0,
                  test_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.25, data_seed: Seed = 0,
-                 model_act: CnnAct = "relu",
+                 model_act: ModelAct = "relu",
                  model_width: Annotated[int, Range(ge=4, le=1024)] = 8,
-                 model_pool: CnnPool = "max") -> None:
+                 model_pool: ModelPool = "max") -> None:
         if image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {image_size!r}")
         if model_width % 4:

@@ -55,10 +55,14 @@ from fedmedbench import (
     PrivacyMechanism,
     Range,
     Split,
+    add_flat_grad,
     epsilon_for,
+    finish_local,
+    get_flat_params,
     noise_for_epsilon,
+    set_flat_params,
+    to_tensors,
 )
-from fedmedbench.training import add_grad_offset, finish_local, flat_params, to_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -288,7 +292,6 @@ class OpacusTrainer:
         import torch
         from torch import nn
 
-        from fedmedbench.models import set_flat_params
 
         model, opt = self.model, self.optimizer
         inner = model._module
@@ -309,13 +312,13 @@ class OpacusTrainer:
                 self._add_canaries(inner)
             if opt.pre_step():  # clip, noise, scale; the accountant counts the step
                 if extra_loss is not None:
-                    extra = torch.autograd.grad(extra_loss(flat_params(inner)), plist,
+                    extra = torch.autograd.grad(extra_loss(get_flat_params(inner, grad=True)), plist,
                                                 allow_unused=True)
                     for p, g in zip(plist, extra):
                         if g is not None:
                             p.grad = g if p.grad is None else p.grad + g
                 if grad_offset is not None:
-                    add_grad_offset(inner, grad_offset)
+                    add_flat_grad(inner, grad_offset)
                 opt.original_optimizer.step()
         return finish_local(inner, total, count)
 

@@ -856,7 +856,7 @@ def render(data: ReportData, stem: str, fmt: str) -> bytes:
 
 def write_figures(records: list[dict], out_dir: Path, formats: tuple[str, ...]) -> list[Path]:
     """Every figure of the report as ``figures/<stem>.<format>``."""
-    from fedmedbench.fileio import output_dir, write_output
+    from fedmedbench import output_dir, write_output
 
     output_dir(Path(out_dir), "figures")  # refused if a link, before anything is drawn
     paths = []

@@ -179,7 +179,7 @@ WRAP_HEADERS = {"provenance", "reason", "value", "configuration", "message", "no
 
 
 def _e(s: object) -> str:
-    from fedmedbench.errors import printable
+    from fedmedbench import printable
 
     return html.escape(printable(str(s)), quote=True)
 
@@ -331,6 +331,6 @@ def page(data: ReportData, *, title: str = "fedmedbench leaderboard") -> str:
 
 def write_html(records: list[dict], out_dir: Path, *, title: str) -> list[Path]:
     """The page of :func:`page` as ``index.html``."""
-    from fedmedbench.fileio import write_output
+    from fedmedbench import write_output
 
     return [write_output(Path(out_dir), "index.html", page(build(records), title=title))]

@@ -43,9 +43,9 @@ from fedmedbench.report import (
     CHANCE_MARK,
     TIERS,
     ReportData,
-    _chance,
     build,
     chance_note,
+    chance_text,
     fmt,
     fmt_bytes,
     fmt_ci,
@@ -115,7 +115,7 @@ def leaderboard_rows(data: ReportData, ds: str, tier: str,
         rows.append([
             r.rank_text + (" ⚠" if flagged else ""), r.method, r.privacy,
             f"S{sub.get('index', '?')} {sub.get('short', '?')}",
-            _chance(fmt_ci(r.utility_mean, r.utility_ci95), r.chance_seeds),
+            chance_text(fmt_ci(r.utility_mean, r.utility_ci95), r.chance_seeds),
             fmt(r.worst_site_mean),
             fmt_eps(r.epsilon, r.delta) if c is None or c.protected is not False
             else "— (not protected)",
@@ -321,7 +321,7 @@ def results_page(records: list[dict[str, Any]]) -> str:
 
 def write_site(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """The site's pages (none when no record carries ``_track``)."""
-    from fedmedbench.fileio import write_output
+    from fedmedbench import write_output
 
     by: dict[str, list[dict[str, Any]]] = {}
     meta: dict[str, dict[str, Any]] = {}

@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedmedbench.fileio import write_output
+from fedmedbench import write_output
 from fedmedbench.report import RANKING_RULE, ReportData, build, csv_safe, md_escape, render_text
 
 REPORT_SCHEMA = "fedmedbench.report/1"
