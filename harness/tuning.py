@@ -174,6 +174,10 @@ def _entry(cfg: dict[str, Any], axis: str) -> Any:
         return v if len(v) != 1 else v[0]
     if axis == "network":  # not in the config: the default network; None: the twin off
         return "none" if axis in cfg and v is None else (v or "uniform")
+    if v is None:  # the axis's default ("default": the dataset's own model, partitioner)
+        from fedmedbench.matrix import AXIS_DEFAULTS
+
+        return AXIS_DEFAULTS.get(axis, [None])[0]
     return v
 
 

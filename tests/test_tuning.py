@@ -89,7 +89,8 @@ def test_tune_groups_keep_their_own_run_tables(tmp_path: Path):
     that apply to it, and its published cells keep them."""
     mfile = tmp_path / "m.toml"
     mfile.write_text(MATRIX.replace('privacy = [{ name = "dp-sgd", epsilon = 3.0 }]',
-                                    'privacy = ["none", { name = "dp-sgd", epsilon = 3.0 }]')
+                                    'privacy = ["none", { name = "dp-sgd", epsilon = 3.0 }]\n'
+                                    'model = ["default"]')
                      .replace("rounds = 2", "rounds = 1")
                      + "[run.dp-sgd]\nlocal_steps = 3\n")
     out = tmp_path / "out"
