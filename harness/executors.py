@@ -157,7 +157,7 @@ def execute(cells: Iterable[dict[str, Any]], results_dir: Path, *, executor: str
 def default_workers() -> int:
     """The default worker count of the process executor and of a local dask
     cluster: one per CPU core, less one core for the driver, at least one.
-    Measured on a 2-core machine (README, "The command line"): the quickstart
+    Measured on a 2-core machine (docs/cli.md): the quickstart
     took 41-42 s with one worker and 50-63 s with two, which compete with the
     driver and each other for the two cores (in-process: 35-37 s)."""
     return max(1, (os.cpu_count() or 1) - 1)

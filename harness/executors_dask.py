@@ -1,6 +1,6 @@
 """The ``dask`` executor: cells on dask.distributed workers.
 
-Three ways to get workers (README, "Many machines"):
+Three ways to get workers (docs/running.md, "Many machines"):
 
 - no address: a ``LocalCluster`` on this machine, ``workers`` worker
   processes with one thread each (their nannies live in the driver, the
