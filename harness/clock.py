@@ -450,7 +450,8 @@ class Twin:
         """(online, offline) of the round's sampled clients at its start."""
         if not self.drops:
             return list(clients), []
-        on, off = [], []
+        on: list[int] = []
+        off: list[int] = []
         for c in clients:
             (on if c < len(self.avail) and self.avail[c].online(self.now) else off).append(c)
         return on, off
@@ -562,7 +563,7 @@ class Twin:
         presets: dict[str, int] = {}
         for p in self.profiles:
             presets[p.preset] = presets.get(p.preset, 0) + 1
-        kinds = {}
+        kinds: dict[str, Any] = {}
         for p in self.profiles:
             kinds.setdefault(p.preset, p.describe())
         return {

@@ -491,7 +491,7 @@ def privacy_text(records: list[dict[str, Any]]) -> str:
     parts = []
     for spec in cfg if isinstance(cfg, list) else [cfg]:
         spec = _d(spec)
-        m = _d(mechs.get(spec.get("name")))
+        m = _d(mechs.get(str(spec.get("name"))))
         solved = m.get("target_epsilon") is not None or "per_site" in m
         params = ", ".join(
             f"{k}={json.dumps(x, default=str, ensure_ascii=False)}"
@@ -1930,12 +1930,14 @@ def fit_table(headers: list[str], rows: list[list[str]], width: int
             legend[key] = text
             rows = [[key if (j in label_cols and c == text) else c for j, c in enumerate(r)]
                     for r in rows]
-    hblocks, rblocks = [headers], [rows]
+    hblocks: list[Any] = [headers]
+    rblocks: list[Any] = [rows]
     if wide(headers, rows) > width:
         lead = label_cols[:2]
         fixed = (list(range(max(lead) + 1)) if lead and max(lead) < 4 else lead) or [0]
         rest = [j for j in range(len(headers)) if j not in fixed]
-        hblocks, rblocks, cur = [], [], []
+        hblocks, rblocks = [], []
+        cur: list[int] = []
         for j in rest:
             trial = fixed + cur + [j]
             if cur and wide([headers[i] for i in trial], [[r[i] for i in trial]

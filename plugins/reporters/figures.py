@@ -70,7 +70,7 @@ from fedmedbench.report import (
     simulated_network,
 )
 
-RC = {"svg.hashsalt": "fedmedbench", "svg.fonttype": "path", "font.size": 9,
+RC: dict[str, Any] = {"svg.hashsalt": "fedmedbench", "svg.fonttype": "path", "font.size": 9,
       "axes.spines.top": False, "axes.spines.right": False, "legend.fontsize": 8,
       "axes.titlesize": 9, "figure.titlesize": 10}
 #: entries (method × privacy) drawn per figure before it keeps the top ones by utility
@@ -175,7 +175,7 @@ class Encoding:
             st.update(color="0.35", mec="0.35" if st["mfc"] == "white" else "white",
                       mfc="white" if st["mfc"] == "white" else "0.35")
             handles.append(Line2D([], [], ls="", label=f"privacy: {p}", **st))
-        ncol = legend_columns([h.get_label() for h in handles], fig.get_figwidth())
+        ncol = legend_columns([str(h.get_label()) for h in handles], fig.get_figwidth())
         fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False,
                    title=wrap(heading, fig.get_figwidth() - 0.3, 8), title_fontsize=8)
 
@@ -385,11 +385,13 @@ def _attacks(data: ReportData, ds: str) -> Figure | None:
         metric = next((m for m in ATTACK_HEADLINE if m in set(g["metric"])),
                       sorted(g["metric"])[0])
         g = g[g["metric"] == metric]
-        for u in _units(g) or [None]:
+        units: list[str | None] = list(_units(g)) or [None]
+        for u in units:
             panels.append((name, metric, u, g))
         if "tpr_at_0.1pct_fpr" in set(a[a["attack"] == name]["metric"]):
             gt = a[(a["attack"] == name) & (a["metric"] == "tpr_at_0.1pct_fpr")]
-            for u in _units(gt) or [None]:
+            tunits: list[str | None] = list(_units(gt)) or [None]
+            for u in tunits:
                 panels.append((name, "tpr_at_0.1pct_fpr", u, gt))
     ncol = min(3, len(panels))
     nrow = math.ceil(len(panels) / ncol)
@@ -727,7 +729,8 @@ def _image_grid(res: dict[str, Any], rec: dict[str, Any]) -> np.ndarray | None:
     ready = res.get("images")
     if isinstance(ready, str):
         return _read_png(record_image(rec, ready))
-    tops, bottoms = [], []
+    tops: list[np.ndarray] = []
+    bottoms: list[np.ndarray] = []
     for o, r in _png_pairs(res)[:6]:
         a, b = _read_png(record_image(rec, o)), _read_png(record_image(rec, r))
         if a is None or b is None:
@@ -761,15 +764,15 @@ def _reconstructions(data: ReportData, ds: str) -> Figure | None:
         for name, res in sorted(((r.get("metrics") or {}).get("attacks") or {}).items()):
             if not isinstance(res, dict) or "not_applicable" in res or "failed" in res:
                 continue
-            grid = _image_grid(res, r)
-            if grid is None:
+            image = _image_grid(res, r)
+            if image is None:
                 continue
             psnr = res.get("psnr")
             lab = "\n".join([*textwrap.wrap(_entry(meta[1], meta[2]), 36),
                              f"{name}, seed {meta[3]}",
                              *([f"PSNR {psnr:.1f} dB"] if isinstance(psnr, (int, float))
                                and not isinstance(psnr, bool) else [])])
-            rows.append((lab, grid))
+            rows.append((lab, image))
             if len(rows) == 8:
                 break
     if not rows:
@@ -826,7 +829,7 @@ def figures(data: ReportData) -> dict[str, tuple[str, str, Figure]]:
     if "figures" in data.cache:
         return data.cache["figures"]
     out = {}
-    with matplotlib.rc_context(RC):
+    with matplotlib.rc_context(RC):  # type: ignore[arg-type]
         for ds in data.datasets:
             for kind, fn in KINDS.items():
                 fig = fn(data, ds)
@@ -847,7 +850,7 @@ def render(data: ReportData, stem: str, fmt: str) -> bytes:
     if key not in data.cache:
         fig = figures(data)[stem][2]
         buf = io.BytesIO()
-        with matplotlib.rc_context(RC):
+        with matplotlib.rc_context(RC):  # type: ignore[arg-type]
             meta = {"Date": None} if fmt == "svg" else {"Software": None}
             fig.savefig(buf, format=fmt, dpi=110, metadata=meta)
         data.cache[key] = buf.getvalue()

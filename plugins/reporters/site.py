@@ -86,7 +86,7 @@ def entry_submissions(records: list[dict[str, Any]], data: ReportData
                       ) -> dict[tuple[str, str], dict[str, Any]]:
     """``{(method, privacy): _submission}`` of the entries of ``data``."""
     byid = {str(r.get("cell_id")): r.get("_submission") or {} for r in records}
-    out = {}
+    out: dict[tuple[str, str], Any] = {}
     for cid, m, p in zip(data.cells["cell_id"], data.cells["method"], data.cells["privacy"]):
         out.setdefault((m, p), byid.get(cid, {}))
     return out
