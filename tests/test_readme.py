@@ -21,15 +21,22 @@ def test_ci_runs_the_readme_test_command():
     assert cmds[1] in ci
 
 
-def test_the_readme_is_a_tutorial_under_300_lines():
+def test_the_readme_is_a_tutorial_under_350_lines():
     lines = README.splitlines()
-    assert len(lines) <= 300, len(lines)
+    assert len(lines) <= 350, len(lines)
     heads = [ln for ln in lines if ln.startswith("## ")]
     for want in ("## The two commands", "## The quickstart, and how to read it",
                  "## Tracks and the leaderboard", "## Where to go next"):
         assert want in heads, heads
-    # reference lives in docs/: no plugin table, no option-by-option CLI text here
+    # reference lives in docs/ (parameters, option-by-option CLI text); the README
+    # names every built-in plugin by family
     assert "BEGIN PLUGIN TABLE" not in README and "--cell-timeout" not in README
+    from fedmedbench.registry import get_registry
+
+    table = README[README.index("## Built-in plugins"):README.index("## Running a study")]
+    for info in get_registry().all():
+        if info.distribution == "fedmedbench":
+            assert f"| {info.family} |" in table and f"`{info.name}`" in table, info.name
     for placeholder in ("QUICKSTART_", "TRACK_TIMES"):
         assert placeholder not in README
 
