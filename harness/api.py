@@ -303,11 +303,12 @@ def record_versions(rec: dict[str, Any]) -> dict[str, str]:
     (``provenance.fedmedbench``) and those of the plugins its config names
     (``config.versions``)."""
     out: dict[str, str] = {}
-    cfg = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    cfg: dict[str, Any] = rec["config"] if isinstance(rec.get("config"), dict) else {}
     vs = cfg.get("versions")
     if isinstance(vs, dict):
         out.update({str(k): str(v) for k, v in vs.items() if v})
-    prov = rec.get("provenance") if isinstance(rec.get("provenance"), dict) else {}
+    prov: dict[str, Any] = (rec["provenance"] if isinstance(rec.get("provenance"), dict)
+                            else {})
     if isinstance(prov.get("fedmedbench"), str) and prov["fedmedbench"]:
         out["fedmedbench"] = prov["fedmedbench"]
     return out
@@ -359,7 +360,7 @@ def check_duplicates(records: list[dict[str, Any]], origin: dict[str, list[str]]
 
     first: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in records:
-        cfg = r.get("config") if isinstance(r.get("config"), dict) else {}
+        cfg: dict[str, Any] = r["config"] if isinstance(r.get("config"), dict) else {}
         # an audit cell (canaries in its training) is its entry's, never one of its seeds
         key = (*(_label(r, a) for a in AXES), backend_of(r), repr(cfg.get("seed")),
                is_audit_cell(r))

@@ -83,13 +83,15 @@ class BatchedModel:
         kind = type(sub).__name__
         w = self._param(params, f"{target}.weight")
         b = self._param(params, f"{target}.bias")
-        if kind == "Linear":
+        if kind in ("Linear", "Conv2d") and w is None:
+            raise ValueError(f"{kind} layer '{target}' has no weight")
+        if kind == "Linear" and w is not None:
             lead = x.shape[1:-1]
             flat = x.reshape(k, -1, x.shape[-1])
             y = torch.bmm(flat, w.transpose(1, 2)) if b is None else \
                 torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))
             return y.reshape(k, *lead, w.shape[1])
-        if kind == "Conv2d":
+        if kind == "Conv2d" and w is not None:
             B = x.shape[1]
             cin, h, wd = x.shape[2], x.shape[3], x.shape[4]
             xx = x.transpose(0, 1).reshape(B, k * cin, h, wd)

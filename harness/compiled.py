@@ -88,6 +88,7 @@ class _Linear(_Op):
 
     def __init__(self, w: int, b: int | None) -> None:
         super().__init__()
+        self.w = w
         self.params = (w, b)
 
     def forward(self, xs, P):
@@ -522,12 +523,18 @@ def _module_op(sub: Any, target: str, index: dict[str, int]) -> _Op:
             raise _Unsupported(f"{label}: parameter {name} is not a trainable parameter")
         return index[q]
 
+    def weight(name: str) -> int:
+        i = param(name)
+        if i is None:
+            raise _Unsupported(f"{label}: no {name}")
+        return i
+
     if type(sub) is nn.Linear:
-        return _Linear(param("weight"), param("bias"))
+        return _Linear(weight("weight"), param("bias"))
     if type(sub) is nn.Conv2d:
         if sub.padding_mode != "zeros" or isinstance(sub.padding, str):
             raise _Unsupported(f"{label} with padding {sub.padding!r}, mode {sub.padding_mode}")
-        return _Conv2d(param("weight"), param("bias"), _pair(sub.stride), _pair(sub.padding),
+        return _Conv2d(weight("weight"), param("bias"), _pair(sub.stride), _pair(sub.padding),
                        _pair(sub.dilation), int(sub.groups))
     if type(sub) in (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU):
         # an ``inplace`` flag changes nothing here: every output has its own buffer
@@ -610,7 +617,7 @@ def _structure(module: torch.nn.Module) -> Any:
     plain = (int, float, str, bool, type(None))
     out = []
     for name, m in module.named_modules():
-        attrs = []
+        attrs: list[tuple[str, Any]] = []
         for key, v in vars(m).items():
             if key in ("_parameters", "_buffers", "_modules"):
                 continue
@@ -872,8 +879,8 @@ class CompiledTrainer:
         self.model = model
         # wide layers' weights stored as (k, in, out): batched products with W^T
         # contiguous are faster there (MKL, measured), narrow heads keep (k, out, in)
-        lin = {op.params[0] for op, _ in model.ops
-               if isinstance(op, _Linear) and min(params[op.params[0]].shape[1:]) >= 32}
+        lin = {op.w for op, _ in model.ops
+               if isinstance(op, _Linear) and min(params[op.w].shape[1:]) >= 32}
         self.P = []
         for j, p in enumerate(params):
             p = p.detach()

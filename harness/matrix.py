@@ -602,13 +602,13 @@ def parse_label(text: str, where: str) -> dict[str, Any]:
                           f"table: {{ {table} }}")
     ok = t.endswith(")") and "(" in t
     name, inner = (t[:t.index("(")], t[t.index("(") + 1:-1]) if ok else (t, "")
-    items = _split_top(inner, ",") if ok and inner else ([] if ok else None)
-    if not ok or items is None or not name.strip():
+    split = _split_top(inner, ",") if ok and inner else ([] if ok else None)
+    if not ok or split is None or not name.strip():
         raise ConfigError(f"{where}: {text!r} cannot be read as a component: write a name "
                           f"(\"fedprox\"), the label form \"fedprox(mu=0.1)\", or a table "
                           f"{{ name = \"fedprox\", mu = 0.1 }}")
     spec: dict[str, Any] = {"name": name.strip()}
-    for it in items:
+    for it in split:
         k, eq, val = it.partition("=")
         k = k.strip()
         if not eq or not k.isidentifier() or k == "name" or k in spec:
@@ -712,7 +712,9 @@ _SYMBOL_ORDER = ("ε", "σ", "C", "δ", "μ")
 
 def _split_top(text: str, sep: str) -> list[str] | None:
     """``text`` split at ``sep`` outside brackets; ``None`` if brackets do not balance."""
-    out, depth, cur = [], 0, []
+    out: list[str] = []
+    depth = 0
+    cur: list[str] = []
     for ch in text:
         if ch in "([{":
             depth += 1
@@ -985,7 +987,7 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
                           f"{comps['algorithm']['name']}: {'; '.join(problems)}")
     # how clients train is part of what a cell is: backends may differ (float order, batching)
     backend = m.execution.get("backend", "auto")
-    extra = ({"headline_adversary": m.headline_adversary}
+    extra: dict[str, Any] = ({"headline_adversary": m.headline_adversary}
              if m.headline_adversary != "server" else {})
     if network is None or net_cfg is not None:  # the default network leaves no key: the cell
         extra["network"] = net_cfg  # is the one of before the twin (same id, same numbers)

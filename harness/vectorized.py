@@ -229,7 +229,7 @@ class VectorBackend(LoopBackend):
         else:
             self.X, self.y = torch.zeros(0), torch.zeros(0, dtype=torch.long)
         self.vlocal = (parts.local.vector_steps(self.ctx) if parts.local is not None else None)
-        self.streams: dict[int, Any] = {}
+        self.streams: dict[tuple[int, str], Any] = {}
         self.compiled: Any = None
         self.twin: Any = None
         self.kernel_reason: str | None = None
@@ -313,7 +313,7 @@ class VectorBackend(LoopBackend):
                            count=len(idx))
         width = max(1, int(lens.max(initial=0)))
         if int(lens.min(initial=0)) == width:  # every client a full batch: one stack
-            rows = np.stack(idx)
+            rows = np.stack([i for i in idx if i is not None])
         else:
             rows = np.zeros((len(clients), width), dtype=np.int64)
             for j, i in enumerate(idx):
@@ -371,9 +371,9 @@ class VectorBackend(LoopBackend):
         start = np.cumsum(sizes) - sizes
         flat = np.zeros(int(sizes.sum()), dtype=np.int64)  # one-row clients: row 0
         if parts:
-            got = sizes[drawn]
-            flat[np.repeat(start[drawn] - (np.cumsum(got) - got), got)
-                 + np.arange(int(got.sum()))] = np.concatenate(parts)
+            drawn_sizes = sizes[drawn]
+            flat[np.repeat(start[drawn] - (np.cumsum(drawn_sizes) - drawn_sizes), drawn_sizes)
+                 + np.arange(int(drawn_sizes.sum()))] = np.concatenate(parts)
         per_epoch = np.maximum(-(-n // bs), 1)
         t = np.arange(S)[:, None]
         e, q = np.divmod(first + t, per_epoch)  # (S, k): epoch and batch within it
@@ -556,8 +556,8 @@ class VectorBackend(LoopBackend):
 
             tr.grad_hook = hook
         fixed = [(tr.P[j], tr.P[j].clone()) for j in frozen]
-        act_np = np.arange(rows.shape[0])[:, None] < np.asarray(steps)
-        every = act_np.all(axis=1).tolist()
+        act_np: np.ndarray = np.less(np.arange(rows.shape[0])[:, None], np.asarray(steps))
+        every = [bool(v) for v in np.atleast_1d(act_np.all(axis=1))]
         act = torch.from_numpy(act_np).to(dev)
         losses = []
         for s, (X, Y, M) in enumerate(self._batches(rows, valid, lens)):
