@@ -394,7 +394,7 @@ def _brief(v: Any) -> str:
 def plan(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
          select: Iterable[str] | None = None, shard: str | None = None,
          backend: str | None = None, max_cells: int | None = None,
-         isolate_attacks: bool = False) -> Matrix:
+         isolate_attacks: bool = False, device: str | None = None) -> Matrix:
     """Parse and validate a matrix, with the slices and settings of a run,
     without running anything (what :func:`run` and ``--dry-run`` start from).
 
@@ -418,6 +418,11 @@ def plan(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
     isolate_attacks
         Run each cell's attacks in a separate process that receives only
         the serialized attack context (as ``[evaluate] isolate = true``).
+    device
+        ``cpu`` (the default and the reference), ``cuda`` or ``auto`` (CUDA
+        when torch sees one): where the vectorized backend trains (as
+        ``[run] device``). A device other than the CPU is part of the cell
+        ids.
 
     Returns
     -------
@@ -443,13 +448,22 @@ def plan(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
         raise ConfigError(f"--max-cells {max_cells}: must be at least 1")
     if shard is not None:
         m.set_shard(shard)
-    if backend is not None:  # how clients train: part of the cell ids (results may differ)
-        from fedmedbench.matrix import EXECUTION_KEYS
+    from fedmedbench.matrix import EXECUTION_KEYS
 
-        if backend not in EXECUTION_KEYS["backend"]:
-            raise ConfigError(f"backend {backend!r}; choose one of "
-                              f"{', '.join(EXECUTION_KEYS['backend'])}")
-        m.execution["backend"] = backend
+    # how and where clients train: part of the cell ids (results may differ)
+    for key, value in (("backend", backend), ("device", device)):
+        if value is None:
+            continue
+        if value not in EXECUTION_KEYS[key]:
+            raise ConfigError(f"{key} {value!r}; choose one of "
+                              f"{', '.join(EXECUTION_KEYS[key])}")
+        m.execution[key] = value
+    if m.execution.get("device") == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device cuda: torch {torch.__version__} sees no CUDA device "
+                              f"here; use --device cpu (the reference) or auto")
     if isolate_attacks:
         m.execution["isolate_attacks"] = True
     m.check_size(max_cells or MAX_CELLS)
@@ -463,7 +477,8 @@ def run(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
         backend: str | None = None, select: Iterable[str] | None = None,
         shard: str | None = None, max_cells: int | None = None, force: bool = False,
         wait: bool = False, skip_invalid: bool = False, progress: bool = True,
-        quiet: bool = False, isolate_attacks: bool = False) -> Results:
+        quiet: bool = False, isolate_attacks: bool = False,
+        device: str | None = None) -> Results:
     """Run a matrix and return its results; ``fedmedbench run`` is this.
 
     Cells already done in ``out`` (an ``ok`` record) are not run again
@@ -504,6 +519,9 @@ def run(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
         Print nothing on stderr (no run header, no notices, no bars).
     isolate_attacks
         Each cell's attacks in a separate process (``[evaluate] isolate``).
+    device
+        Where the vectorized backend trains: ``cpu`` (default), ``cuda`` or
+        ``auto`` (as ``[run] device``; see :func:`plan`).
 
     Returns
     -------
@@ -527,7 +545,7 @@ def run(matrix: str | Path | dict[str, Any] | Matrix | None = None, *,
 
     say: Callable[[str], None] = (lambda msg: None) if quiet else _stderr
     m = plan(matrix, select=select, shard=shard, backend=backend, max_cells=max_cells,
-             isolate_attacks=isolate_attacks)
+             isolate_attacks=isolate_attacks, device=device)
     settings = resolve_settings(m.executor, executor=executor, workers=workers,
                                 scheduler=scheduler,
                                 cluster=None if cluster is None else str(cluster),

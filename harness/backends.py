@@ -378,10 +378,12 @@ def choose_backend(cell: Cell, requested: str, *, batch_norm: bool = False) -> t
         "every component of the cell runs vectorized")
 
 
-def make_backend(name: str, parts: ClientData) -> LoopBackend:
-    """The backend ``name`` over the clients' ``parts``."""
+def make_backend(name: str, parts: ClientData, *, device: str = "cpu") -> LoopBackend:
+    """The backend ``name`` over the clients' ``parts``; ``device`` is where
+    the vectorized backend trains (``cpu``, the default and the reference,
+    ``cuda`` or ``cuda:N``); the loop backend trains on the CPU."""
     if name == "vectorized":
         from fedmedbench.vectorized import VectorBackend
 
-        return VectorBackend(parts)
+        return VectorBackend(parts, device=device)
     return LoopBackend(parts)

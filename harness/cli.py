@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default=None, choices=["auto", "loop", "vectorized"],
                    help="how clients train: auto (vectorized when every component of a cell "
                         "can, else loop; the default, or [run] backend), loop, vectorized")
+    r.add_argument("--device", default=None, choices=["cpu", "auto", "cuda"],
+                   help="where the vectorized backend trains: cpu (the default, or [run] "
+                        "device; the reference), cuda, auto (CUDA when torch sees one); a "
+                        "device other than the CPU is part of the cell ids")
     r.add_argument("--shard", default=None, metavar="I/N",
                    help="run only the cells whose id falls in shard I of N "
                         "(int(cell_id, 16) %% N == I-1); merge shards with `report`")
@@ -310,7 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                "cell_timeout": args.cell_timeout}
     if args.dry_run:
         m = plan(args.matrix, select=args.select, shard=args.shard, backend=args.backend,
-                 max_cells=args.max_cells)
+                 max_cells=args.max_cells, device=args.device)
         resolve_settings(m.executor, **options)
         return _dry_run(m, Path(args.out), force=args.force)
     try:
@@ -318,7 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       backend=args.backend, max_cells=args.max_cells, force=args.force,
                       wait=args.wait, skip_invalid=args.skip_invalid,
                       progress=not args.no_progress, isolate_attacks=args.isolate_attacks,
-                      **options)
+                      device=args.device, **options)
     except OutputError as exc:
         _error(exc)
         return 1

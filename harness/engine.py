@@ -64,7 +64,7 @@ class Training:
     history, and the referee's evaluation. The engine's own object: no
     component is handed it."""
 
-    def __init__(self, cell: Cell, *, backend: str, clock: Clock) -> None:
+    def __init__(self, cell: Cell, *, backend: str, clock: Clock, device: str = "cpu") -> None:
         from fedmedbench.facts import ModelFacts
 
         self.cell = cell
@@ -76,7 +76,7 @@ class Training:
         self.stages = Stages(clock, [self.bytes, self.views])
         mfacts = ModelFacts.of(cell.model.name, cell.factory())
         self.clients = Clients(cell, self.stages, requested_backend=backend,
-                               batch_norm=bool(mfacts.batch_norm))
+                               batch_norm=bool(mfacts.batch_norm), device=device)
         ctx = cell.clients_ctx
 
         def transport_bytes() -> int:
@@ -596,10 +596,12 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
             _observe(hooks.on_cell_start, cell=cell)
             built = build_cell(cell, reg, setup_clock=clock.seconds)
             record["protocol"] = built.setting.name
-            training = Training(built, backend=str(cell.get("backend") or "auto"), clock=clock)
+            training = Training(built, backend=str(cell.get("backend") or "auto"), clock=clock,
+                                device=str(cell.get("device") or "cpu"))
             record["history"] = training.history
             record["backend"] = {"name": training.clients.backend_name,
-                                 "reason": training.clients.backend_reason}
+                                 "reason": training.clients.backend_reason,
+                                 "device": training.clients.device}
             if hasattr(training.clients.backend, "kernel"):
                 record["backend"]["kernel"] = training.clients.backend.kernel
             try:

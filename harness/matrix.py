@@ -68,7 +68,9 @@ FAMILY_OF_AXIS = {a: a for a in AXES}
 OPTIONAL_AXES = ("privacy", "compressor", "adversary")
 #: options in [run] that choose how a cell runs; the backend is also part of the cell's
 #: config and id, because its numbers may differ from another backend's (issue 23)
-EXECUTION_KEYS = {"backend": ("auto", "loop", "vectorized")}
+#: The device too (``auto``: CUDA when torch sees one, else the CPU; it enters the config
+#: and id resolved, and only when it is not the CPU, so CPU cells keep their ids).
+EXECUTION_KEYS = {"backend": ("auto", "loop", "vectorized"), "device": ("cpu", "auto", "cuda")}
 AXIS_DEFAULTS: dict[str, list[Any]] = {
     "partitioner": ["default"],
     "model": ["default"],
@@ -710,6 +712,16 @@ VALUE_ABBREVIATIONS: dict[str, str] = {"distributed": "dist", "central": "centra
 _SYMBOL_ORDER = ("ε", "σ", "C", "δ", "μ")
 
 
+def resolved_device(device: str) -> str:
+    """``cpu`` or ``cuda``: what ``device`` (``cpu``, ``auto``, ``cuda``) trains
+    on here; ``auto`` is CUDA when torch sees a device, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _split_top(text: str, sep: str) -> list[str] | None:
     """``text`` split at ``sep`` outside brackets; ``None`` if brackets do not balance."""
     out: list[str] = []
@@ -991,6 +1003,9 @@ def resolve(point: dict[str, Any], seed: int, m: Matrix, reg: Registry) -> dict[
              if m.headline_adversary != "server" else {})
     if network is None or net_cfg is not None:  # the default network leaves no key: the cell
         extra["network"] = net_cfg  # is the one of before the twin (same id, same numbers)
+    device = resolved_device(m.execution.get("device", "cpu"))
+    if device != "cpu":  # a CUDA cell's float order differs from the CPU reference's
+        extra["device"] = device
     return {**comps, **extra, "run": run, "rounds": rounds, "seed": seed, "backend": backend,
             "versions": plugin_versions({**comps, "network": net_cfg}, reg)}
 

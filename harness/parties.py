@@ -46,7 +46,7 @@ class Clients:
     """The clients' side of a cell (module docstring)."""
 
     def __init__(self, cell: Cell, stages: Stages, *, requested_backend: str,
-                 batch_norm: bool = False) -> None:
+                 batch_norm: bool = False, device: str = "cpu") -> None:
         self.ctx = cell.clients_ctx
         self.parts = cell.clients
         self.sharing = cell.sharing
@@ -60,7 +60,12 @@ class Clients:
         self.backend = make_backend(self.backend_name, ClientData(
             ctx=self.ctx, sites=list(cell.federation.clients),
             holdout=dict(cell.federation.holdout), factories=dict(cell.client_factories),
-            factory=cell.factory, local=cell.clients.local_stage))
+            factory=cell.factory, local=cell.clients.local_stage), device=device)
+        #: where the clients train: the vectorized backend's device, else the CPU
+        self.device = str(getattr(self.backend, "device", "cpu"))
+        if device != "cpu" and self.device == "cpu":
+            self.backend_reason += (f"; trains on the CPU (device {device} needs the "
+                                    f"vectorized backend)")
         #: each site's own model (isolated and personalized protocols)
         self.models: dict[int, torch.Tensor] = {}
         #: each site's own running statistics (personal normalisation, a pooled party's)

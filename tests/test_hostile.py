@@ -894,6 +894,37 @@ def test_the_backend_is_part_of_the_cell_id_and_the_report_keeps_them_apart(resu
     assert any("loop" in m for m in summ["method"])
 
 
+def test_the_device_is_part_of_the_cell_id_unless_it_is_the_cpu(monkeypatch):
+    """Issue 22.6 / 23: ``--device``. The CPU (the default and the reference)
+    keeps the ids cells always had; ``auto`` enters the id resolved (what it
+    trains on here); CUDA where torch sees none is refused before anything
+    runs; every record says where its clients trained."""
+    import torch
+
+    from fedmedbench.api import plan
+    from fedmedbench.engine import run_cell
+
+    spec = {"rounds": 1, "axes": {"dataset": ["synthetic-tabular"], "algorithm": ["fedavg"]},
+            "run": {"backend": "vectorized"}}
+    base = plan(spec).cells[0]
+    assert "device" not in base["config"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plan(spec, device="cpu").cells[0]["cell_id"] == base["cell_id"]
+    assert plan(spec, device="auto").cells[0]["cell_id"] == base["cell_id"]
+    with pytest.raises(ConfigError, match=r"device cuda: torch .* sees no CUDA device"):
+        plan(spec, device="cuda")
+    with pytest.raises(ConfigError, match=r"device 'gpu'; choose one of cpu, auto, cuda"):
+        plan(spec, device="gpu")
+    with pytest.raises(ConfigError, match=r"run.device = .gpu.; choose one of cpu, auto, cuda"):
+        plan({**spec, "run": {"device": "gpu"}})
+    rec = run_cell(base)
+    assert rec["status"] == "ok" and rec["backend"]["name"] == "vectorized"
+    assert rec["backend"]["device"] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = plan(spec, device="auto").cells[0]
+    assert gpu["config"]["device"] == "cuda" and gpu["cell_id"] != base["cell_id"]
+
+
 # --------------------------------------------------------------------------
 # one version number, one record type (issue 18, item 6)
 # --------------------------------------------------------------------------
@@ -986,13 +1017,18 @@ def _wait_for(cond, seconds: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+#: dask's command line: beside this interpreter (a venv not activated) or on PATH
+_DASK = next((str(p) for p in [Path(sys.executable).parent / "dask"] if p.exists()),
+             shutil.which("dask") or "dask")
+
+
 @contextlib.contextmanager
 def _external_cluster(tmp_path: Path, *, nanny: bool = True, env: dict[str, str] | None = None,
                       workers: int = 1):
     """A dask scheduler and worker(s) in their own processes (an external cluster)."""
     sched_file = tmp_path / "scheduler.json"
     e = _env(**(env or {}))
-    procs = [subprocess.Popen([shutil.which("dask") or "dask", "scheduler", "--port", "0",
+    procs = [subprocess.Popen([_DASK, "scheduler", "--port", "0",
                                "--no-dashboard", "--scheduler-file", str(sched_file)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=e,
                               start_new_session=True)]
@@ -1002,7 +1038,7 @@ def _external_cluster(tmp_path: Path, *, nanny: bool = True, env: dict[str, str]
         address = json.loads(sched_file.read_text())["address"]
         for _ in range(workers):
             procs.append(subprocess.Popen(
-                [shutil.which("dask") or "dask", "worker", address, "--nthreads", "1",
+                [_DASK, "worker", address, "--nthreads", "1",
                  "--no-dashboard", *([] if nanny else ["--no-nanny"])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=e,
                 start_new_session=True))

@@ -399,10 +399,11 @@ class VectorDPSGD:
         norms = per_example.norm(dim=2)
         factor = (C / (norms + 1e-6)).clamp(max=1.0) * mask
         summed = torch.einsum("kb,kbd->kd", factor, per_example)
+        dev = summed.device  # the backend's device (CPU, the reference, or CUDA)
         sigma = torch.tensor([i["noise_multiplier"] if i else 0.0 for i in infos],
-                             dtype=summed.dtype)
+                             dtype=summed.dtype, device=dev)
         expected = torch.tensor([max(1, i["expected_batch"]) if i else 1 for i in infos],
-                                dtype=summed.dtype)
+                                dtype=summed.dtype, device=dev)
         rows = [j for j, a in enumerate(active) if a]
         for j, c in zip(rows, clients):  # present canaries: C at their coordinates
             stream = self._canaries.get(c)
@@ -415,10 +416,13 @@ class VectorDPSGD:
                 here = coords[(torch.rand(len(coords), generator=cg) < info["sample_rate"]
                                ).numpy()]
                 if len(here):
-                    summed[j, torch.as_tensor(here)] += C
+                    summed[j, torch.as_tensor(here, device=dev)] += C
         self.step += 1
         g = self.ctx.torch_generator("dp-sgd-vector-noise", self.ctx.round, self.step)
-        noise = torch.randn(summed.shape, generator=g, dtype=summed.dtype) * (sigma * C)[:, None]
+        # drawn on the CPU from the cell's stream whatever the device: the same noise as
+        # the CPU reference, so a CUDA run differs from it only by float order
+        noise = torch.randn(summed.shape, generator=g, dtype=summed.dtype).to(dev) * (
+            sigma * C)[:, None]
         for i in infos:
             if i is not None:
                 i["ledger"].record(i["noise_multiplier"], i["sample_rate"])
