@@ -382,27 +382,24 @@ def _scale_into_sites(out: np.ndarray, col: np.ndarray, perm: np.ndarray,
     statistics (``fit_scaler``'s: NaN-aware mean and population s.d.; a
     constant or all-missing column gets mean 0, s.d. 1), missing as 0. Rows
     are hospital by hospital, training rows first (``starts``, ``n_tr``)."""
-    x = np.asarray(col[perm], dtype=float)
-    sizes = np.diff(starts)
-    mean, std = np.zeros(len(n_tr)), np.ones(len(n_tr))
     with np.errstate(all="ignore"):
-        for h, (lo, k) in enumerate(zip(starts[:-1], n_tr)):  # row after row, as fit_scaler
-            v = x[lo:lo + k].copy()
+        # hospital by hospital, no column-long transient (the peak stays near the data)
+        for lo, hi, k in zip(starts[:-1], starts[1:], n_tr):
+            x = np.asarray(col[perm[lo:hi]], dtype=float)
+            v = x[:k].copy()  # its training rows, added row after row as fit_scaler does
             nan = np.isnan(v)
             cnt = k - int(nan.sum())
             v[nan] = 0.0
             m = np.float64(_carry_sum(None, v) or 0.0) / cnt
-            v = x[lo:lo + k] - m
+            v = x[:k] - m
             v[nan] = 0.0
             sd = np.sqrt(np.float64(_carry_sum(None, v * v) or 0.0) / cnt)
-            if np.isfinite(m):
-                mean[h] = m
-            if np.isfinite(sd) and sd > 1e-8:
-                std[h] = sd
-    hosp = np.repeat(np.arange(len(n_tr)), sizes)
-    z = (x - mean[hosp]) / std[hosp]
-    z[np.isnan(z)] = 0.0
-    out[:] = z
+            m = m if np.isfinite(m) else np.float64(0.0)
+            sd = sd if np.isfinite(sd) and sd > 1e-8 else np.float64(1.0)
+            x -= m
+            x /= sd
+            x[np.isnan(x)] = 0.0
+            out[lo:hi] = x
 
 
 def _carry_sum(carry: float | None, x: np.ndarray) -> float | None:
