@@ -473,7 +473,18 @@ def test_parallel_shards_into_one_folder_equal_a_single_run(tmp_path):
     b = {p.relative_to(f"{single}-report"): p.read_bytes()
          for p in Path(f"{single}-report").rglob("*") if p.is_file()}
     assert a.keys() == b.keys() and len(a) > 5
-    assert [k for k in a if a[k] != b[k]] == []
+    differ = [k for k in a if a[k] != b[k]]
+    if differ:  # say what differs: the first differing lines of each file
+        import difflib
+
+        shown = []
+        for k in differ[:3]:
+            lines = difflib.unified_diff(a[k].decode(errors="replace").splitlines(),
+                                         b[k].decode(errors="replace").splitlines(), lineterm="",
+                                         n=0)
+            shown.append(f"{k}:\n" + "\n".join(list(lines)[2:8])[:1500])
+        raise AssertionError("the shards' report differs from the single run's:\n"
+                             + "\n".join(shown))
 
 
 def test_the_same_shard_twice_is_refused_but_other_shards_run(tmp_path):
