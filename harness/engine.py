@@ -325,7 +325,7 @@ def chance(data: FederatedData, utility: dict[str, Any],
     (the utility's 95% interval over test rows) and ``chance_level`` (not
     beyond chance at 5%), and per site ``per_site_at_chance``; without
     them ``chance_level`` is the bare comparison (utility <= baseline)."""
-    from fedmedbench.metrics import beats_chance, score
+    from fedmedbench.metrics import beats_chance, beats_chance_many, score
 
     task = data.task
     ys = [s.test.y for s in data.sites if len(s.test)]
@@ -357,11 +357,13 @@ def chance(data: FederatedData, utility: dict[str, Any],
              else bool(g <= baseline + 1e-12))
     if not predictions:
         return {**out, "chance_level": level}
-    site_tests = {}
-    for name, (ys_, proba) in (predictions.get("sites") or {}).items():
-        b = per_site_base.get(name)
-        site_tests[name] = beats_chance(task.metric, ys_, proba, b) if b is not None and len(
-            ys_) else {"p_value": None, "ci95": None, "se": None, "at_chance": None}
+    sites = predictions.get("sites") or {}
+    tested = [name for name, (ys_, _) in sites.items()
+              if per_site_base.get(name) is not None and len(ys_)]
+    site_tests: dict[str, dict[str, Any]] = {
+        name: {"p_value": None, "ci95": None, "se": None, "at_chance": None} for name in sites}
+    site_tests.update(zip(tested, beats_chance_many(  # every site's test in one SciPy call
+        task.metric, [(*sites[n], per_site_base[n]) for n in tested])))
     out["per_site_at_chance"] = {k: v["at_chance"] for k, v in site_tests.items()}
     pooled = predictions.get("pooled")
     if pooled is not None and baseline is not None:

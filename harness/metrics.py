@@ -233,20 +233,46 @@ def beats_chance(metric: str, y_true: np.ndarray, proba: np.ndarray, baseline: f
     the baseline rate), a normal test with :func:`standard_error` otherwise.
     Returns ``{"p_value", "ci95": [lo, hi], "se", "at_chance"}`` where
     ``at_chance`` is ``p_value >= 0.05`` (``None`` when undefined)."""
+    return beats_chance_many(metric, [(y_true, proba, baseline)])[0]
+
+
+def beats_chance_many(metric: str, items: list[tuple[np.ndarray, np.ndarray, float]]
+                      ) -> list[dict[str, Any]]:
+    """:func:`beats_chance` of each ``(y_true, proba, baseline)`` (one per
+    site), the tail probabilities in one SciPy call: the same numbers as a
+    call per site, without SciPy's ~40 µs per call per site."""
     from scipy.stats import binom, norm
 
-    y, p = np.asarray(y_true), np.asarray(proba)
-    est = score(metric, y, p)
-    se = standard_error(metric, y, p)
-    if not (np.isfinite(est) and np.isfinite(baseline)):
-        return {"p_value": None, "ci95": None, "se": None, "at_chance": None}
-    if metric == "accuracy":
-        k = int(np.sum(p.argmax(1) == y))
-        pval = float(binom.sf(k - 1, len(y), min(max(baseline, 0.0), 1.0)))
-    elif np.isfinite(se) and se > 0:
-        pval = float(norm.sf((est - baseline) / se))
-    else:
-        pval = 0.0 if est > baseline else 1.0
-    ci = [est - 1.959964 * se, est + 1.959964 * se] if np.isfinite(se) else None
-    return {"p_value": pval, "ci95": ci, "se": se if np.isfinite(se) else None,
-            "at_chance": bool(pval >= 0.05)}
+    out: list[dict[str, Any]] = []
+    binom_at: list[tuple[int, int, int, float]] = []  # (item, k - 1, n, rate)
+    norm_at: list[tuple[int, float]] = []  # (item, z)
+    for i, (y_true, proba, baseline) in enumerate(items):
+        y, p = np.asarray(y_true), np.asarray(proba)
+        est = score(metric, y, p)
+        se = standard_error(metric, y, p)
+        if not (np.isfinite(est) and np.isfinite(baseline)):
+            out.append({"p_value": None, "ci95": None, "se": None, "at_chance": None})
+            continue
+        pval: float | None = None
+        if metric == "accuracy":
+            k = int(np.sum(p.argmax(1) == y))
+            binom_at.append((i, k - 1, len(y), min(max(baseline, 0.0), 1.0)))
+        elif np.isfinite(se) and se > 0:
+            norm_at.append((i, (est - baseline) / se))
+        else:
+            pval = 0.0 if est > baseline else 1.0
+        ci = [est - 1.959964 * se, est + 1.959964 * se] if np.isfinite(se) else None
+        out.append({"p_value": pval, "ci95": ci, "se": se if np.isfinite(se) else None,
+                    "at_chance": None})
+    if binom_at:
+        ix, k1, n, rate = zip(*binom_at)
+        for i, v in zip(ix, np.atleast_1d(binom.sf(k1, n, rate)).tolist()):
+            out[i]["p_value"] = float(v)
+    if norm_at:
+        ix2, z = zip(*norm_at)
+        for i, v in zip(ix2, np.atleast_1d(norm.sf(z)).tolist()):
+            out[i]["p_value"] = float(v)
+    for r in out:
+        if r["p_value"] is not None:
+            r["at_chance"] = bool(r["p_value"] >= 0.05)
+    return out

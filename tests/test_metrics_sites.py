@@ -114,3 +114,31 @@ def test_bad_arguments_are_refused():
 def test_no_rows_at_all():
     got = score_sites("auroc", np.zeros(0, int), np.zeros((0, 2)), np.zeros(0, int), n_sites=3)
     assert got.shape == (3,) and np.isnan(got).all()
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "balanced_accuracy", "auroc"])
+def test_chance_tests_of_many_sites_equal_one_site_at_a_time(metric):
+    """beats_chance_many (every site's tail probability in one SciPy call)
+    gives each site exactly what beats_chance gives it alone, and the
+    accuracy test is scipy's exact binomial tail."""
+    from scipy.stats import binom
+
+    from fedmedbench.metrics import beats_chance, beats_chance_many
+
+    rng = np.random.default_rng(7)
+    items = []
+    for i in range(40):
+        n = int(rng.integers(1, 50))
+        y = rng.integers(0, 2, n) if i % 7 else np.zeros(n, dtype=int)  # single-class sites
+        p = rng.random((n, 2))
+        items.append((y, p / p.sum(1, keepdims=True),
+                      float(rng.random()) if i % 11 else float("nan")))
+    many = beats_chance_many(metric, items)
+    assert many == [beats_chance(metric, *it) for it in items]
+    assert any(r["p_value"] is None for r in many) and any(r["at_chance"] for r in many)
+    assert any(r["at_chance"] is False for r in many)
+    if metric == "accuracy":
+        for (y, p, b), r in zip(items, many):
+            if r["p_value"] is not None:
+                k = int(np.sum(p.argmax(1) == y))
+                assert r["p_value"] == float(binom.sf(k - 1, len(y), min(max(b, 0.0), 1.0)))
