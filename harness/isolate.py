@@ -12,11 +12,18 @@ its spec and the cell seed (the same seeded initialisation), and writes the
 results as JSON. The results equal the in-process ones: every attack starts
 from the same seeded generators (``fedmedbench.engine.evaluate_attack``).
 
-Run by the engine as ``python -m fedmedbench.isolate FOLDER``.
+Each cell's attacks run in a child forked from a fork server
+(:class:`_ForkServer`, ``python -m fedmedbench.isolate --serve``): a fresh
+interpreter started once per run that imports only libraries
+(:data:`PRELOAD`) and never holds any of the run's objects, so a cell pays
+a fork, not a ~3 s interpreter start. Without ``os.fork`` (or with
+``FEDMEDBENCH_ISOLATE_FRESH=1``) each cell gets a fresh interpreter:
+``python -m fedmedbench.isolate FOLDER``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -35,6 +42,7 @@ _ARRAYS = "arrays.npz"
 _META = "context.json"
 _ATTACKS = "attacks.json"
 _RESULTS = "results.json"
+_LOG = "output.txt"
 
 
 class _Arrays:
@@ -246,19 +254,17 @@ def run_isolated(attacks: list[tuple[str, dict[str, Any]]], actx: Any, *,
         folder = Path(tmp)
         serialize(actx, folder, shadow_spec=shadow_spec)
         (folder / _ATTACKS).write_text(json.dumps([[k, c] for k, c in attacks]))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-        try:
-            proc = subprocess.run([sys.executable, "-m", "fedmedbench.isolate", str(folder)],
-                                  env=env, capture_output=True, text=True,
-                                  timeout=timeout or DEFAULT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            return _failed(f"the isolated attack process ran past {timeout or DEFAULT_TIMEOUT:g} "
-                           f"s and was stopped", attacks)
+        limit = timeout or DEFAULT_TIMEOUT
+        code = _SERVER.run(folder, limit)
+        if code is None:
+            return _failed(f"the isolated attack process ran past {limit:g} s and was "
+                           f"stopped", attacks)
         out = folder / _RESULTS
-        if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stderr or "").strip().splitlines()[-3:]
-            return _failed(f"the isolated attack process exited with status {proc.returncode}"
+        if code != 0 or not out.is_file():
+            log = folder / _LOG
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            tail = text.strip().splitlines()[-3:]
+            return _failed(f"the isolated attack process exited with status {code}"
                            f"{': ' + ' | '.join(tail) if tail else ''}", attacks)
         res = json.loads(out.read_text())
         if not isinstance(res, dict):
@@ -267,6 +273,170 @@ def run_isolated(attacks: list[tuple[str, dict[str, Any]]], actx: Any, *,
                                           "message": "no result for this attack",
                                           "plugin": None, "component": c.get("name"),
                                           "hook": "evaluate"}}) for k, c in attacks}
+
+
+#: what the fork server imports before it forks attack processes: libraries only (the
+#: attacks' own modules load in each child, from the run's environment); ~3 s of every
+#: fresh interpreter's start here, paid once per run instead of once per cell
+PRELOAD = ("torch", "sklearn.metrics", "scipy.stats", "fedmedbench.engine",
+           "fedmedbench.isolate")
+
+
+class _ForkServer:
+    """Attack processes forked from a server process (``python -m
+    fedmedbench.isolate --serve``): a fresh interpreter, started by this
+    process and never a copy of it, that imports :data:`PRELOAD` and then
+    forks one child per cell. A child holds what the server imported, the
+    run's environment and import path (sent with each request, so it loads
+    the plugins a fresh interpreter would) and the cell's folder: nothing of
+    the run. Where ``os.fork`` is missing (or ``FEDMEDBENCH_ISOLATE_FRESH=1``)
+    each cell gets a fresh interpreter instead.
+
+    Protocol, a JSON line each way: the request ``{"folder", "environ",
+    "path"}``; the replies ``{"pid"}`` when the child starts and ``{"exit"}``
+    when it ends."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.proc: subprocess.Popen[str] | None = None
+        self.lock = threading.Lock()
+
+    def run(self, folder: Path, limit: float) -> int | None:
+        """:func:`main` on ``folder`` in a child: its exit status, or ``None``
+        when it ran past ``limit`` seconds (it is then killed)."""
+        if not hasattr(os, "fork") or os.environ.get("FEDMEDBENCH_ISOLATE_FRESH") == "1":
+            return _run_fresh(folder, limit)
+        with self.lock:  # one request at a time on the server's pipes
+            try:
+                return self._request(folder, limit)
+            except (OSError, ValueError, EOFError) as exc:  # the server died: a fresh one next
+                self.close()
+                raise RuntimeError(f"the attack fork server failed: {exc}") from exc
+
+    def _start(self) -> subprocess.Popen[str]:
+        if self.proc is None or self.proc.poll() is not None:
+            import atexit
+
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedmedbench.isolate", "--serve"], env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            atexit.register(self.close)
+        return self.proc
+
+    def _reply(self, proc: subprocess.Popen[str], deadline: float | None) -> dict[str, Any]:
+        import select
+        import time
+
+        assert proc.stdout is not None
+        if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([proc.stdout], [], [], left)
+            if not ready:
+                raise TimeoutError
+        line = proc.stdout.readline()
+        if not line:
+            raise EOFError("the server closed its output")
+        return dict(json.loads(line))
+
+    def _request(self, folder: Path, limit: float) -> int | None:
+        import signal
+        import time
+
+        proc = self._start()
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps({"folder": str(folder), "environ": dict(os.environ),
+                                     "path": list(sys.path)}) + "\n")
+        proc.stdin.flush()
+        pid = int(self._reply(proc, time.monotonic() + 120)["pid"])
+        try:
+            return int(self._reply(proc, time.monotonic() + limit)["exit"])
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._reply(proc, time.monotonic() + 60)  # the server reports the kill
+            return None
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.close()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+_SERVER = _ForkServer()
+
+
+def _run_fresh(folder: Path, limit: float) -> int | None:
+    """:func:`main` on ``folder`` in a fresh interpreter: its exit status, or
+    ``None`` past ``limit`` seconds."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    try:
+        with open(folder / _LOG, "wb") as log:
+            proc = subprocess.run([sys.executable, "-m", "fedmedbench.isolate", str(folder)],
+                                  env=env, stdout=log, stderr=log, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return None
+    return proc.returncode
+
+
+def serve() -> int:
+    """The fork server's loop (``python -m fedmedbench.isolate --serve``):
+    import :data:`PRELOAD`, then for each request fork a child that runs
+    :func:`main` on its folder; ends when its input closes."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    out = sys.stdout
+    for line in sys.stdin:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            _child(str(req["folder"]), dict(req["environ"]), list(req["path"]))
+        out.write(json.dumps({"pid": pid}) + "\n")
+        out.flush()
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        out.write(json.dumps({"exit": code}) + "\n")
+        out.flush()
+    return 0
+
+
+def _child(folder: str, environ: dict[str, str], path: list[str]) -> None:
+    """A forked child: the run's environment and path, its output to the
+    folder's log, no input; :func:`main`, then exit with its status."""
+    code = 1
+    try:
+        fd = os.open(os.path.join(folder, _LOG), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - fd 1 is the log
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.path[:] = path
+        code = main([folder])
+    except BaseException:  # noqa: BLE001 - the status and the log say what happened
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedmedbench.registry import get_registry
 
     args = sys.argv[1:] if argv is None else argv
+    if args == ["--serve"]:
+        return serve()
     if len(args) != 1:
         print("usage: python -m fedmedbench.isolate FOLDER", file=sys.stderr)
         return 2

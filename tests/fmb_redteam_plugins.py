@@ -265,6 +265,36 @@ class WalkAttack(Attack):
         return {"visited": found["visited"], "secrets": found["secrets"]}
 
 
+class ExitAttack(Attack):
+    """Ends its process (as a crashing native extension would)."""
+
+    name = "redteam-exit"
+
+    def __init__(self) -> None:
+        pass
+
+    def evaluate(self, ctx):
+        import os
+        import sys
+
+        print("redteam-exit: leaving now", file=sys.stderr, flush=True)
+        os._exit(3)
+
+
+class HangAttack(Attack):
+    """Never returns."""
+
+    name = "redteam-hang"
+
+    def __init__(self) -> None:
+        pass
+
+    def evaluate(self, ctx):
+        import time
+
+        time.sleep(3600)
+
+
 @hookimpl
 def register_algorithms(register):
     register(RedTeamFedAvg)
@@ -275,6 +305,8 @@ def register_algorithms(register):
 @hookimpl
 def register_attacks(register):
     register(WalkAttack)
+    register(ExitAttack)
+    register(HangAttack)
 
 
 @hookimpl

@@ -27,6 +27,7 @@ that close to any single client's delta.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -263,6 +264,34 @@ def test_isolated_attacks_equal_in_process_attacks(rt, tmp_path):
             assert {x: v for x, v in a[k].items() if x not in strip} == \
                 {x: v for x, v in b[k].items() if x not in strip}, k
         assert isolated["metrics"]["attacks_isolated"] is True
+
+
+def test_an_isolated_attack_process_that_dies_or_hangs_fails_its_attacks_only(rt, monkeypatch):
+    """Isolated attacks run in children of a fork server: one that ends its
+    process is recorded failed with the exit status and its last output,
+    one that hangs is killed at the deadline (every attack that process held
+    fails; the cell's utility stays), and the server goes on serving the
+    next cell."""
+    import fedmedbench.isolate as iso
+
+    _, reg = rt
+    monkeypatch.setattr(iso, "DEFAULT_TIMEOUT", 5.0)
+    for bad, why in (("redteam-exit", r"exited with status 3: .*redteam-exit: leaving now"),
+                     ("redteam-hang", r"ran past 5 s and was stopped")):
+        attacks = (bad, "mia-loss")
+        rec = run_cell(_cell(reg, ["none"], backend="loop", algorithm="fedavg", rounds=1,
+                             attacks=attacks,
+                             extra={"evaluate": {"attacks": list(attacks), "isolate": True}}),
+                       registry=reg)
+        assert rec["status"] == "ok" and rec["metrics"]["utility"]["global"] is not None
+        for key in attacks:
+            assert re.search(why, rec["metrics"]["attacks"][key]["failed"]["message"]), key
+    rec = run_cell(_cell(reg, ["none"], backend="loop", algorithm="fedavg", rounds=1,
+                         attacks=("mia-loss",),
+                         extra={"evaluate": {"attacks": ["mia-loss"], "isolate": True}}),
+                   registry=reg)
+    assert "failed" not in rec["metrics"]["attacks"]["mia-loss"]
+    assert rec["metrics"]["attacks_isolated"] is True
 
 
 @pytest.mark.parametrize("privacy,status", [
