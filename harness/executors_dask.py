@@ -603,8 +603,10 @@ def _drive(client: Any, distributed: Any, cells: Iterator[dict[str, Any]], *,
             try:
                 _bounded(lambda: client.cancel([j.future for j in inflight.values()],
                                                force=True), wait_s, lambda: TimeoutError())
-            except Exception:
-                pass
+            except Exception as exc:  # the original error is what the user must see
+                logging.getLogger("fedmedbench").warning(
+                    "could not cancel %d cell(s) still on the Dask cluster (%s: %s); they may "
+                    "keep running there", len(inflight), type(exc).__name__, exc)
         raise
 
 

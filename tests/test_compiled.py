@@ -259,6 +259,16 @@ def example_reg():
     return get_registry(extra=[module])
 
 
+def _client_data(built):
+    """The clients' data of a built cell, as the engine hands it to a backend."""
+    from fedmedbench.backends import ClientData
+
+    return ClientData(ctx=built.clients_ctx, sites=list(built.federation.clients),
+                      holdout=dict(built.federation.holdout),
+                      factories=dict(built.client_factories), factory=built.factory,
+                      local=built.clients.local_stage)
+
+
 def _cells(reg, axes, *, rounds=2, run=None):
     from fedmedbench.matrix import parse_matrix
 
@@ -348,7 +358,6 @@ def test_the_compiled_path_keeps_every_tensor_on_the_backends_device(example_reg
     path keeps to its device; the CPU twin of each call gives finite rows."""
     import dataclasses
 
-    from fedmedbench.backends import ClientData
     from fedmedbench.cell import build_cell
     from fedmedbench.models import get_flat_params
     from fedmedbench.vectorized import VectorBackend, resolve_device
@@ -364,10 +373,7 @@ def test_the_compiled_path_keeps_every_tensor_on_the_backends_device(example_reg
                                 "model": [{"name": "mlp", "hidden": [8], "norm": "layer"}]},
                   run={"momentum": 0.9, "weight_decay": 0.01})[0]
     built = build_cell(cell, example_reg)
-    parts = ClientData(ctx=built.clients_ctx, sites=list(built.federation.clients),
-                       holdout=dict(built.federation.holdout),
-                       factories=dict(built.client_factories), factory=built.factory,
-                       local=built.clients.local_stage)
+    parts = _client_data(built)
     w = get_flat_params(built.factory())
     k, D = 4, w.numel()
     frozen = torch.ones(D, dtype=torch.bool)
@@ -397,7 +403,6 @@ def test_the_compiled_path_on_cuda_equals_the_cpu(example_reg):
     SCAFFOLD's offset and FedProx's extra_loss."""
     import dataclasses
 
-    from fedmedbench.backends import ClientData
     from fedmedbench.cell import build_cell
     from fedmedbench.models import get_flat_params
     from fedmedbench.vectorized import VectorBackend
@@ -407,10 +412,7 @@ def test_the_compiled_path_on_cuda_equals_the_cpu(example_reg):
                  {"dataset": [img], "algorithm": ["fedavg"],
                   "model": [{"name": "rescnn", "width": 8, "blocks": 2}]}):
         built = build_cell(_cells(example_reg, axes, run={"batch_size": 8})[0], example_reg)
-        parts = ClientData(ctx=built.clients_ctx, sites=list(built.federation.clients),
-                           holdout=dict(built.federation.holdout),
-                           factories=dict(built.client_factories), factory=built.factory,
-                           local=built.clients.local_stage)
+        parts = _client_data(built)
         w = get_flat_params(built.factory())
         k = len(parts.sites)
         for kw in ({}, {"grad_offset": torch.full((k, w.numel()), 0.01),
@@ -433,7 +435,6 @@ def test_vectorized_dp_sgd_on_cuda_equals_the_cpu(example_reg):
     drawn from the cell's CPU stream) on CUDA agree with the CPU within
     1e-4, and a whole cell run with ``device = "cuda"`` records its device
     and the same ε."""
-    from fedmedbench.backends import ClientData
     from fedmedbench.cell import build_cell
     from fedmedbench.engine import run_cell
     from fedmedbench.models import get_flat_params
@@ -444,10 +445,7 @@ def test_vectorized_dp_sgd_on_cuda_equals_the_cpu(example_reg):
     out = {}
     for device in ("cpu", "cuda"):  # a cell each: the mechanism's step counter is its own
         built = build_cell(_cells(example_reg, axes, run={"batch_size": 8})[0], example_reg)
-        parts = ClientData(ctx=built.clients_ctx, sites=list(built.federation.clients),
-                           holdout=dict(built.federation.holdout),
-                           factories=dict(built.client_factories), factory=built.factory,
-                           local=built.clients.local_stage)
+        parts = _client_data(built)
         w = get_flat_params(built.factory())
         k = len(parts.sites)
         backend = VectorBackend(parts, device=device)

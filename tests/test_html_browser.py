@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from report_fixtures import (
+    clipped_texts,
     run,
     with_many_sites,
     with_network_clock,
@@ -254,32 +255,6 @@ MEASURE = """JSON.stringify({
 })"""
 #: the smallest text a figure may show, in CSS pixels at the size the page shows it
 MIN_TEXT_PX = 9.0
-
-
-def clipped_texts(fig) -> list[str]:
-    """What of a matplotlib figure is drawn outside it: empty when the box of
-    everything drawn (titles, labels, tick labels in view, legends, texts)
-    lies inside the figure; else that box and the texts that stick out."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.text import Text
-
-    if not isinstance(fig.canvas, FigureCanvasAgg):
-        FigureCanvasAgg(fig)
-    fig.canvas.draw()
-    r = fig.canvas.get_renderer()
-    tight = fig.get_tightbbox(r)  # inches, drawn artists only
-    w, h = fig.get_size_inches()
-    if tight.x0 >= -0.01 and tight.y0 >= -0.01 and tight.x1 <= w + 0.01 \
-            and tight.y1 <= h + 0.01:
-        return []
-    out = [f"drawn content {[round(x, 2) for x in tight.extents]} in a {w:g} x {h:g} in figure"]
-    for t in fig.findobj(Text):
-        if t.get_visible() and t.get_text().strip() and (t.axes is None
-                                                         or t.axes.get_visible()):
-            b = t.get_window_extent(r)
-            if b.x0 < -1 or b.y0 < -1 or b.x1 > fig.bbox.width + 1 or b.y1 > fig.bbox.height + 1:
-                out.append(repr(t.get_text()[:60]))
-    return out
 
 
 def smallest_font_pt(fig) -> float:
