@@ -329,3 +329,26 @@ def test_a_row_whose_claim_the_audit_contradicts_is_flagged(tmp_path: Path) -> N
     right = next(html.unescape(r) for c, r in rows if not c)
     assert "within claim" in right
     assert '<p class="flag">⚠ 1 entry whose privacy claim an audit contradicts' in page
+
+
+def test_a_rerun_on_another_machine_ignores_the_virtual_clock_but_not_the_numbers():
+    """The virtual clock scales a step time measured on the machine that ran
+    the cell (and says whether it was measured or cached): a rerun elsewhere
+    must not count it as a mismatch, while a changed metric still is one."""
+    from fedmedbench.submit import comparable, differences
+
+    rec = {"status": "ok", "labels": {"algorithm": "fedavg"}, "error": None,
+           "metrics": {"utility": {"global": 0.75},
+                       "clock": {"reference_step_s": 1.5e-4, "reference_step": "measured",
+                                 "total_s": 0.3},
+                       "cost": {"bytes_up": 10, "wall_s": 1.0}},
+           "history": [{"round": 1, "clock_s": 0.3, "utility": 0.7}]}
+    other = json.loads(json.dumps(rec))
+    other["metrics"]["clock"].update(reference_step_s=2.1e-4, reference_step="cached",
+                                     total_s=0.42)
+    other["history"][0]["clock_s"] = 0.42
+    other["metrics"]["cost"]["wall_s"] = 3.0
+    assert differences(comparable(rec), comparable(other)) == []
+    other["metrics"]["utility"]["global"] = 0.76
+    assert differences(comparable(rec), comparable(other)) == [
+        "metrics.utility.global: submitted 0.75, rerun 0.76"]
