@@ -81,10 +81,11 @@ class _Op:
 
 
 class _Linear(_Op):
-    """``x W^T + b`` per client as one batched matrix product. A weight whose
-    transpose is contiguous (the layout :class:`CompiledTrainer` keeps) is
-    multiplied and its gradient written without a copy; the bias is added
-    after the product (cheaper than ``baddbmm``'s broadcast copy)."""
+    """``x W^T + b`` per client as one batched matrix product (the weight
+    stored (k, out, in), :class:`CompiledTrainer`'s layout; a weight stored
+    transposed has its gradient written in that layout without a copy); the
+    bias is added after the product (cheaper than ``baddbmm``'s broadcast
+    copy)."""
 
     def __init__(self, w: int, b: int | None) -> None:
         super().__init__()
@@ -877,19 +878,11 @@ class CompiledTrainer:
         import torch
 
         self.model = model
-        # wide layers' weights stored as (k, in, out): batched products with W^T
-        # contiguous are faster there (MKL, measured), narrow heads keep (k, out, in)
-        lin = {op.w for op, _ in model.ops
-               if isinstance(op, _Linear) and min(params[op.w].shape[1:]) >= 32}
-        self.P = []
-        for j, p in enumerate(params):
-            p = p.detach()
-            if j in lin:  # stored as (k, in, out): W^T is contiguous (see _Linear)
-                q = torch.empty(p.shape[0], p.shape[2], p.shape[1], dtype=p.dtype,
-                                device=p.device).transpose(1, 2)
-                self.P.append(q.copy_(p))
-            else:
-                self.P.append(p.clone().contiguous())
+        # each parameter one contiguous (k, *shape) tensor, linear weights as (k, out, in):
+        # measured against (k, in, out) storage and against views into one (k, D) buffer
+        # (batched products over a strided batch copy their operand), it is the fastest
+        # layout for the three products of a linear layer at every k and batch width tried
+        self.P = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
         self.opt = optimizer
         self.grad_hook = grad_hook
         self._all: torch.Tensor | None = None
@@ -919,7 +912,7 @@ class CompiledTrainer:
         out = torch.empty(k, sum(sizes), dtype=self.P[0].dtype if self.P else torch.float32,
                           device=self.P[0].device if self.P else None)
         a = 0
-        for p, n in zip(self.P, sizes):  # one strided copy each (no reshape copy, no cat)
+        for p, n in zip(self.P, sizes):  # one block copy each (no cat)
             out[:, a:a + n].view(p.shape).copy_(p)
             a += n
         return out

@@ -135,7 +135,9 @@ class CellContext:
     def batch_seed(self, client: int) -> int:
         """The seed of ``client``'s minibatch stream (both backends, local-stage
         mechanisms and the replay for attack scoring draw from it)."""
-        return int(self.rng("batches", client).integers(2**62))
+        from fedmedbench.training import batch_seeds
+
+        return int(batch_seeds(self.seed, [client])[0])
 
     def steps_for(self, client: int) -> int:
         """Local optimizer steps of ``client`` in a round."""
@@ -224,7 +226,9 @@ class ClientContext:
               trainable: torch.Tensor | np.ndarray | None = None,
               trainer: str = "main") -> torch.Tensor:
         """Run local training from ``params`` ((D,) for every client, or
-        (k, D)) and return the new parameters, shape (k, D).
+        (k, D)) and return the new parameters, shape (k, D): a new tensor
+        the caller owns (``new.sub_(params)`` turns it into the deltas
+        without another (k, D) allocation).
 
         ``steps`` (default: :attr:`steps`), ``extra_loss(w)`` — a
         data-independent function of one client's flat parameters added to

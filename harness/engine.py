@@ -341,14 +341,23 @@ def chance(data: FederatedData, utility: dict[str, Any],
     base = [score(task.metric, y, constant(c, len(y))) for c in range(C)]
     finite = [b for b in base if np.isfinite(b)]
     baseline = max(finite) if finite else None
-    per_site_base: dict[str, float | None] = {}
-    for s in data.sites:
-        if not len(s.test):
-            per_site_base[s.name] = None
-            continue
-        major = int(np.bincount(s.train.y, minlength=C).argmax()) if len(s.train) else 0
-        b = score(task.metric, s.test.y, constant(major, len(s.test)))
-        per_site_base[s.name] = float(b) if np.isfinite(b) else None
+    # each site's own majority class on its test rows, every site in one score_sites pass
+    tested_sites = [s for s in data.sites if len(s.test)]
+    per_site_base: dict[str, float | None] = {s.name: None for s in data.sites}
+    if tested_sites:
+        from fedmedbench.metrics import score_sites
+
+        n_train = np.asarray([len(s.train) for s in tested_sites])
+        y_train = np.concatenate([np.asarray(s.train.y, dtype=np.int64) for s in tested_sites])
+        counts = np.bincount(np.repeat(np.arange(len(tested_sites)), n_train) * C + y_train,
+                             minlength=len(tested_sites) * C).reshape(-1, C)
+        major = counts.argmax(1)  # 0 for a site without training rows
+        n_test = np.asarray([len(s.test) for s in tested_sites])
+        y_test = np.concatenate([np.asarray(s.test.y) for s in tested_sites])
+        site_base = score_sites(task.metric, y_test, eye[np.repeat(major, n_test)],
+                                offsets=np.concatenate([[0], np.cumsum(n_test)]))
+        per_site_base.update((s.name, float(b) if np.isfinite(b) else None)
+                             for s, b in zip(tested_sites, site_base.tolist()))
     g = utility.get("global")
     out: dict[str, Any] = {"majority_baseline": baseline,
                            "majority_baseline_per_site": per_site_base,

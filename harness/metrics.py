@@ -246,7 +246,33 @@ def beats_chance_many(metric: str, items: list[tuple[np.ndarray, np.ndarray, flo
     out: list[dict[str, Any]] = []
     binom_at: list[tuple[int, int, int, float]] = []  # (item, k - 1, n, rate)
     norm_at: list[tuple[int, float]] = []  # (item, z)
+    fast = None
+    if metric == "accuracy" and len(items) > 1:
+        # every site's hits in one bincount: est = k / n and its binomial standard error,
+        # the same floating-point operations as score() and standard_error() per site
+        n_rows = np.fromiter((len(y) for y, _, _ in items), dtype=np.int64, count=len(items))
+        if n_rows.sum():
+            site = np.repeat(np.arange(len(items)), n_rows)
+            hit = np.concatenate([np.asarray(p).argmax(1) == np.asarray(y)
+                                  for y, p, _ in items if len(y)])
+            hits: np.ndarray = np.bincount(site, weights=hit, minlength=len(items))
+        else:
+            hits = np.zeros(len(items))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ests = np.where(n_rows > 0, hits / n_rows, np.nan)
+            ses = np.sqrt(ests * (1 - ests) / n_rows)
+        fast = (ests.tolist(), ses.tolist(), hits.astype(np.int64).tolist(), n_rows.tolist())
     for i, (y_true, proba, baseline) in enumerate(items):
+        if fast is not None:
+            est, se = fast[0][i], fast[1][i]
+            if np.isfinite(est) and np.isfinite(baseline):
+                binom_at.append((i, fast[2][i] - 1, fast[3][i], min(max(baseline, 0.0), 1.0)))
+                ci = [est - 1.959964 * se, est + 1.959964 * se] if np.isfinite(se) else None
+                out.append({"p_value": None, "ci95": ci, "se": se if np.isfinite(se) else None,
+                            "at_chance": None})
+            else:
+                out.append({"p_value": None, "ci95": None, "se": None, "at_chance": None})
+            continue
         y, p = np.asarray(y_true), np.asarray(proba)
         est = score(metric, y, p)
         se = standard_error(metric, y, p)

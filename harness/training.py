@@ -9,9 +9,10 @@ mechanism (DP-SGD) supplies its own trainer instead
 how it privatises its steps.
 
 Batches come from :class:`BatchStream`: a seeded permutation of the client's
-rows per epoch, endless across rounds. The vectorized backend
-(:mod:`fedmedbench.vectorized`) draws the same batches from the same streams,
-so both backends see the same data in the same order.
+rows per epoch, endless across rounds, from a counter-based generator
+(:func:`epoch_orders`). The vectorized backend (:mod:`fedmedbench.vectorized`)
+computes the same batches for all its clients in one call, so both backends
+see the same data in the same order.
 
 Two hooks shape a client's objective, identically on both backends:
 ``extra_loss(w)`` — a data-independent function of the client's flat
@@ -134,70 +135,112 @@ def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(split.X, dtype=torch.float32), torch.as_tensor(split.y, dtype=torch.long)
 
 
+# -- minibatch orders ----------------------------------------------------------
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (the golden ratio)
+
+
+def splitmix64(seeds: Any, i: Any) -> np.ndarray:
+    """Output ``i`` (from 0) of the SplitMix64 generators seeded ``seeds``
+    (Steele, Lea & Flood, OOPSLA 2014; the generator Java's
+    ``SplittableRandom`` and numpy's seeding of PCG64 build on), elementwise
+    with broadcasting: ``mix(seed + (i + 1)·γ)`` in uint64 arithmetic. A
+    counter-based generator: any output of any stream is one array
+    operation away, which is what lets the vectorized backend draw every
+    client's batches at once."""
+    with np.errstate(over="ignore"):
+        z = (np.atleast_1d(np.asarray(seeds, dtype=np.uint64))
+             + (np.atleast_1d(np.asarray(i, dtype=np.uint64)) + np.uint64(1)) * _GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def batch_seeds(cell_seed: int, clients: Any) -> np.ndarray:
+    """The seeds of ``clients``' minibatch streams in a cell seeded
+    ``cell_seed`` (:meth:`CellContext.batch_seed`): outputs ``clients`` of a
+    SplitMix64 stream seeded from the cell seed, below 2**62."""
+    from fedmedbench.context import stable_int
+
+    base = int(np.random.default_rng([int(cell_seed), stable_int("batches")]).integers(2**62))
+    return (splitmix64(base, clients) >> np.uint64(2)).astype(np.int64)
+
+
+#: segments at most this long on average are ordered by one global sort
+_SMALL_SEGMENTS = 64
+
+
+def epoch_orders(seeds: Any, epochs: Any, sizes: Any) -> np.ndarray:
+    """Row orders of minibatch epochs, concatenated: segment ``j`` is the
+    order of ``sizes[j]`` rows in epoch ``epochs[j]`` of the stream seeded
+    ``seeds[j]``.
+
+    The order of epoch ``e`` of a stream seeded ``s`` over ``n`` rows: row
+    ``i`` gets the key ``splitmix64(h, i)`` with ``h = splitmix64(s, e)``,
+    and the rows are sorted by their keys' top ``64 - b`` bits (``b`` the
+    bit length of ``n - 1``, at least 1), ties by row index: a uniformly
+    random permutation up to 2**-(64-b) key collisions, a function of
+    ``(s, e, n)`` alone. Many short segments (many clients with few rows)
+    are ordered by one sort of all of them; long ones one by one. Both
+    give the same orders (tested).
+    """
+    sizes = np.atleast_1d(np.asarray(sizes, dtype=np.int64))
+    total = int(sizes.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    h = splitmix64(seeds, epochs)
+    # b: bit length of max(n - 1, 1), exact through frexp's exponent
+    b = np.frexp(np.maximum(sizes - 1, 1).astype(np.float64))[1].astype(np.uint64)
+    if len(sizes) > 1 and total <= _SMALL_SEGMENTS * len(sizes):
+        start = np.cumsum(sizes) - sizes
+        seg = np.repeat(np.arange(len(sizes)), sizes)
+        i = np.arange(total, dtype=np.int64) - start[seg]
+        keys = splitmix64(h[seg], i) >> b[seg]
+        order = np.lexsort((keys, seg))  # by segment, then key; stable: ties by row
+        return order - start[seg]
+    out = np.empty(total, dtype=np.int64)
+    a = 0
+    for hj, n, bj in zip(h.tolist(), sizes.tolist(), b.tolist()):
+        i = np.arange(n, dtype=np.uint64)
+        shift = np.uint64(bj)
+        # the key's top bits above the row index: distinct values, one plain sort
+        packed = ((splitmix64(hj, i) >> shift) << shift) | i
+        packed.sort()
+        out[a:a + n] = packed & np.uint64((1 << bj) - 1)
+        a += n
+    return out
+
+
 class BatchStream:
-    """An endless stream of shuffled minibatch indices over ``n`` rows: a
-    fresh seeded permutation per epoch (numpy's PCG64: 5 µs a permutation,
-    where a seeded ``torch.randperm`` takes 25 µs, which at 100 clients is a
-    large part of a vectorized step), the last batch of an epoch smaller."""
+    """An endless stream of shuffled minibatch indices over ``n`` rows: epoch
+    ``e``'s order is :func:`epoch_orders` of ``(seed, e, n)``, the last
+    batch of an epoch smaller. Batch ``t`` (from 0) is rows
+    ``order(e)[q·bs : (q+1)·bs]`` with ``e, q = divmod(t, ceil(n / bs))``,
+    a function of ``t`` alone: the vectorized backend computes every
+    client's batches of a round in one call from the clients' seeds and
+    batch counts (:meth:`VectorBackend.plan`), the same rows in the same
+    order as this stream gives them step by step on the loop backend."""
 
     def __init__(self, n: int, batch_size: int, seed: int) -> None:
         self.n, self.bs = int(n), int(batch_size)
         self.seed = int(seed)
-        self._rng: np.random.Generator | None = None
-        self._perm: np.ndarray | None = None
-        self._pos = 0
+        self.per_epoch = max(1, -(-self.n // self.bs))
+        #: batches handed out so far
+        self.drawn = 0
+        self._epoch = -1
+        self._order = np.zeros(0, dtype=np.int64)
 
-    @property
-    def rng(self) -> np.random.Generator:
-        """The stream's generator, made on its first draw (a stream over 0 or 1
-        rows never draws)."""
-        if self._rng is None:
-            self._rng = np.random.default_rng(self.seed)
-        return self._rng
+    def order(self, epoch: int) -> np.ndarray:
+        """The row order of ``epoch`` (from 0)."""
+        return epoch_orders([self.seed], [int(epoch)], [self.n])
 
     def next_indices(self) -> np.ndarray:
         """The next batch's row indices (int64)."""
-        if self._perm is None or self._pos >= self.n:
-            self._perm = (self.rng.permutation(self.n) if self.n > 1  # 0 or 1 rows: no draw
-                          else np.arange(self.n, dtype=np.int64))
-            self._pos = 0
-        idx = self._perm[self._pos:self._pos + self.bs]
-        self._pos += self.bs
-        return idx
-
-    def draw(self, steps: int) -> tuple[np.ndarray, int]:
-        """The next ``steps`` batches in one call, exactly as ``steps`` calls of
-        :meth:`next_indices` give them (the same generator draws, the stream
-        left in the same state): ``(perms, first)``.
-
-        ``perms`` concatenates the permutations those batches read (the
-        current epoch's first while it has rows left, then a fresh one per
-        epoch); batch ``i`` of the ``steps`` (from 0) is
-        ``perms[e * n + q * bs : e * n + min((q + 1) * bs, n)]`` with
-        ``e, q = divmod(first + i, ceil(n / bs))``. The vectorized backend
-        turns every client's ``(perms, first)`` into a round's batch indices
-        with a few array operations (:meth:`VectorBackend.plan`). A
-        permutation of 0 or 1 rows draws nothing from the generator, so none
-        is drawn for them here either.
-        """
-        n, bs = self.n, self.bs
-        if steps <= 0:
-            return np.zeros(0, dtype=np.int64), 0
-        if n == 0:  # every batch empty; next_indices would leave this state
-            self._perm, self._pos = np.zeros(0, dtype=np.int64), bs
-            return self._perm, 0
-        per_epoch = -(-n // bs)
-        if self._perm is None or self._pos >= n:
-            parts: list[np.ndarray] = []
-            first = 0
-        else:
-            parts, first = [self._perm], self._pos // bs
-        last = first + int(steps) - 1
-        for _ in range(last // per_epoch + 1 - len(parts)):
-            parts.append(self.rng.permutation(n) if n > 1 else np.arange(n, dtype=np.int64))
-        self._perm = parts[-1]
-        self._pos = (last % per_epoch + 1) * bs
-        return (parts[0] if len(parts) == 1 else np.concatenate(parts)), first
+        e, q = divmod(self.drawn, self.per_epoch)
+        if e != self._epoch:
+            self._order, self._epoch = self.order(e), e
+        self.drawn += 1
+        return self._order[q * self.bs:(q + 1) * self.bs]
 
 
 ExtraLoss = Callable[["torch.Tensor"], "torch.Tensor"]

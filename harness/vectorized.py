@@ -4,9 +4,10 @@ Each client's parameters are a row of a ``(k, D)`` matrix over the model's
 flat parameter vector. One local step of every client is one call of
 ``vmap(grad(loss))`` over that matrix, with ``functional_call`` running the
 cell's architecture on each row (PyTorch's model-ensembling recipe). Each
-client draws its batches from its own :class:`~fedmedbench.training.BatchStream`
-— the stream the loop backend uses, seeded the same — so both backends see
-the same rows in the same order. Clients of unequal size are handled by
+client's batches are those of its own :class:`~fedmedbench.training.BatchStream`
+— the stream the loop backend uses, seeded the same — computed for all
+clients of a round at once (:meth:`VectorBackend.plan`), so both backends
+see the same rows in the same order. Clients of unequal size are handled by
 masks: a step's batches are padded to the largest one (padding rows weigh
 0), and a client whose local steps are done is frozen (its parameters and
 optimizer state stop changing). The optimizers are functional copies of
@@ -36,7 +37,7 @@ import numpy as np
 from fedmedbench.backends import ClientData, LoopBackend, _checked
 from fedmedbench.components import Split, Updates
 from fedmedbench.context import ClientContext
-from fedmedbench.training import BatchStream, to_tensors
+from fedmedbench.training import batch_seeds, epoch_orders, to_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -230,6 +231,10 @@ class VectorBackend(LoopBackend):
             self.X, self.y = torch.zeros(0), torch.zeros(0, dtype=torch.long)
         self.vlocal = (parts.local.vector_steps(self.ctx) if parts.local is not None else None)
         self.streams: dict[tuple[int, str], Any] = {}
+        #: every client's minibatch seed (``CellContext.batch_seed``), and per trainer how
+        #: many batches each client drew so far (:meth:`plan`)
+        self._seeds = batch_seeds(self.ctx.seed, np.arange(len(self._n)))
+        self.drawn: dict[str, np.ndarray] = {}
         self.compiled: Any = None
         self.twin: Any = None
         self.kernel_reason: str | None = None
@@ -292,13 +297,12 @@ class VectorBackend(LoopBackend):
         return None
 
     def stream(self, client: int, trainer: str = "main") -> Any:
+        """The local-stage mechanism's sampler of ``client`` (DP-SGD's Poisson
+        stream); without one, batches come from :meth:`plan`."""
+        assert self.vlocal is not None
         key = (client, trainer)
         if key not in self.streams:
-            n = len(self.parts.sites[client].train)
-            self.streams[key] = (
-                self.vlocal.stream(client, n) if self.vlocal is not None else
-                BatchStream(n, self.ctx.settings.batch_size,
-                            self.ctx.batch_seed(client)))
+            self.streams[key] = self.vlocal.stream(client, len(self.parts.sites[client].train))
         return self.streams[key]
 
     def _gather(self, clients: list[int], active: list[bool], trainer: str = "main"
@@ -335,20 +339,15 @@ class VectorBackend(LoopBackend):
     def plan(self, clients: list[int], steps: list[int], trainer: str = "main"
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every batch of every client for one call of :meth:`train`, from one
-        :meth:`BatchStream.draw` per client and array operations:
-        ``(rows, valid, lens)`` with ``rows`` (S, k, W) the rows of
-        :attr:`X` (0 where padding), ``valid`` (S, k, W) the real rows and
-        ``lens`` (S, k) each batch's size (0 once a client's steps are done),
-        S the most steps and W the largest batch. The rows and their order
-        are those of ``next_indices`` called step by step (the loop
-        backend's), the streams left in the same state.
-
-        Each client's minibatch stream is its own numpy PCG64 generator with
-        its own seed (:meth:`CellContext.batch_seed`): a client's
-        permutations come from one call on its generator per round (numpy's
-        Fisher-Yates with rejection sampling draws a data-dependent number
-        of values, so k generators cannot be advanced by one array
-        operation short of re-implementing PCG64 in numpy).
+        :func:`~fedmedbench.training.epoch_orders` call for all of them and
+        array operations: ``(rows, valid, lens)`` with ``rows`` (S, k, W) the
+        rows of :attr:`X` (0 where padding), ``valid`` (S, k, W) the real
+        rows and ``lens`` (S, k) each batch's size (0 once a client's steps
+        are done), S the most steps and W the largest batch. The rows and
+        their order are those each client's
+        :class:`~fedmedbench.training.BatchStream` gives step by step on the
+        loop backend (a batch is a function of the client's seed and how
+        many batches it drew before: :attr:`drawn` counts them per trainer).
         """
         k = len(clients)
         S = int(max(steps, default=0))
@@ -356,25 +355,29 @@ class VectorBackend(LoopBackend):
         cl = np.asarray(clients, dtype=np.int64)
         n = self._n[cl] if k else np.zeros(0, dtype=np.int64)
         bs = int(self.ctx.settings.batch_size)
-        streams = self.streams
-        # a client of 0 or 1 rows has one batch an epoch, always the same: no stream, no draw
+        done = self.drawn.get(trainer)
+        if done is None:
+            done = self.drawn[trainer] = np.zeros(len(self._n), dtype=np.int64)
+        t0 = done[cl]
+        per_epoch = np.maximum(-(-n // bs), 1)
+        # a client of 0 or 1 rows has one batch an epoch, always the same: no order to draw
         drawn = np.flatnonzero((n > 1) & (st > 0))
-        first = np.zeros(k, dtype=np.int64)
+        e0 = t0 // per_epoch
+        first = np.where((n > 1) & (st > 0), t0 - e0 * per_epoch, 0)  # batch within epoch e0
+        m = ((t0 + st - 1) // per_epoch - e0 + 1)[drawn]  # epochs each drawn client reads
         sizes = np.minimum(n, 1)
-        steps_of = st.tolist()
-        got = [(streams.get((clients[j], trainer)) or self.stream(clients[j], trainer)).draw(
-            steps_of[j]) for j in drawn.tolist()]  # one call per client per round
-        parts = [g[0] for g in got]
-        if got:
-            first[drawn] = [g[1] for g in got]
-            sizes[drawn] = [len(g[0]) for g in got]
+        sizes[drawn] = m * n[drawn]
         start = np.cumsum(sizes) - sizes
         flat = np.zeros(int(sizes.sum()), dtype=np.int64)  # one-row clients: row 0
-        if parts:
+        if len(drawn):
+            seg = np.repeat(drawn, m)  # one segment per (client, epoch), client-major
+            seg_epoch = np.repeat(e0[drawn], m) + (np.arange(len(seg)) - np.repeat(
+                np.cumsum(m) - m, m))
+            orders = epoch_orders(self._seeds[cl[seg]], seg_epoch, n[seg])
             drawn_sizes = sizes[drawn]
             flat[np.repeat(start[drawn] - (np.cumsum(drawn_sizes) - drawn_sizes), drawn_sizes)
-                 + np.arange(int(drawn_sizes.sum()))] = np.concatenate(parts)
-        per_epoch = np.maximum(-(-n // bs), 1)
+                 + np.arange(int(drawn_sizes.sum()))] = orders
+        done[cl] = t0 + st
         t = np.arange(S)[:, None]
         e, q = np.divmod(first + t, per_epoch)  # (S, k): epoch and batch within it
         lens = np.where(t < st, np.clip(n - q * bs, 0, bs), 0)
@@ -382,7 +385,7 @@ class VectorBackend(LoopBackend):
         r = np.arange(width)
         valid = r < lens[..., None]
         if flat.size:
-            stride = np.zeros(k, dtype=np.int64)  # one permutation an epoch, drawn clients only
+            stride = np.zeros(k, dtype=np.int64)  # one order an epoch, drawn clients only
             stride[drawn] = n[drawn]
             pos = np.where(valid, (start + e * stride + q * bs)[..., None] + r, 0)
             rows = np.where(valid, flat[pos] + self._row0[cl][:, None], 0)

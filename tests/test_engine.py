@@ -226,10 +226,10 @@ def test_backends_agree_on_50_unequal_hospitals_and_the_cnn(reg):
     sizes = None
     for c in ehr + img:
         out = _both(reg, c)
-        # metrics to 1e-5 everywhere; the CNN's parameters to 1e-4 (measured: at most 3.2e-5
-        # for `local`, whose six unaveraged steps through ReLU/max-pool keep the rounding
-        # differences of a grouped convolution; FedAvg's 1e-7)
-        _assert_equivalent(out, param_tol=1e-4 if c in img else None)
+        # metrics to 1e-5 everywhere; the CNN's parameters to 2e-4 (measured: 1.5e-4 for
+        # FedProx under dp-fedavg, where one max-pool winner decided by a rounding difference
+        # moves 246 of 2,866 weights by > 1e-5; the other CNN cells at most 1e-7)
+        _assert_equivalent(out, param_tol=2e-4 if c in img else None)
         if sizes is None and out["loop"][0]["status"] == "ok":
             run = out["loop"][1]
             sizes = sorted(len(s.train) for s in run.sites)
@@ -303,56 +303,77 @@ def test_fast_metrics_equal_scikit_learn():
 # --------------------------------------------------------------------------
 
 
-def test_a_stream_draws_many_batches_as_step_by_step():
-    """BatchStream.draw(steps) gives the batches of `steps` calls of
-    next_indices (the loop backend's) and leaves the stream in the same state,
-    for sizes around the batch size, across rounds of unequal step counts."""
-    from fedmedbench.training import BatchStream
+def test_batch_orders_are_uniform_permutations_from_splitmix64():
+    """The minibatch orders: SplitMix64 gives its published outputs; every
+    epoch order is a permutation; one global sort over many short segments
+    and the one-by-one sort of long ones give the same orders; a stream's
+    batches are its epochs' orders cut into batches; and the orders are
+    uniform (all 24 orders of 4 rows equally often, chi-square)."""
+    from scipy.stats import chisquare
 
+    from fedmedbench import training
+    from fedmedbench.training import BatchStream, epoch_orders, splitmix64
+
+    # SplitMix64 seeded 0: its first outputs (the reference implementation's)
+    assert splitmix64(0, np.arange(3)).tolist() == [
+        0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
     rng = np.random.default_rng(0)
-    for trial in range(300):
-        n, bs = int(rng.integers(0, 80)), int(rng.integers(1, 20))
-        a, b = BatchStream(n, bs, seed=trial), BatchStream(n, bs, seed=trial)
+    paths = set()  # which way epoch_orders sorted: all segments at once, or one by one
+    for trial in range(40):
+        k = int(rng.integers(2, 30))
+        sizes = rng.integers(0, 40 if trial % 2 else 300, size=k)
+        sizes[0] = 1 << int(rng.integers(0, 7))  # a power of two: the bit-length edge
+        seeds, epochs = rng.integers(0, 2**62, size=k), rng.integers(0, 50, size=k)
+        together = epoch_orders(seeds, epochs, sizes)
+        paths.add(bool(sizes.sum() <= training._SMALL_SEGMENTS * k))
+        one_by_one = [epoch_orders([s], [e], [n]) for s, e, n in zip(seeds, epochs, sizes)]
+        np.testing.assert_array_equal(together, np.concatenate(one_by_one))
+        for n, order in zip(sizes, one_by_one):
+            assert sorted(order.tolist()) == list(range(n))
+    assert paths == {True, False}
+    for n, bs in [(0, 3), (1, 4), (7, 3), (16, 4), (5, 8)]:
+        stream = BatchStream(n, bs, seed=11)
         per_epoch = max(1, -(-n // bs))
-        for _ in range(4):
-            steps = int(rng.integers(0, 3 * per_epoch + 2))
-            want = [a.next_indices() for _ in range(steps)]
-            perms, first = b.draw(steps)
-            for i, w in enumerate(want):
-                e, q = divmod(first + i, per_epoch)
-                got = perms[e * n + q * bs:e * n + min((q + 1) * bs, n)]
-                np.testing.assert_array_equal(got, w)
-    # a stream over one row never draws: its generator is never made
-    one = BatchStream(1, 4, seed=3)
-    assert [one.next_indices().tolist() for _ in range(3)] == [[0]] * 3 and one._rng is None
+        for t in range(3 * per_epoch + 1):
+            e, q = divmod(t, per_epoch)
+            np.testing.assert_array_equal(stream.next_indices(),
+                                          stream.order(e)[q * bs:(q + 1) * bs])
+    codes = {}
+    for e in range(4800):
+        codes.setdefault(tuple(epoch_orders([12345], [e], [4]).tolist()), []).append(e)
+    assert len(codes) == 24
+    assert chisquare([len(v) for v in codes.values()]).pvalue > 1e-3
 
 
 def test_the_vectorized_plan_is_every_clients_loop_stream():
-    """VectorBackend.plan (one draw per client, array operations) against
-    each client's BatchStream called step by step: the same rows, padding
-    masked, over rounds where clients have unequal sizes and step counts."""
+    """VectorBackend.plan (one epoch_orders call for all clients, array
+    operations) against each client's BatchStream called step by step: the
+    same rows, padding masked, over rounds where clients have unequal sizes
+    and step counts, for two trainers drawing apart."""
     from types import SimpleNamespace
 
     from fedmedbench.training import BatchStream
     from fedmedbench.vectorized import VectorBackend
 
     rng = np.random.default_rng(1)
-    sizes = np.array([0, 1, 2, 5, 16, 17, 40, 3, 1, 33])
+    sizes = np.array([0, 1, 2, 5, 16, 17, 40, 3, 1, 33, 300, 64])
     bs = 8
     row0 = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    fake = SimpleNamespace(_n=sizes, _row0=row0, streams={},
+    seeds = 100 + np.arange(len(sizes))
+    fake = SimpleNamespace(_n=sizes, _row0=row0, _seeds=seeds, drawn={},
                            ctx=SimpleNamespace(settings=SimpleNamespace(batch_size=bs)))
-    fake.stream = lambda c, t="main": fake.streams.setdefault(
-        (c, t), BatchStream(int(sizes[c]), bs, seed=100 + c))
-    ref = {c: BatchStream(int(sizes[c]), bs, seed=100 + c) for c in range(len(sizes))}
-    for _ in range(5):
+    ref = {(c, t): BatchStream(int(sizes[c]), bs, seed=int(seeds[c]))
+           for c in range(len(sizes)) for t in ("main", "other")}
+    for r in range(12):
+        trainer = "other" if r % 3 == 2 else "main"
         clients = sorted(rng.choice(len(sizes), size=6, replace=False).tolist())
-        steps = rng.integers(0, 9, size=6).tolist()
-        rows, valid, lens = VectorBackend.plan(fake, clients, steps)
+        steps = rng.integers(0, 9 if r % 2 else 60, size=6).tolist()
+        rows, valid, lens = VectorBackend.plan(fake, clients, steps, trainer)
         assert rows.shape[:2] == (max(steps), 6)
         for j, c in enumerate(clients):
             for s in range(max(steps)):
-                want = ref[c].next_indices() + row0[c] if s < steps[j] else np.zeros(0, int)
+                want = (ref[c, trainer].next_indices() + row0[c] if s < steps[j]
+                        else np.zeros(0, int))
                 assert lens[s, j] == len(want)
                 np.testing.assert_array_equal(rows[s, j][valid[s, j]], want)
                 assert not rows[s, j][~valid[s, j]].any()

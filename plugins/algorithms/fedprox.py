@@ -47,7 +47,7 @@ class FedProx(FedAvg):
             return 0.5 * mu * torch.sum((w - anchor) ** 2)
 
         new = ctx.train(global_params, extra_loss=proximal)
-        return ctx.update(new - global_params)
+        return ctx.update(new.sub_(global_params))
 
 
 COMPONENTS = (FedProx,)

@@ -71,9 +71,9 @@ INPUT_SHAPE, NUM_CLASSES = (64,), 10
 
 def batch_seed(client: int, seed: int = SEED) -> int:
     """``CellContext.batch_seed(client)`` of a cell with seed ``seed``."""
-    from fedmedbench.context import stable_int
+    from fedmedbench.training import batch_seeds
 
-    return int(np.random.default_rng([seed, stable_int("batches"), client]).integers(2**62))
+    return int(batch_seeds(seed, [client])[0])
 
 
 def local_steps(n: int) -> int:
