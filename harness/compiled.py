@@ -79,6 +79,20 @@ class _Op:
         gradients are written into ``GP``."""
         raise NotImplementedError
 
+    def backward_sgd(self, g: torch.Tensor, xs: list[torch.Tensor], y: torch.Tensor,
+                     P: list[torch.Tensor], GP: list[torch.Tensor], need: list[bool],
+                     lr: float) -> list[torch.Tensor | None]:
+        """:meth:`backward` followed by plain SGD on this op's parameters
+        (``P[j] -= lr · GP[j]``), after the input gradients are computed from
+        the parameters as they were. Ops may fuse the update (:class:`_Linear`)."""
+        import torch
+
+        out = self.backward(g, xs, y, P, GP, need)
+        used = [j for j in self.params if j is not None]
+        if used:
+            torch._foreach_add_([P[j] for j in used], [GP[j] for j in used], alpha=-lr)
+        return out
+
 
 class _Linear(_Op):
     """``x W^T + b`` per client as one batched matrix product (the weight
@@ -126,6 +140,31 @@ class _Linear(_Op):
         dx = self.buf("dx", (k, g3.shape[1], fin), g)
         torch.bmm(g3, P[w], out=dx)
         return [dx.view(x.shape)]
+
+    def backward_sgd(self, g, xs, y, P, GP, need, lr):
+        """The input gradient from the weights as they were, then the SGD
+        step fused into one batched product, ``W += -lr · gᵀx``
+        (``baddbmm_``): the weight gradient is never written out and read
+        back (at 1,000 clients of 2-row batches 1.1 ms a step for the 64×64
+        layer, against 2.0 ms for the product and the update apart, measured)."""
+        import torch
+
+        x = xs[0]
+        w, b = self.params
+        W = P[w]
+        if not W.is_contiguous():  # a layout this op does not fuse
+            return super().backward_sgd(g, xs, y, P, GP, need, lr)
+        k, fin = x.shape[0], x.shape[-1]
+        g3 = g if g.dim() == 3 else g.reshape(k, -1, g.shape[-1])
+        x3 = x.reshape(k, -1, fin)
+        dx = None
+        if need[0]:
+            dx = self.buf("dx", (k, g3.shape[1], fin), g)
+            torch.bmm(g3, W, out=dx)
+        W.baddbmm_(g3.transpose(1, 2), x3, alpha=-lr)
+        if b is not None:
+            P[b].add_(g3.sum(1), alpha=-lr)
+        return [None if dx is None else dx.view(x.shape)]
 
 
 class _Act(_Op):
@@ -418,6 +457,9 @@ class CompiledModel:
         for op, _ in ops:
             for i in op.ins:
                 self._consumers[i] += 1
+        owners = [j for op, _ in self.ops for j in op.params if j is not None]
+        #: every parameter belongs to one op: SGD may be fused into the backward pass
+        self.fusable = len(owners) == len(set(owners))
         self._loss_bufs: dict[tuple, Any] = {}
         self._grads: dict[tuple, list[torch.Tensor]] = {}
         self._grads_of: Any = None
@@ -445,12 +487,19 @@ class CompiledModel:
         return self._grads_last
 
     def loss_and_grads(self, P: list[torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
-                       M: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                       M: torch.Tensor, *, sgd_lr: float | None = None
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Every client's masked mean cross-entropy ``L`` (k,) and the gradient
         of ``L.sum()`` with respect to the stacked parameters ``P``: what
         ``VectorBackend._twin_step`` computes with autograd. ``X`` (k, B, ...),
         ``Y`` (k, B) int64, ``M`` (k, B) float row weights (0 for padding).
-        The gradients are buffers that the next call overwrites."""
+        The gradients are buffers that the next call overwrites.
+
+        ``sgd_lr``: also take a plain SGD step (every row, no momentum or
+        weight decay), each op updating its parameters right after its
+        backward pass (:meth:`_Op.backward_sgd`); only for a model whose
+        parameters each belong to one op (:attr:`fusable`). The returned
+        gradients are then not all written."""
         import torch
 
         z, vals = self.forward(P, X)
@@ -486,7 +535,9 @@ class CompiledModel:
                 continue
             xs = [vals[i] for i in op.ins]
             need = [self._need[i] for i in op.ins]
-            for i, gi in zip(op.ins, op.backward(g, xs, vals[out], P, GP, need)):
+            back = (op.backward(g, xs, vals[out], P, GP, need) if sgd_lr is None
+                    else op.backward_sgd(g, xs, vals[out], P, GP, need, sgd_lr))
+            for i, gi in zip(op.ins, back):
                 if gi is None:
                     continue
                 grads[i] = gi if grads[i] is None else grads[i] + gi
@@ -885,6 +936,9 @@ class CompiledTrainer:
         self.P = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
         self.opt = optimizer
         self.grad_hook = grad_hook
+        #: plain SGD with every row active runs fused into the backward pass
+        #: (:meth:`CompiledModel.loss_and_grads`'s ``sgd_lr``); False: gradient, then step
+        self.fuse = True
         self._all: torch.Tensor | None = None
 
     def step(self, X: torch.Tensor, Y: torch.Tensor, M: torch.Tensor,
@@ -897,10 +951,14 @@ class CompiledTrainer:
             if self._all is None or len(self._all) != X.shape[0]:
                 self._all = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
             active, every = self._all, True
+        opt = self.opt
+        if (every and self.fuse and self.grad_hook is None and isinstance(opt, InPlaceSGD)
+                and opt.momentum == 0 and opt.wd == 0 and self.model.fusable):
+            return self.model.loss_and_grads(self.P, X, Y, M, sgd_lr=opt.lr)[0]
         L, G = self.model.loss_and_grads(self.P, X, Y, M)
         if self.grad_hook is not None:
             self.grad_hook(G)
-        self.opt.step(self.P, G, active, every)
+        opt.step(self.P, G, active, every)
         return L
 
     def flat(self) -> torch.Tensor:

@@ -451,7 +451,8 @@ def view_of(received: Received, broadcast: Broadcast, *, sharing: Sharing,
     if received.kind == "plaintext":
         view = ServerView(kind="plaintext", **base)
         if "delta" in received.rows:
-            view.updates = {c: received.rows["delta"][i].clone() for i, c in enumerate(clients)}
+            # one copy of the rows, a view of it per client (1,000 row clones cost 5 ms)
+            view.updates = dict(zip(clients, received.rows["delta"].clone().unbind(0)))
             if sent_mask is not None:
                 view.readable = {c: sent_mask.copy() for c in clients}
         view.extra = {k: dict(zip(clients, [_copy(x) for x in _per_row(v, len(clients))]))

@@ -218,6 +218,41 @@ def test_a_multi_step_run_matches_the_functional_path(opt, momentum):
     assert not torch.equal(trainer.P[0][5], P0[0][5])
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_sgd_fused_into_the_backward_pass_equals_gradient_then_step(name):
+    """Plain SGD with every client active runs fused into the backward pass
+    (linear layers update their weights by one baddbmm_, other ops right
+    after their own backward): the same parameters as the gradient-then-step
+    path, with the optimizer's step never called."""
+    torch.manual_seed(0)
+    make, shape = MODELS[name]
+    module = make()
+    compiled = compile_model(module)[0]
+    assert compiled.fusable
+    k = 5
+    P0 = _stacked(module, k, torch.float32, scale=0.05)
+    fused, apart = (CompiledTrainer(compiled, P0, InPlaceSGD(0.05)) for _ in range(2))
+    apart.fuse = False
+    calls = {"fused": 0, "apart": 0}
+    for label, tr in (("fused", fused), ("apart", apart)):
+        step = tr.opt.step
+
+        def counted(*a, label=label, step=step, **kw):
+            calls[label] += 1
+            return step(*a, **kw)
+
+        tr.opt.step = counted
+    g = torch.Generator().manual_seed(5)
+    for _ in range(6):
+        X, Y, M = _batch(k, 7, shape, torch.float32,
+                         seed=int(torch.randint(1 << 30, (1,), generator=g)))
+        torch.testing.assert_close(fused.step(X, Y, M), apart.step(X, Y, M), atol=1e-5, rtol=1e-5)
+    assert calls == {"fused": 0, "apart": 6}
+    for a, b in zip(fused.P, apart.P):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(fused.P[0], P0[0])
+
+
 def test_grad_hook_sees_and_changes_the_gradients():
     module = MODELS["mlp-relu"][0]()
     k = 3
