@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedmedbench.training import RunSettings
 
 __all__ = ["Cell", "PartyComponents", "build_cell", "attack_key", "seed_torch",
-           "seed_everything"]
+           "seed_everything", "ModelFactory", "peek_model", "tune_allocator"]
 
 
 @dataclass(frozen=True)
@@ -235,20 +235,41 @@ def seed_everything(seed: int) -> None:
     tune_allocator()
 
 
+class ModelFactory:
+    """A factory of one seeded module: each call returns a deep copy of the
+    template (the seeded initialisation, never trained); :meth:`peek` hands
+    the harness the template itself for reading (its structure, parameter
+    names, initial values) without the copy."""
+
+    def __init__(self, template: torch.nn.Module) -> None:
+        self._template = template
+
+    def __call__(self) -> torch.nn.Module:
+        import copy
+
+        return copy.deepcopy(self._template)
+
+    def peek(self) -> torch.nn.Module:
+        """The template, not a copy: read it, never train, move or change it."""
+        return self._template
+
+
+def peek_model(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``factory``'s template where it is a :class:`ModelFactory` (to read
+    only; a deep copy costs 0.2 ms for a small MLP, and a cell read one 5
+    times), else a fresh module."""
+    peek = getattr(factory, "peek", None)
+    return peek() if callable(peek) else factory()
+
+
 def model_factory(comp: Model, shape: tuple[int, ...], classes: int, seed: int
-                  ) -> Callable[[], torch.nn.Module]:
+                  ) -> ModelFactory:
     """A factory of ``comp``'s module: one seeded initialisation (the same for
     the same seed in every process), deep-copied on each call."""
-    import copy
-
     seed_torch(seed)
     with calling(comp, "build"):
         template = comp.build(tuple(shape), int(classes))
-
-    def factory() -> torch.nn.Module:
-        return copy.deepcopy(template)  # the seeded initialisation, never trained
-
-    return factory
+    return ModelFactory(template)
 
 
 def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, float] | None = None
@@ -338,7 +359,7 @@ def build_cell(cell: dict[str, Any], reg: Registry, *, setup_clock: dict[str, fl
         model = build("model", spec, key="model")
     shape, classes = tuple(task.input_shape), int(task.num_classes)
     factory = model_factory(model, shape, classes, seed)
-    probe = factory()
+    probe = factory.peek()  # read only: the layout and the model's facts
     with calling(agg_s, "holdout_fraction"):
         holdout = float(agg_s.holdout_fraction()) if setting.aggregates else 0.0
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from fedmedbench.accounting import Accounting, headline
-from fedmedbench.cell import Cell, attack_key, build_cell, seed_torch
+from fedmedbench.cell import Cell, attack_key, build_cell, peek_model, seed_torch
 from fedmedbench.components import Component, FederatedData, Site, Split
 from fedmedbench.context import AttackContext, BatchReplay, ShadowTrainer
 from fedmedbench.errors import Diverged, PluginError, SettingWarning, Skip, printable
@@ -74,7 +74,7 @@ class Training:
         self.views = ViewRecorder(cell.rounds, cell.sharing,
                                   t.server_view if t is not None else None)
         self.stages = Stages(clock, [self.bytes, self.views])
-        mfacts = ModelFacts.of(cell.model.name, cell.factory())
+        mfacts = ModelFacts.of(cell.model.name, peek_model(cell.factory))
         self.clients = Clients(cell, self.stages, requested_backend=backend,
                                batch_norm=bool(mfacts.batch_norm), device=device)
         ctx = cell.clients_ctx
@@ -119,7 +119,7 @@ class Training:
         from fedmedbench.models import get_flat_params
 
         cell = self.cell
-        w0 = self.pretrain(cell.factory, get_flat_params(cell.factory()))
+        w0 = self.pretrain(cell.factory, get_flat_params(peek_model(cell.factory)))
         self.initial_params = w0.clone()
         self.round.init_models(w0, pretrain=lambda f: self.pretrain(f, get_flat_params(f())))
         every = max(1, int(cell.settings.eval_every))

@@ -181,7 +181,9 @@ def sharing_of(alg: Algorithm, ctx: CellContext, facts: CellFacts,
             got = alg.shared_mask(ctx)
         if got is not None:
             mask = _checked_mask(got, layout, alg)
-    bufs = int(get_flat_buffers(factory()).numel())
+    from fedmedbench.cell import peek_model
+
+    bufs = int(get_flat_buffers(peek_model(factory)).numel())
     mode = "none" if bufs == 0 else ("local" if af.shares == "part" else "sent")
     fields = tuple(alg.sends) + (("buffers",) if mode == "sent" else ())
     return Sharing(layout, mask, delta=True, buffers=mode, buffer_numel=bufs, fields=fields)
@@ -267,10 +269,11 @@ class Round:
         self.predictions: dict[str, Any] = {}
         #: the global model's, where personal models are scored beside one
         self.global_predictions: dict[str, Any] = {}
+        from fedmedbench.cell import peek_model
         from fedmedbench.models import get_flat_buffers
 
         #: the running statistics of a freshly built model (no training yet)
-        self.buffers0 = get_flat_buffers(cell.factory())
+        self.buffers0 = get_flat_buffers(peek_model(cell.factory))
         self.eval_model = cell.factory()
         self.numel = cell.layout.numel
         #: the network twin's virtual clock (:mod:`fedmedbench.clock`; set by the engine);

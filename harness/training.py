@@ -166,8 +166,10 @@ def batch_seeds(cell_seed: int, clients: Any) -> np.ndarray:
     return (splitmix64(base, clients) >> np.uint64(2)).astype(np.int64)
 
 
-#: segments at most this long on average are ordered by one global sort
-_SMALL_SEGMENTS = 64
+#: segments at most this long on average are ordered by one global sort (the measured
+#: crossover: 20 segments of 144 rows 0.11 ms by one sort, 0.31 ms one by one; of 500
+#: rows 0.82 against 0.40 ms)
+_SMALL_SEGMENTS = 256
 
 
 def epoch_orders(seeds: Any, epochs: Any, sizes: Any) -> np.ndarray:

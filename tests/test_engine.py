@@ -321,7 +321,7 @@ def test_batch_orders_are_uniform_permutations_from_splitmix64():
     paths = set()  # which way epoch_orders sorted: all segments at once, or one by one
     for trial in range(40):
         k = int(rng.integers(2, 30))
-        sizes = rng.integers(0, 40 if trial % 2 else 300, size=k)
+        sizes = rng.integers(0, 40 if trial % 2 else 1200, size=k)
         sizes[0] = 1 << int(rng.integers(0, 7))  # a power of two: the bit-length edge
         seeds, epochs = rng.integers(0, 2**62, size=k), rng.integers(0, 50, size=k)
         together = epoch_orders(seeds, epochs, sizes)
