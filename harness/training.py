@@ -137,7 +137,29 @@ def to_tensors(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -- minibatch orders ----------------------------------------------------------
 
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment (the golden ratio)
+_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (the golden ratio)
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function, in place on a uint64 array (numpy's
+    array arithmetic wraps modulo 2**64 without a warning)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(_M1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(_M2)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def _mix_int(z: int) -> int:
+    """:func:`_mix` of one Python int (no array round trip)."""
+    z ^= z >> 30
+    z = (z * _M1) & _MASK64
+    z ^= z >> 27
+    z = (z * _M2) & _MASK64
+    return z ^ (z >> 31)
 
 
 def splitmix64(seeds: Any, i: Any) -> np.ndarray:
@@ -148,12 +170,9 @@ def splitmix64(seeds: Any, i: Any) -> np.ndarray:
     counter-based generator: any output of any stream is one array
     operation away, which is what lets the vectorized backend draw every
     client's batches at once."""
-    with np.errstate(over="ignore"):
-        z = (np.atleast_1d(np.asarray(seeds, dtype=np.uint64))
-             + (np.atleast_1d(np.asarray(i, dtype=np.uint64)) + np.uint64(1)) * _GAMMA)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    z = np.atleast_1d(np.asarray(i, dtype=np.uint64)) + np.uint64(1)
+    z = z * np.uint64(_GAMMA) + np.atleast_1d(np.asarray(seeds, dtype=np.uint64))
+    return _mix(z)
 
 
 def batch_seeds(cell_seed: int, clients: Any) -> np.ndarray:
@@ -200,17 +219,27 @@ def epoch_orders(seeds: Any, epochs: Any, sizes: Any) -> np.ndarray:
         keys = splitmix64(h[seg], i) >> b[seg]
         order = np.lexsort((keys, seg))  # by segment, then key; stable: ties by row
         return order - start[seg]
-    out = np.empty(total, dtype=np.int64)
-    a = 0
-    for hj, n, bj in zip(h.tolist(), sizes.tolist(), b.tolist()):
-        i = np.arange(n, dtype=np.uint64)
-        shift = np.uint64(bj)
-        # the key's top bits above the row index: distinct values, one plain sort
-        packed = ((splitmix64(hj, i) >> shift) << shift) | i
-        packed.sort()
-        out[a:a + n] = packed & np.uint64((1 << bj) - 1)
-        a += n
-    return out
+    return np.concatenate([_order(hj, n) for hj, n in zip(h.tolist(), sizes.tolist())])
+
+
+def _order(h: int, n: int) -> np.ndarray:
+    """One epoch's order of ``n`` rows from its key seed ``h``
+    (:func:`epoch_orders`): the keys' top bits above the row index, so that
+    the values are distinct and one plain sort orders them."""
+    if n <= 1:
+        return np.arange(n, dtype=np.int64)
+    b = np.uint64((n - 1).bit_length())
+    i = np.arange(n, dtype=np.uint64)
+    z = i + np.uint64(1)
+    z *= np.uint64(_GAMMA)
+    z += np.uint64(h)
+    _mix(z)
+    z >>= b
+    z <<= b
+    z |= i
+    z.sort()
+    z &= (np.uint64(1) << b) - np.uint64(1)
+    return z.astype(np.int64)
 
 
 class BatchStream:
@@ -233,8 +262,9 @@ class BatchStream:
         self._order = np.zeros(0, dtype=np.int64)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The row order of ``epoch`` (from 0)."""
-        return epoch_orders([self.seed], [int(epoch)], [self.n])
+        """The row order of ``epoch`` (from 0): :func:`epoch_orders` of
+        ``(seed, epoch, n)``."""
+        return _order(_mix_int((self.seed + (int(epoch) + 1) * _GAMMA) & _MASK64), self.n)
 
     def next_indices(self) -> np.ndarray:
         """The next batch's row indices (int64)."""
