@@ -46,7 +46,9 @@ class FedProx(FedAvg):
         def proximal(w: torch.Tensor) -> torch.Tensor:  # w: one client's flat parameters
             return 0.5 * mu * torch.sum((w - anchor) ** 2)
 
-        new = ctx.train(global_params, extra_loss=proximal)
+        # μ = 0: no proximal term at all, so the steps are FedAvg's exactly (the backends
+        # fuse plain SGD into the backward pass only without an extra loss)
+        new = ctx.train(global_params, extra_loss=proximal if mu > 0 else None)
         return ctx.update(new.sub_(global_params))
 
 
