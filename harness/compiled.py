@@ -96,10 +96,8 @@ class _Op:
 
 class _Linear(_Op):
     """``x W^T + b`` per client as one batched matrix product (the weight
-    stored (k, out, in), :class:`CompiledTrainer`'s layout; a weight stored
-    transposed has its gradient written in that layout without a copy); the
-    bias is added after the product (cheaper than ``baddbmm``'s broadcast
-    copy)."""
+    stored (k, out, in), :class:`CompiledTrainer`'s layout); the bias is
+    added after the product (cheaper than ``baddbmm``'s broadcast copy)."""
 
     def __init__(self, w: int, b: int | None) -> None:
         super().__init__()
@@ -128,11 +126,7 @@ class _Linear(_Op):
         k, fin = x.shape[0], x.shape[-1]
         g3 = g if g.dim() == 3 else g.reshape(k, -1, g.shape[-1])
         x3 = x.reshape(k, -1, fin)
-        gw = GP[w]
-        if gw.transpose(1, 2).is_contiguous():  # (k, in, out) storage
-            torch.bmm(x3.transpose(1, 2), g3, out=gw.transpose(1, 2))
-        else:
-            torch.bmm(g3.transpose(1, 2), x3, out=gw)
+        torch.bmm(g3.transpose(1, 2), x3, out=GP[w])
         if b is not None:
             torch.sum(g3, dim=1, out=GP[b])
         if not need[0]:

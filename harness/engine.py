@@ -167,10 +167,13 @@ class Training:
         final_buffers, site_buffers = self.round.final_buffers()
         replay = None
         if cell.clients.local_stage is None:  # a local-stage mechanism samples its own batches
+            from fedmedbench.training import batch_seeds
+
             ctx = cell.clients_ctx
             replay = BatchReplay(rows={i: Split(s.train.X, s.train.y)
                                        for i, s in enumerate(cell.federation.clients)},
-                                 seeds={i: ctx.batch_seed(i) for i in range(ctx.num_clients)},
+                                 seeds=dict(enumerate(batch_seeds(
+                                     ctx.seed, np.arange(ctx.num_clients)).tolist())),
                                  batch_size=int(cell.settings.batch_size))
         spec = dict(cell.client_specs.get(0, cell.model_spec))
         factory = cell.factory_for(0)

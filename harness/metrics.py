@@ -246,43 +246,33 @@ def beats_chance_many(metric: str, items: list[tuple[np.ndarray, np.ndarray, flo
     out: list[dict[str, Any]] = []
     binom_at: list[tuple[int, int, int, float]] = []  # (item, k - 1, n, rate)
     norm_at: list[tuple[int, float]] = []  # (item, z)
-    fast = None
-    if metric == "accuracy" and len(items) > 1:
-        # every site's hits in one bincount: est = k / n and its binomial standard error,
-        # the same floating-point operations as score() and standard_error() per site
-        n_rows = np.fromiter((len(y) for y, _, _ in items), dtype=np.int64, count=len(items))
-        if n_rows.sum():
-            site = np.repeat(np.arange(len(items)), n_rows)
-            hit = np.concatenate([np.asarray(p).argmax(1) == np.asarray(y)
-                                  for y, p, _ in items if len(y)])
-            hits: np.ndarray = np.bincount(site, weights=hit, minlength=len(items))
+    n_rows = [len(y) for y, _, _ in items]
+    hits: list[int] = []
+    if metric == "accuracy":
+        # every site's score in one score_sites pass: est = k / n, the same division as
+        # score(), and its binomial standard error, the same operations as standard_error()
+        rows = [(np.asarray(y), np.asarray(p)) for y, p, _ in items if len(y)]
+        if rows:
+            ests = score_sites(metric, np.concatenate([y for y, _ in rows]),
+                               np.concatenate([p for _, p in rows]),
+                               offsets=np.concatenate([[0], np.cumsum(n_rows)]))
         else:
-            hits = np.zeros(len(items))
+            ests = np.full(len(items), np.nan)
+        size = np.asarray(n_rows, dtype=float)
         with np.errstate(invalid="ignore", divide="ignore"):
-            ests = np.where(n_rows > 0, hits / n_rows, np.nan)
-            ses = np.sqrt(ests * (1 - ests) / n_rows)
-        fast = (ests.tolist(), ses.tolist(), hits.astype(np.int64).tolist(), n_rows.tolist())
-    for i, (y_true, proba, baseline) in enumerate(items):
-        if fast is not None:
-            est, se = fast[0][i], fast[1][i]
-            if np.isfinite(est) and np.isfinite(baseline):
-                binom_at.append((i, fast[2][i] - 1, fast[3][i], min(max(baseline, 0.0), 1.0)))
-                ci = [est - 1.959964 * se, est + 1.959964 * se] if np.isfinite(se) else None
-                out.append({"p_value": None, "ci95": ci, "se": se if np.isfinite(se) else None,
-                            "at_chance": None})
-            else:
-                out.append({"p_value": None, "ci95": None, "se": None, "at_chance": None})
-            continue
-        y, p = np.asarray(y_true), np.asarray(proba)
-        est = score(metric, y, p)
-        se = standard_error(metric, y, p)
+            ses = np.sqrt(ests * (1 - ests) / size)
+        hits = np.rint(np.nan_to_num(ests) * size).astype(np.int64).tolist()
+        est_se = list(zip(ests.tolist(), ses.tolist()))
+    else:
+        est_se = [(score(metric, np.asarray(y), np.asarray(p)),
+                   standard_error(metric, np.asarray(y), np.asarray(p))) for y, p, _ in items]
+    for i, ((est, se), (_, _, baseline)) in enumerate(zip(est_se, items)):
         if not (np.isfinite(est) and np.isfinite(baseline)):
             out.append({"p_value": None, "ci95": None, "se": None, "at_chance": None})
             continue
         pval: float | None = None
         if metric == "accuracy":
-            k = int(np.sum(p.argmax(1) == y))
-            binom_at.append((i, k - 1, len(y), min(max(baseline, 0.0), 1.0)))
+            binom_at.append((i, hits[i] - 1, n_rows[i], min(max(baseline, 0.0), 1.0)))
         elif np.isfinite(se) and se > 0:
             norm_at.append((i, (est - baseline) / se))
         else:

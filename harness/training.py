@@ -210,9 +210,9 @@ def epoch_orders(seeds: Any, epochs: Any, sizes: Any) -> np.ndarray:
     if total == 0:
         return np.zeros(0, dtype=np.int64)
     h = splitmix64(seeds, epochs)
-    # b: bit length of max(n - 1, 1), exact through frexp's exponent
-    b = np.frexp(np.maximum(sizes - 1, 1).astype(np.float64))[1].astype(np.uint64)
     if len(sizes) > 1 and total <= _SMALL_SEGMENTS * len(sizes):
+        # b: bit length of max(n - 1, 1), exact through frexp's exponent (_order's b)
+        b = np.frexp(np.maximum(sizes - 1, 1).astype(np.float64))[1].astype(np.uint64)
         start = np.cumsum(sizes) - sizes
         seg = np.repeat(np.arange(len(sizes)), sizes)
         i = np.arange(total, dtype=np.int64) - start[seg]

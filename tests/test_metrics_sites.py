@@ -123,7 +123,7 @@ def test_chance_tests_of_many_sites_equal_one_site_at_a_time(metric):
     accuracy test is scipy's exact binomial tail."""
     from scipy.stats import binom
 
-    from fedmedbench.metrics import beats_chance, beats_chance_many
+    from fedmedbench.metrics import beats_chance, beats_chance_many, score
 
     rng = np.random.default_rng(7)
     items = []
@@ -135,6 +135,9 @@ def test_chance_tests_of_many_sites_equal_one_site_at_a_time(metric):
                       float(rng.random()) if i % 11 else float("nan")))
     many = beats_chance_many(metric, items)
     assert many == [beats_chance(metric, *it) for it in items]
+    for (y, p, _), r in zip(items, many):  # the interval is around the site's own score
+        if r["ci95"] is not None:
+            assert sum(r["ci95"]) / 2 == pytest.approx(score(metric, y, p), abs=1e-12)
     assert any(r["p_value"] is None for r in many) and any(r["at_chance"] for r in many)
     assert any(r["at_chance"] is False for r in many)
     if metric == "accuracy":
