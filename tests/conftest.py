@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -81,28 +82,47 @@ def run_matrix(tmp_path: Path):
 # processes: a cell that hangs until its --cell-timeout, a driver killed at
 # random moments. Their subprocess work is a *job* (a module-level function
 # ``job(tmp, spawn) -> result`` that only runs subprocesses and reads files);
-# the test is marked ``@pytest.mark.background(job=job)`` and takes the
+# ``spawn(args, **popen_kw)`` starts a process (killed with the session if
+# still running) and ``spawn.environ`` is the environment as the session
+# started, the base of every job's environment: a foreground test that
+# monkeypatches ``os.environ`` meanwhile must not leak into a job's processes.
+# The test is marked ``@pytest.mark.background(job=job)`` and takes the
 # ``background`` fixture, which returns the job's result for the test to check.
 # When the session starts, the selected tests' jobs run one after another in
-# one background thread while the other tests run; the marked tests run last,
-# so by their turn the waiting is mostly done. Nothing checked changes: the
-# same commands, the same assertions. Run alone (or with --collect-only), a
-# job runs in the test itself.
+# one background thread while the other tests run (the tests themselves use
+# one core at a time; the jobs' processes take the other); jobs marked
+# ``waits=True`` (a cell hanging until its timeout, a worker nobody answers)
+# use little CPU and run beside them in a lane of their own. The marked tests
+# run last, so by their turn the work is mostly done. Nothing checked changes:
+# the same commands, the same assertions. Run alone (or with --collect-only),
+# a job runs in the test itself. The terminal summary says how long each job
+# took and how long the tests waited for them.
 
 
 class _Background:
     """The session's background jobs, their processes and scratch folders."""
 
     def __init__(self) -> None:
-        self.pool: ThreadPoolExecutor | None = None
+        self.pools: dict[bool, ThreadPoolExecutor] = {}
         self.futures: dict[str, Future] = {}
+        self.seconds: dict[str, float] = {}  # each job's wall time
+        self.waited = 0.0  # the marked tests' wait for their jobs
+        self.t0 = time.monotonic()
+        self.snapshot: dict[str, str] | None = None
         self.procs: list[subprocess.Popen] = []
         self.dirs: list[str] = []
         self.lock = threading.Lock()
 
+    @property
+    def environ(self) -> dict[str, str]:
+        """``os.environ`` as it was when the jobs started (a copy)."""
+        return dict(self.snapshot if self.snapshot is not None else os.environ)
+
     def spawn(self, args: list[str], **kw: Any) -> subprocess.Popen:
         """``subprocess.Popen`` in a session of its own, killed with the test
-        session if it is still running then."""
+        session if it is still running then; ``env`` defaults to
+        :attr:`environ`."""
+        kw.setdefault("env", self.environ)
         p = subprocess.Popen(args, start_new_session=True, **kw)
         with self.lock:
             self.procs.append(p)
@@ -113,26 +133,53 @@ class _Background:
         self.dirs.append(d)
         return Path(d)
 
-    def start(self, nodeid: str, job: Callable[..., Any]) -> None:
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fmb-background")
-        self.futures[nodeid] = self.pool.submit(job, self.scratch(), self.spawn)
+    def timed(self, nodeid: str, job: Callable[..., Any]) -> Any:
+        t = time.monotonic()
+        try:
+            return job(self.scratch(), _Spawn(self))
+        finally:
+            self.seconds[nodeid] = time.monotonic() - t
+
+    def start(self, nodeid: str, job: Callable[..., Any], waits: bool) -> None:
+        if waits not in self.pools:
+            self.pools[waits] = ThreadPoolExecutor(max_workers=4 if waits else 1,
+                                                   thread_name_prefix="fmb-background")
+        self.futures[nodeid] = self.pools[waits].submit(self.timed, nodeid, job)
 
     def result(self, nodeid: str, job: Callable[..., Any]) -> Any:
         fut = self.futures.get(nodeid)
         if fut is None:  # not started with the session: run it here
-            return job(self.scratch(), self.spawn)
-        return fut.result()
+            return self.timed(nodeid, job)
+        t = time.monotonic()
+        try:
+            return fut.result()
+        finally:
+            self.waited += time.monotonic() - t
 
     def close(self) -> None:
         for p in self.procs:  # an interrupted session: end what is still running
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGKILL)
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self.pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+class _Spawn:
+    """What a job gets as ``spawn``: :meth:`_Background.spawn`, with the
+    session's starting environment as ``spawn.environ``."""
+
+    def __init__(self, bg: _Background) -> None:
+        self.bg = bg
+
+    def __call__(self, args: list[str], **kw: Any) -> subprocess.Popen:
+        return self.bg.spawn(args, **kw)
+
+    @property
+    def environ(self) -> dict[str, str]:
+        return self.bg.environ
 
 
 _BACKGROUND = _Background()
@@ -140,8 +187,9 @@ _BACKGROUND = _Background()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "background(job=fn): the test's subprocess work (fn) starts in the background "
-                   "when the session starts; the test runs last and checks its result")
+        "markers", "background(job=fn, waits=False): the test's subprocess work (fn) starts in "
+                   "the background when the session starts; the test runs last and checks its "
+                   "result (waits=True: a job that mostly waits, in a lane of its own)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -152,14 +200,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
-    jobs = [(item.nodeid, mark.kwargs["job"]) for item in session.items
+    jobs = [(item.nodeid, mark.kwargs["job"], mark.kwargs.get("waits", False))
+            for item in session.items
             for mark in [item.get_closest_marker("background")]
             if mark is not None and not _skipped(item)]
     if jobs and "FEDMEDBENCH_CACHE_DIR" not in os.environ:
         # the jobs' processes start before any fixture: the isolated cache is set up here
         os.environ["FEDMEDBENCH_CACHE_DIR"] = str(_BACKGROUND.scratch())
-    for nodeid, job in jobs:
-        _BACKGROUND.start(nodeid, job)
+    _BACKGROUND.snapshot = dict(os.environ)
+    for nodeid, job, waits in jobs:
+        _BACKGROUND.start(nodeid, job, waits)
 
 
 def _skipped(item: pytest.Item) -> bool:
@@ -167,6 +217,18 @@ def _skipped(item: pytest.Item) -> bool:
     optional dependency): its job would be wasted."""
     return item.get_closest_marker("skip") is not None or any(
         m.args and m.args[0] is True for m in item.iter_markers("skipif"))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    bg = _BACKGROUND
+    if not bg.seconds:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", "background jobs (tests/conftest.py)")
+    for nodeid, s in sorted(bg.seconds.items(), key=lambda kv: -kv[1]):
+        tr.write_line(f"{s:7.2f}s  {nodeid}")
+    tr.write_line(f"the marked tests waited {bg.waited:.1f} s for their jobs "
+                  f"(session {time.monotonic() - bg.t0:.0f} s)")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

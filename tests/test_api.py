@@ -212,15 +212,31 @@ def _readme_snippet() -> str:
     return block.group(1)
 
 
+def _readme_snippet_job(tmp: Path, spawn) -> dict:
+    """The README's Python snippet, run as a script in a fresh folder (a
+    background job, tests/conftest.py); its DataFrame comes back as JSON
+    (floats written as Python's repr: exact)."""
+    script = (_readme_snippet() + "\nimport json, sys\nwith open(sys.argv[1], 'w') as f:\n"
+              "    json.dump(df.to_dict(orient='list'), f, default=lambda o: o.item())\n")
+    p = spawn([sys.executable, "-c", script, str(tmp / "df.json")], cwd=tmp,
+              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = p.communicate(timeout=900)
+    return {"code": p.returncode, "err": err.decode()[-3000:], "df": tmp / "df.json"}
+
+
 @pytest.mark.slow
-def test_readme_quickstart_in_python_equals_the_cli_run(tmp_path, quickstart) -> None:
+@pytest.mark.background(job=_readme_snippet_job)
+def test_readme_quickstart_in_python_equals_the_cli_run(tmp_path, quickstart, background) -> None:
+    import json
+
+    import pandas as pd
+
+    assert background["code"] == 0, background["err"]
+    df = pd.DataFrame(json.loads(background["df"].read_text()))
     quickstart("cli")  # the command line's cells, run once for the session (conftest.py)
     here = os.getcwd()
-    os.chdir(tmp_path)  # the snippet and the command line write into ./results, ./cli
+    os.chdir(tmp_path)  # the command line writes into ./cli
     try:
-        scope: dict = {}
-        exec(compile(_readme_snippet(), "README.md", "exec"), scope)  # noqa: S102
-        df = scope["df"]
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             assert main(["run", "--out", "cli", "--no-progress"]) == 0

@@ -105,8 +105,9 @@ def _chaos_job(tmp: Path, spawn) -> dict:
     matrix = tmp / "chaos.toml"
     matrix.write_text(CHAOS)
     out = tmp / "out"
-    env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_test_plugins",
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    base = spawn.environ  # the session's environment, not a foreground test's
+    env = {**base, "FEDMEDBENCH_PLUGINS": "fmb_test_plugins",
+           "PYTHONPATH": os.pathsep.join([str(HERE), base.get("PYTHONPATH", "")])}
     args = [str(matrix), "--out", str(out), "--executor", "process", "--workers", "2",
             "--cell-timeout", "45", "--retries", "0", "--no-progress", "--no-report"]
     cli = [sys.executable, "-m", "fedmedbench.cli", "run"]

@@ -293,10 +293,11 @@ def _fault_run(fault: str, seeds: str, args: tuple[str, ...], tmp: Path, spawn) 
     records, the attempts log."""
     (tmp / "faults").mkdir()
     (tmp / "matrix.toml").write_text(FAULTY.format(seeds=seeds))
-    env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_executor_plugins",
+    base = spawn.environ  # the session's environment, not a foreground test's
+    env = {**base, "FEDMEDBENCH_PLUGINS": "fmb_executor_plugins",
            "FMB_FAULT_DIR": str(tmp / "faults"), "FMB_FAULT": fault,
            "PYTHONPATH": os.pathsep.join([str(TESTS),
-                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
+                                          *filter(None, [base.get("PYTHONPATH")])])}
     p = spawn([sys.executable, "-m", "fedmedbench.cli", "run", str(tmp / "matrix.toml"),
                "--out", str(tmp / "results"), "--no-progress", "--no-report", *args],
               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -310,7 +311,7 @@ def _fault_run(fault: str, seeds: str, args: tuple[str, ...], tmp: Path, spawn) 
 
 @pytest.mark.slow
 @pytest.mark.background(job=functools.partial(_fault_run, "hang:1", "0, 1",
-                                              ("--cell-timeout", "20")))
+                                              ("--cell-timeout", "20")), waits=True)
 def test_local_executor_enforces_the_cell_timeout(background):
     code, records = background["code"], background["records"]
     assert code == 1, background["err"][-2000:]  # returned at all: the hung cell was stopped
@@ -446,7 +447,7 @@ def test_dask_local_cluster_matches_local_and_retries_a_dead_worker(faults, run_
 @needs_dask
 @pytest.mark.slow
 @pytest.mark.background(job=functools.partial(_fault_run, "hang:0", "0", (
-    "--executor", "dask", "--workers", "1", "--cell-timeout", "20")))
+    "--executor", "dask", "--workers", "1", "--cell-timeout", "20")), waits=True)
 def test_dask_stops_a_hung_cell_and_kills_its_worker(background):
     code, records = background["code"], background["records"]
     assert code == 1, background["err"][-2000:]
@@ -516,10 +517,11 @@ def _ctrl_c_job(tmp: Path, spawn) -> dict:
     (tmp / "faults").mkdir()
     (tmp / "driver.toml").write_text(textwrap.dedent(FAULTY.format(seeds="0, 1, 2")))
     out = tmp / "results"
-    env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_executor_plugins",
+    base = spawn.environ  # the session's environment, not a foreground test's
+    env = {**base, "FEDMEDBENCH_PLUGINS": "fmb_executor_plugins",
            "FMB_FAULT_DIR": str(tmp / "faults"), "FMB_FAULT": "hang:2",
            "PYTHONPATH": os.pathsep.join([str(TESTS),
-                                          *filter(None, [os.environ.get("PYTHONPATH")])])}
+                                          *filter(None, [base.get("PYTHONPATH")])])}
     proc = spawn([sys.executable, "-m", "fedmedbench.cli", "run", str(tmp / "driver.toml"),
                   "--out", str(out), "--no-progress", "--no-report", "--executor", "dask",
                   "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -216,8 +216,9 @@ def _crash_and_timeout_job(tmp: Path, spawn) -> dict:
 
     here = Path(__file__).parent
     (tmp / "matrix.toml").write_text(textwrap.dedent(CRASH_AND_SLEEP))
-    env = {**os.environ, "FEDMEDBENCH_PLUGINS": "fmb_test_plugins",
-           "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
+    base = spawn.environ  # the session's environment, not a foreground test's
+    env = {**base, "FEDMEDBENCH_PLUGINS": "fmb_test_plugins",
+           "PYTHONPATH": os.pathsep.join([str(here), base.get("PYTHONPATH", "")])}
     p = spawn([sys.executable, "-m", "fedmedbench.cli", "run", str(tmp / "matrix.toml"),
                "--out", str(tmp / "results"), "--no-progress", "--no-report",
                "--executor", "process", "--workers", "2",
@@ -228,7 +229,7 @@ def _crash_and_timeout_job(tmp: Path, spawn) -> dict:
     return {"code": p.returncode, "err": err.decode(), "records": records}
 
 
-@pytest.mark.background(job=_crash_and_timeout_job)
+@pytest.mark.background(job=_crash_and_timeout_job, waits=True)
 def test_process_executor_survives_crash_and_timeout(test_plugins, run_matrix, tmp_path,
                                                      background):
     code, records = background["code"], background["records"]

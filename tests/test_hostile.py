@@ -60,9 +60,12 @@ algorithm = ["fedavg"]
 # --------------------------------------------------------------------------
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])}
+def _env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """``base`` (``os.environ`` by default) with the tests' folder on
+    PYTHONPATH and ``extra`` set."""
+    base = dict(os.environ) if base is None else base
+    env = {**base, "PYTHONPATH": os.pathsep.join(
+        [str(TESTS), *filter(None, [base.get("PYTHONPATH")])])}
     env.update(extra)
     return env
 
@@ -996,29 +999,6 @@ algorithm = ["fedavg"]
 """
 
 
-@pytest.fixture
-def faults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    d = tmp_path / "faults"
-    d.mkdir()
-    monkeypatch.setenv("FEDMEDBENCH_PLUGINS", "fmb_executor_plugins")
-    monkeypatch.setenv("FMB_FAULT_DIR", str(d))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.syspath_prepend(str(TESTS))
-
-    def arm(spec: str):
-        monkeypatch.setenv("FMB_FAULT", spec)
-
-        def attempts() -> list[tuple[int, int]]:
-            p = d / "attempts"
-            lines = p.read_text().split() if p.exists() else []
-            return [(int(s), int(pid)) for s, pid in zip(lines[::2], lines[1::2])]
-
-        return attempts
-
-    return arm
-
-
 def _wait_for(cond, seconds: float, what: str) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -1036,9 +1016,10 @@ _DASK = next((str(p) for p in [Path(sys.executable).parent / "dask"] if p.exists
 @contextlib.contextmanager
 def _external_cluster(tmp_path: Path, *, nanny: bool = True, env: dict[str, str] | None = None,
                       workers: int = 1):
-    """A dask scheduler and worker(s) in their own processes (an external cluster)."""
+    """A dask scheduler and worker(s) in their own processes (an external
+    cluster), in the environment ``env`` (:func:`_env` by default)."""
     sched_file = tmp_path / "scheduler.json"
-    e = _env(**(env or {}))
+    e = _env() if env is None else env
     procs = [subprocess.Popen([_DASK, "scheduler", "--port", "0",
                                "--no-dashboard", "--scheduler-file", str(sched_file)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=e,
@@ -1072,44 +1053,81 @@ def _driver(tmp_path: Path, text: str, *args: str, timeout: float = 240,
     return p, recs
 
 
+def _fault_env(tmp: Path, spec: str, base: dict[str, str]) -> dict[str, str]:
+    """The environment of a driver or worker with the fault plugin armed with
+    ``spec`` (tests/test_executors.py's ``faults`` fixture's, for a background job: built on the
+    session's environment ``base``, the test process's own untouched)."""
+    (tmp / "faults").mkdir(exist_ok=True)
+    return _env(base, FEDMEDBENCH_PLUGINS="fmb_executor_plugins",
+                FMB_FAULT_DIR=str(tmp / "faults"), FMB_FAULT=spec)
+
+
+def _attempts(tmp: Path) -> list[tuple[int, int]]:
+    p = tmp / "faults" / "attempts"
+    lines = p.read_text().split() if p.exists() else []
+    return [(int(s), int(pid)) for s, pid in zip(lines[::2], lines[1::2])]
+
+
+# The dask fault runs below mostly wait (on a hung import, a cell timeout, a
+# worker that never comes back): background jobs (tests/conftest.py) in the
+# lane for jobs that wait; each test checks its job's result.
+
+def _import_hangs_job(tmp: Path, spawn) -> dict:
+    env = _fault_env(tmp, "", spawn.environ)
+    with _external_cluster(tmp, env={**env, "FMB_HANG_AT_IMPORT": "1"}) as (address, _):
+        time.sleep(3)
+        p, recs = _driver(tmp, FAULTY.format(seeds="0"), "--executor", "dask",
+                          "--scheduler", address, "--cell-timeout", "30", timeout=180,
+                          env={**env, "FEDMEDBENCH_DASK_TIMEOUT": "10"})
+    return {"p": p, "recs": recs}
+
+
 @needs_dask
 @pytest.mark.slow
-def test_dask_worker_whose_plugin_import_hangs_is_named_within_a_deadline(faults, tmp_path):
-    faults("")
-    with _external_cluster(tmp_path, env={"FMB_HANG_AT_IMPORT": "1"}) as (address, _):
-        time.sleep(3)
-        p, recs = _driver(tmp_path, FAULTY.format(seeds="0"), "--executor", "dask",
-                          "--scheduler", address, "--cell-timeout", "30", timeout=180,
-                          env=_env(FEDMEDBENCH_DASK_TIMEOUT="10"))
+@pytest.mark.background(job=_import_hangs_job, waits=True)
+def test_dask_worker_whose_plugin_import_hangs_is_named_within_a_deadline(background):
+    p, recs = background["p"], background["recs"]
     assert p.returncode == 2, p.stderr[-3000:]
     msg = one_error(p.stderr)
     assert "did not answer" in msg and "plugins" in msg and recs == []
 
 
+def _attempt_counts_job(tmp: Path, spawn) -> dict:
+    env = _fault_env(tmp, "die:0", spawn.environ)  # the cell kills its worker on every try
+    # an external scheduler keeps its own allowed-failures (3 by default)
+    with _external_cluster(tmp, env=env) as (address, _):
+        p, recs = _driver(tmp, FAULTY.format(seeds="0, 1"), "--executor", "dask",
+                          "--scheduler", address, "--retries", "1", timeout=240, env=env)
+    return {"p": p, "recs": recs, "attempts": _attempts(tmp)}
+
+
 @needs_dask
 @pytest.mark.slow
-def test_dask_attempt_counts_come_from_the_scheduler(faults, tmp_path):
-    attempts = faults("die:0")  # the cell kills its worker on every try
-    # an external scheduler keeps its own allowed-failures (3 by default)
-    with _external_cluster(tmp_path) as (address, _):
-        p, recs = _driver(tmp_path, FAULTY.format(seeds="0, 1"), "--executor", "dask",
-                          "--scheduler", address, "--retries", "1", timeout=240)
+@pytest.mark.background(job=_attempt_counts_job, waits=True)
+def test_dask_attempt_counts_come_from_the_scheduler(background):
+    p, recs = background["p"], background["recs"]
     assert p.returncode == 1, p.stderr[-3000:]
     by = {r["config"]["seed"]: r for r in recs}
     assert by[1]["status"] == "ok", p.stderr[-3000:]
     err = by[0]["error"]
     assert err["type"] == "WorkerDied"
-    n = len(attempts())
+    n = len(background["attempts"])
     assert f"died on each of {n} tries" in err["message"], (n, err["message"])
     assert n >= 2
 
 
+def _after_timeout_job(tmp: Path, spawn) -> dict:
+    p, recs = _driver(tmp, FAULTY.format(seeds="0, 1, 2"), "--executor", "dask",
+                      "--workers", "1", "--cell-timeout", "15", timeout=240,
+                      env=_fault_env(tmp, "hang:0", spawn.environ))
+    return {"p": p, "recs": recs}
+
+
 @needs_dask
 @pytest.mark.slow
-def test_dask_a_cell_after_a_timeout_kill_is_not_blamed(faults, tmp_path):
-    faults("hang:0")
-    p, recs = _driver(tmp_path, FAULTY.format(seeds="0, 1, 2"), "--executor", "dask",
-                      "--workers", "1", "--cell-timeout", "15", timeout=240)
+@pytest.mark.background(job=_after_timeout_job, waits=True)
+def test_dask_a_cell_after_a_timeout_kill_is_not_blamed(background):
+    p, recs = background["p"], background["recs"]
     assert p.returncode == 1, p.stderr[-3000:]
     by = {r["config"]["seed"]: r for r in recs}
     assert by[0]["error"]["type"] == "Timeout"
@@ -1117,14 +1135,20 @@ def test_dask_a_cell_after_a_timeout_kill_is_not_blamed(faults, tmp_path):
                                                                   by[2].get("error"))
 
 
+def _no_worker_job(tmp: Path, spawn) -> dict:
+    env = _fault_env(tmp, "die:0", spawn.environ)
+    with _external_cluster(tmp, nanny=False, env=env) as (address, _):
+        p, recs = _driver(tmp, FAULTY.format(seeds="0, 1"), "--executor", "dask",
+                          "--scheduler", address, "--retries", "0", "--cell-timeout", "20",
+                          timeout=240, env=env)
+    return {"p": p, "recs": recs}
+
+
 @needs_dask
 @pytest.mark.slow
-def test_dask_cells_no_worker_ran_are_not_recorded_as_timeouts(faults, tmp_path):
-    faults("die:0")
-    with _external_cluster(tmp_path, nanny=False) as (address, _):
-        p, recs = _driver(tmp_path, FAULTY.format(seeds="0, 1"), "--executor", "dask",
-                          "--scheduler", address, "--retries", "0", "--cell-timeout", "20",
-                          timeout=240)
+@pytest.mark.background(job=_no_worker_job, waits=True)
+def test_dask_cells_no_worker_ran_are_not_recorded_as_timeouts(background):
+    p, recs = background["p"], background["recs"]
     assert p.returncode == 1, p.stderr[-3000:]
     by = {r["config"]["seed"]: r for r in recs}
     assert by[0]["error"]["type"] == "WorkerDied"
@@ -1133,25 +1157,31 @@ def test_dask_cells_no_worker_ran_are_not_recorded_as_timeouts(faults, tmp_path)
         assert "no dask worker" in by[1]["error"]["message"]
 
 
-@needs_dask
-@pytest.mark.slow
-def test_dask_scheduler_killed_is_reported_as_such(faults, tmp_path):
-    attempts = faults("hang:0")
-    with _external_cluster(tmp_path) as (address, procs):
-        m = tmp_path / "driver.toml"
+def _scheduler_killed_job(tmp: Path, spawn) -> dict:
+    env = _fault_env(tmp, "hang:0", spawn.environ)
+    with _external_cluster(tmp, env=env) as (address, procs):
+        m = tmp / "driver.toml"
         m.write_text(textwrap.dedent(FAULTY.format(seeds="0")))
-        out = tmp_path / "out"
-        drv = subprocess.Popen([sys.executable, "-m", "fedmedbench.cli", "run", str(m),
-                                "--out", str(out), "--no-progress", "--no-report",
-                                "--executor", "dask", "--scheduler", address],
-                               stderr=subprocess.PIPE, text=True, env=_env())
+        out = tmp / "out"
+        drv = spawn([sys.executable, "-m", "fedmedbench.cli", "run", str(m),
+                     "--out", str(out), "--no-progress", "--no-report",
+                     "--executor", "dask", "--scheduler", address],
+                    stderr=subprocess.PIPE, text=True, env=env)
         try:
-            _wait_for(lambda: attempts(), 120, "the cell to start")
+            _wait_for(lambda: _attempts(tmp), 120, "the cell to start")
             os.killpg(procs[0].pid, signal.SIGKILL)
             _, err = drv.communicate(timeout=120)
         finally:
             if drv.poll() is None:
                 drv.kill()
+    return {"drv": drv, "err": err, "address": address, "out": out}
+
+
+@needs_dask
+@pytest.mark.slow
+@pytest.mark.background(job=_scheduler_killed_job, waits=True)
+def test_dask_scheduler_killed_is_reported_as_such(background):
+    drv, err, address, out = (background[k] for k in ("drv", "err", "address", "out"))
     assert drv.returncode == 1, err[-3000:]
     msg = one_error(err)
     assert "scheduler" in msg and address in msg and "pass --out" not in msg

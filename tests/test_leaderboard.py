@@ -291,11 +291,9 @@ def test_the_example_plugin_from_its_wheel_reruns_identically_in_a_fresh_environ
     assert "S2 fedmedbench-fedavgm 0.1.0" in page and "fedavgm" in page
 
 
-@pytest.mark.slow
-def test_a_row_whose_claim_the_audit_contradicts_is_flagged(tmp_path: Path) -> None:
-    """The broken accountant of tests/fmb_test_plugins.py (records ε = 1 while
-    its σ gives ε = 50), packaged and submitted like any plugin, beside the
-    built-in DP-SGD at ε = 1: the audit flags the first row only."""
+def _wrong_accountant_job(tmp_path: Path, spawn) -> dict:
+    """The submission of the test below, ``fedmedbench submit`` in a process of
+    its own (a background job, tests/conftest.py)."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     shutil.copy(ROOT / "tests/fmb_test_plugins.py", pkg)
@@ -305,10 +303,24 @@ def test_a_row_whose_claim_the_audit_contradicts_is_flagged(tmp_path: Path) -> N
         '[project.entry-points.fedmedbench]\nfmb-test = "fmb_test_plugins"\n'
         '[tool.setuptools]\npy-modules = ["fmb_test_plugins"]\n')
     sub = tmp_path / "sub"
-    assert main(["submit", "heart-disease", str(pkg), "--out", str(sub),
-                 "--entry", '{"algorithm": "fedavg", "privacy": '
-                            '{"name": "test-dp-sgd-wrong-accountant"}}',
-                 "--entry", '{"algorithm": "fedavg", "protections": ["dp-sgd-1"]}']) == 0
+    p = spawn([sys.executable, "-m", "fedmedbench.cli", "submit", "heart-disease", str(pkg),
+               "--out", str(sub),
+               "--entry", '{"algorithm": "fedavg", "privacy": '
+                          '{"name": "test-dp-sgd-wrong-accountant"}}',
+               "--entry", '{"algorithm": "fedavg", "protections": ["dp-sgd-1"]}'],
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(timeout=900)
+    return {"code": p.returncode, "output": (out + err).decode()[-4000:], "sub": sub}
+
+
+@pytest.mark.slow
+@pytest.mark.background(job=_wrong_accountant_job)
+def test_a_row_whose_claim_the_audit_contradicts_is_flagged(tmp_path: Path, background) -> None:
+    """The broken accountant of tests/fmb_test_plugins.py (records ε = 1 while
+    its σ gives ε = 50), packaged and submitted like any plugin, beside the
+    built-in DP-SGD at ε = 1: the audit flags the first row only."""
+    assert background["code"] == 0, background["output"]
+    sub = background["sub"]
     # the package's own attack ran sealed: in a separate process, on every entry
     doc = json.loads((sub / MANIFEST).read_text())
     assert doc["attacks_isolated"] is True

@@ -20,10 +20,12 @@ def _pip(*args: str) -> None:
                    text=True)
 
 
-def _env(extra_path: Path, cwd_free: bool = True) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMEDBENCH_")}
+def _env(extra_path: Path, base: dict[str, str]) -> dict[str, str]:
+    """``base`` (the session's environment, ``spawn.environ``) without
+    fedmedbench's settings, but its cache, with ``extra_path`` as PYTHONPATH."""
+    env = {k: v for k, v in base.items() if not k.startswith("FEDMEDBENCH_")}
     env["PYTHONPATH"] = str(extra_path)
-    env["FEDMEDBENCH_CACHE_DIR"] = os.environ.get("FEDMEDBENCH_CACHE_DIR", "")
+    env["FEDMEDBENCH_CACHE_DIR"] = base.get("FEDMEDBENCH_CACHE_DIR", "")
     return env
 
 
@@ -33,7 +35,7 @@ def _example_plugin_job(tmp_path: Path, spawn) -> dict:
     it only runs subprocesses)."""
     site = tmp_path / "site"
     _pip("--no-build-isolation", "--target", str(site), str(ROOT / "examples/fedmedbench-fedavgm"))
-    env = _env(site)
+    env = _env(site, spawn.environ)
     listed = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "plugins"], env=env,
                             cwd=tmp_path, capture_output=True, text=True, check=True)
     run = subprocess.run([sys.executable, "-m", "fedmedbench.cli", "run",
@@ -87,7 +89,7 @@ def _wheel_job(tmp_path: Path, spawn) -> dict:
         (proj / pkg).mkdir(parents=True)
         (proj / pkg / "__init__.py").write_text(
             f"raise ImportError('the project\'s own {pkg} package was imported')\n")
-    env = _env(site)
+    env = _env(site, spawn.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(proj), str(site)])
     code = ("import fedmedbench, json; from fedmedbench.datafiles import datasets_dir; "
             "from fedmedbench.registry import get_registry; reg = get_registry(); "

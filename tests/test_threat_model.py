@@ -337,26 +337,45 @@ def _attacks_by_cell(out) -> dict:
             for r in records if r["status"] == "ok"}
 
 
-@pytest.mark.slow
-def test_isolated_attacks_of_the_quickstart_and_attacks_toml_equal_in_process(
-        quickstart_results, tmp_path):
-    """Issue 18: with ``--isolate-attacks`` every attack of the quickstart and
-    of matrices/attacks.toml (at 2 rounds, so that it fits a test) gives the
-    numbers it gives in process, to the last digit (wall seconds aside)."""
+_RUN = ("import json, sys; import fedmedbench as fmb; "
+        "fmb.run(json.loads(sys.argv[1]), out=sys.argv[2], isolate_attacks=sys.argv[3] == '1', "
+        "progress=False, quiet=True)")
+
+
+def _isolated_attacks_job(tmp: Path, spawn) -> dict:
+    """The runs of the test below, each ``fedmedbench.run`` in a process of its
+    own (a background job, tests/conftest.py): the quickstart with isolated
+    attacks, and matrices/attacks.toml at 2 rounds in process and isolated."""
+    import subprocess
+
     import tomllib
 
-    import fedmedbench as fmb
-
-    fmb.run(None, out=tmp_path / "qs-isolated", isolate_attacks=True, progress=False,
-            quiet=True)
-    a, b = _attacks_by_cell(quickstart_results), _attacks_by_cell(tmp_path / "qs-isolated")
-    assert a == b and sum(len(v) for v in a.values()) > 0
     raw = tomllib.loads((ROOT / "matrices" / "attacks.toml").read_text())
     raw["rounds"] = 2
     raw["evaluate"]["attacks"] = ["mia-loss", {"name": "mia-lira", "n_shadows": 2},
                                   {"name": "audit-canary", "m": 40}]
-    for name, iso in (("in-process", False), ("isolated", True)):
-        fmb.run(raw, out=tmp_path / name, isolate_attacks=iso, progress=False, quiet=True)
+    runs = {"qs-isolated": (None, True), "in-process": (raw, False), "isolated": (raw, True)}
+    errors = {}
+    for name, (matrix, iso) in runs.items():
+        p = spawn([sys.executable, "-c", _RUN, json.dumps(matrix), str(tmp / name),
+                   "1" if iso else "0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, err = p.communicate(timeout=900)
+        if p.returncode:
+            errors[name] = err.decode()[-3000:]
+    return {"out": tmp, "errors": errors}
+
+
+@pytest.mark.slow
+@pytest.mark.background(job=_isolated_attacks_job)
+def test_isolated_attacks_of_the_quickstart_and_attacks_toml_equal_in_process(
+        quickstart_results, background):
+    """Issue 18: with ``--isolate-attacks`` every attack of the quickstart and
+    of matrices/attacks.toml (at 2 rounds, so that it fits a test) gives the
+    numbers it gives in process, to the last digit (wall seconds aside)."""
+    assert background["errors"] == {}
+    tmp_path = background["out"]
+    a, b = _attacks_by_cell(quickstart_results), _attacks_by_cell(tmp_path / "qs-isolated")
+    assert a == b and sum(len(v) for v in a.values()) > 0
     a, b = _attacks_by_cell(tmp_path / "in-process"), _attacks_by_cell(tmp_path / "isolated")
     assert len(a) == len(b) == 12
     # CKKS encryption draws its noise from SEAL's own randomness, so two trainings
