@@ -189,8 +189,9 @@ class LoopBackend:
 
     def train(self, clients: list[int], params: torch.Tensor, steps: list[int], *,
               extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None,
-              trainable: torch.Tensor | None = None, trainer: str = "main"
-              ) -> tuple[torch.Tensor, np.ndarray]:
+              trainable: torch.Tensor | None = None, trainer: str = "main",
+              delta: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+        """The clients' new rows (``delta``: minus ``params``) and losses."""
         import torch
 
         rows, losses = [], []
@@ -215,7 +216,8 @@ class LoopBackend:
             self._wipe(c, trainer)
             rows.append(new)
             losses.append(loss)
-        return torch.stack(rows), np.asarray(losses, dtype=float)
+        out = torch.stack(rows)
+        return (out.sub_(params) if delta else out), np.asarray(losses, dtype=float)
 
     def _wipe(self, client: int, trainer: str) -> None:
         """Leave no client's model, gradient or optimizer state in a module
@@ -231,7 +233,9 @@ class LoopBackend:
         opt = getattr(tr, "optimizer", None)
         if opt is not None:
             opt.state.clear()
-            opt.zero_grad(set_to_none=True)
+            for g in opt.param_groups:  # zero_grad(set_to_none=True)
+                for p in g["params"]:
+                    p.grad = None
         flat = getattr(tr, "flat", None)
         with torch.no_grad():
             if flat is not None:

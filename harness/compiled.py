@@ -955,8 +955,10 @@ class CompiledTrainer:
         opt.step(self.P, G, active, every)
         return L
 
-    def flat(self) -> torch.Tensor:
-        """The parameters as (k, D) rows (``FunctionalModel.join``)."""
+    def flat(self, minus: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The parameters as (k, D) rows (``FunctionalModel.join``); with
+        ``minus`` (tensors shaped like the parameter stacks, broadcast),
+        the parameters minus those, in the same pass."""
         import torch
 
         k = self.P[0].shape[0] if self.P else 0
@@ -964,7 +966,10 @@ class CompiledTrainer:
         out = torch.empty(k, sum(sizes), dtype=self.P[0].dtype if self.P else torch.float32,
                           device=self.P[0].device if self.P else None)
         a = 0
-        for p, n in zip(self.P, sizes):  # one block copy each (no cat)
-            out[:, a:a + n].view(p.shape).copy_(p)
+        for j, (p, n) in enumerate(zip(self.P, sizes)):  # one block copy each (no cat)
+            if minus is None:
+                out[:, a:a + n].view(p.shape).copy_(p)
+            else:
+                torch.sub(p, minus[j], out=out[:, a:a + n].view(p.shape))
             a += n
         return out

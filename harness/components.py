@@ -765,8 +765,7 @@ class Algorithm(Component):
             ``ctx.update(delta, **fields)``: the deltas (k, D) and the fields
             :attr:`sends` declares.
         """
-        new = ctx.train(global_params)  # a new tensor: the delta in place saves a (k, D) copy
-        return ctx.update(new.sub_(global_params))
+        return ctx.update(ctx.train_delta(global_params))  # train(...) - global_params
 
     def server_update(self, ctx: CellContext, global_params: torch.Tensor,
                       aggregate: torch.Tensor, received: Received) -> torch.Tensor:

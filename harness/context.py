@@ -242,6 +242,26 @@ class ClientContext:
         ``"personal"``, so its batches are those local training would see).
         A local-stage privacy mechanism runs the steps (and counts them all).
         """
+        return self._train(params, steps=steps, extra_loss=extra_loss, grad_offset=grad_offset,
+                           trainable=trainable, trainer=trainer, delta=False)
+
+    def train_delta(self, params: torch.Tensor, *, steps: list[int] | int | None = None,
+                    extra_loss: ExtraLoss | None = None,
+                    grad_offset: torch.Tensor | None = None,
+                    trainable: torch.Tensor | np.ndarray | None = None,
+                    trainer: str = "main") -> torch.Tensor:
+        """:meth:`train`'s new parameters minus ``params``: the clients'
+        deltas, shape (k, D), a new tensor the caller owns, the same numbers
+        as ``train(params, ...).sub_(params)``; the compiled vectorized step
+        writes them in the pass that gathers its parameter stacks (one
+        (k, D) pass fewer)."""
+        return self._train(params, steps=steps, extra_loss=extra_loss, grad_offset=grad_offset,
+                           trainable=trainable, trainer=trainer, delta=True)
+
+    def _train(self, params: torch.Tensor, *, steps: list[int] | int | None,
+               extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None,
+               trainable: torch.Tensor | np.ndarray | None, trainer: str,
+               delta: bool) -> torch.Tensor:
         import torch
 
         k = len(self.clients)
@@ -255,7 +275,8 @@ class ClientContext:
             off = grad_offset if grad_offset.dim() == 2 else grad_offset.unsqueeze(0).expand(k, -1)
         mask = None if trainable is None else torch.as_tensor(np.asarray(trainable, dtype=bool))
         new, loss = self._service.train(self.clients, p, list(steps), extra_loss=extra_loss,
-                                        grad_offset=off, trainable=mask, trainer=trainer)
+                                        grad_offset=off, trainable=mask, trainer=trainer,
+                                        delta=delta)
         self._loss = loss
         return new if isinstance(new, torch.Tensor) else torch.stack(new)
 

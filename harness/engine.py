@@ -64,7 +64,8 @@ class Training:
     history, and the referee's evaluation. The engine's own object: no
     component is handed it."""
 
-    def __init__(self, cell: Cell, *, backend: str, clock: Clock, device: str = "cpu") -> None:
+    def __init__(self, cell: Cell, *, backend: str, clock: Clock, device: str = "cpu",
+                 keep_views: bool = True) -> None:
         from fedmedbench.facts import ModelFacts
 
         self.cell = cell
@@ -73,7 +74,9 @@ class Training:
         t = cell.transport
         self.views = ViewRecorder(cell.rounds, cell.sharing,
                                   t.server_view if t is not None else None)
-        self.stages = Stages(clock, [self.bytes, self.views])
+        # the server's views serve the attacks and keep_run's outcome; a cell with
+        # neither does not copy them (two (k, D) copies and per-client dicts)
+        self.stages = Stages(clock, [self.bytes, *([self.views] if keep_views else [])])
         mfacts = ModelFacts.of(cell.model.name, peek_model(cell.factory))
         self.clients = Clients(cell, self.stages, requested_backend=backend,
                                batch_norm=bool(mfacts.batch_norm), device=device)
@@ -139,7 +142,7 @@ class Training:
                 entry["epsilon_by_adversary"] = block["by_adversary"]
             entry = {k: v for k, v in entry.items() if v is not None or k in ("loss", "epsilon")}
             self.history.append(entry)
-            if hooks is not None:
+            if hooks is not None and hooks.on_round_end.get_hookimpls():
                 _observe(hooks.on_round_end, cell=dict(cell.cell), round=rnd,
                          metrics=_json_copy(entry))
             if progress:
@@ -611,7 +614,8 @@ def run_cell(cell: dict[str, Any], *, registry: Registry | None = None,
             built = build_cell(cell, reg, setup_clock=clock.seconds)
             record["protocol"] = built.setting.name
             training = Training(built, backend=str(cell.get("backend") or "auto"), clock=clock,
-                                device=str(cell.get("device") or "cpu"))
+                                device=str(cell.get("device") or "cpu"),
+                                keep_views=keep_run or bool(built.attacks))
             record["history"] = training.history
             record["backend"] = {"name": training.clients.backend_name,
                                  "reason": training.clients.backend_reason,

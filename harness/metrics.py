@@ -243,52 +243,52 @@ def beats_chance_many(metric: str, items: list[tuple[np.ndarray, np.ndarray, flo
     call per site, without SciPy's ~40 µs per call per site."""
     from scipy.stats import binom, norm
 
-    out: list[dict[str, Any]] = []
-    binom_at: list[tuple[int, int, int, float]] = []  # (item, k - 1, n, rate)
-    norm_at: list[tuple[int, float]] = []  # (item, z)
-    n_rows = [len(y) for y, _, _ in items]
-    hits: list[int] = []
+    n_rows = np.asarray([len(y) for y, _, _ in items], dtype=np.int64)
     if metric == "accuracy":
         # every site's score in one score_sites pass: est = k / n, the same division as
         # score(), and its binomial standard error, the same operations as standard_error()
         rows = [(np.asarray(y), np.asarray(p)) for y, p, _ in items if len(y)]
         if rows:
-            ests = score_sites(metric, np.concatenate([y for y, _ in rows]),
-                               np.concatenate([p for _, p in rows]),
-                               offsets=np.concatenate([[0], np.cumsum(n_rows)]))
+            est = score_sites(metric, np.concatenate([y for y, _ in rows]),
+                              np.concatenate([p for _, p in rows]),
+                              offsets=np.concatenate([[0], np.cumsum(n_rows)]))
         else:
-            ests = np.full(len(items), np.nan)
-        size = np.asarray(n_rows, dtype=float)
+            est = np.full(len(items), np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
-            ses = np.sqrt(ests * (1 - ests) / size)
-        hits = np.rint(np.nan_to_num(ests) * size).astype(np.int64).tolist()
-        est_se = list(zip(ests.tolist(), ses.tolist()))
+            se = np.sqrt(est * (1 - est) / n_rows)
+        hits = np.rint(np.nan_to_num(est) * n_rows).astype(np.int64)
     else:
-        est_se = [(score(metric, np.asarray(y), np.asarray(p)),
-                   standard_error(metric, np.asarray(y), np.asarray(p))) for y, p, _ in items]
-    for i, ((est, se), (_, _, baseline)) in enumerate(zip(est_se, items)):
-        if not (np.isfinite(est) and np.isfinite(baseline)):
+        pairs = [(score(metric, np.asarray(y), np.asarray(p)),
+                  standard_error(metric, np.asarray(y), np.asarray(p))) for y, p, _ in items]
+        est = np.asarray([e for e, _ in pairs], dtype=float).reshape(-1)
+        se = np.asarray([v for _, v in pairs], dtype=float).reshape(-1)
+    # every site at once, element by element the double-precision operations of a
+    # site-by-site loop (the same numbers), the tail probabilities in one SciPy call
+    base = np.asarray([b for _, _, b in items], dtype=float).reshape(-1)
+    valid = np.isfinite(est) & np.isfinite(base)
+    se_ok = np.isfinite(se)
+    pval = np.full(len(items), np.nan)
+    if metric == "accuracy":
+        ix = np.flatnonzero(valid)
+        if len(ix):  # k correct of n against the baseline rate: P(K >= k) = sf(k - 1)
+            pval[ix] = np.atleast_1d(binom.sf(hits[ix] - 1, n_rows[ix],
+                                              np.minimum(np.maximum(base[ix], 0.0), 1.0)))
+    else:
+        with np.errstate(invalid="ignore"):
+            z_ok = valid & se_ok & (se > 0)
+        ix = np.flatnonzero(z_ok)
+        if len(ix):
+            pval[ix] = np.atleast_1d(norm.sf((est[ix] - base[ix]) / se[ix]))
+        rest = valid & ~z_ok
+        pval[rest] = np.where(est[rest] > base[rest], 0.0, 1.0)
+    half = 1.959964 * se
+    lo, hi = (est - half).tolist(), (est + half).tolist()
+    out: list[dict[str, Any]] = []
+    for ok, p, s_ok, s_, lo_, hi_ in zip(valid.tolist(), pval.tolist(), se_ok.tolist(),
+                                         se.tolist(), lo, hi):
+        if not ok:
             out.append({"p_value": None, "ci95": None, "se": None, "at_chance": None})
             continue
-        pval: float | None = None
-        if metric == "accuracy":
-            binom_at.append((i, hits[i] - 1, n_rows[i], min(max(baseline, 0.0), 1.0)))
-        elif np.isfinite(se) and se > 0:
-            norm_at.append((i, (est - baseline) / se))
-        else:
-            pval = 0.0 if est > baseline else 1.0
-        ci = [est - 1.959964 * se, est + 1.959964 * se] if np.isfinite(se) else None
-        out.append({"p_value": pval, "ci95": ci, "se": se if np.isfinite(se) else None,
-                    "at_chance": None})
-    if binom_at:
-        ix, k1, n, rate = zip(*binom_at)
-        for i, v in zip(ix, np.atleast_1d(binom.sf(k1, n, rate)).tolist()):
-            out[i]["p_value"] = float(v)
-    if norm_at:
-        ix2, z = zip(*norm_at)
-        for i, v in zip(ix2, np.atleast_1d(norm.sf(z)).tolist()):
-            out[i]["p_value"] = float(v)
-    for r in out:
-        if r["p_value"] is not None:
-            r["at_chance"] = bool(r["p_value"] >= 0.05)
+        out.append({"p_value": p, "ci95": [lo_, hi_] if s_ok else None,
+                    "se": s_ if s_ok else None, "at_chance": bool(p >= 0.05)})
     return out

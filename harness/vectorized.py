@@ -325,9 +325,17 @@ class VectorBackend(LoopBackend):
                     rows[j, :len(i)] = i
         mask = np.arange(width)[None, :] < lens[:, None]
         rows = np.where(mask, rows + self._offsets(clients)[:, None], 0)
-        rows_t = torch.from_numpy(rows).to(self.device)
-        return (self.X[rows_t], self.y[rows_t],
-                torch.from_numpy(mask.astype(np.float32)).to(self.device))
+        X, Y = self._rows(torch.from_numpy(rows).to(self.device))
+        return X, Y, torch.from_numpy(mask.astype(np.float32)).to(self.device)
+
+    def _rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training rows ``idx`` (k, w): X (k, w, ...) and y (k, w), by
+        ``index_select`` on the flattened indices (3-5x faster than advanced
+        indexing, ``X[idx]``, for these shapes; the same values)."""
+        flat = idx.reshape(-1)
+        shape = tuple(idx.shape)
+        return (self.X.index_select(0, flat).view(*shape, *self.X.shape[1:]),
+                self.y.index_select(0, flat).view(shape))
 
     def _offsets(self, clients: list[int]) -> np.ndarray:
         key = tuple(clients)
@@ -402,8 +410,7 @@ class VectorBackend(LoopBackend):
         V = torch.from_numpy(valid).to(self.device, torch.float32)
         widths = np.maximum(lens.max(axis=1, initial=0), 1).tolist() if len(lens) else []
         for t, w in enumerate(widths):
-            idx = R[t, :, :w]
-            yield self.X[idx], self.y[idx], V[t, :, :w]
+            yield (*self._rows(R[t, :, :w]), V[t, :, :w])
 
     def _twin_step(self, P: list[torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
                    M: torch.Tensor, extra_loss: ExtraLoss | None
@@ -448,12 +455,13 @@ class VectorBackend(LoopBackend):
 
     def train(self, clients: list[int], params: torch.Tensor, steps: list[int], *,
               extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None,
-              trainable: torch.Tensor | None = None, trainer: str = "main"
-              ) -> tuple[torch.Tensor, np.ndarray]:
+              trainable: torch.Tensor | None = None, trainer: str = "main",
+              delta: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+        """The clients' new rows (``delta``: minus ``params``) and losses."""
         if self.compiled is not None:
             return self._train_compiled(clients, params, steps, extra_loss=extra_loss,
                                         grad_offset=grad_offset, trainable=trainable,
-                                        trainer=trainer)
+                                        trainer=trainer, delta=delta)
         import torch
         from torch.func import grad, vmap
 
@@ -518,11 +526,12 @@ class VectorBackend(LoopBackend):
             loss_sum += torch.where(seen, L.detach().double(), torch.zeros((), dtype=torch.float64,
                                                                            device=dev))
             loss_cnt += seen.double()
-        return self._finish(clients, fm.join(P), loss_sum, loss_cnt)
+        W = fm.join(P)
+        return self._finish(clients, W.sub_(params.to(W)) if delta else W, loss_sum, loss_cnt)
 
     def _train_compiled(self, clients: list[int], params: torch.Tensor, steps: list[int], *,
                         extra_loss: ExtraLoss | None, grad_offset: torch.Tensor | None,
-                        trainable: torch.Tensor | None, trainer: str
+                        trainable: torch.Tensor | None, trainer: str, delta: bool = False
                         ) -> tuple[torch.Tensor, np.ndarray]:
         """:meth:`train` on the compiled step (:class:`~fedmedbench.compiled.CompiledTrainer`:
         analytic gradients into preallocated buffers, the optimizer in place).
@@ -539,8 +548,8 @@ class VectorBackend(LoopBackend):
         fm, dev = self.fmodel, self.device
         rows, valid, lens = self.plan(clients, steps, trainer)
         frozen = self._frozen(trainable)
-        tr = CompiledTrainer(self.compiled, fm.split(params.detach().to(dev, torch.float32)),
-                             inplace_optimizer(self.ctx.settings))
+        start = fm.split(params.detach().to(dev, torch.float32))
+        tr = CompiledTrainer(self.compiled, start, inplace_optimizer(self.ctx.settings))
         offset = fm.split(grad_offset.to(dev, torch.float32)) if grad_offset is not None \
             else None
         extra_grads = None
@@ -573,7 +582,8 @@ class VectorBackend(LoopBackend):
             loss_sum = torch.where(seen, L, torch.zeros((), dtype=L.dtype, device=dev)).sum(0)
         else:
             loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=dev)
-        return self._finish(clients, tr.flat(), loss_sum, seen.double().sum(0))
+        return self._finish(clients, tr.flat(minus=start if delta else None), loss_sum,
+                            seen.double().sum(0))
 
     def _finish(self, clients: list[int], W: torch.Tensor, loss_sum: torch.Tensor,
                 loss_cnt: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:

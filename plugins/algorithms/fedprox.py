@@ -48,8 +48,8 @@ class FedProx(FedAvg):
 
         # μ = 0: no proximal term at all, so the steps are FedAvg's exactly (the backends
         # fuse plain SGD into the backward pass only without an extra loss)
-        new = ctx.train(global_params, extra_loss=proximal if mu > 0 else None)
-        return ctx.update(new.sub_(global_params))
+        return ctx.update(ctx.train_delta(global_params,
+                                          extra_loss=proximal if mu > 0 else None))
 
 
 COMPONENTS = (FedProx,)
