@@ -54,10 +54,28 @@ class PublicToy(Dataset):
         return FederatedData(task=task, sites=sites, public=draw(200, np.zeros(6)))
 
 
+def _train_minus():
+    """FedAvg as 0.2 wrote it: ``ctx.train`` then the delta in place (what
+    ``ctx.train_delta`` must equal, bit for bit)."""
+    from fedmedbench.plugins.algorithms.fedavg import FedAvg
+
+    class TrainMinus(FedAvg):
+        name = "test-train-minus"
+
+        def client_update(self, ctx, global_params):
+            return ctx.update(ctx.train(global_params).sub_(global_params))
+
+    return TrainMinus
+
+
 class _Plugins:
     @hookimpl
     def register_datasets(self, register):
         register(PublicToy)
+
+    @hookimpl
+    def register_algorithms(self, register):
+        register(_train_minus())
 
 
 _PLUGINS = _Plugins()
@@ -95,6 +113,29 @@ def test_fedprox_mu0_equals_fedavg_exactly_and_mu_pulls_towards_global(reg):
     assert [h["loss"] for h in avg.history] == [h["loss"] for h in prox0.history]
     # the proximal term changes training (the test above could fail)
     assert not torch.allclose(avg.final_models[0], prox1.final_models[0])
+
+
+@pytest.mark.parametrize("privacy", ["none", "dp-sgd"])
+def test_train_delta_equals_train_minus_params_on_every_kernel(reg, privacy):
+    """``ctx.train_delta(g)`` (FedAvg's) against ``ctx.train(g).sub_(g)``: the
+    same models and losses on the loop backend and the vectorized one, on
+    its compiled step (no privacy) and its per-example vmap path (DP-SGD)."""
+    axes = {"dataset": ["heart-disease"], "algorithm": ["fedavg", "test-train-minus"],
+            "privacy": [[{"name": "dp-sgd", "noise_multiplier": 0.8}] if privacy == "dp-sgd"
+                        else "none"]}
+    kernels = set()
+    for backend in ("loop", "vectorized"):
+        runs = []
+        for c in cells(reg, axes):
+            rec, run = run_cell({**c, "backend": backend}, registry=reg, keep_run=True)
+            assert rec["status"] == "ok", rec["error"]
+            assert rec["backend"]["name"] == backend
+            kernels.add(rec["backend"].get("kernel", "loop").split(" (")[0])
+            runs.append(run)
+        delta, minus = runs
+        assert torch.equal(delta.final_models[0], minus.final_models[0]), backend
+        assert [h["loss"] for h in delta.history] == [h["loss"] for h in minus.history]
+    assert kernels == {"loop", "compiled" if privacy == "none" else "vmap per example"}
 
 
 def test_fedavg_with_one_client_equals_centralized(reg):
