@@ -512,7 +512,7 @@ class CompiledModel:
         zt, logp, dz, rows, minus = self._loss_bufs[key]
         zt.copy_(z.transpose(1, 2))
         torch.ops.aten._log_softmax.out(zt, 1, False, out=logp)
-        pick = rows + Y.reshape(-1) * width
+        pick = torch.add(rows, Y.reshape(-1), alpha=width)  # rows + y·B, one op
         ce = -logp.reshape(-1).index_select(0, pick).reshape(k, width)
         denom = M.sum(1).clamp(min=1.0)
         L = (ce * M).sum(1) / denom
