@@ -111,12 +111,13 @@ class _Linear(_Op):
         w, b = self.params
         W = P[w]
         k, fin, fout = x.shape[0], x.shape[-1], W.shape[1]
-        x3 = x.reshape(k, -1, fin)
+        flat = x.dim() == 3  # (k, B, in): no reshaping views (a dispatch each, every step)
+        x3 = x if flat else x.reshape(k, -1, fin)
         out = self.buf("y", (k, x3.shape[1], fout), x)
         torch.bmm(x3, W.transpose(1, 2), out=out)
         if b is not None:
             out.add_(P[b].unsqueeze(1))
-        return out.view(*x.shape[:-1], fout)
+        return out if flat else out.view(*x.shape[:-1], fout)
 
     def backward(self, g, xs, y, P, GP, need):
         import torch
@@ -124,8 +125,9 @@ class _Linear(_Op):
         x = xs[0]
         w, b = self.params
         k, fin = x.shape[0], x.shape[-1]
+        flat = x.dim() == 3
         g3 = g if g.dim() == 3 else g.reshape(k, -1, g.shape[-1])
-        x3 = x.reshape(k, -1, fin)
+        x3 = x if flat else x.reshape(k, -1, fin)
         torch.bmm(g3.transpose(1, 2), x3, out=GP[w])
         if b is not None:
             torch.sum(g3, dim=1, out=GP[b])
@@ -133,7 +135,7 @@ class _Linear(_Op):
             return [None]
         dx = self.buf("dx", (k, g3.shape[1], fin), g)
         torch.bmm(g3, P[w], out=dx)
-        return [dx.view(x.shape)]
+        return [dx if flat else dx.view(x.shape)]
 
     def backward_sgd(self, g, xs, y, P, GP, need, lr):
         """The input gradient from the weights as they were, then the SGD
@@ -149,8 +151,9 @@ class _Linear(_Op):
         if not W.is_contiguous():  # a layout this op does not fuse
             return super().backward_sgd(g, xs, y, P, GP, need, lr)
         k, fin = x.shape[0], x.shape[-1]
+        flat = x.dim() == 3
         g3 = g if g.dim() == 3 else g.reshape(k, -1, g.shape[-1])
-        x3 = x.reshape(k, -1, fin)
+        x3 = x if flat else x.reshape(k, -1, fin)
         dx = None
         if need[0]:
             dx = self.buf("dx", (k, g3.shape[1], fin), g)
@@ -158,7 +161,7 @@ class _Linear(_Op):
         W.baddbmm_(g3.transpose(1, 2), x3, alpha=-lr)
         if b is not None:
             P[b].add_(g3.sum(1), alpha=-lr)
-        return [None if dx is None else dx.view(x.shape)]
+        return [None if dx is None else (dx if flat else dx.view(x.shape))]
 
 
 class _Act(_Op):
