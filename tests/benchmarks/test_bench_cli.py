@@ -47,10 +47,14 @@ def _best(argv: list[str], k: int = 3) -> tuple[float, subprocess.CompletedProce
 
 @pytest.mark.slow
 def test_bench_command_start(benchmark):
-    base, _ = _best([sys.executable, "-c", "pass"])
+    # by default each command twice, not three times: the first call of `datasets` builds
+    # the dataset cards (loading every shipped dataset: pandas, scikit-learn) and caches
+    # them on disk; the call checked, the last, is a warm one, as in the benchmark
+    k = 3 if benchmark.enabled else 2
+    base, _ = _best([sys.executable, "-c", "pass"], k)
     rows = {}
     for name, args in COMMANDS.items():
-        cpu, res = _best([sys.executable, "-c", PROBE, *args])
+        cpu, res = _best([sys.executable, "-c", PROBE, *args], k)
         assert res.returncode == 0, (name, res.stderr[-2000:])
         heavy = [ln for ln in res.stderr.splitlines() if ln.startswith("HEAVY")][-1]
         rows[name] = {"cpu_s": cpu, "over_python_s": cpu - base, "ratio": cpu / base,
