@@ -133,8 +133,9 @@ def reference_step(factory: Any, *, input_shape: Sequence[int], num_classes: int
     ``FEDMEDBENCH_CACHE_DIR/clock``, keyed by the model's configuration, the
     input shape, the batch size, the optimizer, torch's version and the
     machine; the first measurement written wins, so every cell on one
-    machine reads the same number (and a process reads each file once). The global random generators are left as
-    they were (a measurement never changes a cell's numbers).
+    machine reads the same number (and a process reads each file once).
+    The global random generators are left as they were (a measurement never
+    changes a cell's numbers).
 
     Returns
     -------
