@@ -233,9 +233,12 @@ class LoopBackend:
         opt = getattr(tr, "optimizer", None)
         if opt is not None:
             opt.state.clear()
-            for g in opt.param_groups:  # zero_grad(set_to_none=True)
-                for p in g["params"]:
-                    p.grad = None
+            if type(opt).zero_grad is torch.optim.Optimizer.zero_grad:
+                for g in opt.param_groups:  # torch's zero_grad(set_to_none=True), lean
+                    for p in g["params"]:
+                        p.grad = None
+            else:  # an optimizer's own zero_grad (per-sample gradients, ...)
+                opt.zero_grad(set_to_none=True)
         flat = getattr(tr, "flat", None)
         with torch.no_grad():
             if flat is not None:

@@ -460,8 +460,9 @@ class Round:
             else weights
         if shown is not None:
             names = self.cell.clients_ctx.client_names
-            out["weights"] = {names[u]: round(x, 6)  # Python floats: the same rounding
-                              for u, x in zip(received.clients, np.asarray(shown).tolist())}
+            vals = shown.tolist() if hasattr(shown, "tolist") else list(shown)  # one copy
+            out["weights"] = {names[u]: round(float(x), 6)
+                              for u, x in zip(received.clients, vals)}
         if clock is not None:
             out.update(clock.close(t, unavailable=unavailable,
                                    contributors=received.contributors))
@@ -867,8 +868,9 @@ class Round:
             else weights
         if shown is not None:
             names = self.cell.clients_ctx.client_names
-            out["weights"] = {names[u]: round(x, 6)  # Python floats: the same rounding
-                              for u, x in zip(received.clients, np.asarray(shown).tolist())}
+            vals = shown.tolist() if hasattr(shown, "tolist") else list(shown)  # one copy
+            out["weights"] = {names[u]: round(float(x), 6)
+                              for u, x in zip(received.clients, vals)}
         out.update(twin.applied(buffer, arrived, server_s=server_s, bytes_up=sent_bytes,
                                 bytes_down=bc.nbytes if bc is not None else 0, round=t,
                                 contributors=received.contributors))

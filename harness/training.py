@@ -357,14 +357,19 @@ class SGDTrainer:
         with torch.no_grad():
             self.flat.copy_(params)
         opt.state.clear()
-        # zero_grad(set_to_none=True) without its profiler scaffolding (a quarter of a
-        # 2-step client's overhead over a bare loop, measured)
-        tensors = [p for g in opt.param_groups for p in g["params"]]
+        # torch's own zero_grad(set_to_none=True) without its profiler scaffolding (a
+        # quarter of a 2-step client's overhead over a bare loop, measured); an optimizer
+        # with a zero_grad of its own keeps it
+        tensors = ([p for g in opt.param_groups for p in g["params"]]
+                   if type(opt).zero_grad is torch.optim.Optimizer.zero_grad else None)
         total, count = torch.zeros(()), 0
         for _ in range(steps):
             idx = torch.from_numpy(self.stream.next_indices())
-            for p in tensors:
-                p.grad = None
+            if tensors is None:
+                opt.zero_grad(set_to_none=True)
+            else:
+                for p in tensors:
+                    p.grad = None
             loss = nn.functional.cross_entropy(model(self.X[idx]), self.y[idx])
             full = (loss + extra_loss(get_flat_params(model, grad=True)) if extra_loss is not None
                     else loss)

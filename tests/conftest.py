@@ -92,7 +92,9 @@ def run_matrix(tmp_path: Path):
 # one background thread while the other tests run (the tests themselves use
 # one core at a time; the jobs' processes take the other); jobs marked
 # ``waits=True`` (a cell hanging until its timeout, a worker nobody answers)
-# use little CPU and run beside them in a lane of their own. The marked tests
+# use little CPU and run beside them in a lane of their own, two at a time.
+# Every process a job starts goes through ``spawn``, so that an interrupted
+# session kills it, and a job still running then can start no other. The marked tests
 # run last, so by their turn the work is mostly done. Nothing checked changes:
 # the same commands, the same assertions. Run alone (or with --collect-only),
 # a job runs in the test itself. The terminal summary says how long each job
@@ -109,6 +111,7 @@ class _Background:
         self.waited = 0.0  # the marked tests' wait for their jobs
         self.t0 = time.monotonic()
         self.snapshot: dict[str, str] | None = None
+        self.closing = False  # set when the session ends: no job starts another process
         self.procs: list[subprocess.Popen] = []
         self.dirs: list[str] = []
         self.lock = threading.Lock()
@@ -123,8 +126,11 @@ class _Background:
         session if it is still running then; ``env`` defaults to
         :attr:`environ`."""
         kw.setdefault("env", self.environ)
-        p = subprocess.Popen(args, start_new_session=True, **kw)
-        with self.lock:
+        kw.setdefault("start_new_session", True)
+        with self.lock:  # close() kills under the lock: nothing starts after it
+            if self.closing:
+                raise RuntimeError("the test session is ending: no new background process")
+            p = subprocess.Popen(args, **kw)
             self.procs.append(p)
         return p
 
@@ -138,11 +144,12 @@ class _Background:
         try:
             return job(self.scratch(), _Spawn(self))
         finally:
-            self.seconds[nodeid] = time.monotonic() - t
+            with self.lock:
+                self.seconds[nodeid] = time.monotonic() - t
 
     def start(self, nodeid: str, job: Callable[..., Any], waits: bool) -> None:
         if waits not in self.pools:
-            self.pools[waits] = ThreadPoolExecutor(max_workers=4 if waits else 1,
+            self.pools[waits] = ThreadPoolExecutor(max_workers=2 if waits else 1,
                                                    thread_name_prefix="fmb-background")
         self.futures[nodeid] = self.pools[waits].submit(self.timed, nodeid, job)
 
@@ -157,10 +164,12 @@ class _Background:
             self.waited += time.monotonic() - t
 
     def close(self) -> None:
-        for p in self.procs:  # an interrupted session: end what is still running
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(p.pid, signal.SIGKILL)
+        with self.lock:  # an interrupted session: end what is still running, start nothing
+            self.closing = True
+            for p in self.procs:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(p.pid, signal.SIGKILL)
         for pool in self.pools.values():
             pool.shutdown(wait=True, cancel_futures=True)
         for d in self.dirs:
@@ -207,7 +216,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if jobs and "FEDMEDBENCH_CACHE_DIR" not in os.environ:
         # the jobs' processes start before any fixture: the isolated cache is set up here
         os.environ["FEDMEDBENCH_CACHE_DIR"] = str(_BACKGROUND.scratch())
-    _BACKGROUND.snapshot = dict(os.environ)
+    if jobs:  # (with none, a job run inside its test reads the environment then)
+        _BACKGROUND.snapshot = dict(os.environ)
     for nodeid, job, waits in jobs:
         _BACKGROUND.start(nodeid, job, waits)
 
@@ -225,7 +235,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     tr = terminalreporter
     tr.write_sep("=", "background jobs (tests/conftest.py)")
-    for nodeid, s in sorted(bg.seconds.items(), key=lambda kv: -kv[1]):
+    with bg.lock:  # after -x or Ctrl-C a job may still be finishing
+        seconds = sorted(bg.seconds.items(), key=lambda kv: -kv[1])
+    for nodeid, s in seconds:
         tr.write_line(f"{s:7.2f}s  {nodeid}")
     tr.write_line(f"the marked tests waited {bg.waited:.1f} s for their jobs "
                   f"(session {time.monotonic() - bg.t0:.0f} s)")

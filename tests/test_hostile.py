@@ -1014,26 +1014,23 @@ _DASK = next((str(p) for p in [Path(sys.executable).parent / "dask"] if p.exists
 
 
 @contextlib.contextmanager
-def _external_cluster(tmp_path: Path, *, nanny: bool = True, env: dict[str, str] | None = None,
+def _external_cluster(tmp_path: Path, spawn, *, env: dict[str, str], nanny: bool = True,
                       workers: int = 1):
     """A dask scheduler and worker(s) in their own processes (an external
-    cluster), in the environment ``env`` (:func:`_env` by default)."""
+    cluster) in the environment ``env``, started by the background job's
+    ``spawn`` (tests/conftest.py: killed with an interrupted session)."""
     sched_file = tmp_path / "scheduler.json"
-    e = _env() if env is None else env
-    procs = [subprocess.Popen([_DASK, "scheduler", "--port", "0",
-                               "--no-dashboard", "--scheduler-file", str(sched_file)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=e,
-                              start_new_session=True)]
+    procs = [spawn([_DASK, "scheduler", "--port", "0", "--no-dashboard", "--scheduler-file",
+                    str(sched_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=env)]
     try:
         _wait_for(sched_file.exists, 60, "the scheduler")
         time.sleep(0.5)
         address = json.loads(sched_file.read_text())["address"]
         for _ in range(workers):
-            procs.append(subprocess.Popen(
-                [_DASK, "worker", address, "--nthreads", "1",
-                 "--no-dashboard", *([] if nanny else ["--no-nanny"])],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=e,
-                start_new_session=True))
+            procs.append(spawn([_DASK, "worker", address, "--nthreads", "1", "--no-dashboard",
+                                *([] if nanny else ["--no-nanny"])],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         yield address, procs
     finally:
         for p in procs:
@@ -1042,13 +1039,23 @@ def _external_cluster(tmp_path: Path, *, nanny: bool = True, env: dict[str, str]
             p.wait()
 
 
-def _driver(tmp_path: Path, text: str, *args: str, timeout: float = 240,
-            env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list]:
+def _driver(tmp_path: Path, spawn, text: str, *args: str, env: dict[str, str],
+            timeout: float = 240) -> tuple[subprocess.CompletedProcess, list]:
+    """``fedmedbench run`` of ``text`` by the job's ``spawn``, bounded by
+    ``timeout`` seconds (``subprocess.run``'s behaviour: killed, then raised)."""
     m = tmp_path / "driver.toml"
     m.write_text(textwrap.dedent(text))
     out = tmp_path / "out"
-    p = cli("run", str(m), "--out", str(out), "--no-progress", "--no-report", *args,
-            timeout=timeout, env=env or _env())
+    argv = [sys.executable, "-m", "fedmedbench.cli", "run", str(m), "--out", str(out),
+            "--no-progress", "--no-report", *args]
+    proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        so, se = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    p = subprocess.CompletedProcess(argv, proc.returncode, so, se)
     recs = [results_mod.read_record(x) for x in records_in(out)] if out.exists() else []
     return p, recs
 
@@ -1074,9 +1081,9 @@ def _attempts(tmp: Path) -> list[tuple[int, int]]:
 
 def _import_hangs_job(tmp: Path, spawn) -> dict:
     env = _fault_env(tmp, "", spawn.environ)
-    with _external_cluster(tmp, env={**env, "FMB_HANG_AT_IMPORT": "1"}) as (address, _):
+    with _external_cluster(tmp, spawn, env={**env, "FMB_HANG_AT_IMPORT": "1"}) as (address, _):
         time.sleep(3)
-        p, recs = _driver(tmp, FAULTY.format(seeds="0"), "--executor", "dask",
+        p, recs = _driver(tmp, spawn, FAULTY.format(seeds="0"), "--executor", "dask",
                           "--scheduler", address, "--cell-timeout", "30", timeout=180,
                           env={**env, "FEDMEDBENCH_DASK_TIMEOUT": "10"})
     return {"p": p, "recs": recs}
@@ -1095,8 +1102,8 @@ def test_dask_worker_whose_plugin_import_hangs_is_named_within_a_deadline(backgr
 def _attempt_counts_job(tmp: Path, spawn) -> dict:
     env = _fault_env(tmp, "die:0", spawn.environ)  # the cell kills its worker on every try
     # an external scheduler keeps its own allowed-failures (3 by default)
-    with _external_cluster(tmp, env=env) as (address, _):
-        p, recs = _driver(tmp, FAULTY.format(seeds="0, 1"), "--executor", "dask",
+    with _external_cluster(tmp, spawn, env=env) as (address, _):
+        p, recs = _driver(tmp, spawn, FAULTY.format(seeds="0, 1"), "--executor", "dask",
                           "--scheduler", address, "--retries", "1", timeout=240, env=env)
     return {"p": p, "recs": recs, "attempts": _attempts(tmp)}
 
@@ -1117,7 +1124,7 @@ def test_dask_attempt_counts_come_from_the_scheduler(background):
 
 
 def _after_timeout_job(tmp: Path, spawn) -> dict:
-    p, recs = _driver(tmp, FAULTY.format(seeds="0, 1, 2"), "--executor", "dask",
+    p, recs = _driver(tmp, spawn, FAULTY.format(seeds="0, 1, 2"), "--executor", "dask",
                       "--workers", "1", "--cell-timeout", "15", timeout=240,
                       env=_fault_env(tmp, "hang:0", spawn.environ))
     return {"p": p, "recs": recs}
@@ -1137,8 +1144,8 @@ def test_dask_a_cell_after_a_timeout_kill_is_not_blamed(background):
 
 def _no_worker_job(tmp: Path, spawn) -> dict:
     env = _fault_env(tmp, "die:0", spawn.environ)
-    with _external_cluster(tmp, nanny=False, env=env) as (address, _):
-        p, recs = _driver(tmp, FAULTY.format(seeds="0, 1"), "--executor", "dask",
+    with _external_cluster(tmp, spawn, nanny=False, env=env) as (address, _):
+        p, recs = _driver(tmp, spawn, FAULTY.format(seeds="0, 1"), "--executor", "dask",
                           "--scheduler", address, "--retries", "0", "--cell-timeout", "20",
                           timeout=240, env=env)
     return {"p": p, "recs": recs}
@@ -1159,7 +1166,7 @@ def test_dask_cells_no_worker_ran_are_not_recorded_as_timeouts(background):
 
 def _scheduler_killed_job(tmp: Path, spawn) -> dict:
     env = _fault_env(tmp, "hang:0", spawn.environ)
-    with _external_cluster(tmp, env=env) as (address, procs):
+    with _external_cluster(tmp, spawn, env=env) as (address, procs):
         m = tmp / "driver.toml"
         m.write_text(textwrap.dedent(FAULTY.format(seeds="0")))
         out = tmp / "out"
