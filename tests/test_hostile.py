@@ -1086,14 +1086,14 @@ def _import_hangs_job(tmp: Path, spawn) -> dict:
         p, recs = _driver(tmp, spawn, FAULTY.format(seeds="0"), "--executor", "dask",
                           "--scheduler", address, "--cell-timeout", "30", timeout=180,
                           env={**env, "FEDMEDBENCH_DASK_TIMEOUT": "10"})
-    return {"p": p, "recs": recs}
+    return p, recs
 
 
 @needs_dask
 @pytest.mark.slow
 @pytest.mark.background(job=_import_hangs_job, waits=True)
 def test_dask_worker_whose_plugin_import_hangs_is_named_within_a_deadline(background):
-    p, recs = background["p"], background["recs"]
+    p, recs = background
     assert p.returncode == 2, p.stderr[-3000:]
     msg = one_error(p.stderr)
     assert "did not answer" in msg and "plugins" in msg and recs == []
@@ -1105,20 +1105,20 @@ def _attempt_counts_job(tmp: Path, spawn) -> dict:
     with _external_cluster(tmp, spawn, env=env) as (address, _):
         p, recs = _driver(tmp, spawn, FAULTY.format(seeds="0, 1"), "--executor", "dask",
                           "--scheduler", address, "--retries", "1", timeout=240, env=env)
-    return {"p": p, "recs": recs, "attempts": _attempts(tmp)}
+    return p, recs, _attempts(tmp)
 
 
 @needs_dask
 @pytest.mark.slow
 @pytest.mark.background(job=_attempt_counts_job, waits=True)
 def test_dask_attempt_counts_come_from_the_scheduler(background):
-    p, recs = background["p"], background["recs"]
+    p, recs, attempts = background
     assert p.returncode == 1, p.stderr[-3000:]
     by = {r["config"]["seed"]: r for r in recs}
     assert by[1]["status"] == "ok", p.stderr[-3000:]
     err = by[0]["error"]
     assert err["type"] == "WorkerDied"
-    n = len(background["attempts"])
+    n = len(attempts)
     assert f"died on each of {n} tries" in err["message"], (n, err["message"])
     assert n >= 2
 
@@ -1127,14 +1127,14 @@ def _after_timeout_job(tmp: Path, spawn) -> dict:
     p, recs = _driver(tmp, spawn, FAULTY.format(seeds="0, 1, 2"), "--executor", "dask",
                       "--workers", "1", "--cell-timeout", "15", timeout=240,
                       env=_fault_env(tmp, "hang:0", spawn.environ))
-    return {"p": p, "recs": recs}
+    return p, recs
 
 
 @needs_dask
 @pytest.mark.slow
 @pytest.mark.background(job=_after_timeout_job, waits=True)
 def test_dask_a_cell_after_a_timeout_kill_is_not_blamed(background):
-    p, recs = background["p"], background["recs"]
+    p, recs = background
     assert p.returncode == 1, p.stderr[-3000:]
     by = {r["config"]["seed"]: r for r in recs}
     assert by[0]["error"]["type"] == "Timeout"
@@ -1148,14 +1148,14 @@ def _no_worker_job(tmp: Path, spawn) -> dict:
         p, recs = _driver(tmp, spawn, FAULTY.format(seeds="0, 1"), "--executor", "dask",
                           "--scheduler", address, "--retries", "0", "--cell-timeout", "20",
                           timeout=240, env=env)
-    return {"p": p, "recs": recs}
+    return p, recs
 
 
 @needs_dask
 @pytest.mark.slow
 @pytest.mark.background(job=_no_worker_job, waits=True)
 def test_dask_cells_no_worker_ran_are_not_recorded_as_timeouts(background):
-    p, recs = background["p"], background["recs"]
+    p, recs = background
     assert p.returncode == 1, p.stderr[-3000:]
     by = {r["config"]["seed"]: r for r in recs}
     assert by[0]["error"]["type"] == "WorkerDied"
