@@ -59,6 +59,18 @@ class _Op:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, Any] = {}
+        self._tviews: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def transposed(self, t: torch.Tensor, slot: str) -> torch.Tensor:
+        """``t.transpose(1, 2)``, the view kept in ``slot`` while ``t`` is the
+        same tensor (a parameter stack updated in place over a round, a
+        buffer reused step after step): a dispatch saved each step."""
+        last = self._tviews.get(slot)
+        if last is not None and last[0] is t:
+            return last[1]
+        v = t.transpose(1, 2)
+        self._tviews[slot] = (t, v)
+        return v
 
     def buf(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         key = (name, tuple(shape), like.dtype, like.device)
@@ -88,6 +100,8 @@ class _Op:
         import torch
 
         out = self.backward(g, xs, y, P, GP, need)
+        if not self.params:
+            return out
         used = [j for j in self.params if j is not None]
         if used:
             torch._foreach_add_([P[j] for j in used], [GP[j] for j in used], alpha=-lr)
@@ -114,7 +128,7 @@ class _Linear(_Op):
         flat = x.dim() == 3  # (k, B, in): no reshaping views (a dispatch each, every step)
         x3 = x if flat else x.reshape(k, -1, fin)
         out = self.buf("y", (k, x3.shape[1], fout), x)
-        torch.bmm(x3, W.transpose(1, 2), out=out)
+        torch.bmm(x3, self.transposed(W, "w"), out=out)
         if b is not None:
             out.add_(P[b].unsqueeze(1))
         return out if flat else out.view(*x.shape[:-1], fout)
@@ -158,7 +172,7 @@ class _Linear(_Op):
         if need[0]:
             dx = self.buf("dx", (k, g3.shape[1], fin), g)
             torch.bmm(g3, W, out=dx)
-        W.baddbmm_(g3.transpose(1, 2), x3, alpha=-lr)
+        W.baddbmm_(self.transposed(g3, "g"), x3, alpha=-lr)
         if b is not None:
             P[b].add_(g3.sum(1), alpha=-lr)
         return [None if dx is None else (dx if flat else dx.view(x.shape))]
@@ -450,6 +464,9 @@ class CompiledModel:
         for op, out in ops:
             need[out] = any(p is not None for p in op.params) or any(need[i] for i in op.ins)
         self._need = need
+        #: the backward pass's order: (op, output slot, input slots, which inputs need a gradient)
+        self._back = [(op, out, op.ins, [need[i] for i in op.ins]) for op, out in reversed(ops)]
+        self._zview: tuple[torch.Tensor, torch.Tensor] | None = None
         self._consumers = [0] * n_slots
         for op, _ in ops:
             for i in op.ins:
@@ -484,7 +501,8 @@ class CompiledModel:
         return self._grads_last
 
     def loss_and_grads(self, P: list[torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
-                       M: torch.Tensor, *, sgd_lr: float | None = None
+                       M: torch.Tensor, *, sgd_lr: float | None = None,
+                       norm: tuple[torch.Tensor, torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Every client's masked mean cross-entropy ``L`` (k,) and the gradient
         of ``L.sum()`` with respect to the stacked parameters ``P``: what
@@ -496,45 +514,58 @@ class CompiledModel:
         weight decay), each op updating its parameters right after its
         backward pass (:meth:`_Op.backward_sgd`); only for a model whose
         parameters each belong to one op (:attr:`fusable`). The returned
-        gradients are then not all written."""
+        gradients are then not all written.
+
+        ``norm``: ``(M / d, -d)`` shaped (k, 1, B) and (k,), with ``d`` each
+        client's row count ``M.sum(1).clamp(min=1)``, when the caller has
+        them (:meth:`~fedmedbench.vectorized.VectorBackend.plan` gives a
+        round's at once): the same values this computes otherwise."""
         import torch
 
         z, vals = self.forward(P, X)
         k, width, C = z.shape
         key = (k, width, C, z.dtype, z.device)
-        if key not in self._loss_bufs:
+        bufs = self._loss_bufs.get(key)
+        if bufs is None:
             # logits class-major, (k, C, B): log-softmax over a middle axis of length C
             # is ~10x faster than over a last axis of 10 classes
             dev = z.device
             rows = torch.arange(k, device=dev).repeat_interleave(width) * (C * width) \
                 + torch.arange(width, device=dev).repeat(k)
-            self._loss_bufs[key] = (torch.empty(k, C, width, dtype=z.dtype, device=dev),
-                                    torch.empty(k, C, width, dtype=z.dtype, device=dev),
-                                    torch.empty(k, C, width, dtype=z.dtype, device=dev), rows,
-                                    torch.full((k * width,), -1.0, dtype=z.dtype, device=dev))
-        zt, logp, dz, rows, minus = self._loss_bufs[key]
-        zt.copy_(z.transpose(1, 2))
-        torch.ops.aten._log_softmax.out(zt, 1, False, out=logp)
+            zt, logp, dz = (torch.empty(k, C, width, dtype=z.dtype, device=dev)
+                            for _ in range(3))
+            # the flat and transposed views made once: a dispatch each, every step otherwise
+            bufs = self._loss_bufs[key] = (
+                zt, logp, logp.view(-1), dz, dz.view(-1), dz.transpose(1, 2), rows,
+                torch.full((k * width,), -1.0, dtype=z.dtype, device=dev))
+        zt, logp, logp_flat, dz, dz_flat, dz_t, rows, minus = bufs
+        if norm is None:
+            d = M.sum(1).clamp(min=1.0)
+            norm = (M / d.unsqueeze(1)).unsqueeze(1), d.neg()
+        weight, neg_d = norm
+        zv = self._zview  # the last op's output buffer, step after step: its view made once
+        if zv is None or zv[0] is not z:
+            zv = self._zview = (z, z.transpose(1, 2))
+        zt.copy_(zv[1])
+        torch._log_softmax(zt, 1, False, out=logp)  # aten's out= op, without torch.ops' frame
         pick = torch.add(rows, Y.reshape(-1), alpha=width)  # rows + y·B, one op
-        ce = -logp.reshape(-1).index_select(0, pick).reshape(k, width)
-        denom = M.sum(1).clamp(min=1.0)
-        L = (ce * M).sum(1) / denom
-        # d(Σ_c L_c)/dz = M / denom · (softmax(z) − onehot(y))
+        # L = Σ(−log p·M)/d, written Σ(log p·M)/(−d): the same floats (negation is exact)
+        L = logp_flat.index_select(0, pick).view(k, width).mul_(M).sum(1).div_(neg_d)
+        # d(Σ_c L_c)/dz = M / d · (softmax(z) − onehot(y))
         torch.exp(logp, out=dz)
-        dz.view(-1).index_add_(0, pick, minus)
-        dz.mul_((M / denom.unsqueeze(1)).unsqueeze(1))
+        dz_flat.index_add_(0, pick, minus)
+        dz.mul_(weight)
         GP = self.grad_buffers(P)
         grads: list[Any] = [None] * self.n_slots
-        grads[self.out_slot] = dz.transpose(1, 2)  # (k, B, C), strided
-        for op, out in reversed(self.ops):
+        grads[self.out_slot] = dz_t  # (k, B, C), strided
+        for op, out, ins, need in self._back:
             g = grads[out]
             if g is None:
                 continue
-            xs = [vals[i] for i in op.ins]
-            need = [self._need[i] for i in op.ins]
+            xs = [vals[i] for i in ins]
             back = (op.backward(g, xs, vals[out], P, GP, need) if sgd_lr is None
                     else op.backward_sgd(g, xs, vals[out], P, GP, need, sgd_lr))
-            for i, gi in zip(op.ins, back):
+            for i, gi in zip(ins, back):
                 if gi is None:
                     continue
                 grads[i] = gi if grads[i] is None else grads[i] + gi
@@ -939,20 +970,22 @@ class CompiledTrainer:
         self._all: torch.Tensor | None = None
 
     def step(self, X: torch.Tensor, Y: torch.Tensor, M: torch.Tensor,
-             active: torch.Tensor | None = None, every: bool | None = None) -> torch.Tensor:
+             active: torch.Tensor | None = None, every: bool | None = None,
+             norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One step; ``active`` None: every row (``every``: whether ``active``
-        marks every row, when the caller knows)."""
+        marks every row, when the caller knows); ``norm``: as for
+        :meth:`CompiledModel.loss_and_grads`."""
         import torch
 
         if active is None:
-            if self._all is None or len(self._all) != X.shape[0]:
+            if self._all is None or self._all.shape[0] != X.shape[0]:
                 self._all = torch.ones(X.shape[0], dtype=torch.bool, device=X.device)
             active, every = self._all, True
         opt = self.opt
         if (every and self.fuse and self.grad_hook is None and isinstance(opt, InPlaceSGD)
                 and opt.momentum == 0 and opt.wd == 0 and self.model.fusable):
-            return self.model.loss_and_grads(self.P, X, Y, M, sgd_lr=opt.lr)[0]
-        L, G = self.model.loss_and_grads(self.P, X, Y, M)
+            return self.model.loss_and_grads(self.P, X, Y, M, sgd_lr=opt.lr, norm=norm)[0]
+        L, G = self.model.loss_and_grads(self.P, X, Y, M, norm=norm)
         if self.grad_hook is not None:
             self.grad_hook(G)
         opt.step(self.P, G, active, every)

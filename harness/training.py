@@ -223,6 +223,23 @@ def epoch_orders(seeds: Any, epochs: Any, sizes: Any) -> np.ndarray:
     if total == 0:
         return np.zeros(0, dtype=np.int64)
     h = splitmix64(seeds, epochs)
+    nmax = int(sizes.max())
+    if len(sizes) > 1 and total <= _SMALL_SEGMENTS * len(sizes) and len(sizes) * nmax <= 2 * total:
+        # segments of similar sizes: one row each of a (segments, longest) array, _order's
+        # distinct values (key bits above the row index) sorted row by row, the padding
+        # (all ones) last (10 segments of 288 rows: 0.04 ms, against 0.19 ms by lexsort)
+        b = np.frexp(np.maximum(sizes - 1, 1).astype(np.float64))[1].astype(np.uint64)[:, None]
+        i = np.arange(nmax, dtype=np.uint64)
+        z = (i + _U1) * _UGAMMA + h.astype(np.uint64)[:, None]
+        _mix(z)
+        z >>= b
+        z <<= b
+        z |= i
+        real = i[None, :] < sizes.astype(np.uint64)[:, None]
+        z[~real] = np.uint64(_MASK64)
+        z.sort(axis=1)
+        z &= (_U1 << b) - _U1
+        return z[real].view(np.int64)
     if len(sizes) > 1 and total <= _SMALL_SEGMENTS * len(sizes):
         # b: bit length of max(n - 1, 1), exact through frexp's exponent (_order's b)
         b = np.frexp(np.maximum(sizes - 1, 1).astype(np.float64))[1].astype(np.uint64)

@@ -401,16 +401,34 @@ class VectorBackend(LoopBackend):
             rows = np.zeros(valid.shape, dtype=np.int64)
         return rows, valid, lens
 
-    def _batches(self, rows: np.ndarray, valid: np.ndarray, lens: np.ndarray) -> Any:
+    def _batches(self, rows: np.ndarray, valid: np.ndarray, lens: np.ndarray, *,
+                 norm: bool = False) -> Any:
         """(X, y, mask) of each step of a :meth:`plan`, padded to the step's
-        largest batch."""
+        largest batch; ``norm``: with each step's (mask / d, −d), ``d`` a
+        client's row count (at least 1), as
+        :meth:`~fedmedbench.compiled.CompiledModel.loss_and_grads` takes them,
+        computed for the round at once. Each step's tensors are views of the
+        round's (``unbind``), sliced only when the step is narrower."""
         import torch
 
         R = torch.from_numpy(rows).to(self.device)
         V = torch.from_numpy(valid).to(self.device, torch.float32)
         widths = np.maximum(lens.max(axis=1, initial=0), 1).tolist() if len(lens) else []
+        if not widths:
+            return
+        full = R.shape[2]
+        Rs, Vs = R.unbind(0), V.unbind(0)
+        if norm:
+            d = V.sum(2).clamp(min=1.0)
+            Ws, Ds = (V / d.unsqueeze(2)).unsqueeze(2).unbind(0), d.neg().unbind(0)
         for t, w in enumerate(widths):
-            yield (*self._rows(R[t, :, :w]), V[t, :, :w])
+            if w == full:
+                r, m = Rs[t], Vs[t]
+                n = (Ws[t], Ds[t]) if norm else None
+            else:
+                r, m = Rs[t][:, :w], Vs[t][:, :w]
+                n = (Ws[t][..., :w], Ds[t]) if norm else None
+            yield (*self._rows(r), m, n) if norm else (*self._rows(r), m)
 
     def _twin_step(self, P: list[torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
                    M: torch.Tensor, extra_loss: ExtraLoss | None
@@ -572,8 +590,8 @@ class VectorBackend(LoopBackend):
         every = [bool(v) for v in np.atleast_1d(act_np.all(axis=1))]
         act = torch.from_numpy(act_np).to(dev)
         losses = []
-        for s, (X, Y, M) in enumerate(self._batches(rows, valid, lens)):
-            losses.append(tr.step(X, Y, M, None if every[s] else act[s], every[s]))
+        for s, (X, Y, M, norm) in enumerate(self._batches(rows, valid, lens, norm=True)):
+            losses.append(tr.step(X, Y, M, None if every[s] else act[s], every[s], norm))
             for p, keep in fixed:
                 p.copy_(keep)
         seen = torch.from_numpy(lens > 0).to(dev)
