@@ -216,7 +216,12 @@ class VectorBackend(LoopBackend):
         import torch
 
         self.device = resolve_device(device)
-        module = parts.factory()
+        # the seeded template, read only (its structure and parameter names; the compiled
+        # step never calls it): a copy is made below for a kernel that calls the module
+        # (torch.func swaps its parameters) and by ``to`` before moving it
+        peek = getattr(parts.factory, "peek", None)
+        module = peek() if callable(peek) else parts.factory()
+        self._module_is_template = callable(peek)
         self.fmodel = FunctionalModel(module)
         # every site's rows in one tensor (as to_tensors converts them), one copy each
         trains = [site.train for site in parts.sites]
@@ -255,17 +260,27 @@ class VectorBackend(LoopBackend):
             if self.compiled is not None:
                 self.kernel = "compiled"
             else:
-                self.twin = batched_twin(module, self.X[:2])
+                self._own_module()  # the twin calls the module's layers
+                self.twin = batched_twin(self.fmodel.module, self.X[:2])
                 self.kernel_reason = why
                 self.kernel = (f"{'batched layers' if self.twin is not None else 'vmap'} "
                                f"(not compiled: {why})")
+        if self.compiled is None:
+            self._own_module()
         if self.device.type != "cpu":
             self.to(self.device)
+
+    def _own_module(self) -> None:
+        """A module of this backend's own in place of the cell's template."""
+        if self._module_is_template:
+            self.fmodel = FunctionalModel(self.parts.factory())
+            self._module_is_template = False
 
     def to(self, device: Any) -> VectorBackend:
         """Train on ``device`` from now on (:func:`resolve_device`): the clients'
         rows and the architecture move there; ``train`` still takes and
         returns CPU tensors."""
+        self._own_module()
         self.device = resolve_device(device)
         self.X, self.y = self.X.to(self.device), self.y.to(self.device)
         self.fmodel.module.to(self.device)

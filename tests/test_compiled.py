@@ -385,6 +385,57 @@ def test_frozen_tensors_and_weight_decay_on_the_compiled_step(example_reg):
         _same(out)
 
 
+def test_a_rounds_loss_weights_give_the_steps_own_floats(example_reg):
+    """``VectorBackend._batches(norm=True)`` computes every step's row weights
+    ``M / d`` and ``-d`` for the round at once; the compiled step given them
+    returns the same loss and parameters, bit for bit, as the step that
+    computes them itself -- over steps narrower than the round's widest
+    batch and clients with no rows left (unequal step counts)."""
+    import dataclasses
+
+    from fedmedbench.cell import build_cell
+    from fedmedbench.models import get_flat_params
+    from fedmedbench.vectorized import VectorBackend
+
+    cell = _cells(example_reg, {"dataset": ["heart-disease"], "algorithm": ["fedavg"],
+                                "model": [{"name": "mlp", "hidden": [8]}]},
+                  run={"batch_size": 24})[0]
+    built = build_cell(cell, example_reg)
+    backend = VectorBackend(dataclasses.replace(_client_data(built)))
+    assert backend.kernel == "compiled"
+    k = 4
+    w = get_flat_params(built.factory())
+    start = backend.fmodel.split(w.unsqueeze(0).expand(k, -1))
+    # one client trains an epoch whose last batch is short; the others stop earlier
+    c = next(i for i, n in enumerate(backend._n[:k]) if n % 24)
+    steps = [2] * k
+    steps[c] = -(-int(backend._n[c]) // 24)
+    rows, valid, lens = backend.plan(list(range(k)), steps)
+    given, computed = (CompiledTrainer(backend.compiled, start, InPlaceSGD(0.1))
+                       for _ in range(2))
+    narrower = empty = 0
+    for t, (X, Y, M, norm) in enumerate(backend._batches(rows, valid, lens, norm=True)):
+        narrower += M.shape[1] < rows.shape[2]
+        empty += int((M.sum(1) == 0).sum())
+        assert torch.equal(norm[0].squeeze(1), M / M.sum(1).clamp(min=1.0).unsqueeze(1))
+        assert torch.equal(given.step(X, Y, M, norm=norm), computed.step(X, Y, M)), t
+    assert narrower and empty  # the cases the weights must survive were there
+    for a, b in zip(given.P, computed.P):
+        assert torch.equal(a, b)
+    assert not torch.equal(given.P[0], start[0])
+    # the compiled backend reads the cell's template instead of copying it, and leaves it
+    # as it was; moving the backend moves a copy of its own
+    template = built.factory.peek()
+    before = [p.detach().clone() for p in template.parameters()]
+    backend.train(list(range(k)), w.unsqueeze(0).expand(k, -1), steps, extra_loss=None,
+                  grad_offset=None)
+    assert backend.fmodel.module is template
+    backend.to(torch.device("meta"))
+    assert backend.fmodel.module is not template
+    assert all(p.device.type == "cpu" and torch.equal(p, b)
+               for p, b in zip(template.parameters(), before))
+
+
 def test_the_compiled_path_keeps_every_tensor_on_the_backends_device(example_reg):
     """No CUDA here: the ``meta`` device stands in for one. A tensor made on the
     CPU inside the compiled path (a buffer, an index, a mask) would meet the
