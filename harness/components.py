@@ -71,6 +71,10 @@ __all__ = [
 # --------------------------------------------------------------------------
 
 
+#: Component.param_spec's signatures, by (class, constructor)
+_PARAM_SPECS: dict[tuple[Any, Any], dict[str, inspect.Parameter]] = {}
+
+
 class Component:
     """Base of every plugin component.
 
@@ -118,13 +122,19 @@ class Component:
 
     @classmethod
     def param_spec(cls) -> dict[str, inspect.Parameter]:
-        """The constructor's keyword-only parameters, by name."""
-        sig = inspect.signature(cls.__init__)
-        return {
-            n: p
-            for n, p in sig.parameters.items()
-            if n != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY
-        }
+        """The constructor's keyword-only parameters, by name (read once per
+        class and constructor: ``inspect.signature`` costs ~40 µs, and a cell
+        checks every component's parameters)."""
+        key = (cls, cls.__init__)
+        spec = _PARAM_SPECS.get(key)
+        if spec is None:
+            sig = inspect.signature(cls.__init__)
+            spec = _PARAM_SPECS[key] = {
+                n: p
+                for n, p in sig.parameters.items()
+                if n != "self" and p.kind is inspect.Parameter.KEYWORD_ONLY
+            }
+        return dict(spec)
 
     def params(self) -> dict[str, Any]:
         """The resolved configuration: every constructor parameter's value.
