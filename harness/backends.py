@@ -30,7 +30,7 @@ from fedmedbench.components import LocalStage, Site, Split, Updates
 from fedmedbench.context import CellContext, ClientContext
 from fedmedbench.meters import calling
 from fedmedbench.models import get_flat_buffers, set_flat_buffers
-from fedmedbench.training import SGDTrainer
+from fedmedbench.training import SGDTrainer, grad_reset
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -233,12 +233,7 @@ class LoopBackend:
         opt = getattr(tr, "optimizer", None)
         if opt is not None:
             opt.state.clear()
-            if type(opt).zero_grad is torch.optim.Optimizer.zero_grad:
-                for g in opt.param_groups:  # torch's zero_grad(set_to_none=True), lean
-                    for p in g["params"]:
-                        p.grad = None
-            else:  # an optimizer's own zero_grad (per-sample gradients, ...)
-                opt.zero_grad(set_to_none=True)
+            grad_reset(opt)()
         flat = getattr(tr, "flat", None)
         with torch.no_grad():
             if flat is not None:

@@ -49,6 +49,23 @@ class _Unsupported(Exception):
 # --------------------------------------------------------------------------
 
 
+class _TransposedViews:
+    """``views(t, slot)`` is ``t.transpose(1, 2)``, the view kept in ``slot``
+    while ``t`` is the same tensor (a parameter stack updated in place over a
+    round, a buffer reused step after step): a dispatch saved each step."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, t: torch.Tensor, slot: str) -> torch.Tensor:
+        last = self._last.get(slot)
+        if last is not None and last[0] is t:
+            return last[1]
+        v = t.transpose(1, 2)
+        self._last[slot] = (t, v)
+        return v
+
+
 class _Op:
     """One node of the compiled graph. ``ins``: input slots; ``params``:
     indices of its parameters in the model's parameter list (None when
@@ -59,18 +76,7 @@ class _Op:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple, Any] = {}
-        self._tviews: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def transposed(self, t: torch.Tensor, slot: str) -> torch.Tensor:
-        """``t.transpose(1, 2)``, the view kept in ``slot`` while ``t`` is the
-        same tensor (a parameter stack updated in place over a round, a
-        buffer reused step after step): a dispatch saved each step."""
-        last = self._tviews.get(slot)
-        if last is not None and last[0] is t:
-            return last[1]
-        v = t.transpose(1, 2)
-        self._tviews[slot] = (t, v)
-        return v
+        self.transposed = _TransposedViews()
 
     def buf(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         key = (name, tuple(shape), like.dtype, like.device)
@@ -463,10 +469,9 @@ class CompiledModel:
         need = [False] * n_slots  # which slots depend on a parameter
         for op, out in ops:
             need[out] = any(p is not None for p in op.params) or any(need[i] for i in op.ins)
-        self._need = need
         #: the backward pass's order: (op, output slot, input slots, which inputs need a gradient)
         self._back = [(op, out, op.ins, [need[i] for i in op.ins]) for op, out in reversed(ops)]
-        self._zview: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._transposed = _TransposedViews()
         self._consumers = [0] * n_slots
         for op, _ in ops:
             for i in op.ins:
@@ -543,10 +548,7 @@ class CompiledModel:
             d = M.sum(1).clamp(min=1.0)
             norm = (M / d.unsqueeze(1)).unsqueeze(1), d.neg()
         weight, neg_d = norm
-        zv = self._zview  # the last op's output buffer, step after step: its view made once
-        if zv is None or zv[0] is not z:
-            zv = self._zview = (z, z.transpose(1, 2))
-        zt.copy_(zv[1])
+        zt.copy_(self._transposed(z, "logits"))  # the last op's buffer, step after step
         torch._log_softmax(zt, 1, False, out=logp)  # aten's out= op, without torch.ops' frame
         pick = torch.add(rows, Y.reshape(-1), alpha=width)  # rows + y·B, one op
         # L = Σ(−log p·M)/d, written Σ(log p·M)/(−d): the same floats (negation is exact)

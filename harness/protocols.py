@@ -456,13 +456,9 @@ class Round:
         sv.params = new
         self.after_server(received, weights)
         out = {"clients": len(clients), "loss": loss}
-        shown = self.contribution_weights(received) if self.cell.sum_contributions \
-            else weights
+        shown = self.shown_weights(received, weights)
         if shown is not None:
-            names = self.cell.clients_ctx.client_names
-            vals = shown.tolist() if hasattr(shown, "tolist") else list(shown)  # one copy
-            out["weights"] = {names[u]: round(float(x), 6)
-                              for u, x in zip(received.clients, vals)}
+            out["weights"] = shown
         if clock is not None:
             out.update(clock.close(t, unavailable=unavailable,
                                    contributors=received.contributors))
@@ -487,6 +483,17 @@ class Round:
 
         draw = cell_rng(self.cell.seed, "canary-client-sampling", t).random(len(ids))
         return [c for c, u in zip(ids, draw) if u < q]
+
+    def shown_weights(self, received: Received, weights: Any) -> dict[str, float] | None:
+        """The round's weights for its history entry, by client name (rounded
+        to 6 digits): what a summing mechanism says each update carries
+        (:meth:`contribution_weights`), else the aggregation weights."""
+        shown = self.contribution_weights(received) if self.cell.sum_contributions else weights
+        if shown is None:
+            return None
+        names = self.cell.clients_ctx.client_names
+        vals = shown.tolist() if hasattr(shown, "tolist") else list(shown)  # one copy
+        return {names[u]: round(float(x), 6) for u, x in zip(received.clients, vals)}
 
     def contribution_weights(self, received: Received) -> np.ndarray | None:
         """Under a mechanism that weights the rows itself, the weights its
@@ -864,13 +871,9 @@ class Round:
         server_s = time.perf_counter() - t0_server if self.transport is not None else 0.0
         twin.observe_up(row_bytes)
         out: dict[str, Any] = {"clients": len(clients), "loss": loss, "trained": len(batch)}
-        shown = self.contribution_weights(received) if self.cell.sum_contributions \
-            else weights
+        shown = self.shown_weights(received, weights)
         if shown is not None:
-            names = self.cell.clients_ctx.client_names
-            vals = shown.tolist() if hasattr(shown, "tolist") else list(shown)  # one copy
-            out["weights"] = {names[u]: round(float(x), 6)
-                              for u, x in zip(received.clients, vals)}
+            out["weights"] = shown
         out.update(twin.applied(buffer, arrived, server_s=server_s, bytes_up=sent_bytes,
                                 bytes_down=bc.nbytes if bc is not None else 0, round=t,
                                 contributors=received.contributors))
