@@ -22,7 +22,7 @@ back-reference to the engine or to another party.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +152,22 @@ class CellContext:
         return (self.planned(steps, self.rounds) if self.planned is not None
                 else self.rounds * steps)
 
+    def steps_of(self, clients: Iterable[int], *, planned: bool = False) -> list[int]:
+        """:meth:`steps_for` (``planned``: :meth:`planned_steps`) of each of
+        ``clients``, worked out once per distinct example count (a client's
+        steps depend on nothing else)."""
+        how = self.planned_steps if planned else self.steps_for
+        ne = self.num_examples
+        seen: dict[int, int] = {}
+        out = []
+        for c in clients:
+            n = ne[c]
+            s = seen.get(n)
+            if s is None:
+                s = seen[n] = how(c)
+            out.append(s)
+        return out
+
     def model(self, params: torch.Tensor | None = None) -> torch.nn.Module:
         """A fresh instance of the cell's architecture, loaded with ``params``."""
         from fedmedbench.models import set_flat_params
@@ -212,7 +228,7 @@ class ClientContext:
     @property
     def steps(self) -> list[int]:
         """Each client's local steps this round."""
-        return [self.cell.steps_for(c) for c in self.clients]
+        return self.cell.steps_of(self.clients)
 
     def holdout(self, i: int = 0) -> Split | None:
         """Training rows of the ``i``-th client of this call held out from its

@@ -331,7 +331,7 @@ def chance(data: FederatedData, utility: dict[str, Any],
     (the utility's 95% interval over test rows) and ``chance_level`` (not
     beyond chance at 5%), and per site ``per_site_at_chance``; without
     them ``chance_level`` is the bare comparison (utility <= baseline)."""
-    from fedmedbench.metrics import beats_chance, beats_chance_many, score
+    from fedmedbench.metrics import beats_chance_many, score
 
     task = data.task
     ys = [s.test.y for s in data.sites if len(s.test)]
@@ -344,7 +344,12 @@ def chance(data: FederatedData, utility: dict[str, Any],
     def constant(c: int, n: int) -> np.ndarray:
         return np.repeat(eye[[c]], n, axis=0)
 
-    base = [score(task.metric, y, constant(c, len(y))) for c in range(C)]
+    if task.metric == "accuracy" and np.issubdtype(y.dtype, np.integer) and int(y.min()) >= 0:
+        # a constant c scores the share of rows labelled c: score()'s mean of (c == y), a
+        # sum of exact ones over n, from one bincount instead of C scored arrays
+        base = (np.bincount(y, minlength=C)[:C] / len(y)).tolist()
+    else:
+        base = [score(task.metric, y, constant(c, len(y))) for c in range(C)]
     finite = [b for b in base if np.isfinite(b)]
     baseline = max(finite) if finite else None
     # each site's own majority class on its test rows, every site in one score_sites pass
@@ -377,12 +382,18 @@ def chance(data: FederatedData, utility: dict[str, Any],
               if per_site_base.get(name) is not None and len(ys_)]
     site_tests: dict[str, dict[str, Any]] = {
         name: {"p_value": None, "ci95": None, "se": None, "at_chance": None} for name in sites}
-    site_tests.update(zip(tested, beats_chance_many(  # every site's test in one SciPy call
-        task.metric, [(*sites[n], per_site_base[n]) for n in tested])))
-    out["per_site_at_chance"] = {k: v["at_chance"] for k, v in site_tests.items()}
     pooled = predictions.get("pooled")
+    pooled_test = pooled is not None and baseline is not None
+    # every site's test and the pooled one in one SciPy call (each item's numbers are those
+    # of a call of its own: beats_chance_many works element by element)
+    items = [(*sites[n], per_site_base[n]) for n in tested]
     if pooled is not None and baseline is not None:
-        t = beats_chance(task.metric, pooled[0], pooled[1], baseline)
+        items.append((pooled[0], pooled[1], baseline))
+    tests = beats_chance_many(task.metric, items) if items else []
+    site_tests.update(zip(tested, tests))
+    out["per_site_at_chance"] = {k: v["at_chance"] for k, v in site_tests.items()}
+    if pooled_test:
+        t = tests[-1]
     else:  # scored per site: the mean over sites against the mean of their own baselines
         from scipy.stats import norm
 

@@ -376,9 +376,12 @@ class Round:
         if loss is None or not len(loss):
             return None
         v = np.asarray(loss, dtype=float)
+        finite = np.isfinite(v)
+        if finite.all():  # np.nanmean's sum and division, without its NaN-masked copy
+            return float(v.mean())
         if np.isinf(v).any():
             raise Diverged(f"a client's training loss is {float(v[np.isinf(v)][0])}")
-        return float(np.nanmean(v)) if np.isfinite(v).any() else None
+        return float(np.nanmean(v)) if finite.any() else None
 
     def federated_round(self, t: int) -> dict[str, Any]:
         """Sampled clients train from the global model (their own on the

@@ -168,6 +168,30 @@ def test_a_round_lasts_the_slowest_clients_download_training_and_upload():
     assert tw2.summary()["participation"] == {"s0": 1, "s1": 0}
 
 
+def test_a_round_of_many_clients_is_timed_at_once_as_one_by_one():
+    """Where nobody can drop out, the timeline of all clients at once (array
+    operations) is the client-by-client one bit for bit: every time, the
+    round's end, the unmasking trip, with and without cryptographic seconds."""
+    rng = np.random.default_rng(5)
+    profiles = [SiteProfile(speed=float(rng.uniform(0.2, 3)), up_mbps=float(rng.uniform(0.5, 90)),
+                            down_mbps=float(rng.choice([rng.uniform(1, 900), np.inf])),
+                            latency_ms=float(rng.uniform(1, 80)), preset="x") for _ in range(40)]
+    tw = _twin(profiles, steps=7.0, ref=0.0137)
+    assert not tw.drops
+    tw.now = 12.345
+    clients = [int(c) for c in rng.permutation(40)[:31]]
+    up = [int(b) for b in rng.integers(1, 10**7, len(clients))]
+    for crypto in ({}, {c: float(rng.random()) for c in clients[::3]}):
+        for unmasking in (False, True):
+            fast = tw.timeline(clients, down_bytes=987_654, up_bytes=up, crypto_s=crypto,
+                               unmasking=unmasking)
+            one = tw.timeline(clients, down_bytes=987_654, up_bytes=up, crypto_s=crypto,
+                              unmasking=unmasking, steps={})  # the loop: no step given
+            assert fast.done == one.done and list(fast.done) == clients
+            assert (fast.end, fast.upload_end, fast.dropped) == (one.end, one.upload_end, {})
+            assert fast.end > tw.now
+
+
 def test_a_client_offline_before_its_upload_ends_drops_out():
     trace = Availability("trace", intervals=((0.0, 0.5), (3.0, 100.0)), period_s=100.0)
     p = SiteProfile(up_mbps=math.inf, down_mbps=math.inf, latency_ms=0.0, availability=trace)

@@ -145,3 +145,26 @@ def test_chance_tests_of_many_sites_equal_one_site_at_a_time(metric):
             if r["p_value"] is not None:
                 k = int(np.sum(p.argmax(1) == y))
                 assert r["p_value"] == float(binom.sf(k - 1, len(y), min(max(b, 0.0), 1.0)))
+
+
+def test_the_majority_baseline_is_the_best_constant_scored_as_any_prediction():
+    """chance()'s best constant prediction (for accuracy: the share of each
+    label from one bincount) is exactly what score() gives each constant."""
+    from fedmedbench import FederatedData, Site, Split, Task
+    from fedmedbench.engine import chance
+    from fedmedbench.metrics import score
+
+    rng = np.random.default_rng(3)
+    for metric, C in (("accuracy", 4), ("accuracy", 7), ("balanced_accuracy", 3)):
+        sites = []
+        for i in range(5):
+            y_te = rng.choice([0, 2, 3], size=int(rng.integers(1, 30)))  # class 1 never tested
+            y_tr = rng.integers(0, C, 20)
+            sites.append(Site(f"s{i}", Split(np.zeros((20, 2), np.float32), y_tr),
+                              Split(np.zeros((len(y_te), 2), np.float32), y_te)))
+        data = FederatedData(task=Task(kind="multiclass", num_classes=C, input_shape=(2,),
+                                       metric=metric), sites=sites)
+        y = np.concatenate([s.test.y for s in sites])
+        want = max(score(metric, y, np.eye(C)[np.full(len(y), c)]) for c in range(C))
+        got = chance(data, {"global": 0.5})["majority_baseline"]
+        assert got == want and isinstance(got, float), (metric, got, want)

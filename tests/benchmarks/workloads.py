@@ -40,9 +40,14 @@ def digits_shards(n: int, seed: int = 0) -> list[tuple[Split, Split]]:
     perm = np.random.default_rng(seed).permutation(len(y))
     X, y = X[perm], y[perm]
     cut = int(0.8 * len(y))
-    tr = np.array_split(np.arange(cut), n)
-    te = np.array_split(np.arange(cut, len(y)), n)
-    return [(Split(X[a], y[a]), Split(X[b], y[b])) for a, b in zip(tr, te)]
+
+    def bounds(lo: int, hi: int) -> list[int]:  # np.array_split's contiguous shards
+        q, r = divmod(hi - lo, n)
+        return [lo + i * q + min(i, r) for i in range(n + 1)]
+
+    a, b = bounds(0, cut), bounds(cut, len(y))
+    return [(Split(X[a[i]:a[i + 1]], y[a[i]:a[i + 1]]), Split(X[b[i]:b[i + 1]], y[b[i]:b[i + 1]]))
+            for i in range(n)]
 
 
 class Digits(Dataset):
