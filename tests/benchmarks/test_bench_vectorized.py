@@ -141,9 +141,14 @@ ds = {"name": "synthetic-ehr", "n_hospitals": n, "n_patients": 60 * n}
 cell = parse_matrix({"rounds": 3, "axes": {"dataset": [ds], "algorithm": ["fedavg"]},
                      "run": {"backend": "vectorized", "eval_every": 3}}).cells[0]
 run_cell(cell)  # warm
-t0 = time.perf_counter()
-rec = run_cell(cell)
-wall = time.perf_counter() - t0
+best = None
+for _ in range(3):  # the best of 3 warm cells (a burst of load slows a single one)
+    t0 = time.perf_counter()
+    rec = run_cell(cell)
+    wall = time.perf_counter() - t0
+    if best is None or rec["metrics"]["cost"]["train_s"] < best[0]["metrics"]["cost"]["train_s"]:
+        best = (rec, wall)
+rec, wall = best
 try:  # this process's own peak: ru_maxrss keeps the parent's across fork and exec
     with open("/proc/self/status") as f:
         peak = int(next(ln for ln in f if ln.startswith("VmHWM")).split()[1]) / 1024
