@@ -383,16 +383,16 @@ def chance(data: FederatedData, utility: dict[str, Any],
     site_tests: dict[str, dict[str, Any]] = {
         name: {"p_value": None, "ci95": None, "se": None, "at_chance": None} for name in sites}
     pooled = predictions.get("pooled")
-    pooled_test = pooled is not None and baseline is not None
+    pooled_item = (pooled[0], pooled[1], baseline) if pooled is not None and \
+        baseline is not None else None
     # every site's test and the pooled one in one SciPy call (each item's numbers are those
     # of a call of its own: beats_chance_many works element by element)
     items = [(*sites[n], per_site_base[n]) for n in tested]
-    if pooled is not None and baseline is not None:
-        items.append((pooled[0], pooled[1], baseline))
-    tests = beats_chance_many(task.metric, items) if items else []
+    tests = beats_chance_many(task.metric, items + [pooled_item] if pooled_item else items) \
+        if items or pooled_item else []
     site_tests.update(zip(tested, tests))
     out["per_site_at_chance"] = {k: v["at_chance"] for k, v in site_tests.items()}
-    if pooled_test:
+    if pooled_item is not None:
         t = tests[-1]
     else:  # scored per site: the mean over sites against the mean of their own baselines
         from scipy.stats import norm
