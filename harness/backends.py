@@ -355,6 +355,25 @@ def _checked(out: Any, algorithm: Any, clients: list[int]) -> Updates:
     return out
 
 
+def _drawing_dropout(cell: Cell) -> str:
+    """Why a model's dropout keeps it off the vectorized step ("" if it has none
+    that draws)."""
+    from fedmedbench.cell import peek_model
+
+    try:
+        import torch
+
+        drops = [(n, float(m.p)) for n, m in peek_model(cell.factory).named_modules()
+                 if isinstance(m, torch.nn.Dropout) and float(m.p) > 0]
+    except Exception:  # a factory that cannot be read here: say nothing more
+        return ""
+    if not drops:
+        return ""
+    name, p = drops[0]
+    return (f": Dropout (layer '{name}') with p={p:g} draws masks, which only the loop "
+            f"backend does; the compiled vectorized step takes p=0")
+
+
 def choose_backend(cell: Cell, requested: str, *, batch_norm: bool = False) -> tuple[str, str]:
     """(backend, reason) for the cell: ``requested`` is ``auto``, ``loop`` or
     ``vectorized``; a component that cannot run vectorized forces ``loop``
@@ -367,6 +386,8 @@ def choose_backend(cell: Cell, requested: str, *, batch_norm: bool = False) -> t
         blockers.append(f"algorithm {alg.name} (vectorized = False)")
     if model is not None and not model.vectorized:
         why = ": BatchNorm updates its running statistics, buffers, in place" if batch_norm else ""
+        if not why:
+            why = _drawing_dropout(cell)
         blockers.append(f"model {model.name} (vectorized = False{why})")
     if cell.client_factories:
         blockers.append(f"algorithm {alg.name} gives clients their own architectures")

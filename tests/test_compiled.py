@@ -331,7 +331,8 @@ def _same(out, tol=1e-5):
 def test_the_record_names_the_compiled_step_or_why_not(example_reg):
     """The MLP, FedProx's extra_loss and SCAFFOLD's offset all run on the
     compiled step; DP-SGD keeps its per-example path; a model with a layer
-    the compiler lacks (SiLU) runs on vmap, and the record names the layer."""
+    the compiler lacks (SiLU) runs on vmap, and the record names the layer;
+    so does the reason of an MLP whose dropout draws (the loop backend)."""
     cells = _cells(example_reg, {
         "dataset": ["heart-disease"],
         "algorithm": ["fedavg", {"name": "fedprox", "mu": 0.1}, "scaffold"],
@@ -356,6 +357,12 @@ def test_the_record_names_the_compiled_step_or_why_not(example_reg):
     assert rec["status"] == "ok", rec["error"]
     assert rec["backend"]["kernel"] == (  # the batched twin has no residual add: vmap
         "vmap (not compiled: SiLU (layer 'blocks.0.act1'))"), rec["backend"]
+    # dropout that draws is on no vectorized path yet: the loop backend, the layer named
+    mlp = _cells(example_reg, {"dataset": ["heart-disease"], "algorithm": ["fedavg"],
+                               "model": [{"name": "mlp", "dropout": 0.25}]}, rounds=1)[0]
+    rec = run_cell({**mlp, "backend": "vectorized"}, registry=example_reg)
+    assert rec["status"] == "ok" and rec["backend"]["name"] == "loop", rec["backend"]
+    assert "Dropout (layer 'body.2') with p=0.25 draws masks" in rec["backend"]["reason"]
 
 
 def test_the_example_residual_cnn_runs_compiled_and_agrees_with_the_loop(example_reg):
