@@ -356,8 +356,8 @@ def _checked(out: Any, algorithm: Any, clients: list[int]) -> Updates:
 
 
 def _drawing_dropout(cell: Cell) -> str:
-    """Why a model's dropout keeps it off the vectorized step ("" if it has none
-    that draws)."""
+    """The model's first dropout that draws, as the reason names it (""
+    where none draws)."""
     from fedmedbench.cell import peek_model
 
     try:
@@ -370,8 +370,7 @@ def _drawing_dropout(cell: Cell) -> str:
     if not drops:
         return ""
     name, p = drops[0]
-    return (f": Dropout (layer '{name}') with p={p:g} draws masks, which only the loop "
-            f"backend does; the compiled vectorized step takes p=0")
+    return f"Dropout (layer '{name}') with p={p:g}"
 
 
 def choose_backend(cell: Cell, requested: str, *, batch_norm: bool = False) -> tuple[str, str]:
@@ -384,11 +383,25 @@ def choose_backend(cell: Cell, requested: str, *, batch_norm: bool = False) -> t
     blockers = []
     if not alg.vectorized:
         blockers.append(f"algorithm {alg.name} (vectorized = False)")
+    drop = _drawing_dropout(cell) if model is not None else ""
     if model is not None and not model.vectorized:
-        why = ": BatchNorm updates its running statistics, buffers, in place" if batch_norm else ""
-        if not why:
-            why = _drawing_dropout(cell)
+        why = ": BatchNorm updates its running statistics, buffers, in place" if batch_norm \
+            else (f": {drop} draws masks" if drop else "")
         blockers.append(f"model {model.name} (vectorized = False{why})")
+    elif drop:  # masks drawn by the compiled step only: not on its per-example or vmap paths
+        if local is not None:
+            blockers.append(f"model {model.name}: {drop} draws masks, which the vectorized "
+                            f"backend does on its compiled step only, and privacy {local.name}"
+                            f"'s per-example steps are not compiled")  # type: ignore[attr-defined]
+        else:
+            from fedmedbench.cell import peek_model
+            from fedmedbench.compiled import compile_model
+
+            compiled, why = compile_model(peek_model(cell.factory))
+            if compiled is None:
+                blockers.append(f"model {model.name}: {drop} draws masks, which the vectorized "
+                                f"backend does on its compiled step only, and the model does "
+                                f"not compile ({why})")
     if cell.client_factories:
         blockers.append(f"algorithm {alg.name} gives clients their own architectures")
     if local is not None and local.vector_steps(cell.clients_ctx) is None:

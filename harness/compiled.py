@@ -21,10 +21,12 @@ Layers: ``Linear``; ``Conv2d`` (zero padding, one grouped convolution over
 the k clients); ``ReLU``, ``Tanh``, ``Sigmoid``, ``GELU``, ``LeakyReLU``,
 ``Identity``, ``Dropout(p=0)``; ``MaxPool2d``, ``AvgPool2d``,
 ``AdaptiveAvgPool2d``; ``LayerNorm``, ``GroupNorm``; ``Flatten`` and
-``flatten`` past the batch axis; residual adds of two tensors of one shape.
-Anything else (BatchNorm's running statistics, dropout that draws, shared
-parameters, other functions) makes :func:`compile_model` return ``None`` with
-the reason, and the caller keeps the vmap path.
+``flatten`` past the batch axis; residual adds of two tensors of one shape;
+``Dropout`` that draws, each client's masks from its own counter-based
+stream (:class:`_Dropout`, :meth:`CompiledModel.draw`). Anything else
+(BatchNorm's running statistics, functional dropout, shared parameters,
+other functions) makes :func:`compile_model` return ``None`` with the
+reason, and the caller keeps the vmap path.
 """
 
 from __future__ import annotations
@@ -235,6 +237,54 @@ class _Identity(_Op):
 
     def backward(self, g, xs, y, P, GP, need):
         return [g if need[0] else None]
+
+
+class _Dropout(_Op):
+    """Inverted dropout (``nn.Dropout(p)`` in training mode), each client's
+    masks from its own stream: for client c at the local step its backend
+    counts ``t``, element ``i`` of its batch (row-major over its own rows, so
+    padding never shifts a real row's draw) is kept when the top 53 bits of
+    ``splitmix64(h, i)`` are at least ``p·2**53``, with ``h =
+    splitmix64(splitmix64(seed_c, layer), t)``: a function of the client's
+    seed, its step and the layer alone, whoever trains beside it. Kept
+    values are scaled by ``1 / (1 - p)``. :meth:`CompiledModel.draw` sets
+    the round's seeds and each step's counters; without them (the compile
+    check) the op is the identity, as ``nn.Dropout`` in evaluation mode."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+        self.layer = 0  #: its index among the model's dropout ops (compile_model)
+        self.h: Any = None  #: (k,) uint64 stream keys of the current step, or None
+        self._mask: Any = None
+
+    def forward(self, xs, P):
+        import math
+
+        import numpy as np
+        import torch
+
+        from fedmedbench.training import splitmix64
+
+        x = xs[0]
+        if self.h is None:
+            self._mask = None
+            return x
+        k = x.shape[0]
+        n = x[0].numel() if k else 0
+        u = splitmix64(np.asarray(self.h, dtype=np.uint64)[:, None],
+                       np.arange(n, dtype=np.uint64)[None, :]) >> np.uint64(11)
+        keep = u >= np.uint64(math.ceil(self.p * 2.0 ** 53))
+        mask = self.buf("mask", tuple(x.shape), x)
+        mask.copy_(torch.from_numpy(keep).view(x.shape))
+        mask.mul_(1.0 / (1.0 - self.p))
+        self._mask = mask
+        return torch.mul(x, mask, out=self.buf("y", tuple(x.shape), x))
+
+    def backward(self, g, xs, y, P, GP, need):
+        if not need[0]:
+            return [None]
+        return [g if self._mask is None else g * self._mask]
 
 
 class _Flatten(_Op):
@@ -483,6 +533,26 @@ class CompiledModel:
         self._grads: dict[tuple, list[torch.Tensor]] = {}
         self._grads_of: Any = None
         self._grads_last: list[torch.Tensor] = []
+        #: the dropout ops that draw, in graph order (:meth:`draw` keys their masks)
+        self.dropouts = [op for op, _ in ops if isinstance(op, _Dropout)]
+        for j, op in enumerate(self.dropouts):
+            op.layer = j
+        self._drop_seeds: Any = None
+
+    def draw(self, seeds: Any = None, counters: Any = None) -> None:
+        """Key the dropout masks of the next steps: ``seeds`` (k,) each
+        client's dropout seed, ``counters`` (k,) its step count (call again
+        each step); ``draw()`` turns dropout off (the identity)."""
+        import numpy as np
+
+        from fedmedbench.training import splitmix64
+
+        for op in self.dropouts:
+            if seeds is None:
+                op.h = None
+                continue
+            base = splitmix64(np.asarray(seeds, dtype=np.uint64), op.layer)
+            op.h = splitmix64(base, np.asarray(counters, dtype=np.uint64))
 
     def forward(self, P: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Logits (k, B, C) and every slot's value (for the backward pass).
@@ -624,6 +694,8 @@ def _module_op(sub: Any, target: str, index: dict[str, int]) -> _Op:
                     slope=float(getattr(sub, "negative_slope", 0.01)))
     if type(sub) is nn.Identity or (type(sub) is nn.Dropout and sub.p == 0):
         return _Identity()
+    if type(sub) is nn.Dropout and 0 < sub.p < 1:
+        return _Dropout(float(sub.p))
     if type(sub) is nn.Flatten:
         if sub.start_dim == 0:
             raise _Unsupported(f"{label} over the batch axis")
@@ -654,7 +726,7 @@ def _module_op(sub: Any, target: str, index: dict[str, int]) -> _Op:
         b = param("bias") if sub.elementwise_affine else None
         return _LayerNorm([int(s) for s in sub.normalized_shape], float(sub.eps), w, b)
     if kind == "Dropout":
-        raise _Unsupported(f"{label} with p={sub.p} (the compiled step draws no dropout masks)")
+        raise _Unsupported(f"{label} with p={sub.p}")
     raise _Unsupported(label)
 
 
@@ -810,15 +882,20 @@ def compile_model(module: torch.nn.Module, example: torch.Tensor | None = None
     if example is not None:
         k = 2
         P = [p.detach().unsqueeze(0).expand(k, *p.shape).clone() for p in module.parameters()]
+        was = module.training
         try:
             with torch.no_grad():
                 got, _ = model.forward(P, example.unsqueeze(0).expand(k, *example.shape)
                                        .contiguous())
+                if model.dropouts:  # the compiled dropout undrawn is evaluation mode's
+                    module.eval()
                 want = module(example)
         except _Unsupported as exc:
             return None, str(exc)
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
             return None, f"the compiled forward pass failed ({type(exc).__name__}: {exc})"
+        finally:
+            module.train(was)
         if got.dim() != 3 or tuple(got.shape) != (k, *want.shape):
             return None, f"the model's output has shape {tuple(want.shape)}, not (batch, classes)"
         if not torch.allclose(got[0], want, atol=1e-5, rtol=1e-4):

@@ -259,6 +259,10 @@ class VectorBackend(LoopBackend):
             self.compiled, why = compile_model(module, self.X[:2])
             if self.compiled is not None:
                 self.kernel = "compiled"
+            elif any(type(m) is torch.nn.Dropout and m.p > 0 for m in module.modules()):
+                raise ValueError(f"the model's dropout draws masks, which the vectorized "
+                                 f"backend does on its compiled step only, and the model does "
+                                 f"not compile here ({why}); run it with backend = 'loop'")
             else:
                 self._own_module()  # the twin calls the module's layers
                 self.twin = batched_twin(self.fmodel.module, self.X[:2])
@@ -604,11 +608,23 @@ class VectorBackend(LoopBackend):
         act_np: np.ndarray = np.less(np.arange(rows.shape[0])[:, None], np.asarray(steps))
         every = [bool(v) for v in np.atleast_1d(act_np.all(axis=1))]
         act = torch.from_numpy(act_np).to(dev)
+        drops = self.compiled.dropouts
+        if drops:  # each client's masks from its own stream: its seed, step and the layer
+            from fedmedbench.context import stable_int
+            from fedmedbench.training import splitmix64
+
+            cl = np.asarray(clients, dtype=np.int64)
+            seeds = splitmix64(self._seeds[cl], stable_int(f"dropout:{trainer}") % 2**62)
+            first = self.drawn[trainer][cl] - np.asarray(steps, dtype=np.int64)
         losses = []
         for s, (X, Y, M, norm) in enumerate(self._batches(rows, valid, lens, norm=True)):
+            if drops:
+                self.compiled.draw(seeds, first + s)
             losses.append(tr.step(X, Y, M, None if every[s] else act[s], every[s], norm))
             for p, keep in fixed:
                 p.copy_(keep)
+        if drops:
+            self.compiled.draw()
         seen = torch.from_numpy(lens > 0).to(dev)
         if losses:
             L = torch.stack(losses).double()

@@ -87,6 +87,78 @@ def _autograd(module, P, X, Y, M):
     return L.detach(), [g.detach() for g in torch.autograd.grad(L.sum(), leaves)]
 
 
+def test_dropout_draws_each_clients_masks_from_its_own_stream():
+    """Compiled dropout: the gradients are autograd's through the same masks;
+    a client's masks depend on its seed, step and the layer alone (the same
+    alone as beside others, at any padded width); about p of the values are
+    dropped and the rest scaled by 1/(1-p); undrawn it is the identity."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 32),
+                           nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 10)).double()
+    model, why = compile_model(module, torch.randn(4, 12, dtype=torch.float64))
+    assert model is not None and len(model.dropouts) == 2, why
+    assert module.training  # the compile check's evaluation mode is undone
+    k, B = 5, 7
+    P = _stacked(module, k, torch.float64)
+    X, Y, M = _batch(k, B, (12,), torch.float64)
+    seeds, steps = np.arange(100, 100 + k) * 7919, np.array([0, 3, 3, 9, 1])
+    model.draw(seeds, steps)
+    L, G = model.loss_and_grads(P, X, Y, M)
+    masks = [op._mask.clone() for op in model.dropouts]
+    # autograd through the same masks: the module with each dropout a fixed multiplication
+    twin = nn.Sequential(module[0], module[1], _Times(), module[3], module[4], _Times(),
+                         module[6])
+    names = [n for n, _ in module.named_parameters()]
+    leaves = [p.clone().requires_grad_(True) for p in P]
+    losses = []
+    for c in range(k):
+        twin[2].m, twin[5].m = masks[0][c], masks[1][c]
+        out = functional_call(twin, {n: w[c] for n, w in zip(names, leaves)}, (X[c],))
+        ce = nn.functional.cross_entropy(out, Y[c], reduction="none")
+        losses.append((ce * M[c]).sum() / M[c].sum().clamp(min=1.0))
+    want = torch.autograd.grad(torch.stack(losses).sum(), leaves)
+    assert torch.allclose(L, torch.stack(losses).detach(), atol=1e-12)
+    for g, w in zip(G, want):
+        assert torch.allclose(g, w, atol=1e-10)
+    # a client's masks: the same alone, and in a narrower batch (its first rows)
+    model.draw(seeds[[3]], steps[[3]])
+    model.loss_and_grads([p[[3]] for p in P], X[[3], :4], Y[[3], :4], M[[3], :4])
+    for op, full in zip(model.dropouts, masks):
+        assert torch.equal(op._mask[0], full[3, :4])
+    # another step, another layer, another client: other masks
+    assert not torch.equal(masks[0][1], masks[0][2])  # same step, two clients
+    model.draw(seeds, steps + 1)
+    model.loss_and_grads(P, X, Y, M)
+    assert not torch.equal(model.dropouts[0]._mask, masks[0])
+    # the rate and the scale: p of the values dropped, the others 1/(1-p)
+    big = torch.randn(64, 50, 12, dtype=torch.float64)
+    model.draw(np.arange(64), np.zeros(64, dtype=np.int64))
+    model.forward(_stacked(module, 64, torch.float64), big)
+    for op in model.dropouts:
+        kept = op._mask != 0
+        n = kept.numel()
+        assert abs(float((~kept).sum()) / n - op.p) < 4 * (op.p * (1 - op.p) / n) ** 0.5
+        assert torch.all(op._mask[kept] == 1 / (1 - op.p))
+    model.draw()  # undrawn: the identity, as nn.Dropout in evaluation mode
+    got, _ = model.forward(P, X)
+    module.eval()
+    try:
+        for c in range(k):
+            ref = functional_call(module, {n: w[c] for n, w in zip(names, P)}, (X[c],))
+            assert torch.allclose(got[c], ref, atol=1e-12)
+    finally:
+        module.train()
+
+
+class _Times(nn.Module):
+    """x · m for a fixed m (a drawn dropout mask, for autograd)."""
+
+    m: torch.Tensor
+
+    def forward(self, x):
+        return x * self.m
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gradients_equal_autograd(name, dtype):
@@ -113,7 +185,7 @@ def test_unsupported_layers_are_named():
     cases = {
         "BatchNorm1d (layer '1')": nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4),
                                                  nn.Linear(4, 2)),
-        "Dropout (layer '1') with p=0.5": nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5),
+        "Dropout (layer '1') with p=1.0": nn.Sequential(nn.Linear(4, 4), nn.Dropout(1.0),
                                                         nn.Linear(4, 2)),
         "Conv1d (layer '0')": nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 2)),
     }
@@ -132,6 +204,17 @@ def test_unsupported_layers_are_named():
 
     model, why = compile_model(Cat())
     assert model is None and "zeros_like" in why
+
+    class FunctionalDropout(nn.Module):  # drawn outside a layer: no stream of its own
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(nn.functional.dropout(x, 0.5, self.training))
+
+    model, why = compile_model(FunctionalDropout())
+    assert model is None and why.startswith("function dropout"), why
 
     class Shared(nn.Module):
         def __init__(self):
@@ -332,7 +415,8 @@ def test_the_record_names_the_compiled_step_or_why_not(example_reg):
     """The MLP, FedProx's extra_loss and SCAFFOLD's offset all run on the
     compiled step; DP-SGD keeps its per-example path; a model with a layer
     the compiler lacks (SiLU) runs on vmap, and the record names the layer;
-    so does the reason of an MLP whose dropout draws (the loop backend)."""
+    an MLP whose dropout draws runs compiled, and under DP-SGD on the loop
+    backend, the layer named."""
     cells = _cells(example_reg, {
         "dataset": ["heart-disease"],
         "algorithm": ["fedavg", {"name": "fedprox", "mu": 0.1}, "scaffold"],
@@ -357,12 +441,21 @@ def test_the_record_names_the_compiled_step_or_why_not(example_reg):
     assert rec["status"] == "ok", rec["error"]
     assert rec["backend"]["kernel"] == (  # the batched twin has no residual add: vmap
         "vmap (not compiled: SiLU (layer 'blocks.0.act1'))"), rec["backend"]
-    # dropout that draws is on no vectorized path yet: the loop backend, the layer named
+    # dropout that draws runs compiled (the same record twice: counter-based masks); its
+    # per-example DP path is not compiled: the loop backend, the layer named
     mlp = _cells(example_reg, {"dataset": ["heart-disease"], "algorithm": ["fedavg"],
-                               "model": [{"name": "mlp", "dropout": 0.25}]}, rounds=1)[0]
-    rec = run_cell({**mlp, "backend": "vectorized"}, registry=example_reg)
+                               "model": [{"name": "mlp", "dropout": 0.25}],
+                               "privacy": ["none", [{"name": "dp-sgd", "noise_multiplier": 1.0,
+                                                     "max_grad_norm": 1.0}]]}, rounds=2)
+    plain, dp = sorted(mlp, key=lambda c: c["labels"]["privacy"] != "none")
+    a, b = (run_cell({**plain, "backend": "vectorized"}, registry=example_reg) for _ in "ab")
+    assert a["status"] == "ok" and a["backend"]["kernel"] == "compiled", a["backend"]
+    assert a["metrics"]["utility"] == b["metrics"]["utility"]
+    assert a["metrics"]["utility"]["global"] > a["metrics"]["utility"]["majority_baseline"]
+    rec = run_cell({**dp, "backend": "vectorized"}, registry=example_reg)
     assert rec["status"] == "ok" and rec["backend"]["name"] == "loop", rec["backend"]
-    assert "Dropout (layer 'body.2') with p=0.25 draws masks" in rec["backend"]["reason"]
+    assert "Dropout (layer 'body.2') with p=0.25" in rec["backend"]["reason"]
+    assert "dp-sgd" in rec["backend"]["reason"]
 
 
 def test_the_example_residual_cnn_runs_compiled_and_agrees_with_the_loop(example_reg):

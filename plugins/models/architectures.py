@@ -115,8 +115,10 @@ class MLPModel(Model):
     hidden : list of int, default [64]
         Widths of the hidden layers.
     dropout : float, default 0.0
-        Dropout after each hidden layer, in [0, 1) (with dropout the model
-        runs only on the loop backend).
+        Dropout after each hidden layer, in [0, 1). The vectorized backend
+        draws each client's masks from its own stream on its compiled step
+        (under DP-SGD, whose per-example steps are not compiled, the model
+        runs on the loop backend).
     norm : {"none", "batch", "layer"}, default "none"
         A normalisation layer after each hidden linear layer: none,
         BatchNorm (running statistics: loop backend only, not
@@ -133,8 +135,9 @@ class MLPModel(Model):
                                  for h in widths):
             raise ValueError(f"mlp: hidden = {widths!r}; give a list of positive integer widths")
         self.hidden, self.dropout, self.norm = widths, float(dropout), norm
-        # dropout draws at random and BatchNorm updates its buffers in place: loop only
-        self.vectorized = self.dropout == 0 and norm != "batch"
+        # BatchNorm updates its buffers in place: loop only (dropout's masks are drawn by
+        # the compiled vectorized step, each client's from its own stream)
+        self.vectorized = norm != "batch"
 
     def build(self, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
         from fedmedbench.plugins.models._modules import MLP
