@@ -355,24 +355,6 @@ def _checked(out: Any, algorithm: Any, clients: list[int]) -> Updates:
     return out
 
 
-def _drawing_dropout(cell: Cell) -> str:
-    """The model's first dropout that draws, as the reason names it (""
-    where none draws)."""
-    from fedmedbench.cell import peek_model
-
-    try:
-        import torch
-
-        drops = [(n, float(m.p)) for n, m in peek_model(cell.factory).named_modules()
-                 if isinstance(m, torch.nn.Dropout) and float(m.p) > 0]
-    except Exception:  # a factory that cannot be read here: say nothing more
-        return ""
-    if not drops:
-        return ""
-    name, p = drops[0]
-    return f"Dropout (layer '{name}') with p={p:g}"
-
-
 def choose_backend(cell: Cell, requested: str, *, batch_norm: bool = False) -> tuple[str, str]:
     """(backend, reason) for the cell: ``requested`` is ``auto``, ``loop`` or
     ``vectorized``; a component that cannot run vectorized forces ``loop``
@@ -383,25 +365,25 @@ def choose_backend(cell: Cell, requested: str, *, batch_norm: bool = False) -> t
     blockers = []
     if not alg.vectorized:
         blockers.append(f"algorithm {alg.name} (vectorized = False)")
-    drop = _drawing_dropout(cell) if model is not None else ""
+    drop = ""
+    if model is not None:
+        from fedmedbench.cell import peek_model
+        from fedmedbench.compiled import DRAWS_ON_COMPILED_ONLY, compile_model, drawing_dropout
+
+        drop = drawing_dropout(peek_model(cell.factory))
     if model is not None and not model.vectorized:
         why = ": BatchNorm updates its running statistics, buffers, in place" if batch_norm \
             else (f": {drop} draws masks" if drop else "")
         blockers.append(f"model {model.name} (vectorized = False{why})")
     elif drop:  # masks drawn by the compiled step only: not on its per-example or vmap paths
         if local is not None:
-            blockers.append(f"model {model.name}: {drop} draws masks, which the vectorized "
-                            f"backend does on its compiled step only, and privacy {local.name}"
-                            f"'s per-example steps are not compiled")  # type: ignore[attr-defined]
+            blockers.append(f"model {model.name}: {drop} {DRAWS_ON_COMPILED_ONLY}, and privacy "
+                            f"{local.name}'s per-example steps are not compiled")  # type: ignore[attr-defined]
         else:
-            from fedmedbench.cell import peek_model
-            from fedmedbench.compiled import compile_model
-
             compiled, why = compile_model(peek_model(cell.factory))
             if compiled is None:
-                blockers.append(f"model {model.name}: {drop} draws masks, which the vectorized "
-                                f"backend does on its compiled step only, and the model does "
-                                f"not compile ({why})")
+                blockers.append(f"model {model.name}: {drop} {DRAWS_ON_COMPILED_ONLY}, and the "
+                                f"model does not compile ({why})")
     if cell.client_factories:
         blockers.append(f"algorithm {alg.name} gives clients their own architectures")
     if local is not None and local.vector_steps(cell.clients_ctx) is None:

@@ -758,6 +758,22 @@ def _function_op(node: Any) -> tuple[_Op, list[Any]]:
     raise _Unsupported(label)
 
 
+def drawing_dropout(module: torch.nn.Module) -> str:
+    """The module's first dropout that draws, named as records name it
+    (``""`` where none draws): the compiled step draws its masks, the
+    vectorized backend's other paths cannot."""
+    from torch import nn
+
+    for name, m in module.named_modules():
+        if type(m) is nn.Dropout and m.p > 0:
+            return f"Dropout (layer '{name}') with p={float(m.p):g}"
+    return ""
+
+
+#: why a model with such a dropout leaves a vectorized path (after ``drawing_dropout``)
+DRAWS_ON_COMPILED_ONLY = "draws masks, which the vectorized backend does on its compiled step only"
+
+
 _GRAPHS: dict[Any, Any] = {}
 _GRAPHS_MAX = 64
 

@@ -254,15 +254,15 @@ class VectorBackend(LoopBackend):
             # ops with analytic backward passes, read from the fx graph once (compiled.py);
             # else one batched kernel per layer and autograd (batched.py); else vmap
             from fedmedbench.batched import batched_twin
-            from fedmedbench.compiled import compile_model
+            from fedmedbench.compiled import DRAWS_ON_COMPILED_ONLY, compile_model, drawing_dropout
 
             self.compiled, why = compile_model(module, self.X[:2])
             if self.compiled is not None:
                 self.kernel = "compiled"
-            elif any(type(m) is torch.nn.Dropout and m.p > 0 for m in module.modules()):
-                raise ValueError(f"the model's dropout draws masks, which the vectorized "
-                                 f"backend does on its compiled step only, and the model does "
-                                 f"not compile here ({why}); run it with backend = 'loop'")
+            elif drawing_dropout(module):
+                raise ValueError(f"the model's {drawing_dropout(module)} "
+                                 f"{DRAWS_ON_COMPILED_ONLY}, and the model does not compile here "
+                                 f"({why}); run it with backend = 'loop'")
             else:
                 self._own_module()  # the twin calls the module's layers
                 self.twin = batched_twin(self.fmodel.module, self.X[:2])
